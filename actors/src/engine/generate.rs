@@ -1,0 +1,216 @@
+//! The decode loop. It steps a [`Sequence`] (prompt, sampler, text stream,
+//! counters) rather than "a request", so that one context can later step
+//! several sequences in one batch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+
+use super::prompt::tokenize_chat;
+use super::text::TextStream;
+use super::Fault;
+use crate::error::EngineError;
+use crate::params::{Completion, FinishReason, GenerateRequest, SamplingParams, Usage};
+
+/// Builds the sampler chain; temperature 0 is greedy.
+pub fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
+    let mut chain = Vec::new();
+    if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
+        chain.push(LlamaSampler::penalties(model.n_vocab(), p.repeat_last_n, p.repeat_penalty, 0.0, 0.0));
+    }
+    if p.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if p.top_k > 0 {
+            chain.push(LlamaSampler::top_k(p.top_k));
+        }
+        chain.push(LlamaSampler::top_p(p.top_p, 1));
+        chain.push(LlamaSampler::temp(p.temperature));
+        let seed = p.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        });
+        chain.push(LlamaSampler::dist(seed));
+    }
+    LlamaSampler::chain_simple(chain)
+}
+
+/// Decodes a batch, applying an injected test fault first.
+fn decode(ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatch, fault: &mut Option<Fault>) -> Result<(), EngineError> {
+    match fault.take() {
+        Some(Fault::FailNextDecode) => return Err(EngineError::Decode("injected decode failure".into())),
+        Some(Fault::PanicNextDecode) => panic!("injected panic in the decode loop"),
+        Some(Fault::StallNextDecode(d)) => std::thread::sleep(d),
+        None => {}
+    }
+    ctx.decode(batch).map_err(|e| EngineError::Decode(e.to_string()))
+}
+
+/// One sequence being generated in a context.
+struct Sequence {
+    seq_id: i32,
+    n_past: i32,
+    /// Index in the last batch of the logits to sample from.
+    logits_idx: i32,
+    sampler: LlamaSampler,
+    text: TextStream,
+    prompt_tokens: u32,
+    generated: u32,
+    max_tokens: u32,
+    started: Instant,
+    first_token: Option<Instant>,
+}
+
+enum Step {
+    /// A token was produced; the next one needs a decode of it.
+    Continue(LlamaToken),
+    Done(FinishReason),
+}
+
+impl Sequence {
+    /// Samples one token and streams its text.
+    fn step(&mut self, ctx: &LlamaContext<'_>, model: &LlamaModel, emit: &mut dyn FnMut(&str) -> bool) -> Step {
+        let token = self.sampler.sample(ctx, self.logits_idx);
+        if self.first_token.is_none() {
+            self.first_token = Some(Instant::now());
+        }
+        if model.vocab().is_eog(token) {
+            return Step::Done(FinishReason::Stop);
+        }
+        self.generated += 1;
+        let mut bytes = Vec::with_capacity(16);
+        model.vocab().token_to_piece_into(token, &mut bytes, false, None);
+        let pushed = self.text.push(&bytes);
+        if !pushed.text.is_empty() && !emit(&pushed.text) {
+            return Step::Done(FinishReason::Cancelled);
+        }
+        if pushed.stopped {
+            return Step::Done(FinishReason::Stop);
+        }
+        if self.generated >= self.max_tokens {
+            return Step::Done(FinishReason::Length);
+        }
+        Step::Continue(token)
+    }
+
+    fn usage(&self) -> Usage {
+        let now = Instant::now();
+        let first = self.first_token.unwrap_or(now);
+        let after_first = now.duration_since(first).as_secs_f64();
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.generated,
+            time_to_first_token_ms: first.duration_since(self.started).as_secs_f64() * 1e3,
+            total_ms: now.duration_since(self.started).as_secs_f64() * 1e3,
+            tokens_per_second: if after_first > 0.0 && self.generated > 1 {
+                (self.generated - 1) as f64 / after_first
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+/// Checks that the prompt plus the requested tokens fit in the context.
+pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(), EngineError> {
+    let total = prompt_tokens.saturating_add(max_tokens);
+    if total > n_ctx {
+        return Err(EngineError::PromptTooLong { prompt_tokens, max_tokens, total, n_ctx });
+    }
+    Ok(())
+}
+
+/// Runs one request to completion on `ctx`.
+pub fn run_generation(
+    ctx: &mut LlamaContext<'_>,
+    model: &LlamaModel,
+    template: &str,
+    request: &GenerateRequest,
+    emit: &mut dyn FnMut(&str) -> bool,
+    cancel: &AtomicBool,
+    fault: &mut Option<Fault>,
+) -> Result<Completion, EngineError> {
+    let started = Instant::now();
+    request.sampling.validate()?;
+    let prompt = tokenize_chat(model, template, &request.messages)?;
+    check_fits(prompt.len() as u32, request.sampling.max_tokens, ctx.n_ctx())?;
+
+    let mut seq = Sequence {
+        seq_id: 0,
+        n_past: 0,
+        logits_idx: 0,
+        sampler: build_sampler(model, &request.sampling),
+        text: TextStream::new(&request.sampling.stop),
+        prompt_tokens: prompt.len() as u32,
+        generated: 0,
+        max_tokens: request.sampling.max_tokens,
+        started,
+        first_token: None,
+    };
+
+    ctx.clear_kv_cache();
+    let n_batch = ctx.n_batch() as usize;
+    let mut batch = LlamaBatch::new(n_batch, 1);
+    // The prompt goes in chunks of at most n_batch tokens (more aborts llama.cpp).
+    for chunk in prompt.chunks(n_batch) {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(Completion { usage: seq.usage(), finish_reason: FinishReason::Cancelled });
+        }
+        batch.clear();
+        for &token in chunk {
+            let last = seq.n_past as usize == prompt.len() - 1;
+            batch.add(token, seq.n_past, &[seq.seq_id], last).map_err(|e| EngineError::Decode(e.to_string()))?;
+            seq.n_past += 1;
+        }
+        decode(ctx, &mut batch, fault)?;
+    }
+    seq.logits_idx = batch.n_tokens() - 1;
+
+    let finish = loop {
+        if cancel.load(Ordering::Relaxed) {
+            break FinishReason::Cancelled;
+        }
+        match seq.step(ctx, model, emit) {
+            Step::Done(reason) => break reason,
+            Step::Continue(token) => {
+                batch.clear();
+                batch.add(token, seq.n_past, &[seq.seq_id], true).map_err(|e| EngineError::Decode(e.to_string()))?;
+                seq.n_past += 1;
+                decode(ctx, &mut batch, fault)?;
+                seq.logits_idx = 0;
+            }
+        }
+    };
+    if finish != FinishReason::Cancelled {
+        let tail = seq.text.finish();
+        if !tail.text.is_empty() {
+            emit(&tail.text);
+        }
+    }
+    Ok(Completion { usage: seq.usage(), finish_reason: finish })
+}
+
+/// A cheap real health check: decode one token on a cleared cache and check
+/// that the logits are finite.
+pub fn probe_context(ctx: &mut LlamaContext<'_>, model: &LlamaModel, fault: &mut Option<Fault>) -> Result<(), EngineError> {
+    ctx.clear_kv_cache();
+    let mut batch = LlamaBatch::new(1, 1);
+    let token = model.vocab().bos();
+    let token = if token.0 < 0 { LlamaToken(0) } else { token };
+    batch.add(token, 0, &[0], true).map_err(|e| EngineError::Decode(e.to_string()))?;
+    decode(ctx, &mut batch, fault)?;
+    let ok = ctx.get_logits_ith(0).iter().take(64).all(|x| x.is_finite());
+    ctx.clear_kv_cache();
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::Decode("probe produced non-finite logits".into()))
+    }
+}

@@ -1,0 +1,72 @@
+//! One error enum per layer: the engine (llama.cpp) and the pool.
+
+use std::path::PathBuf;
+
+/// Errors of the inference engine.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file {path}: {reason}")]
+    ModelFile { path: PathBuf, reason: String },
+    #[error("model file {path} could not be loaded by llama.cpp (corrupt or unsupported GGUF)")]
+    ModelLoad { path: PathBuf },
+    #[error("llama.cpp backend: {0}")]
+    Backend(String),
+    #[error("could not create a llama.cpp context: {0}")]
+    Context(String),
+    #[error("invalid {field}: {rule}, got {value}")]
+    InvalidParam { field: &'static str, rule: &'static str, value: String },
+    #[error("prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: together {total} exceed the context size n_ctx={n_ctx}")]
+    PromptTooLong { prompt_tokens: u32, max_tokens: u32, total: u32, n_ctx: u32 },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("decode failed: {0}")]
+    Decode(String),
+    #[error("embedding failed: {0}")]
+    Embed(String),
+}
+
+impl EngineError {
+    /// True when the error says the instance itself is broken (and should be
+    /// replaced), false when the request was at fault.
+    pub fn is_instance_fault(&self) -> bool {
+        matches!(self, EngineError::Decode(_) | EngineError::Context(_) | EngineError::Backend(_))
+    }
+}
+
+/// Errors of the pool: admission, leases and instance health.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PoolError {
+    #[error("no model instance became free within the acquire timeout of {timeout_ms} ms")]
+    AcquireTimeout { timeout_ms: u64 },
+    #[error("the request queue is full ({max_queue} waiting); retry later")]
+    QueueFull { max_queue: usize },
+    #[error("the pool is shutting down")]
+    ShuttingDown,
+    #[error("model instance {instance} failed during the request: {reason}")]
+    InstanceFailed { instance: usize, reason: String },
+    #[error("generation exceeded max_generation_ms ({limit_ms} ms) and was stopped")]
+    GenerationTimeout { limit_ms: u64 },
+    #[error("pool start-up failed: {0}")]
+    Startup(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl PoolError {
+    /// A stable name for the error, used in API bodies and as a metric label.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            PoolError::AcquireTimeout { .. } => "acquire_timeout",
+            PoolError::QueueFull { .. } => "queue_full",
+            PoolError::ShuttingDown => "shutting_down",
+            PoolError::InstanceFailed { .. } => "instance_failed",
+            PoolError::GenerationTimeout { .. } => "generation_timeout",
+            PoolError::Startup(_) => "startup",
+            PoolError::Engine(e) => match e {
+                EngineError::InvalidParam { .. } => "invalid_request",
+                EngineError::PromptTooLong { .. } => "context_length_exceeded",
+                _ => "engine_error",
+            },
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! modelpool's embeddable actors: llama.cpp model instances sharing one copy
+//! of the weights, a self-healing pool manager that leases them, and (built on
+//! the pool) the chat layer with memory.
+//!
+//! Start a pool inside an actix system with [`PoolHandle::start`], then call
+//! [`PoolHandle::generate`]; see the repository README for a full example.
+
+pub mod engine;
+pub mod error;
+pub mod lease;
+pub mod model_actor;
+pub mod params;
+pub mod pool_handle;
+pub mod pool_manager;
+pub mod pool_state;
+
+pub use engine::llama::{LlamaEngine, PerRequestEngine};
+pub use engine::{Engine, EngineInfo, Fault, InstanceInfo, InstanceOptions};
+pub use error::{EngineError, PoolError};
+pub use lease::{GenEvent, GenerationStream, Lease};
+pub use params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, SamplingParams, Usage};
+pub use pool_handle::PoolHandle;
+pub use pool_manager::{LoadEvent, PoolOptions, ProgressFn};
+pub use pool_state::{InstanceState, InstanceStats, InstanceStatus, PoolStatus};
+
+/// Resident set size of this process in bytes (Linux), for memory reports.
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

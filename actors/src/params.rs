@@ -1,0 +1,160 @@
+//! Request and result types shared by the engine, the pool and the chat layer.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::EngineError;
+
+/// Who wrote a chat message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One turn of a conversation. `content` is always plain text: it is never
+/// parsed for the model's special tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into() }
+    }
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new(Role::System, content)
+    }
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new(Role::User, content)
+    }
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new(Role::Assistant, content)
+    }
+}
+
+/// Sampling settings for one generation. `temperature == 0` means greedy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 selects greedy decoding.
+    pub temperature: f32,
+    /// Nucleus sampling cut-off, in (0, 1].
+    pub top_p: f32,
+    /// Keep only the k most likely tokens; 0 disables.
+    pub top_k: i32,
+    /// Seed for the sampler; none picks a fresh one per request.
+    pub seed: Option<u32>,
+    /// Penalty for repeating recent tokens; 1.0 disables.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    pub repeat_last_n: i32,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Generation ends before any of these strings; they are not emitted.
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.7,
+            top_p: 0.95,
+            top_k: 40,
+            seed: None,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            max_tokens: 256,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding with the given token budget: deterministic output.
+    pub fn greedy(max_tokens: u32) -> Self {
+        Self { temperature: 0.0, max_tokens, ..Self::default() }
+    }
+
+    /// Checks every field against its rule; the error names the field, the
+    /// rule and the value given.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |field: &'static str, rule: &'static str, value: String| {
+            Err(EngineError::InvalidParam { field, rule, value })
+        };
+        if !(self.temperature.is_finite() && (0.0..=2.0).contains(&self.temperature)) {
+            return bad("temperature", "must be between 0 and 2", self.temperature.to_string());
+        }
+        if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "must be greater than 0 and at most 1", self.top_p.to_string());
+        }
+        if self.top_k < 0 {
+            return bad("top_k", "must be 0 (off) or positive", self.top_k.to_string());
+        }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            return bad("repeat_penalty", "must be greater than 0", self.repeat_penalty.to_string());
+        }
+        if self.repeat_last_n < 0 {
+            return bad("repeat_last_n", "must be 0 or positive", self.repeat_last_n.to_string());
+        }
+        if self.max_tokens == 0 {
+            return bad("max_tokens", "must be at least 1", self.max_tokens.to_string());
+        }
+        if self.stop.len() > 4 || self.stop.iter().any(|s| s.is_empty() || s.len() > 64) {
+            return bad("stop", "at most 4 non-empty strings of at most 64 bytes", format!("{:?}", self.stop));
+        }
+        Ok(())
+    }
+}
+
+/// One generation request: the conversation so far and how to sample.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub messages: Vec<ChatMessage>,
+    pub sampling: SamplingParams,
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The receiver of the token stream went away.
+    Cancelled,
+}
+
+/// Token counts and timings of one generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// From the start of prompt processing to the first generated token.
+    pub time_to_first_token_ms: f64,
+    /// Whole generation, prompt included.
+    pub total_ms: f64,
+    /// Generated tokens per second after the first token.
+    pub tokens_per_second: f64,
+}
+
+/// The end of a successful generation.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub usage: Usage,
+    pub finish_reason: FinishReason,
+}

@@ -1,0 +1,156 @@
+//! The pool as callers see it: a cloneable handle with async methods. The
+//! mailbox of [`PoolManager`] is an implementation detail.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::engine::generate::check_fits;
+use crate::engine::{Engine, EngineInfo, Fault, InstanceInfo};
+use crate::error::{EngineError, PoolError};
+use crate::lease::{GenerationStream, Lease};
+use crate::params::GenerateRequest;
+use crate::pool_manager::{
+    Acquire, AcquireReply, CancelWait, DescribeInstance, GetStatus, InjectInto, PoolManager, PoolOptions, ProgressFn,
+    Stop, StopAccepting,
+};
+use crate::pool_state::PoolStatus;
+
+/// A running pool of model instances.
+#[derive(Clone)]
+pub struct PoolHandle {
+    addr: Addr<PoolManager>,
+    engine: Arc<dyn Engine>,
+    opts: Arc<PoolOptions>,
+}
+
+impl PoolHandle {
+    /// Starts the pool and waits until every instance is loaded. `progress`
+    /// is told about each instance as it loads. Must run inside an actix system.
+    pub async fn start(engine: Arc<dyn Engine>, opts: PoolOptions, progress: ProgressFn) -> Result<Self, PoolError> {
+        validate(&opts, &engine.info())?;
+        let (tx, rx) = oneshot::channel();
+        let addr = PoolManager::new(engine.clone(), opts.clone(), progress, tx).start();
+        rx.await.map_err(|_| PoolError::Startup("the pool manager stopped during start-up".into()))??;
+        Ok(Self { addr, engine, opts: Arc::new(opts) })
+    }
+
+    pub fn options(&self) -> &PoolOptions {
+        &self.opts
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    pub fn engine_info(&self) -> EngineInfo {
+        self.engine.info()
+    }
+
+    /// Waits (FIFO, up to the acquire timeout) for an idle instance.
+    pub async fn acquire(&self) -> Result<Lease, PoolError> {
+        let reply = self.addr.send(Acquire).await.map_err(|_| PoolError::ShuttingDown)?;
+        let (waiter, rx) = match reply {
+            AcquireReply::Granted(lease) => return Ok(lease),
+            AcquireReply::Rejected => return Err(PoolError::QueueFull { max_queue: self.opts.max_queue }),
+            AcquireReply::ShuttingDown => return Err(PoolError::ShuttingDown),
+            AcquireReply::Queued(w, rx) => (w, rx),
+        };
+        match tokio::time::timeout(self.opts.acquire_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(PoolError::ShuttingDown),
+            Err(_) => {
+                // A grant racing with this timeout is dropped with `rx` and so released.
+                self.addr.do_send(CancelWait(waiter));
+                Err(PoolError::AcquireTimeout { timeout_ms: self.opts.acquire_timeout.as_millis() as u64 })
+            }
+        }
+    }
+
+    /// Checks a request before it takes an instance: valid sampling, and the
+    /// prompt plus `max_tokens` fit in the context.
+    pub fn check(&self, request: &GenerateRequest) -> Result<u32, EngineError> {
+        request.sampling.validate()?;
+        let prompt_tokens = self.engine.count_prompt_tokens(&request.messages)?;
+        check_fits(prompt_tokens, request.sampling.max_tokens, self.opts.instance.n_ctx)?;
+        Ok(prompt_tokens)
+    }
+
+    /// Checks the request, waits for an instance and starts generating.
+    pub async fn generate(&self, request: GenerateRequest) -> Result<GenerationStream, PoolError> {
+        self.check(&request)?;
+        let lease = self.acquire().await?;
+        Ok(lease.run(request, self.opts.max_generation))
+    }
+
+    pub async fn status(&self) -> Result<PoolStatus, PoolError> {
+        self.addr.send(GetStatus).await.map_err(|_| PoolError::ShuttingDown)
+    }
+
+    /// Weights address and memory of a live instance.
+    pub async fn instance_info(&self, instance: usize) -> Option<InstanceInfo> {
+        self.addr.send(DescribeInstance(instance)).await.ok().flatten()
+    }
+
+    /// Test hook: makes instance `instance` misbehave on its next decode.
+    #[doc(hidden)]
+    pub async fn inject_fault(&self, instance: usize, fault: Fault) -> bool {
+        self.addr.send(InjectInto(instance, fault)).await.unwrap_or(false)
+    }
+
+    /// Stops admitting; requests already running finish.
+    pub async fn stop_accepting(&self) {
+        let _ = self.addr.send(StopAccepting).await;
+    }
+
+    /// Waits until no instance is busy, at most `timeout`. Returns whether it drained.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.status().await {
+                Ok(s) if s.in_use == 0 => return true,
+                Err(_) => return true,
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the pool and frees every context.
+    pub async fn shutdown(&self) {
+        self.stop_accepting().await;
+        let _ = self.addr.send(Stop).await;
+    }
+}
+
+/// Start-up checks of pool settings against the model; each message names the setting.
+fn validate(opts: &PoolOptions, info: &EngineInfo) -> Result<(), PoolError> {
+    let bad = |m: String| Err(PoolError::Startup(m));
+    if opts.instances == 0 {
+        return bad("instances must be at least 1, got 0".into());
+    }
+    if opts.instance.n_ctx < 16 {
+        return bad(format!("n_ctx must be at least 16, got {}", opts.instance.n_ctx));
+    }
+    if info.n_ctx_train > 0 && opts.instance.n_ctx > info.n_ctx_train {
+        return bad(format!(
+            "n_ctx {} is larger than the model's training context of {} tokens ({})",
+            opts.instance.n_ctx, info.n_ctx_train, info.model_name
+        ));
+    }
+    if opts.instance.n_threads == 0 {
+        return bad("threads must be at least 1, got 0".into());
+    }
+    if opts.acquire_timeout.is_zero() {
+        return bad("acquire_timeout_ms must be at least 1".into());
+    }
+    if opts.max_generation.is_zero() {
+        return bad("max_generation_ms must be at least 1".into());
+    }
+    Ok(())
+}

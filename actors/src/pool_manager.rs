@@ -1,0 +1,401 @@
+//! The pool manager actor: preloads N instances, leases idle ones in FIFO
+//! order, takes them back, probes idle ones and replaces broken ones. Its
+//! decisions live in [`PoolState`]; this file wires them to actors and threads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::engine::{Engine, Fault, InstanceInfo, InstanceOptions};
+use crate::error::{EngineError, PoolError};
+use crate::lease::Lease;
+use crate::model_actor::{Describe, InjectFault, InstanceStopped, ModelActor, Probe};
+use crate::pool_state::{Admission, InstanceState, LeaseId, Outcome, PoolState, PoolStatus, WaiterId};
+
+/// Settings of a pool.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Number of model instances (contexts) kept warm.
+    pub instances: usize,
+    /// Most requests waiting for an instance; more are rejected.
+    pub max_queue: usize,
+    /// Longest wait for an instance.
+    pub acquire_timeout: Duration,
+    /// Longest single generation before the watchdog cuts it off.
+    pub max_generation: Duration,
+    /// How often idle instances are probed.
+    pub health_interval: Duration,
+    /// Context settings of each instance.
+    pub instance: InstanceOptions,
+}
+
+/// Progress of the start-up load, for a progress bar or log line.
+#[derive(Clone, Debug)]
+pub enum LoadEvent {
+    Loading { index: usize, total: usize },
+    Loaded { index: usize, total: usize, info: InstanceInfo, millis: u64 },
+}
+
+pub type ProgressFn = Arc<dyn Fn(LoadEvent) + Send + Sync>;
+
+struct Member {
+    arbiter: Arbiter,
+    addr: Option<Addr<ModelActor>>,
+}
+
+pub struct PoolManager {
+    state: PoolState,
+    engine: Arc<dyn Engine>,
+    opts: PoolOptions,
+    members: Vec<Option<Member>>,
+    waiters: HashMap<WaiterId, oneshot::Sender<Result<Lease, PoolError>>>,
+    backoff: Vec<Duration>,
+    startup: Option<oneshot::Sender<Result<(), PoolError>>>,
+    progress: ProgressFn,
+    load_started: std::time::Instant,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl PoolManager {
+    pub(crate) fn new(
+        engine: Arc<dyn Engine>,
+        opts: PoolOptions,
+        progress: ProgressFn,
+        startup: oneshot::Sender<Result<(), PoolError>>,
+    ) -> Self {
+        let n = opts.instances;
+        Self {
+            state: PoolState::new(n, opts.max_queue),
+            engine,
+            members: (0..n).map(|_| None).collect(),
+            waiters: HashMap::new(),
+            backoff: vec![MIN_BACKOFF; n],
+            startup: Some(startup),
+            progress,
+            load_started: std::time::Instant::now(),
+            opts,
+        }
+    }
+
+    /// Creates instance `id` on a fresh arbiter thread; the context is made on
+    /// that thread, which then owns it. Reports back with [`InstanceUp`].
+    fn spawn_instance(&mut self, id: usize, generation: u64, ctx: &mut Context<Self>) {
+        if self.startup.is_some() {
+            (self.progress)(LoadEvent::Loading { index: id + 1, total: self.opts.instances });
+        }
+        self.load_started = std::time::Instant::now();
+        let arbiter = Arbiter::new();
+        let engine = self.engine.clone();
+        let opts = self.opts.instance.clone();
+        let pool = ctx.address();
+        arbiter.spawn_fn(move || {
+            let result = engine.create_instance(id, &opts).map(|backend| {
+                let info = backend.info();
+                let addr = ModelActor::new(id, generation, backend, pool.clone().recipient()).start();
+                (addr, info)
+            });
+            pool.do_send(InstanceUp { id, generation, result });
+        });
+        if let Some(old) = self.members[id].replace(Member { arbiter, addr: None }) {
+            old.arbiter.stop();
+        }
+    }
+
+    /// Takes a broken instance out and starts a fresh context on the same weights.
+    fn replace(&mut self, id: usize, ctx: &mut Context<Self>) {
+        let generation = self.state.begin_replace(id);
+        tracing::warn!(instance = id, generation, "replacing model instance");
+        if let Some(old) = self.members[id].take() {
+            // A stuck handler finishes first; the arbiter then exits and frees its context.
+            old.arbiter.stop();
+        }
+        self.spawn_instance(id, generation, ctx);
+    }
+
+    /// Hands idle instances to waiters, oldest first.
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        for grant in self.state.dispatch() {
+            let Some(tx) = self.waiters.remove(&grant.waiter) else {
+                self.state.undo_grant(&grant);
+                continue;
+            };
+            let lease = self.lease_for(grant.instance, grant.lease, ctx);
+            // If the waiter is gone the lease comes back and drops: released.
+            let _ = tx.send(Ok(lease));
+        }
+    }
+
+    fn lease_for(&self, instance: usize, id: LeaseId, ctx: &mut Context<Self>) -> Lease {
+        let addr = self.members[instance]
+            .as_ref()
+            .and_then(|m| m.addr.clone())
+            .expect("an idle instance has a running actor");
+        Lease { instance, slot: 0, id, addr, pool: ctx.address(), outcome: None }
+    }
+
+    fn health_tick(&mut self, ctx: &mut Context<Self>) {
+        for id in self.state.begin_probes() {
+            let Some(addr) = self.members[id].as_ref().and_then(|m| m.addr.clone()) else { continue };
+            let generation = self.state.generation(id);
+            let probe = addr.send(Probe);
+            ctx.spawn(probe.into_actor(self).map(move |res, act, ctx| {
+                let res = match res {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("health probe failed: {e}")),
+                    Err(_) => Err("health probe failed: the instance's thread died".to_string()),
+                };
+                if act.state.probe_done(id, generation, res) {
+                    act.replace(id, ctx);
+                } else {
+                    act.dispatch(ctx);
+                }
+            }));
+        }
+    }
+}
+
+impl Actor for PoolManager {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(usize::MAX);
+        if self.opts.instances > 0 {
+            self.spawn_instance(0, 0, ctx);
+        }
+        if !self.opts.health_interval.is_zero() {
+            ctx.run_interval(self.opts.health_interval, |act, ctx| act.health_tick(ctx));
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        for m in self.members.iter_mut().filter_map(Option::take) {
+            m.arbiter.stop();
+        }
+    }
+}
+
+/// An instance finished loading (or failed to).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct InstanceUp {
+    id: usize,
+    generation: u64,
+    result: Result<(Addr<ModelActor>, InstanceInfo), EngineError>,
+}
+
+impl Handler<InstanceUp> for PoolManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: InstanceUp, ctx: &mut Self::Context) {
+        if msg.generation != self.state.generation(msg.id) {
+            return;
+        }
+        let starting = self.startup.is_some();
+        match msg.result {
+            Ok((addr, info)) => {
+                if let Some(m) = self.members[msg.id].as_mut() {
+                    m.addr = Some(addr);
+                }
+                self.backoff[msg.id] = MIN_BACKOFF;
+                self.state.instance_ready(msg.id, msg.generation);
+                let millis = self.load_started.elapsed().as_millis() as u64;
+                if starting {
+                    let total = self.opts.instances;
+                    (self.progress)(LoadEvent::Loaded { index: msg.id + 1, total, info, millis });
+                    if msg.id + 1 < total {
+                        self.spawn_instance(msg.id + 1, 0, ctx);
+                    } else if let Some(tx) = self.startup.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                } else {
+                    tracing::info!(instance = msg.id, generation = msg.generation, millis, "instance replaced");
+                }
+                self.dispatch(ctx);
+            }
+            Err(e) if starting => {
+                if let Some(tx) = self.startup.take() {
+                    let _ = tx.send(Err(PoolError::Startup(format!("instance {}: {e}", msg.id + 1))));
+                }
+                ctx.stop();
+            }
+            Err(e) => {
+                // Never spin: wait longer after each failed replacement.
+                let delay = self.backoff[msg.id];
+                self.backoff[msg.id] = (delay * 2).min(MAX_BACKOFF);
+                tracing::error!(instance = msg.id, error = %e, retry_in_ms = delay.as_millis() as u64, "replacement failed");
+                self.state.mark_unhealthy(msg.id, e.to_string());
+                let id = msg.id;
+                ctx.run_later(delay, move |act, ctx| {
+                    if act.state.state(id) == InstanceState::Unhealthy {
+                        act.replace(id, ctx);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Asks for an instance.
+#[derive(Message)]
+#[rtype(result = "AcquireReply")]
+pub(crate) struct Acquire;
+
+pub(crate) enum AcquireReply {
+    Granted(Lease),
+    Queued(WaiterId, oneshot::Receiver<Result<Lease, PoolError>>),
+    Rejected,
+    ShuttingDown,
+}
+
+impl Handler<Acquire> for PoolManager {
+    type Result = MessageResult<Acquire>;
+
+    fn handle(&mut self, _: Acquire, ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(match self.state.admit() {
+            Admission::Granted { instance, lease } => AcquireReply::Granted(self.lease_for(instance, lease, ctx)),
+            Admission::Queued(w) => {
+                let (tx, rx) = oneshot::channel();
+                self.waiters.insert(w, tx);
+                AcquireReply::Queued(w, rx)
+            }
+            Admission::Rejected => AcquireReply::Rejected,
+            Admission::ShuttingDown => AcquireReply::ShuttingDown,
+        })
+    }
+}
+
+/// A waiter gave up.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct CancelWait(pub WaiterId);
+
+impl Handler<CancelWait> for PoolManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelWait, _: &mut Self::Context) {
+        self.state.cancel_waiter(msg.0);
+        self.waiters.remove(&msg.0);
+    }
+}
+
+/// A lease ended (sent by the lease guard's `Drop`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Release {
+    pub instance: usize,
+    pub lease: LeaseId,
+    pub outcome: Outcome,
+}
+
+impl Handler<Release> for PoolManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: Release, ctx: &mut Self::Context) {
+        if self.state.release(msg.instance, msg.lease, msg.outcome) {
+            self.replace(msg.instance, ctx);
+        }
+        self.dispatch(ctx);
+    }
+}
+
+impl Handler<InstanceStopped> for PoolManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: InstanceStopped, ctx: &mut Self::Context) {
+        // Only an unexpected death of a current, unleased instance matters here;
+        // a leased one is reported through its lease, a replaced one is stale.
+        if msg.generation != self.state.generation(msg.id) || self.startup.is_some() {
+            return;
+        }
+        if matches!(self.state.state(msg.id), InstanceState::Idle | InstanceState::Probing) {
+            self.state.mark_unhealthy(msg.id, "the instance's actor stopped".into());
+            self.replace(msg.id, ctx);
+        }
+    }
+}
+
+/// A snapshot of the pool.
+#[derive(Message)]
+#[rtype(result = "PoolStatus")]
+pub(crate) struct GetStatus;
+
+impl Handler<GetStatus> for PoolManager {
+    type Result = MessageResult<GetStatus>;
+
+    fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.state.status())
+    }
+}
+
+/// Forwards a test fault to an instance.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub(crate) struct InjectInto(pub usize, pub Fault);
+
+impl Handler<InjectInto> for PoolManager {
+    type Result = bool;
+
+    fn handle(&mut self, msg: InjectInto, _: &mut Self::Context) -> bool {
+        match self.members.get(msg.0).and_then(|m| m.as_ref()).and_then(|m| m.addr.as_ref()) {
+            Some(addr) => {
+                addr.do_send(InjectFault(msg.1));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Describes a live instance.
+#[derive(Message)]
+#[rtype(result = "Option<InstanceInfo>")]
+pub(crate) struct DescribeInstance(pub usize);
+
+impl Handler<DescribeInstance> for PoolManager {
+    type Result = ResponseFuture<Option<InstanceInfo>>;
+
+    fn handle(&mut self, msg: DescribeInstance, _: &mut Self::Context) -> Self::Result {
+        let addr = self.members.get(msg.0).and_then(|m| m.as_ref()).and_then(|m| m.addr.clone());
+        Box::pin(async move {
+            match addr {
+                Some(a) => a.send(Describe).await.ok(),
+                None => None,
+            }
+        })
+    }
+}
+
+/// Stops admitting new requests; queued ones get `ShuttingDown`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct StopAccepting;
+
+impl Handler<StopAccepting> for PoolManager {
+    type Result = ();
+
+    fn handle(&mut self, _: StopAccepting, _: &mut Self::Context) {
+        for w in self.state.stop_accepting() {
+            if let Some(tx) = self.waiters.remove(&w) {
+                let _ = tx.send(Err(PoolError::ShuttingDown));
+            }
+        }
+    }
+}
+
+/// Stops the pool and every instance.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stop;
+
+impl Handler<Stop> for PoolManager {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

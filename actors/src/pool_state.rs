@@ -1,0 +1,543 @@
+//! The pool's decisions, as a plain struct without actix: which instance a
+//! request gets, who waits (FIFO, bounded), what happens when a lease ends.
+//! The [`crate::pool_manager::PoolManager`] actor drives it.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Lifecycle of one instance slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    Loading,
+    Idle,
+    Busy,
+    /// Idle, running a health probe (not leased out meanwhile).
+    Probing,
+    Unhealthy,
+    Replacing,
+}
+
+impl InstanceState {
+    pub const ALL: [InstanceState; 6] = [
+        InstanceState::Loading,
+        InstanceState::Idle,
+        InstanceState::Busy,
+        InstanceState::Probing,
+        InstanceState::Unhealthy,
+        InstanceState::Replacing,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Loading => "loading",
+            InstanceState::Idle => "idle",
+            InstanceState::Busy => "busy",
+            InstanceState::Probing => "probing",
+            InstanceState::Unhealthy => "unhealthy",
+            InstanceState::Replacing => "replacing",
+        }
+    }
+}
+
+/// Identifies one lease (one request's use of one instance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct LeaseId(pub u64);
+
+/// Identifies one waiting request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WaiterId(pub u64);
+
+/// How a lease ended, reported when it is returned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The request finished (or was cancelled) and the instance is fine.
+    Ok { tokens: u64 },
+    /// The instance is broken (decode error, crash, stuck): replace it.
+    InstanceFault { reason: String },
+}
+
+/// Cumulative counters of one instance slot (across replacements).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct InstanceStats {
+    pub requests: u64,
+    pub tokens: u64,
+    pub busy_seconds: f64,
+    pub failures: u64,
+    pub replacements: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    state: InstanceState,
+    lease: Option<LeaseId>,
+    busy_since: Option<Instant>,
+    /// Bumped on every replacement; stale reports carry an old value.
+    generation: u64,
+    stats: InstanceStats,
+    last_error: Option<String>,
+    started_at: Instant,
+}
+
+/// The answer to a request for an instance.
+#[derive(Debug, PartialEq)]
+pub enum Admission {
+    Granted { instance: usize, lease: LeaseId },
+    Queued(WaiterId),
+    Rejected,
+    ShuttingDown,
+}
+
+/// A waiter that may now take an instance.
+#[derive(Debug, PartialEq)]
+pub struct Grant {
+    pub waiter: WaiterId,
+    pub instance: usize,
+    pub lease: LeaseId,
+}
+
+/// One instance as shown by status.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceStatus {
+    pub id: usize,
+    pub state: InstanceState,
+    #[serde(flatten)]
+    pub stats: InstanceStats,
+    pub last_error: Option<String>,
+    pub age_seconds: f64,
+}
+
+/// A snapshot of the whole pool.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolStatus {
+    pub total: usize,
+    pub available: usize,
+    pub in_use: usize,
+    pub loading: usize,
+    pub unhealthy: usize,
+    pub queued: usize,
+    pub replaced: u64,
+    pub accepting: bool,
+    pub instances: Vec<InstanceStatus>,
+}
+
+impl PoolStatus {
+    /// True when at least one instance can serve.
+    pub fn ready(&self) -> bool {
+        self.accepting && self.available + self.in_use > 0 && self.loading < self.total
+    }
+
+    /// Totals over all instances.
+    pub fn totals(&self) -> InstanceStats {
+        let mut t = InstanceStats::default();
+        for i in &self.instances {
+            t.requests += i.stats.requests;
+            t.tokens += i.stats.tokens;
+            t.busy_seconds += i.stats.busy_seconds;
+            t.failures += i.stats.failures;
+            t.replacements += i.stats.replacements;
+        }
+        t
+    }
+}
+
+impl std::fmt::Display for PoolStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "Pool Status:")?;
+        writeln!(f, "   Available: {}/{}", self.available, self.total)?;
+        writeln!(f, "   In Use: {}", self.in_use)?;
+        write!(
+            f,
+            "   Queued: {}   Unhealthy: {}   Replaced: {}",
+            self.queued, self.unhealthy, self.replaced
+        )?;
+        if self.loading > 0 {
+            write!(f, "   Loading: {}", self.loading)?;
+        }
+        Ok(())
+    }
+}
+
+/// The scheduling state of a pool of `n` instances.
+#[derive(Debug)]
+pub struct PoolState {
+    slots: Vec<Slot>,
+    waiters: VecDeque<WaiterId>,
+    max_queue: usize,
+    next_id: u64,
+    replaced: u64,
+    accepting: bool,
+}
+
+impl PoolState {
+    /// All slots start `Loading`.
+    pub fn new(instances: usize, max_queue: usize) -> Self {
+        let now = Instant::now();
+        let slots = (0..instances)
+            .map(|_| Slot {
+                state: InstanceState::Loading,
+                lease: None,
+                busy_since: None,
+                generation: 0,
+                stats: InstanceStats::default(),
+                last_error: None,
+                started_at: now,
+            })
+            .collect();
+        Self { slots, waiters: VecDeque::new(), max_queue, next_id: 1, replaced: 0, accepting: true }
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub fn size(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn state(&self, instance: usize) -> InstanceState {
+        self.slots[instance].state
+    }
+
+    pub fn generation(&self, instance: usize) -> u64 {
+        self.slots[instance].generation
+    }
+
+    /// A request asks for an instance: an idle one if nobody waits before it,
+    /// else a place in the queue, else rejection.
+    pub fn admit(&mut self) -> Admission {
+        if !self.accepting {
+            return Admission::ShuttingDown;
+        }
+        if self.waiters.is_empty() {
+            if let Some(instance) = self.slots.iter().position(|s| s.state == InstanceState::Idle) {
+                let lease = LeaseId(self.fresh_id());
+                self.lease(instance, lease);
+                return Admission::Granted { instance, lease };
+            }
+        }
+        if self.waiters.len() >= self.max_queue {
+            return Admission::Rejected;
+        }
+        let waiter = WaiterId(self.fresh_id());
+        self.waiters.push_back(waiter);
+        Admission::Queued(waiter)
+    }
+
+    fn lease(&mut self, instance: usize, lease: LeaseId) {
+        let slot = &mut self.slots[instance];
+        slot.state = InstanceState::Busy;
+        slot.lease = Some(lease);
+        slot.busy_since = Some(Instant::now());
+        slot.stats.requests += 1;
+    }
+
+    /// A waiter gave up (timeout, client gone). Returns whether it was queued.
+    pub fn cancel_waiter(&mut self, waiter: WaiterId) -> bool {
+        let before = self.waiters.len();
+        self.waiters.retain(|w| *w != waiter);
+        self.waiters.len() != before
+    }
+
+    /// Pairs idle instances with waiters, oldest waiter first.
+    pub fn dispatch(&mut self) -> Vec<Grant> {
+        let mut grants = Vec::new();
+        while !self.waiters.is_empty() {
+            let Some(instance) = self.slots.iter().position(|s| s.state == InstanceState::Idle) else {
+                break;
+            };
+            let waiter = self.waiters.pop_front().expect("checked non-empty");
+            let lease = LeaseId(self.fresh_id());
+            self.lease(instance, lease);
+            grants.push(Grant { waiter, instance, lease });
+        }
+        grants
+    }
+
+    /// A grant could not be delivered (the waiter is gone): undo it.
+    pub fn undo_grant(&mut self, grant: &Grant) {
+        let slot = &mut self.slots[grant.instance];
+        if slot.lease == Some(grant.lease) {
+            slot.state = InstanceState::Idle;
+            slot.lease = None;
+            slot.busy_since = None;
+            slot.stats.requests -= 1;
+        }
+    }
+
+    /// A lease ends. Returns true when the instance must be replaced. A lease
+    /// that is not current (already released or replaced) is ignored.
+    pub fn release(&mut self, instance: usize, lease: LeaseId, outcome: Outcome) -> bool {
+        let Some(slot) = self.slots.get_mut(instance) else { return false };
+        if slot.lease != Some(lease) {
+            return false;
+        }
+        slot.lease = None;
+        if let Some(since) = slot.busy_since.take() {
+            slot.stats.busy_seconds += since.elapsed().as_secs_f64();
+        }
+        match outcome {
+            Outcome::Ok { tokens } => {
+                slot.stats.tokens += tokens;
+                slot.state = InstanceState::Idle;
+                false
+            }
+            Outcome::InstanceFault { reason } => {
+                slot.stats.failures += 1;
+                slot.last_error = Some(reason);
+                slot.state = InstanceState::Unhealthy;
+                true
+            }
+        }
+    }
+
+    /// Busy leases older than `limit`: the watchdog's view.
+    pub fn overdue(&self, limit: Duration) -> Vec<(usize, LeaseId)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match (s.lease, s.busy_since) {
+                (Some(l), Some(t)) if t.elapsed() > limit => Some((i, l)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Marks an instance broken outside a lease (failed probe, dead actor).
+    pub fn mark_unhealthy(&mut self, instance: usize, reason: String) {
+        let slot = &mut self.slots[instance];
+        slot.stats.failures += 1;
+        slot.last_error = Some(reason);
+        slot.state = InstanceState::Unhealthy;
+        slot.lease = None;
+        slot.busy_since = None;
+    }
+
+    /// Starts replacing an instance; returns the new generation.
+    pub fn begin_replace(&mut self, instance: usize) -> u64 {
+        let slot = &mut self.slots[instance];
+        slot.state = InstanceState::Replacing;
+        slot.lease = None;
+        slot.busy_since = None;
+        slot.generation += 1;
+        slot.generation
+    }
+
+    /// An instance (first load or replacement) is up: it becomes idle.
+    /// Returns false for a stale report.
+    pub fn instance_ready(&mut self, instance: usize, generation: u64) -> bool {
+        let slot = &mut self.slots[instance];
+        if slot.generation != generation {
+            return false;
+        }
+        if slot.state == InstanceState::Replacing {
+            slot.stats.replacements += 1;
+            self.replaced += 1;
+        }
+        slot.state = InstanceState::Idle;
+        slot.started_at = Instant::now();
+        true
+    }
+
+    /// Idle instances to probe now; they are `Probing` until [`Self::probe_done`].
+    pub fn begin_probes(&mut self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if s.state == InstanceState::Idle {
+                s.state = InstanceState::Probing;
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    /// A probe ended; a healthy instance is idle again. Returns true when it
+    /// must be replaced.
+    pub fn probe_done(&mut self, instance: usize, generation: u64, result: Result<(), String>) -> bool {
+        if self.slots[instance].generation != generation || self.slots[instance].state != InstanceState::Probing {
+            return false;
+        }
+        match result {
+            Ok(()) => {
+                self.slots[instance].state = InstanceState::Idle;
+                false
+            }
+            Err(reason) => {
+                self.mark_unhealthy(instance, reason);
+                true
+            }
+        }
+    }
+
+    /// Stops admitting; returns the waiters to turn away.
+    pub fn stop_accepting(&mut self) -> Vec<WaiterId> {
+        self.accepting = false;
+        self.waiters.drain(..).collect()
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let count = |f: &dyn Fn(InstanceState) -> bool| self.slots.iter().filter(|s| f(s.state)).count();
+        PoolStatus {
+            total: self.slots.len(),
+            available: count(&|s| matches!(s, InstanceState::Idle | InstanceState::Probing)),
+            in_use: count(&|s| s == InstanceState::Busy),
+            loading: count(&|s| matches!(s, InstanceState::Loading | InstanceState::Replacing)),
+            unhealthy: count(&|s| s == InstanceState::Unhealthy),
+            queued: self.waiters.len(),
+            replaced: self.replaced,
+            accepting: self.accepting,
+            instances: self
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(id, s)| InstanceStatus {
+                    id,
+                    state: s.state,
+                    stats: InstanceStats {
+                        busy_seconds: s.stats.busy_seconds
+                            + s.busy_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0),
+                        ..s.stats.clone()
+                    },
+                    last_error: s.last_error.clone(),
+                    age_seconds: s.started_at.elapsed().as_secs_f64(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready_pool(n: usize, q: usize) -> PoolState {
+        let mut p = PoolState::new(n, q);
+        for i in 0..n {
+            assert!(p.instance_ready(i, 0));
+        }
+        p
+    }
+
+    fn granted(a: Admission) -> (usize, LeaseId) {
+        match a {
+            Admission::Granted { instance, lease } => (instance, lease),
+            other => panic!("expected a grant, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn grants_idle_then_queues_then_rejects() {
+        let mut p = ready_pool(2, 1);
+        granted(p.admit());
+        granted(p.admit());
+        assert!(matches!(p.admit(), Admission::Queued(_)));
+        assert_eq!(p.admit(), Admission::Rejected);
+        let s = p.status();
+        assert_eq!((s.available, s.in_use, s.queued), (0, 2, 1));
+    }
+
+    #[test]
+    fn waiters_are_served_in_fifo_order() {
+        let mut p = ready_pool(1, 3);
+        let (i, l) = granted(p.admit());
+        let w: Vec<WaiterId> = (0..3)
+            .map(|_| match p.admit() {
+                Admission::Queued(w) => w,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let mut order = Vec::new();
+        let (mut inst, mut lease) = (i, l);
+        for _ in 0..3 {
+            assert!(!p.release(inst, lease, Outcome::Ok { tokens: 1 }));
+            let g = p.dispatch();
+            assert_eq!(g.len(), 1);
+            order.push(g[0].waiter);
+            inst = g[0].instance;
+            lease = g[0].lease;
+        }
+        assert_eq!(order, w);
+    }
+
+    #[test]
+    fn new_request_does_not_jump_the_queue() {
+        let mut p = ready_pool(1, 2);
+        let (i, l) = granted(p.admit());
+        let Admission::Queued(first) = p.admit() else { panic!() };
+        p.release(i, l, Outcome::Ok { tokens: 0 });
+        // Released but not yet dispatched: a newcomer must queue behind `first`.
+        assert!(matches!(p.admit(), Admission::Queued(_)));
+        assert_eq!(p.dispatch()[0].waiter, first);
+    }
+
+    #[test]
+    fn cancelled_waiter_and_undone_grant_leak_nothing() {
+        let mut p = ready_pool(1, 2);
+        let (i, l) = granted(p.admit());
+        let Admission::Queued(w) = p.admit() else { panic!() };
+        assert!(p.cancel_waiter(w));
+        assert!(!p.cancel_waiter(w));
+        let Admission::Queued(_) = p.admit() else { panic!() };
+        p.release(i, l, Outcome::Ok { tokens: 0 });
+        let g = p.dispatch();
+        p.undo_grant(&g[0]);
+        let s = p.status();
+        assert_eq!((s.available, s.in_use, s.queued), (1, 0, 0));
+        assert_eq!(s.instances[0].stats.requests, 1);
+    }
+
+    #[test]
+    fn fault_replaces_and_stale_release_is_ignored() {
+        let mut p = ready_pool(2, 0);
+        let (i, l) = granted(p.admit());
+        assert!(p.release(i, l, Outcome::InstanceFault { reason: "decode".into() }));
+        assert_eq!(p.status().unhealthy, 1);
+        let gen = p.begin_replace(i);
+        assert!(!p.release(i, l, Outcome::Ok { tokens: 3 }), "second release of one lease");
+        assert!(!p.instance_ready(i, gen - 1), "stale ready");
+        assert!(p.instance_ready(i, gen));
+        let s = p.status();
+        assert_eq!((s.available, s.replaced, s.instances[i].stats.failures), (2, 1, 1));
+    }
+
+    #[test]
+    fn probes_skip_busy_and_failed_probe_asks_replacement() {
+        let mut p = ready_pool(2, 0);
+        let (busy, _) = granted(p.admit());
+        let probed = p.begin_probes();
+        assert_eq!(probed, vec![1 - busy]);
+        assert_eq!(p.admit(), Admission::Rejected, "probing instance is not leased");
+        assert!(p.probe_done(probed[0], 0, Err("nan".into())));
+        assert_eq!(p.state(probed[0]), InstanceState::Unhealthy);
+    }
+
+    #[test]
+    fn overdue_lists_long_leases_only() {
+        let mut p = ready_pool(1, 0);
+        let (i, l) = granted(p.admit());
+        assert!(p.overdue(Duration::from_secs(60)).is_empty());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(p.overdue(Duration::from_millis(1)), vec![(i, l)]);
+    }
+
+    #[test]
+    fn stop_accepting_turns_waiters_away() {
+        let mut p = ready_pool(1, 2);
+        granted(p.admit());
+        let Admission::Queued(w) = p.admit() else { panic!() };
+        assert_eq!(p.stop_accepting(), vec![w]);
+        assert_eq!(p.admit(), Admission::ShuttingDown);
+    }
+
+    #[test]
+    fn display_matches_console_format() {
+        let mut p = ready_pool(3, 0);
+        granted(p.admit());
+        let text = p.status().to_string();
+        assert!(text.contains("Available: 2/3"), "{text}");
+        assert!(text.contains("In Use: 1"), "{text}");
+    }
+}

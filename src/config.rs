@@ -1,0 +1,253 @@
+//! Configuration, layered: config/default.toml → profile → --config file →
+//! MODELPOOL_<KEY> environment variables → command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use modelpool_actors::{InstanceOptions, PoolOptions, SamplingParams};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+const DEFAULT: &str = include_str!("../config/default.toml");
+/// Deployment profiles shipped in config/.
+pub const PROFILES: &[(&str, &str)] = &[
+    ("development", include_str!("../config/development.toml")),
+    ("small", include_str!("../config/small.toml")),
+    ("medium", include_str!("../config/medium.toml")),
+    ("large", include_str!("../config/large.toml")),
+];
+/// Environment variables with the prefix that are not config keys.
+const NOT_KEYS: &[&str] = &["CONFIG", "PROFILE", "MODELS_DIR", "VENV", "LOG", "TEST_MODEL", "TEST_EMBED_MODEL"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("unknown profile {name:?}; known profiles: {known}")]
+    UnknownProfile { name: String, known: String },
+    #[error("environment variable {var}={value:?}: expected {expected}")]
+    Env { var: String, value: String, expected: &'static str },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// HTTP server settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: String,
+}
+
+/// Every setting of modelpool; see config/default.toml for the documentation of each key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: PathBuf,
+    pub embedding_model: PathBuf,
+    pub data_dir: PathBuf,
+    pub instances: usize,
+    pub max_queue: usize,
+    pub acquire_timeout_ms: u64,
+    pub max_generation_ms: u64,
+    pub health_interval_ms: u64,
+    pub n_ctx: u32,
+    pub threads: u32,
+    pub per_request: bool,
+    pub system_prompt: String,
+    pub sampling: SamplingParams,
+    pub server: ServerConfig,
+}
+
+/// Values given on the command line; `None` leaves the layer below in force.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub profile: Option<String>,
+    pub model: Option<PathBuf>,
+    pub instances: Option<usize>,
+    pub threads: Option<u32>,
+    pub n_ctx: Option<u32>,
+    pub data_dir: Option<PathBuf>,
+    pub bind: Option<String>,
+    pub per_request: bool,
+}
+
+fn parse_table(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })
+}
+
+/// Deep-merges `over` into `base`.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Converts an environment value to the type of the key's default.
+fn typed(var: &str, raw: &str, like: &toml::Value) -> Result<toml::Value, ConfigError> {
+    let err = |expected| ConfigError::Env { var: var.to_string(), value: raw.to_string(), expected };
+    Ok(match like {
+        toml::Value::String(_) => toml::Value::String(raw.to_string()),
+        toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().map_err(|_| err("an integer"))?),
+        toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().map_err(|_| err("a number"))?),
+        toml::Value::Boolean(_) => toml::Value::Boolean(raw.trim().parse().map_err(|_| err("true or false"))?),
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',').filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect(),
+        ),
+        _ => return Err(err("a plain value")),
+    })
+}
+
+fn apply_env(table: &mut toml::Table, vars: impl Iterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    for (var, raw) in vars {
+        let Some(rest) = var.strip_prefix("MODELPOOL_") else { continue };
+        if NOT_KEYS.contains(&rest) {
+            continue;
+        }
+        let key = rest.to_ascii_lowercase();
+        // Top-level key first, then `section_key` for the nested tables.
+        if let Some(like) = table.get(&key).filter(|v| !v.is_table()).cloned() {
+            table.insert(key, typed(&var, &raw, &like)?);
+            continue;
+        }
+        let nested = ["sampling", "server"].iter().find_map(|section| {
+            let sub = key.strip_prefix(section)?.strip_prefix('_')?;
+            Some((*section, sub.to_string()))
+        });
+        match nested {
+            Some((section, sub)) => {
+                let t = table.get_mut(section).and_then(|v| v.as_table_mut()).expect("default has the section");
+                let like = match t.get(&sub) {
+                    Some(v) => v.clone(),
+                    // Optional keys without a default (sampling.seed).
+                    None if sub == "seed" => toml::Value::Integer(0),
+                    None => {
+                        tracing::warn!(%var, "ignoring unknown MODELPOOL_ environment variable");
+                        continue;
+                    }
+                };
+                t.insert(sub, typed(&var, &raw, &like)?);
+            }
+            None => tracing::warn!(%var, "ignoring unknown MODELPOOL_ environment variable"),
+        }
+    }
+    Ok(())
+}
+
+/// Expands a leading `~` to $HOME.
+fn expand(path: &Path) -> PathBuf {
+    match path.strip_prefix("~") {
+        Ok(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+impl Config {
+    /// Loads every layer, applies the flags and checks the result.
+    pub fn load(o: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_with_env(o, std::env::vars())
+    }
+
+    pub fn load_with_env(o: &Overrides, env: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut table = parse_table(DEFAULT, "config/default.toml")?;
+        if let Some(name) = &o.profile {
+            let (_, text) = PROFILES.iter().find(|(n, _)| n == name).ok_or_else(|| ConfigError::UnknownProfile {
+                name: name.clone(),
+                known: PROFILES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+            })?;
+            merge(&mut table, parse_table(text, &format!("config/{name}.toml"))?);
+        }
+        if let Some(path) = &o.config {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            merge(&mut table, parse_table(&text, &path.display().to_string())?);
+        }
+        apply_env(&mut table, env)?;
+        let origin = o.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "configuration".into());
+        let mut cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin, message: e.message().to_string() })?;
+
+        if let Some(v) = &o.model {
+            cfg.model = v.clone();
+        }
+        if let Some(v) = o.instances {
+            cfg.instances = v;
+        }
+        if let Some(v) = o.threads {
+            cfg.threads = v;
+        }
+        if let Some(v) = o.n_ctx {
+            cfg.n_ctx = v;
+        }
+        if let Some(v) = &o.data_dir {
+            cfg.data_dir = v.clone();
+        }
+        if let Some(v) = &o.bind {
+            cfg.server.bind = v.clone();
+        }
+        cfg.per_request |= o.per_request;
+        cfg.model = expand(&cfg.model);
+        cfg.embedding_model = expand(&cfg.embedding_model);
+        cfg.data_dir = expand(&cfg.data_dir);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if self.instances == 0 {
+            return invalid("instances", "must be at least 1, got 0".into());
+        }
+        if self.n_ctx < 64 {
+            return invalid("n_ctx", format!("must be at least 64 tokens, got {}", self.n_ctx));
+        }
+        if self.acquire_timeout_ms == 0 {
+            return invalid("acquire_timeout_ms", "must be at least 1, got 0".into());
+        }
+        if self.max_generation_ms == 0 {
+            return invalid("max_generation_ms", "must be at least 1, got 0".into());
+        }
+        if self.sampling.max_tokens >= self.n_ctx {
+            return invalid(
+                "sampling.max_tokens",
+                format!("{} must be smaller than n_ctx ({})", self.sampling.max_tokens, self.n_ctx),
+            );
+        }
+        if let Err(e) = self.sampling.validate() {
+            return invalid("sampling", e.to_string());
+        }
+        if self.server.bind.parse::<std::net::SocketAddr>().is_err() {
+            return invalid("server.bind", format!("must be ADDR:PORT such as 127.0.0.1:8080, got {:?}", self.server.bind));
+        }
+        if let Err(e) = modelpool_actors::engine::llama::check_model_file(&self.model) {
+            return invalid("model", format!("{e}. Run scripts/setup.sh to fetch the default model, or pass --model PATH"));
+        }
+        Ok(())
+    }
+
+    /// Threads per instance: the setting, or an even split of the cores.
+    pub fn threads_per_instance(&self) -> u32 {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / self.instances.max(1)).max(1) as u32
+    }
+
+    pub fn pool_options(&self) -> PoolOptions {
+        PoolOptions {
+            instances: self.instances,
+            max_queue: self.max_queue,
+            acquire_timeout: Duration::from_millis(self.acquire_timeout_ms),
+            max_generation: Duration::from_millis(self.max_generation_ms),
+            health_interval: Duration::from_millis(self.health_interval_ms),
+            instance: InstanceOptions { n_ctx: self.n_ctx, n_threads: self.threads_per_instance() },
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Loading the engine and starting the pool, with progress on the terminal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use modelpool_actors::{Engine, LlamaEngine, LoadEvent, PerRequestEngine, PoolHandle};
+
+use crate::config::Config;
+
+/// Prints a line above the spinner, or plainly when stderr is not a terminal.
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Loads the weights once and starts `cfg.instances` instances on them.
+pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
+    let rss_before = modelpool_actors::rss_bytes().unwrap_or(0);
+    let bar = ProgressBar::new_spinner();
+    bar.set_draw_target(ProgressDrawTarget::stderr());
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar.set_message(format!("Loading model weights from {}…", cfg.model.display()));
+    let engine: Arc<dyn Engine> = if cfg.per_request {
+        PerRequestEngine::load(&cfg.model)?
+    } else {
+        LlamaEngine::load(&cfg.model)?
+    };
+    let info = engine.info();
+    let rss_weights = modelpool_actors::rss_bytes().unwrap_or(0);
+    say(&bar, format!(
+        "Model {} loaded: weights {:.1} MiB (shared by all instances), trained context {} tokens",
+        info.model_name,
+        mib(info.weights_bytes),
+        info.n_ctx_train
+    ));
+
+    let opts = cfg.pool_options();
+    let threads = opts.instance.n_threads;
+    let progress_bar = bar.clone();
+    let progress = Arc::new(move |event: LoadEvent| match event {
+        LoadEvent::Loading { index, total } => {
+            let line = format!("Loading instance {index}/{total}…");
+            if progress_bar.is_hidden() {
+                eprintln!("{line}");
+            }
+            progress_bar.set_message(line);
+        }
+        LoadEvent::Loaded { index, total, info, millis } => {
+            say(&progress_bar, format!(
+                "Instance {index}/{total} ready in {millis} ms (KV cache {:.1} MiB, {threads} thread(s))",
+                mib(info.kv_bytes)
+            ));
+        }
+    });
+    let pool = PoolHandle::start(engine, opts, progress).await;
+    bar.finish_and_clear();
+    let pool = pool?;
+    let rss_after = modelpool_actors::rss_bytes().unwrap_or(0);
+    tracing::info!(
+        weights_bytes = info.weights_bytes,
+        rss_after_weights = rss_weights.saturating_sub(rss_before),
+        rss_per_instance = rss_after.saturating_sub(rss_weights) / cfg.instances.max(1) as u64,
+        "memory"
+    );
+    eprintln!(
+        "Pool ready: {} instance(s) × {} thread(s), n_ctx {}; resident memory {:.0} MiB",
+        cfg.instances,
+        threads,
+        cfg.n_ctx,
+        mib(rss_after)
+    );
+    Ok(pool)
+}

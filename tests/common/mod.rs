@@ -1,0 +1,57 @@
+//! Shared set-up for the integration tests: the real default model, one
+//! engine per test binary (weights loaded once), small pools.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use modelpool_actors::{InstanceOptions, LlamaEngine, PoolHandle, PoolOptions, PoolStatus};
+
+/// The default chat model, fetched by scripts/setup.sh.
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("MODELPOOL_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        let models = std::env::var_os("MODELPOOL_MODELS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/modelpool/models"));
+        models.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.is_file(), "test model {} is missing: run scripts/setup.sh first", path.display());
+    path
+}
+
+/// One engine for the whole test binary: the weights are loaded once.
+pub fn engine() -> Arc<LlamaEngine> {
+    static ENGINE: OnceLock<Arc<LlamaEngine>> = OnceLock::new();
+    ENGINE.get_or_init(|| LlamaEngine::load(model_path()).expect("load the test model")).clone()
+}
+
+pub fn options(instances: usize, max_queue: usize) -> PoolOptions {
+    PoolOptions {
+        instances,
+        max_queue,
+        acquire_timeout: Duration::from_secs(60),
+        max_generation: Duration::from_secs(120),
+        health_interval: Duration::ZERO,
+        instance: InstanceOptions { n_ctx: 512, n_threads: 1 },
+    }
+}
+
+pub async fn start(opts: PoolOptions) -> PoolHandle {
+    PoolHandle::start(engine(), opts, Arc::new(|_| {})).await.expect("pool starts")
+}
+
+/// Polls the pool status until `cond` holds; panics with the last status after `limit`.
+pub async fn wait_for(pool: &PoolHandle, limit: Duration, cond: impl Fn(&PoolStatus) -> bool) -> PoolStatus {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let s = pool.status().await.expect("status");
+        if cond(&s) {
+            return s;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("condition not reached within {limit:?}; last status: {s:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,76 @@
+//! The binary as a user runs it: the console answers, bad settings and bad
+//! model files stop start-up with one clear message.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::model_path;
+
+fn modelpool(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelpool"));
+    cmd.args(args)
+        .env("MODELPOOL_MODEL", model_path())
+        .env("MODELPOOL_THREADS", "1")
+        .env_remove("MODELPOOL_CONFIG")
+        .env_remove("MODELPOOL_PROFILE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn run_console(args: &[&str], input: &str) -> (bool, String, String) {
+    let mut child = modelpool(args).spawn().expect("start modelpool");
+    // A process that fails at start-up may exit before reading its input.
+    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let (ok, _, stderr) = run_console(args, "/quit\n");
+    assert!(!ok, "start-up should fail for {args:?}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr for {args:?} lacks {n:?}:\n{stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn console_answers_and_shows_pool_status() {
+    let (ok, stdout, stderr) = run_console(
+        &["--instances", "3", "--n-ctx", "512", "chat"],
+        "What is the capital of France?\n/pool\n/quit\n",
+    );
+    assert!(ok, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    for i in 1..=3 {
+        assert!(stderr.contains(&format!("Instance {i}/3 ready")), "{stderr}");
+    }
+    assert!(stdout.contains("Pool Status:") && stdout.contains("Available: 3/3") && stdout.contains("In Use: 0"), "{stdout}");
+    let answer = stdout.split("> ").nth(1).unwrap_or("");
+    assert!(answer.trim().len() > 3, "no answer in:\n{stdout}");
+}
+
+#[test]
+fn bad_settings_fail_with_the_setting_named() {
+    fails_with(&["--instances", "0", "chat"], &["instances", "at least 1", "got 0"]);
+    fails_with(&["--profile", "huge", "chat"], &["unknown profile", "huge", "development"]);
+    fails_with(&["--n-ctx", "100000", "chat"], &["n_ctx 100000", "training context"]);
+    let mut cmd = modelpool(&["chat"]);
+    cmd.env("MODELPOOL_INSTANCES", "many");
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MODELPOOL_INSTANCES"));
+}
+
+#[test]
+fn bad_model_files_fail_with_a_clear_message() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let corrupt = fixtures.join("corrupt.gguf");
+    fails_with(&["--model", corrupt.to_str().unwrap(), "chat"], &["corrupt.gguf", "could not be loaded"]);
+    let text = fixtures.join("not-a-model.gguf");
+    fails_with(&["--model", text.to_str().unwrap(), "chat"], &["not-a-model.gguf", "not a GGUF model"]);
+    fails_with(&["--model", "/nonexistent/model.gguf", "chat"], &["/nonexistent/model.gguf", "setup.sh"]);
+}
