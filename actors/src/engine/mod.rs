@@ -2,6 +2,7 @@
 //! [`Engine`] and [`InstanceBackend`]; the real implementation is llama.cpp
 //! ([`llama::LlamaEngine`]), and unit tests of the pool use a fake.
 
+pub mod embed;
 pub mod generate;
 pub mod llama;
 pub mod prompt;
