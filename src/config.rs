@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use modelpool_actors::{InstanceOptions, PoolOptions, SamplingParams};
+use modelpool_actors::{ChatOptions, Durability, InstanceOptions, PoolOptions, SamplingParams};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -39,6 +39,18 @@ pub struct ServerConfig {
     pub bind: String,
 }
 
+/// Chat memory settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatConfig {
+    pub recent_messages: usize,
+    pub recall_k: usize,
+    pub recall_min_score: f32,
+    pub cross_conversation_recall: bool,
+    pub durability: Durability,
+    pub max_message_chars: usize,
+}
+
 /// Every setting of modelpool; see config/default.toml for the documentation of each key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +69,7 @@ pub struct Config {
     pub system_prompt: String,
     pub sampling: SamplingParams,
     pub server: ServerConfig,
+    pub chat: ChatConfig,
 }
 
 /// Values given on the command line; `None` leaves the layer below in force.
@@ -116,7 +129,7 @@ fn apply_env(table: &mut toml::Table, vars: impl Iterator<Item = (String, String
             table.insert(key, typed(&var, &raw, &like)?);
             continue;
         }
-        let nested = ["sampling", "server"].iter().find_map(|section| {
+        let nested = ["sampling", "server", "chat"].iter().find_map(|section| {
             let sub = key.strip_prefix(section)?.strip_prefix('_')?;
             Some((*section, sub.to_string()))
         });
@@ -222,11 +235,20 @@ impl Config {
         if let Err(e) = self.sampling.validate() {
             return invalid("sampling", e.to_string());
         }
+        if !(0.0..=1.0).contains(&self.chat.recall_min_score) {
+            return invalid("chat.recall_min_score", format!("must be between 0 and 1, got {}", self.chat.recall_min_score));
+        }
+        if self.chat.max_message_chars == 0 {
+            return invalid("chat.max_message_chars", "must be at least 1, got 0".into());
+        }
         if self.server.bind.parse::<std::net::SocketAddr>().is_err() {
             return invalid("server.bind", format!("must be ADDR:PORT such as 127.0.0.1:8080, got {:?}", self.server.bind));
         }
         if let Err(e) = modelpool_actors::engine::llama::check_model_file(&self.model) {
             return invalid("model", format!("{e}. Run scripts/setup.sh to fetch the default model, or pass --model PATH"));
+        }
+        if let Err(e) = modelpool_actors::engine::llama::check_model_file(&self.embedding_model) {
+            return invalid("embedding_model", format!("{e}. Run scripts/setup.sh to prepare the default embedding model"));
         }
         Ok(())
     }
@@ -238,6 +260,18 @@ impl Config {
         }
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         (cores / self.instances.max(1)).max(1) as u32
+    }
+
+    pub fn chat_options(&self) -> ChatOptions {
+        ChatOptions {
+            system_prompt: self.system_prompt.clone(),
+            recent_messages: self.chat.recent_messages,
+            recall_k: self.chat.recall_k,
+            recall_min_score: self.chat.recall_min_score,
+            cross_conversation: self.chat.cross_conversation_recall,
+            max_message_chars: self.chat.max_message_chars,
+            sampling: self.sampling.clone(),
+        }
     }
 
     pub fn pool_options(&self) -> PoolOptions {

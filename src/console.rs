@@ -1,73 +1,108 @@
-//! Console chat: type a message, read the streamed answer.
+//! Console chat on the chat layer: conversations are stored and remembered.
 
 use std::io::Write;
 
-use futures::StreamExt;
-use modelpool_actors::{ChatMessage, GenEvent, GenerateRequest, PoolHandle};
+use modelpool_actors::{ChatEvent, ChatHandle, ConversationId, Role, SendMessage};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::config::Config;
-use crate::startup::start_pool;
+use crate::startup::start_chat;
 
-const HELP: &str = "Commands: /pool (pool status), /new (forget this conversation), /help, /quit";
+const HELP: &str = "Commands: /new (new conversation), /history, /recall <text>, /pool, /help, /quit";
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let pool = start_pool(&cfg).await?;
+    let chat = start_chat(&cfg).await?;
     println!("modelpool console. {HELP}");
-    let mut history: Vec<ChatMessage> = Vec::new();
+    let mut conversation: Option<ConversationId> = None;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     loop {
         print!("> ");
         std::io::stdout().flush()?;
         let Some(line) = lines.next_line().await? else { break };
         let line = line.trim();
-        match line {
+        let result = match line {
             "" => continue,
             "/quit" | "/exit" => break,
-            "/help" => println!("{HELP}"),
-            "/pool" => println!("{}", pool.status().await?),
+            "/help" => {
+                println!("{HELP}");
+                Ok(())
+            }
+            "/pool" => chat.pool().status().await.map(|s| println!("{s}")).map_err(Into::into),
             "/new" => {
-                history.clear();
-                println!("(new conversation)");
+                conversation = None;
+                println!("(a new conversation starts with your next message)");
+                Ok(())
             }
-            text => {
-                history.push(ChatMessage::user(text));
-                match answer(&pool, &cfg, &history).await {
-                    Ok(reply) => history.push(ChatMessage::assistant(reply)),
-                    Err(e) => {
-                        history.pop();
-                        println!("error: {e}");
-                    }
-                }
+            "/history" => history(&chat, conversation),
+            _ if line.starts_with("/recall") => recall(&chat, conversation, line["/recall".len()..].trim()).await,
+            _ if line.starts_with('/') => {
+                println!("unknown command {line:?}. {HELP}");
+                Ok(())
             }
+            text => turn(&chat, &mut conversation, text).await,
+        };
+        if let Err(e) = result {
+            println!("error: {e}");
         }
     }
-    pool.shutdown().await;
+    chat.pool().shutdown().await;
+    chat.shutdown().await?;
     Ok(())
 }
 
-async fn answer(pool: &PoolHandle, cfg: &Config, history: &[ChatMessage]) -> anyhow::Result<String> {
-    let mut messages = Vec::with_capacity(history.len() + 1);
-    if !cfg.system_prompt.is_empty() {
-        messages.push(ChatMessage::system(cfg.system_prompt.clone()));
-    }
-    messages.extend_from_slice(history);
-    let mut stream = pool.generate(GenerateRequest { messages, sampling: cfg.sampling.clone() }).await?;
-    let mut reply = String::new();
-    while let Some(event) = stream.next().await {
+async fn turn(chat: &ChatHandle, conversation: &mut Option<ConversationId>, text: &str) -> anyhow::Result<()> {
+    let msg = SendMessage { conversation_id: *conversation, namespace: None, text: text.to_string(), sampling: None };
+    let mut stream = chat.send(msg).await?;
+    *conversation = Some(stream.conversation_id);
+    while let Some(event) = stream.next_event().await {
         match event {
-            GenEvent::Token(t) => {
+            ChatEvent::Token(t) => {
                 print!("{t}");
                 std::io::stdout().flush()?;
-                reply.push_str(&t);
             }
-            GenEvent::Done(done) => {
+            ChatEvent::Done(reply) => {
                 println!();
-                tracing::debug!(?done, "reply finished");
-                return Ok(reply);
+                tracing::debug!(usage = ?reply.usage, recalled = reply.recalled.len(), "turn finished");
+                return Ok(());
             }
-            GenEvent::Error(e) => return Err(e.into()),
+            ChatEvent::Error(e) => return Err(e.into()),
         }
     }
-    Ok(reply)
+    Ok(())
+}
+
+fn history(chat: &ChatHandle, conversation: Option<ConversationId>) -> anyhow::Result<()> {
+    let Some(id) = conversation else {
+        println!("(no conversation yet)");
+        return Ok(());
+    };
+    println!("Conversation {id}:");
+    for m in chat.history(&id, None, usize::MAX)? {
+        let who = match m.role {
+            Role::User => "you",
+            Role::Assistant => "assistant",
+            Role::System => "system",
+        };
+        println!("  [{}] {who}: {}", m.id, m.content);
+    }
+    Ok(())
+}
+
+async fn recall(chat: &ChatHandle, conversation: Option<ConversationId>, text: &str) -> anyhow::Result<()> {
+    let Some(id) = conversation else {
+        println!("(no conversation yet)");
+        return Ok(());
+    };
+    if text.is_empty() {
+        println!("usage: /recall <text>");
+        return Ok(());
+    }
+    let hits = chat.recall(&id, text).await?;
+    if hits.is_empty() {
+        println!("(nothing outside the recent window scores above {})", chat.options().recall_min_score);
+    }
+    for r in hits {
+        println!("  {:.3}  [{}] {}: {}", r.score, r.id, r.role.as_str(), r.content);
+    }
+    Ok(())
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use modelpool_actors::{Engine, LlamaEngine, LoadEvent, PerRequestEngine, PoolHandle};
+use modelpool_actors::{ChatHandle, EmbedderHandle, Engine, LlamaEngine, LoadEvent, PerRequestEngine, PoolHandle};
 
 use crate::config::Config;
 
@@ -79,4 +79,19 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
         mib(rss_after)
     );
     Ok(pool)
+}
+
+/// Starts the pool, the embedder and the chat layer on the data directory.
+pub async fn start_chat(cfg: &Config) -> anyhow::Result<ChatHandle> {
+    let pool = start_pool(cfg).await?;
+    eprintln!("Loading embedding model {}…", cfg.embedding_model.display());
+    let embedder = EmbedderHandle::start(&cfg.embedding_model, 1).await?;
+    let chat = ChatHandle::start(pool, embedder, &cfg.data_dir, cfg.chat.durability, cfg.chat_options())?;
+    eprintln!(
+        "Chat memory ready: {} conversation(s), {} message vector(s) in {}",
+        chat.conversations()?.len(),
+        chat.indexed(),
+        cfg.data_dir.display()
+    );
+    Ok(chat)
 }

@@ -22,7 +22,10 @@ fn modelpool(args: &[&str]) -> Command {
 }
 
 fn run_console(args: &[&str], input: &str) -> (bool, String, String) {
-    let mut child = modelpool(args).spawn().expect("start modelpool");
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = modelpool(args);
+    cmd.env("MODELPOOL_DATA_DIR", data.path()).env("MODELPOOL_CHAT_RECENT_MESSAGES", "2");
+    let mut child = cmd.spawn().expect("start modelpool");
     // A process that fails at start-up may exit before reading its input.
     let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
     let out = child.wait_with_output().unwrap();
@@ -42,15 +45,19 @@ fn fails_with(args: &[&str], needles: &[&str]) {
 fn console_answers_and_shows_pool_status() {
     let (ok, stdout, stderr) = run_console(
         &["--instances", "3", "--n-ctx", "512", "chat"],
-        "What is the capital of France?\n/pool\n/quit\n",
+        "My cat is called Biscuit.\nWhat is the capital of France?\n/pool\n/history\n/recall name of my pet\n/quit\n",
     );
     assert!(ok, "stdout:\n{stdout}\nstderr:\n{stderr}");
     for i in 1..=3 {
         assert!(stderr.contains(&format!("Instance {i}/3 ready")), "{stderr}");
     }
     assert!(stdout.contains("Pool Status:") && stdout.contains("Available: 3/3") && stdout.contains("In Use: 0"), "{stdout}");
-    let answer = stdout.split("> ").nth(1).unwrap_or("");
+    let answer = stdout.split("> ").nth(2).unwrap_or("");
     assert!(answer.trim().len() > 3, "no answer in:\n{stdout}");
+    assert!(stdout.contains("you: My cat is called Biscuit."), "history: {stdout}");
+    let recall_line = stdout.lines().find(|l| l.contains("] user: My cat is called Biscuit.")).unwrap_or_default();
+    let score: f32 = recall_line.trim_start_matches(['>', ' ']).split_whitespace().next().unwrap_or("").parse().unwrap_or(0.0);
+    assert!(score > 0.3, "/recall shows the fact with its score: {stdout}");
 }
 
 #[test]
@@ -73,4 +80,16 @@ fn bad_model_files_fail_with_a_clear_message() {
     let text = fixtures.join("not-a-model.gguf");
     fails_with(&["--model", text.to_str().unwrap(), "chat"], &["not-a-model.gguf", "not a GGUF model"]);
     fails_with(&["--model", "/nonexistent/model.gguf", "chat"], &["/nonexistent/model.gguf", "setup.sh"]);
+}
+
+#[test]
+fn a_data_directory_in_use_is_refused_with_its_name() {
+    let data = tempfile::tempdir().unwrap();
+    let _held = modelpool_actors::memory::store::ConversationStore::open(data.path(), modelpool_actors::Durability::Sync).unwrap();
+    let mut cmd = modelpool(&["--data-dir", data.path().to_str().unwrap(), "chat"]);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("in use by another modelpool process") && stderr.contains(data.path().to_str().unwrap()), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -1,16 +1,9 @@
 //! The converted embedding model reproduces known similarities.
 
-use std::path::PathBuf;
+mod common;
 
+use common::embed_model_path;
 use modelpool_actors::engine::embed::{cosine, LlamaEmbedder};
-
-pub fn embed_model_path() -> PathBuf {
-    let path = std::env::var_os("MODELPOOL_TEST_EMBED_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/modelpool/models/all-MiniLM-L6-v2.f16.gguf")
-    });
-    assert!(path.is_file(), "embedding model {} is missing: run scripts/setup.sh first", path.display());
-    path
-}
 
 #[test]
 fn converted_minilm_reproduces_known_similarities() {

@@ -5,18 +5,24 @@
 //! Start a pool inside an actix system with [`PoolHandle::start`], then call
 //! [`PoolHandle::generate`]; see the repository README for a full example.
 
+pub mod chat_actor;
+pub mod chat_handle;
 pub mod engine;
 pub mod error;
 pub mod lease;
+pub mod memory;
 pub mod model_actor;
 pub mod params;
 pub mod pool_handle;
 pub mod pool_manager;
 pub mod pool_state;
 
+pub use chat_actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
+pub use chat_handle::ChatHandle;
 pub use engine::llama::{LlamaEngine, PerRequestEngine};
 pub use engine::{Engine, EngineInfo, Fault, InstanceInfo, InstanceOptions};
 pub use error::{EngineError, PoolError};
+pub use memory::{Conversation, ConversationId, Durability, EmbedderHandle, Recalled, StoredMessage};
 pub use lease::{GenEvent, GenerationStream, Lease};
 pub use params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, SamplingParams, Usage};
 pub use pool_handle::PoolHandle;

@@ -20,6 +20,15 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The embedding model, converted by scripts/setup.sh.
+pub fn embed_model_path() -> PathBuf {
+    let path = std::env::var_os("MODELPOOL_TEST_EMBED_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/modelpool/models/all-MiniLM-L6-v2.f16.gguf")
+    });
+    assert!(path.is_file(), "embedding model {} is missing: run scripts/setup.sh first", path.display());
+    path
+}
+
 /// One engine for the whole test binary: the weights are loaded once.
 pub fn engine() -> Arc<LlamaEngine> {
     static ENGINE: OnceLock<Arc<LlamaEngine>> = OnceLock::new();

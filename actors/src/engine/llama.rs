@@ -152,6 +152,10 @@ impl Engine for LlamaEngine {
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
         Ok(tokenize_chat(self.model, &self.template, messages)?.len() as u32)
     }
+
+    fn count_tokens(&self, text: &str) -> u32 {
+        self.model.vocab().tokenize(text.as_bytes(), false, false).len() as u32
+    }
 }
 
 fn model_name(path: &Path) -> String {
@@ -214,6 +218,10 @@ impl Engine for PerRequestEngine {
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
         self.inner.count_prompt_tokens(messages)
+    }
+
+    fn count_tokens(&self, text: &str) -> u32 {
+        self.inner.count_tokens(text)
     }
 }
 

@@ -68,6 +68,9 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Number of prompt tokens `messages` take once the chat template is applied.
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError>;
+
+    /// Number of tokens of plain text (no special-token parsing).
+    fn count_tokens(&self, text: &str) -> u32;
 }
 
 /// One instance: its own context and KV cache. Lives on one thread.

@@ -1,0 +1,108 @@
+//! The chat layer as callers see it: a cloneable handle over the chat actor.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use crate::chat_actor::{ChatActor, ChatCore, ChatError, ChatOptions, ChatReply, ChatStream, DeleteConversation, SendMessage, StopChat};
+use crate::memory::index::VectorIndex;
+use crate::memory::prompt_builder::Recalled;
+use crate::memory::store::{Conversation, ConversationId, ConversationStore, Durability, StoredMessage};
+use crate::memory::EmbedderHandle;
+use crate::pool_handle::PoolHandle;
+
+#[derive(Clone)]
+pub struct ChatHandle {
+    addr: Addr<ChatActor>,
+    core: Arc<ChatCore>,
+}
+
+impl ChatHandle {
+    /// Opens the store in `data_dir`, rebuilds the vector index from it and
+    /// starts the chat actor. Inside an actix system.
+    pub fn start(
+        pool: PoolHandle,
+        embedder: EmbedderHandle,
+        data_dir: &Path,
+        durability: Durability,
+        opts: ChatOptions,
+    ) -> Result<Self, ChatError> {
+        let store = ConversationStore::open(data_dir, durability)?;
+        let started = std::time::Instant::now();
+        let index = Arc::new(VectorIndex::rebuild(&store, embedder.dim())?);
+        tracing::info!(vectors = index.len(), millis = started.elapsed().as_millis() as u64, "vector index rebuilt from the store");
+        let core = Arc::new(ChatCore::new(store, index, embedder, pool, opts));
+        let addr = ChatActor::new(core.clone()).start();
+        Ok(Self { addr, core })
+    }
+
+    pub fn pool(&self) -> &PoolHandle {
+        &self.core.pool
+    }
+
+    pub fn embedder(&self) -> &EmbedderHandle {
+        &self.core.embedder
+    }
+
+    pub fn options(&self) -> &ChatOptions {
+        &self.core.opts
+    }
+
+    /// Starts a turn; the stream yields the reply as it is generated.
+    pub async fn send(&self, msg: SendMessage) -> Result<ChatStream, ChatError> {
+        self.addr.send(msg).await.map_err(|_| ChatError::Store("the chat actor stopped".into()))?
+    }
+
+    /// A whole turn with the default sampling.
+    pub async fn say(&self, conversation_id: Option<ConversationId>, text: &str) -> Result<ChatReply, ChatError> {
+        let msg = SendMessage { conversation_id, namespace: None, text: text.to_string(), sampling: None };
+        self.send(msg).await?.finish().await
+    }
+
+    pub fn conversation(&self, id: &ConversationId) -> Result<Conversation, ChatError> {
+        Ok(self.core.store.conversation(id)?)
+    }
+
+    pub fn conversations(&self) -> Result<Vec<Conversation>, ChatError> {
+        Ok(self.core.store.list_conversations()?)
+    }
+
+    /// A page of a conversation's messages, oldest first, after message `after`.
+    pub fn history(&self, id: &ConversationId, after: Option<u64>, limit: usize) -> Result<Vec<StoredMessage>, ChatError> {
+        self.core.store.conversation(id)?;
+        Ok(self.core.store.messages(id, after, limit)?)
+    }
+
+    pub async fn delete(&self, id: ConversationId) -> Result<usize, ChatError> {
+        self.addr.send(DeleteConversation(id)).await.map_err(|_| ChatError::Store("the chat actor stopped".into()))?
+    }
+
+    /// What memory would recall for `text` in this conversation now (the
+    /// recent window left out, as in a turn), with scores.
+    pub async fn recall(&self, id: &ConversationId, text: &str) -> Result<Vec<Recalled>, ChatError> {
+        let conv = self.core.store.conversation(id)?;
+        let vector = self.core.embedder.embed_one(text).await.map_err(ChatError::Embedding)?;
+        let recent = self.core.store.recent(id, self.core.opts.recent_messages)?;
+        let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
+        self.core.recall(&conv, &vector, &exclude)
+    }
+
+    /// Number of live vectors in the index.
+    pub fn indexed(&self) -> usize {
+        self.core.index.len()
+    }
+
+    pub async fn flush(&self) -> Result<(), ChatError> {
+        Ok(self.core.store.flush().await?)
+    }
+
+    /// Flushes the store and stops the actor; the data directory is released
+    /// once every clone of this handle is dropped.
+    pub async fn shutdown(self) -> Result<(), ChatError> {
+        self.flush().await?;
+        let _ = self.addr.send(StopChat).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,12 @@
+//! Chat memory: conversations in sled, an embedder, an HNSW index over the
+//! stored vectors, and the prompt builder.
+
+pub mod embedder;
+pub mod index;
+pub mod prompt_builder;
+pub mod store;
+
+pub use embedder::EmbedderHandle;
+pub use index::{Scope, VectorIndex};
+pub use prompt_builder::{BuiltPrompt, PromptBudget, Recalled};
+pub use store::{Conversation, ConversationId, ConversationStore, Durability, StoreError, StoredMessage};

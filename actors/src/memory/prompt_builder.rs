@@ -1,0 +1,168 @@
+//! Builds the prompt for one chat turn: system prompt, a short block of
+//! recalled earlier messages, then the most recent turns, all within the
+//! context budget as counted by the model's own tokenizer. When something
+//! must go, the oldest recent turn goes first, then the weakest recalled
+//! message; the new message and the newest turns stay.
+
+use serde::Serialize;
+
+use crate::engine::generate::check_fits;
+use crate::error::EngineError;
+use crate::params::{ChatMessage, Role};
+
+/// Longest excerpt of one recalled message put in the prompt, in characters.
+const RECALL_EXCERPT_CHARS: usize = 600;
+
+/// An earlier message found by meaning.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Recalled {
+    pub id: u64,
+    pub role: Role,
+    pub content: String,
+    pub score: f32,
+}
+
+/// Token limits of one generation.
+#[derive(Clone, Copy, Debug)]
+pub struct PromptBudget {
+    pub n_ctx: u32,
+    pub max_tokens: u32,
+}
+
+/// The prompt as the model will see it.
+#[derive(Clone, Debug)]
+pub struct BuiltPrompt {
+    pub messages: Vec<ChatMessage>,
+    pub prompt_tokens: u32,
+    /// Ids of the recalled messages that made it into the prompt.
+    pub recalled: Vec<u64>,
+    /// How many recent turns made it into the prompt.
+    pub recent_kept: usize,
+}
+
+fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(RECALL_EXCERPT_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+fn system_message(system_prompt: &str, recalled: &[Recalled]) -> Option<ChatMessage> {
+    let mut text = system_prompt.trim().to_string();
+    if !recalled.is_empty() {
+        if !text.is_empty() {
+            text.push_str("\n\n");
+        }
+        text.push_str("Relevant earlier messages from this conversation:");
+        for r in recalled {
+            text.push_str(&format!("\n- {}: {}", r.role.as_str(), excerpt(&r.content)));
+        }
+    }
+    (!text.is_empty()).then(|| ChatMessage::system(text))
+}
+
+/// Assembles the prompt; `count` gives the token count of a message list
+/// with the chat template applied.
+pub fn build_prompt(
+    system_prompt: &str,
+    mut recalled: Vec<Recalled>,
+    recent: &[ChatMessage],
+    user_text: &str,
+    budget: PromptBudget,
+    count: &dyn Fn(&[ChatMessage]) -> Result<u32, EngineError>,
+) -> Result<BuiltPrompt, EngineError> {
+    recalled.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let assemble = |first_recent: usize, recalled: &[Recalled]| -> Result<(Vec<ChatMessage>, u32), EngineError> {
+        let mut messages: Vec<ChatMessage> = system_message(system_prompt, recalled).into_iter().collect();
+        messages.extend_from_slice(&recent[first_recent..]);
+        messages.push(ChatMessage::user(user_text));
+        let tokens = count(&messages)?;
+        Ok((messages, tokens))
+    };
+    let fits = |tokens: u32| check_fits(tokens, budget.max_tokens, budget.n_ctx).is_ok();
+    let done = |messages, tokens, recalled: &[Recalled], first_recent| BuiltPrompt {
+        messages,
+        prompt_tokens: tokens,
+        recalled: recalled.iter().map(|r| r.id).collect(),
+        recent_kept: recent.len() - first_recent,
+    };
+
+    // Keep as many of the newest turns as fit: the token count only falls as
+    // older turns go, so a binary search over the cut finds it in log(n) counts.
+    let (mut lo, mut hi) = (0, recent.len());
+    let mut best = None;
+    while lo <= hi {
+        let mid = (lo + hi) / 2;
+        let (messages, tokens) = assemble(mid, &recalled)?;
+        if fits(tokens) {
+            best = Some((mid, messages, tokens));
+            if mid == 0 {
+                break;
+            }
+            hi = mid - 1;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    if let Some((first_recent, messages, tokens)) = best {
+        return Ok(done(messages, tokens, &recalled, first_recent));
+    }
+    // No recent turn fits: drop recalled messages, weakest first.
+    loop {
+        let (messages, tokens) = assemble(recent.len(), &recalled)?;
+        if fits(tokens) || recalled.is_empty() {
+            check_fits(tokens, budget.max_tokens, budget.n_ctx)?;
+            return Ok(done(messages, tokens, &recalled, recent.len()));
+        }
+        recalled.pop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One token per whitespace-separated word plus 3 per message.
+    fn words(messages: &[ChatMessage]) -> Result<u32, EngineError> {
+        Ok(messages.iter().map(|m| m.content.split_whitespace().count() as u32 + 3).sum())
+    }
+
+    fn recall(id: u64, text: &str, score: f32) -> Recalled {
+        Recalled { id, role: Role::User, content: text.into(), score }
+    }
+
+    #[test]
+    fn everything_fits_in_order() {
+        let recent = vec![ChatMessage::user("a b"), ChatMessage::assistant("c d")];
+        let p = build_prompt("sys", vec![recall(1, "fact", 0.9)], &recent, "question", PromptBudget { n_ctx: 100, max_tokens: 10 }, &words).unwrap();
+        assert_eq!(p.messages.len(), 4);
+        assert_eq!(p.messages[0].role, Role::System);
+        assert!(p.messages[0].content.contains("user: fact"));
+        assert_eq!(p.messages[3].content, "question");
+        assert_eq!((p.recalled, p.recent_kept), (vec![1], 2));
+    }
+
+    #[test]
+    fn oldest_turns_go_first_then_weakest_recall() {
+        let recent: Vec<ChatMessage> = (0..10).map(|i| ChatMessage::user(format!("turn {i} w w w w"))).collect();
+        let budget = PromptBudget { n_ctx: 40, max_tokens: 10 };
+        let p = build_prompt("sys", vec![recall(1, "x", 0.9), recall(2, "y", 0.2)], &recent, "q", budget, &words).unwrap();
+        assert!(p.prompt_tokens + 10 <= 40);
+        assert_eq!(p.messages.last().unwrap().content, "q");
+        let kept: Vec<&str> = p.messages[1..p.messages.len() - 1].iter().map(|m| m.content.as_str()).collect();
+        assert!(kept.iter().all(|k| k.starts_with("turn 9") || k.starts_with("turn 8") || k.starts_with("turn 7")), "{kept:?}");
+        assert_eq!(p.recalled, vec![1, 2]);
+
+        let tight = PromptBudget { n_ctx: 27, max_tokens: 10 };
+        let p = build_prompt("sys", vec![recall(1, "x", 0.9), recall(2, "y", 0.2)], &recent, "q", tight, &words).unwrap();
+        assert_eq!(p.recent_kept, 0);
+        assert_eq!(p.recalled, vec![1], "the weaker recall is dropped first");
+    }
+
+    #[test]
+    fn a_message_too_long_alone_is_an_error_naming_both_numbers() {
+        let long = "w ".repeat(200);
+        let err = build_prompt("", vec![], &[], &long, PromptBudget { n_ctx: 64, max_tokens: 16 }, &words).unwrap_err();
+        assert!(matches!(err, EngineError::PromptTooLong { n_ctx: 64, max_tokens: 16, .. }), "{err}");
+    }
+}
