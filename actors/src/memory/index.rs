@@ -6,14 +6,41 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 
-use hnsw_rs::prelude::{DistCosine, Hnsw};
+use hnsw_rs::prelude::{Distance, Hnsw};
 
 use super::store::{ConversationId, ConversationStore, StoreError};
-use crate::engine::embed::cosine;
+use crate::engine::embed::normalize;
 
 const MAX_NB_CONNECTION: usize = 16;
 const MAX_LAYER: usize = 16;
 const EF_CONSTRUCTION: usize = 200;
+
+/// Cosine distance for unit vectors, `1 - a·b`, clamped at 0 (rounding can
+/// push a dot product of unit vectors past 1). Every vector is normalised
+/// before it reaches the graph. Computed in f32 with eight lanes so that the
+/// compiler vectorises it; hnsw_rs's `DistCosine` recomputes both norms in f64
+/// on every call and was the bulk of index build time.
+#[derive(Clone, Copy, Default)]
+pub struct UnitCosine;
+
+impl Distance<f32> for UnitCosine {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        (1.0 - dot(a, b)).max(0.0)
+    }
+}
+
+/// Dot product with eight independent accumulators.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
 
 /// Where recall may look.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +71,7 @@ struct Live {
 
 pub struct VectorIndex {
     dim: usize,
-    graph: Hnsw<'static, f32, DistCosine>,
+    graph: Hnsw<'static, f32, UnitCosine>,
     live: RwLock<Live>,
 }
 
@@ -52,7 +79,7 @@ impl VectorIndex {
     pub fn new(dim: usize, expected: usize) -> Self {
         Self {
             dim,
-            graph: Hnsw::new(MAX_NB_CONNECTION, expected.max(1024), MAX_LAYER, EF_CONSTRUCTION, DistCosine {}),
+            graph: Hnsw::new(MAX_NB_CONNECTION, expected.max(1024), MAX_LAYER, EF_CONSTRUCTION, UnitCosine),
             live: RwLock::new(Live::default()),
         }
     }
@@ -61,14 +88,14 @@ impl VectorIndex {
     pub fn rebuild(store: &ConversationStore, dim: usize) -> Result<Self, StoreError> {
         let namespaces: HashMap<ConversationId, String> =
             store.list_conversations()?.into_iter().map(|c| (c.id, c.namespace)).collect();
-        let index = Self::new(dim, 1024);
+        let mut items = Vec::new();
         for record in store.vectors() {
             let (id, conv, vector) = record?;
             let ns = namespaces.get(&conv).cloned().unwrap_or_default();
-            if vector.len() == dim {
-                index.insert(id, conv, &ns, vector);
-            }
+            items.push((id, conv, ns, vector));
         }
+        let index = Self::new(dim, items.len());
+        index.insert_many(items);
         Ok(index)
     }
 
@@ -89,11 +116,28 @@ impl VectorIndex {
         if vector.len() != self.dim {
             return false;
         }
+        let vector = normalize(&vector);
         self.graph.insert((&vector, id as usize));
         let mut live = self.live.write().expect("index lock");
         live.namespaces.entry(conversation_id).or_insert_with(|| namespace.to_string());
         live.entries.insert(id, Entry { conversation_id, vector });
         true
+    }
+
+    /// Adds many vectors at once, inserting into the graph on all cores.
+    pub fn insert_many(&self, items: Vec<(u64, ConversationId, String, Vec<f32>)>) {
+        let items: Vec<_> = items
+            .into_iter()
+            .filter(|(_, _, _, v)| v.len() == self.dim)
+            .map(|(id, c, ns, v)| (id, c, ns, normalize(&v)))
+            .collect();
+        let refs: Vec<(&Vec<f32>, usize)> = items.iter().map(|(id, _, _, v)| (v, *id as usize)).collect();
+        self.graph.parallel_insert(&refs);
+        let mut live = self.live.write().expect("index lock");
+        for (id, conversation_id, namespace, vector) in items {
+            live.namespaces.entry(conversation_id).or_insert(namespace);
+            live.entries.insert(id, Entry { conversation_id, vector });
+        }
     }
 
     /// Tombstones a conversation's messages.
@@ -112,6 +156,7 @@ impl VectorIndex {
         if query.len() != self.dim || k == 0 {
             return Vec::new();
         }
+        let query = &normalize(query)[..];
         let live = self.live.read().expect("index lock");
         let in_scope = |id: u64| -> Option<&Entry> {
             let e = live.entries.get(&id)?;
@@ -141,30 +186,73 @@ impl VectorIndex {
                 .keys()
                 .filter_map(|id| {
                     let e = in_scope(*id)?;
-                    Some(Hit { id: *id, conversation_id: e.conversation_id, score: cosine(query, &e.vector) })
+                    Some(Hit { id: *id, conversation_id: e.conversation_id, score: dot(query, &e.vector) })
                 })
                 .collect();
-            hits.sort_by(|a, b| b.score.total_cmp(&a.score));
-            hits.truncate(k);
+            top_k(&mut hits, k);
         }
         hits
     }
 
     /// Exact top-k over everything live (the reference for recall measurements).
     pub fn exact(&self, query: &[f32], k: usize) -> Vec<Hit> {
+        let query = normalize(query);
         let live = self.live.read().expect("index lock");
         let mut hits: Vec<Hit> = live
             .entries
             .iter()
-            .map(|(id, e)| Hit { id: *id, conversation_id: e.conversation_id, score: cosine(query, &e.vector) })
+            .map(|(id, e)| Hit { id: *id, conversation_id: e.conversation_id, score: dot(&query, &e.vector) })
             .collect();
-        hits.sort_by(|a, b| b.score.total_cmp(&a.score));
-        hits.truncate(k);
+        top_k(&mut hits, k);
         hits
     }
 
     /// Plain HNSW top-k without a filter (for benchmarks).
     pub fn approximate(&self, query: &[f32], k: usize, ef: usize) -> Vec<u64> {
-        self.graph.search(query, k, ef).into_iter().map(|n| n.d_id as u64).collect()
+        self.graph.search(&normalize(query), k, ef).into_iter().map(|n| n.d_id as u64).collect()
+    }
+}
+
+/// Keeps the `k` best hits, best first.
+fn top_k(hits: &mut Vec<Hit>, k: usize) {
+    if hits.len() > k {
+        hits.select_nth_unstable_by(k, |a, b| b.score.total_cmp(&a.score));
+        hits.truncate(k);
+    }
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_cosine_matches_the_definition_and_never_goes_negative() {
+        let a = normalize(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+        let b = normalize(&[9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]);
+        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - naive).abs() < 1e-6);
+        assert_eq!(UnitCosine.eval(&a, &a), 0.0);
+    }
+
+    #[test]
+    fn search_filters_by_scope_exclusion_and_tombstones() {
+        let index = VectorIndex::new(3, 16);
+        let (c1, c2, c3) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        index.insert(1, c1, "ns", vec![1.0, 0.0, 0.0]);
+        index.insert(2, c1, "ns", vec![0.9, 0.1, 0.0]);
+        index.insert(3, c2, "ns", vec![1.0, 0.01, 0.0]);
+        index.insert(4, c3, "other", vec![1.0, 0.0, 0.01]);
+        assert!(!index.insert(5, c1, "ns", vec![1.0, 0.0]), "wrong dimension refused");
+        let q = [1.0, 0.0, 0.0];
+        let ids = |hits: Vec<Hit>| hits.into_iter().map(|h| h.id).collect::<Vec<_>>();
+        assert_eq!(ids(index.search(&q, 5, &Scope::Conversation(c1), &HashSet::new())), vec![1, 2]);
+        assert_eq!(ids(index.search(&q, 5, &Scope::Conversation(c1), &HashSet::from([1]))), vec![2]);
+        let ns = ids(index.search(&q, 5, &Scope::Namespace("ns".into()), &HashSet::new()));
+        assert_eq!(ns.len(), 3, "{ns:?}");
+        assert!(!ns.contains(&4), "another namespace leaked in");
+        index.remove_conversation(&c1, &[1, 2]);
+        assert!(index.search(&q, 5, &Scope::Conversation(c1), &HashSet::new()).is_empty());
+        assert_eq!(index.len(), 2);
     }
 }
