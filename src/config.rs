@@ -37,6 +37,10 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub bind: String,
+    pub api_keys: Vec<String>,
+    pub metrics_require_key: bool,
+    pub max_body_bytes: usize,
+    pub drain_timeout_ms: u64,
 }
 
 /// Chat memory settings.
@@ -240,6 +244,12 @@ impl Config {
         }
         if self.chat.max_message_chars == 0 {
             return invalid("chat.max_message_chars", "must be at least 1, got 0".into());
+        }
+        if self.server.max_body_bytes < 1024 {
+            return invalid("server.max_body_bytes", format!("must be at least 1024, got {}", self.server.max_body_bytes));
+        }
+        if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return invalid("server.api_keys", "must not contain empty keys".into());
         }
         if self.server.bind.parse::<std::net::SocketAddr>().is_err() {
             return invalid("server.bind", format!("must be ADDR:PORT such as 127.0.0.1:8080, got {:?}", self.server.bind));

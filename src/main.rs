@@ -3,6 +3,7 @@
 
 mod config;
 mod console;
+mod server;
 mod startup;
 
 use std::path::PathBuf;
@@ -96,7 +97,7 @@ fn main() -> ExitCode {
     };
     let result = actix::System::new().block_on(async move {
         match cli.command {
-            Command::Serve { .. } => serve(cfg).await,
+            Command::Serve { .. } => server::serve(cfg).await,
             Command::Chat => console::run(cfg).await,
         }
     });
@@ -109,8 +110,3 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let pool = startup::start_pool(&cfg).await?;
-    let _ = pool;
-    anyhow::bail!("serve: the HTTP API is not built yet")
-}

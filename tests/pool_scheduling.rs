@@ -25,9 +25,10 @@ async fn two_instances_four_requests_run_two_at_a_time_in_fifo_order() {
         actix::spawn(async move {
             loop {
                 let s = pool.status().await.unwrap();
-                let mut m = max_in_use.lock().unwrap();
-                *m = (*m).max(s.in_use);
-                drop(m);
+                {
+                    let mut m = max_in_use.lock().unwrap();
+                    *m = (*m).max(s.in_use);
+                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })

@@ -36,6 +36,8 @@ pub struct Lease {
     pub(crate) addr: Addr<ModelActor>,
     pub(crate) pool: Addr<PoolManager>,
     pub(crate) outcome: Option<Outcome>,
+    /// How long the request waited in the queue for this lease.
+    pub(crate) waited: Duration,
 }
 
 impl Lease {
@@ -57,9 +59,11 @@ impl Lease {
         let cancel = Arc::new(AtomicBool::new(false));
         let msg = Generate { request, sink: tx.clone(), cancel: cancel.clone() };
         let addr = self.addr.clone();
+        let waited_ms = self.waited.as_secs_f64() * 1e3;
         actix::spawn(async move {
             let event = match tokio::time::timeout(max_generation, addr.send(msg)).await {
-                Ok(Ok(Ok(done))) => {
+                Ok(Ok(Ok(mut done))) => {
+                    done.usage.queue_wait_ms = waited_ms;
                     self.outcome = Some(Outcome::Ok { tokens: done.usage.completion_tokens as u64 });
                     GenEvent::Done(done)
                 }

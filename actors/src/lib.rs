@@ -9,6 +9,7 @@ pub mod chat_actor;
 pub mod chat_handle;
 pub mod engine;
 pub mod error;
+pub mod http;
 pub mod lease;
 pub mod memory;
 pub mod model_actor;

@@ -150,6 +150,9 @@ pub struct Usage {
     pub total_ms: f64,
     /// Generated tokens per second after the first token.
     pub tokens_per_second: f64,
+    /// Time the request waited in the pool's queue for an instance.
+    #[serde(default)]
+    pub queue_wait_ms: f64,
 }
 
 /// The end of a successful generation.

@@ -51,6 +51,13 @@ impl PoolHandle {
 
     /// Waits (FIFO, up to the acquire timeout) for an idle instance.
     pub async fn acquire(&self) -> Result<Lease, PoolError> {
+        let started = std::time::Instant::now();
+        let mut lease = self.wait_for_lease().await?;
+        lease.waited = started.elapsed();
+        Ok(lease)
+    }
+
+    async fn wait_for_lease(&self) -> Result<Lease, PoolError> {
         let reply = self.addr.send(Acquire).await.map_err(|_| PoolError::ShuttingDown)?;
         let (waiter, rx) = match reply {
             AcquireReply::Granted(lease) => return Ok(lease),

@@ -135,7 +135,7 @@ impl PoolManager {
             .as_ref()
             .and_then(|m| m.addr.clone())
             .expect("an idle instance has a running actor");
-        Lease { instance, slot: 0, id, addr, pool: ctx.address(), outcome: None }
+        Lease { instance, slot: 0, id, addr, pool: ctx.address(), outcome: None, waited: Duration::ZERO }
     }
 
     fn health_tick(&mut self, ctx: &mut Context<Self>) {

@@ -114,6 +114,7 @@ impl Sequence {
             } else {
                 0.0
             },
+            queue_wait_ms: 0.0,
         }
     }
 }

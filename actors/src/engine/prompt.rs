@@ -49,7 +49,7 @@ pub fn tokenize_chat(
         let at = rest.find(&marker).ok_or_else(|| {
             EngineError::Template(format!("chat template dropped message {i} ({})", message.role.as_str()))
         })?;
-        tokens.extend(vocab.tokenize(rest[..at].as_bytes(), first, true));
+        tokens.extend(vocab.tokenize(&rest.as_bytes()[..at], first, true));
         tokens.extend(vocab.tokenize(message.content.as_bytes(), false, false));
         first = false;
         rest = &rest[at + marker.len()..];

@@ -1,0 +1,214 @@
+//! `POST /chat` (the simple chat endpoint, with memory) and
+//! `GET`/`DELETE /conversations/{id}`.
+
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpResponse};
+use actix_web_lab::sse;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{sse_response, ApiError, ApiState, Authorized};
+use crate::chat_actor::{ChatEvent, ChatReply, SendMessage};
+use crate::memory::prompt_builder::Recalled;
+use crate::memory::store::StoredMessage;
+use crate::params::{FinishReason, SamplingParams, Usage};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub message: String,
+    pub conversation_id: Option<String>,
+    /// Namespace (user or tenant) of a new conversation.
+    pub namespace: Option<String>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+#[derive(Serialize)]
+pub struct UsageBody {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+    pub time_to_first_token_ms: f64,
+    pub tokens_per_second: f64,
+    pub queue_wait_ms: f64,
+}
+
+impl From<&Usage> for UsageBody {
+    fn from(u: &Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+            time_to_first_token_ms: u.time_to_first_token_ms,
+            tokens_per_second: u.tokens_per_second,
+            queue_wait_ms: u.queue_wait_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ChatResponse<'a> {
+    pub response: &'a str,
+    pub conversation_id: String,
+    pub message_id: u64,
+    pub finish_reason: FinishReason,
+    pub usage: UsageBody,
+    pub recalled: &'a [Recalled],
+}
+
+fn response_body(r: &ChatReply) -> ChatResponse<'_> {
+    ChatResponse {
+        response: &r.reply,
+        conversation_id: r.conversation_id.to_string(),
+        message_id: r.message_id,
+        finish_reason: r.finish_reason,
+        usage: (&r.usage).into(),
+        recalled: &r.recalled,
+    }
+}
+
+pub(crate) fn parse_conversation_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(raw).map_err(|_| ApiError::bad("conversation_id", format!("invalid conversation_id: must be a UUID, got {raw:?}")))
+}
+
+/// Request sampling: the configured defaults with the request's overrides, validated.
+pub(crate) fn sampling(state: &ApiState, base: &SamplingParams, max_tokens: Option<u32>, temperature: Option<f32>, top_p: Option<f32>, seed: Option<u32>) -> Result<SamplingParams, ApiError> {
+    let mut s = base.clone();
+    if let Some(v) = max_tokens {
+        s.max_tokens = v;
+    }
+    if let Some(v) = temperature {
+        s.temperature = v;
+    }
+    if let Some(v) = top_p {
+        s.top_p = v;
+    }
+    if seed.is_some() {
+        s.seed = seed;
+    }
+    s.validate()?;
+    let n_ctx = state.chat.pool().options().instance.n_ctx;
+    if s.max_tokens >= n_ctx {
+        return Err(ApiError::bad("max_tokens", format!("invalid max_tokens: must be less than the context size n_ctx={n_ctx}, got {}", s.max_tokens)));
+    }
+    Ok(s)
+}
+
+fn record(state: &ApiState, endpoint: &str, started: Instant, result: Result<&Usage, &ApiError>) {
+    match result {
+        Ok(u) => {
+            let ttft = Duration::from_secs_f64((u.time_to_first_token_ms + u.queue_wait_ms) / 1e3);
+            state.metrics.generation(u.prompt_tokens, u.completion_tokens, Duration::from_secs_f64(u.queue_wait_ms / 1e3), Some(ttft));
+            state.metrics.request(endpoint, "ok", Some(started.elapsed()));
+        }
+        Err(e) => state.metrics.request(endpoint, e.error_type(), Some(started.elapsed())),
+    }
+}
+
+async fn chat(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<ChatRequest>) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let result = chat_inner(&state, body.into_inner(), started).await;
+    if let Err(e) = &result {
+        record(&state, "chat", started, Err(e));
+    }
+    result
+}
+
+async fn chat_inner(state: &web::Data<ApiState>, req: ChatRequest, started: Instant) -> Result<HttpResponse, ApiError> {
+    state.admit()?;
+    let conversation_id = req.conversation_id.as_deref().map(parse_conversation_id).transpose()?;
+    let sampling = sampling(state, &state.chat.options().sampling, req.max_tokens, req.temperature, req.top_p, req.seed)?;
+    let msg = SendMessage { conversation_id, namespace: req.namespace, text: req.message, sampling: Some(sampling) };
+    let mut turn = state.chat.send(msg).await?;
+    if !req.stream {
+        let reply = turn.finish().await.map_err(ApiError::from);
+        record(state, "chat", started, reply.as_ref().map(|r| &r.usage));
+        let reply = reply?;
+        return Ok(HttpResponse::Ok().json(response_body(&reply)));
+    }
+
+    let (tx, rx) = mpsc::channel::<sse::Event>(64);
+    let state = state.clone();
+    let conversation_id = turn.conversation_id.to_string();
+    actix::spawn(async move {
+        let start = serde_json::json!({ "conversation_id": conversation_id });
+        if tx.send(sse::Data::new(start.to_string()).event("start").into()).await.is_err() {
+            return;
+        }
+        while let Some(event) = turn.next_event().await {
+            let (out, last) = match event {
+                ChatEvent::Token(t) => (sse::Data::new(serde_json::json!({ "text": t }).to_string()).event("token"), false),
+                ChatEvent::Done(reply) => {
+                    record(&state, "chat", started, Ok(&reply.usage));
+                    let body = serde_json::to_string(&response_body(&reply)).expect("serialisable");
+                    (sse::Data::new(body).event("done"), true)
+                }
+                ChatEvent::Error(e) => {
+                    let e = ApiError::from(e);
+                    record(&state, "chat", started, Err(&e));
+                    (sse::Data::new(e.body_json()).event("error"), true)
+                }
+            };
+            // A client that left drops the receiver: dropping `turn` then stops the generation.
+            if tx.send(out.into()).await.is_err() || last {
+                break;
+            }
+        }
+    });
+    Ok(sse_response(rx))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    pub after: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ConversationBody {
+    conversation_id: String,
+    namespace: String,
+    created_at_ms: u64,
+    messages: Vec<StoredMessage>,
+    /// Pass as `after` for the next page; null at the end.
+    next_after: Option<u64>,
+}
+
+async fn get_conversation(state: web::Data<ApiState>, _auth: Authorized, id: web::Path<String>, q: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
+    let id = parse_conversation_id(&id)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad("limit", format!("invalid limit: must be between 1 and 1000, got {limit}")));
+    }
+    let conv = state.chat.conversation(&id)?;
+    let messages = state.chat.history(&id, q.after, limit + 1)?;
+    let more = messages.len() > limit;
+    let messages: Vec<StoredMessage> = messages.into_iter().take(limit).collect();
+    let next_after = if more { messages.last().map(|m| m.id) } else { None };
+    Ok(HttpResponse::Ok().json(ConversationBody {
+        conversation_id: id.to_string(),
+        namespace: conv.namespace,
+        created_at_ms: conv.created_at_ms,
+        messages,
+        next_after,
+    }))
+}
+
+async fn delete_conversation(state: web::Data<ApiState>, _auth: Authorized, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = parse_conversation_id(&id)?;
+    let removed = state.chat.delete(id).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "conversation_id": id.to_string(), "deleted": true, "messages": removed })))
+}
+
+pub fn register(cfg: &mut web::ServiceConfig) {
+    cfg.route("/chat", web::post().to(chat))
+        .route("/conversations/{id}", web::get().to(get_conversation))
+        .route("/conversations/{id}", web::delete().to(delete_conversation));
+}

@@ -1,0 +1,161 @@
+//! Every API error and its HTTP status, in one place. Bodies are
+//! `{"error": {"type", "message", "param", "code"}}` (the OpenAI shape) on
+//! every route; internal details are logged, never sent.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::chat_actor::ChatError;
+use crate::error::{EngineError, PoolError};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON or a missing/invalid field.
+    #[error("{message}")]
+    BadRequest { param: Option<String>, message: String },
+    #[error("missing or invalid API key; send it as 'Authorization: Bearer <key>'")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    ContextLength(String),
+    #[error("{message}")]
+    Overloaded { message: String, retry_after_secs: u64 },
+    #[error("the server is shutting down and accepts no new requests")]
+    Draining { retry_after_secs: u64 },
+    #[error("{0}")]
+    Timeout(String),
+    /// A server-side failure; the text is logged, the client gets a generic message.
+    #[error("internal error")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: String,
+    param: Option<&'a str>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn bad(param: &str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest { param: Some(param.to_string()), message: message.into() }
+    }
+
+    /// The stable `type` string: in the body and as the metrics outcome label.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { .. } => "invalid_request_error",
+            ApiError::Unauthorized => "authentication_error",
+            ApiError::NotFound(_) => "not_found_error",
+            ApiError::PayloadTooLarge { .. } => "request_too_large",
+            ApiError::ContextLength(_) => "context_length_exceeded",
+            ApiError::Overloaded { .. } => "overloaded_error",
+            ApiError::Draining { .. } => "shutting_down",
+            ApiError::Timeout(_) => "timeout_error",
+            ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::BadRequest { param, .. } => param.as_deref(),
+            ApiError::ContextLength(_) => Some("messages"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body, also used for error events inside a stream.
+    pub fn body_json(&self) -> String {
+        let message = match self {
+            ApiError::Internal(_) => "internal server error".to_string(),
+            other => other.to_string(),
+        };
+        let code = matches!(self, ApiError::ContextLength(_)).then_some("context_length_exceeded");
+        serde_json::to_string(&Body { error: Detail { kind: self.error_type(), message, param: self.param(), code } })
+            .expect("serialisable")
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::ContextLength(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Overloaded { .. } | ApiError::Draining { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let ApiError::Internal(detail) = self {
+            tracing::error!(%detail, "internal error");
+        }
+        let mut res = HttpResponse::build(self.status_code());
+        match self {
+            ApiError::Overloaded { retry_after_secs, .. } | ApiError::Draining { retry_after_secs } => {
+                res.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            ApiError::Unauthorized => {
+                res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            _ => {}
+        }
+        res.content_type("application/json").body(self.body_json())
+    }
+}
+
+/// Seconds a client is told to wait before retrying an overloaded server.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidParam { field, .. } => ApiError::bad(field, e.to_string()),
+            EngineError::PromptTooLong { .. } => ApiError::ContextLength(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::QueueFull { .. } => ApiError::Overloaded { message: e.to_string(), retry_after_secs: RETRY_AFTER_SECS },
+            PoolError::ShuttingDown => ApiError::Draining { retry_after_secs: RETRY_AFTER_SECS },
+            PoolError::AcquireTimeout { .. } | PoolError::GenerationTimeout { .. } => ApiError::Timeout(e.to_string()),
+            PoolError::Engine(inner) => inner.into(),
+            PoolError::InstanceFailed { .. } => {
+                // Safe to tell: no paths or internals, and the client should retry.
+                ApiError::Overloaded { message: e.to_string(), retry_after_secs: RETRY_AFTER_SECS }
+            }
+            PoolError::Startup(s) => ApiError::Internal(s),
+        }
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        match e {
+            ChatError::NotFound(id) => ApiError::NotFound(format!("conversation {id} not found")),
+            ChatError::InvalidInput { field, .. } => ApiError::bad(field, e.to_string()),
+            ChatError::Pool(p) => p.into(),
+            ChatError::Embedding(inner) => ApiError::Internal(inner.to_string()),
+            ChatError::Store(s) => ApiError::Internal(s),
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Prometheus metrics. Every name is a constant here, prefixed `modelpool_`;
+//! labels carry the endpoint, the outcome and the instance id.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use super::{ApiError, ApiState, MetricsAccess};
+use crate::pool_state::{InstanceState, PoolStatus};
+
+pub const REQUESTS: &str = "modelpool_requests";
+pub const PROMPT_TOKENS: &str = "modelpool_prompt_tokens";
+pub const GENERATED_TOKENS: &str = "modelpool_generated_tokens";
+pub const QUEUE_WAIT: &str = "modelpool_queue_wait_seconds";
+pub const TIME_TO_FIRST_TOKEN: &str = "modelpool_time_to_first_token_seconds";
+pub const REQUEST_DURATION: &str = "modelpool_request_duration_seconds";
+pub const INSTANCES: &str = "modelpool_instances";
+pub const QUEUE_DEPTH: &str = "modelpool_queue_depth";
+pub const INSTANCE_REQUESTS: &str = "modelpool_instance_requests";
+pub const INSTANCE_TOKENS: &str = "modelpool_instance_tokens";
+pub const INSTANCE_BUSY: &str = "modelpool_instance_busy_seconds";
+pub const INSTANCE_FAILURES: &str = "modelpool_instance_failures";
+pub const INSTANCE_REPLACEMENTS: &str = "modelpool_instance_replacements";
+pub const INSTANCE_STATE: &str = "modelpool_instance_state";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceStateLabels {
+    pub instance: String,
+    pub state: String,
+}
+
+type FloatCounter = Counter<f64, AtomicU64>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The metrics of one server.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    prompt_tokens: Counter,
+    generated_tokens: Counter,
+    queue_wait: Histogram,
+    ttft: Histogram,
+    duration: Family<EndpointLabels, Histogram>,
+    instances: Family<StateLabels, Gauge>,
+    queue_depth: Gauge,
+    instance_requests: Family<InstanceLabels, Counter>,
+    instance_tokens: Family<InstanceLabels, Counter>,
+    instance_busy: Family<InstanceLabels, FloatCounter>,
+    instance_failures: Family<InstanceLabels, Counter>,
+    instance_replacements: Family<InstanceLabels, Counter>,
+    instance_state: Family<InstanceStateLabels, FloatGauge>,
+    /// Serialises scrapes: pool counters are copied in by difference.
+    scrape: Mutex<()>,
+}
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            requests: Family::default(),
+            prompt_tokens: Counter::default(),
+            generated_tokens: Counter::default(),
+            queue_wait: seconds_histogram(),
+            ttft: seconds_histogram(),
+            duration: Family::new_with_constructor(seconds_histogram),
+            instances: Family::default(),
+            queue_depth: Gauge::default(),
+            instance_requests: Family::default(),
+            instance_tokens: Family::default(),
+            instance_busy: Family::default(),
+            instance_failures: Family::default(),
+            instance_replacements: Family::default(),
+            instance_state: Family::default(),
+            scrape: Mutex::new(()),
+            registry: Registry::default(),
+        };
+        registry.register(REQUESTS, "HTTP requests by endpoint and outcome", m.requests.clone());
+        registry.register(PROMPT_TOKENS, "Prompt tokens processed", m.prompt_tokens.clone());
+        registry.register(GENERATED_TOKENS, "Tokens generated", m.generated_tokens.clone());
+        registry.register(QUEUE_WAIT, "Time requests waited for a model instance", m.queue_wait.clone());
+        registry.register(TIME_TO_FIRST_TOKEN, "Time from request to first generated token", m.ttft.clone());
+        registry.register(REQUEST_DURATION, "Duration of generation requests by endpoint", m.duration.clone());
+        registry.register(INSTANCES, "Model instances by state", m.instances.clone());
+        registry.register(QUEUE_DEPTH, "Requests waiting for a model instance", m.queue_depth.clone());
+        registry.register(INSTANCE_REQUESTS, "Requests served per instance", m.instance_requests.clone());
+        registry.register(INSTANCE_TOKENS, "Tokens generated per instance", m.instance_tokens.clone());
+        registry.register(INSTANCE_BUSY, "Seconds each instance spent serving requests", m.instance_busy.clone());
+        registry.register(INSTANCE_FAILURES, "Failures per instance", m.instance_failures.clone());
+        registry.register(INSTANCE_REPLACEMENTS, "Times each instance was replaced", m.instance_replacements.clone());
+        registry.register(INSTANCE_STATE, "Current state of each instance (1 for the state it is in)", m.instance_state.clone());
+        Self { registry, ..m }
+    }
+
+    /// Counts one finished request.
+    pub fn request(&self, endpoint: &str, outcome: &str, duration: Option<Duration>) {
+        self.requests.get_or_create(&RequestLabels { endpoint: endpoint.into(), outcome: outcome.into() }).inc();
+        if let Some(d) = duration {
+            self.duration.get_or_create(&EndpointLabels { endpoint: endpoint.into() }).observe(d.as_secs_f64());
+        }
+    }
+
+    /// Records one generation's tokens and timings.
+    pub fn generation(&self, prompt_tokens: u32, generated: u32, queue_wait: Duration, ttft: Option<Duration>) {
+        self.prompt_tokens.inc_by(prompt_tokens as u64);
+        self.generated_tokens.inc_by(generated as u64);
+        self.queue_wait.observe(queue_wait.as_secs_f64());
+        if let Some(t) = ttft {
+            self.ttft.observe(t.as_secs_f64());
+        }
+    }
+
+    /// Brings the pool series up to date and encodes everything.
+    pub fn render(&self, status: &PoolStatus) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        for state in InstanceState::ALL {
+            let n = status.instances.iter().filter(|i| i.state == state).count();
+            self.instances.get_or_create(&StateLabels { state: state.as_str().into() }).set(n as i64);
+        }
+        self.queue_depth.set(status.queued as i64);
+        for inst in &status.instances {
+            let l = InstanceLabels { instance: inst.id.to_string() };
+            let catch_up = |c: &Counter, v: u64| {
+                c.inc_by(v.saturating_sub(c.get()));
+            };
+            catch_up(&self.instance_requests.get_or_create(&l), inst.stats.requests);
+            catch_up(&self.instance_tokens.get_or_create(&l), inst.stats.tokens);
+            catch_up(&self.instance_failures.get_or_create(&l), inst.stats.failures);
+            catch_up(&self.instance_replacements.get_or_create(&l), inst.stats.replacements);
+            let busy = self.instance_busy.get_or_create(&l);
+            let delta = inst.stats.busy_seconds - busy.get();
+            if delta > 0.0 {
+                busy.inc_by(delta);
+            }
+            for state in InstanceState::ALL {
+                let v = if inst.state == state { 1.0 } else { 0.0 };
+                self.instance_state
+                    .get_or_create(&InstanceStateLabels { instance: inst.id.to_string(), state: state.as_str().into() })
+                    .set(v);
+            }
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        to_prometheus_text(&out)
+    }
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family `x` has the
+/// sample `x_total`. The classic Prometheus text format (what `promtool
+/// check metrics` and most scrapers expect by default) names the family
+/// `x_total` too, and has no `# EOF`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_renamed_and_eof_dropped() {
+        let om = "# HELP a_b Things.\n# TYPE a_b counter\na_b_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        let text = to_prometheus_text(om);
+        assert_eq!(text, "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n");
+    }
+
+    #[test]
+    fn every_instance_has_its_own_series() {
+        let m = Metrics::new();
+        let mut pool = crate::pool_state::PoolState::new(3, 0);
+        for i in 0..3 {
+            pool.instance_ready(i, 0);
+        }
+        let text = m.render(&pool.status());
+        for i in 0..3 {
+            assert!(text.contains(&format!("{INSTANCE_REQUESTS}_total{{instance=\"{i}\"}} 0")), "{text}");
+            assert!(text.contains(&format!("{INSTANCE_STATE}{{instance=\"{i}\",state=\"idle\"}} 1")), "{text}");
+        }
+        assert!(text.contains(&format!("{INSTANCES}{{state=\"idle\"}} 3")), "{text}");
+    }
+}
+
+async fn metrics(state: web::Data<ApiState>, _access: MetricsAccess) -> Result<HttpResponse, ApiError> {
+    let status = state.chat.pool().status().await?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render(&status)))
+}
+
+pub fn register(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metrics", web::get().to(metrics));
+}

@@ -1,0 +1,264 @@
+//! OpenAI-compatible `POST /v1/chat/completions` (stateless: the client sends
+//! the conversation) and `GET /v1/models`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpResponse};
+use actix_web_lab::sse;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::{sse_response, unix_now, ApiError, ApiState, Authorized};
+use crate::lease::GenEvent;
+use crate::params::{ChatMessage, FinishReason, GenerateRequest, Role, Usage};
+
+/// `content` as a string or as an array of `{"type": "text", "text": ...}` parts.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub messages: Vec<Message>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    /// Other OpenAI options (user, logit_bias, …) are accepted and ignored.
+    #[serde(flatten)]
+    pub _other: HashMap<String, Value>,
+}
+
+fn convert_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad("messages", "invalid messages: must contain at least one message, got []"));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                other => {
+                    return Err(ApiError::bad(
+                        &format!("messages[{i}].role"),
+                        format!("invalid messages[{i}].role: must be system, developer, user or assistant, got {other:?}"),
+                    ))
+                }
+            };
+            let content = match m.content {
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.into_iter().enumerate() {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::bad(
+                                    &format!("messages[{i}].content[{j}]"),
+                                    format!("invalid messages[{i}].content[{j}]: only text parts are supported, got type {kind:?}"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+                None => String::new(),
+            };
+            Ok(ChatMessage::new(role, content))
+        })
+        .collect()
+}
+
+fn to_request(state: &ApiState, req: CompletionRequest) -> Result<(GenerateRequest, bool), ApiError> {
+    if let Some(n) = req.n.filter(|n| *n != 1) {
+        return Err(ApiError::bad("n", format!("invalid n: only 1 choice is supported, got {n}")));
+    }
+    let seed = match req.seed {
+        Some(s) if !(0..=u32::MAX as i64).contains(&s) => {
+            return Err(ApiError::bad("seed", format!("invalid seed: must be between 0 and {}, got {s}", u32::MAX)))
+        }
+        s => s.map(|s| s as u32),
+    };
+    let mut sampling = super::chat::sampling(
+        state,
+        &state.chat.options().sampling,
+        req.max_completion_tokens.or(req.max_tokens),
+        req.temperature,
+        req.top_p,
+        seed,
+    )?;
+    sampling.stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    sampling.validate()?;
+    let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
+    Ok((GenerateRequest { messages: convert_messages(req.messages)?, sampling }, include_usage))
+}
+
+#[derive(Serialize)]
+struct UsageBody {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+fn usage_body(u: &Usage) -> UsageBody {
+    UsageBody { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.prompt_tokens + u.completion_tokens }
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+fn record(state: &ApiState, started: Instant, result: Result<&Usage, &ApiError>) {
+    match result {
+        Ok(u) => {
+            let ttft = Duration::from_secs_f64((u.time_to_first_token_ms + u.queue_wait_ms) / 1e3);
+            state.metrics.generation(u.prompt_tokens, u.completion_tokens, Duration::from_secs_f64(u.queue_wait_ms / 1e3), Some(ttft));
+            state.metrics.request("chat_completions", "ok", Some(started.elapsed()));
+        }
+        Err(e) => state.metrics.request("chat_completions", e.error_type(), Some(started.elapsed())),
+    }
+}
+
+async fn completions(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<CompletionRequest>) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let result = completions_inner(&state, body.into_inner(), started).await;
+    if let Err(e) = &result {
+        record(&state, started, Err(e));
+    }
+    result
+}
+
+async fn completions_inner(state: &web::Data<ApiState>, req: CompletionRequest, started: Instant) -> Result<HttpResponse, ApiError> {
+    state.admit()?;
+    let model = req.model.clone().unwrap_or_default();
+    let stream = req.stream;
+    let (request, include_usage) = to_request(state, req)?;
+    let mut generation = state.chat.pool().generate(request).await?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = unix_now();
+    let model = if model.is_empty() { state.chat.pool().engine_info().model_name } else { model };
+
+    if !stream {
+        let result = generation.collect_text().await.map_err(ApiError::from);
+        record(state, started, result.as_ref().map(|(_, c)| &c.usage));
+        let (text, done) = result?;
+        return Ok(HttpResponse::Ok().json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": { "role": "assistant", "content": text },
+                "logprobs": null,
+                "finish_reason": finish_str(done.finish_reason),
+            }],
+            "usage": usage_body(&done.usage),
+        })));
+    }
+
+    let (tx, rx) = mpsc::channel::<sse::Event>(64);
+    let state = state.clone();
+    actix::spawn(async move {
+        let chunk = |delta: Value, finish: Option<&str>| {
+            json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
+            })
+        };
+        let send = |v: Value| tx.send(sse::Data::new(v.to_string()).into());
+        if send(chunk(json!({ "role": "assistant", "content": "" }), None)).await.is_err() {
+            return;
+        }
+        while let Some(event) = generation.next().await {
+            match event {
+                GenEvent::Token(t) => {
+                    // The client left: dropping `generation` stops it within one token.
+                    if send(chunk(json!({ "content": t }), None)).await.is_err() {
+                        return;
+                    }
+                }
+                GenEvent::Done(done) => {
+                    record(&state, started, Ok(&done.usage));
+                    let _ = send(chunk(json!({}), Some(finish_str(done.finish_reason)))).await;
+                    if include_usage {
+                        let last = json!({
+                            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [], "usage": usage_body(&done.usage),
+                        });
+                        let _ = send(last).await;
+                    }
+                    break;
+                }
+                GenEvent::Error(e) => {
+                    let e = ApiError::from(e);
+                    record(&state, started, Err(&e));
+                    let _ = tx.send(sse::Data::new(e.body_json()).into()).await;
+                    break;
+                }
+            }
+        }
+        let _ = tx.send(sse::Data::new("[DONE]").into()).await;
+    });
+    Ok(sse_response(rx))
+}
+
+async fn models(state: web::Data<ApiState>, _auth: Authorized) -> HttpResponse {
+    let chat_model = state.chat.pool().engine_info().model_name;
+    let embed_model = state.chat.embedder().model_name().to_string();
+    let entry = |id: String| json!({ "id": id, "object": "model", "created": 0, "owned_by": "modelpool" });
+    HttpResponse::Ok().json(json!({ "object": "list", "data": [entry(chat_model), entry(embed_model)] }))
+}
+
+pub fn register(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/chat/completions", web::post().to(completions)).route("/v1/models", web::get().to(models));
+}

@@ -1,0 +1,64 @@
+//! `modelpool serve`: the HTTP API in front of the pool and the chat layer,
+//! with a graceful drain on SIGTERM/SIGINT.
+
+use std::time::Duration;
+
+use actix_web::{App, HttpServer};
+use modelpool_actors::http::{self, ApiSettings, ApiState};
+
+use crate::config::Config;
+use crate::startup::start_chat;
+
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let chat = start_chat(&cfg).await?;
+    let settings = ApiSettings {
+        api_keys: cfg.server.api_keys.clone(),
+        metrics_require_key: cfg.server.metrics_require_key,
+        max_body_bytes: cfg.server.max_body_bytes,
+    };
+    let state = ApiState::new(chat.clone(), settings);
+    let drain = Duration::from_millis(cfg.server.drain_timeout_ms);
+    let app_state = state.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(actix_web::middleware::Logger::new("%r %s %Dms").log_target("modelpool::http"))
+            .configure(http::configure(app_state.clone()))
+            .default_service(http::default_service())
+    })
+    .disable_signals()
+    .shutdown_timeout(drain.as_secs().max(1))
+    .bind(&cfg.server.bind)
+    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.server.bind))?;
+    for addr in server.addrs() {
+        eprintln!("modelpool listening on http://{addr}");
+    }
+    let server = server.run();
+    let handle = server.handle();
+
+    let pool = chat.pool().clone();
+    actix::spawn(async move {
+        wait_for_signal().await;
+        eprintln!("Shutting down: no new requests; draining in-flight ones (up to {} ms)…", drain.as_millis());
+        state.start_draining();
+        pool.stop_accepting().await;
+        if !pool.drain(drain).await {
+            eprintln!("Drain timeout reached with requests still running");
+        }
+        handle.stop(true).await;
+    });
+
+    server.await?;
+    chat.pool().shutdown().await;
+    chat.shutdown().await?;
+    eprintln!("Stopped; conversations flushed to {}", cfg.data_dir.display());
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
