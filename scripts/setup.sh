@@ -21,13 +21,15 @@ command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || compgen -G "/usr/lib/*/libclang*.so*" >/dev/null || missing+=(libclang-dev)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v unzip >/dev/null 2>&1 || missing+=(unzip)
+# promtool (Debian package prometheus) checks the /metrics output in the tests.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing system packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-  say "system packages present (cmake, libclang, c++, unzip)"
+  say "system packages present (cmake, libclang, c++, unzip, promtool)"
 fi
 
 mkdir -p "$MODELS_DIR"

@@ -2,6 +2,8 @@
 //! engine per test binary (weights loaded once), small pools.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -1,0 +1,377 @@
+//! The HTTP API end to end: a real server process on an ephemeral port, real
+//! clients (async-openai, reqwest), the real models.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestSystemMessageArgs, ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
+};
+use async_openai::types::embeddings::CreateEmbeddingRequestArgs;
+use async_openai::Client;
+use common::server::{sse_events, Server};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn pool_status(server: &Server) -> Value {
+    http().get(server.url("/pool")).send().await.unwrap().json().await.unwrap()
+}
+
+/// Polls /pool until `cond` holds; returns how long it took.
+async fn wait_pool(server: &Server, limit: Duration, cond: impl Fn(&Value) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let s = pool_status(server).await;
+        if cond(&s) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "pool never reached the condition: {s:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix::test]
+async fn an_unmodified_openai_client_chats_streams_and_embeds() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let client = Client::with_config(OpenAIConfig::new().with_api_base(server.url("/v1")).with_api_key("unused"));
+
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("SmolLM2")
+        .max_tokens(16u32)
+        .temperature(0.0)
+        .messages([
+            ChatCompletionRequestSystemMessageArgs::default().content("You are terse.").build().unwrap().into(),
+            ChatCompletionRequestUserMessageArgs::default().content("What is the capital of France?").build().unwrap().into(),
+        ])
+        .build()
+        .unwrap();
+    let response = client.chat().create(request.clone()).await.unwrap();
+    let text = response.choices[0].message.content.clone().unwrap();
+    assert!(!text.is_empty());
+    let usage = response.usage.unwrap();
+    assert!(usage.prompt_tokens > 5 && usage.completion_tokens > 0);
+
+    let mut stream_req = request.clone();
+    stream_req.stream = Some(true);
+    stream_req.stream_options = Some(async_openai::types::chat::ChatCompletionStreamOptions { include_usage: Some(true), include_obfuscation: None });
+    let mut stream = client.chat().create_stream(stream_req).await.unwrap();
+    let (mut streamed, mut finish, mut streamed_usage) = (String::new(), None, None);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        for c in &chunk.choices {
+            if let Some(t) = &c.delta.content {
+                streamed.push_str(t);
+            }
+            if c.finish_reason.is_some() {
+                finish = c.finish_reason;
+            }
+        }
+        if chunk.usage.is_some() {
+            streamed_usage = chunk.usage;
+        }
+    }
+    assert_eq!(streamed, text, "greedy streaming equals the non-streamed answer");
+    assert!(finish.is_some());
+    assert_eq!(streamed_usage.unwrap().completion_tokens, usage.completion_tokens);
+
+    let emb = client
+        .embeddings()
+        .create(CreateEmbeddingRequestArgs::default().model("all-MiniLM-L6-v2").input(["How do I cook pasta?", "Boil the noodles in salted water."]).build().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(emb.data.len(), 2);
+    assert_eq!(emb.data[0].embedding.len(), 384);
+    let cos: f32 = emb.data[0].embedding.iter().zip(&emb.data[1].embedding).map(|(a, b)| a * b).sum();
+    assert!(cos > 0.4, "related sentences: {cos}");
+}
+
+#[actix::test]
+async fn chat_endpoint_keeps_conversations_streams_and_deletes() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let c = http();
+    let r: Value = c
+        .post(server.url("/chat"))
+        .json(&json!({ "message": "My favourite colour is teal.", "max_tokens": 12, "temperature": 0 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = r["conversation_id"].as_str().unwrap().to_string();
+    assert!(!r["response"].as_str().unwrap().is_empty(), "{r}");
+    assert!(r["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    // Streaming, continuing the same conversation.
+    let body = c
+        .post(server.url("/chat"))
+        .json(&json!({ "message": "Which colour do I like?", "conversation_id": id, "max_tokens": 12, "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(body.headers()["content-type"], "text/event-stream");
+    let events = sse_events(&body.text().await.unwrap());
+    assert_eq!(events[0].0, "start");
+    assert!(events[0].1.contains(&id));
+    let tokens: String = events.iter().filter(|(e, _)| e == "token").map(|(_, d)| serde_json::from_str::<Value>(d).unwrap()["text"].as_str().unwrap().to_string()).collect();
+    let (last_event, last_data) = events.last().unwrap();
+    assert_eq!(last_event, "done", "{events:?}");
+    let done: Value = serde_json::from_str(last_data).unwrap();
+    assert_eq!(done["response"].as_str().unwrap(), tokens);
+    assert_eq!(done["conversation_id"], id.as_str());
+
+    let history: Value = c.get(server.url(&format!("/conversations/{id}"))).send().await.unwrap().json().await.unwrap();
+    let messages = history["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4);
+    assert_eq!(messages[0]["content"], "My favourite colour is teal.");
+    assert_eq!(messages[2]["role"], "user");
+    assert_eq!(messages[3]["content"].as_str().unwrap(), tokens);
+    let page: Value = c.get(server.url(&format!("/conversations/{id}?limit=3"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["messages"].as_array().unwrap().len(), 3);
+    let next = page["next_after"].as_u64().unwrap();
+    let rest: Value = c.get(server.url(&format!("/conversations/{id}?after={next}"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rest["messages"].as_array().unwrap().len(), 1);
+
+    let del = c.delete(server.url(&format!("/conversations/{id}"))).send().await.unwrap();
+    assert_eq!(del.status(), 200);
+    let gone = c.get(server.url(&format!("/conversations/{id}"))).send().await.unwrap();
+    assert_eq!(gone.status(), 404);
+}
+
+#[actix::test]
+async fn overload_two_instances_queue_of_two_eight_requests() {
+    let server = Server::start(&["--instances", "2"], &[("MODELPOOL_MAX_QUEUE", "2")]);
+    let body = json!({ "messages": [{ "role": "user", "content": "Write a long story about a dragon." }], "max_tokens": 48, "temperature": 0 });
+    let started = Instant::now();
+    let requests = (0..8).map(|_| {
+        let (url, body) = (server.url("/v1/chat/completions"), body.clone());
+        async move {
+            let r = http().post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            let at = started.elapsed();
+            (status, retry_after, at, r.text().await.unwrap())
+        }
+    });
+    let results = futures::future::join_all(requests).await;
+    let ok: Vec<_> = results.iter().filter(|r| r.0 == 200).collect();
+    let rejected: Vec<_> = results.iter().filter(|r| r.0 == 503).collect();
+    assert_eq!((ok.len(), rejected.len()), (4, 4), "{results:#?}");
+    let slowest_ok = ok.iter().map(|r| r.2).max().unwrap();
+    for r in &rejected {
+        assert_eq!(r.1.as_deref(), Some("1"), "503 carries Retry-After");
+        assert!(r.2 < slowest_ok / 2, "rejected at once ({:?}), not after waiting ({slowest_ok:?})", r.2);
+        let e: Value = serde_json::from_str(&r.3).unwrap();
+        assert_eq!(e["error"]["type"], "overloaded_error");
+        assert!(e["error"]["message"].as_str().unwrap().contains("queue is full"));
+    }
+
+    let pool = pool_status(&server).await;
+    assert_eq!((pool["available"].as_u64(), pool["in_use"].as_u64(), pool["queued"].as_u64()), (Some(2), Some(0), Some(0)), "{pool:#}");
+    assert_eq!(pool["totals"]["requests"], 4, "{pool:#}");
+    let per_instance: u64 = pool["instances"].as_array().unwrap().iter().map(|i| i["requests"].as_u64().unwrap()).sum();
+    assert_eq!(per_instance, 4);
+
+    let metrics = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"modelpool_requests_total{endpoint="chat_completions",outcome="ok"} 4"#), "{metrics}");
+    assert!(metrics.contains(r#"modelpool_requests_total{endpoint="chat_completions",outcome="overloaded_error"} 4"#), "{metrics}");
+    let series: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("modelpool_instance_requests_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(series, 4, "per-instance series agree with /pool");
+    assert!(metrics.contains(r#"modelpool_queue_depth 0"#));
+}
+
+#[actix::test]
+async fn a_dropped_stream_frees_its_instance_within_a_second() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let body = json!({ "messages": [{ "role": "user", "content": "Write a very long essay about the ocean." }], "max_tokens": 400, "stream": true });
+    let response = http().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    let mut bytes = response.bytes_stream();
+    let mut seen = 0;
+    while seen < 3 {
+        let chunk = bytes.next().await.unwrap().unwrap();
+        seen += String::from_utf8_lossy(&chunk).matches("data:").count();
+    }
+    assert_eq!(pool_status(&server).await["in_use"], 1);
+    drop(bytes);
+    let took = wait_pool(&server, Duration::from_secs(5), |s| s["in_use"] == 0 && s["available"] == 1).await;
+    assert!(took < Duration::from_secs(1), "instance freed after {took:?}");
+    let tokens = pool_status(&server).await["totals"]["tokens"].as_u64().unwrap();
+    assert!(tokens < 100, "generation stopped early, not after all 400 tokens ({tokens})");
+}
+
+#[actix::test]
+async fn metrics_pass_promtool_with_one_series_per_instance() {
+    let server = Server::start(&["--instances", "3"], &[]);
+    let r = http()
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({ "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 4 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for i in 0..3 {
+        assert!(text.contains(&format!("modelpool_instance_tokens_total{{instance=\"{i}\"}}")), "{text}");
+        assert!(text.contains(&format!("modelpool_instance_state{{instance=\"{i}\",state=\"idle\"}} 1")), "{text}");
+    }
+    let promtool = which_promtool();
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn which_promtool() -> String {
+    for p in ["/usr/bin/promtool", "/usr/local/bin/promtool"] {
+        if std::path::Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!("promtool is missing: scripts/setup.sh installs it (Debian package prometheus)");
+}
+
+/// Sends `body` as JSON (or raw text when it is a string) and checks status, type and message.
+async fn expect_error(server: &Server, method: &str, path: &str, body: Option<&str>, auth: Option<&str>, status: u16, kind: &str, words: &[&str]) {
+    let mut req = http().request(method.parse().unwrap(), server.url(path));
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b.to_string());
+    }
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status().as_u16(), status, "{method} {path} {body:?}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], kind, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    for w in words {
+        assert!(msg.contains(w), "{method} {path}: message {msg:?} lacks {w:?}");
+    }
+    assert!(!msg.contains("/root") && !msg.contains(".rs:"), "internal detail leaked: {msg}");
+}
+
+#[actix::test]
+async fn every_client_error_has_its_status_type_and_message() {
+    let server = Server::start(&["--instances", "1"], &[("MODELPOOL_SERVER_MAX_BODY_BYTES", "4096")]);
+    let s = &server;
+    // 400: malformed JSON, missing field, invalid field (field, rule and value named).
+    expect_error(s, "POST", "/chat", Some("{\"message\": "), None, 400, "invalid_request_error", &["invalid JSON"]).await;
+    expect_error(s, "POST", "/chat", Some("{}"), None, 400, "invalid_request_error", &["message"]).await;
+    expect_error(s, "POST", "/chat", Some(r#"{"message":"hi","temperature":5}"#), None, 400, "invalid_request_error", &["temperature", "between 0 and 2", "5"]).await;
+    expect_error(s, "POST", "/chat", Some(r#"{"message":"hi","max_tokens":0}"#), None, 400, "invalid_request_error", &["max_tokens", "at least 1", "0"]).await;
+    expect_error(s, "POST", "/chat", Some(r#"{"message":"hi","conversation_id":"nope"}"#), None, 400, "invalid_request_error", &["conversation_id", "UUID", "nope"]).await;
+    expect_error(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[]}"#), None, 400, "invalid_request_error", &["messages", "at least one"]).await;
+    expect_error(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"tool","content":"x"}]}"#), None, 400, "invalid_request_error", &["messages[0].role", "tool"]).await;
+    expect_error(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"user","content":"x"}],"top_p":1.5}"#), None, 400, "invalid_request_error", &["top_p", "1.5"]).await;
+    expect_error(s, "POST", "/v1/embeddings", Some(r#"{"input":[]}"#), None, 400, "invalid_request_error", &["input", "got 0"]).await;
+    expect_error(s, "POST", "/v1/embeddings", Some(r#"{"input":[1,2]}"#), None, 400, "invalid_request_error", &["input", "string"]).await;
+    expect_error(s, "GET", "/conversations/abc?limit=0", None, None, 400, "invalid_request_error", &["conversation_id"]).await;
+    let id = uuid::Uuid::new_v4();
+    expect_error(s, "GET", &format!("/conversations/{id}?limit=0"), None, None, 400, "invalid_request_error", &["limit", "between 1 and 1000", "0"]).await;
+    // 404: unknown conversation, unknown route.
+    expect_error(s, "GET", &format!("/conversations/{id}"), None, None, 404, "not_found_error", &[&id.to_string()]).await;
+    expect_error(s, "DELETE", &format!("/conversations/{id}"), None, None, 404, "not_found_error", &["not found"]).await;
+    expect_error(s, "POST", "/chat", Some(&format!(r#"{{"message":"hi","conversation_id":"{id}"}}"#)), None, 404, "not_found_error", &["not found"]).await;
+    expect_error(s, "GET", "/nowhere", None, None, 404, "not_found_error", &["/nowhere"]).await;
+    // 413: body over the limit.
+    let big = format!(r#"{{"message":"{}"}}"#, "x".repeat(8000));
+    expect_error(s, "POST", "/chat", Some(&big), None, 413, "request_too_large", &["4096"]).await;
+    // 422: prompt longer than the context (n_ctx 512).
+    let long = format!(r#"{{"messages":[{{"role":"user","content":"{}"}}],"max_tokens":16}}"#, "word ".repeat(700));
+    expect_error(s, "POST", "/v1/chat/completions", Some(&long), None, 422, "context_length_exceeded", &["512", "16"]).await;
+    // Nothing above took or leaked an instance.
+    let pool = pool_status(s).await;
+    assert_eq!((pool["available"].as_u64(), pool["totals"]["requests"].as_u64()), (Some(1), Some(0)), "{pool:#}");
+}
+
+#[actix::test]
+async fn api_keys_guard_everything_but_health() {
+    let server = Server::start(&["--instances", "1"], &[("MODELPOOL_SERVER_API_KEYS", "secret-1,secret-2")]);
+    let s = &server;
+    expect_error(s, "GET", "/pool", None, None, 401, "authentication_error", &["API key"]).await;
+    expect_error(s, "POST", "/chat", Some(r#"{"message":"hi"}"#), Some("Bearer wrong"), 401, "authentication_error", &["Bearer"]).await;
+    let ok = http().get(server.url("/pool")).header("authorization", "Bearer secret-2").send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(http().get(server.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(http().get(server.url("/metrics")).send().await.unwrap().status(), 200, "metrics open by default");
+}
+
+#[actix::test]
+async fn waiting_past_the_acquire_timeout_is_a_504() {
+    let server = Server::start(&["--instances", "1"], &[("MODELPOOL_ACQUIRE_TIMEOUT_MS", "300")]);
+    let long = json!({ "messages": [{ "role": "user", "content": "Write a long story." }], "max_tokens": 200, "stream": true });
+    let running = http().post(server.url("/v1/chat/completions")).json(&long).send().await.unwrap();
+    wait_pool(&server, Duration::from_secs(5), |s| s["in_use"] == 1).await;
+    let started = Instant::now();
+    let short = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
+    expect_error(&server, "POST", "/v1/chat/completions", Some(short), None, 504, "timeout_error", &["300 ms"]).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(running);
+    wait_pool(&server, Duration::from_secs(3), |s| s["available"] == 1 && s["queued"] == 0).await;
+}
+
+#[actix::test]
+async fn sigterm_drains_the_running_request_refuses_new_ones_and_keeps_the_conversation() {
+    let mut server = Server::start(&["--instances", "1"], &[]);
+    let c = http();
+    let url = server.url("/chat");
+    let running = actix::spawn(async move {
+        http().post(url).json(&json!({ "message": "Tell me a long story about a lighthouse.", "max_tokens": 120, "temperature": 0 })).send().await.unwrap().json::<Value>().await.unwrap()
+    });
+    wait_pool(&server, Duration::from_secs(5), |s| s["in_use"] == 1).await;
+    super_kill(server.child.id());
+    // Readiness turns 503 and new work is refused while the running request finishes.
+    let mut refused = false;
+    for _ in 0..50 {
+        match c.post(server.url("/chat")).json(&json!({ "message": "hi" })).send().await {
+            Ok(r) if r.status() == 503 => {
+                assert!(r.headers().contains_key("retry-after"));
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["type"], "shutting_down");
+                assert_eq!(c.get(server.url("/health/ready")).send().await.unwrap().status(), 503);
+                refused = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(refused, "new requests were not refused while draining");
+    let reply = running.await.unwrap();
+    let id = reply["conversation_id"].as_str().unwrap().to_string();
+    assert!(reply["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{reply}");
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}\n{}", server.log_text());
+
+    // The conversation is on disk.
+    let store = modelpool_actors::memory::store::ConversationStore::open(server.data_dir.path(), modelpool_actors::Durability::Sync).unwrap();
+    let id = uuid::Uuid::parse_str(&id).unwrap();
+    let messages = store.messages(&id, None, 10).unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[1].content, reply["response"].as_str().unwrap());
+}
+
+fn super_kill(pid: u32) {
+    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+}
