@@ -1,0 +1,98 @@
+//! Load benchmark: a real `modelpool serve` process per pool size, driven by
+//! concurrent HTTP clients on /v1/chat/completions. Prints requests/s,
+//! generated tokens/s and latency percentiles; asserts nothing.
+//!
+//!   cargo bench --bench load            (scripts/bench.sh does the set-up first)
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const MAX_TOKENS: u32 = 32;
+/// Requests each client sends, one after another.
+const PER_CLIENT: usize = 4;
+
+struct Server(std::process::Child, String);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(instances: usize, data: &std::path::Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelpool"))
+        .args(["--instances", &instances.to_string(), "--n-ctx", "1024", "--data-dir", data.to_str().unwrap()])
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .env("MODELPOOL_MAX_QUEUE", "64")
+        .env("MODELPOOL_HEALTH_INTERVAL_MS", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start modelpool (run scripts/setup.sh first)");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let base = rx.recv_timeout(Duration::from_secs(60)).expect("server started");
+    Server(child, base)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn run(base: &str, concurrency: usize) -> (f64, f64, f64, f64, f64) {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let workers = (0..concurrency).map(|w| {
+        let (client, url) = (client.clone(), format!("{base}/v1/chat/completions"));
+        async move {
+            let mut out = Vec::new();
+            for i in 0..PER_CLIENT {
+                let body = json!({
+                    "messages": [{ "role": "user", "content": format!("Tell me fact number {} about the sea.", w * PER_CLIENT + i) }],
+                    "max_tokens": MAX_TOKENS, "temperature": 0,
+                });
+                let t = Instant::now();
+                let r: Value = client.post(&url).json(&body).send().await.unwrap().json().await.unwrap();
+                let tokens = r["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                out.push((t.elapsed().as_secs_f64() * 1e3, tokens));
+            }
+            out
+        }
+    });
+    let results: Vec<(f64, u64)> = futures::future::join_all(workers).await.into_iter().flatten().collect();
+    let wall = started.elapsed().as_secs_f64();
+    let mut lat: Vec<f64> = results.iter().map(|r| r.0).collect();
+    lat.sort_by(f64::total_cmp);
+    let tokens: u64 = results.iter().map(|r| r.1).sum();
+    (results.len() as f64 / wall, tokens as f64 / wall, percentile(&lat, 0.5), percentile(&lat, 0.9), percentile(&lat, 0.99))
+}
+
+fn main() {
+    actix::System::new().block_on(async {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        println!("Load on /v1/chat/completions: {MAX_TOKENS} tokens greedy per request, {PER_CLIENT} requests per client, {cores} cores");
+        println!("threads per instance = max(1, cores / instances)\n");
+        println!("{:>9} {:>11} {:>9} {:>10} {:>10} {:>10} {:>10}", "instances", "concurrency", "req/s", "tokens/s", "p50 ms", "p90 ms", "p99 ms");
+        for instances in [1usize, 2, 4] {
+            let data = tempfile::tempdir().unwrap();
+            let server = start(instances, data.path());
+            let _ = run(&server.1, 1).await; // warm-up
+            for concurrency in [1usize, 4, 8] {
+                let (rps, tps, p50, p90, p99) = run(&server.1, concurrency).await;
+                println!("{instances:>9} {concurrency:>11} {rps:>9.2} {tps:>10.1} {p50:>10.0} {p90:>10.0} {p99:>10.0}");
+            }
+            drop(server);
+        }
+    });
+}
