@@ -75,7 +75,13 @@ async fn run(base: &str, concurrency: usize) -> (f64, f64, f64, f64, f64) {
     let mut lat: Vec<f64> = results.iter().map(|r| r.0).collect();
     lat.sort_by(f64::total_cmp);
     let tokens: u64 = results.iter().map(|r| r.1).sum();
-    (results.len() as f64 / wall, tokens as f64 / wall, percentile(&lat, 0.5), percentile(&lat, 0.9), percentile(&lat, 0.99))
+    (
+        results.len() as f64 / wall,
+        tokens as f64 / wall,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.9),
+        percentile(&lat, 0.99),
+    )
 }
 
 fn main() {

@@ -119,7 +119,10 @@ fn main() {
         let per_req = pool(PerRequestEngine::load(&path).unwrap(), 1, threads).await;
         let (r_ttft, r_total) = per_prompt(&per_req).await;
         per_req.shutdown().await;
-        println!("1. Pooled vs per-request ({} prompts, 32 tokens greedy, 1 instance × {threads} threads, mean per request)", PROMPTS.len());
+        println!(
+            "1. Pooled vs per-request ({} prompts, 32 tokens greedy, 1 instance × {threads} threads, mean per request)",
+            PROMPTS.len()
+        );
         println!("   {:<14} {:>12} {:>12}", "mode", "TTFT ms", "total ms");
         println!("   {:<14} {:>12.1} {:>12.1}", "pooled", p_ttft, p_total);
         println!("   {:<14} {:>12.1} {:>12.1}", "per-request", r_ttft, r_total);

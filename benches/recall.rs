@@ -35,8 +35,11 @@ fn semantic_recall() {
             (a.to_string(), b.to_string())
         })
         .collect();
-    let distractors: Vec<String> =
-        fixture("recall_distractors.txt").lines().filter(|l| !l.starts_with('#') && !l.is_empty()).map(String::from).collect();
+    let distractors: Vec<String> = fixture("recall_distractors.txt")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(String::from)
+        .collect();
     let mut embedder = LlamaEmbedder::load(&embed_model(), 2).expect("embedding model (run scripts/setup.sh)");
     let conv = uuid::Uuid::new_v4();
     let index = VectorIndex::new(embedder.dim(), 1024);
@@ -63,7 +66,12 @@ fn semantic_recall() {
     }
     let n = pairs.len() as f64;
     println!("1. Semantic recall (all-MiniLM-L6-v2, {} stored messages, {} questions)", stored, pairs.len());
-    println!("   recall@1 {:.3}   recall@5 {:.3}   ({:.1} ms per embedding, 2 threads)", at1 as f64 / n, at5 as f64 / n, embed_ms);
+    println!(
+        "   recall@1 {:.3}   recall@5 {:.3}   ({:.1} ms per embedding, 2 threads)",
+        at1 as f64 / n,
+        at5 as f64 / n,
+        embed_ms
+    );
     for m in misses.iter().take(5) {
         println!("   miss: {m}");
     }

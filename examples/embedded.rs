@@ -15,7 +15,8 @@ use actix::prelude::*;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use modelpool_actors::http::{self, ApiSettings, ApiState};
 use modelpool_actors::{
-    ChatHandle, ChatOptions, Durability, EmbedderHandle, InstanceOptions, LlamaEngine, LoadEvent, PoolHandle, PoolOptions,
+    ChatHandle, ChatOptions, Durability, EmbedderHandle, InstanceOptions, LlamaEngine, LoadEvent, PoolHandle,
+    PoolOptions,
 };
 
 /// The host system's own actor: counts visitors.

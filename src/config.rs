@@ -181,7 +181,8 @@ impl Config {
             merge(&mut table, parse_table(text, &format!("config/{name}.toml"))?);
         }
         if let Some(path) = &o.config {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
             merge(&mut table, parse_table(&text, &path.display().to_string())?);
         }
         apply_env(&mut table, env)?;
@@ -240,25 +241,40 @@ impl Config {
             return invalid("sampling", e.to_string());
         }
         if !(0.0..=1.0).contains(&self.chat.recall_min_score) {
-            return invalid("chat.recall_min_score", format!("must be between 0 and 1, got {}", self.chat.recall_min_score));
+            return invalid(
+                "chat.recall_min_score",
+                format!("must be between 0 and 1, got {}", self.chat.recall_min_score),
+            );
         }
         if self.chat.max_message_chars == 0 {
             return invalid("chat.max_message_chars", "must be at least 1, got 0".into());
         }
         if self.server.max_body_bytes < 1024 {
-            return invalid("server.max_body_bytes", format!("must be at least 1024, got {}", self.server.max_body_bytes));
+            return invalid(
+                "server.max_body_bytes",
+                format!("must be at least 1024, got {}", self.server.max_body_bytes),
+            );
         }
         if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
             return invalid("server.api_keys", "must not contain empty keys".into());
         }
         if self.server.bind.parse::<std::net::SocketAddr>().is_err() {
-            return invalid("server.bind", format!("must be ADDR:PORT such as 127.0.0.1:8080, got {:?}", self.server.bind));
+            return invalid(
+                "server.bind",
+                format!("must be ADDR:PORT such as 127.0.0.1:8080, got {:?}", self.server.bind),
+            );
         }
         if let Err(e) = modelpool_actors::engine::llama::check_model_file(&self.model) {
-            return invalid("model", format!("{e}. Run scripts/setup.sh to fetch the default model, or pass --model PATH"));
+            return invalid(
+                "model",
+                format!("{e}. Run scripts/setup.sh to fetch the default model, or pass --model PATH"),
+            );
         }
         if let Err(e) = modelpool_actors::engine::llama::check_model_file(&self.embedding_model) {
-            return invalid("embedding_model", format!("{e}. Run scripts/setup.sh to prepare the default embedding model"));
+            return invalid(
+                "embedding_model",
+                format!("{e}. Run scripts/setup.sh to prepare the default embedding model"),
+            );
         }
         Ok(())
     }
@@ -293,5 +309,69 @@ impl Config {
             health_interval: Duration::from_millis(self.health_interval_ms),
             instance: InstanceOptions { n_ctx: self.n_ctx, n_threads: self.threads_per_instance() },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(o: &Overrides, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let model = std::env::var("MODELPOOL_TEST_MODEL").unwrap_or_else(|_| {
+            format!("{}/.cache/modelpool/models/SmolLM2-135M-Instruct.Q4_1.gguf", std::env::var("HOME").unwrap())
+        });
+        let embed = std::env::var("MODELPOOL_TEST_EMBED_MODEL").unwrap_or_else(|_| {
+            format!("{}/.cache/modelpool/models/all-MiniLM-L6-v2.f16.gguf", std::env::var("HOME").unwrap())
+        });
+        let mut vars: Vec<(String, String)> =
+            vec![("MODELPOOL_MODEL".into(), model), ("MODELPOOL_EMBEDDING_MODEL".into(), embed)];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Config::load_with_env(o, vars.into_iter())
+    }
+
+    #[test]
+    fn layers_apply_in_order_default_profile_env_flag() {
+        let c = load(&Overrides::default(), &[]).unwrap();
+        assert_eq!((c.instances, c.acquire_timeout_ms), (2, 30000));
+        let small = Overrides { profile: Some("small".into()), ..Default::default() };
+        let c = load(&small, &[]).unwrap();
+        assert_eq!((c.instances, c.acquire_timeout_ms), (3, 30000));
+        let c = load(&small, &[("MODELPOOL_INSTANCES", "4"), ("MODELPOOL_SAMPLING_TEMPERATURE", "0.2")]).unwrap();
+        assert_eq!(c.instances, 4);
+        assert_eq!(c.sampling.temperature, 0.2);
+        let flag = Overrides { instances: Some(5), ..small };
+        assert_eq!(load(&flag, &[("MODELPOOL_INSTANCES", "4")]).unwrap().instances, 5);
+        let c = load(
+            &Overrides::default(),
+            &[("MODELPOOL_SERVER_API_KEYS", "a,b"), ("MODELPOOL_CHAT_DURABILITY", "async")],
+        )
+        .unwrap();
+        assert_eq!(c.server.api_keys, vec!["a", "b"]);
+        assert_eq!(c.chat.durability, Durability::Async);
+    }
+
+    #[test]
+    fn threads_default_to_an_even_split_of_the_cores() {
+        let mut c = load(&Overrides::default(), &[]).unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get() as u32;
+        c.instances = 2;
+        assert_eq!(c.threads_per_instance(), (cores / 2).max(1));
+        c.instances = 64;
+        assert_eq!(c.threads_per_instance(), 1);
+        c.threads = 3;
+        assert_eq!(c.threads_per_instance(), 3);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let err = load(&Overrides::default(), &[("MODELPOOL_N_CTX", "32")]).unwrap_err().to_string();
+        assert!(err.contains("n_ctx") && err.contains("32"), "{err}");
+        let err = load(&Overrides::default(), &[("MODELPOOL_SAMPLING_MAX_TOKENS", "4096")]).unwrap_err().to_string();
+        assert!(err.contains("sampling.max_tokens") && err.contains("n_ctx"), "{err}");
+        let err = load(&Overrides::default(), &[("MODELPOOL_CHAT_DURABILITY", "sometimes")]).unwrap_err().to_string();
+        assert!(err.contains("sometimes") || err.contains("durability"), "{err}");
+        let err =
+            load(&Overrides { bind: Some("localhost".into()), ..Default::default() }, &[]).unwrap_err().to_string();
+        assert!(err.contains("server.bind") && err.contains("localhost"), "{err}");
     }
 }

@@ -29,19 +29,19 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
     bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(100));
     bar.set_message(format!("Loading model weights from {}…", cfg.model.display()));
-    let engine: Arc<dyn Engine> = if cfg.per_request {
-        PerRequestEngine::load(&cfg.model)?
-    } else {
-        LlamaEngine::load(&cfg.model)?
-    };
+    let engine: Arc<dyn Engine> =
+        if cfg.per_request { PerRequestEngine::load(&cfg.model)? } else { LlamaEngine::load(&cfg.model)? };
     let info = engine.info();
     let rss_weights = modelpool_actors::rss_bytes().unwrap_or(0);
-    say(&bar, format!(
-        "Model {} loaded: weights {:.1} MiB (shared by all instances), trained context {} tokens",
-        info.model_name,
-        mib(info.weights_bytes),
-        info.n_ctx_train
-    ));
+    say(
+        &bar,
+        format!(
+            "Model {} loaded: weights {:.1} MiB (shared by all instances), trained context {} tokens",
+            info.model_name,
+            mib(info.weights_bytes),
+            info.n_ctx_train
+        ),
+    );
 
     let opts = cfg.pool_options();
     let threads = opts.instance.n_threads;
@@ -55,10 +55,13 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
             progress_bar.set_message(line);
         }
         LoadEvent::Loaded { index, total, info, millis } => {
-            say(&progress_bar, format!(
-                "Instance {index}/{total} ready in {millis} ms (KV cache {:.1} MiB, {threads} thread(s))",
-                mib(info.kv_bytes)
-            ));
+            say(
+                &progress_bar,
+                format!(
+                    "Instance {index}/{total} ready in {millis} ms (KV cache {:.1} MiB, {threads} thread(s))",
+                    mib(info.kv_bytes)
+                ),
+            );
         }
     });
     let pool = PoolHandle::start(engine, opts, progress).await;

@@ -122,7 +122,11 @@ async fn prompt_stays_within_the_context_with_a_history_ten_times_longer() {
         let before = conv.map(|c| chat.history(&c, None, 1000).unwrap()).unwrap_or_default();
         let reply = chat.say(conv, &text).await.unwrap();
         conv = Some(reply.conversation_id);
-        assert!(reply.usage.prompt_tokens + max_tokens <= n_ctx, "turn {i}: {} + {max_tokens} > {n_ctx}", reply.usage.prompt_tokens);
+        assert!(
+            reply.usage.prompt_tokens + max_tokens <= n_ctx,
+            "turn {i}: {} + {max_tokens} > {n_ctx}",
+            reply.usage.prompt_tokens
+        );
         let n = reply.prompt.len();
         assert_eq!(reply.prompt[n - 1].content, text, "the new message is always kept");
         // What is kept of the history is its newest part.
@@ -183,7 +187,11 @@ async fn special_markers_typed_by_a_user_are_stored_and_replayed_verbatim() {
     assert_eq!(history[0].content, text);
     assert_eq!(history[0].role, Role::User);
     let again = chat.say(Some(reply.conversation_id), "And now?").await.unwrap();
-    assert!(again.prompt.iter().any(|m| m == &ChatMessage::user(text)), "replayed as one user message: {:#?}", again.prompt);
+    assert!(
+        again.prompt.iter().any(|m| m == &ChatMessage::user(text)),
+        "replayed as one user message: {:#?}",
+        again.prompt
+    );
     // Counted as text: the marker strings cost several tokens each, not one.
     let engine = chat.pool().engine().clone();
     assert!(engine.count_tokens("<|im_start|>") > 1);

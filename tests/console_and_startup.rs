@@ -51,12 +51,16 @@ fn console_answers_and_shows_pool_status() {
     for i in 1..=3 {
         assert!(stderr.contains(&format!("Instance {i}/3 ready")), "{stderr}");
     }
-    assert!(stdout.contains("Pool Status:") && stdout.contains("Available: 3/3") && stdout.contains("In Use: 0"), "{stdout}");
+    assert!(
+        stdout.contains("Pool Status:") && stdout.contains("Available: 3/3") && stdout.contains("In Use: 0"),
+        "{stdout}"
+    );
     let answer = stdout.split("> ").nth(2).unwrap_or("");
     assert!(answer.trim().len() > 3, "no answer in:\n{stdout}");
     assert!(stdout.contains("you: My cat is called Biscuit."), "history: {stdout}");
     let recall_line = stdout.lines().find(|l| l.contains("] user: My cat is called Biscuit.")).unwrap_or_default();
-    let score: f32 = recall_line.trim_start_matches(['>', ' ']).split_whitespace().next().unwrap_or("").parse().unwrap_or(0.0);
+    let score: f32 =
+        recall_line.trim_start_matches(['>', ' ']).split_whitespace().next().unwrap_or("").parse().unwrap_or(0.0);
     assert!(score > 0.3, "/recall shows the fact with its score: {stdout}");
 }
 
@@ -85,11 +89,16 @@ fn bad_model_files_fail_with_a_clear_message() {
 #[test]
 fn a_data_directory_in_use_is_refused_with_its_name() {
     let data = tempfile::tempdir().unwrap();
-    let _held = modelpool_actors::memory::store::ConversationStore::open(data.path(), modelpool_actors::Durability::Sync).unwrap();
+    let _held =
+        modelpool_actors::memory::store::ConversationStore::open(data.path(), modelpool_actors::Durability::Sync)
+            .unwrap();
     let mut cmd = modelpool(&["--data-dir", data.path().to_str().unwrap(), "chat"]);
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("in use by another modelpool process") && stderr.contains(data.path().to_str().unwrap()), "{stderr}");
+    assert!(
+        stderr.contains("in use by another modelpool process") && stderr.contains(data.path().to_str().unwrap()),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }

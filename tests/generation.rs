@@ -70,7 +70,11 @@ async fn dropped_stream_frees_the_instance_within_one_token() {
     drop(stream);
     let s = wait_for(&pool, Duration::from_secs(2), |s| s.available == 1).await;
     // 3 pieces received, at most one more token decoded before the loop saw the drop.
-    assert!(s.instances[0].stats.tokens <= 5, "generation went on after the drop: {} tokens", s.instances[0].stats.tokens);
+    assert!(
+        s.instances[0].stats.tokens <= 5,
+        "generation went on after the drop: {} tokens",
+        s.instances[0].stats.tokens
+    );
     pool.shutdown().await;
 }
 
@@ -105,10 +109,7 @@ async fn special_markers_in_user_text_stay_text() {
 #[actix::test]
 async fn streamed_pieces_are_whole_characters() {
     let pool = start(options(1, 1)).await;
-    let mut stream = pool
-        .generate(request("Repeat exactly: 你好世界 🙂🎉 ça va? こんにちは", 40))
-        .await
-        .unwrap();
+    let mut stream = pool.generate(request("Repeat exactly: 你好世界 🙂🎉 ça va? こんにちは", 40)).await.unwrap();
     let mut pieces = Vec::new();
     while let Some(ev) = stream.next().await {
         match ev {

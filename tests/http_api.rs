@@ -47,7 +47,11 @@ async fn an_unmodified_openai_client_chats_streams_and_embeds() {
         .temperature(0.0)
         .messages([
             ChatCompletionRequestSystemMessageArgs::default().content("You are terse.").build().unwrap().into(),
-            ChatCompletionRequestUserMessageArgs::default().content("What is the capital of France?").build().unwrap().into(),
+            ChatCompletionRequestUserMessageArgs::default()
+                .content("What is the capital of France?")
+                .build()
+                .unwrap()
+                .into(),
         ])
         .build()
         .unwrap();
@@ -59,7 +63,10 @@ async fn an_unmodified_openai_client_chats_streams_and_embeds() {
 
     let mut stream_req = request.clone();
     stream_req.stream = Some(true);
-    stream_req.stream_options = Some(async_openai::types::chat::ChatCompletionStreamOptions { include_usage: Some(true), include_obfuscation: None });
+    stream_req.stream_options = Some(async_openai::types::chat::ChatCompletionStreamOptions {
+        include_usage: Some(true),
+        include_obfuscation: None,
+    });
     let mut stream = client.chat().create_stream(stream_req).await.unwrap();
     let (mut streamed, mut finish, mut streamed_usage) = (String::new(), None, None);
     while let Some(chunk) = stream.next().await {
@@ -82,7 +89,13 @@ async fn an_unmodified_openai_client_chats_streams_and_embeds() {
 
     let emb = client
         .embeddings()
-        .create(CreateEmbeddingRequestArgs::default().model("all-MiniLM-L6-v2").input(["How do I cook pasta?", "Boil the noodles in salted water."]).build().unwrap())
+        .create(
+            CreateEmbeddingRequestArgs::default()
+                .model("all-MiniLM-L6-v2")
+                .input(["How do I cook pasta?", "Boil the noodles in salted water."])
+                .build()
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(emb.data.len(), 2);
@@ -119,7 +132,11 @@ async fn chat_endpoint_keeps_conversations_streams_and_deletes() {
     let events = sse_events(&body.text().await.unwrap());
     assert_eq!(events[0].0, "start");
     assert!(events[0].1.contains(&id));
-    let tokens: String = events.iter().filter(|(e, _)| e == "token").map(|(_, d)| serde_json::from_str::<Value>(d).unwrap()["text"].as_str().unwrap().to_string()).collect();
+    let tokens: String = events
+        .iter()
+        .filter(|(e, _)| e == "token")
+        .map(|(_, d)| serde_json::from_str::<Value>(d).unwrap()["text"].as_str().unwrap().to_string())
+        .collect();
     let (last_event, last_data) = events.last().unwrap();
     assert_eq!(last_event, "done", "{events:?}");
     let done: Value = serde_json::from_str(last_data).unwrap();
@@ -132,10 +149,12 @@ async fn chat_endpoint_keeps_conversations_streams_and_deletes() {
     assert_eq!(messages[0]["content"], "My favourite colour is teal.");
     assert_eq!(messages[2]["role"], "user");
     assert_eq!(messages[3]["content"].as_str().unwrap(), tokens);
-    let page: Value = c.get(server.url(&format!("/conversations/{id}?limit=3"))).send().await.unwrap().json().await.unwrap();
+    let page: Value =
+        c.get(server.url(&format!("/conversations/{id}?limit=3"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(page["messages"].as_array().unwrap().len(), 3);
     let next = page["next_after"].as_u64().unwrap();
-    let rest: Value = c.get(server.url(&format!("/conversations/{id}?after={next}"))).send().await.unwrap().json().await.unwrap();
+    let rest: Value =
+        c.get(server.url(&format!("/conversations/{id}?after={next}"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(rest["messages"].as_array().unwrap().len(), 1);
 
     let del = c.delete(server.url(&format!("/conversations/{id}"))).send().await.unwrap();
@@ -173,14 +192,21 @@ async fn overload_two_instances_queue_of_two_eight_requests() {
     }
 
     let pool = pool_status(&server).await;
-    assert_eq!((pool["available"].as_u64(), pool["in_use"].as_u64(), pool["queued"].as_u64()), (Some(2), Some(0), Some(0)), "{pool:#}");
+    assert_eq!(
+        (pool["available"].as_u64(), pool["in_use"].as_u64(), pool["queued"].as_u64()),
+        (Some(2), Some(0), Some(0)),
+        "{pool:#}"
+    );
     assert_eq!(pool["totals"]["requests"], 4, "{pool:#}");
     let per_instance: u64 = pool["instances"].as_array().unwrap().iter().map(|i| i["requests"].as_u64().unwrap()).sum();
     assert_eq!(per_instance, 4);
 
     let metrics = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains(r#"modelpool_requests_total{endpoint="chat_completions",outcome="ok"} 4"#), "{metrics}");
-    assert!(metrics.contains(r#"modelpool_requests_total{endpoint="chat_completions",outcome="overloaded_error"} 4"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"modelpool_requests_total{endpoint="chat_completions",outcome="overloaded_error"} 4"#),
+        "{metrics}"
+    );
     let series: u64 = metrics
         .lines()
         .filter(|l| l.starts_with("modelpool_instance_requests_total{"))
@@ -252,22 +278,25 @@ fn which_promtool() -> String {
     panic!("promtool is missing: scripts/setup.sh installs it (Debian package prometheus)");
 }
 
-/// Sends `body` as JSON (or raw text when it is a string) and checks status, type and message.
-async fn expect_error(server: &Server, method: &str, path: &str, body: Option<&str>, auth: Option<&str>, status: u16, kind: &str, words: &[&str]) {
-    let mut req = http().request(method.parse().unwrap(), server.url(path));
-    if let Some(b) = body {
-        req = req.header("content-type", "application/json").body(b.to_string());
+/// A request with an optional raw JSON body.
+fn request(server: &Server, method: &str, path: &str, body: Option<&str>) -> reqwest::RequestBuilder {
+    let req = http().request(method.parse().unwrap(), server.url(path));
+    match body {
+        Some(b) => req.header("content-type", "application/json").body(b.to_string()),
+        None => req,
     }
-    if let Some(a) = auth {
-        req = req.header("authorization", a);
-    }
+}
+
+/// Sends `req` and checks the status, the error type and words of the message.
+async fn expect_error(req: reqwest::RequestBuilder, status: u16, kind: &str, words: &[&str]) {
     let r = req.send().await.unwrap();
-    assert_eq!(r.status().as_u16(), status, "{method} {path} {body:?}");
+    let what = format!("{} {}", r.url().path(), status);
+    assert_eq!(r.status().as_u16(), status, "{what}");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], kind, "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
     for w in words {
-        assert!(msg.contains(w), "{method} {path}: message {msg:?} lacks {w:?}");
+        assert!(msg.contains(w), "{what}: message {msg:?} lacks {w:?}");
     }
     assert!(!msg.contains("/root") && !msg.contains(".rs:"), "internal detail leaked: {msg}");
 }
@@ -277,30 +306,105 @@ async fn every_client_error_has_its_status_type_and_message() {
     let server = Server::start(&["--instances", "1"], &[("MODELPOOL_SERVER_MAX_BODY_BYTES", "4096")]);
     let s = &server;
     // 400: malformed JSON, missing field, invalid field (field, rule and value named).
-    expect_error(s, "POST", "/chat", Some("{\"message\": "), None, 400, "invalid_request_error", &["invalid JSON"]).await;
-    expect_error(s, "POST", "/chat", Some("{}"), None, 400, "invalid_request_error", &["message"]).await;
-    expect_error(s, "POST", "/chat", Some(r#"{"message":"hi","temperature":5}"#), None, 400, "invalid_request_error", &["temperature", "between 0 and 2", "5"]).await;
-    expect_error(s, "POST", "/chat", Some(r#"{"message":"hi","max_tokens":0}"#), None, 400, "invalid_request_error", &["max_tokens", "at least 1", "0"]).await;
-    expect_error(s, "POST", "/chat", Some(r#"{"message":"hi","conversation_id":"nope"}"#), None, 400, "invalid_request_error", &["conversation_id", "UUID", "nope"]).await;
-    expect_error(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[]}"#), None, 400, "invalid_request_error", &["messages", "at least one"]).await;
-    expect_error(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"tool","content":"x"}]}"#), None, 400, "invalid_request_error", &["messages[0].role", "tool"]).await;
-    expect_error(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"user","content":"x"}],"top_p":1.5}"#), None, 400, "invalid_request_error", &["top_p", "1.5"]).await;
-    expect_error(s, "POST", "/v1/embeddings", Some(r#"{"input":[]}"#), None, 400, "invalid_request_error", &["input", "got 0"]).await;
-    expect_error(s, "POST", "/v1/embeddings", Some(r#"{"input":[1,2]}"#), None, 400, "invalid_request_error", &["input", "string"]).await;
-    expect_error(s, "GET", "/conversations/abc?limit=0", None, None, 400, "invalid_request_error", &["conversation_id"]).await;
+    expect_error(request(s, "POST", "/chat", Some("{\"message\": ")), 400, "invalid_request_error", &["invalid JSON"])
+        .await;
+    expect_error(request(s, "POST", "/chat", Some("{}")), 400, "invalid_request_error", &["message"]).await;
+    expect_error(
+        request(s, "POST", "/chat", Some(r#"{"message":"hi","temperature":5}"#)),
+        400,
+        "invalid_request_error",
+        &["temperature", "between 0 and 2", "5"],
+    )
+    .await;
+    expect_error(
+        request(s, "POST", "/chat", Some(r#"{"message":"hi","max_tokens":0}"#)),
+        400,
+        "invalid_request_error",
+        &["max_tokens", "at least 1", "0"],
+    )
+    .await;
+    expect_error(
+        request(s, "POST", "/chat", Some(r#"{"message":"hi","conversation_id":"nope"}"#)),
+        400,
+        "invalid_request_error",
+        &["conversation_id", "UUID", "nope"],
+    )
+    .await;
+    expect_error(
+        request(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[]}"#)),
+        400,
+        "invalid_request_error",
+        &["messages", "at least one"],
+    )
+    .await;
+    expect_error(
+        request(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"tool","content":"x"}]}"#)),
+        400,
+        "invalid_request_error",
+        &["messages[0].role", "tool"],
+    )
+    .await;
+    expect_error(
+        request(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"user","content":"x"}],"top_p":1.5}"#)),
+        400,
+        "invalid_request_error",
+        &["top_p", "1.5"],
+    )
+    .await;
+    expect_error(
+        request(s, "POST", "/v1/embeddings", Some(r#"{"input":[]}"#)),
+        400,
+        "invalid_request_error",
+        &["input", "got 0"],
+    )
+    .await;
+    expect_error(
+        request(s, "POST", "/v1/embeddings", Some(r#"{"input":[1,2]}"#)),
+        400,
+        "invalid_request_error",
+        &["input", "string"],
+    )
+    .await;
+    expect_error(
+        request(s, "GET", "/conversations/abc?limit=0", None),
+        400,
+        "invalid_request_error",
+        &["conversation_id"],
+    )
+    .await;
     let id = uuid::Uuid::new_v4();
-    expect_error(s, "GET", &format!("/conversations/{id}?limit=0"), None, None, 400, "invalid_request_error", &["limit", "between 1 and 1000", "0"]).await;
+    expect_error(
+        request(s, "GET", &format!("/conversations/{id}?limit=0"), None),
+        400,
+        "invalid_request_error",
+        &["limit", "between 1 and 1000", "0"],
+    )
+    .await;
     // 404: unknown conversation, unknown route.
-    expect_error(s, "GET", &format!("/conversations/{id}"), None, None, 404, "not_found_error", &[&id.to_string()]).await;
-    expect_error(s, "DELETE", &format!("/conversations/{id}"), None, None, 404, "not_found_error", &["not found"]).await;
-    expect_error(s, "POST", "/chat", Some(&format!(r#"{{"message":"hi","conversation_id":"{id}"}}"#)), None, 404, "not_found_error", &["not found"]).await;
-    expect_error(s, "GET", "/nowhere", None, None, 404, "not_found_error", &["/nowhere"]).await;
+    expect_error(request(s, "GET", &format!("/conversations/{id}"), None), 404, "not_found_error", &[&id.to_string()])
+        .await;
+    expect_error(request(s, "DELETE", &format!("/conversations/{id}"), None), 404, "not_found_error", &["not found"])
+        .await;
+    expect_error(
+        request(s, "POST", "/chat", Some(&format!(r#"{{"message":"hi","conversation_id":"{id}"}}"#))),
+        404,
+        "not_found_error",
+        &["not found"],
+    )
+    .await;
+    expect_error(request(s, "GET", "/nowhere", None), 404, "not_found_error", &["/nowhere"]).await;
     // 413: body over the limit.
     let big = format!(r#"{{"message":"{}"}}"#, "x".repeat(8000));
-    expect_error(s, "POST", "/chat", Some(&big), None, 413, "request_too_large", &["4096"]).await;
+    expect_error(request(s, "POST", "/chat", Some(&big)), 413, "request_too_large", &["4096"]).await;
     // 422: prompt longer than the context (n_ctx 512).
     let long = format!(r#"{{"messages":[{{"role":"user","content":"{}"}}],"max_tokens":16}}"#, "word ".repeat(700));
-    expect_error(s, "POST", "/v1/chat/completions", Some(&long), None, 422, "context_length_exceeded", &["512", "16"]).await;
+    expect_error(
+        request(s, "POST", "/v1/chat/completions", Some(&long)),
+        422,
+        "context_length_exceeded",
+        &["512", "16"],
+    )
+    .await;
     // Nothing above took or leaked an instance.
     let pool = pool_status(s).await;
     assert_eq!((pool["available"].as_u64(), pool["totals"]["requests"].as_u64()), (Some(1), Some(0)), "{pool:#}");
@@ -310,8 +414,14 @@ async fn every_client_error_has_its_status_type_and_message() {
 async fn api_keys_guard_everything_but_health() {
     let server = Server::start(&["--instances", "1"], &[("MODELPOOL_SERVER_API_KEYS", "secret-1,secret-2")]);
     let s = &server;
-    expect_error(s, "GET", "/pool", None, None, 401, "authentication_error", &["API key"]).await;
-    expect_error(s, "POST", "/chat", Some(r#"{"message":"hi"}"#), Some("Bearer wrong"), 401, "authentication_error", &["Bearer"]).await;
+    expect_error(request(s, "GET", "/pool", None), 401, "authentication_error", &["API key"]).await;
+    expect_error(
+        request(s, "POST", "/chat", Some(r#"{"message":"hi"}"#)).header("authorization", "Bearer wrong"),
+        401,
+        "authentication_error",
+        &["Bearer"],
+    )
+    .await;
     let ok = http().get(server.url("/pool")).header("authorization", "Bearer secret-2").send().await.unwrap();
     assert_eq!(ok.status(), 200);
     assert_eq!(http().get(server.url("/health")).send().await.unwrap().status(), 200);
@@ -326,7 +436,8 @@ async fn waiting_past_the_acquire_timeout_is_a_504() {
     wait_pool(&server, Duration::from_secs(5), |s| s["in_use"] == 1).await;
     let started = Instant::now();
     let short = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
-    expect_error(&server, "POST", "/v1/chat/completions", Some(short), None, 504, "timeout_error", &["300 ms"]).await;
+    expect_error(request(&server, "POST", "/v1/chat/completions", Some(short)), 504, "timeout_error", &["300 ms"])
+        .await;
     assert!(started.elapsed() < Duration::from_secs(2));
     drop(running);
     wait_pool(&server, Duration::from_secs(3), |s| s["available"] == 1 && s["queued"] == 0).await;
@@ -338,7 +449,17 @@ async fn sigterm_drains_the_running_request_refuses_new_ones_and_keeps_the_conve
     let c = http();
     let url = server.url("/chat");
     let running = actix::spawn(async move {
-        http().post(url).json(&json!({ "message": "Tell me a long story about a lighthouse.", "max_tokens": 120, "temperature": 0 })).send().await.unwrap().json::<Value>().await.unwrap()
+        http()
+            .post(url)
+            .json(
+                &json!({ "message": "Tell me a long story about a lighthouse.", "max_tokens": 120, "temperature": 0 }),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
     });
     wait_pool(&server, Duration::from_secs(5), |s| s["in_use"] == 1).await;
     super_kill(server.child.id());
@@ -365,7 +486,11 @@ async fn sigterm_drains_the_running_request_refuses_new_ones_and_keeps_the_conve
     assert!(status.success(), "exit status {status}\n{}", server.log_text());
 
     // The conversation is on disk.
-    let store = modelpool_actors::memory::store::ConversationStore::open(server.data_dir.path(), modelpool_actors::Durability::Sync).unwrap();
+    let store = modelpool_actors::memory::store::ConversationStore::open(
+        server.data_dir.path(),
+        modelpool_actors::Durability::Sync,
+    )
+    .unwrap();
     let id = uuid::Uuid::parse_str(&id).unwrap();
     let messages = store.messages(&id, None, 10).unwrap();
     assert_eq!(messages.len(), 2);

@@ -9,7 +9,10 @@ use common::{engine, options, start, wait_for};
 use modelpool_actors::{ChatMessage, Fault, GenerateRequest, PoolError, PoolHandle, SamplingParams};
 
 fn request(max_tokens: u32) -> GenerateRequest {
-    GenerateRequest { messages: vec![ChatMessage::user("Tell me about the sea.")], sampling: SamplingParams::greedy(max_tokens) }
+    GenerateRequest {
+        messages: vec![ChatMessage::user("Tell me about the sea.")],
+        sampling: SamplingParams::greedy(max_tokens),
+    }
 }
 
 async fn assert_weights_shared(pool: &PoolHandle, n: usize) {

@@ -143,7 +143,10 @@ impl ChatStream {
 impl futures::Stream for ChatStream {
     type Item = ChatEvent;
 
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<ChatEvent>> {
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ChatEvent>> {
         self.rx.poll_recv(cx)
     }
 }
@@ -183,7 +186,12 @@ impl ChatCore {
     }
 
     /// Messages related to `vector`, best first, leaving out `exclude`.
-    pub(crate) fn recall(&self, conv: &Conversation, vector: &[f32], exclude: &HashSet<u64>) -> Result<Vec<Recalled>, ChatError> {
+    pub(crate) fn recall(
+        &self,
+        conv: &Conversation,
+        vector: &[f32],
+        exclude: &HashSet<u64>,
+    ) -> Result<Vec<Recalled>, ChatError> {
         let hits: Vec<Hit> = self.index.search(vector, self.opts.recall_k, &self.scope(conv), exclude);
         let mut out = Vec::new();
         for h in hits.into_iter().filter(|h| h.score >= self.opts.recall_min_score) {
@@ -197,7 +205,11 @@ impl ChatCore {
     fn validate(&self, text: &str) -> Result<(), ChatError> {
         let chars = text.chars().count();
         if text.trim().is_empty() {
-            return Err(ChatError::InvalidInput { field: "message", rule: "must not be empty", value: format!("{text:?}") });
+            return Err(ChatError::InvalidInput {
+                field: "message",
+                rule: "must not be empty",
+                value: format!("{text:?}"),
+            });
         }
         if chars > self.opts.max_message_chars {
             return Err(ChatError::InvalidInput {
@@ -224,7 +236,8 @@ impl ChatCore {
         let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
         let recalled = self.recall(&conv, &vector, &exclude)?;
         let engine = self.pool.engine().clone();
-        let recent_turns: Vec<ChatMessage> = recent.iter().map(|m| ChatMessage::new(m.role, m.content.clone())).collect();
+        let recent_turns: Vec<ChatMessage> =
+            recent.iter().map(|m| ChatMessage::new(m.role, m.content.clone())).collect();
         let budget = PromptBudget { n_ctx: self.pool.options().instance.n_ctx, max_tokens: sampling.max_tokens };
         let built = build_prompt(&self.opts.system_prompt, recalled.clone(), &recent_turns, &msg.text, budget, &|m| {
             engine.count_prompt_tokens(m)
@@ -232,10 +245,7 @@ impl ChatCore {
         let recalled: Vec<Recalled> = recalled.into_iter().filter(|r| built.recalled.contains(&r.id)).collect();
 
         // Admission before anything is stored: a rejected turn leaves no trace.
-        let generation = self
-            .pool
-            .generate(GenerateRequest { messages: built.messages.clone(), sampling })
-            .await?;
+        let generation = self.pool.generate(GenerateRequest { messages: built.messages.clone(), sampling }).await?;
         let user_tokens = engine.count_tokens(&msg.text);
         let user_msg = self.store.append(&conv, Role::User, &msg.text, user_tokens, &vector).await?;
         self.index.insert(user_msg.id, conv.id, &conv.namespace, vector);
@@ -265,7 +275,12 @@ struct Turn {
 }
 
 impl Turn {
-    async fn stream(self, mut generation: crate::lease::GenerationStream, tx: UnboundedSender<ChatEvent>, _guard: OwnedMutexGuard<()>) {
+    async fn stream(
+        self,
+        mut generation: crate::lease::GenerationStream,
+        tx: UnboundedSender<ChatEvent>,
+        _guard: OwnedMutexGuard<()>,
+    ) {
         let mut text = String::new();
         let mut client_gone = false;
         let mut outcome: Result<Completion, ChatError> = Err(ChatError::Store("generation ended early".into()));
@@ -311,8 +326,16 @@ impl Turn {
 
     async fn save(&self, text: &str, done: &Completion) -> Result<ChatReply, ChatError> {
         let core = &self.core;
-        let vector = core.embedder.embed_one(if text.trim().is_empty() { "(empty reply)" } else { text }).await.map_err(ChatError::Embedding)?;
-        let tokens = if done.usage.completion_tokens > 0 { done.usage.completion_tokens } else { core.pool.engine().count_tokens(text) };
+        let vector = core
+            .embedder
+            .embed_one(if text.trim().is_empty() { "(empty reply)" } else { text })
+            .await
+            .map_err(ChatError::Embedding)?;
+        let tokens = if done.usage.completion_tokens > 0 {
+            done.usage.completion_tokens
+        } else {
+            core.pool.engine().count_tokens(text)
+        };
         let msg = core.store.append(&self.conv, Role::Assistant, text, tokens, &vector).await?;
         core.index.insert(msg.id, self.conv.id, &self.conv.namespace, vector);
         Ok(ChatReply {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::chat_actor::{ChatActor, ChatCore, ChatError, ChatOptions, ChatReply, ChatStream, DeleteConversation, SendMessage, StopChat};
+use crate::chat_actor::{
+    ChatActor, ChatCore, ChatError, ChatOptions, ChatReply, ChatStream, DeleteConversation, SendMessage, StopChat,
+};
 use crate::memory::index::VectorIndex;
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, Durability, StoredMessage};
@@ -32,7 +34,11 @@ impl ChatHandle {
         let store = ConversationStore::open(data_dir, durability)?;
         let started = std::time::Instant::now();
         let index = Arc::new(VectorIndex::rebuild(&store, embedder.dim())?);
-        tracing::info!(vectors = index.len(), millis = started.elapsed().as_millis() as u64, "vector index rebuilt from the store");
+        tracing::info!(
+            vectors = index.len(),
+            millis = started.elapsed().as_millis() as u64,
+            "vector index rebuilt from the store"
+        );
         let core = Arc::new(ChatCore::new(store, index, embedder, pool, opts));
         let addr = ChatActor::new(core.clone()).start();
         Ok(Self { addr, core })
@@ -70,7 +76,12 @@ impl ChatHandle {
     }
 
     /// A page of a conversation's messages, oldest first, after message `after`.
-    pub fn history(&self, id: &ConversationId, after: Option<u64>, limit: usize) -> Result<Vec<StoredMessage>, ChatError> {
+    pub fn history(
+        &self,
+        id: &ConversationId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, ChatError> {
         self.core.store.conversation(id)?;
         Ok(self.core.store.messages(id, after, limit)?)
     }

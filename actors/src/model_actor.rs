@@ -54,7 +54,12 @@ pub struct ModelActor {
 }
 
 impl ModelActor {
-    pub fn new(id: usize, generation: u64, backend: Box<dyn InstanceBackend>, on_stop: Recipient<InstanceStopped>) -> Self {
+    pub fn new(
+        id: usize,
+        generation: u64,
+        backend: Box<dyn InstanceBackend>,
+        on_stop: Recipient<InstanceStopped>,
+    ) -> Self {
         Self { id, generation, backend, on_stop }
     }
 }

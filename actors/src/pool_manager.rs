@@ -131,10 +131,8 @@ impl PoolManager {
     }
 
     fn lease_for(&self, instance: usize, id: LeaseId, ctx: &mut Context<Self>) -> Lease {
-        let addr = self.members[instance]
-            .as_ref()
-            .and_then(|m| m.addr.clone())
-            .expect("an idle instance has a running actor");
+        let addr =
+            self.members[instance].as_ref().and_then(|m| m.addr.clone()).expect("an idle instance has a running actor");
         Lease { instance, slot: 0, id, addr, pool: ctx.address(), outcome: None, waited: Duration::ZERO }
     }
 

@@ -148,11 +148,7 @@ impl std::fmt::Display for PoolStatus {
         writeln!(f, "Pool Status:")?;
         writeln!(f, "   Available: {}/{}", self.available, self.total)?;
         writeln!(f, "   In Use: {}", self.in_use)?;
-        write!(
-            f,
-            "   Queued: {}   Unhealthy: {}   Replaced: {}",
-            self.queued, self.unhealthy, self.replaced
-        )?;
+        write!(f, "   Queued: {}   Unhealthy: {}   Replaced: {}", self.queued, self.unhealthy, self.replaced)?;
         if self.loading > 0 {
             write!(f, "   Loading: {}", self.loading)?;
         }

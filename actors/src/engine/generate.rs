@@ -32,10 +32,7 @@ pub fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
         chain.push(LlamaSampler::top_p(p.top_p, 1));
         chain.push(LlamaSampler::temp(p.temperature));
         let seed = p.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0)
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
         });
         chain.push(LlamaSampler::dist(seed));
     }
@@ -200,7 +197,11 @@ pub fn run_generation(
 
 /// A cheap real health check: decode one token on a cleared cache and check
 /// that the logits are finite.
-pub fn probe_context(ctx: &mut LlamaContext<'_>, model: &LlamaModel, fault: &mut Option<Fault>) -> Result<(), EngineError> {
+pub fn probe_context(
+    ctx: &mut LlamaContext<'_>,
+    model: &LlamaModel,
+    fault: &mut Option<Fault>,
+) -> Result<(), EngineError> {
     ctx.clear_kv_cache();
     let mut batch = LlamaBatch::new(1, 1);
     let token = model.vocab().bos();

@@ -82,11 +82,7 @@ fn kv_bytes(model: &LlamaModel, n_ctx: u32) -> u64 {
 }
 
 fn chat_template_of(model: &LlamaModel) -> String {
-    model
-        .chat_template(None)
-        .ok()
-        .and_then(|t| t.to_string().ok())
-        .unwrap_or_else(|| "chatml".to_string())
+    model.chat_template(None).ok().and_then(|t| t.to_string().ok()).unwrap_or_else(|| "chatml".to_string())
 }
 
 /// Weights loaded once; every instance decodes with this one copy.
@@ -140,13 +136,23 @@ impl Engine for LlamaEngine {
     fn create_instance(&self, id: usize, opts: &InstanceOptions) -> Result<Box<dyn InstanceBackend>, EngineError> {
         let ctx = {
             let _one_at_a_time = CONTEXT_CREATION.lock().unwrap_or_else(|e| e.into_inner());
-            self.model
-                .new_context(backend()?, context_params(opts))
-                .map_err(|e| EngineError::Context(e.to_string()))?
+            self.model.new_context(backend()?, context_params(opts)).map_err(|e| EngineError::Context(e.to_string()))?
         };
         let kv = kv_bytes(self.model, opts.n_ctx);
-        tracing::info!(instance = id, n_ctx = opts.n_ctx, threads = opts.n_threads, kv_bytes = kv, "instance context created");
-        Ok(Box::new(LlamaInstance { model: self.model, ctx, template: self.template.clone(), fault: None, kv_bytes: kv }))
+        tracing::info!(
+            instance = id,
+            n_ctx = opts.n_ctx,
+            threads = opts.n_threads,
+            kv_bytes = kv,
+            "instance context created"
+        );
+        Ok(Box::new(LlamaInstance {
+            model: self.model,
+            ctx,
+            template: self.template.clone(),
+            fault: None,
+            kv_bytes: kv,
+        }))
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
@@ -243,7 +249,9 @@ impl InstanceBackend for PerRequestInstance {
         let template = chat_template_of(&model);
         let mut ctx = {
             let _one_at_a_time = CONTEXT_CREATION.lock().unwrap_or_else(|e| e.into_inner());
-            model.new_context(backend()?, context_params(&self.opts)).map_err(|e| EngineError::Context(e.to_string()))?
+            model
+                .new_context(backend()?, context_params(&self.opts))
+                .map_err(|e| EngineError::Context(e.to_string()))?
         };
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut done = run_generation(&mut ctx, &model, &template, request, emit, cancel, &mut self.fault)?;

@@ -60,11 +60,7 @@ pub trait Engine: Send + Sync + 'static {
     fn info(&self) -> EngineInfo;
 
     /// Creates one instance; called on the thread that will own it.
-    fn create_instance(
-        &self,
-        id: usize,
-        opts: &InstanceOptions,
-    ) -> Result<Box<dyn InstanceBackend>, EngineError>;
+    fn create_instance(&self, id: usize, opts: &InstanceOptions) -> Result<Box<dyn InstanceBackend>, EngineError>;
 
     /// Number of prompt tokens `messages` take once the chat template is applied.
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError>;

@@ -36,9 +36,8 @@ pub fn tokenize_chat(
         .map(|(i, m)| LlamaChatMessage::new(m.role.as_str().to_string(), placeholder(i)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| EngineError::Template(e.to_string()))?;
-    let rendered = model
-        .apply_chat_template(&tmpl, &stand_ins, true)
-        .map_err(|e| EngineError::Template(e.to_string()))?;
+    let rendered =
+        model.apply_chat_template(&tmpl, &stand_ins, true).map_err(|e| EngineError::Template(e.to_string()))?;
 
     let vocab = model.vocab();
     let mut tokens = Vec::with_capacity(rendered.len() / 3);

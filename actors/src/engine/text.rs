@@ -30,11 +30,8 @@ impl TextStream {
 
     /// Feeds the raw bytes of one token.
     pub fn push(&mut self, bytes: &[u8]) -> Pushed {
-        let mut decoded = String::with_capacity(
-            self.decoder
-                .max_utf8_buffer_length(bytes.len())
-                .unwrap_or(bytes.len() + 4),
-        );
+        let mut decoded =
+            String::with_capacity(self.decoder.max_utf8_buffer_length(bytes.len()).unwrap_or(bytes.len() + 4));
         let (_, _, _) = self.decoder.decode_to_string(bytes, &mut decoded, false);
         self.pending.push_str(&decoded);
         self.drain(false)

@@ -74,11 +74,19 @@ fn response_body(r: &ChatReply) -> ChatResponse<'_> {
 }
 
 pub(crate) fn parse_conversation_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
-    uuid::Uuid::parse_str(raw).map_err(|_| ApiError::bad("conversation_id", format!("invalid conversation_id: must be a UUID, got {raw:?}")))
+    uuid::Uuid::parse_str(raw)
+        .map_err(|_| ApiError::bad("conversation_id", format!("invalid conversation_id: must be a UUID, got {raw:?}")))
 }
 
 /// Request sampling: the configured defaults with the request's overrides, validated.
-pub(crate) fn sampling(state: &ApiState, base: &SamplingParams, max_tokens: Option<u32>, temperature: Option<f32>, top_p: Option<f32>, seed: Option<u32>) -> Result<SamplingParams, ApiError> {
+pub(crate) fn sampling(
+    state: &ApiState,
+    base: &SamplingParams,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u32>,
+) -> Result<SamplingParams, ApiError> {
     let mut s = base.clone();
     if let Some(v) = max_tokens {
         s.max_tokens = v;
@@ -95,7 +103,10 @@ pub(crate) fn sampling(state: &ApiState, base: &SamplingParams, max_tokens: Opti
     s.validate()?;
     let n_ctx = state.chat.pool().options().instance.n_ctx;
     if s.max_tokens >= n_ctx {
-        return Err(ApiError::bad("max_tokens", format!("invalid max_tokens: must be less than the context size n_ctx={n_ctx}, got {}", s.max_tokens)));
+        return Err(ApiError::bad(
+            "max_tokens",
+            format!("invalid max_tokens: must be less than the context size n_ctx={n_ctx}, got {}", s.max_tokens),
+        ));
     }
     Ok(s)
 }
@@ -104,14 +115,23 @@ fn record(state: &ApiState, endpoint: &str, started: Instant, result: Result<&Us
     match result {
         Ok(u) => {
             let ttft = Duration::from_secs_f64((u.time_to_first_token_ms + u.queue_wait_ms) / 1e3);
-            state.metrics.generation(u.prompt_tokens, u.completion_tokens, Duration::from_secs_f64(u.queue_wait_ms / 1e3), Some(ttft));
+            state.metrics.generation(
+                u.prompt_tokens,
+                u.completion_tokens,
+                Duration::from_secs_f64(u.queue_wait_ms / 1e3),
+                Some(ttft),
+            );
             state.metrics.request(endpoint, "ok", Some(started.elapsed()));
         }
         Err(e) => state.metrics.request(endpoint, e.error_type(), Some(started.elapsed())),
     }
 }
 
-async fn chat(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<ChatRequest>) -> Result<HttpResponse, ApiError> {
+async fn chat(
+    state: web::Data<ApiState>,
+    _auth: Authorized,
+    body: web::Json<ChatRequest>,
+) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let result = chat_inner(&state, body.into_inner(), started).await;
     if let Err(e) = &result {
@@ -123,7 +143,8 @@ async fn chat(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<Cha
 async fn chat_inner(state: &web::Data<ApiState>, req: ChatRequest, started: Instant) -> Result<HttpResponse, ApiError> {
     state.admit()?;
     let conversation_id = req.conversation_id.as_deref().map(parse_conversation_id).transpose()?;
-    let sampling = sampling(state, &state.chat.options().sampling, req.max_tokens, req.temperature, req.top_p, req.seed)?;
+    let sampling =
+        sampling(state, &state.chat.options().sampling, req.max_tokens, req.temperature, req.top_p, req.seed)?;
     let msg = SendMessage { conversation_id, namespace: req.namespace, text: req.message, sampling: Some(sampling) };
     let mut turn = state.chat.send(msg).await?;
     if !req.stream {
@@ -143,7 +164,9 @@ async fn chat_inner(state: &web::Data<ApiState>, req: ChatRequest, started: Inst
         }
         while let Some(event) = turn.next_event().await {
             let (out, last) = match event {
-                ChatEvent::Token(t) => (sse::Data::new(serde_json::json!({ "text": t }).to_string()).event("token"), false),
+                ChatEvent::Token(t) => {
+                    (sse::Data::new(serde_json::json!({ "text": t }).to_string()).event("token"), false)
+                }
                 ChatEvent::Done(reply) => {
                     record(&state, "chat", started, Ok(&reply.usage));
                     let body = serde_json::to_string(&response_body(&reply)).expect("serialisable");
@@ -181,7 +204,12 @@ struct ConversationBody {
     next_after: Option<u64>,
 }
 
-async fn get_conversation(state: web::Data<ApiState>, _auth: Authorized, id: web::Path<String>, q: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
+async fn get_conversation(
+    state: web::Data<ApiState>,
+    _auth: Authorized,
+    id: web::Path<String>,
+    q: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
     let id = parse_conversation_id(&id)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -201,10 +229,15 @@ async fn get_conversation(state: web::Data<ApiState>, _auth: Authorized, id: web
     }))
 }
 
-async fn delete_conversation(state: web::Data<ApiState>, _auth: Authorized, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn delete_conversation(
+    state: web::Data<ApiState>,
+    _auth: Authorized,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let id = parse_conversation_id(&id)?;
     let removed = state.chat.delete(id).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "conversation_id": id.to_string(), "deleted": true, "messages": removed })))
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({ "conversation_id": id.to_string(), "deleted": true, "messages": removed })))
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {

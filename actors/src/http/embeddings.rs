@@ -37,7 +37,10 @@ fn inputs(raw: Value) -> Result<Vec<String>, ApiError> {
         Input::Many(v) => v,
     };
     if list.is_empty() || list.len() > MAX_INPUTS {
-        return Err(ApiError::bad("input", format!("invalid input: must hold 1 to {MAX_INPUTS} strings, got {}", list.len())));
+        return Err(ApiError::bad(
+            "input",
+            format!("invalid input: must hold 1 to {MAX_INPUTS} strings, got {}", list.len()),
+        ));
     }
     if let Some(i) = list.iter().position(|s| s.trim().is_empty()) {
         return Err(ApiError::bad("input", format!("invalid input[{i}]: must not be empty")));
@@ -48,13 +51,20 @@ fn inputs(raw: Value) -> Result<Vec<String>, ApiError> {
 fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 60 {
-        format!("{}…", &s[..s.char_indices().take_while(|(i, _)| *i < 60).last().map(|(i, c)| i + c.len_utf8()).unwrap_or(0)])
+        format!(
+            "{}…",
+            &s[..s.char_indices().take_while(|(i, _)| *i < 60).last().map(|(i, c)| i + c.len_utf8()).unwrap_or(0)]
+        )
     } else {
         s
     }
 }
 
-async fn embeddings(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<EmbeddingRequest>) -> Result<HttpResponse, ApiError> {
+async fn embeddings(
+    state: web::Data<ApiState>,
+    _auth: Authorized,
+    body: web::Json<EmbeddingRequest>,
+) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let result = embeddings_inner(&state, body.into_inner()).await;
     let outcome = result.as_ref().err().map(|e| e.error_type()).unwrap_or("ok");
@@ -65,7 +75,10 @@ async fn embeddings(state: web::Data<ApiState>, _auth: Authorized, body: web::Js
 async fn embeddings_inner(state: &ApiState, req: EmbeddingRequest) -> Result<HttpResponse, ApiError> {
     state.admit()?;
     if let Some(f) = req.encoding_format.as_deref().filter(|f| *f != "float") {
-        return Err(ApiError::bad("encoding_format", format!("invalid encoding_format: only \"float\" is supported, got {f:?}")));
+        return Err(ApiError::bad(
+            "encoding_format",
+            format!("invalid encoding_format: only \"float\" is supported, got {f:?}"),
+        ));
     }
     let texts = inputs(req.input)?;
     let tokens: u32 = texts.iter().map(|t| state.chat.pool().engine().count_tokens(t)).sum();

@@ -135,7 +135,9 @@ impl From<EngineError> for ApiError {
 impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> Self {
         match e {
-            PoolError::QueueFull { .. } => ApiError::Overloaded { message: e.to_string(), retry_after_secs: RETRY_AFTER_SECS },
+            PoolError::QueueFull { .. } => {
+                ApiError::Overloaded { message: e.to_string(), retry_after_secs: RETRY_AFTER_SECS }
+            }
             PoolError::ShuttingDown => ApiError::Draining { retry_after_secs: RETRY_AFTER_SECS },
             PoolError::AcquireTimeout { .. } | PoolError::GenerationTimeout { .. } => ApiError::Timeout(e.to_string()),
             PoolError::Engine(inner) => inner.into(),

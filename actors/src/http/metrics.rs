@@ -127,7 +127,11 @@ impl Metrics {
         registry.register(INSTANCE_BUSY, "Seconds each instance spent serving requests", m.instance_busy.clone());
         registry.register(INSTANCE_FAILURES, "Failures per instance", m.instance_failures.clone());
         registry.register(INSTANCE_REPLACEMENTS, "Times each instance was replaced", m.instance_replacements.clone());
-        registry.register(INSTANCE_STATE, "Current state of each instance (1 for the state it is in)", m.instance_state.clone());
+        registry.register(
+            INSTANCE_STATE,
+            "Current state of each instance (1 for the state it is in)",
+            m.instance_state.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -210,6 +214,15 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
+async fn metrics(state: web::Data<ApiState>, _access: MetricsAccess) -> Result<HttpResponse, ApiError> {
+    let status = state.chat.pool().status().await?;
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render(&status)))
+}
+
+pub fn register(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metrics", web::get().to(metrics));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,7 +231,10 @@ mod tests {
     fn counters_are_renamed_and_eof_dropped() {
         let om = "# HELP a_b Things.\n# TYPE a_b counter\na_b_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
         let text = to_prometheus_text(om);
-        assert_eq!(text, "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n");
+        assert_eq!(
+            text,
+            "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
     }
 
     #[test]
@@ -235,15 +251,4 @@ mod tests {
         }
         assert!(text.contains(&format!("{INSTANCES}{{state=\"idle\"}} 3")), "{text}");
     }
-}
-
-async fn metrics(state: web::Data<ApiState>, _access: MetricsAccess) -> Result<HttpResponse, ApiError> {
-    let status = state.chat.pool().status().await?;
-    Ok(HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.metrics.render(&status)))
-}
-
-pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/metrics", web::get().to(metrics));
 }

@@ -56,7 +56,12 @@ pub struct ApiState {
 
 impl ApiState {
     pub fn new(chat: ChatHandle, settings: ApiSettings) -> Self {
-        Self { chat, metrics: Arc::new(Metrics::new()), settings: Arc::new(settings), draining: Arc::new(AtomicBool::new(false)) }
+        Self {
+            chat,
+            metrics: Arc::new(Metrics::new()),
+            settings: Arc::new(settings),
+            draining: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// From now on: readiness fails and new generation requests get 503.
@@ -119,13 +124,19 @@ impl FromRequest for MetricsAccess {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(state_of(req).and_then(|s| {
-            if s.settings.metrics_require_key {
-                check_key(req, &s.settings.api_keys)
-            } else {
-                Ok(())
-            }
-        }).map(|_| MetricsAccess))
+        ready(
+            state_of(req)
+                .and_then(
+                    |s| {
+                        if s.settings.metrics_require_key {
+                            check_key(req, &s.settings.api_keys)
+                        } else {
+                            Ok(())
+                        }
+                    },
+                )
+                .map(|_| MetricsAccess),
+        )
     }
 }
 
@@ -133,9 +144,15 @@ impl FromRequest for MetricsAccess {
 fn json_config(limit: usize) -> web::JsonConfig {
     web::JsonConfig::default().limit(limit).error_handler(move |err, _| {
         let api = match &err {
-            JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => ApiError::PayloadTooLarge { limit },
-            JsonPayloadError::ContentType => ApiError::bad("Content-Type", "the body must be JSON with Content-Type: application/json"),
-            JsonPayloadError::Deserialize(e) => ApiError::BadRequest { param: None, message: format!("invalid JSON body: {e}") },
+            JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
+                ApiError::PayloadTooLarge { limit }
+            }
+            JsonPayloadError::ContentType => {
+                ApiError::bad("Content-Type", "the body must be JSON with Content-Type: application/json")
+            }
+            JsonPayloadError::Deserialize(e) => {
+                ApiError::BadRequest { param: None, message: format!("invalid JSON body: {e}") }
+            }
             other => ApiError::BadRequest { param: None, message: format!("could not read the body: {other}") },
         };
         api.into()
@@ -143,8 +160,9 @@ fn json_config(limit: usize) -> web::JsonConfig {
 }
 
 fn query_config() -> web::QueryConfig {
-    web::QueryConfig::default()
-        .error_handler(|err, _| ApiError::BadRequest { param: None, message: format!("invalid query string: {err}") }.into())
+    web::QueryConfig::default().error_handler(|err, _| {
+        ApiError::BadRequest { param: None, message: format!("invalid query string: {err}") }.into()
+    })
 }
 
 fn path_config() -> web::PathConfig {

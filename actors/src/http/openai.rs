@@ -147,7 +147,11 @@ struct UsageBody {
 }
 
 fn usage_body(u: &Usage) -> UsageBody {
-    UsageBody { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.prompt_tokens + u.completion_tokens }
+    UsageBody {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.prompt_tokens + u.completion_tokens,
+    }
 }
 
 fn finish_str(f: FinishReason) -> &'static str {
@@ -161,14 +165,23 @@ fn record(state: &ApiState, started: Instant, result: Result<&Usage, &ApiError>)
     match result {
         Ok(u) => {
             let ttft = Duration::from_secs_f64((u.time_to_first_token_ms + u.queue_wait_ms) / 1e3);
-            state.metrics.generation(u.prompt_tokens, u.completion_tokens, Duration::from_secs_f64(u.queue_wait_ms / 1e3), Some(ttft));
+            state.metrics.generation(
+                u.prompt_tokens,
+                u.completion_tokens,
+                Duration::from_secs_f64(u.queue_wait_ms / 1e3),
+                Some(ttft),
+            );
             state.metrics.request("chat_completions", "ok", Some(started.elapsed()));
         }
         Err(e) => state.metrics.request("chat_completions", e.error_type(), Some(started.elapsed())),
     }
 }
 
-async fn completions(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<CompletionRequest>) -> Result<HttpResponse, ApiError> {
+async fn completions(
+    state: web::Data<ApiState>,
+    _auth: Authorized,
+    body: web::Json<CompletionRequest>,
+) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let result = completions_inner(&state, body.into_inner(), started).await;
     if let Err(e) = &result {
@@ -177,7 +190,11 @@ async fn completions(state: web::Data<ApiState>, _auth: Authorized, body: web::J
     result
 }
 
-async fn completions_inner(state: &web::Data<ApiState>, req: CompletionRequest, started: Instant) -> Result<HttpResponse, ApiError> {
+async fn completions_inner(
+    state: &web::Data<ApiState>,
+    req: CompletionRequest,
+    started: Instant,
+) -> Result<HttpResponse, ApiError> {
     state.admit()?;
     let model = req.model.clone().unwrap_or_default();
     let stream = req.stream;

@@ -134,7 +134,15 @@ mod tests {
     #[test]
     fn everything_fits_in_order() {
         let recent = vec![ChatMessage::user("a b"), ChatMessage::assistant("c d")];
-        let p = build_prompt("sys", vec![recall(1, "fact", 0.9)], &recent, "question", PromptBudget { n_ctx: 100, max_tokens: 10 }, &words).unwrap();
+        let p = build_prompt(
+            "sys",
+            vec![recall(1, "fact", 0.9)],
+            &recent,
+            "question",
+            PromptBudget { n_ctx: 100, max_tokens: 10 },
+            &words,
+        )
+        .unwrap();
         assert_eq!(p.messages.len(), 4);
         assert_eq!(p.messages[0].role, Role::System);
         assert!(p.messages[0].content.contains("user: fact"));
@@ -146,15 +154,20 @@ mod tests {
     fn oldest_turns_go_first_then_weakest_recall() {
         let recent: Vec<ChatMessage> = (0..10).map(|i| ChatMessage::user(format!("turn {i} w w w w"))).collect();
         let budget = PromptBudget { n_ctx: 40, max_tokens: 10 };
-        let p = build_prompt("sys", vec![recall(1, "x", 0.9), recall(2, "y", 0.2)], &recent, "q", budget, &words).unwrap();
+        let p =
+            build_prompt("sys", vec![recall(1, "x", 0.9), recall(2, "y", 0.2)], &recent, "q", budget, &words).unwrap();
         assert!(p.prompt_tokens + 10 <= 40);
         assert_eq!(p.messages.last().unwrap().content, "q");
         let kept: Vec<&str> = p.messages[1..p.messages.len() - 1].iter().map(|m| m.content.as_str()).collect();
-        assert!(kept.iter().all(|k| k.starts_with("turn 9") || k.starts_with("turn 8") || k.starts_with("turn 7")), "{kept:?}");
+        assert!(
+            kept.iter().all(|k| k.starts_with("turn 9") || k.starts_with("turn 8") || k.starts_with("turn 7")),
+            "{kept:?}"
+        );
         assert_eq!(p.recalled, vec![1, 2]);
 
         let tight = PromptBudget { n_ctx: 27, max_tokens: 10 };
-        let p = build_prompt("sys", vec![recall(1, "x", 0.9), recall(2, "y", 0.2)], &recent, "q", tight, &words).unwrap();
+        let p =
+            build_prompt("sys", vec![recall(1, "x", 0.9), recall(2, "y", 0.2)], &recent, "q", tight, &words).unwrap();
         assert_eq!(p.recent_kept, 0);
         assert_eq!(p.recalled, vec![1], "the weaker recall is dropped first");
     }

@@ -188,7 +188,12 @@ impl ConversationStore {
     }
 
     /// A page of a conversation's messages in order, after message id `after`.
-    pub fn messages(&self, conv: &ConversationId, after: Option<u64>, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+    pub fn messages(
+        &self,
+        conv: &ConversationId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let start = msg_key(conv, after.map(|a| a.saturating_add(1)).unwrap_or(0));
         let end = msg_key(conv, u64::MAX);
         self.messages.range(start..=end).values().take(limit).map(|v| decode(&v?)).collect()
@@ -196,8 +201,14 @@ impl ConversationStore {
 
     /// The last `n` messages, oldest first.
     pub fn recent(&self, conv: &ConversationId, n: usize) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut out: Vec<StoredMessage> =
-            self.messages.scan_prefix(conv.as_bytes()).values().rev().take(n).map(|v| decode(&v?)).collect::<Result<_, _>>()?;
+        let mut out: Vec<StoredMessage> = self
+            .messages
+            .scan_prefix(conv.as_bytes())
+            .values()
+            .rev()
+            .take(n)
+            .map(|v| decode(&v?))
+            .collect::<Result<_, _>>()?;
         out.reverse();
         Ok(out)
     }
@@ -211,7 +222,8 @@ impl ConversationStore {
     pub async fn delete_conversation(&self, conv: &ConversationId) -> Result<Vec<u64>, StoreError> {
         self.conversation(conv)?;
         let keys: Vec<sled::IVec> = self.messages.scan_prefix(conv.as_bytes()).keys().collect::<Result<_, _>>()?;
-        let ids: Vec<u64> = keys.iter().map(|k| u64::from_be_bytes(k[16..24].try_into().expect("24-byte key"))).collect();
+        let ids: Vec<u64> =
+            keys.iter().map(|k| u64::from_be_bytes(k[16..24].try_into().expect("24-byte key"))).collect();
         (&self.conversations, &self.messages, &self.vectors)
             .transaction(|(c, m, v)| {
                 for (k, id) in keys.iter().zip(&ids) {

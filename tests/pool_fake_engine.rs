@@ -1,0 +1,110 @@
+//! The pool manager's wiring with a fake engine behind the `Engine` seam:
+//! replacement back-off and start-up failure, which the real model cannot be
+//! made to show on demand.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use modelpool_actors::engine::InstanceBackend;
+use modelpool_actors::{
+    ChatMessage, Completion, Engine, EngineError, EngineInfo, Fault, FinishReason, GenerateRequest, InstanceInfo,
+    InstanceOptions, PoolError, PoolHandle, PoolOptions, Usage,
+};
+
+/// Creates instances until `fail_after`, then refuses; counts attempts.
+struct FakeEngine {
+    created: AtomicUsize,
+    fail_after: usize,
+}
+
+struct FakeInstance {
+    fault: Option<Fault>,
+}
+
+impl InstanceBackend for FakeInstance {
+    fn generate(
+        &mut self,
+        _: &GenerateRequest,
+        emit: &mut dyn FnMut(&str) -> bool,
+        _: &AtomicBool,
+    ) -> Result<Completion, EngineError> {
+        if self.fault.take().is_some() {
+            return Err(EngineError::Decode("fake failure".into()));
+        }
+        emit("ok");
+        Ok(Completion { usage: Usage { completion_tokens: 1, ..Usage::default() }, finish_reason: FinishReason::Stop })
+    }
+    fn probe(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
+    fn info(&self) -> InstanceInfo {
+        InstanceInfo { weights_addr: 1, kv_bytes: 0 }
+    }
+    fn inject_fault(&mut self, fault: Fault) {
+        self.fault = Some(fault);
+    }
+}
+
+impl Engine for FakeEngine {
+    fn info(&self) -> EngineInfo {
+        EngineInfo { model_name: "fake".into(), weights_bytes: 0, n_ctx_train: 0, per_request: false }
+    }
+    fn create_instance(&self, _: usize, _: &InstanceOptions) -> Result<Box<dyn InstanceBackend>, EngineError> {
+        if self.created.fetch_add(1, Ordering::SeqCst) >= self.fail_after {
+            return Err(EngineError::Context("fake: out of memory".into()));
+        }
+        Ok(Box::new(FakeInstance { fault: None }))
+    }
+    fn count_prompt_tokens(&self, m: &[ChatMessage]) -> Result<u32, EngineError> {
+        Ok(m.len() as u32)
+    }
+    fn count_tokens(&self, t: &str) -> u32 {
+        t.len() as u32
+    }
+}
+
+fn opts(n: usize) -> PoolOptions {
+    PoolOptions {
+        instances: n,
+        max_queue: 4,
+        acquire_timeout: Duration::from_secs(5),
+        max_generation: Duration::from_secs(5),
+        health_interval: Duration::ZERO,
+        instance: InstanceOptions { n_ctx: 1024, n_threads: 1 },
+    }
+}
+
+#[actix::test]
+async fn failing_replacements_back_off_instead_of_spinning() {
+    let engine = Arc::new(FakeEngine { created: AtomicUsize::new(0), fail_after: 2 });
+    let pool = PoolHandle::start(engine.clone(), opts(2), Arc::new(|_| {})).await.unwrap();
+    let lease = pool.acquire().await.unwrap();
+    pool.inject_fault(lease.instance(), Fault::FailNextDecode).await;
+    let err = lease.run(GenerateRequest::default(), Duration::from_secs(5)).collect_text().await.unwrap_err();
+    assert!(matches!(err, PoolError::InstanceFailed { .. }), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // 200 + 400 + 800 ms of backoff: at most 4 replacement attempts in 1.6 s.
+    let attempts = engine.created.load(Ordering::SeqCst) - 2;
+    assert!((2..=4).contains(&attempts), "{attempts} replacement attempts");
+    let s = pool.status().await.unwrap();
+    assert_eq!((s.available, s.unhealthy + s.loading), (1, 1), "{s}");
+    // The healthy instance keeps serving meanwhile.
+    let (text, _) = pool
+        .generate(GenerateRequest { messages: vec![ChatMessage::user("hi")], ..Default::default() })
+        .await
+        .unwrap()
+        .collect_text()
+        .await
+        .unwrap();
+    assert_eq!(text, "ok");
+    pool.shutdown().await;
+}
+
+#[actix::test]
+async fn start_up_fails_with_the_instance_named_when_a_context_cannot_be_made() {
+    let engine = Arc::new(FakeEngine { created: AtomicUsize::new(0), fail_after: 1 });
+    let err = PoolHandle::start(engine, opts(3), Arc::new(|_| {})).await.err().unwrap();
+    assert!(err.to_string().contains("instance 2") && err.to_string().contains("out of memory"), "{err}");
+}
