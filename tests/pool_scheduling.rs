@@ -122,3 +122,26 @@ async fn a_lease_dropped_without_use_returns_the_instance() {
     }
     pool.shutdown().await;
 }
+
+#[actix::test]
+async fn a_waiter_that_goes_away_leaves_the_queue_at_once() {
+    let pool = start(options(1, 1)).await;
+    let held = pool.acquire().await.unwrap();
+    let gone = {
+        let pool = pool.clone();
+        actix::spawn(async move { pool.acquire().await.map(|_| ()) })
+    };
+    wait_for(&pool, Duration::from_secs(2), |s| s.queued == 1).await;
+    gone.abort();
+    // Its place is free again long before the acquire timeout (60 s here).
+    wait_for(&pool, Duration::from_secs(1), |s| s.queued == 0).await;
+    let next = {
+        let pool = pool.clone();
+        actix::spawn(async move { pool.acquire().await.map(|l| l.instance()) })
+    };
+    wait_for(&pool, Duration::from_secs(2), |s| s.queued == 1).await;
+    drop(held);
+    assert_eq!(next.await.unwrap().unwrap(), 0, "the live waiter gets the instance");
+    wait_for(&pool, Duration::from_secs(2), |s| s.available == 1 && s.queued == 0).await;
+    pool.shutdown().await;
+}

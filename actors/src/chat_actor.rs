@@ -158,7 +158,7 @@ pub(crate) struct ChatCore {
     pub(crate) embedder: EmbedderHandle,
     pub(crate) pool: PoolHandle,
     pub(crate) opts: ChatOptions,
-    locks: Mutex<HashMap<ConversationId, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Arc<ConversationLocks>,
 }
 
 impl ChatCore {
@@ -169,12 +169,12 @@ impl ChatCore {
         pool: PoolHandle,
         opts: ChatOptions,
     ) -> Self {
-        Self { store, index, embedder, pool, opts, locks: Mutex::new(HashMap::new()) }
+        Self { store, index, embedder, pool, opts, locks: Arc::default() }
     }
 
-    async fn lock(&self, id: ConversationId) -> OwnedMutexGuard<()> {
-        let m = self.locks.lock().expect("locks").entry(id).or_default().clone();
-        m.lock_owned().await
+    async fn lock(&self, id: ConversationId) -> TurnLock {
+        let m = self.locks.0.lock().expect("locks").entry(id).or_default().clone();
+        TurnLock { guard: Some(m.lock_owned().await), locks: self.locks.clone(), id }
     }
 
     fn scope(&self, conv: &Conversation) -> Scope {
@@ -260,8 +260,32 @@ impl ChatCore {
         let _guard = self.lock(id).await;
         let ids = self.store.delete_conversation(&id).await?;
         self.index.remove_conversation(&id, &ids);
-        self.locks.lock().expect("locks").remove(&id);
         Ok(ids.len())
+    }
+}
+
+type ConversationMutex = Arc<tokio::sync::Mutex<()>>;
+
+/// One mutex per conversation with a turn running or waiting.
+#[derive(Default)]
+struct ConversationLocks(Mutex<HashMap<ConversationId, ConversationMutex>>);
+
+/// Holds a conversation's turn lock; on drop, forgets the mutex when no other
+/// turn holds or waits for it, so the map does not grow with every conversation.
+struct TurnLock {
+    guard: Option<OwnedMutexGuard<()>>,
+    locks: Arc<ConversationLocks>,
+    id: ConversationId,
+}
+
+impl Drop for TurnLock {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.locks.0.lock().expect("locks");
+        // Clones are only made under this lock: a count of 1 is the map's own.
+        if map.get(&self.id).is_some_and(|m| Arc::strong_count(m) == 1) {
+            map.remove(&self.id);
+        }
     }
 }
 
@@ -279,7 +303,7 @@ impl Turn {
         self,
         mut generation: crate::lease::GenerationStream,
         tx: UnboundedSender<ChatEvent>,
-        _guard: OwnedMutexGuard<()>,
+        _lock: TurnLock,
     ) {
         let mut text = String::new();
         let mut client_gone = false;

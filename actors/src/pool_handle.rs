@@ -65,15 +65,19 @@ impl PoolHandle {
             AcquireReply::ShuttingDown => return Err(PoolError::ShuttingDown),
             AcquireReply::Queued(w, rx) => (w, rx),
         };
-        match tokio::time::timeout(self.opts.acquire_timeout, rx).await {
+        // Leaves the queue however this wait ends early: timeout, or the caller
+        // dropping this future (a client that went away). A grant racing with
+        // it is dropped with `rx` and so released.
+        let mut place = QueuePlace { addr: &self.addr, waiter, waiting: true };
+        let result = match tokio::time::timeout(self.opts.acquire_timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(PoolError::ShuttingDown),
             Err(_) => {
-                // A grant racing with this timeout is dropped with `rx` and so released.
-                self.addr.do_send(CancelWait(waiter));
-                Err(PoolError::AcquireTimeout { timeout_ms: self.opts.acquire_timeout.as_millis() as u64 })
+                return Err(PoolError::AcquireTimeout { timeout_ms: self.opts.acquire_timeout.as_millis() as u64 })
             }
-        }
+        };
+        place.waiting = false;
+        result
     }
 
     /// Checks a request before it takes an instance: valid sampling, and the
@@ -132,6 +136,21 @@ impl PoolHandle {
     pub async fn shutdown(&self) {
         self.stop_accepting().await;
         let _ = self.addr.send(Stop).await;
+    }
+}
+
+/// A place in the pool's queue, given up when dropped while still waiting.
+struct QueuePlace<'a> {
+    addr: &'a Addr<PoolManager>,
+    waiter: crate::pool_state::WaiterId,
+    waiting: bool,
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.addr.do_send(CancelWait(self.waiter));
+        }
     }
 }
 

@@ -179,7 +179,11 @@ async fn chat_inner(state: &web::Data<ApiState>, req: ChatRequest, started: Inst
                 }
             };
             // A client that left drops the receiver: dropping `turn` then stops the generation.
-            if tx.send(out.into()).await.is_err() || last {
+            if tx.send(out.into()).await.is_err() {
+                state.metrics.request("chat", "cancelled", Some(started.elapsed()));
+                break;
+            }
+            if last {
                 break;
             }
         }

@@ -241,6 +241,7 @@ async fn completions_inner(
                 GenEvent::Token(t) => {
                     // The client left: dropping `generation` stops it within one token.
                     if send(chunk(json!({ "content": t }), None)).await.is_err() {
+                        state.metrics.request("chat_completions", "cancelled", Some(started.elapsed()));
                         return;
                     }
                 }
