@@ -38,11 +38,26 @@ fn start(instances: usize, data: &std::path::Path) -> Server {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.trim().to_string());
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
             }
         }
     });
     let base = rx.recv_timeout(Duration::from_secs(60)).expect("server started");
+    // Listening starts before the model is loaded: wait for /health to say 200.
+    let addr = base.trim_start_matches("http://").to_string();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        use std::io::{Read, Write};
+        if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+            let _ = write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            let mut r = String::new();
+            let _ = s.read_to_string(&mut r);
+            if r.starts_with("HTTP/1.1 200") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Server(child, base)
 }
 

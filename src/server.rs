@@ -1,5 +1,6 @@
-//! `modelpool serve`: the HTTP API in front of the pool and the chat layer,
-//! with a graceful drain on SIGTERM/SIGINT.
+//! `modelpool serve`: the HTTP API in front of the pool and the chat layer.
+//! It listens at once (health checks answer 503 "loading" while the model
+//! loads) and drains gracefully on SIGTERM/SIGINT.
 
 use std::time::Duration;
 
@@ -10,13 +11,12 @@ use crate::config::Config;
 use crate::startup::start_chat;
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let chat = start_chat(&cfg).await?;
     let settings = ApiSettings {
         api_keys: cfg.server.api_keys.clone(),
         metrics_require_key: cfg.server.metrics_require_key,
         max_body_bytes: cfg.server.max_body_bytes,
     };
-    let state = ApiState::new(chat.clone(), settings);
+    let state = ApiState::loading(settings);
     let drain = Duration::from_millis(cfg.server.drain_timeout_ms);
     let app_state = state.clone();
     let server = HttpServer::new(move || {
@@ -30,16 +30,34 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     .bind(&cfg.server.bind)
     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.server.bind))?;
     for addr in server.addrs() {
-        eprintln!("modelpool listening on http://{addr}");
+        eprintln!("modelpool listening on http://{addr} (ready once the model is loaded)");
     }
     let server = server.run();
     let handle = server.handle();
+    let mut server = std::pin::pin!(server);
+
+    let chat = tokio::select! {
+        loaded = start_chat(&cfg) => match loaded {
+            Ok(chat) => chat,
+            Err(e) => {
+                handle.stop(false).await;
+                return Err(e);
+            }
+        },
+        ended = &mut server => {
+            ended?;
+            anyhow::bail!("the HTTP server stopped while the model was loading");
+        }
+    };
+    state.attach(chat.clone());
+    eprintln!("modelpool ready");
 
     let pool = chat.pool().clone();
+    let draining = state.clone();
     actix::spawn(async move {
         wait_for_signal().await;
         eprintln!("Shutting down: no new requests; draining in-flight ones (up to {} ms)…", drain.as_millis());
-        state.start_draining();
+        draining.start_draining();
         pool.stop_accepting().await;
         if !pool.drain(drain).await {
             eprintln!("Drain timeout reached with requests still running");

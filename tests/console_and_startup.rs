@@ -84,6 +84,11 @@ fn bad_model_files_fail_with_a_clear_message() {
     let text = fixtures.join("not-a-model.gguf");
     fails_with(&["--model", text.to_str().unwrap(), "chat"], &["not-a-model.gguf", "not a GGUF model"]);
     fails_with(&["--model", "/nonexistent/model.gguf", "chat"], &["/nonexistent/model.gguf", "setup.sh"]);
+    // serve listens before it loads, and still exits with the error.
+    fails_with(
+        &["--model", corrupt.to_str().unwrap(), "serve", "--bind", "127.0.0.1:0"],
+        &["corrupt.gguf", "could not be loaded"],
+    );
 }
 
 #[test]

@@ -46,7 +46,7 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
                 }
                 lines.lock().unwrap().push(line);
             }
@@ -58,7 +58,24 @@ impl Server {
                 panic!("server did not start:\n{}", log.lock().unwrap().join("\n"));
             }
         };
-        Server { child, base, data_dir, log }
+        let mut server = Server { child, base, data_dir, log };
+        server.wait_ready();
+        server
+    }
+
+    /// Waits until GET /health answers 200 (the model is loaded).
+    fn wait_ready(&mut self) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
+            if health_status(&self.base) == Some(200) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("server exited with {status} while loading:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("server not ready within 60 s:\n{}", self.log_text());
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -74,6 +91,18 @@ impl Server {
         unsafe_kill(self.child.id(), "TERM");
         self.child.wait().unwrap()
     }
+}
+
+/// The status code of GET /health, with a plain blocking HTTP/1.1 request.
+pub fn health_status(base: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn unsafe_kill(pid: u32, signal: &str) {

@@ -87,6 +87,7 @@ pub(crate) fn sampling(
     top_p: Option<f32>,
     seed: Option<u32>,
 ) -> Result<SamplingParams, ApiError> {
+    let chat = state.chat()?;
     let mut s = base.clone();
     if let Some(v) = max_tokens {
         s.max_tokens = v;
@@ -101,7 +102,7 @@ pub(crate) fn sampling(
         s.seed = seed;
     }
     s.validate()?;
-    let n_ctx = state.chat.pool().options().instance.n_ctx;
+    let n_ctx = chat.pool().options().instance.n_ctx;
     if s.max_tokens >= n_ctx {
         return Err(ApiError::bad(
             "max_tokens",
@@ -141,12 +142,12 @@ async fn chat(
 }
 
 async fn chat_inner(state: &web::Data<ApiState>, req: ChatRequest, started: Instant) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
     state.admit()?;
     let conversation_id = req.conversation_id.as_deref().map(parse_conversation_id).transpose()?;
-    let sampling =
-        sampling(state, &state.chat.options().sampling, req.max_tokens, req.temperature, req.top_p, req.seed)?;
+    let sampling = sampling(state, &chat.options().sampling, req.max_tokens, req.temperature, req.top_p, req.seed)?;
     let msg = SendMessage { conversation_id, namespace: req.namespace, text: req.message, sampling: Some(sampling) };
-    let mut turn = state.chat.send(msg).await?;
+    let mut turn = chat.send(msg).await?;
     if !req.stream {
         let reply = turn.finish().await.map_err(ApiError::from);
         record(state, "chat", started, reply.as_ref().map(|r| &r.usage));
@@ -214,13 +215,14 @@ async fn get_conversation(
     id: web::Path<String>,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
     let id = parse_conversation_id(&id)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad("limit", format!("invalid limit: must be between 1 and 1000, got {limit}")));
     }
-    let conv = state.chat.conversation(&id)?;
-    let messages = state.chat.history(&id, q.after, limit + 1)?;
+    let conv = chat.conversation(&id)?;
+    let messages = chat.history(&id, q.after, limit + 1)?;
     let more = messages.len() > limit;
     let messages: Vec<StoredMessage> = messages.into_iter().take(limit).collect();
     let next_after = if more { messages.last().map(|m| m.id) } else { None };
@@ -238,8 +240,9 @@ async fn delete_conversation(
     _auth: Authorized,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
     let id = parse_conversation_id(&id)?;
-    let removed = state.chat.delete(id).await?;
+    let removed = chat.delete(id).await?;
     Ok(HttpResponse::Ok()
         .json(serde_json::json!({ "conversation_id": id.to_string(), "deleted": true, "messages": removed })))
 }

@@ -73,6 +73,7 @@ async fn embeddings(
 }
 
 async fn embeddings_inner(state: &ApiState, req: EmbeddingRequest) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
     state.admit()?;
     if let Some(f) = req.encoding_format.as_deref().filter(|f| *f != "float") {
         return Err(ApiError::bad(
@@ -81,8 +82,8 @@ async fn embeddings_inner(state: &ApiState, req: EmbeddingRequest) -> Result<Htt
         ));
     }
     let texts = inputs(req.input)?;
-    let tokens: u32 = texts.iter().map(|t| state.chat.pool().engine().count_tokens(t)).sum();
-    let vectors = state.chat.embedder().embed(texts).await?;
+    let tokens: u32 = texts.iter().map(|t| chat.pool().engine().count_tokens(t)).sum();
+    let vectors = chat.embedder().embed(texts).await?;
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
@@ -91,7 +92,7 @@ async fn embeddings_inner(state: &ApiState, req: EmbeddingRequest) -> Result<Htt
     Ok(HttpResponse::Ok().json(json!({
         "object": "list",
         "data": data,
-        "model": state.chat.embedder().model_name(),
+        "model": chat.embedder().model_name(),
         "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
     })))
 }

@@ -26,6 +26,8 @@ pub enum ApiError {
     Overloaded { message: String, retry_after_secs: u64 },
     #[error("the server is shutting down and accepts no new requests")]
     Draining { retry_after_secs: u64 },
+    #[error("the model is still loading; retry shortly")]
+    Loading { retry_after_secs: u64 },
     #[error("{0}")]
     Timeout(String),
     /// A server-side failure; the text is logged, the client gets a generic message.
@@ -62,6 +64,7 @@ impl ApiError {
             ApiError::ContextLength(_) => "context_length_exceeded",
             ApiError::Overloaded { .. } => "overloaded_error",
             ApiError::Draining { .. } => "shutting_down",
+            ApiError::Loading { .. } => "loading",
             ApiError::Timeout(_) => "timeout_error",
             ApiError::Internal(_) => "server_error",
         }
@@ -95,7 +98,9 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ContextLength(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Overloaded { .. } | ApiError::Draining { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded { .. } | ApiError::Draining { .. } | ApiError::Loading { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -107,7 +112,9 @@ impl ResponseError for ApiError {
         }
         let mut res = HttpResponse::build(self.status_code());
         match self {
-            ApiError::Overloaded { retry_after_secs, .. } | ApiError::Draining { retry_after_secs } => {
+            ApiError::Overloaded { retry_after_secs, .. }
+            | ApiError::Draining { retry_after_secs }
+            | ApiError::Loading { retry_after_secs } => {
                 res.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
             }
             ApiError::Unauthorized => {

@@ -215,7 +215,8 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 }
 
 async fn metrics(state: web::Data<ApiState>, _access: MetricsAccess) -> Result<HttpResponse, ApiError> {
-    let status = state.chat.pool().status().await?;
+    let chat = state.chat()?;
+    let status = chat.pool().status().await?;
     Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render(&status)))
 }
 

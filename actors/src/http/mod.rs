@@ -17,7 +17,7 @@ pub mod status;
 
 use std::future::{ready, Ready};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use actix_web::dev::Payload;
 use actix_web::error::JsonPayloadError;
@@ -48,20 +48,40 @@ impl Default for ApiSettings {
 /// What the routes share.
 #[derive(Clone)]
 pub struct ApiState {
-    pub chat: ChatHandle,
+    /// Set once the pool and the chat layer are up; until then the API answers 503.
+    chat: Arc<OnceLock<ChatHandle>>,
     pub metrics: Arc<Metrics>,
     pub settings: Arc<ApiSettings>,
     draining: Arc<AtomicBool>,
 }
 
 impl ApiState {
+    /// State for routes in front of a running chat layer.
     pub fn new(chat: ChatHandle, settings: ApiSettings) -> Self {
+        let state = Self::loading(settings);
+        state.attach(chat);
+        state
+    }
+
+    /// State for a server that listens while the model loads: the health
+    /// checks answer 503 "loading", other routes 503, until [`Self::attach`].
+    pub fn loading(settings: ApiSettings) -> Self {
         Self {
-            chat,
+            chat: Arc::new(OnceLock::new()),
             metrics: Arc::new(Metrics::new()),
             settings: Arc::new(settings),
             draining: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The chat layer is up: start serving.
+    pub fn attach(&self, chat: ChatHandle) {
+        let _ = self.chat.set(chat);
+    }
+
+    /// The chat layer, or 503 while it is still loading.
+    pub fn chat(&self) -> Result<&ChatHandle, ApiError> {
+        self.chat.get().ok_or(ApiError::Loading { retry_after_secs: error::RETRY_AFTER_SECS })
     }
 
     /// From now on: readiness fails and new generation requests get 503.

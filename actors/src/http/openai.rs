@@ -112,6 +112,7 @@ fn convert_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError
 }
 
 fn to_request(state: &ApiState, req: CompletionRequest) -> Result<(GenerateRequest, bool), ApiError> {
+    let chat = state.chat()?;
     if let Some(n) = req.n.filter(|n| *n != 1) {
         return Err(ApiError::bad("n", format!("invalid n: only 1 choice is supported, got {n}")));
     }
@@ -123,7 +124,7 @@ fn to_request(state: &ApiState, req: CompletionRequest) -> Result<(GenerateReque
     };
     let mut sampling = super::chat::sampling(
         state,
-        &state.chat.options().sampling,
+        &chat.options().sampling,
         req.max_completion_tokens.or(req.max_tokens),
         req.temperature,
         req.top_p,
@@ -195,14 +196,15 @@ async fn completions_inner(
     req: CompletionRequest,
     started: Instant,
 ) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
     state.admit()?;
     let model = req.model.clone().unwrap_or_default();
     let stream = req.stream;
     let (request, include_usage) = to_request(state, req)?;
-    let mut generation = state.chat.pool().generate(request).await?;
+    let mut generation = chat.pool().generate(request).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
-    let model = if model.is_empty() { state.chat.pool().engine_info().model_name } else { model };
+    let model = if model.is_empty() { chat.pool().engine_info().model_name } else { model };
 
     if !stream {
         let result = generation.collect_text().await.map_err(ApiError::from);
@@ -270,11 +272,12 @@ async fn completions_inner(
     Ok(sse_response(rx))
 }
 
-async fn models(state: web::Data<ApiState>, _auth: Authorized) -> HttpResponse {
-    let chat_model = state.chat.pool().engine_info().model_name;
-    let embed_model = state.chat.embedder().model_name().to_string();
+async fn models(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    let chat_model = chat.pool().engine_info().model_name;
+    let embed_model = chat.embedder().model_name().to_string();
     let entry = |id: String| json!({ "id": id, "object": "model", "created": 0, "owned_by": "modelpool" });
-    HttpResponse::Ok().json(json!({ "object": "list", "data": [entry(chat_model), entry(embed_model)] }))
+    Ok(HttpResponse::Ok().json(json!({ "object": "list", "data": [entry(chat_model), entry(embed_model)] })))
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
