@@ -40,7 +40,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         loaded = start_chat(&cfg) => match loaded {
             Ok(chat) => chat,
             Err(e) => {
-                handle.stop(false).await;
+                // The stop completes only while the server future runs: drive it to the end.
+                let stopping = handle.stop(false);
+                let _ = futures::join!(stopping, &mut server);
                 return Err(e);
             }
         },

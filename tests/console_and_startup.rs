@@ -28,6 +28,15 @@ fn run_console(args: &[&str], input: &str) -> (bool, String, String) {
     let mut child = cmd.spawn().expect("start modelpool");
     // A process that fails at start-up may exit before reading its input.
     let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    // A hung process fails the test instead of hanging the suite.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("modelpool {args:?} did not exit within 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let out = child.wait_with_output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
