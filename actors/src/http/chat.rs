@@ -1,18 +1,18 @@
 //! `POST /chat` (the simple chat endpoint, with memory) and
 //! `GET`/`DELETE /conversations/{id}`.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_web::{web, HttpResponse};
 use actix_web_lab::sse;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{sse_response, ApiError, ApiState, Authorized};
+use super::{sse_response, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat_actor::{ChatEvent, ChatReply, SendMessage};
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::StoredMessage;
-use crate::params::{FinishReason, SamplingParams, Usage};
+use crate::params::{FinishReason, Usage};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,56 +78,6 @@ pub(crate) fn parse_conversation_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
         .map_err(|_| ApiError::bad("conversation_id", format!("invalid conversation_id: must be a UUID, got {raw:?}")))
 }
 
-/// Request sampling: the configured defaults with the request's overrides, validated.
-pub(crate) fn sampling(
-    state: &ApiState,
-    base: &SamplingParams,
-    max_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<u32>,
-) -> Result<SamplingParams, ApiError> {
-    let chat = state.chat()?;
-    let mut s = base.clone();
-    if let Some(v) = max_tokens {
-        s.max_tokens = v;
-    }
-    if let Some(v) = temperature {
-        s.temperature = v;
-    }
-    if let Some(v) = top_p {
-        s.top_p = v;
-    }
-    if seed.is_some() {
-        s.seed = seed;
-    }
-    s.validate()?;
-    let n_ctx = chat.pool().options().instance.n_ctx;
-    if s.max_tokens >= n_ctx {
-        return Err(ApiError::bad(
-            "max_tokens",
-            format!("invalid max_tokens: must be less than the context size n_ctx={n_ctx}, got {}", s.max_tokens),
-        ));
-    }
-    Ok(s)
-}
-
-fn record(state: &ApiState, endpoint: &str, started: Instant, result: Result<&Usage, &ApiError>) {
-    match result {
-        Ok(u) => {
-            let ttft = Duration::from_secs_f64((u.time_to_first_token_ms + u.queue_wait_ms) / 1e3);
-            state.metrics.generation(
-                u.prompt_tokens,
-                u.completion_tokens,
-                Duration::from_secs_f64(u.queue_wait_ms / 1e3),
-                Some(ttft),
-            );
-            state.metrics.request(endpoint, "ok", Some(started.elapsed()));
-        }
-        Err(e) => state.metrics.request(endpoint, e.error_type(), Some(started.elapsed())),
-    }
-}
-
 async fn chat(
     state: web::Data<ApiState>,
     _auth: Authorized,
@@ -136,7 +86,7 @@ async fn chat(
     let started = Instant::now();
     let result = chat_inner(&state, body.into_inner(), started).await;
     if let Err(e) = &result {
-        record(&state, "chat", started, Err(e));
+        state.metrics.finished("chat", started, Err(e));
     }
     result
 }
@@ -145,12 +95,17 @@ async fn chat_inner(state: &web::Data<ApiState>, req: ChatRequest, started: Inst
     let chat = state.chat()?;
     state.admit()?;
     let conversation_id = req.conversation_id.as_deref().map(parse_conversation_id).transpose()?;
-    let sampling = sampling(state, &chat.options().sampling, req.max_tokens, req.temperature, req.top_p, req.seed)?;
+    let sampling = state.sampling(SamplingOverrides {
+        max_tokens: req.max_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
+    })?;
     let msg = SendMessage { conversation_id, namespace: req.namespace, text: req.message, sampling: Some(sampling) };
     let mut turn = chat.send(msg).await?;
     if !req.stream {
         let reply = turn.finish().await.map_err(ApiError::from);
-        record(state, "chat", started, reply.as_ref().map(|r| &r.usage));
+        state.metrics.finished("chat", started, reply.as_ref().map(|r| &r.usage));
         let reply = reply?;
         return Ok(HttpResponse::Ok().json(response_body(&reply)));
     }
@@ -169,13 +124,13 @@ async fn chat_inner(state: &web::Data<ApiState>, req: ChatRequest, started: Inst
                     (sse::Data::new(serde_json::json!({ "text": t }).to_string()).event("token"), false)
                 }
                 ChatEvent::Done(reply) => {
-                    record(&state, "chat", started, Ok(&reply.usage));
+                    state.metrics.finished("chat", started, Ok(&reply.usage));
                     let body = serde_json::to_string(&response_body(&reply)).expect("serialisable");
                     (sse::Data::new(body).event("done"), true)
                 }
                 ChatEvent::Error(e) => {
                     let e = ApiError::from(e);
-                    record(&state, "chat", started, Err(&e));
+                    state.metrics.finished("chat", started, Err(&e));
                     (sse::Data::new(e.body_json()).event("error"), true)
                 }
             };

@@ -2,7 +2,7 @@
 //! labels carry the endpoint, the outcome and the instance id.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpResponse};
 use prometheus_client::encoding::text::encode;
@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
 use super::{ApiError, ApiState, MetricsAccess};
+use crate::params::Usage;
 use crate::pool_state::{InstanceState, PoolStatus};
 
 pub const REQUESTS: &str = "modelpool_requests";
@@ -150,6 +151,20 @@ impl Metrics {
         self.queue_wait.observe(queue_wait.as_secs_f64());
         if let Some(t) = ttft {
             self.ttft.observe(t.as_secs_f64());
+        }
+    }
+
+    /// Records the end of one generation request: its tokens and timings, or
+    /// its error type as the outcome.
+    pub fn finished(&self, endpoint: &str, started: Instant, result: Result<&Usage, &ApiError>) {
+        match result {
+            Ok(u) => {
+                let queue_wait = Duration::from_secs_f64(u.queue_wait_ms / 1e3);
+                let ttft = Duration::from_secs_f64((u.time_to_first_token_ms + u.queue_wait_ms) / 1e3);
+                self.generation(u.prompt_tokens, u.completion_tokens, queue_wait, Some(ttft));
+                self.request(endpoint, "ok", Some(started.elapsed()));
+            }
+            Err(e) => self.request(endpoint, e.error_type(), Some(started.elapsed())),
         }
     }
 

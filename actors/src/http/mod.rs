@@ -27,6 +27,7 @@ pub use error::ApiError;
 pub use metrics::Metrics;
 
 use crate::chat_handle::ChatHandle;
+use crate::params::SamplingParams;
 
 /// Settings of the API layer.
 #[derive(Clone, Debug)]
@@ -43,6 +44,15 @@ impl Default for ApiSettings {
     fn default() -> Self {
         Self { api_keys: Vec::new(), metrics_require_key: false, max_body_bytes: 1 << 20 }
     }
+}
+
+/// Sampling fields a request may set; the rest are the configured defaults.
+#[derive(Default)]
+pub(crate) struct SamplingOverrides {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u32>,
 }
 
 /// What the routes share.
@@ -82,6 +92,26 @@ impl ApiState {
     /// The chat layer, or 503 while it is still loading.
     pub fn chat(&self) -> Result<&ChatHandle, ApiError> {
         self.chat.get().ok_or(ApiError::Loading { retry_after_secs: error::RETRY_AFTER_SECS })
+    }
+
+    /// The configured sampling with a request's overrides, validated; the
+    /// error names the field, the rule and the value.
+    pub(crate) fn sampling(&self, o: SamplingOverrides) -> Result<SamplingParams, ApiError> {
+        let chat = self.chat()?;
+        let mut s = chat.options().sampling.clone();
+        s.max_tokens = o.max_tokens.unwrap_or(s.max_tokens);
+        s.temperature = o.temperature.unwrap_or(s.temperature);
+        s.top_p = o.top_p.unwrap_or(s.top_p);
+        s.seed = o.seed.or(s.seed);
+        s.validate()?;
+        let n_ctx = chat.pool().options().instance.n_ctx;
+        if s.max_tokens >= n_ctx {
+            return Err(ApiError::bad(
+                "max_tokens",
+                format!("invalid max_tokens: must be less than the context size n_ctx={n_ctx}, got {}", s.max_tokens),
+            ));
+        }
+        Ok(s)
     }
 
     /// From now on: readiness fails and new generation requests get 503.

@@ -2,7 +2,7 @@
 //! the conversation) and `GET /v1/models`.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_web::{web, HttpResponse};
 use actix_web_lab::sse;
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{sse_response, unix_now, ApiError, ApiState, Authorized};
+use super::{sse_response, unix_now, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::lease::GenEvent;
 use crate::params::{ChatMessage, FinishReason, GenerateRequest, Role, Usage};
 
@@ -112,7 +112,6 @@ fn convert_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError
 }
 
 fn to_request(state: &ApiState, req: CompletionRequest) -> Result<(GenerateRequest, bool), ApiError> {
-    let chat = state.chat()?;
     if let Some(n) = req.n.filter(|n| *n != 1) {
         return Err(ApiError::bad("n", format!("invalid n: only 1 choice is supported, got {n}")));
     }
@@ -122,14 +121,12 @@ fn to_request(state: &ApiState, req: CompletionRequest) -> Result<(GenerateReque
         }
         s => s.map(|s| s as u32),
     };
-    let mut sampling = super::chat::sampling(
-        state,
-        &chat.options().sampling,
-        req.max_completion_tokens.or(req.max_tokens),
-        req.temperature,
-        req.top_p,
+    let mut sampling = state.sampling(SamplingOverrides {
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        temperature: req.temperature,
+        top_p: req.top_p,
         seed,
-    )?;
+    })?;
     sampling.stop = match req.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -162,22 +159,6 @@ fn finish_str(f: FinishReason) -> &'static str {
     }
 }
 
-fn record(state: &ApiState, started: Instant, result: Result<&Usage, &ApiError>) {
-    match result {
-        Ok(u) => {
-            let ttft = Duration::from_secs_f64((u.time_to_first_token_ms + u.queue_wait_ms) / 1e3);
-            state.metrics.generation(
-                u.prompt_tokens,
-                u.completion_tokens,
-                Duration::from_secs_f64(u.queue_wait_ms / 1e3),
-                Some(ttft),
-            );
-            state.metrics.request("chat_completions", "ok", Some(started.elapsed()));
-        }
-        Err(e) => state.metrics.request("chat_completions", e.error_type(), Some(started.elapsed())),
-    }
-}
-
 async fn completions(
     state: web::Data<ApiState>,
     _auth: Authorized,
@@ -186,7 +167,7 @@ async fn completions(
     let started = Instant::now();
     let result = completions_inner(&state, body.into_inner(), started).await;
     if let Err(e) = &result {
-        record(&state, started, Err(e));
+        state.metrics.finished("chat_completions", started, Err(e));
     }
     result
 }
@@ -208,7 +189,7 @@ async fn completions_inner(
 
     if !stream {
         let result = generation.collect_text().await.map_err(ApiError::from);
-        record(state, started, result.as_ref().map(|(_, c)| &c.usage));
+        state.metrics.finished("chat_completions", started, result.as_ref().map(|(_, c)| &c.usage));
         let (text, done) = result?;
         return Ok(HttpResponse::Ok().json(json!({
             "id": id,
@@ -248,7 +229,7 @@ async fn completions_inner(
                     }
                 }
                 GenEvent::Done(done) => {
-                    record(&state, started, Ok(&done.usage));
+                    state.metrics.finished("chat_completions", started, Ok(&done.usage));
                     let _ = send(chunk(json!({}), Some(finish_str(done.finish_reason)))).await;
                     if include_usage {
                         let last = json!({
@@ -261,7 +242,7 @@ async fn completions_inner(
                 }
                 GenEvent::Error(e) => {
                     let e = ApiError::from(e);
-                    record(&state, started, Err(&e));
+                    state.metrics.finished("chat_completions", started, Err(&e));
                     let _ = tx.send(sse::Data::new(e.body_json()).into()).await;
                     break;
                 }
