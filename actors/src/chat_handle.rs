@@ -7,8 +7,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::chat_actor::{
-    ChatActor, ChatCore, ChatError, ChatOptions, ChatReply, ChatStream, DeleteConversation, SendMessage, StopChat,
+    ChatActor, ChatError, ChatOptions, ChatReply, ChatStream, DeleteConversation, SendMessage, StopChat,
 };
+use crate::chat_core::ChatCore;
 use crate::memory::index::VectorIndex;
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, Durability, StoredMessage};

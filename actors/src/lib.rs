@@ -6,6 +6,7 @@
 //! [`PoolHandle::generate`]; see the repository README for a full example.
 
 pub mod chat_actor;
+pub mod chat_core;
 pub mod chat_handle;
 pub mod engine;
 pub mod error;
