@@ -8,4 +8,13 @@ cd "$ROOT"
 . scripts/env.sh
 scripts/setup.sh
 echo "[test] building and running the tests (first build compiles llama.cpp: ~10 min on 2 cores)" >&2
-cargo test --release --workspace "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --release --workspace "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) } }
+     END { printf "Total: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
