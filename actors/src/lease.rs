@@ -57,10 +57,11 @@ impl Lease {
         let (tx, rx) = unbounded_channel();
         let instance = self.instance;
         let cancel = Arc::new(AtomicBool::new(false));
-        let msg = Generate { request, sink: tx.clone(), cancel: cancel.clone() };
+        let span = tracing::info_span!("generation", instance, queue_wait_ms = self.waited.as_secs_f64() * 1e3);
+        let msg = Generate { request, sink: tx.clone(), cancel: cancel.clone(), span: span.clone() };
         let addr = self.addr.clone();
         let waited_ms = self.waited.as_secs_f64() * 1e3;
-        actix::spawn(async move {
+        let task = async move {
             let event = match tokio::time::timeout(max_generation, addr.send(msg)).await {
                 Ok(Ok(Ok(mut done))) => {
                     done.usage.queue_wait_ms = waited_ms;
@@ -98,7 +99,8 @@ impl Lease {
             }
             let _ = tx.send(event);
             drop(self);
-        });
+        };
+        actix::spawn(tracing::Instrument::instrument(task, span));
         GenerationStream { rx, instance }
     }
 }

@@ -21,6 +21,8 @@ pub struct Generate {
     pub sink: UnboundedSender<GenEvent>,
     /// Set by the watchdog to stop the loop before the next token.
     pub cancel: Arc<AtomicBool>,
+    /// The request's span, so the decode loop logs inside it.
+    pub span: tracing::Span,
 }
 
 /// Health probe: a cheap real decode.
@@ -77,6 +79,7 @@ impl Handler<Generate> for ModelActor {
     type Result = Result<Completion, EngineError>;
 
     fn handle(&mut self, msg: Generate, _: &mut Self::Context) -> Self::Result {
+        let _in_request = msg.span.enter();
         let sink = msg.sink;
         // An empty piece is a liveness check: a dropped receiver cancels.
         let mut emit = |text: &str| {
@@ -86,7 +89,20 @@ impl Handler<Generate> for ModelActor {
                 sink.send(GenEvent::Token(text.to_string())).is_ok()
             }
         };
-        self.backend.generate(&msg.request, &mut emit, &msg.cancel)
+        let result = self.backend.generate(&msg.request, &mut emit, &msg.cancel);
+        if let Ok(done) = &result {
+            let u = &done.usage;
+            tracing::debug!(
+                instance = self.id,
+                prompt_tokens = u.prompt_tokens,
+                completion_tokens = u.completion_tokens,
+                time_to_first_token_ms = u.time_to_first_token_ms,
+                total_ms = u.total_ms,
+                finish = ?done.finish_reason,
+                "generation finished"
+            );
+        }
+        result
     }
 }
 

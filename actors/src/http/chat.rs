@@ -91,6 +91,7 @@ async fn chat(
     result
 }
 
+#[tracing::instrument(name = "request", skip_all, fields(endpoint = "chat"))]
 async fn chat_inner(state: &web::Data<ApiState>, req: ChatRequest, started: Instant) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     state.admit()?;

@@ -172,6 +172,7 @@ async fn completions(
     result
 }
 
+#[tracing::instrument(name = "request", skip_all, fields(endpoint = "chat_completions"))]
 async fn completions_inner(
     state: &web::Data<ApiState>,
     req: CompletionRequest,
