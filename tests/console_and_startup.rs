@@ -6,18 +6,11 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::model_path;
+use common::modelpool_command;
 
 fn modelpool(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelpool"));
-    cmd.args(args)
-        .env("MODELPOOL_MODEL", model_path())
-        .env("MODELPOOL_THREADS", "1")
-        .env_remove("MODELPOOL_CONFIG")
-        .env_remove("MODELPOOL_PROFILE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = modelpool_command();
+    cmd.args(args).env("MODELPOOL_THREADS", "1").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
 

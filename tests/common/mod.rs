@@ -31,6 +31,17 @@ pub fn embed_model_path() -> PathBuf {
     path
 }
 
+/// The modelpool binary on the test models, with no outside config or
+/// profile leaking in; all three standard streams piped or silenced by the caller.
+pub fn modelpool_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_modelpool"));
+    cmd.env("MODELPOOL_MODEL", model_path())
+        .env("MODELPOOL_EMBEDDING_MODEL", embed_model_path())
+        .env_remove("MODELPOOL_CONFIG")
+        .env_remove("MODELPOOL_PROFILE");
+    cmd
+}
+
 /// One engine for the whole test binary: the weights are loaded once.
 pub fn engine() -> Arc<LlamaEngine> {
     static ENGINE: OnceLock<Arc<LlamaEngine>> = OnceLock::new();

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{embed_model_path, model_path};
+use super::modelpool_command;
 
 pub struct Server {
     pub child: Child,
@@ -23,15 +23,11 @@ impl Server {
     }
 
     pub fn start_in(data_dir: tempfile::TempDir, flags: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelpool"));
+        let mut cmd = modelpool_command();
         cmd.args(["--data-dir", data_dir.path().to_str().unwrap(), "--threads", "1", "--n-ctx", "512"])
             .args(flags)
             .args(["serve", "--bind", "127.0.0.1:0"])
-            .env("MODELPOOL_MODEL", model_path())
-            .env("MODELPOOL_EMBEDDING_MODEL", embed_model_path())
             .env("MODELPOOL_HEALTH_INTERVAL_MS", "0")
-            .env_remove("MODELPOOL_CONFIG")
-            .env_remove("MODELPOOL_PROFILE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -48,15 +48,12 @@ fn inputs(raw: Value) -> Result<Vec<String>, ApiError> {
     Ok(list)
 }
 
+/// The first 60 characters of a JSON value, for error messages.
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 60 {
-        format!(
-            "{}…",
-            &s[..s.char_indices().take_while(|(i, _)| *i < 60).last().map(|(i, c)| i + c.len_utf8()).unwrap_or(0)]
-        )
-    } else {
-        s
+    match s.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s,
     }
 }
 
