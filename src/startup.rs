@@ -58,8 +58,8 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
             say(
                 &progress_bar,
                 format!(
-                    "Instance {index}/{total} ready in {millis} ms (KV cache {:.1} MiB, {threads} thread(s))",
-                    mib(info.kv_bytes)
+                    "Instance {index}/{total} ready in {millis} ms (KV cache ~{:.1} MiB, estimated; {threads} thread(s))",
+                    mib(info.kv_bytes_estimate)
                 ),
             );
         }
@@ -88,7 +88,9 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
 pub async fn start_chat(cfg: &Config) -> anyhow::Result<ChatHandle> {
     let pool = start_pool(cfg).await?;
     eprintln!("Loading embedding model {}…", cfg.embedding_model.display());
-    let embedder = EmbedderHandle::start(&cfg.embedding_model, 1).await?;
+    let embedder = EmbedderHandle::start(&cfg.embedding_model, 1)
+        .await?
+        .with_timeout(std::time::Duration::from_millis(cfg.chat.embed_timeout_ms));
     let chat = ChatHandle::start(pool, embedder, &cfg.data_dir, cfg.chat.durability, cfg.chat_options())?;
     eprintln!(
         "Chat memory ready: {} conversation(s), {} message vector(s) in {}",

@@ -40,7 +40,7 @@ impl InstanceBackend for FakeInstance {
         Ok(())
     }
     fn info(&self) -> InstanceInfo {
-        InstanceInfo { weights_addr: 1, kv_bytes: 0 }
+        InstanceInfo { weights_addr: 1, kv_bytes_estimate: 0 }
     }
     fn inject_fault(&mut self, fault: Fault) {
         self.fault = Some(fault);
@@ -107,4 +107,31 @@ async fn start_up_fails_with_the_instance_named_when_a_context_cannot_be_made() 
     let engine = Arc::new(FakeEngine { created: AtomicUsize::new(0), fail_after: 1 });
     let err = PoolHandle::start(engine, opts(3), Arc::new(|_| {})).await.err().unwrap();
     assert!(err.to_string().contains("instance 2") && err.to_string().contains("out of memory"), "{err}");
+}
+
+#[actix::test]
+async fn a_waiter_dropped_before_its_queue_reply_does_not_hold_a_queue_place() {
+    let mut o = opts(1);
+    o.max_queue = 1;
+    let pool =
+        PoolHandle::start(Arc::new(FakeEngine { created: AtomicUsize::new(0), fail_after: 9 }), o, Arc::new(|_| {}))
+            .await
+            .unwrap();
+    let held = pool.acquire().await.unwrap();
+    // Polled once: the Acquire is in the manager's mailbox; dropped before the reply.
+    {
+        let mut early = Box::pin(pool.acquire());
+        assert!(futures::poll!(&mut early).is_pending());
+    }
+    // The manager queued it, then found nobody to tell: the place is free for the next caller.
+    let next = {
+        let pool = pool.clone();
+        actix::spawn(async move { pool.acquire().await.map(|l| l.instance()) })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = pool.status().await.unwrap();
+    assert_eq!(status.queued, 1, "only the live waiter is queued: {status:?}");
+    drop(held);
+    assert_eq!(next.await.unwrap().unwrap(), 0);
+    pool.shutdown().await;
 }

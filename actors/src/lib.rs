@@ -22,7 +22,9 @@ pub mod pool_state;
 pub use chat_actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
 pub use chat_handle::ChatHandle;
 pub use engine::llama::{LlamaEngine, PerRequestEngine};
-pub use engine::{Engine, EngineInfo, Fault, InstanceInfo, InstanceOptions};
+#[cfg(feature = "fault-injection")]
+pub use engine::Fault;
+pub use engine::{Engine, EngineInfo, InstanceInfo, InstanceOptions};
 pub use error::{EngineError, PoolError};
 pub use lease::{GenEvent, GenerationStream, Lease};
 pub use memory::{Conversation, ConversationId, Durability, EmbedderHandle, Recalled, StoredMessage};

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::{Fault, InstanceBackend, InstanceInfo};
+#[cfg(feature = "fault-injection")]
+use crate::engine::Fault;
+use crate::engine::{InstanceBackend, InstanceInfo};
 use crate::error::EngineError;
 use crate::lease::GenEvent;
 use crate::params::{Completion, GenerateRequest};
@@ -36,6 +38,7 @@ pub struct Probe;
 pub struct Describe;
 
 /// Test hook: the next decode fails, panics or stalls.
+#[cfg(feature = "fault-injection")]
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct InjectFault(pub Fault);
@@ -122,6 +125,7 @@ impl Handler<Describe> for ModelActor {
     }
 }
 
+#[cfg(feature = "fault-injection")]
 impl Handler<InjectFault> for ModelActor {
     type Result = ();
 

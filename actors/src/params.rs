@@ -60,8 +60,14 @@ pub struct SamplingParams {
     pub seed: Option<u32>,
     /// Penalty for repeating recent tokens; 1.0 disables.
     pub repeat_penalty: f32,
-    /// How many recent tokens the repeat penalty looks at.
+    /// How many recent tokens the repeat, frequency and presence penalties look at.
     pub repeat_last_n: i32,
+    /// OpenAI's frequency penalty: subtracted per earlier occurrence; 0 disables.
+    pub frequency_penalty: f32,
+    /// OpenAI's presence penalty: subtracted once a token occurred; 0 disables.
+    pub presence_penalty: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 disables.
+    pub min_p: f32,
     /// Most tokens to generate.
     pub max_tokens: u32,
     /// Generation ends before any of these strings; they are not emitted.
@@ -77,6 +83,9 @@ impl Default for SamplingParams {
             seed: None,
             repeat_penalty: 1.1,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            min_p: 0.0,
             max_tokens: 256,
             stop: Vec::new(),
         }
@@ -109,6 +118,14 @@ impl SamplingParams {
         }
         if self.repeat_last_n < 0 {
             return bad("repeat_last_n", "must be 0 or positive", self.repeat_last_n.to_string());
+        }
+        for (field, v) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return bad(field, "must be between -2 and 2", v.to_string());
+            }
+        }
+        if !(self.min_p.is_finite() && (0.0..=1.0).contains(&self.min_p)) {
+            return bad("min_p", "must be between 0 and 1", self.min_p.to_string());
         }
         if self.max_tokens == 0 {
             return bad("max_tokens", "must be at least 1", self.max_tokens.to_string());
@@ -153,6 +170,10 @@ pub struct Usage {
     /// Time the request waited in the pool's queue for an instance.
     #[serde(default)]
     pub queue_wait_ms: f64,
+    /// When the first token was sampled, so that callers can measure time to
+    /// first token from wherever their request began (not serialised).
+    #[serde(skip)]
+    pub first_token_at: Option<std::time::Instant>,
 }
 
 /// The end of a successful generation.

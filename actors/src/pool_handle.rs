@@ -8,13 +8,17 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use crate::engine::generate::check_fits;
-use crate::engine::{Engine, EngineInfo, Fault, InstanceInfo};
+#[cfg(feature = "fault-injection")]
+use crate::engine::Fault;
+use crate::engine::{Engine, EngineInfo, InstanceInfo};
 use crate::error::{EngineError, PoolError};
 use crate::lease::{GenerationStream, Lease};
 use crate::params::GenerateRequest;
+#[cfg(feature = "fault-injection")]
+use crate::pool_manager::InjectInto;
 use crate::pool_manager::{
-    Acquire, AcquireReply, CancelWait, DescribeInstance, GetStatus, InjectInto, PoolManager, PoolOptions, ProgressFn,
-    Stop, StopAccepting,
+    Acquire, AcquireReply, CancelWait, DescribeInstance, GetStatus, PoolManager, PoolOptions, ProgressFn, Stop,
+    StopAccepting,
 };
 use crate::pool_state::PoolStatus;
 
@@ -106,7 +110,8 @@ impl PoolHandle {
     }
 
     /// Test hook: makes instance `instance` misbehave on its next decode.
-    #[doc(hidden)]
+    /// Only with the `fault-injection` feature (test builds).
+    #[cfg(feature = "fault-injection")]
     pub async fn inject_fault(&self, instance: usize, fault: Fault) -> bool {
         self.addr.send(InjectInto(instance, fault)).await.unwrap_or(false)
     }

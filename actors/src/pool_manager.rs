@@ -9,10 +9,14 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::engine::{Engine, Fault, InstanceInfo, InstanceOptions};
+#[cfg(feature = "fault-injection")]
+use crate::engine::Fault;
+use crate::engine::{Engine, InstanceInfo, InstanceOptions};
 use crate::error::{EngineError, PoolError};
 use crate::lease::Lease;
-use crate::model_actor::{Describe, InjectFault, InstanceStopped, ModelActor, Probe};
+#[cfg(feature = "fault-injection")]
+use crate::model_actor::InjectFault;
+use crate::model_actor::{Describe, InstanceStopped, ModelActor, Probe};
 use crate::pool_state::{Admission, InstanceState, LeaseId, Outcome, PoolState, PoolStatus, WaiterId};
 
 /// Settings of a pool.
@@ -254,6 +258,16 @@ impl Handler<Acquire> for PoolManager {
     type Result = MessageResult<Acquire>;
 
     fn handle(&mut self, _: Acquire, ctx: &mut Self::Context) -> Self::Result {
+        // Waiters whose caller went away (even before it got its queue place)
+        // leave the queue now, so they do not count against max_queue.
+        let state = &mut self.state;
+        self.waiters.retain(|w, tx| {
+            let gone = tx.is_closed();
+            if gone {
+                state.cancel_waiter(*w);
+            }
+            !gone
+        });
         MessageResult(match self.state.admit() {
             Admission::Granted { instance, lease } => AcquireReply::Granted(self.lease_for(instance, lease, ctx)),
             Admission::Queued(w) => {
@@ -331,10 +345,12 @@ impl Handler<GetStatus> for PoolManager {
 }
 
 /// Forwards a test fault to an instance.
+#[cfg(feature = "fault-injection")]
 #[derive(Message)]
 #[rtype(result = "bool")]
 pub(crate) struct InjectInto(pub usize, pub Fault);
 
+#[cfg(feature = "fault-injection")]
 impl Handler<InjectInto> for PoolManager {
     type Result = bool;
 

@@ -3,7 +3,7 @@
 //! The [`crate::pool_manager::PoolManager`] actor drives it.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -288,18 +288,6 @@ impl PoolState {
                 true
             }
         }
-    }
-
-    /// Busy leases older than `limit`: the watchdog's view.
-    pub fn overdue(&self, limit: Duration) -> Vec<(usize, LeaseId)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match (s.lease, s.busy_since) {
-                (Some(l), Some(t)) if t.elapsed() > limit => Some((i, l)),
-                _ => None,
-            })
-            .collect()
     }
 
     /// Marks an instance broken outside a lease (failed probe, dead actor).

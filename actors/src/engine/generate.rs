@@ -11,17 +11,24 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
+use super::fault::FaultSlot;
 use super::prompt::tokenize_chat;
 use super::text::TextStream;
-use super::Fault;
 use crate::error::EngineError;
 use crate::params::{Completion, FinishReason, GenerateRequest, SamplingParams, Usage};
 
 /// Builds the sampler chain; temperature 0 is greedy.
 pub fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
     let mut chain = Vec::new();
-    if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
-        chain.push(LlamaSampler::penalties(model.n_vocab(), p.repeat_last_n, p.repeat_penalty, 0.0, 0.0));
+    let penalised = p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+    if penalised && p.repeat_last_n > 0 {
+        chain.push(LlamaSampler::penalties(
+            model.n_vocab(),
+            p.repeat_last_n,
+            p.repeat_penalty,
+            p.frequency_penalty,
+            p.presence_penalty,
+        ));
     }
     if p.temperature <= 0.0 {
         chain.push(LlamaSampler::greedy());
@@ -30,6 +37,9 @@ pub fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
             chain.push(LlamaSampler::top_k(p.top_k));
         }
         chain.push(LlamaSampler::top_p(p.top_p, 1));
+        if p.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(p.min_p, 1));
+        }
         chain.push(LlamaSampler::temp(p.temperature));
         let seed = p.seed.unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
@@ -39,14 +49,9 @@ pub fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
     LlamaSampler::chain_simple(chain)
 }
 
-/// Decodes a batch, applying an injected test fault first.
-fn decode(ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatch, fault: &mut Option<Fault>) -> Result<(), EngineError> {
-    match fault.take() {
-        Some(Fault::FailNextDecode) => return Err(EngineError::Decode("injected decode failure".into())),
-        Some(Fault::PanicNextDecode) => panic!("injected panic in the decode loop"),
-        Some(Fault::StallNextDecode(d)) => std::thread::sleep(d),
-        None => {}
-    }
+/// Decodes a batch (after an injected test fault, in test builds).
+fn decode(ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatch, fault: &mut FaultSlot) -> Result<(), EngineError> {
+    fault.fire()?;
     ctx.decode(batch).map_err(|e| EngineError::Decode(e.to_string()))
 }
 
@@ -112,6 +117,7 @@ impl Sequence {
                 0.0
             },
             queue_wait_ms: 0.0,
+            first_token_at: self.first_token,
         }
     }
 }
@@ -133,7 +139,7 @@ pub fn run_generation(
     request: &GenerateRequest,
     emit: &mut dyn FnMut(&str) -> bool,
     cancel: &AtomicBool,
-    fault: &mut Option<Fault>,
+    fault: &mut FaultSlot,
 ) -> Result<Completion, EngineError> {
     let started = Instant::now();
     request.sampling.validate()?;
@@ -197,11 +203,7 @@ pub fn run_generation(
 
 /// A cheap real health check: decode one token on a cleared cache and check
 /// that the logits are finite.
-pub fn probe_context(
-    ctx: &mut LlamaContext<'_>,
-    model: &LlamaModel,
-    fault: &mut Option<Fault>,
-) -> Result<(), EngineError> {
+pub fn probe_context(ctx: &mut LlamaContext<'_>, model: &LlamaModel, fault: &mut FaultSlot) -> Result<(), EngineError> {
     ctx.clear_kv_cache();
     let mut batch = LlamaBatch::new(1, 1);
     let token = model.vocab().bos();

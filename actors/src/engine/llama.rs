@@ -13,16 +13,19 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 
+use super::fault::FaultSlot;
 use super::generate::{probe_context, run_generation};
 use super::prompt::tokenize_chat;
-use super::{Engine, EngineInfo, Fault, InstanceBackend, InstanceInfo, InstanceOptions};
+#[cfg(feature = "fault-injection")]
+use super::Fault;
+use super::{Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions};
 use crate::error::EngineError;
 use crate::params::{ChatMessage, Completion, GenerateRequest};
 
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
 static BACKEND_INIT: Mutex<()> = Mutex::new(());
 /// Context creation mutates the model in llama.cpp: never do two at once.
-static CONTEXT_CREATION: Mutex<()> = Mutex::new(());
+pub(crate) static CONTEXT_CREATION: Mutex<()> = Mutex::new(());
 
 /// The process-wide llama.cpp backend (initialised once; llama.cpp logs go to tracing).
 pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
@@ -74,7 +77,9 @@ fn context_params(opts: &InstanceOptions) -> LlamaContextParams {
         .with_n_threads_batch(threads)
 }
 
-/// Bytes of a context's KV cache (f16 K and V for every layer).
+/// Estimated bytes of a context's KV cache: f16 K and V (llama.cpp's default
+/// cache type, which modelpool does not change) for every layer, assuming
+/// one head size for K and V. llama.cpp reports no figure for the buffer.
 fn kv_bytes(model: &LlamaModel, n_ctx: u32) -> u64 {
     let n_head = model.n_head().max(1) as u64;
     let n_embd_gqa = model.n_embd() as u64 * model.n_head_kv() as u64 / n_head;
@@ -143,14 +148,14 @@ impl Engine for LlamaEngine {
             instance = id,
             n_ctx = opts.n_ctx,
             threads = opts.n_threads,
-            kv_bytes = kv,
+            kv_bytes_estimate = kv,
             "instance context created"
         );
         Ok(Box::new(LlamaInstance {
             model: self.model,
             ctx,
             template: self.template.clone(),
-            fault: None,
+            fault: FaultSlot::default(),
             kv_bytes: kv,
         }))
     }
@@ -173,7 +178,7 @@ pub struct LlamaInstance {
     model: &'static LlamaModel,
     ctx: LlamaContext<'static>,
     template: String,
-    fault: Option<Fault>,
+    fault: FaultSlot,
     kv_bytes: u64,
 }
 
@@ -192,11 +197,12 @@ impl InstanceBackend for LlamaInstance {
     }
 
     fn info(&self) -> InstanceInfo {
-        InstanceInfo { weights_addr: self.model as *const LlamaModel as usize, kv_bytes: self.kv_bytes }
+        InstanceInfo { weights_addr: self.model as *const LlamaModel as usize, kv_bytes_estimate: self.kv_bytes }
     }
 
+    #[cfg(feature = "fault-injection")]
     fn inject_fault(&mut self, fault: Fault) {
-        self.fault = Some(fault);
+        self.fault.set(fault);
     }
 }
 
@@ -219,7 +225,11 @@ impl Engine for PerRequestEngine {
     }
 
     fn create_instance(&self, _id: usize, opts: &InstanceOptions) -> Result<Box<dyn InstanceBackend>, EngineError> {
-        Ok(Box::new(PerRequestInstance { path: self.inner.path.clone(), opts: opts.clone(), fault: None }))
+        Ok(Box::new(PerRequestInstance {
+            path: self.inner.path.clone(),
+            opts: opts.clone(),
+            fault: FaultSlot::default(),
+        }))
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
@@ -234,7 +244,7 @@ impl Engine for PerRequestEngine {
 struct PerRequestInstance {
     path: PathBuf,
     opts: InstanceOptions,
-    fault: Option<Fault>,
+    fault: FaultSlot,
 }
 
 impl InstanceBackend for PerRequestInstance {
@@ -266,10 +276,11 @@ impl InstanceBackend for PerRequestInstance {
     }
 
     fn info(&self) -> InstanceInfo {
-        InstanceInfo { weights_addr: 0, kv_bytes: 0 }
+        InstanceInfo { weights_addr: 0, kv_bytes_estimate: 0 }
     }
 
+    #[cfg(feature = "fault-injection")]
     fn inject_fault(&mut self, fault: Fault) {
-        self.fault = Some(fault);
+        self.fault.set(fault);
     }
 }

@@ -3,13 +3,13 @@
 //! ([`llama::LlamaEngine`]), and unit tests of the pool use a fake.
 
 pub mod embed;
+pub mod fault;
 pub mod generate;
 pub mod llama;
 pub mod prompt;
 pub mod text;
 
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use crate::error::EngineError;
 use crate::params::{ChatMessage, Completion, GenerateRequest};
@@ -36,14 +36,8 @@ pub struct EngineInfo {
     pub per_request: bool,
 }
 
-/// A failure injected into an instance by tests: the next decode fails, panics
-/// the instance's thread, or stalls (blocking without looking at cancellation).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    FailNextDecode,
-    PanicNextDecode,
-    StallNextDecode(Duration),
-}
+#[cfg(feature = "fault-injection")]
+pub use fault::Fault;
 
 /// Identity and memory of one live instance.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,8 +45,10 @@ pub struct InstanceInfo {
     /// Address of the weights this instance decodes with: equal for all
     /// instances that share one copy.
     pub weights_addr: usize,
-    /// Bytes of this instance's KV cache.
-    pub kv_bytes: u64,
+    /// Bytes of this instance's KV cache, estimated as n_ctx × layers × 2 (K
+    /// and V) × KV width × 2 bytes: llama.cpp's default f16 cache, with the
+    /// KV width taken as n_embd × n_head_kv / n_head (one head size for K and V).
+    pub kv_bytes_estimate: u64,
 }
 
 /// Loads weights once and creates instances (contexts) on them.
@@ -87,5 +83,6 @@ pub trait InstanceBackend: Send {
     fn info(&self) -> InstanceInfo;
 
     /// Test hook: makes the next decode misbehave.
+    #[cfg(feature = "fault-injection")]
     fn inject_fault(&mut self, fault: Fault);
 }

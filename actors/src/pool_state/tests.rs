@@ -104,15 +104,6 @@ fn probes_skip_busy_and_failed_probe_asks_replacement() {
 }
 
 #[test]
-fn overdue_lists_long_leases_only() {
-    let mut p = ready_pool(1, 0);
-    let (i, l) = granted(p.admit());
-    assert!(p.overdue(Duration::from_secs(60)).is_empty());
-    std::thread::sleep(Duration::from_millis(5));
-    assert_eq!(p.overdue(Duration::from_millis(1)), vec![(i, l)]);
-}
-
-#[test]
 fn stop_accepting_turns_waiters_away() {
     let mut p = ready_pool(1, 2);
     granted(p.admit());
