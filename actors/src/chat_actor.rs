@@ -56,8 +56,18 @@ pub enum ChatError {
     Pool(#[from] PoolError),
     #[error("embedding: {0}")]
     Embedding(EngineError),
+    /// The store could not read or write (I/O error, disk full).
     #[error("storage: {0}")]
     Store(String),
+    /// The caller may not use this namespace.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The chat layer has stopped (shutting down).
+    #[error("the chat layer has stopped")]
+    Stopped,
+    /// A turn ended in a way that is a bug, not the client's or the store's doing.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<StoreError> for ChatError {
@@ -82,7 +92,10 @@ impl ChatError {
             ChatError::InvalidInput { .. } => "invalid_request",
             ChatError::Pool(p) => p.error_type(),
             ChatError::Embedding(_) => "embedding_error",
-            ChatError::Store(_) => "storage_error",
+            ChatError::Store(_) => "storage_unavailable",
+            ChatError::Forbidden(_) => "forbidden",
+            ChatError::Stopped => "shutting_down",
+            ChatError::Internal(_) => "internal",
         }
     }
 }
@@ -130,7 +143,7 @@ impl ChatStream {
                 ChatEvent::Error(e) => return Err(e),
             }
         }
-        Err(ChatError::Store("the turn ended without a result".into()))
+        Err(ChatError::Internal("the turn ended without a result".into()))
     }
 }
 

@@ -93,9 +93,10 @@ impl ChatCore {
         self.validate(&msg.text)?;
         let sampling = msg.sampling.unwrap_or_else(|| self.opts.sampling.clone());
         sampling.validate()?;
-        let conv = match msg.conversation_id {
-            Some(id) => self.store.conversation(&id)?,
-            None => self.store.create_conversation(msg.namespace.as_deref().unwrap_or("default")).await?,
+        // A new conversation is stored with its first message, after admission.
+        let (conv, is_new) = match msg.conversation_id {
+            Some(id) => (self.store.conversation(&id)?, false),
+            None => (self.store.new_conversation(msg.namespace.as_deref().unwrap_or("default")), true),
         };
         let guard = self.lock(conv.id).await;
 
@@ -115,7 +116,11 @@ impl ChatCore {
         // Admission before anything is stored: a rejected turn leaves no trace.
         let generation = self.pool.generate(GenerateRequest { messages: built.messages.clone(), sampling }).await?;
         let user_tokens = engine.count_tokens(&msg.text);
-        let user_msg = self.store.append(&conv, Role::User, &msg.text, user_tokens, &vector).await?;
+        let user_msg = if is_new {
+            self.store.append_first(&conv, Role::User, &msg.text, user_tokens, &vector).await?
+        } else {
+            self.store.append(&conv, Role::User, &msg.text, user_tokens, &vector).await?
+        };
         self.index.insert(user_msg.id, conv.id, &conv.namespace, vector);
 
         let (tx, rx) = unbounded_channel();
@@ -175,7 +180,8 @@ impl Turn {
     ) {
         let mut text = String::new();
         let mut client_gone = false;
-        let mut outcome: Result<Completion, ChatError> = Err(ChatError::Store("generation ended early".into()));
+        let mut outcome: Result<Completion, ChatError> =
+            Err(ChatError::Internal("the generation stream ended without a result".into()));
         while let Some(ev) = generation.next().await {
             match ev {
                 GenEvent::Token(t) => {

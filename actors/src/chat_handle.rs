@@ -59,7 +59,7 @@ impl ChatHandle {
 
     /// Starts a turn; the stream yields the reply as it is generated.
     pub async fn send(&self, msg: SendMessage) -> Result<ChatStream, ChatError> {
-        self.addr.send(msg).await.map_err(|_| ChatError::Store("the chat actor stopped".into()))?
+        self.addr.send(msg).await.map_err(|_| ChatError::Stopped)?
     }
 
     /// A whole turn with the default sampling.
@@ -88,7 +88,7 @@ impl ChatHandle {
     }
 
     pub async fn delete(&self, id: ConversationId) -> Result<usize, ChatError> {
-        self.addr.send(DeleteConversation(id)).await.map_err(|_| ChatError::Store("the chat actor stopped".into()))?
+        self.addr.send(DeleteConversation(id)).await.map_err(|_| ChatError::Stopped)?
     }
 
     /// What memory would recall for `text` in this conversation now (the
@@ -99,6 +99,11 @@ impl ChatHandle {
         let recent = self.core.store.recent(id, self.core.opts.recent_messages)?;
         let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
         self.core.recall(&conv, &vector, &exclude)
+    }
+
+    /// Why the conversation store cannot write, if it cannot.
+    pub fn storage_error(&self) -> Option<String> {
+        self.core.store.write_error()
     }
 
     /// Number of live vectors in the index.

@@ -21,8 +21,10 @@ pub enum EngineError {
     Template(String),
     #[error("decode failed: {0}")]
     Decode(String),
-    #[error("embedding failed: {0}")]
+    #[error("{0}")]
     Embed(String),
+    #[error("input[{index}] is {tokens} tokens, more than the embedding model's limit of {limit} tokens")]
+    InputTooLong { index: usize, tokens: usize, limit: usize },
 }
 
 impl EngineError {
@@ -65,6 +67,7 @@ impl PoolError {
             PoolError::Engine(e) => match e {
                 EngineError::InvalidParam { .. } => "invalid_request",
                 EngineError::PromptTooLong { .. } => "context_length_exceeded",
+                EngineError::Template(_) | EngineError::InputTooLong { .. } => "invalid_request",
                 _ => "engine_error",
             },
         }

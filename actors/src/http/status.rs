@@ -20,32 +20,46 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
         "accepting": status.accepting,
         "totals": totals,
         "instances": status.instances,
+        "embedder": chat.embedder().health(),
+        "storage": { "writable": chat.storage_error().is_none(), "error": chat.storage_error() },
     })))
 }
 
-/// 200 when at least one instance can serve and the server is not draining; 503 otherwise.
+fn unavailable(body: serde_json::Value) -> HttpResponse {
+    HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "1")).json(body)
+}
+
+/// 200 when everything a request needs works: an instance can serve, the
+/// store can write, the embedder answers, and the server is not draining.
+/// 503 otherwise, with the reason as `status` and, where known, its `cause`.
 async fn ready(state: web::Data<ApiState>) -> HttpResponse {
-    let (code, status) = match state.chat() {
-        _ if state.is_draining() => (503, "draining".to_string()),
-        Err(_) => (503, "loading".to_string()),
-        Ok(chat) => match chat.pool().status().await {
-            Ok(s) if s.ready() => (200, "ok".to_string()),
-            Ok(s) if s.loading > 0 => (503, "loading".to_string()),
-            Ok(_) => (503, "unhealthy".to_string()),
-            Err(_) => (503, "stopped".to_string()),
-        },
-    };
-    let body = json!({ "status": status });
-    if code == 200 {
-        HttpResponse::Ok().json(body)
-    } else {
-        HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "1")).json(body)
+    if state.is_draining() {
+        return unavailable(json!({ "status": "draining" }));
+    }
+    let Ok(chat) = state.chat() else { return unavailable(json!({ "status": "loading" })) };
+    if let Some(cause) = chat.storage_error() {
+        return unavailable(json!({ "status": "storage_unavailable", "cause": cause }));
+    }
+    let embedder = chat.embedder().health();
+    if !embedder.healthy {
+        return unavailable(json!({ "status": "embedder_unavailable", "cause": embedder.last_error }));
+    }
+    match chat.pool().status().await {
+        Ok(s) if s.ready() => HttpResponse::Ok().json(json!({ "status": "ok" })),
+        Ok(s) if s.loading > 0 => unavailable(json!({ "status": "loading" })),
+        Ok(_) => unavailable(json!({ "status": "unhealthy", "cause": "no model instance can serve" })),
+        Err(_) => unavailable(json!({ "status": "stopped" })),
     }
 }
 
-/// 200 while the process serves HTTP at all.
-async fn live() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
+/// 200 while the process serves HTTP and can recover by itself. A store that
+/// cannot write stays so until the process restarts (sled keeps its I/O
+/// error until reopened), so liveness fails too: a supervisor restarts it.
+async fn live(state: web::Data<ApiState>) -> HttpResponse {
+    match state.chat().ok().and_then(|c| c.storage_error()) {
+        Some(cause) => unavailable(json!({ "status": "storage_unavailable", "cause": cause })),
+        None => HttpResponse::Ok().json(json!({ "status": "ok" })),
+    }
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {

@@ -1,8 +1,9 @@
-//! Builds the prompt for one chat turn: system prompt, a short block of
-//! recalled earlier messages, then the most recent turns, all within the
-//! context budget as counted by the model's own tokenizer. When something
-//! must go, the oldest recent turn goes first, then the weakest recalled
-//! message; the new message and the newest turns stay.
+//! Builds the prompt for one chat turn: the fixed system prompt, the most
+//! recent turns, a delimited block of recalled earlier messages in the *user*
+//! role (they are text users wrote: they never gain system authority), then
+//! the new message, all within the context budget as counted by the model's
+//! own tokenizer. When something must go, the oldest recent turn goes first,
+//! then the weakest recalled message; the new message and the newest turns stay.
 
 use serde::Serialize;
 
@@ -47,18 +48,23 @@ fn excerpt(text: &str) -> String {
     }
 }
 
-fn system_message(system_prompt: &str, recalled: &[Recalled]) -> Option<ChatMessage> {
-    let mut text = system_prompt.trim().to_string();
-    if !recalled.is_empty() {
-        if !text.is_empty() {
-            text.push_str("\n\n");
-        }
-        text.push_str("Relevant earlier messages from this conversation:");
-        for r in recalled {
-            text.push_str(&format!("\n- {}: {}", r.role.as_str(), excerpt(&r.content)));
-        }
+/// Opens the block of recalled messages.
+pub const RECALL_HEADER: &str = "[Earlier messages that may be relevant, quoted from memory]";
+/// Closes it.
+pub const RECALL_FOOTER: &str = "[End of earlier messages]";
+
+/// The recalled messages as one user-role message, or none.
+fn recall_message(recalled: &[Recalled]) -> Option<ChatMessage> {
+    if recalled.is_empty() {
+        return None;
     }
-    (!text.is_empty()).then(|| ChatMessage::system(text))
+    let mut text = String::from(RECALL_HEADER);
+    for r in recalled {
+        text.push_str(&format!("\n- {}: {}", r.role.as_str(), excerpt(&r.content)));
+    }
+    text.push('\n');
+    text.push_str(RECALL_FOOTER);
+    Some(ChatMessage::user(text))
 }
 
 /// Assembles the prompt; `count` gives the token count of a message list
@@ -73,8 +79,11 @@ pub fn build_prompt(
 ) -> Result<BuiltPrompt, EngineError> {
     recalled.sort_by(|a, b| b.score.total_cmp(&a.score));
     let assemble = |first_recent: usize, recalled: &[Recalled]| -> Result<(Vec<ChatMessage>, u32), EngineError> {
-        let mut messages: Vec<ChatMessage> = system_message(system_prompt, recalled).into_iter().collect();
+        let system = system_prompt.trim();
+        let mut messages: Vec<ChatMessage> =
+            (!system.is_empty()).then(|| ChatMessage::system(system)).into_iter().collect();
         messages.extend_from_slice(&recent[first_recent..]);
+        messages.extend(recall_message(recalled));
         messages.push(ChatMessage::user(user_text));
         let tokens = count(&messages)?;
         Ok((messages, tokens))
@@ -143,29 +152,33 @@ mod tests {
             &words,
         )
         .unwrap();
-        assert_eq!(p.messages.len(), 4);
-        assert_eq!(p.messages[0].role, Role::System);
-        assert!(p.messages[0].content.contains("user: fact"));
-        assert_eq!(p.messages[3].content, "question");
+        assert_eq!(p.messages.len(), 5);
+        assert_eq!(p.messages[0], ChatMessage::system("sys"), "the system prompt is fixed");
+        assert_eq!(p.messages[3].role, Role::User, "recalled text never takes the system role");
+        assert!(p.messages[3].content.contains("user: fact"));
+        assert_eq!(p.messages[4].content, "question");
         assert_eq!((p.recalled, p.recent_kept), (vec![1], 2));
     }
 
     #[test]
     fn oldest_turns_go_first_then_weakest_recall() {
         let recent: Vec<ChatMessage> = (0..10).map(|i| ChatMessage::user(format!("turn {i} w w w w"))).collect();
-        let budget = PromptBudget { n_ctx: 40, max_tokens: 10 };
+        // sys 4 + recall block 22 + q 4 = 30 words; 20 left for turns of 9 words each.
+        let budget = PromptBudget { n_ctx: 60, max_tokens: 10 };
         let p =
             build_prompt("sys", vec![recall(1, "x", 0.9), recall(2, "y", 0.2)], &recent, "q", budget, &words).unwrap();
-        assert!(p.prompt_tokens + 10 <= 40);
+        assert!(p.prompt_tokens + 10 <= 60);
+        assert_eq!(p.recent_kept, 2);
         assert_eq!(p.messages.last().unwrap().content, "q");
-        let kept: Vec<&str> = p.messages[1..p.messages.len() - 1].iter().map(|m| m.content.as_str()).collect();
+        let kept: Vec<&str> = p.messages[1..p.messages.len() - 2].iter().map(|m| m.content.as_str()).collect();
         assert!(
             kept.iter().all(|k| k.starts_with("turn 9") || k.starts_with("turn 8") || k.starts_with("turn 7")),
             "{kept:?}"
         );
         assert_eq!(p.recalled, vec![1, 2]);
 
-        let tight = PromptBudget { n_ctx: 27, max_tokens: 10 };
+        // Room for sys, q and a block of one recall (19 words), not for two (22).
+        let tight = PromptBudget { n_ctx: 37, max_tokens: 10 };
         let p =
             build_prompt("sys", vec![recall(1, "x", 0.9), recall(2, "y", 0.2)], &recent, "q", tight, &words).unwrap();
         assert_eq!(p.recent_kept, 0);

@@ -5,6 +5,7 @@
 //! be rebuilt from sled, the source of truth.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -99,6 +100,10 @@ pub struct ConversationStore {
     messages: sled::Tree,
     vectors: sled::Tree,
     durability: Durability,
+    /// The last write error, until a write succeeds again. sled keeps an I/O
+    /// error (disk full) until the database is reopened, so in practice this
+    /// stays set until the process restarts.
+    write_error: Arc<Mutex<Option<String>>>,
 }
 
 impl ConversationStore {
@@ -121,7 +126,29 @@ impl ConversationStore {
             vectors: db.open_tree("vectors")?,
             db,
             durability,
+            write_error: Arc::default(),
         })
+    }
+
+    /// Why the store cannot write, if its last write failed.
+    pub fn write_error(&self) -> Option<String> {
+        self.write_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records the outcome of a write for [`Self::write_error`].
+    fn noted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut slot = self.write_error.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(_) => *slot = None,
+            Err(e @ StoreError::Sled(_)) => {
+                if slot.is_none() {
+                    tracing::error!(error = %e, "the conversation store cannot write");
+                }
+                *slot = Some(e.to_string());
+            }
+            Err(_) => {}
+        }
+        result
     }
 
     async fn commit(&self) -> Result<(), StoreError> {
@@ -131,11 +158,10 @@ impl ConversationStore {
         Ok(())
     }
 
-    pub async fn create_conversation(&self, namespace: &str) -> Result<Conversation, StoreError> {
-        let conv = Conversation { id: Uuid::new_v4(), namespace: namespace.to_string(), created_at_ms: now_ms() };
-        self.conversations.insert(conv.id.as_bytes(), serde_json::to_vec(&conv).expect("serialisable"))?;
-        self.commit().await?;
-        Ok(conv)
+    /// A new conversation, not stored yet: it is stored with its first message
+    /// ([`Self::append_first`]), so a turn refused before that leaves no trace.
+    pub fn new_conversation(&self, namespace: &str) -> Conversation {
+        Conversation { id: Uuid::new_v4(), namespace: namespace.to_string(), created_at_ms: now_ms() }
     }
 
     pub fn conversation(&self, id: &ConversationId) -> Result<Conversation, StoreError> {
@@ -150,10 +176,36 @@ impl ConversationStore {
     }
 
     /// Stores a message and its embedding atomically; returns once durable
-    /// (with [`Durability::Sync`]).
+    /// (with [`Durability::Sync`]). The conversation must exist.
     pub async fn append(
         &self,
         conv: &Conversation,
+        role: Role,
+        content: &str,
+        token_count: u32,
+        vector: &[f32],
+    ) -> Result<StoredMessage, StoreError> {
+        let r = self.store_message(conv, false, role, content, token_count, vector).await;
+        self.noted(r)
+    }
+
+    /// Stores a new conversation together with its first message, atomically.
+    pub async fn append_first(
+        &self,
+        conv: &Conversation,
+        role: Role,
+        content: &str,
+        token_count: u32,
+        vector: &[f32],
+    ) -> Result<StoredMessage, StoreError> {
+        let r = self.store_message(conv, true, role, content, token_count, vector).await;
+        self.noted(r)
+    }
+
+    async fn store_message(
+        &self,
+        conv: &Conversation,
+        create: bool,
         role: Role,
         content: &str,
         token_count: u32,
@@ -170,9 +222,12 @@ impl ConversationStore {
         let key = msg_key(&conv.id, msg.id);
         let value = serde_json::to_vec(&msg).expect("serialisable");
         let vector = encode_vector(&conv.id, vector);
+        let record = serde_json::to_vec(conv).expect("serialisable");
         (&self.conversations, &self.messages, &self.vectors)
             .transaction(|(c, m, v)| {
-                if c.get(conv.id.as_bytes())?.is_none() {
+                if create {
+                    c.insert(conv.id.as_bytes(), record.as_slice())?;
+                } else if c.get(conv.id.as_bytes())?.is_none() {
                     return Err(ConflictableTransactionError::Abort(()));
                 }
                 m.insert(&key[..], value.as_slice())?;
@@ -221,6 +276,11 @@ impl ConversationStore {
     /// ids of the deleted messages.
     pub async fn delete_conversation(&self, conv: &ConversationId) -> Result<Vec<u64>, StoreError> {
         self.conversation(conv)?;
+        let r = self.delete_inner(conv).await;
+        self.noted(r)
+    }
+
+    async fn delete_inner(&self, conv: &ConversationId) -> Result<Vec<u64>, StoreError> {
         let keys: Vec<sled::IVec> = self.messages.scan_prefix(conv.as_bytes()).keys().collect::<Result<_, _>>()?;
         let ids: Vec<u64> =
             keys.iter().map(|k| u64::from_be_bytes(k[16..24].try_into().expect("24-byte key"))).collect();
@@ -256,7 +316,7 @@ impl ConversationStore {
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        let r = self.db.flush_async().await.map(|_| ()).map_err(StoreError::from);
+        self.noted(r)
     }
 }
