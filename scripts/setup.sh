@@ -19,6 +19,8 @@ EMBED_FILE="all-MiniLM-L6-v2.f16.gguf"
 EMBED_SHA256="a10af7119fd90135f4ea0e293101fe9296c265daea64a279ae2d921d6a0b2abc"
 # The conversion packages are pinned so that the converted file is the same on every machine.
 CONVERT_PACKAGES=(numpy==2.1.3 safetensors==0.6.2 gguf==0.17.1)
+# OpenAI's official Python client: the tests check the API with it beside async-openai.
+CLIENT_PACKAGE="openai==3.57.0"
 
 CHECK_ONLY=0
 [ "${1:-}" = "--check" ] && CHECK_ONLY=1
@@ -70,7 +72,10 @@ check_models() {
   elif [ "$(head -c 4 "$embed")" != "GGUF" ]; then echo "embedding model $embed (not a GGUF file)"
   elif ! echo "$EMBED_SHA256  $embed" | sha256sum -c --status; then echo "embedding model $embed (SHA-256 mismatch)"
   fi
-  [ -x "$VENV/bin/python" ] || echo "python venv $VENV"
+  if [ ! -x "$VENV/bin/python" ]; then echo "python venv $VENV"
+  elif [ "$("$VENV/bin/python" -c 'import openai; print(openai.__version__)' 2>/dev/null)" != "${CLIENT_PACKAGE#openai==}" ]; then
+    echo "OpenAI Python client $CLIENT_PACKAGE in $VENV"
+  fi
 }
 
 # Prints one line naming everything missing and exits 1, or returns quietly.
@@ -150,5 +155,11 @@ else
   say "embedding model ready: $embed"
 fi
 
+# 4. OpenAI's Python client, for the API compatibility tests.
+if [ "$("$VENV/bin/python" -c 'import openai; print(openai.__version__)' 2>/dev/null)" != "${CLIENT_PACKAGE#openai==}" ]; then
+  say "installing the OpenAI Python client ($CLIENT_PACKAGE) into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$CLIENT_PACKAGE"
+fi
+
 verify check_tools check_models
-say "verified: tools, libclang, python venv, both models (SHA-256)"
+say "verified: tools, libclang, python venv with the OpenAI client, both models (SHA-256)"

@@ -38,6 +38,8 @@ pub enum ConfigError {
 pub struct ServerConfig {
     pub bind: String,
     pub api_keys: Vec<String>,
+    /// "key=namespace" pairs binding a key to one namespace.
+    pub key_namespaces: Vec<String>,
     pub metrics_require_key: bool,
     pub max_body_bytes: usize,
     pub drain_timeout_ms: u64,
@@ -53,6 +55,7 @@ pub struct ChatConfig {
     pub cross_conversation_recall: bool,
     pub durability: Durability,
     pub max_message_chars: usize,
+    pub embed_timeout_ms: u64,
 }
 
 /// Every setting of modelpool; see config/default.toml for the documentation of each key.
@@ -258,6 +261,34 @@ impl Config {
         if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
             return invalid("server.api_keys", "must not contain empty keys".into());
         }
+        for pair in &self.server.key_namespaces {
+            let Some((key, ns)) = pair.split_once('=') else {
+                return invalid("server.key_namespaces", format!("entries are \"key=namespace\", got {pair:?}"));
+            };
+            if !self.server.api_keys.iter().any(|k| k == key) {
+                return invalid(
+                    "server.key_namespaces",
+                    format!("binds a key that is not in server.api_keys (entry for namespace {ns:?})"),
+                );
+            }
+            if let Err(e) = modelpool_actors::http::validate_namespace(ns) {
+                return invalid("server.key_namespaces", e.to_string());
+            }
+        }
+        if self.chat.cross_conversation_recall && !self.server.api_keys.is_empty() {
+            let bound = self.key_namespaces();
+            if self.server.api_keys.iter().any(|k| !bound.contains_key(k)) {
+                return invalid(
+                    "server.key_namespaces",
+                    "with chat.cross_conversation_recall on, every key in server.api_keys needs a namespace \
+                     (\"key=namespace\"), or one tenant could recall another's messages"
+                        .into(),
+                );
+            }
+        }
+        if self.chat.embed_timeout_ms == 0 {
+            return invalid("chat.embed_timeout_ms", "must be at least 1, got 0".into());
+        }
         if self.server.bind.parse::<std::net::SocketAddr>().is_err() {
             return invalid(
                 "server.bind",
@@ -277,6 +308,16 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The keys bound to a namespace.
+    pub fn key_namespaces(&self) -> std::collections::HashMap<String, String> {
+        self.server
+            .key_namespaces
+            .iter()
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, ns)| (k.to_string(), ns.to_string()))
+            .collect()
     }
 
     /// Threads per instance: the setting, or an even split of the cores.
@@ -373,5 +414,15 @@ mod tests {
         let err =
             load(&Overrides { bind: Some("localhost".into()), ..Default::default() }, &[]).unwrap_err().to_string();
         assert!(err.contains("server.bind") && err.contains("localhost"), "{err}");
+        let cross = [("MODELPOOL_SERVER_API_KEYS", "k1,k2"), ("MODELPOOL_CHAT_CROSS_CONVERSATION_RECALL", "true")];
+        let err = load(&Overrides::default(), &cross).unwrap_err().to_string();
+        assert!(err.contains("server.key_namespaces") && err.contains("cross_conversation_recall"), "{err}");
+        let bound = [cross[0], cross[1], ("MODELPOOL_SERVER_KEY_NAMESPACES", "k1=team-a,k2=team-b")];
+        let c = load(&Overrides::default(), &bound).unwrap();
+        assert_eq!(c.key_namespaces().get("k2").map(String::as_str), Some("team-b"));
+        let err = load(&Overrides::default(), &[cross[0], ("MODELPOOL_SERVER_KEY_NAMESPACES", "k3=x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.key_namespaces") && err.contains("not in server.api_keys"), "{err}");
     }
 }

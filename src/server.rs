@@ -13,6 +13,7 @@ use crate::startup::start_chat;
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let settings = ApiSettings {
         api_keys: cfg.server.api_keys.clone(),
+        key_namespaces: cfg.key_namespaces(),
         metrics_require_key: cfg.server.metrics_require_key,
         max_body_bytes: cfg.server.max_body_bytes,
     };

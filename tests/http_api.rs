@@ -42,7 +42,7 @@ async fn an_unmodified_openai_client_chats_streams_and_embeds() {
     let client = Client::with_config(OpenAIConfig::new().with_api_base(server.url("/v1")).with_api_key("unused"));
 
     let request = CreateChatCompletionRequestArgs::default()
-        .model("SmolLM2")
+        .model("SmolLM2-135M-Instruct")
         .max_tokens(16u32)
         .temperature(0.0)
         .messages([
@@ -58,6 +58,7 @@ async fn an_unmodified_openai_client_chats_streams_and_embeds() {
     let response = client.chat().create(request.clone()).await.unwrap();
     let text = response.choices[0].message.content.clone().unwrap();
     assert!(!text.is_empty());
+    assert_eq!(response.model, "SmolLM2-135M-Instruct.Q4_1", "the served model's id, not the one asked for");
     let usage = response.usage.unwrap();
     assert!(usage.prompt_tokens > 5 && usage.completion_tokens > 0);
 

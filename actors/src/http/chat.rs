@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{sse_response, ApiError, ApiState, Authorized, SamplingOverrides};
-use crate::chat_actor::{ChatEvent, ChatReply, SendMessage};
+use crate::chat_actor::{ChatError, ChatEvent, ChatReply, SendMessage};
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::StoredMessage;
 use crate::params::{FinishReason, Usage};
@@ -25,6 +25,11 @@ pub struct ChatRequest {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub seed: Option<u32>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub stream: bool,
 }
@@ -34,18 +39,23 @@ pub struct UsageBody {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// From the request's arrival to the first generated token: memory
+    /// (embedding, recall, prompt), queue wait and prompt processing.
     pub time_to_first_token_ms: f64,
     pub tokens_per_second: f64,
     pub queue_wait_ms: f64,
 }
 
-impl From<&Usage> for UsageBody {
-    fn from(u: &Usage) -> Self {
+impl UsageBody {
+    fn new(u: &Usage, started: Instant) -> Self {
         Self {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
-            time_to_first_token_ms: u.time_to_first_token_ms,
+            time_to_first_token_ms: u
+                .first_token_at
+                .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1e3)
+                .unwrap_or(0.0),
             tokens_per_second: u.tokens_per_second,
             queue_wait_ms: u.queue_wait_ms,
         }
@@ -62,15 +72,28 @@ pub struct ChatResponse<'a> {
     pub recalled: &'a [Recalled],
 }
 
-fn response_body(r: &ChatReply) -> ChatResponse<'_> {
+fn response_body(r: &ChatReply, started: Instant) -> ChatResponse<'_> {
     ChatResponse {
         response: &r.reply,
         conversation_id: r.conversation_id.to_string(),
         message_id: r.message_id,
         finish_reason: r.finish_reason,
-        usage: (&r.usage).into(),
+        usage: UsageBody::new(&r.usage, started),
         recalled: &r.recalled,
     }
+}
+
+/// The conversation `id`, if this caller may see it (else 404, as if it did not exist).
+fn visible_conversation(
+    state: &ApiState,
+    auth: &Authorized,
+    id: uuid::Uuid,
+) -> Result<crate::memory::store::Conversation, ApiError> {
+    let conv = state.chat()?.conversation(&id)?;
+    if !auth.may_see(&conv.namespace) {
+        return Err(ChatError::NotFound(id).into());
+    }
+    Ok(conv)
 }
 
 pub(crate) fn parse_conversation_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
@@ -80,11 +103,12 @@ pub(crate) fn parse_conversation_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
 
 async fn chat(
     state: web::Data<ApiState>,
-    _auth: Authorized,
+    auth: Authorized,
     body: web::Json<ChatRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let result = chat_inner(&state, body.into_inner(), started).await;
+    let result = chat_inner(&state, &auth, body.into_inner(), started).await;
+    // Every outcome but a started stream is counted here, once.
     if let Err(e) = &result {
         state.metrics.finished("chat", started, Err(e));
     }
@@ -92,23 +116,37 @@ async fn chat(
 }
 
 #[tracing::instrument(name = "request", skip_all, fields(endpoint = "chat"))]
-async fn chat_inner(state: &web::Data<ApiState>, req: ChatRequest, started: Instant) -> Result<HttpResponse, ApiError> {
+async fn chat_inner(
+    state: &web::Data<ApiState>,
+    auth: &Authorized,
+    req: ChatRequest,
+    started: Instant,
+) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     state.admit()?;
-    let conversation_id = req.conversation_id.as_deref().map(parse_conversation_id).transpose()?;
+    let namespace = auth.namespace(req.namespace)?;
+    let conversation_id = match req.conversation_id.as_deref() {
+        Some(raw) => Some(visible_conversation(state, auth, parse_conversation_id(raw)?)?.id),
+        None => None,
+    };
     let sampling = state.sampling(SamplingOverrides {
         max_tokens: req.max_tokens,
         temperature: req.temperature,
         top_p: req.top_p,
         seed: req.seed,
+        top_k: req.top_k,
+        min_p: req.min_p,
+        repeat_penalty: req.repeat_penalty,
+        frequency_penalty: req.frequency_penalty,
+        presence_penalty: req.presence_penalty,
+        ..Default::default()
     })?;
-    let msg = SendMessage { conversation_id, namespace: req.namespace, text: req.message, sampling: Some(sampling) };
+    let msg = SendMessage { conversation_id, namespace, text: req.message, sampling: Some(sampling) };
     let mut turn = chat.send(msg).await?;
     if !req.stream {
-        let reply = turn.finish().await.map_err(ApiError::from);
-        state.metrics.finished("chat", started, reply.as_ref().map(|r| &r.usage));
-        let reply = reply?;
-        return Ok(HttpResponse::Ok().json(response_body(&reply)));
+        let reply = turn.finish().await?;
+        state.metrics.finished("chat", started, Ok(&reply.usage));
+        return Ok(HttpResponse::Ok().json(response_body(&reply, started)));
     }
 
     let (tx, rx) = mpsc::channel::<sse::Event>(64);
@@ -126,7 +164,7 @@ async fn chat_inner(state: &web::Data<ApiState>, req: ChatRequest, started: Inst
                 }
                 ChatEvent::Done(reply) => {
                     state.metrics.finished("chat", started, Ok(&reply.usage));
-                    let body = serde_json::to_string(&response_body(&reply)).expect("serialisable");
+                    let body = serde_json::to_string(&response_body(&reply, started)).expect("serialisable");
                     (sse::Data::new(body).event("done"), true)
                 }
                 ChatEvent::Error(e) => {
@@ -167,7 +205,7 @@ struct ConversationBody {
 
 async fn get_conversation(
     state: web::Data<ApiState>,
-    _auth: Authorized,
+    auth: Authorized,
     id: web::Path<String>,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
@@ -177,7 +215,7 @@ async fn get_conversation(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad("limit", format!("invalid limit: must be between 1 and 1000, got {limit}")));
     }
-    let conv = chat.conversation(&id)?;
+    let conv = visible_conversation(&state, &auth, id)?;
     let messages = chat.history(&id, q.after, limit + 1)?;
     let more = messages.len() > limit;
     let messages: Vec<StoredMessage> = messages.into_iter().take(limit).collect();
@@ -193,11 +231,11 @@ async fn get_conversation(
 
 async fn delete_conversation(
     state: web::Data<ApiState>,
-    _auth: Authorized,
+    auth: Authorized,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
-    let id = parse_conversation_id(&id)?;
+    let id = visible_conversation(&state, &auth, parse_conversation_id(&id)?)?.id;
     let removed = chat.delete(id).await?;
     Ok(HttpResponse::Ok()
         .json(serde_json::json!({ "conversation_id": id.to_string(), "deleted": true, "messages": removed })))

@@ -4,10 +4,13 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use actix_web::{web, HttpResponse};
+use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::openai::{check_model, short_json};
 use super::{ApiError, ApiState, Authorized};
+use crate::error::EngineError;
 
 /// Most inputs in one request.
 const MAX_INPUTS: usize = 256;
@@ -19,18 +22,24 @@ pub enum Input {
     Many(Vec<String>),
 }
 
+/// OpenAI's fields: `input`, `model`, `encoding_format` (`float` or
+/// `base64`), `dimensions` (only the model's own), `user` (ignored).
 #[derive(Deserialize)]
 pub struct EmbeddingRequest {
     pub input: Value,
     pub model: Option<String>,
     pub encoding_format: Option<String>,
+    pub dimensions: Option<u64>,
     #[serde(flatten)]
     pub _other: HashMap<String, Value>,
 }
 
 fn inputs(raw: Value) -> Result<Vec<String>, ApiError> {
     let parsed: Input = serde_json::from_value(raw.clone()).map_err(|_| {
-        ApiError::bad("input", format!("invalid input: must be a string or an array of strings, got {}", short(&raw)))
+        ApiError::bad(
+            "input",
+            format!("invalid input: must be a string or an array of strings, got {}", short_json(&raw)),
+        )
     })?;
     let list = match parsed {
         Input::One(s) => vec![s],
@@ -48,12 +57,32 @@ fn inputs(raw: Value) -> Result<Vec<String>, ApiError> {
     Ok(list)
 }
 
-/// The first 60 characters of a JSON value, for error messages.
-fn short(v: &Value) -> String {
-    let s = v.to_string();
-    match s.char_indices().nth(60) {
-        Some((cut, _)) => format!("{}…", &s[..cut]),
-        None => s,
+/// How vectors are written: JSON numbers, or base64 of little-endian f32 (what
+/// OpenAI's official clients ask for by default).
+#[derive(Clone, Copy)]
+enum Encoding {
+    Float,
+    Base64,
+}
+
+fn encoding(raw: Option<&str>) -> Result<Encoding, ApiError> {
+    match raw {
+        None | Some("float") => Ok(Encoding::Float),
+        Some("base64") => Ok(Encoding::Base64),
+        Some(other) => Err(ApiError::bad(
+            "encoding_format",
+            format!("invalid encoding_format: must be \"float\" or \"base64\", got {other:?}"),
+        )),
+    }
+}
+
+fn encode(v: Vec<f32>, enc: Encoding) -> Value {
+    match enc {
+        Encoding::Float => json!(v),
+        Encoding::Base64 => {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
     }
 }
 
@@ -72,24 +101,36 @@ async fn embeddings(
 async fn embeddings_inner(state: &ApiState, req: EmbeddingRequest) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     state.admit()?;
-    if let Some(f) = req.encoding_format.as_deref().filter(|f| *f != "float") {
+    let embedder = chat.embedder();
+    check_model(req.model.as_deref(), embedder.model_name())?;
+    let enc = encoding(req.encoding_format.as_deref())?;
+    if let Some(d) = req.dimensions.filter(|d| *d as usize != embedder.dim()) {
         return Err(ApiError::bad(
-            "encoding_format",
-            format!("invalid encoding_format: only \"float\" is supported, got {f:?}"),
+            "dimensions",
+            format!("invalid dimensions: this model has exactly {} dimensions, got {d}", embedder.dim()),
         ));
     }
     let texts = inputs(req.input)?;
-    let tokens: u32 = texts.iter().map(|t| chat.pool().engine().count_tokens(t)).sum();
-    let vectors = chat.embedder().embed(texts).await?;
+    // Counted with the embedding model's own tokenizer; nothing is cut silently.
+    let limit = embedder.token_limit();
+    let mut tokens = 0usize;
+    for (index, t) in texts.iter().enumerate() {
+        let n = embedder.count_tokens(t);
+        if n > limit {
+            return Err(EngineError::InputTooLong { index, tokens: n, limit }.into());
+        }
+        tokens += n;
+    }
+    let vectors = embedder.embed(texts).await?;
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
-        .map(|(i, v)| json!({ "object": "embedding", "index": i, "embedding": v }))
+        .map(|(i, v)| json!({ "object": "embedding", "index": i, "embedding": encode(v, enc) }))
         .collect();
     Ok(HttpResponse::Ok().json(json!({
         "object": "list",
         "data": data,
-        "model": chat.embedder().model_name(),
+        "model": embedder.model_name(),
         "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
     })))
 }

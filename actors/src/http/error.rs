@@ -17,7 +17,12 @@ pub enum ApiError {
     #[error("missing or invalid API key; send it as 'Authorization: Bearer <key>'")]
     Unauthorized,
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
+    /// The request names a model this server does not serve.
+    #[error("the model {0:?} does not exist on this server; GET /v1/models lists the served ones")]
+    ModelNotFound(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -28,6 +33,12 @@ pub enum ApiError {
     Draining { retry_after_secs: u64 },
     #[error("the model is still loading; retry shortly")]
     Loading { retry_after_secs: u64 },
+    /// The conversation store cannot write (disk full, I/O error): nothing was stored.
+    #[error("the conversation store cannot write ({cause}); nothing of this request was stored")]
+    StorageUnavailable { cause: String },
+    /// The embedding model timed out or its thread died; it is being restarted.
+    #[error("{0}")]
+    EmbedderUnavailable(String),
     #[error("{0}")]
     Timeout(String),
     /// A server-side failure; the text is logged, the client gets a generic message.
@@ -59,12 +70,16 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
+            ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",
+            ApiError::ModelNotFound(_) => "invalid_request_error",
             ApiError::PayloadTooLarge { .. } => "request_too_large",
             ApiError::ContextLength(_) => "context_length_exceeded",
             ApiError::Overloaded { .. } => "overloaded_error",
             ApiError::Draining { .. } => "shutting_down",
             ApiError::Loading { .. } => "loading",
+            ApiError::StorageUnavailable { .. } => "storage_unavailable",
+            ApiError::EmbedderUnavailable(_) => "embedder_unavailable",
             ApiError::Timeout(_) => "timeout_error",
             ApiError::Internal(_) => "server_error",
         }
@@ -74,6 +89,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { param, .. } => param.as_deref(),
             ApiError::ContextLength(_) => Some("messages"),
+            ApiError::ModelNotFound(_) => Some("model"),
             _ => None,
         }
     }
@@ -84,7 +100,12 @@ impl ApiError {
             ApiError::Internal(_) => "internal server error".to_string(),
             other => other.to_string(),
         };
-        let code = matches!(self, ApiError::ContextLength(_)).then_some("context_length_exceeded");
+        let code = match self {
+            ApiError::ContextLength(_) => Some("context_length_exceeded"),
+            ApiError::ModelNotFound(_) => Some("model_not_found"),
+            ApiError::StorageUnavailable { .. } => Some("storage_unavailable"),
+            _ => None,
+        };
         serde_json::to_string(&Body { error: Detail { kind: self.error_type(), message, param: self.param(), code } })
             .expect("serialisable")
     }
@@ -95,12 +116,15 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ContextLength(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Overloaded { .. } | ApiError::Draining { .. } | ApiError::Loading { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Overloaded { .. }
+            | ApiError::Draining { .. }
+            | ApiError::Loading { .. }
+            | ApiError::StorageUnavailable { .. }
+            | ApiError::EmbedderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -116,6 +140,9 @@ impl ResponseError for ApiError {
             | ApiError::Draining { retry_after_secs }
             | ApiError::Loading { retry_after_secs } => {
                 res.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            ApiError::StorageUnavailable { .. } | ApiError::EmbedderUnavailable(_) => {
+                res.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
             }
             ApiError::Unauthorized => {
                 res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
@@ -134,6 +161,10 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::InvalidParam { field, .. } => ApiError::bad(field, e.to_string()),
             EngineError::PromptTooLong { .. } => ApiError::ContextLength(e.to_string()),
+            // Only the messages a client sent can make the template fail.
+            EngineError::Template(_) => ApiError::bad("messages", format!("invalid messages: {e}")),
+            EngineError::InputTooLong { .. } => ApiError::bad("input", e.to_string()),
+            EngineError::Embed(_) => ApiError::EmbedderUnavailable(format!("embedding failed: {e}; retry shortly")),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -163,8 +194,11 @@ impl From<ChatError> for ApiError {
             ChatError::NotFound(id) => ApiError::NotFound(format!("conversation {id} not found")),
             ChatError::InvalidInput { field, .. } => ApiError::bad(field, e.to_string()),
             ChatError::Pool(p) => p.into(),
-            ChatError::Embedding(inner) => ApiError::Internal(inner.to_string()),
-            ChatError::Store(s) => ApiError::Internal(s),
+            ChatError::Embedding(inner) => inner.into(),
+            ChatError::Store(cause) => ApiError::StorageUnavailable { cause },
+            ChatError::Forbidden(m) => ApiError::Forbidden(m),
+            ChatError::Stopped => ApiError::Draining { retry_after_secs: RETRY_AFTER_SECS },
+            ChatError::Internal(s) => ApiError::Internal(s),
         }
     }
 }

@@ -119,7 +119,11 @@ impl Metrics {
         registry.register(PROMPT_TOKENS, "Prompt tokens processed", m.prompt_tokens.clone());
         registry.register(GENERATED_TOKENS, "Tokens generated", m.generated_tokens.clone());
         registry.register(QUEUE_WAIT, "Time requests waited for a model instance", m.queue_wait.clone());
-        registry.register(TIME_TO_FIRST_TOKEN, "Time from request to first generated token", m.ttft.clone());
+        registry.register(
+            TIME_TO_FIRST_TOKEN,
+            "Time from the request's arrival to its first generated token (memory, queue wait and prompt processing included)",
+            m.ttft.clone(),
+        );
         registry.register(REQUEST_DURATION, "Duration of generation requests by endpoint", m.duration.clone());
         registry.register(INSTANCES, "Model instances by state", m.instances.clone());
         registry.register(QUEUE_DEPTH, "Requests waiting for a model instance", m.queue_depth.clone());
@@ -144,7 +148,7 @@ impl Metrics {
         }
     }
 
-    /// Records one generation's tokens and timings.
+    /// Records one generation's tokens and timings; `ttft` counts from the request's arrival.
     pub fn generation(&self, prompt_tokens: u32, generated: u32, queue_wait: Duration, ttft: Option<Duration>) {
         self.prompt_tokens.inc_by(prompt_tokens as u64);
         self.generated_tokens.inc_by(generated as u64);
@@ -160,8 +164,8 @@ impl Metrics {
         match result {
             Ok(u) => {
                 let queue_wait = Duration::from_secs_f64(u.queue_wait_ms / 1e3);
-                let ttft = Duration::from_secs_f64((u.time_to_first_token_ms + u.queue_wait_ms) / 1e3);
-                self.generation(u.prompt_tokens, u.completion_tokens, queue_wait, Some(ttft));
+                let ttft = u.first_token_at.map(|t| t.saturating_duration_since(started));
+                self.generation(u.prompt_tokens, u.completion_tokens, queue_wait, ttft);
                 self.request(endpoint, "ok", Some(started.elapsed()));
             }
             Err(e) => self.request(endpoint, e.error_type(), Some(started.elapsed())),

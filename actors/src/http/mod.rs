@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openai;
 pub mod status;
 
+use std::collections::HashMap;
 use std::future::{ready, Ready};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -34,6 +35,8 @@ use crate::params::SamplingParams;
 pub struct ApiSettings {
     /// Accepted bearer keys; empty means no authentication.
     pub api_keys: Vec<String>,
+    /// Keys bound to a namespace: such a caller works only inside it.
+    pub key_namespaces: HashMap<String, String>,
     /// Whether /metrics needs a key too (when keys are set).
     pub metrics_require_key: bool,
     /// Largest accepted request body, in bytes.
@@ -42,7 +45,12 @@ pub struct ApiSettings {
 
 impl Default for ApiSettings {
     fn default() -> Self {
-        Self { api_keys: Vec::new(), metrics_require_key: false, max_body_bytes: 1 << 20 }
+        Self {
+            api_keys: Vec::new(),
+            key_namespaces: HashMap::new(),
+            metrics_require_key: false,
+            max_body_bytes: 1 << 20,
+        }
     }
 }
 
@@ -53,6 +61,12 @@ pub(crate) struct SamplingOverrides {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub seed: Option<u32>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<i32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
 }
 
 /// What the routes share.
@@ -103,6 +117,12 @@ impl ApiState {
         s.temperature = o.temperature.unwrap_or(s.temperature);
         s.top_p = o.top_p.unwrap_or(s.top_p);
         s.seed = o.seed.or(s.seed);
+        s.top_k = o.top_k.unwrap_or(s.top_k);
+        s.min_p = o.min_p.unwrap_or(s.min_p);
+        s.repeat_penalty = o.repeat_penalty.unwrap_or(s.repeat_penalty);
+        s.repeat_last_n = o.repeat_last_n.unwrap_or(s.repeat_last_n);
+        s.frequency_penalty = o.frequency_penalty.unwrap_or(s.frequency_penalty);
+        s.presence_penalty = o.presence_penalty.unwrap_or(s.presence_penalty);
         s.validate()?;
         let n_ctx = chat.pool().options().instance.n_ctx;
         if s.max_tokens >= n_ctx {
@@ -132,20 +152,28 @@ impl ApiState {
     }
 }
 
-fn check_key(req: &HttpRequest, keys: &[String]) -> Result<(), ApiError> {
+/// The bearer token of `Authorization: Bearer <token>` (the scheme in any case).
+fn bearer(req: &HttpRequest) -> Option<&str> {
+    let value = req.headers().get(actix_web::http::header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The configured key the request carries, compared in constant time (every
+/// key is compared, so timing tells nothing about which one or how much matched).
+fn check_key<'k>(req: &HttpRequest, keys: &'k [String]) -> Result<Option<&'k str>, ApiError> {
+    use subtle::ConstantTimeEq;
     if keys.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let given = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(k) if keys.iter().any(|key| key == k) => Ok(()),
-        _ => Err(ApiError::Unauthorized),
+    let given = bearer(req).ok_or(ApiError::Unauthorized)?.as_bytes();
+    let mut found = None;
+    for key in keys {
+        if bool::from(key.as_bytes().ct_eq(given)) {
+            found = Some(key.as_str());
+        }
     }
+    found.map(Some).ok_or(ApiError::Unauthorized)
 }
 
 fn state_of(req: &HttpRequest) -> Result<&ApiState, ApiError> {
@@ -154,15 +182,63 @@ fn state_of(req: &HttpRequest) -> Result<&ApiState, ApiError> {
         .ok_or_else(|| ApiError::Internal("ApiState is not registered".into()))
 }
 
-/// Extractor: the request carries a valid API key (or none are configured).
-pub struct Authorized;
+/// Extractor: the request carries a valid API key (or none are configured),
+/// with the namespace that key is bound to, if any.
+pub struct Authorized {
+    pub namespace: Option<String>,
+}
+
+impl Authorized {
+    /// The namespace a request works in: the key's own, or (for a key without
+    /// one, or an open server) the one in the body. A body naming another
+    /// namespace than the key's is refused.
+    pub fn namespace(&self, from_body: Option<String>) -> Result<Option<String>, ApiError> {
+        if let Some(ns) = &from_body {
+            validate_namespace(ns)?;
+        }
+        match (&self.namespace, from_body) {
+            (Some(bound), Some(asked)) if *bound != asked => Err(ApiError::Forbidden(format!(
+                "namespace {asked:?} is not the namespace of this API key; omit it or send the key's own"
+            ))),
+            (Some(bound), _) => Ok(Some(bound.clone())),
+            (None, asked) => Ok(asked),
+        }
+    }
+
+    /// Whether this caller may see a conversation of `namespace`.
+    pub fn may_see(&self, namespace: &str) -> bool {
+        self.namespace.as_deref().is_none_or(|own| own == namespace)
+    }
+}
+
+/// Longest namespace, in bytes.
+pub const MAX_NAMESPACE_BYTES: usize = 64;
+
+/// A namespace is 1 to 64 bytes of ASCII letters, digits and `_ - . @ :`.
+pub fn validate_namespace(ns: &str) -> Result<(), ApiError> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "_-.@:".contains(c);
+    if ns.is_empty() || ns.len() > MAX_NAMESPACE_BYTES || !ns.chars().all(ok_char) {
+        let shown: String = ns.chars().take(80).collect();
+        return Err(ApiError::bad(
+            "namespace",
+            format!(
+                "invalid namespace: must be 1 to {MAX_NAMESPACE_BYTES} characters of letters, digits and _ - . @ :, got {shown:?} ({} bytes)",
+                ns.len()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 impl FromRequest for Authorized {
     type Error = ApiError;
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(state_of(req).and_then(|s| check_key(req, &s.settings.api_keys)).map(|_| Authorized))
+        ready(state_of(req).and_then(|s| {
+            let key = check_key(req, &s.settings.api_keys)?;
+            Ok(Authorized { namespace: key.and_then(|k| s.settings.key_namespaces.get(k).cloned()) })
+        }))
     }
 }
 
@@ -176,15 +252,13 @@ impl FromRequest for MetricsAccess {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         ready(
             state_of(req)
-                .and_then(
-                    |s| {
-                        if s.settings.metrics_require_key {
-                            check_key(req, &s.settings.api_keys)
-                        } else {
-                            Ok(())
-                        }
-                    },
-                )
+                .and_then(|s| {
+                    if s.settings.metrics_require_key {
+                        check_key(req, &s.settings.api_keys).map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                })
                 .map(|_| MetricsAccess),
         )
     }

@@ -63,9 +63,65 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    /// Other OpenAI options (user, logit_bias, …) are accepted and ignored.
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    /// llama.cpp extensions that llama-server users send.
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<i32>,
+    /// Options that would change the answer in ways this server cannot honour
+    /// are refused (`tools`, `logprobs`, `response_format` other than text,
+    /// a non-empty `logit_bias`); the rest (`user`, `metadata`, `store`,
+    /// `service_tier`, …) are accepted and ignored, as OpenAI-compatible servers do.
     #[serde(flatten)]
-    pub _other: HashMap<String, Value>,
+    pub other: HashMap<String, Value>,
+}
+
+/// Refuses the OpenAI options this server cannot honour, naming each.
+fn refuse_unsupported(other: &HashMap<String, Value>) -> Result<(), ApiError> {
+    let unsupported = |field: &str, got: &Value| {
+        Err(ApiError::bad(field, format!("invalid {field}: not supported by this server, got {}", short_json(got))))
+    };
+    for (field, v) in other {
+        match field.as_str() {
+            "tools" | "functions" if !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()) => {
+                return unsupported(field, v)
+            }
+            "tool_choice" | "function_call" if !v.is_null() && v != "none" && v != "auto" => {
+                return unsupported(field, v)
+            }
+            "logprobs" if v.as_bool() == Some(true) => return unsupported(field, v),
+            "top_logprobs" if v.as_u64().is_some_and(|n| n > 0) => return unsupported(field, v),
+            "logit_bias" if v.as_object().is_some_and(|o| !o.is_empty()) => return unsupported(field, v),
+            "response_format" if v.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") => {
+                return unsupported(field, v)
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The first 60 characters of a JSON value, for error messages.
+pub(crate) fn short_json(v: &Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s,
+    }
+}
+
+/// Checks a request's `model` against the served one, whose id is the GGUF
+/// file's stem (`SmolLM2-135M-Instruct.Q4_1`); the stem without its last
+/// `.suffix` (`SmolLM2-135M-Instruct`) names it too. Absent or empty: the served one.
+pub(crate) fn check_model(asked: Option<&str>, served: &str) -> Result<(), ApiError> {
+    match asked {
+        Some(m) if !m.is_empty() && m != served && served.rsplit_once('.').map(|(base, _)| base) != Some(m) => {
+            Err(ApiError::ModelNotFound(m.chars().take(200).collect()))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn convert_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
@@ -112,6 +168,7 @@ fn convert_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError
 }
 
 fn to_request(state: &ApiState, req: CompletionRequest) -> Result<(GenerateRequest, bool), ApiError> {
+    refuse_unsupported(&req.other)?;
     if let Some(n) = req.n.filter(|n| *n != 1) {
         return Err(ApiError::bad("n", format!("invalid n: only 1 choice is supported, got {n}")));
     }
@@ -126,6 +183,12 @@ fn to_request(state: &ApiState, req: CompletionRequest) -> Result<(GenerateReque
         temperature: req.temperature,
         top_p: req.top_p,
         seed,
+        top_k: req.top_k,
+        min_p: req.min_p,
+        repeat_penalty: req.repeat_penalty,
+        repeat_last_n: req.repeat_last_n,
+        frequency_penalty: req.frequency_penalty,
+        presence_penalty: req.presence_penalty,
     })?;
     sampling.stop = match req.stop {
         None => Vec::new(),
@@ -180,18 +243,18 @@ async fn completions_inner(
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     state.admit()?;
-    let model = req.model.clone().unwrap_or_default();
+    let model = chat.pool().engine_info().model_name;
+    check_model(req.model.as_deref(), &model)?;
     let stream = req.stream;
     let (request, include_usage) = to_request(state, req)?;
     let mut generation = chat.pool().generate(request).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
-    let model = if model.is_empty() { chat.pool().engine_info().model_name } else { model };
 
     if !stream {
-        let result = generation.collect_text().await.map_err(ApiError::from);
-        state.metrics.finished("chat_completions", started, result.as_ref().map(|(_, c)| &c.usage));
-        let (text, done) = result?;
+        // An error returns to `completions`, which counts it once.
+        let (text, done) = generation.collect_text().await?;
+        state.metrics.finished("chat_completions", started, Ok(&done.usage));
         return Ok(HttpResponse::Ok().json(json!({
             "id": id,
             "object": "chat.completion",

@@ -1,0 +1,160 @@
+//! What the OpenAI-compatible endpoints promise beyond the happy path: a
+//! second client (OpenAI's own Python package), base64 embeddings, usage
+//! counted with the right tokenizer, the served model's id, the penalties
+//! llama-server users send, and request counts that count each request once.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use base64::Engine as _;
+use common::server::Server;
+use serde_json::{json, Value};
+
+fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = http().post(server.url(path)).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("MODELPOOL_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/modelpool/venv"));
+    let python = venv.join("bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/setup.sh", python.display());
+    python
+}
+
+#[actix::test]
+async fn openais_python_client_embeds_in_base64_chats_streams_and_gets_404_for_unknown_models() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_client.py");
+    let out = Command::new(venv_python()).arg(script).arg(server.url("/v1")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[actix::test]
+async fn embeddings_use_the_embedding_tokenizer_base64_and_refuse_what_they_would_cut() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    // MiniLM sees [CLS] hello world [SEP]: 4 tokens (the chat tokenizer would say 2).
+    let (status, floats) = post(&server, "/v1/embeddings", json!({ "input": "hello world" })).await;
+    assert_eq!(status, 200, "{floats}");
+    assert_eq!(floats["usage"]["prompt_tokens"], 4, "{floats}");
+    let as_float: Vec<f32> =
+        floats["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+
+    let (status, b64) =
+        post(&server, "/v1/embeddings", json!({ "input": ["hello world"], "encoding_format": "base64" })).await;
+    assert_eq!(status, 200, "{b64}");
+    let bytes =
+        base64::engine::general_purpose::STANDARD.decode(b64["data"][0]["embedding"].as_str().unwrap()).unwrap();
+    let decoded: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(decoded.len(), 384);
+    for (a, b) in decoded.iter().zip(&as_float) {
+        assert!((a - b).abs() < 1e-6, "base64 and float disagree: {a} vs {b}");
+    }
+
+    let long = "word ".repeat(600);
+    let (status, err) = post(&server, "/v1/embeddings", json!({ "input": ["short", long] })).await;
+    assert_eq!(status, 400, "{err}");
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("input[1]") && msg.contains("512") && msg.contains("602"), "{msg}");
+    assert_eq!(err["error"]["param"], "input");
+
+    let (status, err) = post(&server, "/v1/embeddings", json!({ "input": "x", "dimensions": 128 })).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("384"), "{err}");
+    let (status, err) =
+        post(&server, "/v1/embeddings", json!({ "input": "x", "model": "text-embedding-3-small" })).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (404, Some("model_not_found")), "{err}");
+}
+
+#[actix::test]
+async fn completions_answer_with_the_served_model_and_honour_penalties() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let ask = |extra: Value| {
+        let mut body = json!({
+            "messages": [{ "role": "user", "content": "Repeat after me: la la la la la la la la la la" }],
+            "max_tokens": 32, "temperature": 0,
+        });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (status, ok) = post(&server, "/v1/chat/completions", ask(json!({}))).await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["model"], "SmolLM2-135M-Instruct.Q4_1");
+
+    let (status, r) = post(&server, "/v1/chat/completions", ask(json!({ "model": "gpt-4o" }))).await;
+    assert_eq!(status, 404, "{r}");
+    assert_eq!((r["error"]["code"].as_str(), r["error"]["param"].as_str()), (Some("model_not_found"), Some("model")));
+
+    // Penalties change greedy text: a strong repeat penalty over a long window.
+    let plain = ok["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let penalised =
+        json!({ "repeat_penalty": 1.8, "frequency_penalty": 1.5, "presence_penalty": 1.5, "top_k": 5, "min_p": 0.1 });
+    let (status, p) = post(&server, "/v1/chat/completions", ask(penalised)).await;
+    assert_eq!(status, 200, "{p}");
+    assert_ne!(p["choices"][0]["message"]["content"].as_str().unwrap(), plain, "the penalties were ignored");
+
+    for (field, value, rule) in [
+        ("frequency_penalty", json!(2.5), "between -2 and 2"),
+        ("presence_penalty", json!(-3), "between -2 and 2"),
+        ("min_p", json!(1.5), "between 0 and 1"),
+        ("top_k", json!(-1), "0 (off) or positive"),
+        ("repeat_penalty", json!(0), "greater than 0"),
+    ] {
+        let (status, r) = post(&server, "/v1/chat/completions", ask(json!({ field: value }))).await;
+        assert_eq!(status, 400, "{field}: {r}");
+        let msg = r["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(field) && msg.contains(rule), "{field}: {msg}");
+    }
+    let (status, r) = post(&server, "/v1/chat/completions", ask(json!({ "tools": [{ "type": "function" }] }))).await;
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["error"]["param"], "tools");
+    let (status, r) =
+        post(&server, "/v1/chat/completions", ask(json!({ "user": "u1", "store": false, "metadata": {} }))).await;
+    assert_eq!(status, 200, "options that do not apply are ignored: {r}");
+}
+
+/// The value of one sample line of /metrics (0 when absent).
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+#[actix::test]
+async fn a_request_that_fails_after_admission_is_counted_once() {
+    // Every generation outlives max_generation_ms: admitted, then 504.
+    let server = Server::start(&["--instances", "1"], &[("MODELPOOL_MAX_GENERATION_MS", "1")]);
+    let body = json!({ "messages": [{ "role": "user", "content": "Write a long story." }], "max_tokens": 200 });
+    let (status, r) = post(&server, "/v1/chat/completions", body).await;
+    assert_eq!(status, 504, "{r}");
+    let (status, r) = post(&server, "/chat", json!({ "message": "Write a long story.", "max_tokens": 200 })).await;
+    assert_eq!(status, 504, "{r}");
+    let (status, _) = post(&server, "/chat", json!({ "message": "" })).await;
+    assert_eq!(status, 400);
+
+    let metrics = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let count = |endpoint: &str, outcome: &str| {
+        sample(&metrics, &format!("modelpool_requests_total{{endpoint=\"{endpoint}\",outcome=\"{outcome}\"}}"))
+    };
+    assert_eq!(count("chat_completions", "timeout_error"), 1.0, "{metrics}");
+    assert_eq!(count("chat", "timeout_error"), 1.0, "{metrics}");
+    assert_eq!(count("chat", "invalid_request_error"), 1.0, "{metrics}");
+    let all: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("modelpool_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(all, 3.0, "three requests, three counts:\n{metrics}");
+}
