@@ -41,8 +41,20 @@ fn a_path_without_cmake_is_named_in_one_line() {
     // A PATH holding every tool the check needs except cmake.
     let bin = tempfile::tempdir().unwrap();
     let keep = [
-        "bash", "cargo", "c++", "cc", "unzip", "promtool", "python3", "sha256sum", "head", "cat", "cut", "printf",
-        "dirname", "sed",
+        "bash",
+        "cargo",
+        "c++",
+        "cc",
+        "unzip",
+        "promtool",
+        "python3",
+        "sha256sum",
+        "head",
+        "cat",
+        "cut",
+        "printf",
+        "dirname",
+        "sed",
     ];
     for tool in keep {
         // python3 may be a shim script: link the interpreter itself.

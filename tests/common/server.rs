@@ -13,6 +13,8 @@ pub struct Server {
     pub base: String,
     pub data_dir: tempfile::TempDir,
     pub log: Arc<Mutex<Vec<String>>>,
+    flags: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -23,42 +25,75 @@ impl Server {
     }
 
     pub fn start_in(data_dir: tempfile::TempDir, flags: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = modelpool_command();
-        cmd.args(["--data-dir", data_dir.path().to_str().unwrap(), "--threads", "1", "--n-ctx", "512"])
-            .args(flags)
-            .args(["serve", "--bind", "127.0.0.1:0"])
-            .env("MODELPOOL_HEALTH_INTERVAL_MS", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start modelpool serve");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let base = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(b) => b,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("server did not start:\n{}", log.lock().unwrap().join("\n"));
-            }
-        };
-        let mut server = Server { child, base, data_dir, log };
+        let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (child, base, log) = spawn(data_dir.path(), &flags, &env);
+        let mut server = Server { child, base, data_dir, log, flags, env };
         server.wait_ready();
         server
     }
 
+    /// Kills the process (SIGKILL, no drain) and starts a new one on the same data directory.
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, base, log) = spawn(self.data_dir.path(), &self.flags, &self.env);
+        (self.child, self.base, self.log) = (child, base, log);
+        self.wait_ready();
+    }
+
+    /// Resident memory of the server process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Starts `modelpool serve` on `data_dir`; returns once it listens.
+fn spawn(
+    data_dir: &std::path::Path,
+    flags: &[String],
+    env: &[(String, String)],
+) -> (Child, String, Arc<Mutex<Vec<String>>>) {
+    let mut cmd = modelpool_command();
+    cmd.args(["--data-dir", data_dir.to_str().unwrap(), "--threads", "1", "--n-ctx", "512"])
+        .args(flags)
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .env("MODELPOOL_HEALTH_INTERVAL_MS", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start modelpool serve");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
+            }
+            lines.lock().unwrap().push(line);
+        }
+    });
+    let base = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(b) => b,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("server did not start:\n{}", log.lock().unwrap().join("\n"));
+        }
+    };
+    (child, base, log)
+}
+
+impl Server {
     /// Waits until GET /health answers 200 (the model is loaded).
     fn wait_ready(&mut self) {
         let started = std::time::Instant::now();
