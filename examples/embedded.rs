@@ -2,7 +2,7 @@
 //! beside modelpool's pool and chat actors, and modelpool's HTTP API is
 //! mounted under /llm on the same `App`.
 //!
-//!   cargo run --release --example embedded -- [MODEL.gguf] [EMBEDDER.gguf]
+//!   scripts/example.sh embedded [MODEL.gguf] [EMBEDDER.gguf]
 //!
 //! Without arguments it uses the models that scripts/setup.sh prepares.
 //! With EMBEDDED_ONESHOT=1 it runs one chat turn through the actors and exits.

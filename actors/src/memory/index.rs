@@ -193,24 +193,6 @@ impl VectorIndex {
         }
         hits
     }
-
-    /// Exact top-k over everything live (the reference for recall measurements).
-    pub fn exact(&self, query: &[f32], k: usize) -> Vec<Hit> {
-        let query = normalize(query);
-        let live = self.live.read().expect("index lock");
-        let mut hits: Vec<Hit> = live
-            .entries
-            .iter()
-            .map(|(id, e)| Hit { id: *id, conversation_id: e.conversation_id, score: dot(&query, &e.vector) })
-            .collect();
-        top_k(&mut hits, k);
-        hits
-    }
-
-    /// Plain HNSW top-k without a filter (for benchmarks).
-    pub fn approximate(&self, query: &[f32], k: usize, ef: usize) -> Vec<u64> {
-        self.graph.search(&normalize(query), k, ef).into_iter().map(|n| n.d_id as u64).collect()
-    }
 }
 
 /// Keeps the `k` best hits, best first.
