@@ -113,6 +113,8 @@ pub struct ChatReply {
     /// The prompt the model saw.
     #[serde(skip)]
     pub prompt: Vec<ChatMessage>,
+    /// The model instance that generated the reply.
+    pub instance: usize,
 }
 
 /// What a turn's stream yields: text pieces, then one `Done` or `Error`.

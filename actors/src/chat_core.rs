@@ -70,6 +70,21 @@ impl ChatCore {
         Ok(out)
     }
 
+    /// The recent messages offered to the prompt. The window's start moves in
+    /// steps of half the window, not one turn at a time, so that the prompt's
+    /// beginning (and the KV cache that holds it) stays the same for several
+    /// turns: between half and all of `recent_messages` are offered.
+    pub(crate) fn recent_window(&self, conv: &ConversationId) -> Result<Vec<StoredMessage>, ChatError> {
+        let n = self.opts.recent_messages;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let step = (n / 2).max(1);
+        let total = self.store.count(conv)?;
+        let start = total.saturating_sub(n).div_ceil(step) * step;
+        Ok(self.store.recent(conv, total - start.min(total))?)
+    }
+
     fn validate(&self, text: &str) -> Result<(), ChatError> {
         let chars = text.chars().count();
         if text.trim().is_empty() {
@@ -101,7 +116,7 @@ impl ChatCore {
         let guard = self.lock(conv.id).await;
 
         let vector = self.embedder.embed_one(&msg.text).await.map_err(ChatError::Embedding)?;
-        let recent = self.store.recent(&conv.id, self.opts.recent_messages)?;
+        let recent = self.recent_window(&conv.id)?;
         let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
         let recalled = self.recall(&conv, &vector, &exclude)?;
         let engine = self.pool.engine().clone();
@@ -114,7 +129,11 @@ impl ChatCore {
         let recalled: Vec<Recalled> = recalled.into_iter().filter(|r| built.recalled.contains(&r.id)).collect();
 
         // Admission before anything is stored: a rejected turn leaves no trace.
-        let generation = self.pool.generate(GenerateRequest { messages: built.messages.clone(), sampling }).await?;
+        // The conversation's next turn goes back to the instance that holds its prefix.
+        let affinity = Some(affinity_key(conv.id.as_bytes()));
+        let request = GenerateRequest { messages: built.messages.clone(), sampling };
+        let generation = self.pool.generate_for(request, affinity).await?;
+        let instance = generation.instance();
         let user_tokens = engine.count_tokens(&msg.text);
         let user_msg = if is_new {
             self.store.append_first(&conv, Role::User, &msg.text, user_tokens, &vector).await?
@@ -124,7 +143,8 @@ impl ChatCore {
         self.index.insert(user_msg.id, conv.id, &conv.namespace, vector);
 
         let (tx, rx) = unbounded_channel();
-        let turn = Turn { core: self.clone(), conv: conv.clone(), user_msg, recalled, prompt: built.messages };
+        let turn =
+            Turn { core: self.clone(), conv: conv.clone(), user_msg, recalled, prompt: built.messages, instance };
         actix::spawn(turn.stream(generation, tx, guard));
         Ok(ChatStream { conversation_id: conv.id, rx })
     }
@@ -135,6 +155,11 @@ impl ChatCore {
         self.index.remove_conversation(&id, &ids);
         Ok(ids.len())
     }
+}
+
+/// A stable 64-bit key for routing: FNV-1a of `bytes`.
+pub fn affinity_key(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
 }
 
 type ConversationMutex = Arc<tokio::sync::Mutex<()>>;
@@ -169,6 +194,7 @@ struct Turn {
     user_msg: StoredMessage,
     recalled: Vec<Recalled>,
     prompt: Vec<ChatMessage>,
+    instance: usize,
 }
 
 impl Turn {
@@ -245,6 +271,7 @@ impl Turn {
             finish_reason: done.finish_reason,
             recalled: self.recalled.clone(),
             prompt: self.prompt.clone(),
+            instance: self.instance,
         })
     }
 }

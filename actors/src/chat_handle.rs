@@ -96,7 +96,7 @@ impl ChatHandle {
     pub async fn recall(&self, id: &ConversationId, text: &str) -> Result<Vec<Recalled>, ChatError> {
         let conv = self.core.store.conversation(id)?;
         let vector = self.core.embedder.embed_one(text).await.map_err(ChatError::Embedding)?;
-        let recent = self.core.store.recent(id, self.core.opts.recent_messages)?;
+        let recent = self.core.recent_window(id)?;
         let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
         self.core.recall(&conv, &vector, &exclude)
     }

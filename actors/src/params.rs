@@ -174,6 +174,10 @@ pub struct Usage {
     /// first token from wherever their request began (not serialised).
     #[serde(skip)]
     pub first_token_at: Option<std::time::Instant>,
+    /// Prompt tokens served from the instance's KV cache (a conversation's
+    /// earlier turns) instead of being decoded; included in `prompt_tokens`.
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 /// The end of a successful generation.

@@ -55,14 +55,20 @@ impl PoolHandle {
 
     /// Waits (FIFO, up to the acquire timeout) for an idle instance.
     pub async fn acquire(&self) -> Result<Lease, PoolError> {
+        self.acquire_for(None).await
+    }
+
+    /// Like [`Self::acquire`], preferring the idle instance that last served
+    /// `affinity` (a conversation): its KV cache holds that prefix.
+    pub async fn acquire_for(&self, affinity: Option<u64>) -> Result<Lease, PoolError> {
         let started = std::time::Instant::now();
-        let mut lease = self.wait_for_lease().await?;
+        let mut lease = self.wait_for_lease(affinity).await?;
         lease.waited = started.elapsed();
         Ok(lease)
     }
 
-    async fn wait_for_lease(&self) -> Result<Lease, PoolError> {
-        let reply = self.addr.send(Acquire).await.map_err(|_| PoolError::ShuttingDown)?;
+    async fn wait_for_lease(&self, affinity: Option<u64>) -> Result<Lease, PoolError> {
+        let reply = self.addr.send(Acquire(affinity)).await.map_err(|_| PoolError::ShuttingDown)?;
         let (waiter, rx) = match reply {
             AcquireReply::Granted(lease) => return Ok(lease),
             AcquireReply::Rejected => return Err(PoolError::QueueFull { max_queue: self.opts.max_queue }),
@@ -95,8 +101,18 @@ impl PoolHandle {
 
     /// Checks the request, waits for an instance and starts generating.
     pub async fn generate(&self, request: GenerateRequest) -> Result<GenerationStream, PoolError> {
+        self.generate_for(request, None).await
+    }
+
+    /// [`Self::generate`] with an affinity key: a conversation's turns go back
+    /// to the instance whose KV cache holds its prefix, when it is idle.
+    pub async fn generate_for(
+        &self,
+        request: GenerateRequest,
+        affinity: Option<u64>,
+    ) -> Result<GenerationStream, PoolError> {
         self.check(&request)?;
-        let lease = self.acquire().await?;
+        let lease = self.acquire_for(affinity).await?;
         Ok(lease.run(request, self.opts.max_generation))
     }
 

@@ -242,10 +242,11 @@ impl Handler<InstanceUp> for PoolManager {
     }
 }
 
-/// Asks for an instance.
+/// Asks for an instance; the affinity key (a conversation) prefers the
+/// instance whose KV cache holds its prefix.
 #[derive(Message)]
 #[rtype(result = "AcquireReply")]
-pub(crate) struct Acquire;
+pub(crate) struct Acquire(pub Option<u64>);
 
 pub(crate) enum AcquireReply {
     Granted(Lease),
@@ -257,7 +258,7 @@ pub(crate) enum AcquireReply {
 impl Handler<Acquire> for PoolManager {
     type Result = MessageResult<Acquire>;
 
-    fn handle(&mut self, _: Acquire, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Acquire, ctx: &mut Self::Context) -> Self::Result {
         // Waiters whose caller went away (even before it got its queue place)
         // leave the queue now, so they do not count against max_queue.
         let state = &mut self.state;
@@ -268,7 +269,7 @@ impl Handler<Acquire> for PoolManager {
             }
             !gone
         });
-        MessageResult(match self.state.admit() {
+        MessageResult(match self.state.admit(msg.0) {
             Admission::Granted { instance, lease } => AcquireReply::Granted(self.lease_for(instance, lease, ctx)),
             Admission::Queued(w) => {
                 let (tx, rx) = oneshot::channel();

@@ -79,6 +79,12 @@ struct Slot {
     stats: InstanceStats,
     last_error: Option<String>,
     started_at: Instant,
+    /// The affinity key of the last request served: its KV cache holds that
+    /// request's tokens (a conversation's prefix). None after a replacement.
+    affinity: Option<u64>,
+    /// When the instance last became idle; the least recently used goes first
+    /// to a request without a match, so that warm caches are kept longest.
+    idle_since: Instant,
 }
 
 /// The answer to a request for an instance.
@@ -160,7 +166,8 @@ impl std::fmt::Display for PoolStatus {
 #[derive(Debug)]
 pub struct PoolState {
     slots: Vec<Slot>,
-    waiters: VecDeque<WaiterId>,
+    /// Waiting requests in arrival order, each with its affinity key.
+    waiters: VecDeque<(WaiterId, Option<u64>)>,
     max_queue: usize,
     next_id: u64,
     replaced: u64,
@@ -180,6 +187,8 @@ impl PoolState {
                 stats: InstanceStats::default(),
                 last_error: None,
                 started_at: now,
+                affinity: None,
+                idle_since: now,
             })
             .collect();
         Self { slots, waiters: VecDeque::new(), max_queue, next_id: 1, replaced: 0, accepting: true }
@@ -202,16 +211,22 @@ impl PoolState {
         self.slots[instance].generation
     }
 
+    /// The lease an instance is serving, if any.
+    pub fn current_lease(&self, instance: usize) -> Option<LeaseId> {
+        self.slots[instance].lease
+    }
+
     /// A request asks for an instance: an idle one if nobody waits before it,
-    /// else a place in the queue, else rejection.
-    pub fn admit(&mut self) -> Admission {
+    /// else a place in the queue, else rejection. `affinity` names what the
+    /// request continues (a conversation): see [`Self::pick_idle`].
+    pub fn admit(&mut self, affinity: Option<u64>) -> Admission {
         if !self.accepting {
             return Admission::ShuttingDown;
         }
         if self.waiters.is_empty() {
-            if let Some(instance) = self.slots.iter().position(|s| s.state == InstanceState::Idle) {
+            if let Some(instance) = self.pick_idle(affinity) {
                 let lease = LeaseId(self.fresh_id());
-                self.lease(instance, lease);
+                self.lease(instance, lease, affinity);
                 return Admission::Granted { instance, lease };
             }
         }
@@ -219,35 +234,49 @@ impl PoolState {
             return Admission::Rejected;
         }
         let waiter = WaiterId(self.fresh_id());
-        self.waiters.push_back(waiter);
+        self.waiters.push_back((waiter, affinity));
         Admission::Queued(waiter)
     }
 
-    fn lease(&mut self, instance: usize, lease: LeaseId) {
+    /// The idle instance for a request: the one whose cache holds the same
+    /// affinity key (its conversation's prefix), else the least recently used
+    /// (a cold or long-idle cache). Affinity never makes a request wait: any
+    /// idle instance is better than a queue.
+    fn pick_idle(&self, affinity: Option<u64>) -> Option<usize> {
+        let idle = || self.slots.iter().enumerate().filter(|(_, s)| s.state == InstanceState::Idle);
+        if let Some(key) = affinity {
+            if let Some((i, _)) = idle().find(|(_, s)| s.affinity == Some(key)) {
+                return Some(i);
+            }
+        }
+        idle().min_by_key(|(_, s)| s.idle_since).map(|(i, _)| i)
+    }
+
+    fn lease(&mut self, instance: usize, lease: LeaseId, affinity: Option<u64>) {
         let slot = &mut self.slots[instance];
         slot.state = InstanceState::Busy;
         slot.lease = Some(lease);
         slot.busy_since = Some(Instant::now());
         slot.stats.requests += 1;
+        slot.affinity = affinity;
     }
 
     /// A waiter gave up (timeout, client gone). Returns whether it was queued.
     pub fn cancel_waiter(&mut self, waiter: WaiterId) -> bool {
         let before = self.waiters.len();
-        self.waiters.retain(|w| *w != waiter);
+        self.waiters.retain(|(w, _)| *w != waiter);
         self.waiters.len() != before
     }
 
-    /// Pairs idle instances with waiters, oldest waiter first.
+    /// Pairs idle instances with waiters, oldest waiter first (each gets the
+    /// idle instance that matches its affinity, if one does).
     pub fn dispatch(&mut self) -> Vec<Grant> {
         let mut grants = Vec::new();
-        while !self.waiters.is_empty() {
-            let Some(instance) = self.slots.iter().position(|s| s.state == InstanceState::Idle) else {
-                break;
-            };
-            let waiter = self.waiters.pop_front().expect("checked non-empty");
+        while let Some(&(waiter, affinity)) = self.waiters.front() {
+            let Some(instance) = self.pick_idle(affinity) else { break };
+            self.waiters.pop_front();
             let lease = LeaseId(self.fresh_id());
-            self.lease(instance, lease);
+            self.lease(instance, lease, affinity);
             grants.push(Grant { waiter, instance, lease });
         }
         grants
@@ -279,6 +308,7 @@ impl PoolState {
             Outcome::Ok { tokens } => {
                 slot.stats.tokens += tokens;
                 slot.state = InstanceState::Idle;
+                slot.idle_since = Instant::now();
                 false
             }
             Outcome::InstanceFault { reason } => {
@@ -306,6 +336,7 @@ impl PoolState {
         slot.state = InstanceState::Replacing;
         slot.lease = None;
         slot.busy_since = None;
+        slot.affinity = None;
         slot.generation += 1;
         slot.generation
     }
@@ -359,7 +390,7 @@ impl PoolState {
     /// Stops admitting; returns the waiters to turn away.
     pub fn stop_accepting(&mut self) -> Vec<WaiterId> {
         self.accepting = false;
-        self.waiters.drain(..).collect()
+        self.waiters.drain(..).map(|(w, _)| w).collect()
     }
 
     pub fn status(&self) -> PoolStatus {

@@ -68,6 +68,8 @@ struct Sequence {
     max_tokens: u32,
     started: Instant,
     first_token: Option<Instant>,
+    /// Prompt tokens whose KV entries were reused from the cache.
+    cached_tokens: u32,
 }
 
 enum Step {
@@ -118,6 +120,7 @@ impl Sequence {
             },
             queue_wait_ms: 0.0,
             first_token_at: self.first_token,
+            cached_tokens: self.cached_tokens,
         }
     }
 }
@@ -131,7 +134,17 @@ pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(),
     Ok(())
 }
 
-/// Runs one request to completion on `ctx`.
+/// The sequence that generations use; [`SCRATCH_SEQ`] is the health probe's.
+const GENERATION_SEQ: i32 = 0;
+/// A sequence of its own for the probe, so that it never touches the cache.
+pub const SCRATCH_SEQ: i32 = 1;
+
+/// Runs one request to completion on `ctx`. `cached` holds the tokens whose
+/// KV entries sequence 0 holds now (from earlier requests): their longest
+/// common prefix with this prompt is kept and only the rest is decoded.
+/// On return `cached` describes the cache again; after a failure it is
+/// emptied with the cache itself.
+#[allow(clippy::too_many_arguments)]
 pub fn run_generation(
     ctx: &mut LlamaContext<'_>,
     model: &LlamaModel,
@@ -140,15 +153,56 @@ pub fn run_generation(
     emit: &mut dyn FnMut(&str) -> bool,
     cancel: &AtomicBool,
     fault: &mut FaultSlot,
+    cached: &mut Vec<LlamaToken>,
+) -> Result<Completion, EngineError> {
+    let result = generate_reusing(ctx, model, template, request, emit, cancel, fault, cached);
+    if result.is_err() {
+        cached.clear();
+        ctx.clear_kv_cache();
+    }
+    result
+}
+
+/// Length of the common prefix of two token lists.
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate_reusing(
+    ctx: &mut LlamaContext<'_>,
+    model: &LlamaModel,
+    template: &str,
+    request: &GenerateRequest,
+    emit: &mut dyn FnMut(&str) -> bool,
+    cancel: &AtomicBool,
+    fault: &mut FaultSlot,
+    cached: &mut Vec<LlamaToken>,
 ) -> Result<Completion, EngineError> {
     let started = Instant::now();
     request.sampling.validate()?;
     let prompt = tokenize_chat(model, template, &request.messages)?;
     check_fits(prompt.len() as u32, request.sampling.max_tokens, ctx.n_ctx())?;
 
+    // Keep the shared prefix (at least the last prompt token is decoded again:
+    // its logits give the first new token) and drop the rest of the cache.
+    let mut keep = common_prefix(cached, &prompt).min(prompt.len() - 1);
+    if keep < cached.len() {
+        let dropped = ctx
+            .clear_kv_cache_seq(Some(GENERATION_SEQ as u32), Some(keep as u32), None)
+            .map_err(|e| EngineError::Decode(e.to_string()))?;
+        if !dropped {
+            // The memory cannot drop a tail (some model kinds): start over.
+            ctx.clear_kv_cache_seq(Some(GENERATION_SEQ as u32), None, None)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            keep = 0;
+        }
+    }
+    cached.truncate(keep);
+
     let mut seq = Sequence {
-        seq_id: 0,
-        n_past: 0,
+        seq_id: GENERATION_SEQ,
+        n_past: keep as i32,
         logits_idx: 0,
         sampler: build_sampler(model, &request.sampling),
         text: TextStream::new(&request.sampling.stop),
@@ -157,13 +211,13 @@ pub fn run_generation(
         max_tokens: request.sampling.max_tokens,
         started,
         first_token: None,
+        cached_tokens: keep as u32,
     };
 
-    ctx.clear_kv_cache();
     let n_batch = ctx.n_batch() as usize;
     let mut batch = LlamaBatch::new(n_batch, 1);
-    // The prompt goes in chunks of at most n_batch tokens (more aborts llama.cpp).
-    for chunk in prompt.chunks(n_batch) {
+    // The rest of the prompt goes in chunks of at most n_batch tokens (more aborts llama.cpp).
+    for chunk in prompt[keep..].chunks(n_batch) {
         if cancel.load(Ordering::Relaxed) {
             return Ok(Completion { usage: seq.usage(), finish_reason: FinishReason::Cancelled });
         }
@@ -174,6 +228,7 @@ pub fn run_generation(
             seq.n_past += 1;
         }
         decode(ctx, &mut batch, fault)?;
+        cached.extend_from_slice(chunk);
     }
     seq.logits_idx = batch.n_tokens() - 1;
 
@@ -188,6 +243,7 @@ pub fn run_generation(
                 batch.add(token, seq.n_past, &[seq.seq_id], true).map_err(|e| EngineError::Decode(e.to_string()))?;
                 seq.n_past += 1;
                 decode(ctx, &mut batch, fault)?;
+                cached.push(token);
                 seq.logits_idx = 0;
             }
         }
@@ -201,17 +257,21 @@ pub fn run_generation(
     Ok(Completion { usage: seq.usage(), finish_reason: finish })
 }
 
-/// A cheap real health check: decode one token on a cleared cache and check
-/// that the logits are finite.
+/// A cheap real health check: decode one token on the scratch sequence (the
+/// generation sequence's cache stays as it is) and check that the logits are finite.
 pub fn probe_context(ctx: &mut LlamaContext<'_>, model: &LlamaModel, fault: &mut FaultSlot) -> Result<(), EngineError> {
-    ctx.clear_kv_cache();
+    let scratch = Some(SCRATCH_SEQ as u32);
+    let clear = |ctx: &mut LlamaContext<'_>| {
+        ctx.clear_kv_cache_seq(scratch, None, None).map_err(|e| EngineError::Decode(e.to_string()))
+    };
+    clear(ctx)?;
     let mut batch = LlamaBatch::new(1, 1);
     let token = model.vocab().bos();
     let token = if token.0 < 0 { LlamaToken(0) } else { token };
-    batch.add(token, 0, &[0], true).map_err(|e| EngineError::Decode(e.to_string()))?;
+    batch.add(token, 0, &[SCRATCH_SEQ], true).map_err(|e| EngineError::Decode(e.to_string()))?;
     decode(ctx, &mut batch, fault)?;
     let ok = ctx.get_logits_ith(0).iter().take(64).all(|x| x.is_finite());
-    ctx.clear_kv_cache();
+    clear(ctx)?;
     if ok {
         Ok(())
     } else {

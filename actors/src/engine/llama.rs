@@ -75,6 +75,11 @@ fn context_params(opts: &InstanceOptions) -> LlamaContextParams {
         .with_n_ubatch(512.min(opts.n_ctx))
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
+        // Sequence 0 generates (and keeps its cache between requests); sequence
+        // 1 is the health probe's scratch space. One unified buffer: sequence 0
+        // can still use the whole n_ctx.
+        .with_n_seq_max(2)
+        .with_kv_unified(true)
 }
 
 /// Estimated bytes of a context's KV cache: f16 K and V (llama.cpp's default
@@ -157,6 +162,7 @@ impl Engine for LlamaEngine {
             template: self.template.clone(),
             fault: FaultSlot::default(),
             kv_bytes: kv,
+            cached: Vec::new(),
         }))
     }
 
@@ -180,6 +186,8 @@ pub struct LlamaInstance {
     template: String,
     fault: FaultSlot,
     kv_bytes: u64,
+    /// Tokens whose KV entries the context holds (sequence 0), oldest first.
+    cached: Vec<llama_cpp_2::token::LlamaToken>,
 }
 
 impl InstanceBackend for LlamaInstance {
@@ -189,7 +197,8 @@ impl InstanceBackend for LlamaInstance {
         emit: &mut dyn FnMut(&str) -> bool,
         cancel: &AtomicBool,
     ) -> Result<Completion, EngineError> {
-        run_generation(&mut self.ctx, self.model, &self.template, request, emit, cancel, &mut self.fault)
+        let (ctx, cached) = (&mut self.ctx, &mut self.cached);
+        run_generation(ctx, self.model, &self.template, request, emit, cancel, &mut self.fault, cached)
     }
 
     fn probe(&mut self) -> Result<(), EngineError> {
@@ -264,7 +273,8 @@ impl InstanceBackend for PerRequestInstance {
                 .map_err(|e| EngineError::Context(e.to_string()))?
         };
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut done = run_generation(&mut ctx, &model, &template, request, emit, cancel, &mut self.fault)?;
+        let mut fresh = Vec::new();
+        let mut done = run_generation(&mut ctx, &model, &template, request, emit, cancel, &mut self.fault, &mut fresh)?;
         // The client waited for the load too.
         done.usage.time_to_first_token_ms += load_ms;
         done.usage.total_ms += load_ms;

@@ -37,6 +37,8 @@ pub struct ChatRequest {
 #[derive(Serialize)]
 pub struct UsageBody {
     pub prompt_tokens: u32,
+    /// Prompt tokens served from the instance's KV cache (earlier turns).
+    pub cached_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
     /// From the request's arrival to the first generated token: memory
@@ -50,6 +52,7 @@ impl UsageBody {
     fn new(u: &Usage, started: Instant) -> Self {
         Self {
             prompt_tokens: u.prompt_tokens,
+            cached_tokens: u.cached_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
             time_to_first_token_ms: u
@@ -70,6 +73,8 @@ pub struct ChatResponse<'a> {
     pub finish_reason: FinishReason,
     pub usage: UsageBody,
     pub recalled: &'a [Recalled],
+    /// The model instance that generated the reply.
+    pub instance: usize,
 }
 
 fn response_body(r: &ChatReply, started: Instant) -> ChatResponse<'_> {
@@ -80,6 +85,7 @@ fn response_body(r: &ChatReply, started: Instant) -> ChatResponse<'_> {
         finish_reason: r.finish_reason,
         usage: UsageBody::new(&r.usage, started),
         recalled: &r.recalled,
+        instance: r.instance,
     }
 }
 

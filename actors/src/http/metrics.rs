@@ -20,6 +20,7 @@ use crate::pool_state::{InstanceState, PoolStatus};
 
 pub const REQUESTS: &str = "modelpool_requests";
 pub const PROMPT_TOKENS: &str = "modelpool_prompt_tokens";
+pub const PROMPT_TOKENS_CACHED: &str = "modelpool_prompt_tokens_cached";
 pub const GENERATED_TOKENS: &str = "modelpool_generated_tokens";
 pub const QUEUE_WAIT: &str = "modelpool_queue_wait_seconds";
 pub const TIME_TO_FIRST_TOKEN: &str = "modelpool_time_to_first_token_seconds";
@@ -68,6 +69,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     prompt_tokens: Counter,
+    prompt_tokens_cached: Counter,
     generated_tokens: Counter,
     queue_wait: Histogram,
     ttft: Histogram,
@@ -100,6 +102,7 @@ impl Metrics {
         let m = Self {
             requests: Family::default(),
             prompt_tokens: Counter::default(),
+            prompt_tokens_cached: Counter::default(),
             generated_tokens: Counter::default(),
             queue_wait: seconds_histogram(),
             ttft: seconds_histogram(),
@@ -116,7 +119,16 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register(REQUESTS, "HTTP requests by endpoint and outcome", m.requests.clone());
-        registry.register(PROMPT_TOKENS, "Prompt tokens processed", m.prompt_tokens.clone());
+        registry.register(
+            PROMPT_TOKENS,
+            "Prompt tokens of finished generations, cached and decoded",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            PROMPT_TOKENS_CACHED,
+            "Prompt tokens served from an instance's KV cache instead of being decoded",
+            m.prompt_tokens_cached.clone(),
+        );
         registry.register(GENERATED_TOKENS, "Tokens generated", m.generated_tokens.clone());
         registry.register(QUEUE_WAIT, "Time requests waited for a model instance", m.queue_wait.clone());
         registry.register(
@@ -166,6 +178,7 @@ impl Metrics {
                 let queue_wait = Duration::from_secs_f64(u.queue_wait_ms / 1e3);
                 let ttft = u.first_token_at.map(|t| t.saturating_duration_since(started));
                 self.generation(u.prompt_tokens, u.completion_tokens, queue_wait, ttft);
+                self.prompt_tokens_cached.inc_by(u.cached_tokens as u64);
                 self.request(endpoint, "ok", Some(started.elapsed()));
             }
             Err(e) => self.request(endpoint, e.error_type(), Some(started.elapsed())),

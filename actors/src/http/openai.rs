@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{sse_response, unix_now, ApiError, ApiState, Authorized, SamplingOverrides};
+use crate::chat_core::affinity_key;
 use crate::lease::GenEvent;
 use crate::params::{ChatMessage, FinishReason, GenerateRequest, Role, Usage};
 
@@ -205,6 +206,13 @@ struct UsageBody {
     prompt_tokens: u32,
     completion_tokens: u32,
     total_tokens: u32,
+    prompt_tokens_details: PromptDetails,
+}
+
+#[derive(Serialize)]
+struct PromptDetails {
+    /// Prompt tokens served from the instance's KV cache.
+    cached_tokens: u32,
 }
 
 fn usage_body(u: &Usage) -> UsageBody {
@@ -212,7 +220,29 @@ fn usage_body(u: &Usage) -> UsageBody {
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,
         total_tokens: u.prompt_tokens + u.completion_tokens,
+        prompt_tokens_details: PromptDetails { cached_tokens: u.cached_tokens },
     }
+}
+
+/// What a stateless request continues, for routing it to the instance whose
+/// cache holds its prefix: the `X-Conversation-Id` header, else the `user`
+/// field, else its first two messages (the system prompt and the opening
+/// question stay the same for a whole conversation).
+fn affinity(req: &HttpRequest, user: Option<&Value>, messages: &[ChatMessage]) -> u64 {
+    if let Some(id) = req.headers().get("x-conversation-id").map(|v| v.as_bytes()) {
+        return affinity_key(id);
+    }
+    if let Some(user) = user.and_then(Value::as_str) {
+        return affinity_key(user.as_bytes());
+    }
+    let mut bytes = Vec::new();
+    for m in messages.iter().take(2) {
+        bytes.extend_from_slice(m.role.as_str().as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(m.content.as_bytes());
+        bytes.push(0);
+    }
+    affinity_key(&bytes)
 }
 
 fn finish_str(f: FinishReason) -> &'static str {
@@ -225,10 +255,11 @@ fn finish_str(f: FinishReason) -> &'static str {
 async fn completions(
     state: web::Data<ApiState>,
     _auth: Authorized,
+    http: HttpRequest,
     body: web::Json<CompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let result = completions_inner(&state, body.into_inner(), started).await;
+    let result = completions_inner(&state, &http, body.into_inner(), started).await;
     if let Err(e) = &result {
         state.metrics.finished("chat_completions", started, Err(e));
     }
@@ -238,6 +269,7 @@ async fn completions(
 #[tracing::instrument(name = "request", skip_all, fields(endpoint = "chat_completions"))]
 async fn completions_inner(
     state: &web::Data<ApiState>,
+    http: &HttpRequest,
     req: CompletionRequest,
     started: Instant,
 ) -> Result<HttpResponse, ApiError> {
@@ -246,8 +278,10 @@ async fn completions_inner(
     let model = chat.pool().engine_info().model_name;
     check_model(req.model.as_deref(), &model)?;
     let stream = req.stream;
+    let user = req.other.get("user").cloned();
     let (request, include_usage) = to_request(state, req)?;
-    let mut generation = chat.pool().generate(request).await?;
+    let key = affinity(http, user.as_ref(), &request.messages);
+    let mut generation = chat.pool().generate_for(request, Some(key)).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
 

@@ -254,6 +254,16 @@ impl ConversationStore {
         self.messages.range(start..=end).values().take(limit).map(|v| decode(&v?)).collect()
     }
 
+    /// Number of messages in a conversation.
+    pub fn count(&self, conv: &ConversationId) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for key in self.messages.scan_prefix(conv.as_bytes()).keys() {
+            key?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The last `n` messages, oldest first.
     pub fn recent(&self, conv: &ConversationId, n: usize) -> Result<Vec<StoredMessage>, StoreError> {
         let mut out: Vec<StoredMessage> = self

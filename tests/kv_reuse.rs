@@ -1,0 +1,62 @@
+//! An instance keeps its KV cache between requests: a conversation's next
+//! turn decodes only what is new, gives the same greedy text as from an empty
+//! cache, and is routed back to the instance that holds its prefix.
+
+mod common;
+
+use common::{embed_model_path, engine, options, start};
+use modelpool_actors::{
+    ChatHandle, ChatMessage, ChatOptions, Durability, EmbedderHandle, Engine, GenerateRequest, SamplingParams,
+};
+
+fn request(messages: Vec<ChatMessage>, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest { messages, sampling: SamplingParams::greedy(max_tokens) }
+}
+
+#[actix::test]
+async fn a_second_turn_decodes_only_what_is_new_and_says_the_same_as_from_an_empty_cache() {
+    let pool = start(options(1, 4)).await;
+    let first = vec![ChatMessage::user("Tell me one fact about cats.")];
+    let (text1, done1) = pool.generate(request(first.clone(), 24)).await.unwrap().collect_text().await.unwrap();
+    assert_eq!(done1.usage.cached_tokens, 0, "a fresh instance has nothing cached");
+
+    let mut second = first.clone();
+    second.push(ChatMessage::assistant(text1.clone()));
+    second.push(ChatMessage::user("And one about dogs?"));
+    let (text2, done2) = pool.generate(request(second.clone(), 24)).await.unwrap().collect_text().await.unwrap();
+    let before = done1.usage.prompt_tokens + done1.usage.completion_tokens;
+    assert!(
+        done2.usage.cached_tokens + 3 >= before,
+        "turn 2 reused {} tokens of the {before} that turn 1 left in the cache",
+        done2.usage.cached_tokens
+    );
+    assert_eq!(done2.usage.prompt_tokens, engine().count_prompt_tokens(&second).unwrap());
+
+    // Something unrelated in between: the cache no longer matches, all is decoded again.
+    let other = vec![ChatMessage::system("You are terse."), ChatMessage::user("Name a colour.")];
+    pool.generate(request(other, 4)).await.unwrap().collect_text().await.unwrap();
+    let (again, done3) = pool.generate(request(second, 24)).await.unwrap().collect_text().await.unwrap();
+    assert!(done3.usage.cached_tokens < 8, "{:?}", done3.usage);
+    assert_eq!(again, text2, "reusing the cache changed the greedy text");
+    pool.shutdown().await;
+}
+
+#[actix::test]
+async fn each_conversation_returns_to_the_instance_that_holds_its_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start(options(2, 8)).await;
+    let embedder = EmbedderHandle::start(&embed_model_path(), 1).await.unwrap();
+    let opts = ChatOptions { sampling: SamplingParams::greedy(8), ..ChatOptions::default() };
+    let chat = ChatHandle::start(pool, embedder, dir.path(), Durability::Sync, opts).unwrap();
+
+    let (a, b) = futures::join!(chat.say(None, "My name is Ada."), chat.say(None, "My name is Bob."));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.instance, b.instance, "two conversations at once use both instances");
+    for turn in ["What do you know about me?", "Say it again.", "Thanks."] {
+        let (a2, b2) = futures::join!(chat.say(Some(a.conversation_id), turn), chat.say(Some(b.conversation_id), turn));
+        let (a2, b2) = (a2.unwrap(), b2.unwrap());
+        assert_eq!((a2.instance, b2.instance), (a.instance, b.instance), "a turn went to the other instance");
+        assert!(a2.usage.cached_tokens > 0 && b2.usage.cached_tokens > 0, "{:?} {:?}", a2.usage, b2.usage);
+    }
+    chat.shutdown().await.unwrap();
+}
