@@ -36,7 +36,7 @@ impl Default for ChatOptions {
     fn default() -> Self {
         Self {
             system_prompt: "You are a helpful assistant.".into(),
-            recent_messages: 8,
+            recent_messages: 16,
             recall_k: 3,
             recall_min_score: 0.25,
             cross_conversation: false,

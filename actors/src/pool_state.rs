@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::engine::kv_cache::CACHED_SEQUENCES;
+
 /// Lifecycle of one instance slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -79,9 +81,10 @@ struct Slot {
     stats: InstanceStats,
     last_error: Option<String>,
     started_at: Instant,
-    /// The affinity key of the last request served: its KV cache holds that
-    /// request's tokens (a conversation's prefix). None after a replacement.
-    affinity: Option<u64>,
+    /// Affinity keys of the last requests served, newest first: the instance's
+    /// KV cache holds their conversations' prefixes (as many as it keeps
+    /// sequences). Empty after a replacement.
+    affinities: VecDeque<u64>,
     /// When the instance last became idle; the least recently used goes first
     /// to a request without a match, so that warm caches are kept longest.
     idle_since: Instant,
@@ -187,7 +190,7 @@ impl PoolState {
                 stats: InstanceStats::default(),
                 last_error: None,
                 started_at: now,
-                affinity: None,
+                affinities: VecDeque::new(),
                 idle_since: now,
             })
             .collect();
@@ -245,7 +248,7 @@ impl PoolState {
     fn pick_idle(&self, affinity: Option<u64>) -> Option<usize> {
         let idle = || self.slots.iter().enumerate().filter(|(_, s)| s.state == InstanceState::Idle);
         if let Some(key) = affinity {
-            if let Some((i, _)) = idle().find(|(_, s)| s.affinity == Some(key)) {
+            if let Some((i, _)) = idle().find(|(_, s)| s.affinities.contains(&key)) {
                 return Some(i);
             }
         }
@@ -258,7 +261,11 @@ impl PoolState {
         slot.lease = Some(lease);
         slot.busy_since = Some(Instant::now());
         slot.stats.requests += 1;
-        slot.affinity = affinity;
+        if let Some(key) = affinity {
+            slot.affinities.retain(|k| *k != key);
+            slot.affinities.push_front(key);
+            slot.affinities.truncate(CACHED_SEQUENCES);
+        }
     }
 
     /// A waiter gave up (timeout, client gone). Returns whether it was queued.
@@ -336,7 +343,7 @@ impl PoolState {
         slot.state = InstanceState::Replacing;
         slot.lease = None;
         slot.busy_since = None;
-        slot.affinity = None;
+        slot.affinities.clear();
         slot.generation += 1;
         slot.generation
     }

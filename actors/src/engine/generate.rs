@@ -10,8 +10,10 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::DecodeError;
 
 use super::fault::FaultSlot;
+use super::kv_cache::{SeqCaches, SCRATCH_SEQ};
 use super::prompt::tokenize_chat;
 use super::text::TextStream;
 use crate::error::EngineError;
@@ -134,16 +136,11 @@ pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(),
     Ok(())
 }
 
-/// The sequence that generations use; [`SCRATCH_SEQ`] is the health probe's.
-const GENERATION_SEQ: i32 = 0;
-/// A sequence of its own for the probe, so that it never touches the cache.
-pub const SCRATCH_SEQ: i32 = 1;
-
-/// Runs one request to completion on `ctx`. `cached` holds the tokens whose
-/// KV entries sequence 0 holds now (from earlier requests): their longest
-/// common prefix with this prompt is kept and only the rest is decoded.
-/// On return `cached` describes the cache again; after a failure it is
-/// emptied with the cache itself.
+/// Runs one request to completion on `ctx`. `caches` records what each
+/// cached sequence holds: the request takes the sequence that shares the
+/// longest prefix with its prompt, keeps that prefix and decodes only the
+/// rest. On return `caches` describes the KV buffer again; after a failure
+/// both are emptied.
 #[allow(clippy::too_many_arguments)]
 pub fn run_generation(
     ctx: &mut LlamaContext<'_>,
@@ -153,19 +150,39 @@ pub fn run_generation(
     emit: &mut dyn FnMut(&str) -> bool,
     cancel: &AtomicBool,
     fault: &mut FaultSlot,
-    cached: &mut Vec<LlamaToken>,
+    caches: &mut SeqCaches,
 ) -> Result<Completion, EngineError> {
-    let result = generate_reusing(ctx, model, template, request, emit, cancel, fault, cached);
+    let result = generate_reusing(ctx, model, template, request, emit, cancel, fault, caches);
     if result.is_err() {
-        cached.clear();
+        caches.clear();
         ctx.clear_kv_cache();
     }
     result
 }
 
-/// Length of the common prefix of two token lists.
-fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+/// Decodes a batch of sequence `seq`; when the shared KV buffer is full,
+/// evicts other cached sequences (least recently used first) and retries.
+fn decode_evicting(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch,
+    fault: &mut FaultSlot,
+    caches: &mut SeqCaches,
+    seq: usize,
+) -> Result<(), EngineError> {
+    fault.fire()?;
+    loop {
+        match ctx.decode(batch) {
+            Ok(()) => return Ok(()),
+            Err(DecodeError::NoKvCacheSlot) => {
+                let Some(victim) = caches.evict_other(seq) else {
+                    return Err(EngineError::Decode("the KV cache is full".into()));
+                };
+                ctx.clear_kv_cache_seq(Some(victim as u32), None, None)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+            }
+            Err(e) => return Err(EngineError::Decode(e.to_string())),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -177,7 +194,7 @@ fn generate_reusing(
     emit: &mut dyn FnMut(&str) -> bool,
     cancel: &AtomicBool,
     fault: &mut FaultSlot,
-    cached: &mut Vec<LlamaToken>,
+    caches: &mut SeqCaches,
 ) -> Result<Completion, EngineError> {
     let started = Instant::now();
     request.sampling.validate()?;
@@ -185,23 +202,24 @@ fn generate_reusing(
     check_fits(prompt.len() as u32, request.sampling.max_tokens, ctx.n_ctx())?;
 
     // Keep the shared prefix (at least the last prompt token is decoded again:
-    // its logits give the first new token) and drop the rest of the cache.
-    let mut keep = common_prefix(cached, &prompt).min(prompt.len() - 1);
-    if keep < cached.len() {
+    // its logits give the first new token) and drop the rest of that sequence.
+    let (slot, shared) = caches.choose(&prompt);
+    let seq_id = slot as u32;
+    let mut keep = shared.min(prompt.len() - 1);
+    if keep < caches.tokens(slot).len() {
         let dropped = ctx
-            .clear_kv_cache_seq(Some(GENERATION_SEQ as u32), Some(keep as u32), None)
+            .clear_kv_cache_seq(Some(seq_id), Some(keep as u32), None)
             .map_err(|e| EngineError::Decode(e.to_string()))?;
         if !dropped {
             // The memory cannot drop a tail (some model kinds): start over.
-            ctx.clear_kv_cache_seq(Some(GENERATION_SEQ as u32), None, None)
-                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            ctx.clear_kv_cache_seq(Some(seq_id), None, None).map_err(|e| EngineError::Decode(e.to_string()))?;
             keep = 0;
         }
     }
-    cached.truncate(keep);
+    caches.take(slot).truncate(keep);
 
     let mut seq = Sequence {
-        seq_id: GENERATION_SEQ,
+        seq_id: slot as i32,
         n_past: keep as i32,
         logits_idx: 0,
         sampler: build_sampler(model, &request.sampling),
@@ -227,8 +245,8 @@ fn generate_reusing(
             batch.add(token, seq.n_past, &[seq.seq_id], last).map_err(|e| EngineError::Decode(e.to_string()))?;
             seq.n_past += 1;
         }
-        decode(ctx, &mut batch, fault)?;
-        cached.extend_from_slice(chunk);
+        decode_evicting(ctx, &mut batch, fault, caches, slot)?;
+        caches.tokens(slot).extend_from_slice(chunk);
     }
     seq.logits_idx = batch.n_tokens() - 1;
 
@@ -242,8 +260,8 @@ fn generate_reusing(
                 batch.clear();
                 batch.add(token, seq.n_past, &[seq.seq_id], true).map_err(|e| EngineError::Decode(e.to_string()))?;
                 seq.n_past += 1;
-                decode(ctx, &mut batch, fault)?;
-                cached.push(token);
+                decode_evicting(ctx, &mut batch, fault, caches, slot)?;
+                caches.tokens(slot).push(token);
                 seq.logits_idx = 0;
             }
         }

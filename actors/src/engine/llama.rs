@@ -15,6 +15,7 @@ use llama_cpp_2::model::LlamaModel;
 
 use super::fault::FaultSlot;
 use super::generate::{probe_context, run_generation};
+use super::kv_cache::SeqCaches;
 use super::prompt::tokenize_chat;
 #[cfg(feature = "fault-injection")]
 use super::Fault;
@@ -75,10 +76,10 @@ fn context_params(opts: &InstanceOptions) -> LlamaContextParams {
         .with_n_ubatch(512.min(opts.n_ctx))
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
-        // Sequence 0 generates (and keeps its cache between requests); sequence
-        // 1 is the health probe's scratch space. One unified buffer: sequence 0
-        // can still use the whole n_ctx.
-        .with_n_seq_max(2)
+        // A few sequences keep conversations' caches between requests, one more
+        // is the health probe's scratch space. One unified buffer: any sequence
+        // can still use the whole n_ctx (others are evicted when it must).
+        .with_n_seq_max(super::kv_cache::N_SEQ_MAX)
         .with_kv_unified(true)
 }
 
@@ -162,7 +163,7 @@ impl Engine for LlamaEngine {
             template: self.template.clone(),
             fault: FaultSlot::default(),
             kv_bytes: kv,
-            cached: Vec::new(),
+            caches: SeqCaches::default(),
         }))
     }
 
@@ -186,8 +187,8 @@ pub struct LlamaInstance {
     template: String,
     fault: FaultSlot,
     kv_bytes: u64,
-    /// Tokens whose KV entries the context holds (sequence 0), oldest first.
-    cached: Vec<llama_cpp_2::token::LlamaToken>,
+    /// What each cached sequence of the context holds.
+    caches: SeqCaches,
 }
 
 impl InstanceBackend for LlamaInstance {
@@ -197,8 +198,8 @@ impl InstanceBackend for LlamaInstance {
         emit: &mut dyn FnMut(&str) -> bool,
         cancel: &AtomicBool,
     ) -> Result<Completion, EngineError> {
-        let (ctx, cached) = (&mut self.ctx, &mut self.cached);
-        run_generation(ctx, self.model, &self.template, request, emit, cancel, &mut self.fault, cached)
+        let (ctx, caches) = (&mut self.ctx, &mut self.caches);
+        run_generation(ctx, self.model, &self.template, request, emit, cancel, &mut self.fault, caches)
     }
 
     fn probe(&mut self) -> Result<(), EngineError> {
@@ -273,7 +274,7 @@ impl InstanceBackend for PerRequestInstance {
                 .map_err(|e| EngineError::Context(e.to_string()))?
         };
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut fresh = Vec::new();
+        let mut fresh = SeqCaches::default();
         let mut done = run_generation(&mut ctx, &model, &template, request, emit, cancel, &mut self.fault, &mut fresh)?;
         // The client waited for the load too.
         done.usage.time_to_first_token_ms += load_ms;

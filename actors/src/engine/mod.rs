@@ -5,6 +5,7 @@
 pub mod embed;
 pub mod fault;
 pub mod generate;
+pub mod kv_cache;
 pub mod llama;
 pub mod prompt;
 pub mod text;
