@@ -6,62 +6,17 @@
 //!
 //!   cargo bench --bench load            (scripts/bench.sh does the set-up first)
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[path = "support/server.rs"]
+mod server;
+use server::start;
+
 const MAX_TOKENS: u32 = 32;
 /// Requests each client sends, one after another.
 const PER_CLIENT: usize = 4;
-
-struct Server(std::process::Child, String);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(instances: usize, data: &std::path::Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_modelpool"))
-        .args(["--instances", &instances.to_string(), "--n-ctx", "1024", "--data-dir", data.to_str().unwrap()])
-        .args(["serve", "--bind", "127.0.0.1:0"])
-        .env("MODELPOOL_MAX_QUEUE", "64")
-        .env("MODELPOOL_HEALTH_INTERVAL_MS", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start modelpool (run scripts/setup.sh first)");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
-            }
-        }
-    });
-    let base = rx.recv_timeout(Duration::from_secs(60)).expect("server started");
-    // Listening starts before the model is loaded: wait for /health to say 200.
-    let addr = base.trim_start_matches("http://").to_string();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(60) {
-        use std::io::{Read, Write};
-        if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
-            let _ = write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-            let mut r = String::new();
-            let _ = s.read_to_string(&mut r);
-            if r.starts_with("HTTP/1.1 200") {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server(child, base)
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -139,7 +94,7 @@ fn main() {
         );
         for instances in [1usize, 2, 4] {
             let data = tempfile::tempdir().unwrap();
-            let server = start(instances, data.path());
+            let server = start(instances, 1024, data.path(), &[]);
             let _ = run(&server.1, 1).await; // warm-up
             for concurrency in [1usize, 4, 8] {
                 let RunResult { rps, tps, p50, p90, p99, errors } = run(&server.1, concurrency).await;

@@ -157,7 +157,7 @@ fn turn_path_at_scale(base: &[Vec<f32>]) {
             })
             .collect();
         let none = HashSet::new();
-        let mut measure = |namespace: bool| {
+        let measure = |namespace: bool| {
             let (mut hit, mut total, mut secs) = (0usize, 0usize, 0f64);
             for (c, q) in &queries {
                 let scope = if namespace {

@@ -1,0 +1,62 @@
+//! A real `modelpool serve` process for the benchmarks, killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server(pub std::process::Child, pub String);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the server with `instances` of `n_ctx` tokens and extra MODELPOOL_*
+/// variables; returns once /health says 200.
+pub fn start(instances: usize, n_ctx: u32, data: &std::path::Path, env: &[(&str, &str)]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelpool"))
+        .args([
+            "--instances",
+            &instances.to_string(),
+            "--n-ctx",
+            &n_ctx.to_string(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .env("MODELPOOL_MAX_QUEUE", "64")
+        .env("MODELPOOL_HEALTH_INTERVAL_MS", "0")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start modelpool (run scripts/setup.sh first)");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let base = rx.recv_timeout(Duration::from_secs(60)).expect("server started");
+    // Listening starts before the model is loaded: wait for /health to say 200.
+    let addr = base.trim_start_matches("http://").to_string();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        use std::io::{Read, Write};
+        if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+            let _ = write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            let mut r = String::new();
+            let _ = s.read_to_string(&mut r);
+            if r.starts_with("HTTP/1.1 200") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server(child, base)
+}
