@@ -13,7 +13,7 @@ use tokio::sync::OwnedMutexGuard;
 use crate::chat_actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
 use crate::lease::GenEvent;
 use crate::memory::index::{Hit, Scope, VectorIndex};
-use crate::memory::prompt_builder::{build_prompt, PromptBudget, Recalled};
+use crate::memory::prompt_builder::{build_prompt, BuiltPrompt, PromptBudget, Recalled};
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, StoredMessage};
 use crate::memory::EmbedderHandle;
 use crate::params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, Usage};
@@ -70,6 +70,28 @@ impl ChatCore {
         Ok(out)
     }
 
+    /// Recall and the prompt for a turn: blocking work (store, index, tokenizer).
+    fn build(
+        &self,
+        conv: &Conversation,
+        vector: &[f32],
+        text: &str,
+        max_tokens: u32,
+    ) -> Result<(Vec<Recalled>, BuiltPrompt), ChatError> {
+        let recent = self.recent_window(&conv.id)?;
+        let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
+        let recalled = self.recall(conv, vector, &exclude)?;
+        let engine = self.pool.engine().clone();
+        let recent_turns: Vec<ChatMessage> =
+            recent.iter().map(|m| ChatMessage::new(m.role, m.content.clone())).collect();
+        let budget = PromptBudget { n_ctx: self.pool.options().instance.n_ctx, max_tokens };
+        let built = build_prompt(&self.opts.system_prompt, recalled.clone(), &recent_turns, text, budget, &|m| {
+            engine.count_prompt_tokens(m)
+        })?;
+        let recalled = recalled.into_iter().filter(|r| built.recalled.contains(&r.id)).collect();
+        Ok((recalled, built))
+    }
+
     /// The recent messages offered to the prompt. The window's start moves in
     /// steps of half the window, not one turn at a time, so that the prompt's
     /// beginning (and the KV cache that holds it) stays the same for several
@@ -116,17 +138,16 @@ impl ChatCore {
         let guard = self.lock(conv.id).await;
 
         let vector = self.embedder.embed_one(&msg.text).await.map_err(ChatError::Embedding)?;
-        let recent = self.recent_window(&conv.id)?;
-        let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
-        let recalled = self.recall(&conv, &vector, &exclude)?;
+        // Reading the store, searching the index and tokenizing block: they run
+        // on a blocking thread, never on the arbiter that hosts the pool manager.
+        let (recalled, built) = {
+            let (core, conv, vector, text) = (self.clone(), conv.clone(), vector.clone(), msg.text.clone());
+            let max_tokens = sampling.max_tokens;
+            actix_web::rt::task::spawn_blocking(move || core.build(&conv, &vector, &text, max_tokens))
+                .await
+                .map_err(|_| ChatError::Internal("building the prompt panicked".into()))??
+        };
         let engine = self.pool.engine().clone();
-        let recent_turns: Vec<ChatMessage> =
-            recent.iter().map(|m| ChatMessage::new(m.role, m.content.clone())).collect();
-        let budget = PromptBudget { n_ctx: self.pool.options().instance.n_ctx, max_tokens: sampling.max_tokens };
-        let built = build_prompt(&self.opts.system_prompt, recalled.clone(), &recent_turns, &msg.text, budget, &|m| {
-            engine.count_prompt_tokens(m)
-        })?;
-        let recalled: Vec<Recalled> = recalled.into_iter().filter(|r| built.recalled.contains(&r.id)).collect();
 
         // Admission before anything is stored: a rejected turn leaves no trace.
         // The conversation's next turn goes back to the instance that holds its prefix.

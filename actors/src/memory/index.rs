@@ -67,6 +67,45 @@ struct Entry {
 struct Live {
     entries: HashMap<u64, Entry>,
     namespaces: HashMap<ConversationId, String>,
+    /// Each conversation's live message ids: a conversation's recall scores
+    /// exactly these, in time proportional to the conversation.
+    by_conversation: HashMap<ConversationId, Vec<u64>>,
+    /// Each namespace's conversations.
+    by_namespace: HashMap<String, HashSet<ConversationId>>,
+}
+
+/// Namespaces with at most this many messages are scored exactly, like a
+/// conversation; larger ones go through the HNSW graph.
+const EXACT_NAMESPACE_LIMIT: usize = 4096;
+
+impl Live {
+    fn add(&mut self, id: u64, conversation_id: ConversationId, namespace: &str, vector: Vec<f32>) {
+        if !self.namespaces.contains_key(&conversation_id) {
+            self.namespaces.insert(conversation_id, namespace.to_string());
+            self.by_namespace.entry(namespace.to_string()).or_default().insert(conversation_id);
+        }
+        self.by_conversation.entry(conversation_id).or_default().push(id);
+        self.entries.insert(id, Entry { conversation_id, vector });
+    }
+
+    /// Exact top-k over `ids`, leaving out `exclude`.
+    fn score<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a u64>,
+        query: &[f32],
+        k: usize,
+        exclude: &HashSet<u64>,
+    ) -> Vec<Hit> {
+        let mut hits: Vec<Hit> = ids
+            .filter(|id| !exclude.contains(id))
+            .filter_map(|id| {
+                let e = self.entries.get(id)?;
+                Some(Hit { id: *id, conversation_id: e.conversation_id, score: dot(query, &e.vector) })
+            })
+            .collect();
+        top_k(&mut hits, k);
+        hits
+    }
 }
 
 pub struct VectorIndex {
@@ -118,9 +157,7 @@ impl VectorIndex {
         }
         let vector = normalize(&vector);
         self.graph.insert((&vector, id as usize));
-        let mut live = self.live.write().expect("index lock");
-        live.namespaces.entry(conversation_id).or_insert_with(|| namespace.to_string());
-        live.entries.insert(id, Entry { conversation_id, vector });
+        self.live.write().expect("index lock").add(id, conversation_id, namespace, vector);
         true
     }
 
@@ -135,8 +172,7 @@ impl VectorIndex {
         self.graph.parallel_insert(&refs);
         let mut live = self.live.write().expect("index lock");
         for (id, conversation_id, namespace, vector) in items {
-            live.namespaces.entry(conversation_id).or_insert(namespace);
-            live.entries.insert(id, Entry { conversation_id, vector });
+            live.add(id, conversation_id, &namespace, vector);
         }
     }
 
@@ -146,18 +182,43 @@ impl VectorIndex {
         for id in ids {
             live.entries.remove(id);
         }
-        live.namespaces.remove(conversation_id);
+        live.by_conversation.remove(conversation_id);
+        if let Some(ns) = live.namespaces.remove(conversation_id) {
+            if let Some(set) = live.by_namespace.get_mut(&ns) {
+                set.remove(conversation_id);
+                if set.is_empty() {
+                    live.by_namespace.remove(&ns);
+                }
+            }
+        }
     }
 
     /// The `k` most similar live messages in `scope`, leaving out `exclude`.
-    /// HNSW answers first; if the filter leaves it short of `k` hits, an exact
-    /// scan of the scope fills in (small scopes, heavy filtering).
+    /// A conversation, and a namespace of up to 4,096 messages, are scored
+    /// exactly over their own messages (time proportional to the scope, not
+    /// to the store). A larger namespace goes through the HNSW graph with a
+    /// filter; if that leaves it short of `k` hits, its messages are scored exactly.
     pub fn search(&self, query: &[f32], k: usize, scope: &Scope, exclude: &HashSet<u64>) -> Vec<Hit> {
         if query.len() != self.dim || k == 0 {
             return Vec::new();
         }
         let query = &normalize(query)[..];
         let live = self.live.read().expect("index lock");
+        let namespace_ids = |ns: &str| {
+            let convs = live.by_namespace.get(ns).into_iter().flatten();
+            convs.filter_map(|c| live.by_conversation.get(c)).flatten()
+        };
+        match scope {
+            Scope::Conversation(c) => {
+                return live.score(live.by_conversation.get(c).into_iter().flatten(), query, k, exclude);
+            }
+            Scope::Namespace(ns)
+                if namespace_ids(ns).take(EXACT_NAMESPACE_LIMIT + 1).count() <= EXACT_NAMESPACE_LIMIT =>
+            {
+                return live.score(namespace_ids(ns), query, k, exclude);
+            }
+            Scope::Namespace(_) => {}
+        }
         let in_scope = |id: u64| -> Option<&Entry> {
             let e = live.entries.get(&id)?;
             if exclude.contains(&id) {
@@ -181,15 +242,9 @@ impl VectorIndex {
             })
             .collect();
         if hits.len() < k {
-            hits = live
-                .entries
-                .keys()
-                .filter_map(|id| {
-                    let e = in_scope(*id)?;
-                    Some(Hit { id: *id, conversation_id: e.conversation_id, score: dot(query, &e.vector) })
-                })
-                .collect();
-            top_k(&mut hits, k);
+            if let Scope::Namespace(ns) = scope {
+                hits = live.score(namespace_ids(ns), query, k, exclude);
+            }
         }
         hits
     }
@@ -236,5 +291,30 @@ mod tests {
         index.remove_conversation(&c1, &[1, 2]);
         assert!(index.search(&q, 5, &Scope::Conversation(c1), &HashSet::new()).is_empty());
         assert_eq!(index.len(), 2);
+    }
+
+    #[test]
+    fn a_large_namespace_goes_through_the_graph_and_finds_the_nearest() {
+        let dim = 8;
+        let index = VectorIndex::new(dim, 6000);
+        let conv = uuid::Uuid::new_v4();
+        let mut state = 0x9E3779B97F4A7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let items: Vec<_> = (0..5000u64)
+            .map(|i| (i, conv, "big".to_string(), (0..dim).map(|_| next()).collect::<Vec<f32>>()))
+            .collect();
+        let target = items[1234].3.clone();
+        index.insert_many(items);
+        let hits = index.search(&target, 3, &Scope::Namespace("big".into()), &HashSet::new());
+        assert_eq!(hits.first().map(|h| h.id), Some(1234), "{hits:?}");
+        assert!(hits[0].score > 0.999);
+        // The same conversation, scored exactly, agrees.
+        let exact = index.search(&target, 3, &Scope::Conversation(conv), &HashSet::new());
+        assert_eq!(exact.first().map(|h| h.id), Some(1234));
     }
 }
