@@ -144,11 +144,17 @@ impl PoolManager {
         for id in self.state.begin_probes() {
             let Some(addr) = self.members[id].as_ref().and_then(|m| m.addr.clone()) else { continue };
             let generation = self.state.generation(id);
-            let probe = addr.send(Probe);
+            // A probe that has not answered by the next probe time is stalled:
+            // the instance is replaced (its thread exits when the call returns).
+            let limit = self.opts.health_interval.min(self.opts.max_generation);
+            let probe = addr.send(Probe).timeout(limit);
             ctx.spawn(probe.into_actor(self).map(move |res, act, ctx| {
                 let res = match res {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(format!("health probe failed: {e}")),
+                    Err(MailboxError::Timeout) => {
+                        Err(format!("health probe did not answer within {} ms", limit.as_millis()))
+                    }
                     Err(_) => Err("health probe failed: the instance's thread died".to_string()),
                 };
                 if act.state.probe_done(id, generation, res) {
