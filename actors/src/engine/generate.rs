@@ -14,7 +14,7 @@ use llama_cpp_2::DecodeError;
 
 use super::fault::FaultSlot;
 use super::kv_cache::{SeqCaches, SCRATCH_SEQ};
-use super::prompt::tokenize_chat;
+use super::prompt::{tokenize_chat, ChatTemplate};
 use super::text::TextStream;
 use crate::error::EngineError;
 use crate::params::{Completion, FinishReason, GenerateRequest, SamplingParams, Usage};
@@ -145,7 +145,7 @@ pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(),
 pub fn run_generation(
     ctx: &mut LlamaContext<'_>,
     model: &LlamaModel,
-    template: &str,
+    template: &ChatTemplate,
     request: &GenerateRequest,
     emit: &mut dyn FnMut(&str) -> bool,
     cancel: &AtomicBool,
@@ -189,7 +189,7 @@ fn decode_evicting(
 fn generate_reusing(
     ctx: &mut LlamaContext<'_>,
     model: &LlamaModel,
-    template: &str,
+    template: &ChatTemplate,
     request: &GenerateRequest,
     emit: &mut dyn FnMut(&str) -> bool,
     cancel: &AtomicBool,
@@ -206,7 +206,8 @@ fn generate_reusing(
     let (slot, shared) = caches.choose(&prompt);
     let seq_id = slot as u32;
     let mut keep = shared.min(prompt.len() - 1);
-    if keep < caches.tokens(slot).len() {
+    // Everything from `keep` on goes, whether the record names it or not.
+    {
         let dropped = ctx
             .clear_kv_cache_seq(Some(seq_id), Some(keep as u32), None)
             .map_err(|e| EngineError::Decode(e.to_string()))?;

@@ -16,7 +16,7 @@ use llama_cpp_2::model::LlamaModel;
 use super::fault::FaultSlot;
 use super::generate::{probe_context, run_generation};
 use super::kv_cache::SeqCaches;
-use super::prompt::tokenize_chat;
+use super::prompt::{tokenize_chat, ChatTemplate};
 #[cfg(feature = "fault-injection")]
 use super::Fault;
 use super::{Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions};
@@ -92,15 +92,11 @@ fn kv_bytes(model: &LlamaModel, n_ctx: u32) -> u64 {
     n_ctx as u64 * model.n_layer() as u64 * 2 * n_embd_gqa * 2
 }
 
-fn chat_template_of(model: &LlamaModel) -> String {
-    model.chat_template(None).ok().and_then(|t| t.to_string().ok()).unwrap_or_else(|| "chatml".to_string())
-}
-
 /// Weights loaded once; every instance decodes with this one copy.
 pub struct LlamaEngine {
     path: PathBuf,
     model: &'static LlamaModel,
-    template: String,
+    template: Arc<ChatTemplate>,
 }
 
 impl LlamaEngine {
@@ -109,12 +105,13 @@ impl LlamaEngine {
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Self>, EngineError> {
         let path = path.as_ref().to_path_buf();
         let model: &'static LlamaModel = Box::leak(Box::new(load_model(&path)?));
-        let template = chat_template_of(model);
+        let template = Arc::new(ChatTemplate::from_model(model));
         tracing::info!(
             model = %path.display(),
             weights_bytes = model.size(),
             params = model.n_params(),
             n_ctx_train = model.n_ctx_train(),
+            chat_template = template.kind(),
             "model weights loaded once; instances will share them"
         );
         Ok(Arc::new(Self { path, model, template }))
@@ -124,7 +121,8 @@ impl LlamaEngine {
         self.model
     }
 
-    pub fn template(&self) -> &str {
+    /// How prompts are rendered (the model's own Jinja template, or the built-in fallback).
+    pub fn template(&self) -> &ChatTemplate {
         &self.template
     }
 
@@ -184,7 +182,7 @@ fn model_name(path: &Path) -> String {
 pub struct LlamaInstance {
     model: &'static LlamaModel,
     ctx: LlamaContext<'static>,
-    template: String,
+    template: Arc<ChatTemplate>,
     fault: FaultSlot,
     kv_bytes: u64,
     /// What each cached sequence of the context holds.
@@ -266,7 +264,7 @@ impl InstanceBackend for PerRequestInstance {
     ) -> Result<Completion, EngineError> {
         let started = std::time::Instant::now();
         let model = load_model(&self.path)?;
-        let template = chat_template_of(&model);
+        let template = ChatTemplate::from_model(&model);
         let mut ctx = {
             let _one_at_a_time = CONTEXT_CREATION.lock().unwrap_or_else(|e| e.into_inner());
             model
