@@ -26,6 +26,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             .configure(http::configure(app_state.clone()))
             .default_service(http::default_service())
     })
+    // Each connection's socket, so that a non-streaming request notices a client that hung up.
+    .on_connect(http::disconnect::record_peer)
     .disable_signals()
     .shutdown_timeout(drain.as_secs().max(1))
     .bind(&cfg.server.bind)

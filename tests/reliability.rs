@@ -308,3 +308,27 @@ async fn kill_9_during_a_write_storm_loses_nothing_acknowledged() {
 fn unsafe_kill_9(pid: u32) {
     std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
 }
+
+#[actix::test]
+async fn non_streaming_clients_that_hang_up_queued_or_running_are_cancelled() {
+    let server = Server::start(&["--instances", "1"], &[("MODELPOOL_MAX_QUEUE", "16")]);
+    let long = |i: usize| json!({ "messages": [{ "role": "user", "content": format!("Write a very long story, number {i}.") }], "max_tokens": 400 });
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(800)).build().unwrap();
+    let clients = (0..6).map(|i| {
+        let (client, server) = (&impatient, &server);
+        async move {
+            let res = if i % 2 == 0 {
+                client.post(server.url("/v1/chat/completions")).json(&long(i)).send().await
+            } else {
+                let body = json!({ "message": format!("Write a very long story, number {i}."), "max_tokens": 400 });
+                client.post(server.url("/chat")).json(&body).send().await
+            };
+            assert!(res.is_err_and(|e| e.is_timeout()), "client {i} was answered within 800 ms");
+        }
+    });
+    futures::future::join_all(clients).await;
+    // One request alone would generate 400 tokens; all six together stop far short of that.
+    all_idle(&server, Duration::from_secs(3)).await;
+    let tokens = pool(&server).await["totals"]["tokens"].as_u64().unwrap();
+    assert!(tokens < 300, "{tokens} tokens were generated for clients that had hung up");
+}

@@ -237,7 +237,8 @@ fn generate_reusing(
     let mut batch = LlamaBatch::new(n_batch, 1);
     // The rest of the prompt goes in chunks of at most n_batch tokens (more aborts llama.cpp).
     for chunk in prompt[keep..].chunks(n_batch) {
-        if cancel.load(Ordering::Relaxed) {
+        // Between chunks: stopped by the watchdog, or nobody listens any more.
+        if cancel.load(Ordering::Relaxed) || !emit("") {
             return Ok(Completion { usage: seq.usage(), finish_reason: FinishReason::Cancelled });
         }
         batch.clear();

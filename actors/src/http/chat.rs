@@ -3,11 +3,12 @@
 
 use std::time::Instant;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::disconnect::client_gone;
 use super::{sse_response, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat_actor::{ChatError, ChatEvent, ChatReply, SendMessage};
 use crate::memory::prompt_builder::Recalled;
@@ -110,10 +111,20 @@ pub(crate) fn parse_conversation_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
 async fn chat(
     state: web::Data<ApiState>,
     auth: Authorized,
+    http: HttpRequest,
     body: web::Json<ChatRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let result = chat_inner(&state, &auth, body.into_inner(), started).await;
+    let body = body.into_inner();
+    let result = if body.stream {
+        chat_inner(&state, &auth, body, started).await
+    } else {
+        // A JSON answer has nothing to write until the end: watch the client meanwhile.
+        tokio::select! {
+            r = chat_inner(&state, &auth, body, started) => r,
+            _ = client_gone(&http) => Err(ApiError::ClientGone),
+        }
+    };
     // Every outcome but a started stream is counted here, once.
     if let Err(e) = &result {
         state.metrics.finished("chat", started, Err(e));

@@ -41,6 +41,9 @@ pub enum ApiError {
     EmbedderUnavailable(String),
     #[error("{0}")]
     Timeout(String),
+    /// The client hung up before its answer was ready; the work was stopped.
+    #[error("the client closed the connection; the request was cancelled")]
+    ClientGone,
     /// A server-side failure; the text is logged, the client gets a generic message.
     #[error("internal error")]
     Internal(String),
@@ -81,6 +84,7 @@ impl ApiError {
             ApiError::StorageUnavailable { .. } => "storage_unavailable",
             ApiError::EmbedderUnavailable(_) => "embedder_unavailable",
             ApiError::Timeout(_) => "timeout_error",
+            ApiError::ClientGone => "cancelled",
             ApiError::Internal(_) => "server_error",
         }
     }
@@ -126,6 +130,8 @@ impl ResponseError for ApiError {
             | ApiError::StorageUnavailable { .. }
             | ApiError::EmbedderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            // nginx's "client closed request": nobody reads it, but logs do.
+            ApiError::ClientGone => StatusCode::from_u16(499).expect("valid status"),
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -9,6 +9,7 @@
 //! `status` (/pool, /health*), `metrics` (/metrics).
 
 pub mod chat;
+pub mod disconnect;
 pub mod embeddings;
 pub mod error;
 pub mod metrics;

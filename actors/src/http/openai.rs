@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::disconnect::client_gone;
 use super::{sse_response, unix_now, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat_core::affinity_key;
 use crate::lease::GenEvent;
@@ -259,7 +260,16 @@ async fn completions(
     body: web::Json<CompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let result = completions_inner(&state, &http, body.into_inner(), started).await;
+    let body = body.into_inner();
+    let result = if body.stream {
+        completions_inner(&state, &http, body, started).await
+    } else {
+        // A JSON answer has nothing to write until the end: watch the client meanwhile.
+        tokio::select! {
+            r = completions_inner(&state, &http, body, started) => r,
+            _ = client_gone(&http) => Err(ApiError::ClientGone),
+        }
+    };
     if let Err(e) = &result {
         state.metrics.finished("chat_completions", started, Err(e));
     }
