@@ -156,11 +156,7 @@ impl ChatCore {
         let generation = self.pool.generate_for(request, affinity).await?;
         let instance = generation.instance();
         let user_tokens = engine.count_tokens(&msg.text);
-        let user_msg = if is_new {
-            self.store.append_first(&conv, Role::User, &msg.text, user_tokens, &vector).await?
-        } else {
-            self.store.append(&conv, Role::User, &msg.text, user_tokens, &vector).await?
-        };
+        let user_msg = self.store.append(&conv, is_new, Role::User, &msg.text, user_tokens, &vector).await?;
         self.index.insert(user_msg.id, conv.id, &conv.namespace, vector);
 
         let (tx, rx) = unbounded_channel();
@@ -281,7 +277,7 @@ impl Turn {
         } else {
             core.pool.engine().count_tokens(text)
         };
-        let msg = core.store.append(&self.conv, Role::Assistant, text, tokens, &vector).await?;
+        let msg = core.store.append(&self.conv, false, Role::Assistant, text, tokens, &vector).await?;
         core.index.insert(msg.id, self.conv.id, &self.conv.namespace, vector);
         Ok(ChatReply {
             conversation_id: self.conv.id,

@@ -8,7 +8,7 @@ use actix_web_lab::sse;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::disconnect::client_gone;
+use super::disconnect::unless_client_gone;
 use super::{sse_response, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat_actor::{ChatError, ChatEvent, ChatReply, SendMessage};
 use crate::memory::prompt_builder::Recalled;
@@ -116,15 +116,7 @@ async fn chat(
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let body = body.into_inner();
-    let result = if body.stream {
-        chat_inner(&state, &auth, body, started).await
-    } else {
-        // A JSON answer has nothing to write until the end: watch the client meanwhile.
-        tokio::select! {
-            r = chat_inner(&state, &auth, body, started) => r,
-            _ = client_gone(&http) => Err(ApiError::ClientGone),
-        }
-    };
+    let result = unless_client_gone(&http, body.stream, chat_inner(&state, &auth, body, started)).await;
     // Every outcome but a started stream is counted here, once.
     if let Err(e) = &result {
         state.metrics.finished("chat", started, Err(e));

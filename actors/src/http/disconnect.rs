@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use actix_web::HttpRequest;
 
+use super::ApiError;
+
 /// The socket of the connection a request came on.
 #[derive(Clone, Copy)]
 pub struct PeerSocket(RawFd);
@@ -31,6 +33,22 @@ fn closed(fd: RawFd) -> bool {
     // leaves any pipelined bytes for actix to read; MSG_DONTWAIT never blocks.
     let n = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     n == 0
+}
+
+/// Runs `work`; for a non-streaming request (a JSON answer has nothing to
+/// write until the end) it is abandoned, and so cancelled, when the client hangs up.
+pub async fn unless_client_gone<T>(
+    req: &HttpRequest,
+    streaming: bool,
+    work: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    if streaming {
+        return work.await;
+    }
+    tokio::select! {
+        r = work => r,
+        _ = client_gone(req) => Err(ApiError::ClientGone),
+    }
 }
 
 /// Resolves when the client of `req` has hung up; never, when the server did

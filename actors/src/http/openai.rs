@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::disconnect::client_gone;
+use super::disconnect::unless_client_gone;
 use super::{sse_response, unix_now, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat_core::affinity_key;
 use crate::lease::GenEvent;
@@ -261,15 +261,8 @@ async fn completions(
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let body = body.into_inner();
-    let result = if body.stream {
-        completions_inner(&state, &http, body, started).await
-    } else {
-        // A JSON answer has nothing to write until the end: watch the client meanwhile.
-        tokio::select! {
-            r = completions_inner(&state, &http, body, started) => r,
-            _ = client_gone(&http) => Err(ApiError::ClientGone),
-        }
-    };
+    let streaming = body.stream;
+    let result = unless_client_gone(&http, streaming, completions_inner(&state, &http, body, started)).await;
     if let Err(e) = &result {
         state.metrics.finished("chat_completions", started, Err(e));
     }

@@ -159,7 +159,7 @@ impl ConversationStore {
     }
 
     /// A new conversation, not stored yet: it is stored with its first message
-    /// ([`Self::append_first`]), so a turn refused before that leaves no trace.
+    /// ([`Self::append`] with `new_conversation`), so a turn refused before that leaves no trace.
     pub fn new_conversation(&self, namespace: &str) -> Conversation {
         Conversation { id: Uuid::new_v4(), namespace: namespace.to_string(), created_at_ms: now_ms() }
     }
@@ -176,29 +176,18 @@ impl ConversationStore {
     }
 
     /// Stores a message and its embedding atomically; returns once durable
-    /// (with [`Durability::Sync`]). The conversation must exist.
+    /// (with [`Durability::Sync`]). The conversation must exist, unless
+    /// `new_conversation` says it is stored now, with this first message.
     pub async fn append(
         &self,
         conv: &Conversation,
+        new_conversation: bool,
         role: Role,
         content: &str,
         token_count: u32,
         vector: &[f32],
     ) -> Result<StoredMessage, StoreError> {
-        let r = self.store_message(conv, false, role, content, token_count, vector).await;
-        self.noted(r)
-    }
-
-    /// Stores a new conversation together with its first message, atomically.
-    pub async fn append_first(
-        &self,
-        conv: &Conversation,
-        role: Role,
-        content: &str,
-        token_count: u32,
-        vector: &[f32],
-    ) -> Result<StoredMessage, StoreError> {
-        let r = self.store_message(conv, true, role, content, token_count, vector).await;
+        let r = self.store_message(conv, new_conversation, role, content, token_count, vector).await;
         self.noted(r)
     }
 
