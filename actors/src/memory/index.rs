@@ -204,47 +204,37 @@ impl VectorIndex {
         }
         let query = &normalize(query)[..];
         let live = self.live.read().expect("index lock");
-        let namespace_ids = |ns: &str| {
-            let convs = live.by_namespace.get(ns).into_iter().flatten();
-            convs.filter_map(|c| live.by_conversation.get(c)).flatten()
-        };
-        match scope {
+        let ns = match scope {
             Scope::Conversation(c) => {
                 return live.score(live.by_conversation.get(c).into_iter().flatten(), query, k, exclude);
             }
-            Scope::Namespace(ns)
-                if namespace_ids(ns).take(EXACT_NAMESPACE_LIMIT + 1).count() <= EXACT_NAMESPACE_LIMIT =>
-            {
-                return live.score(namespace_ids(ns), query, k, exclude);
-            }
-            Scope::Namespace(_) => {}
-        }
-        let in_scope = |id: u64| -> Option<&Entry> {
-            let e = live.entries.get(&id)?;
-            if exclude.contains(&id) {
-                return None;
-            }
-            let ok = match scope {
-                Scope::Conversation(c) => e.conversation_id == *c,
-                Scope::Namespace(ns) => live.namespaces.get(&e.conversation_id) == Some(ns),
-            };
-            ok.then_some(e)
+            Scope::Namespace(ns) => ns,
         };
-        let filter = |id: &usize| in_scope(*id as u64).is_some();
+        let namespace_ids = || {
+            let convs = live.by_namespace.get(ns).into_iter().flatten();
+            convs.filter_map(|c| live.by_conversation.get(c)).flatten()
+        };
+        if namespace_ids().take(EXACT_NAMESPACE_LIMIT + 1).count() <= EXACT_NAMESPACE_LIMIT {
+            return live.score(namespace_ids(), query, k, exclude);
+        }
+        // A large namespace: the graph, filtered to it.
+        let in_namespace = |id: u64| -> Option<&Entry> {
+            let e = live.entries.get(&id)?;
+            (!exclude.contains(&id) && live.namespaces.get(&e.conversation_id) == Some(ns)).then_some(e)
+        };
+        let filter = |id: &usize| in_namespace(*id as u64).is_some();
         let ef = (k * 8).max(64);
-        let mut hits: Vec<Hit> = self
+        let hits: Vec<Hit> = self
             .graph
             .search_filter(query, k, ef, Some(&filter))
             .into_iter()
             .filter_map(|n| {
-                let e = in_scope(n.d_id as u64)?;
+                let e = in_namespace(n.d_id as u64)?;
                 Some(Hit { id: n.d_id as u64, conversation_id: e.conversation_id, score: 1.0 - n.distance })
             })
             .collect();
         if hits.len() < k {
-            if let Scope::Namespace(ns) = scope {
-                hits = live.score(namespace_ids(ns), query, k, exclude);
-            }
+            return live.score(namespace_ids(), query, k, exclude);
         }
         hits
     }
