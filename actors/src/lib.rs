@@ -5,33 +5,27 @@
 //! Start a pool inside an actix system with [`PoolHandle::start`], then call
 //! [`PoolHandle::generate`]; see the repository README for a full example.
 
-pub mod chat_actor;
-pub mod chat_core;
-pub mod chat_handle;
+pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod http;
-pub mod lease;
 pub mod memory;
-pub mod model_actor;
 pub mod params;
-pub mod pool_handle;
-pub mod pool_manager;
-pub mod pool_state;
+pub mod pool;
 
-pub use chat_actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
-pub use chat_handle::ChatHandle;
+pub use chat::actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
+pub use chat::handle::ChatHandle;
 pub use engine::llama::{LlamaEngine, PerRequestEngine};
 #[cfg(feature = "fault-injection")]
 pub use engine::Fault;
 pub use engine::{Engine, EngineInfo, InstanceInfo, InstanceOptions};
 pub use error::{EngineError, PoolError};
-pub use lease::{GenEvent, GenerationStream, Lease};
+pub use pool::lease::{GenEvent, GenerationStream, Lease};
 pub use memory::{Conversation, ConversationId, Durability, EmbedderHandle, Recalled, StoredMessage};
 pub use params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, SamplingParams, Usage};
-pub use pool_handle::PoolHandle;
-pub use pool_manager::{LoadEvent, PoolOptions, ProgressFn};
-pub use pool_state::{InstanceState, InstanceStats, InstanceStatus, PoolStatus};
+pub use pool::handle::PoolHandle;
+pub use pool::manager::{LoadEvent, PoolOptions, ProgressFn};
+pub use pool::state::{InstanceState, InstanceStats, InstanceStatus, PoolStatus};
 
 /// Resident set size of this process in bytes (Linux), for memory reports.
 pub fn rss_bytes() -> Option<u64> {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::disconnect::unless_client_gone;
 use super::{sse_response, ApiError, ApiState, Authorized, SamplingOverrides};
-use crate::chat_actor::{ChatError, ChatEvent, ChatReply, SendMessage};
+use crate::chat::actor::{ChatError, ChatEvent, ChatReply, SendMessage};
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::StoredMessage;
 use crate::params::{FinishReason, Usage};

@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicU64;
 
 use super::{ApiError, ApiState, MetricsAccess};
 use crate::params::Usage;
-use crate::pool_state::{InstanceState, PoolStatus};
+use crate::pool::state::{InstanceState, PoolStatus};
 
 pub const REQUESTS: &str = "modelpool_requests";
 pub const PROMPT_TOKENS: &str = "modelpool_prompt_tokens";
@@ -273,7 +273,7 @@ mod tests {
     #[test]
     fn every_instance_has_its_own_series() {
         let m = Metrics::new();
-        let mut pool = crate::pool_state::PoolState::new(3, 0);
+        let mut pool = crate::pool::state::PoolState::new(3, 0);
         for i in 0..3 {
             pool.instance_ready(i, 0);
         }

@@ -28,7 +28,7 @@ use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 pub use error::ApiError;
 pub use metrics::Metrics;
 
-use crate::chat_handle::ChatHandle;
+use crate::chat::handle::ChatHandle;
 use crate::params::SamplingParams;
 
 /// Settings of the API layer.

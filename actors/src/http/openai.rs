@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 
 use super::disconnect::unless_client_gone;
 use super::{sse_response, unix_now, ApiError, ApiState, Authorized, SamplingOverrides};
-use crate::chat_core::affinity_key;
-use crate::lease::GenEvent;
+use crate::chat::turn::affinity_key;
+use crate::pool::lease::GenEvent;
 use crate::params::{ChatMessage, FinishReason, GenerateRequest, Role, Usage};
 
 /// `content` as a string or as an array of `{"type": "text", "text": ...}` parts.

@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::engine::Fault;
 use crate::engine::{InstanceBackend, InstanceInfo};
 use crate::error::EngineError;
-use crate::lease::GenEvent;
+use crate::pool::lease::GenEvent;
 use crate::params::{Completion, GenerateRequest};
 
 /// Runs one generation; text pieces go to `sink` as they are produced.

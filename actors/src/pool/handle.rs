@@ -12,15 +12,15 @@ use crate::engine::generate::check_fits;
 use crate::engine::Fault;
 use crate::engine::{Engine, EngineInfo, InstanceInfo};
 use crate::error::{EngineError, PoolError};
-use crate::lease::{GenerationStream, Lease};
+use crate::pool::lease::{GenerationStream, Lease};
 use crate::params::GenerateRequest;
 #[cfg(feature = "fault-injection")]
-use crate::pool_manager::InjectInto;
-use crate::pool_manager::{
+use crate::pool::manager::InjectInto;
+use crate::pool::manager::{
     Acquire, AcquireReply, CancelWait, DescribeInstance, GetStatus, PoolManager, PoolOptions, ProgressFn, Stop,
     StopAccepting,
 };
-use crate::pool_state::PoolStatus;
+use crate::pool::state::PoolStatus;
 
 /// A running pool of model instances.
 #[derive(Clone)]
@@ -163,7 +163,7 @@ impl PoolHandle {
 /// A place in the pool's queue, given up when dropped while still waiting.
 struct QueuePlace<'a> {
     addr: &'a Addr<PoolManager>,
-    waiter: crate::pool_state::WaiterId,
+    waiter: crate::pool::state::WaiterId,
     waiting: bool,
 }
 

@@ -10,14 +10,14 @@ use futures::StreamExt;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::chat_actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
-use crate::lease::GenEvent;
+use crate::chat::actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
+use crate::pool::lease::GenEvent;
 use crate::memory::index::{Hit, Scope, VectorIndex};
 use crate::memory::prompt_builder::{build_prompt, BuiltPrompt, PromptBudget, Recalled};
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, StoredMessage};
 use crate::memory::EmbedderHandle;
 use crate::params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, Usage};
-use crate::pool_handle::PoolHandle;
+use crate::pool::handle::PoolHandle;
 
 /// Shared state of the chat layer, used by the actor's futures.
 pub(crate) struct ChatCore {
@@ -217,7 +217,7 @@ struct Turn {
 impl Turn {
     async fn stream(
         self,
-        mut generation: crate::lease::GenerationStream,
+        mut generation: crate::pool::lease::GenerationStream,
         tx: UnboundedSender<ChatEvent>,
         _lock: TurnLock,
     ) {

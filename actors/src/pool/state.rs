@@ -1,6 +1,6 @@
 //! The pool's decisions, as a plain struct without actix: which instance a
 //! request gets, who waits (FIFO, bounded), what happens when a lease ends.
-//! The [`crate::pool_manager::PoolManager`] actor drives it.
+//! The [`crate::pool::manager::PoolManager`] actor drives it.
 
 use std::collections::VecDeque;
 use std::time::Instant;

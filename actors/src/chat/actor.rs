@@ -9,7 +9,7 @@ use actix::prelude::*;
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::chat_core::ChatCore;
+use crate::chat::turn::ChatCore;
 use crate::error::{EngineError, PoolError};
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{ConversationId, StoreError};

@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::chat_actor::{
+use crate::chat::actor::{
     ChatActor, ChatError, ChatOptions, ChatReply, ChatStream, DeleteConversation, SendMessage, StopChat,
 };
-use crate::chat_core::ChatCore;
+use crate::chat::turn::ChatCore;
 use crate::memory::index::VectorIndex;
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, Durability, StoredMessage};
 use crate::memory::EmbedderHandle;
-use crate::pool_handle::PoolHandle;
+use crate::pool::handle::PoolHandle;
 
 #[derive(Clone)]
 pub struct ChatHandle {

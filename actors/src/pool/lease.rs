@@ -13,10 +13,10 @@ use futures::Stream;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::error::PoolError;
-use crate::model_actor::{Generate, ModelActor};
+use crate::pool::instance::{Generate, ModelActor};
 use crate::params::{Completion, GenerateRequest};
-use crate::pool_manager::{PoolManager, Release};
-use crate::pool_state::{LeaseId, Outcome};
+use crate::pool::manager::{PoolManager, Release};
+use crate::pool::state::{LeaseId, Outcome};
 
 /// What a generation stream yields: text pieces, then exactly one `Done` or `Error`.
 #[derive(Debug, Clone)]

@@ -13,11 +13,11 @@ use tokio::sync::oneshot;
 use crate::engine::Fault;
 use crate::engine::{Engine, InstanceInfo, InstanceOptions};
 use crate::error::{EngineError, PoolError};
-use crate::lease::Lease;
+use crate::pool::lease::Lease;
 #[cfg(feature = "fault-injection")]
-use crate::model_actor::InjectFault;
-use crate::model_actor::{Describe, InstanceStopped, ModelActor, Probe};
-use crate::pool_state::{Admission, InstanceState, LeaseId, Outcome, PoolState, PoolStatus, WaiterId};
+use crate::pool::instance::InjectFault;
+use crate::pool::instance::{Describe, InstanceStopped, ModelActor, Probe};
+use crate::pool::state::{Admission, InstanceState, LeaseId, Outcome, PoolState, PoolStatus, WaiterId};
 
 /// Settings of a pool.
 #[derive(Clone, Debug)]

@@ -1,0 +1,9 @@
+//! The pool: its decisions as a plain struct (`state`), the manager actor that
+//! drives them, one actor per instance (the handle of its step-loop thread),
+//! the lease guard, and the handle callers use.
+
+pub mod handle;
+pub mod instance;
+pub mod lease;
+pub mod manager;
+pub mod state;
