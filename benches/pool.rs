@@ -37,7 +37,7 @@ fn opts(instances: usize, threads: u32) -> PoolOptions {
         acquire_timeout: Duration::from_secs(600),
         max_generation: Duration::from_secs(600),
         health_interval: Duration::ZERO,
-        instance: InstanceOptions { n_ctx: 1024, n_threads: threads },
+        instance: InstanceOptions::single(1024, threads),
     }
 }
 

@@ -60,12 +60,12 @@ async fn main() -> anyhow::Result<()> {
     // modelpool's actors: the pool (weights loaded once), the embedder, the chat layer.
     let engine = LlamaEngine::load(&model)?;
     let opts = PoolOptions {
-        instances: 2,
+        instances: 1,
         max_queue: 16,
         acquire_timeout: Duration::from_secs(30),
         max_generation: Duration::from_secs(120),
         health_interval: Duration::from_secs(30),
-        instance: InstanceOptions { n_ctx: 2048, n_threads: 1 },
+        instance: InstanceOptions { slots: 4, ..InstanceOptions::single(2048, 2) },
     };
     let pool = PoolHandle::start(engine, opts, Arc::new(|e: LoadEvent| eprintln!("{e:?}"))).await?;
     let embedder = EmbedderHandle::start(&embed, 1).await?;

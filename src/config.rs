@@ -66,6 +66,8 @@ pub struct Config {
     pub embedding_model: PathBuf,
     pub data_dir: PathBuf,
     pub instances: usize,
+    pub slots: u32,
+    pub prefill_chunk: u32,
     pub max_queue: usize,
     pub acquire_timeout_ms: u64,
     pub max_generation_ms: u64,
@@ -86,6 +88,7 @@ pub struct Overrides {
     pub profile: Option<String>,
     pub model: Option<PathBuf>,
     pub instances: Option<usize>,
+    pub slots: Option<u32>,
     pub threads: Option<u32>,
     pub n_ctx: Option<u32>,
     pub data_dir: Option<PathBuf>,
@@ -200,6 +203,9 @@ impl Config {
         if let Some(v) = o.instances {
             cfg.instances = v;
         }
+        if let Some(v) = o.slots {
+            cfg.slots = v;
+        }
         if let Some(v) = o.threads {
             cfg.threads = v;
         }
@@ -224,6 +230,12 @@ impl Config {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
         if self.instances == 0 {
             return invalid("instances", "must be at least 1, got 0".into());
+        }
+        if !(1..=64).contains(&self.slots) {
+            return invalid("slots", format!("must be between 1 and 64, got {}", self.slots));
+        }
+        if !(16..=512).contains(&self.prefill_chunk) {
+            return invalid("prefill_chunk", format!("must be between 16 and 512 tokens, got {}", self.prefill_chunk));
         }
         if self.n_ctx < 64 {
             return invalid("n_ctx", format!("must be at least 64 tokens, got {}", self.n_ctx));
@@ -348,7 +360,12 @@ impl Config {
             acquire_timeout: Duration::from_millis(self.acquire_timeout_ms),
             max_generation: Duration::from_millis(self.max_generation_ms),
             health_interval: Duration::from_millis(self.health_interval_ms),
-            instance: InstanceOptions { n_ctx: self.n_ctx, n_threads: self.threads_per_instance() },
+            instance: InstanceOptions {
+                n_ctx: self.n_ctx,
+                n_threads: self.threads_per_instance(),
+                slots: self.slots,
+                prefill_chunk: self.prefill_chunk,
+            },
         }
     }
 }
@@ -373,7 +390,7 @@ mod tests {
     #[test]
     fn layers_apply_in_order_default_profile_env_flag() {
         let c = load(&Overrides::default(), &[]).unwrap();
-        assert_eq!((c.instances, c.acquire_timeout_ms), (2, 30000));
+        assert_eq!((c.instances, c.slots, c.acquire_timeout_ms), (1, 4, 30000));
         let small = Overrides { profile: Some("small".into()), ..Default::default() };
         let c = load(&small, &[]).unwrap();
         assert_eq!((c.instances, c.acquire_timeout_ms), (3, 30000));

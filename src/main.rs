@@ -36,10 +36,14 @@ struct GlobalArgs {
     /// Number of model instances.
     #[arg(long, global = true, value_name = "N")]
     instances: Option<usize>,
+    /// Sequences each instance decodes together (continuous batching).
+    #[arg(long, global = true, value_name = "N")]
+    slots: Option<u32>,
     /// CPU threads per instance (0: cores / instances).
     #[arg(long, global = true, value_name = "N")]
     threads: Option<u32>,
-    /// Context size per instance, in tokens.
+    /// Tokens one sequence may hold (prompt + reply); each instance's KV
+    /// buffer holds slots × n_ctx.
     #[arg(long, global = true, value_name = "N")]
     n_ctx: Option<u32>,
     /// Directory for conversations and their vectors.
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         profile: g.profile,
         model: g.model,
         instances: g.instances,
+        slots: g.slots,
         threads: g.threads,
         n_ctx: g.n_ctx,
         data_dir: g.data_dir,

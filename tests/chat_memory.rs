@@ -114,7 +114,7 @@ async fn prompt_stays_within_the_context_with_a_history_ten_times_longer() {
     let dir = tempfile::tempdir().unwrap();
     let (n_ctx, max_tokens) = (192u32, 8u32);
     let mut pool_opts = options(1, 8);
-    pool_opts.instance = modelpool_actors::InstanceOptions { n_ctx, n_threads: 2 };
+    pool_opts.instance = modelpool_actors::InstanceOptions::single(n_ctx, 2);
     let chat = chat_on(dir.path(), chat_options(64, max_tokens), pool_opts).await;
     let filler = "the quick brown fox jumps over the lazy dog while the river runs past old stone walls ";
     let mut conv = None;

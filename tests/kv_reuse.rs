@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{embed_model_path, engine, options, start};
+use common::{embed_model_path, engine, options, slotted, start};
 use modelpool_actors::{
     ChatHandle, ChatMessage, ChatOptions, Durability, EmbedderHandle, Engine, GenerateRequest, SamplingParams,
 };
@@ -15,7 +15,9 @@ fn request(messages: Vec<ChatMessage>, max_tokens: u32) -> GenerateRequest {
 
 #[actix::test]
 async fn a_second_turn_decodes_only_what_is_new_and_keeps_the_answer() {
-    let pool = start(options(1, 4)).await;
+    // Without an affinity key each request takes the coldest of the 4 slots:
+    // the prefix is copied from the slot that holds it.
+    let pool = start(slotted(1, 4, 4)).await;
     let first = vec![ChatMessage::user("What is the capital of France?")];
     let (text1, done1) = pool.generate(request(first.clone(), 24)).await.unwrap().collect_text().await.unwrap();
     assert_eq!(done1.usage.cached_tokens, 0, "a fresh instance has nothing cached");
@@ -32,8 +34,8 @@ async fn a_second_turn_decodes_only_what_is_new_and_keeps_the_answer() {
     );
     assert_eq!(done2.usage.prompt_tokens, engine().count_prompt_tokens(&second).unwrap());
 
-    // A new conversation on the same instance takes another cached sequence:
-    // the first conversation's cache survives it.
+    // A new conversation on the same instance takes another slot: the first
+    // conversation's cache survives it.
     let other = vec![ChatMessage::system("You are terse."), ChatMessage::user("Name a colour.")];
     let (_, done_other) = pool.generate(request(other, 4)).await.unwrap().collect_text().await.unwrap();
     assert_eq!(done_other.usage.cached_tokens, 0);

@@ -2,12 +2,11 @@
 //! replacement back-off and start-up failure, which the real model cannot be
 //! made to show on demand.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use modelpool_actors::engine::InstanceBackend;
+use modelpool_actors::engine::{InstanceBackend, SeqEvent, SeqSink};
 use modelpool_actors::{
     ChatMessage, Completion, Engine, EngineError, EngineInfo, Fault, FinishReason, GenerateRequest, InstanceInfo,
     InstanceOptions, PoolError, PoolHandle, PoolOptions, Usage,
@@ -21,20 +20,38 @@ struct FakeEngine {
 
 struct FakeInstance {
     fault: Option<Fault>,
+    running: Vec<(usize, SeqSink)>,
 }
 
 impl InstanceBackend for FakeInstance {
-    fn generate(
-        &mut self,
-        _: &GenerateRequest,
-        emit: &mut dyn FnMut(&str) -> bool,
-        _: &AtomicBool,
-    ) -> Result<Completion, EngineError> {
-        if self.fault.take().is_some() {
+    fn slots(&self) -> usize {
+        1
+    }
+    fn start(&mut self, slot: usize, _: GenerateRequest, _: Instant, sink: SeqSink) {
+        self.running.push((slot, sink));
+    }
+    fn cancel(&mut self, slot: usize) {
+        self.running.retain(|(s, _)| *s != slot);
+    }
+    fn active(&self) -> usize {
+        self.running.len()
+    }
+    /// One step finishes every sequence with "ok", or fails them all.
+    fn step(&mut self) -> Result<(), EngineError> {
+        let failed = self.fault.take().is_some();
+        for (_, sink) in self.running.drain(..) {
+            if failed {
+                let _ = sink.send(SeqEvent::Done(Err(EngineError::Decode("fake failure".into()))));
+            } else {
+                let _ = sink.send(SeqEvent::Piece("ok".into()));
+                let usage = Usage { completion_tokens: 1, ..Usage::default() };
+                let _ = sink.send(SeqEvent::Done(Ok(Completion { usage, finish_reason: FinishReason::Stop })));
+            }
+        }
+        if failed {
             return Err(EngineError::Decode("fake failure".into()));
         }
-        emit("ok");
-        Ok(Completion { usage: Usage { completion_tokens: 1, ..Usage::default() }, finish_reason: FinishReason::Stop })
+        Ok(())
     }
     fn probe(&mut self) -> Result<(), EngineError> {
         Ok(())
@@ -55,7 +72,7 @@ impl Engine for FakeEngine {
         if self.created.fetch_add(1, Ordering::SeqCst) >= self.fail_after {
             return Err(EngineError::Context("fake: out of memory".into()));
         }
-        Ok(Box::new(FakeInstance { fault: None }))
+        Ok(Box::new(FakeInstance { fault: None, running: Vec::new() }))
     }
     fn count_prompt_tokens(&self, m: &[ChatMessage]) -> Result<u32, EngineError> {
         Ok(m.len() as u32)
@@ -72,7 +89,7 @@ fn opts(n: usize) -> PoolOptions {
         acquire_timeout: Duration::from_secs(5),
         max_generation: Duration::from_secs(5),
         health_interval: Duration::ZERO,
-        instance: InstanceOptions { n_ctx: 1024, n_threads: 1 },
+        instance: InstanceOptions::single(1024, 1),
     }
 }
 

@@ -55,7 +55,15 @@ pub fn options(instances: usize, max_queue: usize) -> PoolOptions {
         acquire_timeout: Duration::from_secs(60),
         max_generation: Duration::from_secs(120),
         health_interval: Duration::ZERO,
-        instance: InstanceOptions { n_ctx: 512, n_threads: 1 },
+        instance: InstanceOptions::single(512, 1),
+    }
+}
+
+/// `instances` instances of `slots` sequences each, on 2 threads apiece.
+pub fn slotted(instances: usize, slots: u32, max_queue: usize) -> PoolOptions {
+    PoolOptions {
+        instance: InstanceOptions { slots, ..InstanceOptions::single(1024, 2) },
+        ..options(instances, max_queue)
     }
 }
 

@@ -64,6 +64,9 @@ fn spawn(
         .args(flags)
         .args(["serve", "--bind", "127.0.0.1:0"])
         .env("MODELPOOL_HEALTH_INTERVAL_MS", "0")
+        // One sequence per instance unless a test asks for more: these tests
+        // count instances; the batching tests set MODELPOOL_SLOTS themselves.
+        .env("MODELPOOL_SLOTS", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -1,34 +1,21 @@
-//! The conversations one instance keeps in its KV cache: a few sequences share
-//! the context's one unified KV buffer, and each remembers the tokens it
-//! holds. A request takes the sequence whose tokens share the longest prefix
-//! with its prompt (as llama-server's slots do), or else the least recently
-//! used one; when the buffer is full, other sequences are evicted, oldest first.
+//! What each sequence slot of a context holds in the shared (unified) KV
+//! buffer, and where a new prompt's prefix can be found: in its own slot, or
+//! copied from another slot that holds a longer one (a shared system prompt,
+//! a conversation moved between slots).
 
 use llama_cpp_2::token::LlamaToken;
 
-/// Sequences that keep conversations' caches (ids 0..CACHED_SEQUENCES).
-pub const CACHED_SEQUENCES: usize = 4;
-/// The health probe's own sequence: it never touches a cached one.
-pub const SCRATCH_SEQ: i32 = CACHED_SEQUENCES as i32;
-/// Sequences the context is created with.
-pub const N_SEQ_MAX: u32 = CACHED_SEQUENCES as u32 + 1;
-
+/// The tokens whose KV entries a slot's sequence holds, in order.
 #[derive(Debug, Default)]
-struct Cached {
-    tokens: Vec<LlamaToken>,
-    last_used: u64,
+pub struct SlotCache {
+    pub tokens: Vec<LlamaToken>,
+    /// Step clock of the last request placed here (eviction goes oldest first).
+    pub last_used: u64,
 }
 
-/// What each cached sequence of a context holds.
-#[derive(Debug)]
-pub struct SeqCaches {
-    seqs: Vec<Cached>,
-    clock: u64,
-}
-
-impl Default for SeqCaches {
-    fn default() -> Self {
-        Self { seqs: (0..CACHED_SEQUENCES).map(|_| Cached::default()).collect(), clock: 0 }
+impl SlotCache {
+    pub fn common_prefix(&self, prompt: &[LlamaToken]) -> usize {
+        common_prefix(&self.tokens, prompt)
     }
 }
 
@@ -37,87 +24,48 @@ pub fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-impl SeqCaches {
-    /// The sequence for `prompt` and how many of its cached tokens stay: the
-    /// one sharing the longest prefix when the prompt continues it (keeps at
-    /// least half of what it holds), else an empty or the least recently used
-    /// one, so that a new conversation does not wipe another's cache for the
-    /// sake of a shared system prompt.
-    pub fn choose(&self, prompt: &[LlamaToken]) -> (usize, usize) {
-        let shared = |i: usize| common_prefix(&self.seqs[i].tokens, prompt);
-        let best = (0..self.seqs.len()).max_by_key(|&i| (shared(i), self.seqs[i].last_used)).expect("sequences");
-        let kept = shared(best);
-        if kept > 0 && kept * 2 >= self.seqs[best].tokens.len() {
-            return (best, kept);
-        }
-        let coldest = (0..self.seqs.len())
-            .min_by_key(|&i| (!self.seqs[i].tokens.is_empty(), self.seqs[i].last_used))
-            .expect("sequences");
-        (coldest, shared(coldest))
-    }
+/// Fewer extra tokens than this are decoded rather than copied.
+const MIN_COPY_GAIN: usize = 16;
 
-    /// The tokens sequence `seq` holds; marks it the most recently used.
-    pub fn take(&mut self, seq: usize) -> &mut Vec<LlamaToken> {
-        self.clock += 1;
-        self.seqs[seq].last_used = self.clock;
-        &mut self.seqs[seq].tokens
-    }
-
-    pub fn tokens(&mut self, seq: usize) -> &mut Vec<LlamaToken> {
-        &mut self.seqs[seq].tokens
-    }
-
-    /// Forgets the least recently used non-empty sequence other than `keep`
-    /// (the caller clears its KV entries); none when there is nothing to evict.
-    pub fn evict_other(&mut self, keep: usize) -> Option<usize> {
-        let victim = (0..self.seqs.len())
-            .filter(|&i| i != keep && !self.seqs[i].tokens.is_empty())
-            .min_by_key(|&i| self.seqs[i].last_used)?;
-        self.seqs[victim].tokens.clear();
-        Some(victim)
-    }
-
-    /// Forgets everything (after a failure the whole KV buffer is cleared).
-    pub fn clear(&mut self) {
-        for s in &mut self.seqs {
-            s.tokens.clear();
-        }
-    }
+/// The other slot whose cache shares a longer prefix with `prompt` than
+/// slot `target`'s own, and the length to copy (at most `prompt.len() - 1`:
+/// the last prompt token is always decoded); none when copying gains little.
+pub fn copy_source(slots: &[&[LlamaToken]], target: usize, prompt: &[LlamaToken]) -> Option<(usize, usize)> {
+    let limit = prompt.len().saturating_sub(1);
+    let own = common_prefix(slots[target], prompt).min(limit);
+    let (src, len) = slots
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != target)
+        .map(|(i, t)| (i, common_prefix(t, prompt).min(limit)))
+        .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))?;
+    (len >= own + MIN_COPY_GAIN).then_some((src, len))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn toks(v: &[i32]) -> Vec<LlamaToken> {
-        v.iter().map(|&t| LlamaToken(t)).collect()
+    fn toks(v: impl IntoIterator<Item = i32>) -> Vec<LlamaToken> {
+        v.into_iter().map(LlamaToken).collect()
     }
 
     #[test]
-    fn a_continuation_takes_its_own_sequence_and_a_new_conversation_an_empty_one() {
-        let mut c = SeqCaches::default();
-        let (s, kept) = c.choose(&toks(&[1, 2, 3]));
-        assert_eq!(kept, 0);
-        c.take(s).extend(toks(&[1, 2, 3, 4, 5]));
-        // The same conversation, one turn later.
-        assert_eq!(c.choose(&toks(&[1, 2, 3, 4, 5, 6, 7])), (s, 5));
-        // Another conversation sharing only the system prompt [1, 2]: an empty sequence.
-        let (other, kept) = c.choose(&toks(&[1, 2, 9, 9, 9, 9, 9]));
-        assert_ne!(other, s);
-        assert_eq!(kept, 0);
-    }
-
-    #[test]
-    fn when_all_are_taken_the_least_recently_used_goes() {
-        let mut c = SeqCaches::default();
-        for i in 0..CACHED_SEQUENCES {
-            let (s, _) = c.choose(&toks(&[100 + i as i32]));
-            c.take(s).extend(toks(&[100 + i as i32, 1, 1, 1]));
-        }
-        c.take(2); // sequence 2 used again: sequence 0 is now the oldest
-        let (s, kept) = c.choose(&toks(&[7, 7]));
-        assert_eq!((s, kept), (0, 0));
-        assert_eq!(c.evict_other(1), Some(0));
-        assert_eq!(c.evict_other(1), Some(3));
+    fn a_longer_prefix_in_another_slot_is_copied_a_short_one_is_not() {
+        let system = toks(0..40);
+        let conv_a: Vec<_> = system.iter().copied().chain(toks(100..130)).collect();
+        let empty = Vec::new();
+        // Slot 1 holds the shared system prompt and conversation A; slot 0 is empty.
+        let slots = [empty.as_slice(), conv_a.as_slice()];
+        let prompt_b: Vec<_> = system.iter().copied().chain(toks(200..210)).collect();
+        assert_eq!(copy_source(&slots, 0, &prompt_b), Some((1, 40)));
+        // A's next turn placed on slot 0 copies all of A.
+        let next_a: Vec<_> = conv_a.iter().copied().chain(toks(300..305)).collect();
+        assert_eq!(copy_source(&slots, 0, &next_a), Some((1, conv_a.len())));
+        // A prompt equal to the cache keeps its last token to decode.
+        assert_eq!(copy_source(&slots, 0, &conv_a), Some((1, conv_a.len() - 1)));
+        // Too little to gain, or the slot already holds it: no copy.
+        assert_eq!(copy_source(&slots, 0, &toks(0..10)), None);
+        assert_eq!(copy_source(&slots, 1, &next_a), None);
     }
 }

@@ -4,24 +4,21 @@
 use std::io::Read;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
-use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 
-use super::fault::FaultSlot;
-use super::generate::{probe_context, run_generation};
-use super::kv_cache::SeqCaches;
+use super::batch::Batcher;
 use super::prompt::{tokenize_chat, ChatTemplate};
 #[cfg(feature = "fault-injection")]
 use super::Fault;
-use super::{Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions};
+use super::{Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, SeqEvent, SeqSink};
 use crate::error::EngineError;
-use crate::params::{ChatMessage, Completion, GenerateRequest};
+use crate::params::{ChatMessage, FinishReason, GenerateRequest};
 
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
 static BACKEND_INIT: Mutex<()> = Mutex::new(());
@@ -68,18 +65,24 @@ pub fn load_model(path: &Path) -> Result<LlamaModel, EngineError> {
         .map_err(|_| EngineError::ModelLoad { path: path.to_path_buf() })
 }
 
+/// Cells of a context's KV buffer: room for every slot's full sequence, plus
+/// the probe's one token.
+fn context_cells(opts: &InstanceOptions) -> u32 {
+    opts.n_ctx.saturating_mul(opts.slots.max(1)).saturating_add(1)
+}
+
 fn context_params(opts: &InstanceOptions) -> LlamaContextParams {
     let threads = opts.n_threads.max(1) as i32;
     LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(opts.n_ctx))
+        .with_n_ctx(NonZeroU32::new(context_cells(opts)))
         .with_n_batch(512.min(opts.n_ctx))
         .with_n_ubatch(512.min(opts.n_ctx))
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
-        // A few sequences keep conversations' caches between requests, one more
-        // is the health probe's scratch space. One unified buffer: any sequence
-        // can still use the whole n_ctx (others are evicted when it must).
-        .with_n_seq_max(super::kv_cache::N_SEQ_MAX)
+        // One sequence per slot, one more for the health probe. One unified
+        // buffer: slots share a prefix by tagging its cells, and a slot whose
+        // cache sits idle gives its room to busy ones when they need it.
+        .with_n_seq_max(opts.slots.max(1) + 1)
         .with_kv_unified(true)
 }
 
@@ -147,22 +150,19 @@ impl Engine for LlamaEngine {
             let _one_at_a_time = CONTEXT_CREATION.lock().unwrap_or_else(|e| e.into_inner());
             self.model.new_context(backend()?, context_params(opts)).map_err(|e| EngineError::Context(e.to_string()))?
         };
-        let kv = kv_bytes(self.model, opts.n_ctx);
+        let kv = kv_bytes(self.model, context_cells(opts));
         tracing::info!(
             instance = id,
             n_ctx = opts.n_ctx,
+            slots = opts.slots,
             threads = opts.n_threads,
             kv_bytes_estimate = kv,
             "instance context created"
         );
-        Ok(Box::new(LlamaInstance {
-            model: self.model,
-            ctx,
-            template: self.template.clone(),
-            fault: FaultSlot::default(),
-            kv_bytes: kv,
-            caches: SeqCaches::default(),
-        }))
+        let slots = opts.slots.max(1) as usize;
+        let batcher =
+            Batcher::new(self.model, ctx, self.template.clone(), slots, opts.n_ctx, opts.prefill_chunk as usize);
+        Ok(Box::new(LlamaInstance { weights_addr: self.weights_addr(), batcher, kv_bytes: kv }))
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
@@ -178,39 +178,48 @@ fn model_name(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
 }
 
-/// One pooled instance: a context (own KV cache) on the shared weights.
+/// One pooled instance: a context (own KV cache, several sequence slots) on
+/// the shared weights.
 pub struct LlamaInstance {
-    model: &'static LlamaModel,
-    ctx: LlamaContext<'static>,
-    template: Arc<ChatTemplate>,
-    fault: FaultSlot,
+    weights_addr: usize,
+    batcher: Batcher<'static>,
     kv_bytes: u64,
-    /// What each cached sequence of the context holds.
-    caches: SeqCaches,
 }
 
 impl InstanceBackend for LlamaInstance {
-    fn generate(
-        &mut self,
-        request: &GenerateRequest,
-        emit: &mut dyn FnMut(&str) -> bool,
-        cancel: &AtomicBool,
-    ) -> Result<Completion, EngineError> {
-        let (ctx, caches) = (&mut self.ctx, &mut self.caches);
-        run_generation(ctx, self.model, &self.template, request, emit, cancel, &mut self.fault, caches)
+    fn slots(&self) -> usize {
+        self.batcher.slots()
+    }
+
+    fn start(&mut self, slot: usize, request: GenerateRequest, started: Instant, sink: SeqSink) {
+        self.batcher.start(slot, &request, started, sink);
+    }
+
+    fn cancel(&mut self, slot: usize) {
+        if slot < self.batcher.slots() {
+            self.batcher.finish(slot, FinishReason::Cancelled);
+        }
+    }
+
+    fn active(&self) -> usize {
+        self.batcher.active()
+    }
+
+    fn step(&mut self) -> Result<(), EngineError> {
+        self.batcher.step()
     }
 
     fn probe(&mut self) -> Result<(), EngineError> {
-        probe_context(&mut self.ctx, self.model, &mut self.fault)
+        self.batcher.probe()
     }
 
     fn info(&self) -> InstanceInfo {
-        InstanceInfo { weights_addr: self.model as *const LlamaModel as usize, kv_bytes_estimate: self.kv_bytes }
+        InstanceInfo { weights_addr: self.weights_addr, kv_bytes_estimate: self.kv_bytes }
     }
 
     #[cfg(feature = "fault-injection")]
     fn inject_fault(&mut self, fault: Fault) {
-        self.fault.set(fault);
+        self.batcher.inject_fault(fault);
     }
 }
 
@@ -236,7 +245,8 @@ impl Engine for PerRequestEngine {
         Ok(Box::new(PerRequestInstance {
             path: self.inner.path.clone(),
             opts: opts.clone(),
-            fault: FaultSlot::default(),
+            #[cfg(feature = "fault-injection")]
+            fault: None,
         }))
     }
 
@@ -252,32 +262,53 @@ impl Engine for PerRequestEngine {
 struct PerRequestInstance {
     path: PathBuf,
     opts: InstanceOptions,
-    fault: FaultSlot,
+    #[cfg(feature = "fault-injection")]
+    fault: Option<Fault>,
+}
+
+impl PerRequestInstance {
+    /// Loads the model, makes a context and runs the one sequence to its end.
+    /// Its timings start at `started`, before the load: the client waited for it.
+    fn run(&mut self, request: &GenerateRequest, started: Instant, sink: &SeqSink) -> Result<(), EngineError> {
+        let model = load_model(&self.path)?;
+        let template = Arc::new(ChatTemplate::from_model(&model));
+        let opts = InstanceOptions { slots: 1, ..self.opts.clone() };
+        let ctx = {
+            let _one_at_a_time = CONTEXT_CREATION.lock().unwrap_or_else(|e| e.into_inner());
+            model.new_context(backend()?, context_params(&opts)).map_err(|e| EngineError::Context(e.to_string()))?
+        };
+        let mut batcher = Batcher::new(&model, ctx, template, 1, opts.n_ctx, opts.prefill_chunk as usize);
+        #[cfg(feature = "fault-injection")]
+        if let Some(f) = self.fault.take() {
+            batcher.inject_fault(f);
+        }
+        batcher.start(0, request, started, sink.clone());
+        while batcher.active() > 0 {
+            batcher.step()?;
+        }
+        Ok(())
+    }
 }
 
 impl InstanceBackend for PerRequestInstance {
-    fn generate(
-        &mut self,
-        request: &GenerateRequest,
-        emit: &mut dyn FnMut(&str) -> bool,
-        cancel: &AtomicBool,
-    ) -> Result<Completion, EngineError> {
-        let started = std::time::Instant::now();
-        let model = load_model(&self.path)?;
-        let template = ChatTemplate::from_model(&model);
-        let mut ctx = {
-            let _one_at_a_time = CONTEXT_CREATION.lock().unwrap_or_else(|e| e.into_inner());
-            model
-                .new_context(backend()?, context_params(&self.opts))
-                .map_err(|e| EngineError::Context(e.to_string()))?
-        };
-        let load_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut fresh = SeqCaches::default();
-        let mut done = run_generation(&mut ctx, &model, &template, request, emit, cancel, &mut self.fault, &mut fresh)?;
-        // The client waited for the load too.
-        done.usage.time_to_first_token_ms += load_ms;
-        done.usage.total_ms += load_ms;
-        Ok(done)
+    fn slots(&self) -> usize {
+        1
+    }
+
+    fn start(&mut self, _slot: usize, request: GenerateRequest, started: Instant, sink: SeqSink) {
+        if let Err(e) = self.run(&request, started, &sink) {
+            let _ = sink.send(SeqEvent::Done(Err(e)));
+        }
+    }
+
+    fn cancel(&mut self, _slot: usize) {}
+
+    fn active(&self) -> usize {
+        0
+    }
+
+    fn step(&mut self) -> Result<(), EngineError> {
+        Ok(())
     }
 
     fn probe(&mut self) -> Result<(), EngineError> {
@@ -290,6 +321,6 @@ impl InstanceBackend for PerRequestInstance {
 
     #[cfg(feature = "fault-injection")]
     fn inject_fault(&mut self, fault: Fault) {
-        self.fault.set(fault);
+        self.fault = Some(fault);
     }
 }

@@ -2,27 +2,57 @@
 //! [`Engine`] and [`InstanceBackend`]; the real implementation is llama.cpp
 //! ([`llama::LlamaEngine`]), and unit tests of the pool use a fake.
 
+pub mod batch;
 pub mod embed;
 pub mod fault;
-pub mod generate;
 pub mod kv_cache;
 pub mod llama;
 pub mod prompt;
+pub mod step_loop;
 pub mod text;
 
-use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::EngineError;
 use crate::params::{ChatMessage, Completion, GenerateRequest};
 
+/// What one sequence tells whoever started it: text pieces as they are
+/// produced, then exactly one `Done`.
+#[derive(Debug)]
+pub enum SeqEvent {
+    Piece(String),
+    Done(Result<Completion, EngineError>),
+}
+
+/// Where a sequence's events go; a closed receiver cancels the sequence at
+/// the next step (between tokens and between prompt chunks).
+pub type SeqSink = UnboundedSender<SeqEvent>;
+
 /// Per-instance settings fixed when its context is created.
 #[derive(Clone, Debug)]
 pub struct InstanceOptions {
-    /// Context size in tokens (prompt + generated).
+    /// Tokens one sequence may hold (prompt + generated).
     pub n_ctx: u32,
     /// CPU threads used by this instance's context.
     pub n_threads: u32,
+    /// Sequences decoded together in one context (continuous batching).
+    pub slots: u32,
+    /// Most prompt tokens decoded in one step, over all sequences: a long
+    /// prompt is read in chunks so that other streams keep going.
+    pub prefill_chunk: u32,
 }
+
+impl InstanceOptions {
+    /// One sequence of `n_ctx` tokens on `n_threads` threads.
+    pub fn single(n_ctx: u32, n_threads: u32) -> Self {
+        Self { n_ctx, n_threads, slots: 1, prefill_chunk: DEFAULT_PREFILL_CHUNK }
+    }
+}
+
+/// Default of [`InstanceOptions::prefill_chunk`].
+pub const DEFAULT_PREFILL_CHUNK: u32 = 256;
 
 /// What the engine knows about the loaded weights.
 #[derive(Clone, Debug)]
@@ -66,19 +96,27 @@ pub trait Engine: Send + Sync + 'static {
     fn count_tokens(&self, text: &str) -> u32;
 }
 
-/// One instance: its own context and KV cache. Lives on one thread.
+/// One instance: its own context and KV cache, with `slots()` sequences
+/// decoded together. Lives on its step-loop thread ([`step_loop`]).
 pub trait InstanceBackend: Send {
-    /// Runs one generation, handing each text piece to `emit`; `emit` returns
-    /// false when the receiver is gone, which ends generation as cancelled.
-    /// `cancel` is checked before every token.
-    fn generate(
-        &mut self,
-        request: &GenerateRequest,
-        emit: &mut dyn FnMut(&str) -> bool,
-        cancel: &AtomicBool,
-    ) -> Result<Completion, EngineError>;
+    /// Sequences it runs at once.
+    fn slots(&self) -> usize;
 
-    /// A cheap real check that the context still decodes.
+    /// Starts `request` in `slot`; a sequence still in that slot ends as
+    /// cancelled first. A refused request is answered on `sink` at once.
+    fn start(&mut self, slot: usize, request: GenerateRequest, started: Instant, sink: SeqSink);
+
+    /// Ends the sequence in `slot`, if any, as cancelled.
+    fn cancel(&mut self, slot: usize);
+
+    /// Sequences started and not yet finished.
+    fn active(&self) -> usize;
+
+    /// One step for every active sequence. An error means the context is
+    /// broken: every sequence has been told, and the instance must be replaced.
+    fn step(&mut self) -> Result<(), EngineError>;
+
+    /// A cheap real check that the context still decodes, run between steps.
     fn probe(&mut self) -> Result<(), EngineError>;
 
     fn info(&self) -> InstanceInfo;

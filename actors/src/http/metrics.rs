@@ -33,6 +33,8 @@ pub const INSTANCE_BUSY: &str = "modelpool_instance_busy_seconds";
 pub const INSTANCE_FAILURES: &str = "modelpool_instance_failures";
 pub const INSTANCE_REPLACEMENTS: &str = "modelpool_instance_replacements";
 pub const INSTANCE_STATE: &str = "modelpool_instance_state";
+pub const INSTANCE_SLOTS: &str = "modelpool_instance_slots";
+pub const INSTANCE_SLOTS_BUSY: &str = "modelpool_instance_slots_busy";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -82,6 +84,8 @@ pub struct Metrics {
     instance_failures: Family<InstanceLabels, Counter>,
     instance_replacements: Family<InstanceLabels, Counter>,
     instance_state: Family<InstanceStateLabels, FloatGauge>,
+    instance_slots: Family<InstanceLabels, Gauge>,
+    instance_slots_busy: Family<InstanceLabels, Gauge>,
     /// Serialises scrapes: pool counters are copied in by difference.
     scrape: Mutex<()>,
 }
@@ -115,6 +119,8 @@ impl Metrics {
             instance_failures: Family::default(),
             instance_replacements: Family::default(),
             instance_state: Family::default(),
+            instance_slots: Family::default(),
+            instance_slots_busy: Family::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -130,7 +136,7 @@ impl Metrics {
             m.prompt_tokens_cached.clone(),
         );
         registry.register(GENERATED_TOKENS, "Tokens generated", m.generated_tokens.clone());
-        registry.register(QUEUE_WAIT, "Time requests waited for a model instance", m.queue_wait.clone());
+        registry.register(QUEUE_WAIT, "Time requests waited for a sequence slot", m.queue_wait.clone());
         registry.register(
             TIME_TO_FIRST_TOKEN,
             "Time from the request's arrival to its first generated token (memory, queue wait and prompt processing included)",
@@ -138,16 +144,22 @@ impl Metrics {
         );
         registry.register(REQUEST_DURATION, "Duration of generation requests by endpoint", m.duration.clone());
         registry.register(INSTANCES, "Model instances by state", m.instances.clone());
-        registry.register(QUEUE_DEPTH, "Requests waiting for a model instance", m.queue_depth.clone());
+        registry.register(QUEUE_DEPTH, "Requests waiting for a sequence slot", m.queue_depth.clone());
         registry.register(INSTANCE_REQUESTS, "Requests served per instance", m.instance_requests.clone());
         registry.register(INSTANCE_TOKENS, "Tokens generated per instance", m.instance_tokens.clone());
-        registry.register(INSTANCE_BUSY, "Seconds each instance spent serving requests", m.instance_busy.clone());
+        registry.register(INSTANCE_BUSY, "Seconds during which at least one slot of each instance was leased", m.instance_busy.clone());
         registry.register(INSTANCE_FAILURES, "Failures per instance", m.instance_failures.clone());
         registry.register(INSTANCE_REPLACEMENTS, "Times each instance was replaced", m.instance_replacements.clone());
         registry.register(
             INSTANCE_STATE,
             "Current state of each instance (1 for the state it is in)",
             m.instance_state.clone(),
+        );
+        registry.register(INSTANCE_SLOTS, "Sequence slots of each instance", m.instance_slots.clone());
+        registry.register(
+            INSTANCE_SLOTS_BUSY,
+            "Sequence slots of each instance leased to a request now",
+            m.instance_slots_busy.clone(),
         );
         Self { registry, ..m }
     }
@@ -202,6 +214,8 @@ impl Metrics {
             catch_up(&self.instance_tokens.get_or_create(&l), inst.stats.tokens);
             catch_up(&self.instance_failures.get_or_create(&l), inst.stats.failures);
             catch_up(&self.instance_replacements.get_or_create(&l), inst.stats.replacements);
+            self.instance_slots.get_or_create(&l).set(inst.slots as i64);
+            self.instance_slots_busy.get_or_create(&l).set(inst.slots_busy as i64);
             let busy = self.instance_busy.get_or_create(&l);
             let delta = inst.stats.busy_seconds - busy.get();
             if delta > 0.0 {
@@ -273,15 +287,20 @@ mod tests {
     #[test]
     fn every_instance_has_its_own_series() {
         let m = Metrics::new();
-        let mut pool = crate::pool::state::PoolState::new(3, 0);
+        let mut pool = crate::pool::state::PoolState::new(3, 4, 0);
         for i in 0..3 {
             pool.instance_ready(i, 0);
         }
+        pool.admit(None);
         let text = m.render(&pool.status());
+        assert!(text.contains(&format!("{INSTANCE_SLOTS}{{instance=\"2\"}} 4")), "{text}");
+        assert!(text.contains(&format!("{INSTANCE_SLOTS_BUSY}{{instance=\"0\"}} 1")), "{text}");
         for i in 0..3 {
-            assert!(text.contains(&format!("{INSTANCE_REQUESTS}_total{{instance=\"{i}\"}} 0")), "{text}");
-            assert!(text.contains(&format!("{INSTANCE_STATE}{{instance=\"{i}\",state=\"idle\"}} 1")), "{text}");
+            let requests = if i == 0 { 1 } else { 0 };
+            assert!(text.contains(&format!("{INSTANCE_REQUESTS}_total{{instance=\"{i}\"}} {requests}")), "{text}");
+            let state = if i == 0 { "busy" } else { "idle" };
+            assert!(text.contains(&format!("{INSTANCE_STATE}{{instance=\"{i}\",state=\"{state}\"}} 1")), "{text}");
         }
-        assert!(text.contains(&format!("{INSTANCES}{{state=\"idle\"}} 3")), "{text}");
+        assert!(text.contains(&format!("{INSTANCES}{{state=\"idle\"}} 2")), "{text}");
     }
 }

@@ -17,6 +17,13 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
         "queued": status.queued,
         "replaced": status.replaced,
         "total": status.total,
+        "summary": format!(
+            "Available: {}/{} slots on {} instance{}",
+            status.available,
+            status.total,
+            status.instances.len(),
+            if status.instances.len() == 1 { "" } else { "s" }
+        ),
         "accepting": status.accepting,
         "totals": totals,
         "instances": status.instances,

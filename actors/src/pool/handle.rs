@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::engine::generate::check_fits;
+use crate::engine::batch::check_fits;
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
 use crate::engine::{Engine, EngineInfo, InstanceInfo};

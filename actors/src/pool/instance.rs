@@ -1,33 +1,37 @@
-//! One model instance: an actor that owns an [`InstanceBackend`] (a llama.cpp
-//! context on the shared weights). Each runs on its own arbiter thread, so its
-//! blocking decode loop never touches the executor that serves requests.
+//! One model instance as the pool sees it: an actor that is the handle of the
+//! instance's step-loop thread (which owns the llama.cpp context). It forwards
+//! sequences and cancellations to the loop and answers `Describe` and `Probe`
+//! without waiting for any generation to end.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
+use crate::engine::step_loop::{Command, LoopSender};
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
-use crate::engine::{InstanceBackend, InstanceInfo};
+use crate::engine::{InstanceInfo, SeqSink};
 use crate::error::EngineError;
-use crate::pool::lease::GenEvent;
-use crate::params::{Completion, GenerateRequest};
+use crate::params::GenerateRequest;
 
-/// Runs one generation; text pieces go to `sink` as they are produced.
+/// Starts a sequence in one slot; its events go to `sink`.
 #[derive(Message)]
-#[rtype(result = "Result<Completion, EngineError>")]
+#[rtype(result = "()")]
 pub struct Generate {
+    pub slot: usize,
     pub request: GenerateRequest,
-    pub sink: UnboundedSender<GenEvent>,
-    /// Set by the watchdog to stop the loop before the next token.
-    pub cancel: Arc<AtomicBool>,
-    /// The request's span, so the decode loop logs inside it.
-    pub span: tracing::Span,
+    /// When the request arrived at the instance (its timings start here).
+    pub started: Instant,
+    pub sink: SeqSink,
 }
 
-/// Health probe: a cheap real decode.
+/// Ends one slot's sequence as cancelled.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelSlot(pub usize);
+
+/// Health probe: a cheap real decode on a scratch sequence, between steps.
 #[derive(Message)]
 #[rtype(result = "Result<(), EngineError>")]
 pub struct Probe;
@@ -37,13 +41,19 @@ pub struct Probe;
 #[rtype(result = "InstanceInfo")]
 pub struct Describe;
 
+/// Stops the handle; the loop ends once its current step returns.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
 /// Test hook: the next decode fails, panics or stalls.
 #[cfg(feature = "fault-injection")]
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct InjectFault(pub Fault);
 
-/// Sent to the pool when an instance actor stops (including after a panic).
+/// Sent to the pool when an instance's loop ends (a broken context, a panic,
+/// or its retirement).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct InstanceStopped {
@@ -53,19 +63,13 @@ pub struct InstanceStopped {
 
 pub struct ModelActor {
     id: usize,
-    generation: u64,
-    backend: Box<dyn InstanceBackend>,
-    on_stop: Recipient<InstanceStopped>,
+    commands: LoopSender,
+    info: InstanceInfo,
 }
 
 impl ModelActor {
-    pub fn new(
-        id: usize,
-        generation: u64,
-        backend: Box<dyn InstanceBackend>,
-        on_stop: Recipient<InstanceStopped>,
-    ) -> Self {
-        Self { id, generation, backend, on_stop }
+    pub fn new(id: usize, commands: LoopSender, info: InstanceInfo) -> Self {
+        Self { id, commands, info }
     }
 }
 
@@ -73,47 +77,45 @@ impl Actor for ModelActor {
     type Context = Context<Self>;
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        tracing::debug!(instance = self.id, generation = self.generation, "model instance stopped; context freed");
-        self.on_stop.do_send(InstanceStopped { id: self.id, generation: self.generation });
+        tracing::debug!(instance = self.id, "instance handle stopped; its loop ends and frees the context");
     }
 }
 
 impl Handler<Generate> for ModelActor {
-    type Result = Result<Completion, EngineError>;
+    type Result = ();
 
-    fn handle(&mut self, msg: Generate, _: &mut Self::Context) -> Self::Result {
-        let _in_request = msg.span.enter();
-        let sink = msg.sink;
-        // An empty piece is a liveness check: a dropped receiver cancels.
-        let mut emit = |text: &str| {
-            if text.is_empty() {
-                !sink.is_closed()
-            } else {
-                sink.send(GenEvent::Token(text.to_string())).is_ok()
-            }
-        };
-        let result = self.backend.generate(&msg.request, &mut emit, &msg.cancel);
-        if let Ok(done) = &result {
-            let u = &done.usage;
-            tracing::debug!(
-                instance = self.id,
-                prompt_tokens = u.prompt_tokens,
-                completion_tokens = u.completion_tokens,
-                time_to_first_token_ms = u.time_to_first_token_ms,
-                total_ms = u.total_ms,
-                finish = ?done.finish_reason,
-                "generation finished"
-            );
-        }
-        result
+    fn handle(&mut self, msg: Generate, _: &mut Self::Context) {
+        // If the loop is gone the sink is dropped here: the lease sees the
+        // stream end without a result and reports the instance broken.
+        self.commands.send(Command::Start {
+            slot: msg.slot,
+            request: msg.request,
+            started: msg.started,
+            sink: msg.sink,
+        });
+    }
+}
+
+impl Handler<CancelSlot> for ModelActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelSlot, _: &mut Self::Context) {
+        self.commands.send(Command::Cancel(msg.0));
     }
 }
 
 impl Handler<Probe> for ModelActor {
-    type Result = Result<(), EngineError>;
+    type Result = ResponseFuture<Result<(), EngineError>>;
 
     fn handle(&mut self, _: Probe, _: &mut Self::Context) -> Self::Result {
-        self.backend.probe()
+        let (tx, rx) = oneshot::channel();
+        let sent = self.commands.send(Command::Probe(tx));
+        Box::pin(async move {
+            if !sent {
+                return Err(EngineError::Decode("the instance's loop has ended".into()));
+            }
+            rx.await.unwrap_or_else(|_| Err(EngineError::Decode("the instance's loop ended during the probe".into())))
+        })
     }
 }
 
@@ -121,7 +123,15 @@ impl Handler<Describe> for ModelActor {
     type Result = MessageResult<Describe>;
 
     fn handle(&mut self, _: Describe, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.backend.info())
+        MessageResult(self.info.clone())
+    }
+}
+
+impl Handler<Retire> for ModelActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 
@@ -130,6 +140,6 @@ impl Handler<InjectFault> for ModelActor {
     type Result = ();
 
     fn handle(&mut self, msg: InjectFault, _: &mut Self::Context) {
-        self.backend.inject_fault(msg.0);
+        self.commands.send(Command::Fault(msg.0));
     }
 }

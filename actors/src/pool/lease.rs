@@ -1,19 +1,18 @@
-//! A lease on one instance: a guard that returns the instance to the pool
-//! when dropped, however the request ended, plus the token stream a
-//! generation produces.
+//! A lease on one sequence slot of one instance: a guard that returns the
+//! slot to the pool when dropped, however the request ended, plus the token
+//! stream a generation produces.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use futures::Stream;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::error::PoolError;
-use crate::pool::instance::{Generate, ModelActor};
+use crate::engine::SeqEvent;
+use crate::error::{EngineError, PoolError};
+use crate::pool::instance::{CancelSlot, Generate, ModelActor};
 use crate::params::{Completion, GenerateRequest};
 use crate::pool::manager::{PoolManager, Release};
 use crate::pool::state::{LeaseId, Outcome};
@@ -26,12 +25,16 @@ pub enum GenEvent {
     Error(PoolError),
 }
 
-/// The right to use one instance (and one sequence slot in its context).
-/// Dropping it returns the instance to the pool: a lease cannot leak.
+/// How long a generation past `max_generation` may take to stop after it is
+/// cancelled before its instance counts as stuck and is replaced.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// The right to use one sequence slot of one instance's context.
+/// Dropping it returns the slot to the pool: a lease cannot leak.
 pub struct Lease {
     pub(crate) instance: usize,
-    /// Sequence slot inside the instance's context (always 0 until batching).
-    pub(crate) slot: u32,
+    /// Sequence slot inside the instance's context.
+    pub(crate) slot: usize,
     pub(crate) id: LeaseId,
     pub(crate) addr: Addr<ModelActor>,
     pub(crate) pool: Addr<PoolManager>,
@@ -45,70 +48,113 @@ impl Lease {
         self.instance
     }
 
-    pub fn slot(&self) -> u32 {
+    pub fn slot(&self) -> usize {
         self.slot
     }
 
-    /// Runs `request` on the leased instance. The returned stream yields the
-    /// text as it is produced; dropping it cancels the generation within one
-    /// token. A generation longer than `max_generation` is cut off, answered
-    /// with [`PoolError::GenerationTimeout`], and the instance replaced.
+    /// Runs `request` in the leased slot. The returned stream yields the
+    /// text as it is produced; dropping it cancels the sequence at the
+    /// instance's next step (between tokens or prompt chunks). A generation
+    /// longer than `max_generation` is cancelled and answered with
+    /// [`PoolError::GenerationTimeout`]; only an instance whose loop does not
+    /// stop it within a grace period is replaced.
     pub fn run(mut self, request: GenerateRequest, max_generation: Duration) -> GenerationStream {
         let (tx, rx) = unbounded_channel();
-        let instance = self.instance;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let span = tracing::info_span!("generation", instance, queue_wait_ms = self.waited.as_secs_f64() * 1e3);
-        let msg = Generate { request, sink: tx.clone(), cancel: cancel.clone(), span: span.clone() };
-        let addr = self.addr.clone();
+        let (sink, mut events) = unbounded_channel();
+        let (instance, slot) = (self.instance, self.slot);
+        let span = tracing::info_span!("generation", instance, slot, queue_wait_ms = self.waited.as_secs_f64() * 1e3);
+        self.addr.do_send(Generate { slot, request, started: Instant::now(), sink });
         let waited_ms = self.waited.as_secs_f64() * 1e3;
         let task = async move {
-            let event = match tokio::time::timeout(max_generation, addr.send(msg)).await {
-                Ok(Ok(Ok(mut done))) => {
-                    done.usage.queue_wait_ms = waited_ms;
-                    self.outcome = Some(Outcome::Ok { tokens: done.usage.completion_tokens as u64 });
-                    GenEvent::Done(done)
-                }
-                Ok(Ok(Err(e))) => {
-                    self.outcome = Some(if e.is_instance_fault() {
-                        Outcome::InstanceFault { reason: e.to_string() }
-                    } else {
-                        Outcome::Ok { tokens: 0 }
-                    });
-                    if e.is_instance_fault() {
-                        GenEvent::Error(PoolError::InstanceFailed { instance, reason: e.to_string() })
-                    } else {
-                        GenEvent::Error(e.into())
+            let deadline = tokio::time::sleep(max_generation);
+            tokio::pin!(deadline);
+            let event = loop {
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Some(SeqEvent::Piece(text)) => {
+                            // A client gone: `events` drops below and the loop cancels.
+                            if tx.send(GenEvent::Token(text)).is_err() {
+                                break None;
+                            }
+                        }
+                        Some(SeqEvent::Done(result)) => break Some(self.finished(result, waited_ms)),
+                        None => {
+                            let reason = "the instance's loop died during the request (panic or failed context)".to_string();
+                            self.outcome = Some(Outcome::InstanceFault { reason: reason.clone() });
+                            break Some(GenEvent::Error(PoolError::InstanceFailed { instance, reason }));
+                        }
+                    },
+                    _ = tx.closed() => break None,
+                    _ = &mut deadline => {
+                        // The client hears at the limit; the slot comes back
+                        // once the loop has stopped the sequence.
+                        let limit_ms = max_generation.as_millis() as u64;
+                        let _ = tx.send(GenEvent::Error(PoolError::GenerationTimeout { limit_ms }));
+                        tracing::warn!(instance, limit_ms, "generation ran past max_generation_ms; cancelling it");
+                        self.overran(&mut events, max_generation).await;
+                        break None;
                     }
                 }
-                Ok(Err(_)) => {
-                    let reason = "the instance's thread died (panic)".to_string();
-                    self.outcome = Some(Outcome::InstanceFault { reason: reason.clone() });
-                    GenEvent::Error(PoolError::InstanceFailed { instance, reason })
-                }
-                Err(_) => {
-                    cancel.store(true, Ordering::Relaxed);
-                    let limit_ms = max_generation.as_millis() as u64;
-                    self.outcome = Some(Outcome::InstanceFault {
-                        reason: format!("generation ran past max_generation_ms ({limit_ms} ms)"),
-                    });
-                    GenEvent::Error(PoolError::GenerationTimeout { limit_ms })
-                }
             };
-            if let GenEvent::Error(e) = &event {
-                tracing::warn!(instance, error = %e, "generation failed");
+            if let Some(event) = event {
+                if let GenEvent::Error(e) = &event {
+                    tracing::warn!(instance, error = %e, "generation failed");
+                }
+                let _ = tx.send(event);
             }
-            let _ = tx.send(event);
+            drop(events);
             drop(self);
         };
         actix::spawn(tracing::Instrument::instrument(task, span));
         GenerationStream { rx, instance }
+    }
+
+    /// The sequence's result, as the stream's last event; notes the outcome.
+    fn finished(&mut self, result: Result<Completion, EngineError>, waited_ms: f64) -> GenEvent {
+        match result {
+            Ok(mut done) => {
+                done.usage.queue_wait_ms = waited_ms;
+                self.outcome = Some(Outcome::Ok { tokens: done.usage.completion_tokens as u64 });
+                GenEvent::Done(done)
+            }
+            Err(e) if e.is_instance_fault() => {
+                self.outcome = Some(Outcome::InstanceFault { reason: e.to_string() });
+                GenEvent::Error(PoolError::InstanceFailed { instance: self.instance, reason: e.to_string() })
+            }
+            Err(e) => GenEvent::Error(e.into()),
+        }
+    }
+
+    /// Past `max_generation`: cancel the sequence; an instance whose loop does
+    /// not end it within the grace period is stuck and gets replaced.
+    async fn overran(&mut self, events: &mut tokio::sync::mpsc::UnboundedReceiver<SeqEvent>, max_generation: Duration) {
+        let limit_ms = max_generation.as_millis() as u64;
+        self.addr.do_send(CancelSlot(self.slot));
+        let stopped = tokio::time::timeout(CANCEL_GRACE, async {
+            while let Some(event) = events.recv().await {
+                if let SeqEvent::Done(_) = event {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        self.outcome = Some(match stopped {
+            Ok(true) => Outcome::Ok { tokens: 0 },
+            _ => Outcome::InstanceFault {
+                reason: format!(
+                    "generation ran past max_generation_ms ({limit_ms} ms) and did not stop within {} ms",
+                    CANCEL_GRACE.as_millis()
+                ),
+            },
+        });
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let outcome = self.outcome.take().unwrap_or(Outcome::Ok { tokens: 0 });
-        self.pool.do_send(Release { instance: self.instance, lease: self.id, outcome });
+        self.pool.do_send(Release { instance: self.instance, slot: self.slot, lease: self.id, outcome });
     }
 }
 

@@ -1,6 +1,7 @@
-//! The pool manager actor: preloads N instances, leases idle ones in FIFO
-//! order, takes them back, probes idle ones and replaces broken ones. Its
-//! decisions live in [`PoolState`]; this file wires them to actors and threads.
+//! The pool manager actor: preloads N instances (each a step-loop thread with
+//! its handle actor), leases their sequence slots in FIFO order, takes them
+//! back, probes instances and replaces broken ones. Its decisions live in
+//! [`PoolState`]; this file wires them to actors and threads.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,12 +12,13 @@ use tokio::sync::oneshot;
 
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
+use crate::engine::step_loop::{self, LoopSender};
 use crate::engine::{Engine, InstanceInfo, InstanceOptions};
 use crate::error::{EngineError, PoolError};
-use crate::pool::lease::Lease;
 #[cfg(feature = "fault-injection")]
 use crate::pool::instance::InjectFault;
-use crate::pool::instance::{Describe, InstanceStopped, ModelActor, Probe};
+use crate::pool::instance::{Describe, InstanceStopped, ModelActor, Probe, Retire};
+use crate::pool::lease::Lease;
 use crate::pool::state::{Admission, InstanceState, LeaseId, Outcome, PoolState, PoolStatus, WaiterId};
 
 /// Settings of a pool.
@@ -45,16 +47,13 @@ pub enum LoadEvent {
 
 pub type ProgressFn = Arc<dyn Fn(LoadEvent) + Send + Sync>;
 
-struct Member {
-    arbiter: Arbiter,
-    addr: Option<Addr<ModelActor>>,
-}
 
 pub struct PoolManager {
     state: PoolState,
     engine: Arc<dyn Engine>,
     opts: PoolOptions,
-    members: Vec<Option<Member>>,
+    /// The handle of each serving instance.
+    members: Vec<Option<Addr<ModelActor>>>,
     waiters: HashMap<WaiterId, oneshot::Sender<Result<Lease, PoolError>>>,
     backoff: Vec<Duration>,
     startup: Option<oneshot::Sender<Result<(), PoolError>>>,
@@ -74,7 +73,7 @@ impl PoolManager {
     ) -> Self {
         let n = opts.instances;
         Self {
-            state: PoolState::new(n, opts.max_queue),
+            state: PoolState::new(n, opts.instance.slots.max(1) as usize, opts.max_queue),
             engine,
             members: (0..n).map(|_| None).collect(),
             waiters: HashMap::new(),
@@ -86,27 +85,26 @@ impl PoolManager {
         }
     }
 
-    /// Creates instance `id` on a fresh arbiter thread; the context is made on
-    /// that thread, which then owns it. Reports back with [`InstanceUp`].
+    /// Starts instance `id`'s thread, which creates its context and then
+    /// runs its step loop; it reports back with [`InstanceUp`], and with
+    /// [`InstanceStopped`] when the loop ends.
     fn spawn_instance(&mut self, id: usize, generation: u64, ctx: &mut Context<Self>) {
         if self.startup.is_some() {
             (self.progress)(LoadEvent::Loading { index: id + 1, total: self.opts.instances });
         }
         self.load_started = std::time::Instant::now();
-        let arbiter = Arbiter::new();
         let engine = self.engine.clone();
         let opts = self.opts.instance.clone();
-        let pool = ctx.address();
-        arbiter.spawn_fn(move || {
-            let result = engine.create_instance(id, &opts).map(|backend| {
-                let info = backend.info();
-                let addr = ModelActor::new(id, generation, backend, pool.clone().recipient()).start();
-                (addr, info)
-            });
-            pool.do_send(InstanceUp { id, generation, result });
-        });
-        if let Some(old) = self.members[id].replace(Member { arbiter, addr: None }) {
-            old.arbiter.stop();
+        let (ready, stopped) = (ctx.address(), ctx.address());
+        let spawned = step_loop::spawn(
+            format!("instance-{id}"),
+            Box::new(move || engine.create_instance(id, &opts)),
+            move |result| ready.do_send(InstanceUp { id, generation, result }),
+            move || stopped.do_send(InstanceStopped { id, generation }),
+        );
+        if let Err(e) = spawned {
+            let result = Err(EngineError::Context(format!("could not start the instance's thread: {e}")));
+            ctx.notify(InstanceUp { id, generation, result });
         }
     }
 
@@ -115,8 +113,8 @@ impl PoolManager {
         let generation = self.state.begin_replace(id);
         tracing::warn!(instance = id, generation, "replacing model instance");
         if let Some(old) = self.members[id].take() {
-            // A stuck handler finishes first; the arbiter then exits and frees its context.
-            old.arbiter.stop();
+            // Its loop ends once its current step returns, and frees the context.
+            old.do_send(Retire);
         }
         self.spawn_instance(id, generation, ctx);
     }
@@ -128,24 +126,23 @@ impl PoolManager {
                 self.state.undo_grant(&grant);
                 continue;
             };
-            let lease = self.lease_for(grant.instance, grant.lease, ctx);
+            let lease = self.lease_for(grant.instance, grant.slot, grant.lease, ctx);
             // If the waiter is gone the lease comes back and drops: released.
             let _ = tx.send(Ok(lease));
         }
     }
 
-    fn lease_for(&self, instance: usize, id: LeaseId, ctx: &mut Context<Self>) -> Lease {
-        let addr =
-            self.members[instance].as_ref().and_then(|m| m.addr.clone()).expect("an idle instance has a running actor");
-        Lease { instance, slot: 0, id, addr, pool: ctx.address(), outcome: None, waited: Duration::ZERO }
+    fn lease_for(&self, instance: usize, slot: usize, id: LeaseId, ctx: &mut Context<Self>) -> Lease {
+        let addr = self.members[instance].clone().expect("a serving instance has a handle");
+        Lease { instance, slot, id, addr, pool: ctx.address(), outcome: None, waited: Duration::ZERO }
     }
 
     fn health_tick(&mut self, ctx: &mut Context<Self>) {
         for id in self.state.begin_probes() {
-            let Some(addr) = self.members[id].as_ref().and_then(|m| m.addr.clone()) else { continue };
+            let Some(addr) = self.members[id].clone() else { continue };
             let generation = self.state.generation(id);
-            // A probe that has not answered by the next probe time is stalled:
-            // the instance is replaced (its thread exits when the call returns).
+            // A probe that has not answered by the next probe time is stalled
+            // (the loop is stuck in a step): the instance is replaced.
             let limit = self.opts.health_interval.min(self.opts.max_generation);
             let probe = addr.send(Probe).timeout(limit);
             ctx.spawn(probe.into_actor(self).map(move |res, act, ctx| {
@@ -182,7 +179,7 @@ impl Actor for PoolManager {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         for m in self.members.iter_mut().filter_map(Option::take) {
-            m.arbiter.stop();
+            m.do_send(Retire);
         }
     }
 }
@@ -193,7 +190,7 @@ impl Actor for PoolManager {
 struct InstanceUp {
     id: usize,
     generation: u64,
-    result: Result<(Addr<ModelActor>, InstanceInfo), EngineError>,
+    result: Result<(LoopSender, InstanceInfo, usize), EngineError>,
 }
 
 impl Handler<InstanceUp> for PoolManager {
@@ -205,9 +202,10 @@ impl Handler<InstanceUp> for PoolManager {
         }
         let starting = self.startup.is_some();
         match msg.result {
-            Ok((addr, info)) => {
-                if let Some(m) = self.members[msg.id].as_mut() {
-                    m.addr = Some(addr);
+            Ok((commands, info, _slots)) => {
+                let handle = ModelActor::new(msg.id, commands, info.clone()).start();
+                if let Some(old) = self.members[msg.id].replace(handle) {
+                    old.do_send(Retire);
                 }
                 self.backoff[msg.id] = MIN_BACKOFF;
                 self.state.instance_ready(msg.id, msg.generation);
@@ -276,7 +274,9 @@ impl Handler<Acquire> for PoolManager {
             !gone
         });
         MessageResult(match self.state.admit(msg.0) {
-            Admission::Granted { instance, lease } => AcquireReply::Granted(self.lease_for(instance, lease, ctx)),
+            Admission::Granted { instance, slot, lease } => {
+                AcquireReply::Granted(self.lease_for(instance, slot, lease, ctx))
+            }
             Admission::Queued(w) => {
                 let (tx, rx) = oneshot::channel();
                 self.waiters.insert(w, tx);
@@ -307,6 +307,7 @@ impl Handler<CancelWait> for PoolManager {
 #[rtype(result = "()")]
 pub struct Release {
     pub instance: usize,
+    pub slot: usize,
     pub lease: LeaseId,
     pub outcome: Outcome,
 }
@@ -315,7 +316,7 @@ impl Handler<Release> for PoolManager {
     type Result = ();
 
     fn handle(&mut self, msg: Release, ctx: &mut Self::Context) {
-        if self.state.release(msg.instance, msg.lease, msg.outcome) {
+        if self.state.release(msg.instance, msg.slot, msg.lease, msg.outcome) {
             self.replace(msg.instance, ctx);
         }
         self.dispatch(ctx);
@@ -326,13 +327,13 @@ impl Handler<InstanceStopped> for PoolManager {
     type Result = ();
 
     fn handle(&mut self, msg: InstanceStopped, ctx: &mut Self::Context) {
-        // Only an unexpected death of a current, unleased instance matters here;
-        // a leased one is reported through its lease, a replaced one is stale.
+        // The loop of a current instance ended (a broken context or a panic);
+        // a replaced instance's report is stale.
         if msg.generation != self.state.generation(msg.id) || self.startup.is_some() {
             return;
         }
-        if matches!(self.state.state(msg.id), InstanceState::Idle | InstanceState::Probing) {
-            self.state.mark_unhealthy(msg.id, "the instance's actor stopped".into());
+        if matches!(self.state.state(msg.id), InstanceState::Idle | InstanceState::Busy) {
+            self.state.mark_unhealthy(msg.id, "the instance's loop ended (its context failed or panicked)".into());
             self.replace(msg.id, ctx);
         }
     }
@@ -362,7 +363,7 @@ impl Handler<InjectInto> for PoolManager {
     type Result = bool;
 
     fn handle(&mut self, msg: InjectInto, _: &mut Self::Context) -> bool {
-        match self.members.get(msg.0).and_then(|m| m.as_ref()).and_then(|m| m.addr.as_ref()) {
+        match self.members.get(msg.0).and_then(|m| m.as_ref()) {
             Some(addr) => {
                 addr.do_send(InjectFault(msg.1));
                 true
@@ -381,7 +382,7 @@ impl Handler<DescribeInstance> for PoolManager {
     type Result = ResponseFuture<Option<InstanceInfo>>;
 
     fn handle(&mut self, msg: DescribeInstance, _: &mut Self::Context) -> Self::Result {
-        let addr = self.members.get(msg.0).and_then(|m| m.as_ref()).and_then(|m| m.addr.clone());
+        let addr = self.members.get(msg.0).and_then(|m| m.clone());
         Box::pin(async move {
             match addr {
                 Some(a) => a.send(Describe).await.ok(),

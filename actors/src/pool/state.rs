@@ -1,33 +1,32 @@
-//! The pool's decisions, as a plain struct without actix: which instance a
-//! request gets, who waits (FIFO, bounded), what happens when a lease ends.
-//! The [`crate::pool::manager::PoolManager`] actor drives it.
+//! The pool's decisions, as a plain struct without actix: which instance and
+//! sequence slot a request gets (its conversation's slot when free, else the
+//! least loaded instance's coldest slot), who waits (FIFO, bounded), what
+//! happens when a lease ends or an instance breaks. The
+//! [`crate::pool::manager::PoolManager`] actor drives it.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::kv_cache::CACHED_SEQUENCES;
-
-/// Lifecycle of one instance slot.
+/// Lifecycle of one instance, as shown by status and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceState {
     Loading,
+    /// Serving, no slot leased.
     Idle,
+    /// Serving, at least one slot leased.
     Busy,
-    /// Idle, running a health probe (not leased out meanwhile).
-    Probing,
     Unhealthy,
     Replacing,
 }
 
 impl InstanceState {
-    pub const ALL: [InstanceState; 6] = [
+    pub const ALL: [InstanceState; 5] = [
         InstanceState::Loading,
         InstanceState::Idle,
         InstanceState::Busy,
-        InstanceState::Probing,
         InstanceState::Unhealthy,
         InstanceState::Replacing,
     ];
@@ -37,14 +36,22 @@ impl InstanceState {
             InstanceState::Loading => "loading",
             InstanceState::Idle => "idle",
             InstanceState::Busy => "busy",
-            InstanceState::Probing => "probing",
             InstanceState::Unhealthy => "unhealthy",
             InstanceState::Replacing => "replacing",
         }
     }
 }
 
-/// Identifies one lease (one request's use of one instance).
+/// Whether an instance can take requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Health {
+    Loading,
+    Ready,
+    Unhealthy,
+    Replacing,
+}
+
+/// Identifies one lease (one request's use of one slot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct LeaseId(pub u64);
 
@@ -61,49 +68,86 @@ pub enum Outcome {
     InstanceFault { reason: String },
 }
 
-/// Cumulative counters of one instance slot (across replacements).
+/// Cumulative counters of one instance (across replacements).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct InstanceStats {
     pub requests: u64,
     pub tokens: u64,
+    /// Seconds during which at least one of its slots was leased.
     pub busy_seconds: f64,
     pub failures: u64,
     pub replacements: u64,
 }
 
+/// One sequence slot of an instance.
 #[derive(Debug)]
-struct Slot {
-    state: InstanceState,
+struct SeqSlot {
     lease: Option<LeaseId>,
+    /// The affinity key (conversation) of the last request served here: the
+    /// slot's KV cache holds that conversation's prefix.
+    affinity: Option<u64>,
+    /// When it was last returned; without a match the coldest slot is given
+    /// away, so that warm caches are kept longest.
+    idle_since: Instant,
+}
+
+#[derive(Debug)]
+struct Instance {
+    health: Health,
+    slots: Vec<SeqSlot>,
+    /// A probe is out; none other is sent until it answers.
+    probing: bool,
     busy_since: Option<Instant>,
     /// Bumped on every replacement; stale reports carry an old value.
     generation: u64,
     stats: InstanceStats,
     last_error: Option<String>,
     started_at: Instant,
-    /// Affinity keys of the last requests served, newest first: the instance's
-    /// KV cache holds their conversations' prefixes (as many as it keeps
-    /// sequences). Empty after a replacement.
-    affinities: VecDeque<u64>,
-    /// When the instance last became idle; the least recently used goes first
-    /// to a request without a match, so that warm caches are kept longest.
-    idle_since: Instant,
 }
 
-/// The answer to a request for an instance.
+impl Instance {
+    fn leased(&self) -> usize {
+        self.slots.iter().filter(|s| s.lease.is_some()).count()
+    }
+
+    fn state(&self) -> InstanceState {
+        match self.health {
+            Health::Loading => InstanceState::Loading,
+            Health::Unhealthy => InstanceState::Unhealthy,
+            Health::Replacing => InstanceState::Replacing,
+            Health::Ready if self.leased() > 0 => InstanceState::Busy,
+            Health::Ready => InstanceState::Idle,
+        }
+    }
+
+    /// Frees every slot (the instance broke or is being replaced); its
+    /// caches are gone, so are its affinities.
+    fn drop_leases(&mut self) {
+        if let Some(since) = self.busy_since.take() {
+            self.stats.busy_seconds += since.elapsed().as_secs_f64();
+        }
+        for s in &mut self.slots {
+            s.lease = None;
+            s.affinity = None;
+        }
+    }
+}
+
+/// The answer to a request for a slot.
 #[derive(Debug, PartialEq)]
 pub enum Admission {
-    Granted { instance: usize, lease: LeaseId },
+    Granted { instance: usize, slot: usize, lease: LeaseId },
     Queued(WaiterId),
     Rejected,
     ShuttingDown,
 }
 
-/// A waiter that may now take an instance.
+/// A waiter that may now take a slot.
 #[derive(Debug, PartialEq)]
 pub struct Grant {
     pub waiter: WaiterId,
     pub instance: usize,
+    pub slot: usize,
     pub lease: LeaseId,
 }
 
@@ -112,19 +156,29 @@ pub struct Grant {
 pub struct InstanceStatus {
     pub id: usize,
     pub state: InstanceState,
+    /// Sequence slots of this instance.
+    pub slots: usize,
+    /// Slots leased now.
+    pub slots_busy: usize,
     #[serde(flatten)]
     pub stats: InstanceStats,
     pub last_error: Option<String>,
     pub age_seconds: f64,
 }
 
-/// A snapshot of the whole pool.
+/// A snapshot of the whole pool. `total`, `available` and `in_use` count
+/// sequence slots; `loading` and `unhealthy` count instances.
 #[derive(Clone, Debug, Serialize)]
 pub struct PoolStatus {
+    /// Slots of all instances.
     pub total: usize,
+    /// Free slots of instances that serve.
     pub available: usize,
+    /// Leased slots.
     pub in_use: usize,
+    /// Instances loading or being replaced.
     pub loading: usize,
+    /// Instances marked broken, waiting for a replacement.
     pub unhealthy: usize,
     pub queued: usize,
     pub replaced: u64,
@@ -135,7 +189,7 @@ pub struct PoolStatus {
 impl PoolStatus {
     /// True when at least one instance can serve.
     pub fn ready(&self) -> bool {
-        self.accepting && self.available + self.in_use > 0 && self.loading < self.total
+        self.accepting && self.instances.iter().any(|i| matches!(i.state, InstanceState::Idle | InstanceState::Busy))
     }
 
     /// Totals over all instances.
@@ -154,8 +208,16 @@ impl PoolStatus {
 
 impl std::fmt::Display for PoolStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.instances.len();
         writeln!(f, "Pool Status:")?;
-        writeln!(f, "   Available: {}/{}", self.available, self.total)?;
+        writeln!(
+            f,
+            "   Available: {}/{} slots on {} instance{}",
+            self.available,
+            self.total,
+            n,
+            if n == 1 { "" } else { "s" }
+        )?;
         writeln!(f, "   In Use: {}", self.in_use)?;
         write!(f, "   Queued: {}   Unhealthy: {}   Replaced: {}", self.queued, self.unhealthy, self.replaced)?;
         if self.loading > 0 {
@@ -165,10 +227,10 @@ impl std::fmt::Display for PoolStatus {
     }
 }
 
-/// The scheduling state of a pool of `n` instances.
+/// The scheduling state of a pool of `n` instances with `slots` sequences each.
 #[derive(Debug)]
 pub struct PoolState {
-    slots: Vec<Slot>,
+    instances: Vec<Instance>,
     /// Waiting requests in arrival order, each with its affinity key.
     waiters: VecDeque<(WaiterId, Option<u64>)>,
     max_queue: usize,
@@ -178,23 +240,22 @@ pub struct PoolState {
 }
 
 impl PoolState {
-    /// All slots start `Loading`.
-    pub fn new(instances: usize, max_queue: usize) -> Self {
+    /// All instances start `Loading`.
+    pub fn new(instances: usize, slots: usize, max_queue: usize) -> Self {
         let now = Instant::now();
-        let slots = (0..instances)
-            .map(|_| Slot {
-                state: InstanceState::Loading,
-                lease: None,
+        let instances = (0..instances)
+            .map(|_| Instance {
+                health: Health::Loading,
+                slots: (0..slots.max(1)).map(|_| SeqSlot { lease: None, affinity: None, idle_since: now }).collect(),
+                probing: false,
                 busy_since: None,
                 generation: 0,
                 stats: InstanceStats::default(),
                 last_error: None,
                 started_at: now,
-                affinities: VecDeque::new(),
-                idle_since: now,
             })
             .collect();
-        Self { slots, waiters: VecDeque::new(), max_queue, next_id: 1, replaced: 0, accepting: true }
+        Self { instances, waiters: VecDeque::new(), max_queue, next_id: 1, replaced: 0, accepting: true }
     }
 
     fn fresh_id(&mut self) -> u64 {
@@ -203,34 +264,34 @@ impl PoolState {
     }
 
     pub fn size(&self) -> usize {
-        self.slots.len()
+        self.instances.len()
     }
 
     pub fn state(&self, instance: usize) -> InstanceState {
-        self.slots[instance].state
+        self.instances[instance].state()
     }
 
     pub fn generation(&self, instance: usize) -> u64 {
-        self.slots[instance].generation
+        self.instances[instance].generation
     }
 
-    /// The lease an instance is serving, if any.
-    pub fn current_lease(&self, instance: usize) -> Option<LeaseId> {
-        self.slots[instance].lease
+    /// The lease a slot is serving, if any.
+    pub fn current_lease(&self, instance: usize, slot: usize) -> Option<LeaseId> {
+        self.instances[instance].slots[slot].lease
     }
 
-    /// A request asks for an instance: an idle one if nobody waits before it,
-    /// else a place in the queue, else rejection. `affinity` names what the
-    /// request continues (a conversation): see [`Self::pick_idle`].
+    /// A request asks for a slot: a free one if nobody waits before it, else
+    /// a place in the queue, else rejection. `affinity` names what the
+    /// request continues (a conversation): see [`Self::pick`].
     pub fn admit(&mut self, affinity: Option<u64>) -> Admission {
         if !self.accepting {
             return Admission::ShuttingDown;
         }
         if self.waiters.is_empty() {
-            if let Some(instance) = self.pick_idle(affinity) {
+            if let Some((instance, slot)) = self.pick(affinity) {
                 let lease = LeaseId(self.fresh_id());
-                self.lease(instance, lease, affinity);
-                return Admission::Granted { instance, lease };
+                self.lease(instance, slot, lease, affinity);
+                return Admission::Granted { instance, slot, lease };
             }
         }
         if self.waiters.len() >= self.max_queue {
@@ -241,31 +302,35 @@ impl PoolState {
         Admission::Queued(waiter)
     }
 
-    /// The idle instance for a request: the one whose cache holds the same
-    /// affinity key (its conversation's prefix), else the least recently used
-    /// (a cold or long-idle cache). Affinity never makes a request wait: any
-    /// idle instance is better than a queue.
-    fn pick_idle(&self, affinity: Option<u64>) -> Option<usize> {
-        let idle = || self.slots.iter().enumerate().filter(|(_, s)| s.state == InstanceState::Idle);
+    /// The free slot for a request: the one that last served the same
+    /// affinity key (its KV cache holds that conversation's prefix); else, on
+    /// the instance with the fewest leased slots (spreading load over
+    /// contexts), the slot idle longest (the coldest cache). Affinity never
+    /// makes a request wait: any free slot is better than a queue.
+    fn pick(&self, affinity: Option<u64>) -> Option<(usize, usize)> {
+        let free = || {
+            self.instances.iter().enumerate().filter(|(_, inst)| inst.health == Health::Ready).flat_map(|(i, inst)| {
+                inst.slots.iter().enumerate().filter(|(_, s)| s.lease.is_none()).map(move |(j, s)| (i, j, s))
+            })
+        };
         if let Some(key) = affinity {
-            if let Some((i, _)) = idle().find(|(_, s)| s.affinities.contains(&key)) {
-                return Some(i);
+            if let Some((i, j, _)) = free().find(|(_, _, s)| s.affinity == Some(key)) {
+                return Some((i, j));
             }
         }
-        idle().min_by_key(|(_, s)| s.idle_since).map(|(i, _)| i)
+        free().min_by_key(|&(i, _, s)| (self.instances[i].leased(), s.idle_since)).map(|(i, j, _)| (i, j))
     }
 
-    fn lease(&mut self, instance: usize, lease: LeaseId, affinity: Option<u64>) {
-        let slot = &mut self.slots[instance];
-        slot.state = InstanceState::Busy;
-        slot.lease = Some(lease);
-        slot.busy_since = Some(Instant::now());
-        slot.stats.requests += 1;
-        if let Some(key) = affinity {
-            slot.affinities.retain(|k| *k != key);
-            slot.affinities.push_front(key);
-            slot.affinities.truncate(CACHED_SEQUENCES);
+    fn lease(&mut self, instance: usize, slot: usize, lease: LeaseId, affinity: Option<u64>) {
+        let inst = &mut self.instances[instance];
+        if inst.busy_since.is_none() {
+            inst.busy_since = Some(Instant::now());
         }
+        inst.stats.requests += 1;
+        let s = &mut inst.slots[slot];
+        s.lease = Some(lease);
+        // A request without a key leaves nothing to find again.
+        s.affinity = affinity;
     }
 
     /// A waiter gave up (timeout, client gone). Returns whether it was queued.
@@ -275,122 +340,124 @@ impl PoolState {
         self.waiters.len() != before
     }
 
-    /// Pairs idle instances with waiters, oldest waiter first (each gets the
-    /// idle instance that matches its affinity, if one does).
+    /// Pairs free slots with waiters, oldest waiter first (each gets the free
+    /// slot that matches its affinity, if one does).
     pub fn dispatch(&mut self) -> Vec<Grant> {
         let mut grants = Vec::new();
         while let Some(&(waiter, affinity)) = self.waiters.front() {
-            let Some(instance) = self.pick_idle(affinity) else { break };
+            let Some((instance, slot)) = self.pick(affinity) else { break };
             self.waiters.pop_front();
             let lease = LeaseId(self.fresh_id());
-            self.lease(instance, lease, affinity);
-            grants.push(Grant { waiter, instance, lease });
+            self.lease(instance, slot, lease, affinity);
+            grants.push(Grant { waiter, instance, slot, lease });
         }
         grants
     }
 
     /// A grant could not be delivered (the waiter is gone): undo it.
     pub fn undo_grant(&mut self, grant: &Grant) {
-        let slot = &mut self.slots[grant.instance];
-        if slot.lease == Some(grant.lease) {
-            slot.state = InstanceState::Idle;
-            slot.lease = None;
-            slot.busy_since = None;
-            slot.stats.requests -= 1;
+        let inst = &mut self.instances[grant.instance];
+        if inst.slots[grant.slot].lease == Some(grant.lease) {
+            inst.slots[grant.slot].lease = None;
+            inst.stats.requests -= 1;
+            if inst.leased() == 0 {
+                inst.busy_since = None;
+            }
         }
     }
 
     /// A lease ends. Returns true when the instance must be replaced. A lease
     /// that is not current (already released or replaced) is ignored.
-    pub fn release(&mut self, instance: usize, lease: LeaseId, outcome: Outcome) -> bool {
-        let Some(slot) = self.slots.get_mut(instance) else { return false };
-        if slot.lease != Some(lease) {
+    pub fn release(&mut self, instance: usize, slot: usize, lease: LeaseId, outcome: Outcome) -> bool {
+        let Some(inst) = self.instances.get_mut(instance) else { return false };
+        if inst.slots.get(slot).and_then(|s| s.lease) != Some(lease) {
             return false;
-        }
-        slot.lease = None;
-        if let Some(since) = slot.busy_since.take() {
-            slot.stats.busy_seconds += since.elapsed().as_secs_f64();
         }
         match outcome {
             Outcome::Ok { tokens } => {
-                slot.stats.tokens += tokens;
-                slot.state = InstanceState::Idle;
-                slot.idle_since = Instant::now();
+                inst.stats.tokens += tokens;
+                let s = &mut inst.slots[slot];
+                s.lease = None;
+                s.idle_since = Instant::now();
+                if inst.leased() == 0 {
+                    if let Some(since) = inst.busy_since.take() {
+                        inst.stats.busy_seconds += since.elapsed().as_secs_f64();
+                    }
+                }
                 false
             }
             Outcome::InstanceFault { reason } => {
-                slot.stats.failures += 1;
-                slot.last_error = Some(reason);
-                slot.state = InstanceState::Unhealthy;
+                self.mark_unhealthy(instance, reason);
                 true
             }
         }
     }
 
-    /// Marks an instance broken outside a lease (failed probe, dead actor).
-    pub fn mark_unhealthy(&mut self, instance: usize, reason: String) {
-        let slot = &mut self.slots[instance];
-        slot.stats.failures += 1;
-        slot.last_error = Some(reason);
-        slot.state = InstanceState::Unhealthy;
-        slot.lease = None;
-        slot.busy_since = None;
+    /// Marks an instance broken (failed lease or probe, dead loop); every
+    /// slot's lease ends with it. Returns false when it already was.
+    pub fn mark_unhealthy(&mut self, instance: usize, reason: String) -> bool {
+        let inst = &mut self.instances[instance];
+        if inst.health == Health::Unhealthy {
+            return false;
+        }
+        inst.stats.failures += 1;
+        inst.last_error = Some(reason);
+        inst.health = Health::Unhealthy;
+        inst.probing = false;
+        inst.drop_leases();
+        true
     }
 
     /// Starts replacing an instance; returns the new generation.
     pub fn begin_replace(&mut self, instance: usize) -> u64 {
-        let slot = &mut self.slots[instance];
-        slot.state = InstanceState::Replacing;
-        slot.lease = None;
-        slot.busy_since = None;
-        slot.affinities.clear();
-        slot.generation += 1;
-        slot.generation
+        let inst = &mut self.instances[instance];
+        inst.health = Health::Replacing;
+        inst.probing = false;
+        inst.drop_leases();
+        inst.generation += 1;
+        inst.generation
     }
 
-    /// An instance (first load or replacement) is up: it becomes idle.
+    /// An instance (first load or replacement) is up: its slots are free.
     /// Returns false for a stale report.
     pub fn instance_ready(&mut self, instance: usize, generation: u64) -> bool {
-        let slot = &mut self.slots[instance];
-        if slot.generation != generation {
+        let inst = &mut self.instances[instance];
+        if inst.generation != generation {
             return false;
         }
-        if slot.state == InstanceState::Replacing {
-            slot.stats.replacements += 1;
+        if inst.health == Health::Replacing {
+            inst.stats.replacements += 1;
             self.replaced += 1;
         }
-        slot.state = InstanceState::Idle;
-        slot.started_at = Instant::now();
+        inst.health = Health::Ready;
+        inst.started_at = Instant::now();
         true
     }
 
-    /// Idle instances to probe now; they are `Probing` until [`Self::probe_done`].
+    /// Serving instances to probe now (busy ones too: the probe runs between
+    /// two steps of the loop, on a sequence of its own). Each has one probe
+    /// out until [`Self::probe_done`].
     pub fn begin_probes(&mut self) -> Vec<usize> {
         let mut out = Vec::new();
-        for (i, s) in self.slots.iter_mut().enumerate() {
-            if s.state == InstanceState::Idle {
-                s.state = InstanceState::Probing;
+        for (i, inst) in self.instances.iter_mut().enumerate() {
+            if inst.health == Health::Ready && !inst.probing {
+                inst.probing = true;
                 out.push(i);
             }
         }
         out
     }
 
-    /// A probe ended; a healthy instance is idle again. Returns true when it
-    /// must be replaced.
+    /// A probe ended. Returns true when the instance must be replaced.
     pub fn probe_done(&mut self, instance: usize, generation: u64, result: Result<(), String>) -> bool {
-        if self.slots[instance].generation != generation || self.slots[instance].state != InstanceState::Probing {
+        let inst = &mut self.instances[instance];
+        if inst.generation != generation || !inst.probing {
             return false;
         }
+        inst.probing = false;
         match result {
-            Ok(()) => {
-                self.slots[instance].state = InstanceState::Idle;
-                false
-            }
-            Err(reason) => {
-                self.mark_unhealthy(instance, reason);
-                true
-            }
+            Ok(()) => false,
+            Err(reason) => self.mark_unhealthy(instance, reason),
         }
     }
 
@@ -401,30 +468,33 @@ impl PoolState {
     }
 
     pub fn status(&self) -> PoolStatus {
-        let count = |f: &dyn Fn(InstanceState) -> bool| self.slots.iter().filter(|s| f(s.state)).count();
+        let serving = |i: &&Instance| i.health == Health::Ready;
+        let count = |h: &dyn Fn(Health) -> bool| self.instances.iter().filter(|i| h(i.health)).count();
         PoolStatus {
-            total: self.slots.len(),
-            available: count(&|s| matches!(s, InstanceState::Idle | InstanceState::Probing)),
-            in_use: count(&|s| s == InstanceState::Busy),
-            loading: count(&|s| matches!(s, InstanceState::Loading | InstanceState::Replacing)),
-            unhealthy: count(&|s| s == InstanceState::Unhealthy),
+            total: self.instances.iter().map(|i| i.slots.len()).sum(),
+            available: self.instances.iter().filter(serving).map(|i| i.slots.len() - i.leased()).sum(),
+            in_use: self.instances.iter().map(Instance::leased).sum(),
+            loading: count(&|h| matches!(h, Health::Loading | Health::Replacing)),
+            unhealthy: count(&|h| h == Health::Unhealthy),
             queued: self.waiters.len(),
             replaced: self.replaced,
             accepting: self.accepting,
             instances: self
-                .slots
+                .instances
                 .iter()
                 .enumerate()
-                .map(|(id, s)| InstanceStatus {
+                .map(|(id, inst)| InstanceStatus {
                     id,
-                    state: s.state,
+                    state: inst.state(),
+                    slots: inst.slots.len(),
+                    slots_busy: inst.leased(),
                     stats: InstanceStats {
-                        busy_seconds: s.stats.busy_seconds
-                            + s.busy_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0),
-                        ..s.stats.clone()
+                        busy_seconds: inst.stats.busy_seconds
+                            + inst.busy_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0),
+                        ..inst.stats.clone()
                     },
-                    last_error: s.last_error.clone(),
-                    age_seconds: s.started_at.elapsed().as_secs_f64(),
+                    last_error: inst.last_error.clone(),
+                    age_seconds: inst.started_at.elapsed().as_secs_f64(),
                 })
                 .collect(),
         }

@@ -3,7 +3,7 @@
 use super::*;
 
 fn ready_pool(n: usize, q: usize) -> PoolState {
-    let mut p = PoolState::new(n, q);
+    let mut p = PoolState::new(n, 1, q);
     for i in 0..n {
         assert!(p.instance_ready(i, 0));
     }
@@ -12,7 +12,7 @@ fn ready_pool(n: usize, q: usize) -> PoolState {
 
 fn granted(a: Admission) -> (usize, LeaseId) {
     match a {
-        Admission::Granted { instance, lease } => (instance, lease),
+        Admission::Granted { instance, lease, .. } => (instance, lease),
         other => panic!("expected a grant, got {other:?}"),
     }
 }
@@ -41,7 +41,7 @@ fn waiters_are_served_in_fifo_order() {
     let mut order = Vec::new();
     let (mut inst, mut lease) = (i, l);
     for _ in 0..3 {
-        assert!(!p.release(inst, lease, Outcome::Ok { tokens: 1 }));
+        assert!(!p.release(inst, 0, lease, Outcome::Ok { tokens: 1 }));
         let g = p.dispatch();
         assert_eq!(g.len(), 1);
         order.push(g[0].waiter);
@@ -56,7 +56,7 @@ fn new_request_does_not_jump_the_queue() {
     let mut p = ready_pool(1, 2);
     let (i, l) = granted(p.admit(None));
     let Admission::Queued(first) = p.admit(None) else { panic!() };
-    p.release(i, l, Outcome::Ok { tokens: 0 });
+    p.release(i, 0, l, Outcome::Ok { tokens: 0 });
     // Released but not yet dispatched: a newcomer must queue behind `first`.
     assert!(matches!(p.admit(None), Admission::Queued(_)));
     assert_eq!(p.dispatch()[0].waiter, first);
@@ -70,7 +70,7 @@ fn cancelled_waiter_and_undone_grant_leak_nothing() {
     assert!(p.cancel_waiter(w));
     assert!(!p.cancel_waiter(w));
     let Admission::Queued(_) = p.admit(None) else { panic!() };
-    p.release(i, l, Outcome::Ok { tokens: 0 });
+    p.release(i, 0, l, Outcome::Ok { tokens: 0 });
     let g = p.dispatch();
     p.undo_grant(&g[0]);
     let s = p.status();
@@ -82,10 +82,10 @@ fn cancelled_waiter_and_undone_grant_leak_nothing() {
 fn fault_replaces_and_stale_release_is_ignored() {
     let mut p = ready_pool(2, 0);
     let (i, l) = granted(p.admit(None));
-    assert!(p.release(i, l, Outcome::InstanceFault { reason: "decode".into() }));
+    assert!(p.release(i, 0, l, Outcome::InstanceFault { reason: "decode".into() }));
     assert_eq!(p.status().unhealthy, 1);
     let gen = p.begin_replace(i);
-    assert!(!p.release(i, l, Outcome::Ok { tokens: 3 }), "second release of one lease");
+    assert!(!p.release(i, 0, l, Outcome::Ok { tokens: 3 }), "second release of one lease");
     assert!(!p.instance_ready(i, gen - 1), "stale ready");
     assert!(p.instance_ready(i, gen));
     let s = p.status();
@@ -93,14 +93,20 @@ fn fault_replaces_and_stale_release_is_ignored() {
 }
 
 #[test]
-fn probes_skip_busy_and_failed_probe_asks_replacement() {
+fn probes_go_to_busy_instances_too_and_a_failed_probe_asks_replacement() {
     let mut p = ready_pool(2, 0);
-    let (busy, _) = granted(p.admit(None));
-    let probed = p.begin_probes();
-    assert_eq!(probed, vec![1 - busy]);
-    assert_eq!(p.admit(None), Admission::Rejected, "probing instance is not leased");
-    assert!(p.probe_done(probed[0], 0, Err("nan".into())));
-    assert_eq!(p.state(probed[0]), InstanceState::Unhealthy);
+    let (busy, lease) = granted(p.admit(None));
+    // The probe runs between steps on a scratch sequence: busy or not, and
+    // without taking a slot away from requests.
+    assert_eq!(p.begin_probes(), vec![0, 1]);
+    assert!(p.begin_probes().is_empty(), "one probe out per instance");
+    granted(p.admit(None));
+    assert!(!p.probe_done(1 - busy, 0, Ok(())));
+    assert!(p.probe_done(busy, 0, Err("nan".into())));
+    assert_eq!(p.state(busy), InstanceState::Unhealthy);
+    // The lease it was serving ended with it; its late release is ignored.
+    assert!(!p.release(busy, 0, lease, Outcome::Ok { tokens: 1 }));
+    assert_eq!(p.status().in_use, 1);
 }
 
 #[test]
@@ -124,14 +130,14 @@ fn display_matches_console_format() {
 #[test]
 fn a_request_goes_back_to_the_instance_that_served_its_conversation() {
     let mut p = ready_pool(3, 4);
-    let Admission::Granted { instance: a, lease: la } = p.admit(Some(7)) else { panic!() };
-    let Admission::Granted { instance: b, lease: lb } = p.admit(Some(9)) else { panic!() };
-    assert!(!p.release(a, la, Outcome::Ok { tokens: 1 }));
-    assert!(!p.release(b, lb, Outcome::Ok { tokens: 1 }));
+    let Admission::Granted { instance: a, lease: la, .. } = p.admit(Some(7)) else { panic!() };
+    let Admission::Granted { instance: b, lease: lb, .. } = p.admit(Some(9)) else { panic!() };
+    assert!(!p.release(a, 0, la, Outcome::Ok { tokens: 1 }));
+    assert!(!p.release(b, 0, lb, Outcome::Ok { tokens: 1 }));
     // Three idle: each conversation finds its own instance again.
-    let Admission::Granted { instance, lease } = p.admit(Some(9)) else { panic!() };
+    let Admission::Granted { instance, lease, .. } = p.admit(Some(9)) else { panic!() };
     assert_eq!(instance, b);
-    p.release(instance, lease, Outcome::Ok { tokens: 1 });
+    p.release(instance, 0, lease, Outcome::Ok { tokens: 1 });
     let Admission::Granted { instance, .. } = p.admit(Some(7)) else { panic!() };
     assert_eq!(instance, a);
 }
@@ -141,9 +147,9 @@ fn without_a_match_the_least_recently_used_instance_is_taken() {
     let mut p = ready_pool(3, 4);
     let leases: Vec<_> = (0..3).map(|k| p.admit(Some(k))).collect();
     for adm in &leases {
-        let Admission::Granted { instance, lease } = adm else { panic!() };
+        let Admission::Granted { instance, lease, .. } = adm else { panic!() };
         std::thread::sleep(std::time::Duration::from_millis(2));
-        p.release(*instance, *lease, Outcome::Ok { tokens: 1 });
+        p.release(*instance, 0, *lease, Outcome::Ok { tokens: 1 });
     }
     let Admission::Granted { instance: first_released, .. } = &leases[0] else { panic!() };
     let Admission::Granted { instance, .. } = p.admit(Some(99)) else { panic!() };
@@ -153,20 +159,86 @@ fn without_a_match_the_least_recently_used_instance_is_taken() {
 #[test]
 fn affinity_never_makes_a_request_wait_or_jump_the_queue() {
     let mut p = ready_pool(2, 4);
-    let Admission::Granted { instance: a, lease: la } = p.admit(Some(1)) else { panic!() };
-    let Admission::Granted { instance: b, lease: lb } = p.admit(Some(2)) else { panic!() };
+    let Admission::Granted { instance: a, lease: la, .. } = p.admit(Some(1)) else { panic!() };
+    let Admission::Granted { instance: b, lease: lb, .. } = p.admit(Some(2)) else { panic!() };
     // Both busy: a request for conversation 1 and then one for 3 queue in order.
     let Admission::Queued(w1) = p.admit(Some(3)) else { panic!() };
     let Admission::Queued(w2) = p.admit(Some(1)) else { panic!() };
     // Instance b frees first: the oldest waiter takes it (FIFO), match or not.
-    p.release(b, lb, Outcome::Ok { tokens: 1 });
-    assert_eq!(p.dispatch(), vec![Grant { waiter: w1, instance: b, lease: p_lease(&p, b) }]);
-    p.release(a, la, Outcome::Ok { tokens: 1 });
+    p.release(b, 0, lb, Outcome::Ok { tokens: 1 });
+    assert_eq!(p.dispatch(), vec![Grant { waiter: w1, instance: b, slot: 0, lease: p_lease(&p, b) }]);
+    p.release(a, 0, la, Outcome::Ok { tokens: 1 });
     let grants = p.dispatch();
     assert_eq!((grants[0].waiter, grants[0].instance), (w2, a), "w2 gets its conversation's instance");
 }
 
 /// The current lease of a busy instance (read from the status through a release-free path).
 fn p_lease(p: &PoolState, instance: usize) -> LeaseId {
-    p.current_lease(instance).expect("leased")
+    p.current_lease(instance, 0).expect("leased")
+}
+
+fn slotted_pool(n: usize, slots: usize, q: usize) -> PoolState {
+    let mut p = PoolState::new(n, slots, q);
+    for i in 0..n {
+        assert!(p.instance_ready(i, 0));
+    }
+    p
+}
+
+fn grant3(a: Admission) -> (usize, usize, LeaseId) {
+    match a {
+        Admission::Granted { instance, slot, lease } => (instance, slot, lease),
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+#[test]
+fn slots_are_leased_spread_over_instances_and_counted() {
+    let mut p = slotted_pool(2, 4, 2);
+    let s = p.status();
+    assert_eq!((s.total, s.available, s.in_use), (8, 8, 0));
+    assert!(s.to_string().contains("Available: 8/8 slots on 2 instances"), "{s}");
+    let grants: Vec<_> = (0..8).map(|_| grant3(p.admit(None))).collect();
+    // Least loaded first: the instances alternate.
+    let firsts: Vec<usize> = grants.iter().take(4).map(|g| g.0).collect();
+    assert_eq!(firsts, vec![0, 1, 0, 1]);
+    let mut pairs: Vec<(usize, usize)> = grants.iter().map(|g| (g.0, g.1)).collect();
+    pairs.sort();
+    pairs.dedup();
+    assert_eq!(pairs.len(), 8, "every slot leased once");
+    let s = p.status();
+    assert_eq!((s.available, s.in_use, s.instances[0].slots_busy), (0, 8, 4));
+    assert!(matches!(p.admit(None), Admission::Queued(_)));
+    let (i, j, l) = grants[5];
+    assert!(!p.release(i, j, l, Outcome::Ok { tokens: 5 }));
+    let g = p.dispatch();
+    assert_eq!((g[0].instance, g[0].slot), (i, j));
+    assert_eq!(p.status().available, 0);
+}
+
+#[test]
+fn a_conversation_goes_back_to_its_own_slot_even_on_a_busier_instance() {
+    let mut p = slotted_pool(2, 4, 2);
+    let (i7, s7, l7) = grant3(p.admit(Some(7)));
+    let others: Vec<_> = (0..3).map(|k| grant3(p.admit(Some(100 + k)))).collect();
+    p.release(i7, s7, l7, Outcome::Ok { tokens: 1 });
+    // Instance i7 is busier than the other now, but its slot holds conversation 7.
+    let (i, s, _) = grant3(p.admit(Some(7)));
+    assert_eq!((i, s), (i7, s7));
+    drop(others);
+}
+
+#[test]
+fn a_broken_instance_frees_its_slots_and_stale_releases_are_ignored() {
+    let mut p = slotted_pool(1, 3, 0);
+    let a = grant3(p.admit(None));
+    let b = grant3(p.admit(None));
+    assert!(p.release(a.0, a.1, a.2, Outcome::InstanceFault { reason: "decode".into() }));
+    assert!(!p.release(b.0, b.1, b.2, Outcome::InstanceFault { reason: "decode".into() }), "replaced once");
+    let s = p.status();
+    assert_eq!((s.in_use, s.available, s.unhealthy), (0, 0, 1));
+    assert!(!s.ready());
+    let generation = p.begin_replace(0);
+    assert!(p.instance_ready(0, generation));
+    assert_eq!(p.status().available, 3);
 }

@@ -1,0 +1,419 @@
+//! Continuous batching on one context: every step decodes one `llama_batch`
+//! holding the next token of each generating sequence plus a bounded chunk of
+//! pending prompt tokens, then samples each sequence from its own logits and
+//! streams its piece to its own sink. Each slot keeps the tokens its KV cache
+//! holds, so a request keeps the longest common prefix and decodes the rest.
+
+use std::time::Instant;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::DecodeError;
+
+use super::fault::FaultSlot;
+#[cfg(feature = "fault-injection")]
+use super::Fault;
+use super::kv_cache::{copy_source, SlotCache};
+use super::prompt::{tokenize_chat, ChatTemplate};
+use super::text::TextStream;
+use super::{SeqEvent, SeqSink};
+use crate::error::EngineError;
+use crate::params::{Completion, FinishReason, GenerateRequest, SamplingParams, Usage};
+
+/// Builds the sampler chain; temperature 0 is greedy.
+pub fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
+    let mut chain = Vec::new();
+    let penalised = p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+    if penalised && p.repeat_last_n > 0 {
+        chain.push(LlamaSampler::penalties(
+            model.n_vocab(),
+            p.repeat_last_n,
+            p.repeat_penalty,
+            p.frequency_penalty,
+            p.presence_penalty,
+        ));
+    }
+    if p.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if p.top_k > 0 {
+            chain.push(LlamaSampler::top_k(p.top_k));
+        }
+        chain.push(LlamaSampler::top_p(p.top_p, 1));
+        if p.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(p.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(p.temperature));
+        let seed = p.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+        });
+        chain.push(LlamaSampler::dist(seed));
+    }
+    LlamaSampler::chain_simple(chain)
+}
+
+/// Checks that the prompt plus the requested tokens fit in one sequence.
+pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(), EngineError> {
+    let total = prompt_tokens.saturating_add(max_tokens);
+    if total > n_ctx {
+        return Err(EngineError::PromptTooLong { prompt_tokens, max_tokens, total, n_ctx });
+    }
+    Ok(())
+}
+
+fn kv_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Decode(e.to_string())
+}
+
+/// One sequence being generated in a slot.
+struct Running {
+    sink: SeqSink,
+    prompt: Vec<LlamaToken>,
+    sampler: LlamaSampler,
+    text: TextStream,
+    generated: u32,
+    max_tokens: u32,
+    started: Instant,
+    first_token: Option<Instant>,
+    /// Prompt tokens whose KV entries came from the cache.
+    cached_tokens: u32,
+    /// Sampled and streamed, not yet decoded.
+    next: Option<LlamaToken>,
+    /// Index of this sequence's logits in the batch just decoded.
+    logits_idx: Option<i32>,
+}
+
+impl Running {
+    fn usage(&self) -> Usage {
+        let now = Instant::now();
+        let first = self.first_token.unwrap_or(now);
+        let after_first = now.duration_since(first).as_secs_f64();
+        Usage {
+            prompt_tokens: self.prompt.len() as u32,
+            completion_tokens: self.generated,
+            time_to_first_token_ms: first.duration_since(self.started).as_secs_f64() * 1e3,
+            total_ms: now.duration_since(self.started).as_secs_f64() * 1e3,
+            tokens_per_second: if after_first > 0.0 && self.generated > 1 {
+                (self.generated - 1) as f64 / after_first
+            } else {
+                0.0
+            },
+            queue_wait_ms: 0.0,
+            first_token_at: self.first_token,
+            cached_tokens: self.cached_tokens,
+        }
+    }
+}
+
+struct Slot {
+    cache: SlotCache,
+    run: Option<Running>,
+}
+
+/// A context's sequence slots and the batch they share.
+pub struct Batcher<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    template: std::sync::Arc<ChatTemplate>,
+    slots: Vec<Slot>,
+    /// The health probe's sequence id: never one a slot uses.
+    scratch: i32,
+    batch: LlamaBatch<'static>,
+    /// Most prompt tokens decoded in one step, over all sequences.
+    prefill_chunk: usize,
+    /// Tokens one sequence may hold (prompt + reply).
+    seq_ctx: u32,
+    fault: FaultSlot,
+    clock: u64,
+    piece: Vec<u8>,
+    /// Sequences whose batch entries were added this step, in batch order:
+    /// (slot, tokens added).
+    planned: Vec<(usize, usize)>,
+}
+
+impl<'m> Batcher<'m> {
+    /// `ctx` must have been created with at least `slots + 1` sequences.
+    pub fn new(
+        model: &'m LlamaModel,
+        ctx: LlamaContext<'m>,
+        template: std::sync::Arc<ChatTemplate>,
+        slots: usize,
+        seq_ctx: u32,
+        prefill_chunk: usize,
+    ) -> Self {
+        let n_batch = ctx.n_batch() as usize;
+        Self {
+            model,
+            ctx,
+            template,
+            slots: (0..slots).map(|_| Slot { cache: SlotCache::default(), run: None }).collect(),
+            scratch: slots as i32,
+            batch: LlamaBatch::new(n_batch, 1),
+            prefill_chunk: prefill_chunk.clamp(1, n_batch.saturating_sub(slots).max(1)),
+            seq_ctx,
+            fault: FaultSlot::default(),
+            clock: 0,
+            piece: Vec::with_capacity(32),
+            planned: Vec::with_capacity(slots),
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn active(&self) -> usize {
+        self.slots.iter().filter(|s| s.run.is_some()).count()
+    }
+
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_fault(&mut self, fault: Fault) {
+        self.fault.set(fault);
+    }
+
+    /// Starts `request` in `slot`; a sequence still there ends as cancelled.
+    /// A request the engine refuses is answered on `sink` at once.
+    pub fn start(&mut self, slot: usize, request: &GenerateRequest, started: Instant, sink: SeqSink) {
+        if slot >= self.slots.len() {
+            let _ = sink.send(SeqEvent::Done(Err(EngineError::InvalidParam {
+                field: "slot",
+                rule: "must name one of the instance's slots",
+                value: slot.to_string(),
+            })));
+            return;
+        }
+        self.finish(slot, FinishReason::Cancelled);
+        match self.prepare(slot, request, started, sink.clone()) {
+            Ok(run) => self.slots[slot].run = Some(run),
+            Err(e) => {
+                if e.is_instance_fault() {
+                    self.fail_all(&e);
+                }
+                let _ = sink.send(SeqEvent::Done(Err(e)));
+            }
+        }
+    }
+
+    fn prepare(
+        &mut self,
+        slot: usize,
+        request: &GenerateRequest,
+        started: Instant,
+        sink: SeqSink,
+    ) -> Result<Running, EngineError> {
+        request.sampling.validate()?;
+        let prompt = tokenize_chat(self.model, &self.template, &request.messages)?;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidParam { field: "messages", rule: "must render to a prompt", value: "[]".into() });
+        }
+        check_fits(prompt.len() as u32, request.sampling.max_tokens, self.seq_ctx)?;
+        let seq = slot as i32;
+        // A longer prefix held by another slot of this context is shared
+        // rather than decoded again (the unified KV buffer makes it a copy of
+        // cell tags, not of data).
+        let others: Vec<&[LlamaToken]> = self.slots.iter().map(|s| s.cache.tokens.as_slice()).collect();
+        if let Some((src, len)) = copy_source(&others, slot, &prompt) {
+            self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
+            self.ctx.copy_kv_cache_seq(src as i32, seq, None, Some(len as u32)).map_err(kv_err)?;
+            let copied = self.slots[src].cache.tokens[..len].to_vec();
+            self.slots[slot].cache.tokens = copied;
+        }
+        self.clock += 1;
+        let cache = &mut self.slots[slot].cache;
+        cache.last_used = self.clock;
+        // Keep the shared prefix; the last prompt token is always decoded
+        // again, since its logits give the first new token.
+        let mut keep = cache.common_prefix(&prompt).min(prompt.len() - 1);
+        if !self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(keep as u32), None).map_err(kv_err)? {
+            // This memory cannot drop a tail: start the sequence over.
+            self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
+            keep = 0;
+        }
+        cache.tokens.truncate(keep);
+        Ok(Running {
+            sink,
+            sampler: build_sampler(self.model, &request.sampling),
+            text: TextStream::new(&request.sampling.stop),
+            generated: 0,
+            max_tokens: request.sampling.max_tokens,
+            started,
+            first_token: None,
+            cached_tokens: keep as u32,
+            next: None,
+            logits_idx: None,
+            prompt,
+        })
+    }
+
+    /// Ends the sequence in `slot` (if any) and tells its sink.
+    pub fn finish(&mut self, slot: usize, reason: FinishReason) {
+        let Some(mut run) = self.slots[slot].run.take() else { return };
+        if reason != FinishReason::Cancelled {
+            let tail = run.text.finish();
+            if !tail.text.is_empty() {
+                let _ = run.sink.send(SeqEvent::Piece(tail.text));
+            }
+        }
+        let _ = run.sink.send(SeqEvent::Done(Ok(Completion { usage: run.usage(), finish_reason: reason })));
+    }
+
+    /// The context is broken: every sequence ends with `e`, every cache is forgotten.
+    fn fail_all(&mut self, e: &EngineError) {
+        for s in &mut self.slots {
+            if let Some(run) = s.run.take() {
+                let _ = run.sink.send(SeqEvent::Done(Err(e.clone())));
+            }
+            s.cache.tokens.clear();
+        }
+        self.ctx.clear_kv_cache();
+    }
+
+    /// One step: one decode for every sequence that has work. Returns an
+    /// error when the context is broken (every sequence has been told).
+    pub fn step(&mut self) -> Result<(), EngineError> {
+        // A sequence nobody listens to any more ends here, before its next
+        // token or prompt chunk costs anything.
+        for i in 0..self.slots.len() {
+            if self.slots[i].run.as_ref().is_some_and(|r| r.sink.is_closed()) {
+                self.finish(i, FinishReason::Cancelled);
+            }
+        }
+        if !self.fill_batch()? {
+            return Ok(());
+        }
+        if let Err(e) = self.decode_evicting() {
+            self.fail_all(&e);
+            return Err(e);
+        }
+        self.commit_and_sample();
+        Ok(())
+    }
+
+    /// Puts every generating sequence's next token, then prompt chunks (oldest
+    /// request first), into the batch. Returns false when there is nothing to do.
+    fn fill_batch(&mut self) -> Result<bool, EngineError> {
+        self.batch.clear();
+        self.planned.clear();
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            let Some(run) = s.run.as_mut() else { continue };
+            run.logits_idx = None;
+            if let Some(token) = run.next {
+                let pos = s.cache.tokens.len() as i32;
+                self.batch.add(token, pos, &[i as i32], true).map_err(kv_err)?;
+                run.logits_idx = Some(self.batch.n_tokens() - 1);
+                self.planned.push((i, 1));
+            }
+        }
+        let mut budget = self.prefill_chunk;
+        let mut waiting: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].run.as_ref().is_some_and(|r| r.next.is_none()))
+            .collect();
+        waiting.sort_by_key(|&i| self.slots[i].run.as_ref().map(|r| r.started));
+        for i in waiting {
+            if budget == 0 {
+                break;
+            }
+            let s = &mut self.slots[i];
+            let run = s.run.as_mut().expect("waiting sequences run");
+            let from = s.cache.tokens.len();
+            let take = (run.prompt.len() - from).min(budget);
+            for (k, &token) in run.prompt[from..from + take].iter().enumerate() {
+                let last = from + k + 1 == run.prompt.len();
+                self.batch.add(token, (from + k) as i32, &[i as i32], last).map_err(kv_err)?;
+                if last {
+                    run.logits_idx = Some(self.batch.n_tokens() - 1);
+                }
+            }
+            budget -= take;
+            self.planned.push((i, take));
+        }
+        Ok(self.batch.n_tokens() > 0)
+    }
+
+    /// Decodes the batch; when the KV buffer is full, forgets idle slots'
+    /// caches (least recently used first) and retries.
+    fn decode_evicting(&mut self) -> Result<(), EngineError> {
+        self.fault.fire()?;
+        loop {
+            match self.ctx.decode(&mut self.batch) {
+                Ok(()) => return Ok(()),
+                Err(DecodeError::NoKvCacheSlot) => {
+                    let victim = (0..self.slots.len())
+                        .filter(|&i| self.slots[i].run.is_none() && !self.slots[i].cache.tokens.is_empty())
+                        .min_by_key(|&i| self.slots[i].cache.last_used)
+                        .ok_or_else(|| EngineError::Decode("the KV cache is full".into()))?;
+                    self.slots[victim].cache.tokens.clear();
+                    self.ctx.clear_kv_cache_seq(Some(victim as u32), None, None).map_err(kv_err)?;
+                }
+                Err(e) => return Err(kv_err(e)),
+            }
+        }
+    }
+
+    /// Records what the decode put in each sequence's cache, then samples
+    /// every sequence whose logits are ready and streams its piece.
+    fn commit_and_sample(&mut self) {
+        for k in 0..self.planned.len() {
+            let (i, n) = self.planned[k];
+            let s = &mut self.slots[i];
+            let run = s.run.as_mut().expect("planned sequences run");
+            match run.next.take() {
+                Some(token) => s.cache.tokens.push(token),
+                None => {
+                    let from = s.cache.tokens.len();
+                    s.cache.tokens.extend_from_slice(&run.prompt[from..from + n]);
+                }
+            }
+            let Some(idx) = run.logits_idx else { continue };
+            let token = run.sampler.sample(&self.ctx, idx);
+            if run.first_token.is_none() {
+                run.first_token = Some(Instant::now());
+            }
+            let vocab = self.model.vocab();
+            let end = if vocab.is_eog(token) {
+                Some(FinishReason::Stop)
+            } else {
+                run.generated += 1;
+                self.piece.clear();
+                vocab.token_to_piece_into(token, &mut self.piece, false, None);
+                let pushed = run.text.push(&self.piece);
+                if !pushed.text.is_empty() && run.sink.send(SeqEvent::Piece(pushed.text)).is_err() {
+                    Some(FinishReason::Cancelled)
+                } else if pushed.stopped {
+                    Some(FinishReason::Stop)
+                } else if run.generated >= run.max_tokens {
+                    Some(FinishReason::Length)
+                } else {
+                    run.next = Some(token);
+                    None
+                }
+            };
+            if let Some(reason) = end {
+                self.finish(i, reason);
+            }
+        }
+    }
+
+    /// A cheap real health check between steps: decode one token on the
+    /// scratch sequence (no slot's cache is touched) and check the logits.
+    pub fn probe(&mut self) -> Result<(), EngineError> {
+        let scratch = Some(self.scratch as u32);
+        self.ctx.clear_kv_cache_seq(scratch, None, None).map_err(kv_err)?;
+        let mut batch = LlamaBatch::new(1, 1);
+        let token = self.model.vocab().bos();
+        let token = if token.0 < 0 { LlamaToken(0) } else { token };
+        batch.add(token, 0, &[self.scratch], true).map_err(kv_err)?;
+        self.fault.fire()?;
+        self.ctx.decode(&mut batch).map_err(kv_err)?;
+        let ok = self.ctx.get_logits_ith(0).iter().take(64).all(|x| x.is_finite());
+        self.ctx.clear_kv_cache_seq(scratch, None, None).map_err(kv_err)?;
+        if ok {
+            Ok(())
+        } else {
+            Err(EngineError::Decode("probe produced non-finite logits".into()))
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! An instance's own thread: it creates the instance's context, then runs the
+//! step loop, driven by a command channel. While sequences are active it takes
+//! whatever commands have arrived, then decodes one step for all of them;
+//! while none are, it sleeps on the channel. The loop ends when every sender
+//! is gone or the context breaks; `on_exit` runs however it ends (a panic too).
+
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+#[cfg(feature = "fault-injection")]
+use super::Fault;
+use super::{InstanceBackend, InstanceInfo, SeqSink};
+use crate::error::EngineError;
+use crate::params::GenerateRequest;
+
+/// What the instance's handle asks of its loop.
+pub enum Command {
+    /// Starts a sequence in a slot; its events go to `sink`.
+    Start { slot: usize, request: GenerateRequest, started: Instant, sink: SeqSink },
+    /// Ends a slot's sequence as cancelled (the watchdog's first resort).
+    Cancel(usize),
+    /// Runs a health probe between two steps.
+    Probe(oneshot::Sender<Result<(), EngineError>>),
+    #[cfg(feature = "fault-injection")]
+    Fault(Fault),
+}
+
+/// The sending side of a running loop: the loop ends when it is dropped.
+#[derive(Clone)]
+pub struct LoopSender(Sender<Command>);
+
+impl LoopSender {
+    /// False when the loop has ended.
+    pub fn send(&self, command: Command) -> bool {
+        self.0.send(command).is_ok()
+    }
+}
+
+/// Runs `on_exit` when dropped: at the loop's end, also when it panics.
+struct ExitGuard<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for ExitGuard<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+pub type CreateFn = Box<dyn FnOnce() -> Result<Box<dyn InstanceBackend>, EngineError> + Send>;
+
+/// Starts an instance's thread. `create` makes the backend on that thread;
+/// `on_ready` gets the loop's sender and the instance's description (or the
+/// creation error); `on_exit` runs when the loop ends after a successful start.
+pub fn spawn(
+    name: String,
+    create: CreateFn,
+    on_ready: impl FnOnce(Result<(LoopSender, InstanceInfo, usize), EngineError>) + Send + 'static,
+    on_exit: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name(name).spawn(move || {
+        let mut backend = match create() {
+            Ok(b) => b,
+            Err(e) => return on_ready(Err(e)),
+        };
+        let _exit = ExitGuard(Some(on_exit));
+        let (tx, rx) = channel();
+        on_ready(Ok((LoopSender(tx), backend.info(), backend.slots())));
+        run(backend.as_mut(), &rx);
+    })?;
+    Ok(())
+}
+
+fn run(backend: &mut dyn InstanceBackend, rx: &Receiver<Command>) {
+    loop {
+        // Every command that has arrived is applied before the next step, so
+        // a new sequence joins at once and a cancelled one frees its slot.
+        let command = if backend.active() == 0 {
+            match rx.recv() {
+                Ok(c) => c,
+                Err(_) => return,
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(c) => c,
+                Err(TryRecvError::Empty) => {
+                    if let Err(e) = backend.step() {
+                        tracing::error!(error = %e, "the context failed; the instance stops");
+                        return;
+                    }
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => return,
+            }
+        };
+        match command {
+            Command::Start { slot, request, started, sink } => backend.start(slot, request, started, sink),
+            Command::Cancel(slot) => backend.cancel(slot),
+            Command::Probe(reply) => {
+                let _ = reply.send(backend.probe());
+            }
+            #[cfg(feature = "fault-injection")]
+            Command::Fault(f) => backend.inject_fault(f),
+        }
+    }
+}

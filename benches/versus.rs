@@ -1,0 +1,402 @@
+//! modelpool beside llama.cpp's own `llama-server`, in one run, on the same
+//! GGUF file and the same cores: the same streaming `/v1/chat/completions`
+//! requests (temperature 0, usage included) to both. Prints throughput and
+//! latency at several concurrencies, time to first token per turn of
+//! multi-turn conversations (history resent each turn, and the same
+//! conversations through modelpool's `/chat` with memory), and how often
+//! greedy text is the same. Every table ends with modelpool / llama-server.
+//! Asserts nothing.
+//!
+//!   scripts/bench.sh --bench versus
+//!
+//! `MODELPOOL_LLAMA_SERVER` names the llama-server binary (scripts/env.sh
+//! sets it; scripts/setup.sh --with-llama-server builds it).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+#[path = "support/server.rs"]
+mod server;
+
+const SLOTS: u32 = 4;
+const N_CTX: u32 = 2048;
+const TURNS: usize = 6;
+
+const PROMPTS: [&str; 16] = [
+    "Write a short poem about the sea.",
+    "Explain what a compiler does.",
+    "List three fruits and their colours.",
+    "Describe a walk in the mountains.",
+    "What is the capital of France, and why is it famous?",
+    "Give me a recipe for pancakes.",
+    "How do bees make honey?",
+    "Tell me a story about a brave mouse.",
+    "What are the planets of the solar system?",
+    "Explain why the sky is blue.",
+    "Write a haiku about autumn.",
+    "How does a bicycle stay upright?",
+    "Describe the water cycle.",
+    "What is a prime number? Give examples.",
+    "Suggest three names for a cat.",
+    "Why do we need sleep?",
+];
+
+struct LlamaServer(Child);
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// llama-server with `SLOTS` slots of `N_CTX` tokens each on `threads` threads.
+/// `-nr`: on CPUs that report AMX the repacked kernels die with SIGILL.
+fn start_llama_server(model: &str, threads: usize) -> (LlamaServer, String) {
+    let bin = std::env::var("MODELPOOL_LLAMA_SERVER")
+        .expect("MODELPOOL_LLAMA_SERVER is not set: run through scripts/bench.sh (it builds llama-server once)");
+    let port = free_port();
+    let child = Command::new(&bin)
+        .args(["-m", model, "-np", &SLOTS.to_string(), "-t", &threads.to_string()])
+        .args(["-c", &(SLOTS * N_CTX).to_string(), "-nr", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+    let mut child = LlamaServer(child);
+    let stderr = child.0.stderr.take().unwrap();
+    std::thread::spawn(move || for _ in BufReader::new(stderr).lines().map_while(Result::ok) {});
+    let base = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::blocking_get(&format!("{base}/health")) {
+            if r {
+                break;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "llama-server did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (child, base)
+}
+
+mod reqwest {
+    pub use ::reqwest::*;
+    /// True when GET `url` answers 200 (a tiny blocking probe without a runtime).
+    pub fn blocking_get(url: &str) -> std::io::Result<bool> {
+        use std::io::{Read, Write};
+        let rest = url.trim_start_matches("http://");
+        let (addr, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+        let mut s = std::net::TcpStream::connect(addr)?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        let mut r = String::new();
+        s.read_to_string(&mut r)?;
+        Ok(r.starts_with("HTTP/1.1 200"))
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    ttft_ms: f64,
+    total_ms: f64,
+    tokens: u64,
+    cached: u64,
+    text: String,
+}
+
+/// The id a server gives its model (`/v1/models`).
+async fn model_id(base: &str) -> String {
+    let v: Value = reqwest::get(format!("{base}/v1/models")).await.unwrap().json().await.unwrap();
+    v["data"][0]["id"].as_str().expect("a model id").to_string()
+}
+
+/// One streaming chat completion; times are measured here, at the client.
+async fn complete(client: &reqwest::Client, base: &str, messages: &[Value], max_tokens: u32) -> Sample {
+    static MODEL: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let known = MODEL.lock().unwrap().iter().find(|(b, _)| b == base).map(|(_, m)| m.clone());
+    let model = match known {
+        Some(m) => m,
+        None => {
+            let m = model_id(base).await;
+            MODEL.lock().unwrap().push((base.to_string(), m.clone()));
+            m
+        }
+    };
+    let body = json!({
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "repeat_penalty": 1.0,
+        "stream": true,
+        "stream_options": { "include_usage": true },
+    });
+    let t = Instant::now();
+    let resp = client.post(format!("{base}/v1/chat/completions")).json(&body).send().await.expect("request");
+    assert!(resp.status().is_success(), "{base}: {}", resp.status());
+    let mut s = Sample::default();
+    let mut deltas = 0u64;
+    let mut buf = String::new();
+    let mut bytes = resp.bytes_stream();
+    while let Some(chunk) = bytes.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.expect("stream")));
+        while let Some(end) = buf.find('\n') {
+            let line: String = buf.drain(..=end).collect();
+            let Some(data) = line.trim().strip_prefix("data:").map(str::trim) else { continue };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+            if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
+                if !piece.is_empty() {
+                    if s.text.is_empty() {
+                        s.ttft_ms = t.elapsed().as_secs_f64() * 1e3;
+                    }
+                    deltas += 1;
+                    s.text.push_str(piece);
+                }
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                s.tokens = n;
+                s.cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .or_else(|| v["timings"]["cache_n"].as_u64())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    if s.tokens == 0 {
+        s.tokens = deltas;
+    }
+    s.total_ms = t.elapsed().as_secs_f64() * 1e3;
+    s
+}
+
+/// A `/chat` turn (memory on), streamed; TTFT at the client, as above.
+async fn chat_turn(client: &reqwest::Client, base: &str, id: &mut Option<String>, message: &str) -> Sample {
+    let mut body = json!({ "message": message, "max_tokens": 64, "temperature": 0, "repeat_penalty": 1.0, "stream": true });
+    if let Some(id) = id.as_ref() {
+        body["conversation_id"] = json!(id);
+    }
+    let t = Instant::now();
+    let resp = client.post(format!("{base}/chat")).json(&body).send().await.expect("request");
+    assert!(resp.status().is_success(), "/chat: {}", resp.status());
+    let mut s = Sample::default();
+    let (mut buf, mut event) = (String::new(), String::new());
+    let mut bytes = resp.bytes_stream();
+    while let Some(chunk) = bytes.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.expect("stream")));
+        while let Some(end) = buf.find('\n') {
+            let line: String = buf.drain(..=end).collect();
+            let line = line.trim();
+            if let Some(e) = line.strip_prefix("event:") {
+                event = e.trim().to_string();
+            } else if let Some(data) = line.strip_prefix("data:") {
+                let v: Value = serde_json::from_str(data.trim()).unwrap_or(Value::Null);
+                match event.as_str() {
+                    "start" => *id = v["conversation_id"].as_str().map(String::from),
+                    "token" if s.text.is_empty() => {
+                        s.ttft_ms = t.elapsed().as_secs_f64() * 1e3;
+                        s.text.push_str(v["text"].as_str().unwrap_or_default());
+                    }
+                    "token" => s.text.push_str(v["text"].as_str().unwrap_or_default()),
+                    "done" => {
+                        s.tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                        s.cached = v["usage"]["cached_tokens"].as_u64().unwrap_or(0);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    s.total_ms = t.elapsed().as_secs_f64() * 1e3;
+    s
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+struct Throughput {
+    tok_s: f64,
+    ttft: [f64; 2],
+    total: [f64; 2],
+    texts: Vec<String>,
+}
+
+/// `clients` clients, each sending `rounds` requests one after the other.
+async fn throughput(base: &str, clients: usize, rounds: usize) -> Throughput {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build().unwrap();
+    let t = Instant::now();
+    let runs = (0..clients).map(|c| {
+        let client = client.clone();
+        async move {
+            let mut out = Vec::new();
+            for r in 0..rounds {
+                let prompt = PROMPTS[(c * rounds + r) % PROMPTS.len()];
+                out.push(complete(&client, base, &[json!({ "role": "user", "content": prompt })], 128).await);
+            }
+            out
+        }
+    });
+    let samples: Vec<Sample> = futures::future::join_all(runs).await.into_iter().flatten().collect();
+    let wall = t.elapsed().as_secs_f64();
+    let ttft: Vec<f64> = samples.iter().map(|s| s.ttft_ms).collect();
+    let total: Vec<f64> = samples.iter().map(|s| s.total_ms).collect();
+    Throughput {
+        tok_s: samples.iter().map(|s| s.tokens).sum::<u64>() as f64 / wall,
+        ttft: [pct(&ttft, 0.5), pct(&ttft, 0.9)],
+        total: [pct(&total, 0.5), pct(&total, 0.9)],
+        texts: samples.into_iter().map(|s| s.text).collect(),
+    }
+}
+
+/// A user message of about 60 tokens.
+fn message(conversation: usize, turn: usize) -> String {
+    format!(
+        "Conversation {conversation}, question {turn}: I am planning a long walk along the coast next spring, \
+         starting at a small harbour town and ending near an old lighthouse. Which three things should I pack, \
+         and how should I plan day {turn} of the walk if the weather turns windy?"
+    )
+}
+
+/// TTFT p50 and cached-token p50 per turn index, `conversations` at once.
+async fn multi_turn(base: &str, conversations: usize, through_chat: bool) -> Vec<(f64, f64)> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build().unwrap();
+    let convs = (0..conversations).map(|c| {
+        let client = client.clone();
+        async move {
+            let mut history: Vec<Value> = Vec::new();
+            let mut id = None;
+            let mut out = Vec::new();
+            for t in 0..TURNS {
+                let text = message(c, t);
+                let s = if through_chat {
+                    chat_turn(&client, base, &mut id, &text).await
+                } else {
+                    history.push(json!({ "role": "user", "content": text }));
+                    let s = complete(&client, base, &history, 64).await;
+                    history.push(json!({ "role": "assistant", "content": s.text }));
+                    s
+                };
+                out.push(s);
+            }
+            out
+        }
+    });
+    let per_conv: Vec<Vec<Sample>> = futures::future::join_all(convs).await;
+    (0..TURNS)
+        .map(|t| {
+            let ttft: Vec<f64> = per_conv.iter().map(|c| c[t].ttft_ms).collect();
+            let cached: Vec<f64> = per_conv.iter().map(|c| c[t].cached as f64).collect();
+            (pct(&ttft, 0.5), pct(&cached, 0.5))
+        })
+        .collect()
+}
+
+fn common_prefix_chars(a: &str, b: &str) -> usize {
+    a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count()
+}
+
+#[actix::main]
+async fn main() {
+    let model = std::env::var("MODELPOOL_TEST_MODEL").expect("MODELPOOL_TEST_MODEL (set by scripts/env.sh)");
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let data = tempfile::tempdir().unwrap();
+    println!("modelpool vs llama-server, same model ({model}), {threads} threads each, {SLOTS} slots × {N_CTX} tokens");
+    println!("(one server runs at a time; temperature 0, repeat penalty off, streaming, times at the client)\n");
+
+    let targets = ["modelpool", "llama-server"];
+    let mut tp: Vec<Vec<Throughput>> = Vec::new();
+    let mut turns: Vec<Vec<Vec<(f64, f64)>>> = Vec::new();
+    let mut chat_turns = Vec::new();
+    let levels = [(1usize, 8usize), (4, 2), (8, 1), (16, 1)];
+    for target in targets {
+        let mp;
+        let ls;
+        let base = if target == "modelpool" {
+            let env = [("MODELPOOL_SLOTS", "4"), ("MODELPOOL_THREADS", "0")];
+            mp = server::start(1, N_CTX, data.path(), &env);
+            mp.1.clone()
+        } else {
+            ls = start_llama_server(&model, threads);
+            ls.1.clone()
+        };
+        // Warm-up: one request, so that neither side pays its first-use costs in a figure.
+        throughput(&base, 1, 1).await;
+        let mut per_level = Vec::new();
+        for (clients, rounds) in levels {
+            per_level.push(throughput(&base, clients, rounds).await);
+        }
+        tp.push(per_level);
+        let mut per_conv_count = Vec::new();
+        for conversations in [4, 8] {
+            per_conv_count.push(multi_turn(&base, conversations, false).await);
+        }
+        turns.push(per_conv_count);
+        if target == "modelpool" {
+            for conversations in [4, 8] {
+                chat_turns.push(multi_turn(&base, conversations, true).await);
+            }
+        }
+    }
+
+    println!("throughput, max_tokens 128 (aggregate completion tokens/s; ms at p50/p90)");
+    println!("{:>8} {:>13} {:>8} {:>17} {:>17} {:>8}", "clients", "server", "tok/s", "TTFT p50/p90", "total p50/p90", "ratio");
+    for (k, (clients, _)) in levels.iter().enumerate() {
+        for (i, name) in targets.iter().enumerate() {
+            let t = &tp[i][k];
+            let ratio = if i == 0 { format!("{:.2}×", tp[0][k].tok_s / tp[1][k].tok_s) } else { String::new() };
+            println!(
+                "{clients:>8} {name:>13} {:>8.1} {:>8.0}/{:<8.0} {:>8.0}/{:<8.0} {ratio:>8}",
+                t.tok_s, t.ttft[0], t.ttft[1], t.total[0], t.total[1]
+            );
+        }
+    }
+    println!("(ratio: modelpool tokens/s / llama-server tokens/s)\n");
+
+    println!("multi-turn, history resent each turn, max_tokens 64: TTFT p50 ms (cached prompt tokens p50)");
+    for (k, conversations) in [4, 8].iter().enumerate() {
+        println!("{conversations} conversations at once");
+        println!("{:>6} {:>20} {:>20} {:>20} {:>8}", "turn", "modelpool /v1", "llama-server", "modelpool /chat", "ratio");
+        for t in 0..TURNS {
+            let (a, ac) = turns[0][k][t];
+            let (b, bc) = turns[1][k][t];
+            let (c, cc) = chat_turns[k][t];
+            println!(
+                "{:>6} {:>12.0} ({:>5.0}) {:>12.0} ({:>5.0}) {:>12.0} ({:>5.0}) {:>7.2}×",
+                t + 1,
+                a,
+                ac,
+                b,
+                bc,
+                c,
+                cc,
+                a / b
+            );
+        }
+    }
+    println!("(ratio: modelpool /v1 TTFT / llama-server TTFT; /chat adds memory: recall, storage, a longer prompt)\n");
+
+    let (a, b) = (&tp[0][0].texts, &tp[1][0].texts);
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    println!("greedy text, one client at a time: {same}/{} identical", a.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate().filter(|(_, (x, y))| x != y) {
+        println!(
+            "  prompt {i}: differ after {} of {}/{} characters",
+            common_prefix_chars(x, y),
+            x.chars().count(),
+            y.chars().count()
+        );
+    }
+}

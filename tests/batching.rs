@@ -1,0 +1,167 @@
+//! Continuous batching on the real model: the sequences of one instance's
+//! slots are decoded together, each streams on its own, and a cancelled one
+//! frees its slot for the next request at once.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{slotted, start, wait_for};
+use futures::StreamExt;
+use modelpool_actors::{ChatMessage, FinishReason, GenEvent, GenerateRequest, PoolHandle, SamplingParams};
+
+const PROMPTS: [&str; 4] = [
+    "Write a short poem about the sea.",
+    "Explain what a compiler does.",
+    "List three fruits and their colours.",
+    "Describe a walk in the mountains.",
+];
+
+fn request(text: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest { messages: vec![ChatMessage::user(text)], sampling: SamplingParams::greedy(max_tokens) }
+}
+
+/// When each stream's first piece and its end arrived, and its text.
+struct Timeline {
+    first: Option<Instant>,
+    done: Option<Instant>,
+    text: String,
+    finish: Option<FinishReason>,
+}
+
+async fn follow(pool: &PoolHandle, text: &str, max_tokens: u32) -> Timeline {
+    let mut stream = pool.generate(request(text, max_tokens)).await.expect("a slot");
+    let mut t = Timeline { first: None, done: None, text: String::new(), finish: None };
+    while let Some(event) = stream.next().await {
+        match event {
+            GenEvent::Token(piece) => {
+                t.first.get_or_insert_with(Instant::now);
+                t.text.push_str(&piece);
+            }
+            GenEvent::Done(c) => {
+                t.done = Some(Instant::now());
+                t.finish = Some(c.finish_reason);
+            }
+            GenEvent::Error(e) => panic!("{e}"),
+        }
+    }
+    t
+}
+
+#[actix::test]
+async fn four_sequences_on_one_instance_stream_at_once_and_slots_are_counted_at_every_step() {
+    let pool = start(slotted(1, 4, 4)).await;
+    let s = pool.status().await.unwrap();
+    assert_eq!((s.total, s.available, s.in_use), (4, 4, 0));
+    assert!(s.to_string().contains("Available: 4/4 slots on 1 instance"), "{s}");
+
+    // Watch the pool the whole time: slots always add up, never more than 4 leased.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let watcher = {
+        let (pool, seen) = (pool.clone(), seen.clone());
+        actix::spawn(async move {
+            loop {
+                let s = pool.status().await.unwrap();
+                assert_eq!(s.available + s.in_use, s.total, "{s}");
+                assert_eq!(s.instances[0].slots_busy, s.in_use, "{s:?}");
+                seen.lock().unwrap().push(s.in_use);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let runs = futures::future::join_all(PROMPTS.iter().map(|p| follow(&pool, p, 48))).await;
+    watcher.abort();
+    let last_first = runs.iter().map(|t| t.first.expect("a first piece")).max().unwrap();
+    let first_done = runs.iter().map(|t| t.done.expect("an end")).min().unwrap();
+    assert!(last_first < first_done, "every sequence streamed before any finished: they ran at once");
+    let seen = seen.lock().unwrap();
+    assert!(seen.contains(&4), "all four slots leased at once: {seen:?}");
+    let s = pool.status().await.unwrap();
+    assert_eq!((s.available, s.in_use, s.totals().requests), (4, 0, 4), "{s}");
+    pool.shutdown().await;
+}
+
+#[actix::test]
+async fn greedy_text_alone_equals_the_text_batched_with_three_others() {
+    let alone_pool = start(slotted(1, 4, 4)).await;
+    let mut alone = Vec::new();
+    for p in PROMPTS {
+        alone.push(follow(&alone_pool, p, 32).await.text);
+    }
+    alone_pool.shutdown().await;
+    let pool = start(slotted(1, 4, 4)).await;
+    let batched = futures::future::join_all(PROMPTS.iter().map(|p| follow(&pool, p, 32))).await;
+    // Each sequence's rows of the batch are computed by the same kernels
+    // as when it runs alone; a matmul over more rows may still round
+    // differently at a near tie, so a rare difference would show here first.
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a, &b.text, "prompt {i}: alone vs batched");
+    }
+    pool.shutdown().await;
+}
+
+#[actix::test]
+async fn a_cancelled_sequence_leaves_the_others_streaming_and_its_slot_serves_the_next() {
+    let pool = start(slotted(1, 4, 4)).await;
+    let mut streams = Vec::new();
+    for p in PROMPTS {
+        streams.push(pool.generate(request(p, 64)).await.unwrap());
+    }
+    // Everyone has started streaming; then the client of sequence 2 leaves.
+    for s in &mut streams {
+        assert!(matches!(s.next().await, Some(GenEvent::Token(_))));
+    }
+    let gone = streams.remove(2);
+    drop(gone);
+    wait_for(&pool, Duration::from_secs(5), |s| s.in_use == 3).await;
+    // Its slot serves a new request while the other three still stream.
+    let next = {
+        let pool = pool.clone();
+        actix::spawn(async move { follow(&pool, "Say hello.", 8).await })
+    };
+    let mut ends = Vec::new();
+    for mut s in streams {
+        let mut last = None;
+        while let Some(event) = s.next().await {
+            if let GenEvent::Done(c) = event {
+                last = Some((c.finish_reason, c.usage.completion_tokens));
+            }
+        }
+        ends.push(last.expect("each of the other three ends normally"));
+    }
+    let next = next.await.unwrap();
+    assert!(next.finish.is_some() && !next.text.is_empty());
+    assert!(next.done.unwrap() < Instant::now());
+    for (reason, tokens) in ends {
+        assert!(reason == FinishReason::Length && tokens == 64 || reason == FinishReason::Stop, "{reason:?} {tokens}");
+    }
+    wait_for(&pool, Duration::from_secs(2), |s| s.in_use == 0 && s.available == 4).await;
+    pool.shutdown().await;
+}
+
+#[actix::test]
+async fn a_request_dropped_during_its_prompt_stops_within_a_chunk() {
+    // One slot: whatever comes next waits for the loop to let go of the long prompt.
+    let pool = start(slotted(1, 1, 4)).await;
+    let long = "Tell me about rivers, lakes and the sea. ".repeat(80);
+    // The whole prompt, read to its end, as a yardstick.
+    let t = Instant::now();
+    let done = follow(&pool, &long, 1).await;
+    let full_prompt = t.elapsed();
+    assert!(done.finish.is_some());
+    // Again with a different opening (nothing cached), dropped after its first chunk started.
+    let other = format!("Rivers first. {long}");
+    let stream = pool.generate(request(&other, 1)).await.unwrap();
+    tokio::time::sleep(full_prompt / 8).await;
+    drop(stream);
+    let t = Instant::now();
+    let next = follow(&pool, "Say hi.", 2).await;
+    assert!(next.finish.is_some());
+    assert!(
+        t.elapsed() < full_prompt / 2,
+        "the next request waited {:?}: the dropped prompt ({full_prompt:?} in full) went on being read",
+        t.elapsed()
+    );
+    pool.shutdown().await;
+}
