@@ -114,7 +114,7 @@ struct Sample {
 
 /// The id a server gives its model (`/v1/models`).
 async fn model_id(base: &str) -> String {
-    let v: Value = reqwest::get(format!("{base}/v1/models")).await.unwrap().json().await.unwrap();
+    let v: Value = client().get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
     v["data"][0]["id"].as_str().expect("a model id").to_string()
 }
 
@@ -141,7 +141,8 @@ async fn complete(client: &reqwest::Client, base: &str, messages: &[Value], max_
     });
     let t = Instant::now();
     let resp = client.post(format!("{base}/v1/chat/completions")).json(&body).send().await.expect("request");
-    assert!(resp.status().is_success(), "{base}: {}", resp.status());
+    let status = resp.status();
+    assert!(status.is_success(), "{base}: {status}: {}", resp.text().await.unwrap_or_default());
     let mut s = Sample::default();
     let mut deltas = 0u64;
     let mut buf = String::new();
@@ -221,6 +222,12 @@ async fn chat_turn(client: &reqwest::Client, base: &str, id: &mut Option<String>
     s
 }
 
+/// A client without idle connections: llama-server closes kept-alive
+/// connections between requests, which a pooled client would then reuse.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(600)).pool_max_idle_per_host(0).build().unwrap()
+}
+
 fn pct(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -236,7 +243,7 @@ struct Throughput {
 
 /// `clients` clients, each sending `rounds` requests one after the other.
 async fn throughput(base: &str, clients: usize, rounds: usize) -> Throughput {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build().unwrap();
+    let client = client();
     let t = Instant::now();
     let runs = (0..clients).map(|c| {
         let client = client.clone();
@@ -272,7 +279,7 @@ fn message(conversation: usize, turn: usize) -> String {
 
 /// TTFT p50 and cached-token p50 per turn index, `conversations` at once.
 async fn multi_turn(base: &str, conversations: usize, through_chat: bool) -> Vec<(f64, f64)> {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build().unwrap();
+    let client = client();
     let convs = (0..conversations).map(|c| {
         let client = client.clone();
         async move {
@@ -304,6 +311,19 @@ async fn multi_turn(base: &str, conversations: usize, through_chat: bool) -> Vec
         .collect()
 }
 
+/// Mean TTFT and total of 5 requests sent one after the other, 32 tokens each.
+async fn five_in_a_row(base: &str) -> (f64, f64) {
+    let client = client();
+    let mut ttft = 0.0;
+    let mut total = 0.0;
+    for p in &PROMPTS[..5] {
+        let s = complete(&client, base, &[json!({ "role": "user", "content": p })], 32).await;
+        ttft += s.ttft_ms / 5.0;
+        total += s.total_ms / 5.0;
+    }
+    (ttft, total)
+}
+
 fn common_prefix_chars(a: &str, b: &str) -> usize {
     a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count()
 }
@@ -321,11 +341,14 @@ async fn main() {
     let mut turns: Vec<Vec<Vec<(f64, f64)>>> = Vec::new();
     let mut chat_turns = Vec::new();
     let levels = [(1usize, 8usize), (4, 2), (8, 1), (16, 1)];
+    // The seed's comparison: 5 requests one after the other, 32 tokens each.
+    let mut sequential = Vec::new();
     for target in targets {
         let mp;
         let ls;
         let base = if target == "modelpool" {
-            let env = [("MODELPOOL_SLOTS", "4"), ("MODELPOOL_THREADS", "0")];
+            // llama-server queues without a limit: so does modelpool here.
+            let env = [("MODELPOOL_SLOTS", "4"), ("MODELPOOL_THREADS", "0"), ("MODELPOOL_ACQUIRE_TIMEOUT_MS", "600000")];
             mp = server::start(1, N_CTX, data.path(), &env);
             mp.1.clone()
         } else {
@@ -334,22 +357,39 @@ async fn main() {
         };
         // Warm-up: one request, so that neither side pays its first-use costs in a figure.
         throughput(&base, 1, 1).await;
+        sequential.push(five_in_a_row(&base).await);
         let mut per_level = Vec::new();
         for (clients, rounds) in levels {
+            eprintln!("[versus] {target}: {clients} client(s) × {rounds} request(s) of 128 tokens");
             per_level.push(throughput(&base, clients, rounds).await);
         }
         tp.push(per_level);
         let mut per_conv_count = Vec::new();
         for conversations in [4, 8] {
+            eprintln!("[versus] {target}: {conversations} conversations × {TURNS} turns, history resent");
             per_conv_count.push(multi_turn(&base, conversations, false).await);
         }
         turns.push(per_conv_count);
         if target == "modelpool" {
             for conversations in [4, 8] {
+                eprintln!("[versus] {target}: {conversations} conversations × {TURNS} turns through /chat");
                 chat_turns.push(multi_turn(&base, conversations, true).await);
             }
         }
     }
+
+    // The same five requests to a modelpool that loads the model for each one.
+    eprintln!("[versus] modelpool --per-request: 5 requests in a row");
+    let per_request = {
+        let env = [("MODELPOOL_PER_REQUEST", "true"), ("MODELPOOL_THREADS", "0")];
+        let server = server::start(1, N_CTX, data.path(), &env);
+        five_in_a_row(&server.1).await
+    };
+    println!("5 requests one after the other, 32 tokens: mean time to first token / total, ms");
+    println!("{:>28} {:>8.0} / {:<8.0}", "modelpool (pooled)", sequential[0].0, sequential[0].1);
+    println!("{:>28} {:>8.0} / {:<8.0}", "modelpool --per-request", per_request.0, per_request.1);
+    println!("{:>28} {:>8.0} / {:<8.0}", "llama-server", sequential[1].0, sequential[1].1);
+    println!("(ratio pooled / llama-server TTFT: {:.2}×)\n", sequential[0].0 / sequential[1].0);
 
     println!("throughput, max_tokens 128 (aggregate completion tokens/s; ms at p50/p90)");
     println!("{:>8} {:>13} {:>8} {:>17} {:>17} {:>8}", "clients", "server", "tok/s", "TTFT p50/p90", "total p50/p90", "ratio");

@@ -363,7 +363,8 @@ impl Config {
             instance: InstanceOptions {
                 n_ctx: self.n_ctx,
                 n_threads: self.threads_per_instance(),
-                slots: self.slots,
+                // A per-request instance loads the model for one sequence at a time.
+                slots: if self.per_request { 1 } else { self.slots },
                 prefill_chunk: self.prefill_chunk,
             },
         }

@@ -78,3 +78,21 @@ async fn each_conversation_returns_to_the_instance_that_holds_its_prefix() {
     }
     chat.shutdown().await.unwrap();
 }
+
+#[actix::test]
+async fn a_conversation_whose_slot_was_taken_gets_its_parked_cache_back() {
+    // One slot for two conversations: B's turn parks A's cache, A's next turn copies it back.
+    let pool = start(slotted(1, 1, 4)).await;
+    let a1 = vec![ChatMessage::user("What is the capital of France?")];
+    let (reply, done_a1) = pool.generate(request(a1.clone(), 16)).await.unwrap().collect_text().await.unwrap();
+    let b1 = vec![ChatMessage::user("Name three colours of the rainbow, please.")];
+    let (_, done_b1) = pool.generate(request(b1, 16)).await.unwrap().collect_text().await.unwrap();
+    assert!(done_b1.usage.cached_tokens < done_a1.usage.prompt_tokens, "B shares only the template's opening");
+    let mut a2 = a1;
+    a2.push(ChatMessage::assistant(reply));
+    a2.push(ChatMessage::user("And of Italy?"));
+    let (_, done_a2) = pool.generate(request(a2, 16)).await.unwrap().collect_text().await.unwrap();
+    let before = done_a1.usage.prompt_tokens + done_a1.usage.completion_tokens;
+    assert!(done_a2.usage.cached_tokens + 3 >= before, "A's turn 2 reused {} of {before}", done_a2.usage.cached_tokens);
+    pool.shutdown().await;
+}

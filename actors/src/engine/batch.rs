@@ -119,6 +119,10 @@ pub struct Batcher<'m> {
     ctx: LlamaContext<'m>,
     template: std::sync::Arc<ChatTemplate>,
     slots: Vec<Slot>,
+    /// Caches parked out of the slots (sequence ids `slots..2 × slots`): a
+    /// conversation whose slot is given to another keeps its KV here, and
+    /// its next turn copies it back instead of reading its prompt again.
+    parked: Vec<SlotCache>,
     /// The health probe's sequence id: never one a slot uses.
     scratch: i32,
     batch: LlamaBatch<'static>,
@@ -132,10 +136,18 @@ pub struct Batcher<'m> {
     /// Sequences whose batch entries were added this step, in batch order:
     /// (slot, tokens added).
     planned: Vec<(usize, usize)>,
+    /// Slots still reading their prompt, oldest request first (kept to reuse its buffer).
+    reading: Vec<usize>,
 }
 
 impl<'m> Batcher<'m> {
-    /// `ctx` must have been created with at least `slots + 1` sequences.
+    /// Sequences a context needs for `slots` slots: theirs, as many parked
+    /// caches, and the probe's scratch sequence.
+    pub fn sequences(slots: usize) -> u32 {
+        2 * slots as u32 + 1
+    }
+
+    /// `ctx` must have been created with [`Self::sequences`] sequences.
     pub fn new(
         model: &'m LlamaModel,
         ctx: LlamaContext<'m>,
@@ -150,7 +162,8 @@ impl<'m> Batcher<'m> {
             ctx,
             template,
             slots: (0..slots).map(|_| Slot { cache: SlotCache::default(), run: None }).collect(),
-            scratch: slots as i32,
+            parked: (0..slots).map(|_| SlotCache::default()).collect(),
+            scratch: 2 * slots as i32,
             batch: LlamaBatch::new(n_batch, 1),
             prefill_chunk: prefill_chunk.clamp(1, n_batch.saturating_sub(slots).max(1)),
             seq_ctx,
@@ -158,6 +171,7 @@ impl<'m> Batcher<'m> {
             clock: 0,
             piece: Vec::with_capacity(32),
             planned: Vec::with_capacity(slots),
+            reading: Vec::with_capacity(slots),
         }
     }
 
@@ -211,14 +225,25 @@ impl<'m> Batcher<'m> {
         }
         check_fits(prompt.len() as u32, request.sampling.max_tokens, self.seq_ctx)?;
         let seq = slot as i32;
-        // A longer prefix held by another slot of this context is shared
+        // The slot holds another conversation: park its cache before it is
+        // overwritten, so that conversation's next turn can have it back.
+        let cache = &self.slots[slot].cache;
+        if !cache.tokens.is_empty() && cache.common_prefix(&prompt) * 2 < cache.tokens.len() {
+            self.park(slot)?;
+        }
+        // A longer prefix held by another slot or a parked cache is shared
         // rather than decoded again (the unified KV buffer makes it a copy of
         // cell tags, not of data).
-        let others: Vec<&[LlamaToken]> = self.slots.iter().map(|s| s.cache.tokens.as_slice()).collect();
-        if let Some((src, len)) = copy_source(&others, slot, &prompt) {
+        let held: Vec<&[LlamaToken]> = self
+            .slots
+            .iter()
+            .map(|s| s.cache.tokens.as_slice())
+            .chain(self.parked.iter().map(|p| p.tokens.as_slice()))
+            .collect();
+        if let Some((src, len)) = copy_source(&held, slot, &prompt) {
+            let copied = held[src][..len].to_vec();
             self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
             self.ctx.copy_kv_cache_seq(src as i32, seq, None, Some(len as u32)).map_err(kv_err)?;
-            let copied = self.slots[src].cache.tokens[..len].to_vec();
             self.slots[slot].cache.tokens = copied;
         }
         self.clock += 1;
@@ -248,6 +273,20 @@ impl<'m> Batcher<'m> {
         })
     }
 
+    /// Moves slot `slot`'s cache to a parked sequence: an empty one, else the
+    /// one parked longest ago.
+    fn park(&mut self, slot: usize) -> Result<(), EngineError> {
+        let p = (0..self.parked.len())
+            .min_by_key(|&k| (!self.parked[k].tokens.is_empty(), self.parked[k].last_used))
+            .expect("parked sequences");
+        let seq = (self.slots.len() + p) as i32;
+        self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
+        self.ctx.copy_kv_cache_seq(slot as i32, seq, None, None).map_err(kv_err)?;
+        let from = &self.slots[slot].cache;
+        self.parked[p] = SlotCache { tokens: from.tokens.clone(), last_used: from.last_used };
+        Ok(())
+    }
+
     /// Ends the sequence in `slot` (if any) and tells its sink.
     pub fn finish(&mut self, slot: usize, reason: FinishReason) {
         let Some(mut run) = self.slots[slot].run.take() else { return };
@@ -267,6 +306,9 @@ impl<'m> Batcher<'m> {
                 let _ = run.sink.send(SeqEvent::Done(Err(e.clone())));
             }
             s.cache.tokens.clear();
+        }
+        for p in &mut self.parked {
+            p.tokens.clear();
         }
         self.ctx.clear_kv_cache();
     }
@@ -308,21 +350,22 @@ impl<'m> Batcher<'m> {
             }
         }
         let mut budget = self.prefill_chunk;
-        let mut waiting: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].run.as_ref().is_some_and(|r| r.next.is_none()))
-            .collect();
-        waiting.sort_by_key(|&i| self.slots[i].run.as_ref().map(|r| r.started));
-        for i in waiting {
+        self.reading.clear();
+        let slots = &self.slots;
+        self.reading.extend((0..slots.len()).filter(|&i| slots[i].run.as_ref().is_some_and(|r| r.next.is_none())));
+        self.reading.sort_by_key(|&i| slots[i].run.as_ref().map(|r| r.started));
+        for k in 0..self.reading.len() {
+            let i = self.reading[k];
             if budget == 0 {
                 break;
             }
             let s = &mut self.slots[i];
-            let run = s.run.as_mut().expect("waiting sequences run");
+            let run = s.run.as_mut().expect("reading sequences run");
             let from = s.cache.tokens.len();
             let take = (run.prompt.len() - from).min(budget);
-            for (k, &token) in run.prompt[from..from + take].iter().enumerate() {
-                let last = from + k + 1 == run.prompt.len();
-                self.batch.add(token, (from + k) as i32, &[i as i32], last).map_err(kv_err)?;
+            for (j, &token) in run.prompt[from..from + take].iter().enumerate() {
+                let last = from + j + 1 == run.prompt.len();
+                self.batch.add(token, (from + j) as i32, &[i as i32], last).map_err(kv_err)?;
                 if last {
                     run.logits_idx = Some(self.batch.n_tokens() - 1);
                 }
@@ -341,11 +384,25 @@ impl<'m> Batcher<'m> {
             match self.ctx.decode(&mut self.batch) {
                 Ok(()) => return Ok(()),
                 Err(DecodeError::NoKvCacheSlot) => {
-                    let victim = (0..self.slots.len())
-                        .filter(|&i| self.slots[i].run.is_none() && !self.slots[i].cache.tokens.is_empty())
-                        .min_by_key(|&i| self.slots[i].cache.last_used)
+                    // Parked caches go first, then idle slots', oldest first.
+                    let n = self.slots.len();
+                    let parked = (0..self.parked.len())
+                        .filter(|&k| !self.parked[k].tokens.is_empty())
+                        .min_by_key(|&k| self.parked[k].last_used)
+                        .map(|k| n + k);
+                    let idle = || {
+                        (0..n)
+                            .filter(|&i| self.slots[i].run.is_none() && !self.slots[i].cache.tokens.is_empty())
+                            .min_by_key(|&i| self.slots[i].cache.last_used)
+                    };
+                    let victim = parked
+                        .or_else(idle)
                         .ok_or_else(|| EngineError::Decode("the KV cache is full".into()))?;
-                    self.slots[victim].cache.tokens.clear();
+                    if victim < n {
+                        self.slots[victim].cache.tokens.clear();
+                    } else {
+                        self.parked[victim - n].tokens.clear();
+                    }
                     self.ctx.clear_kv_cache_seq(Some(victim as u32), None, None).map_err(kv_err)?;
                 }
                 Err(e) => return Err(kv_err(e)),

@@ -79,10 +79,11 @@ fn context_params(opts: &InstanceOptions) -> LlamaContextParams {
         .with_n_ubatch(512.min(opts.n_ctx))
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
-        // One sequence per slot, one more for the health probe. One unified
-        // buffer: slots share a prefix by tagging its cells, and a slot whose
-        // cache sits idle gives its room to busy ones when they need it.
-        .with_n_seq_max(opts.slots.max(1) + 1)
+        // One sequence per slot, as many for parked caches, one for the
+        // health probe. One unified buffer: sequences share a prefix by
+        // tagging its cells, and idle caches give their room to busy
+        // sequences when they need it.
+        .with_n_seq_max(Batcher::sequences(opts.slots.max(1) as usize))
         .with_kv_unified(true)
 }
 
