@@ -231,8 +231,10 @@ impl Config {
         if self.instances == 0 {
             return invalid("instances", "must be at least 1, got 0".into());
         }
-        if !(1..=64).contains(&self.slots) {
-            return invalid("slots", format!("must be between 1 and 64, got {}", self.slots));
+        // llama.cpp takes at most 256 sequences per context: each slot uses 4
+        // (its own and 3 parked caches), plus the probe's.
+        if !(1..=32).contains(&self.slots) {
+            return invalid("slots", format!("must be between 1 and 32, got {}", self.slots));
         }
         if !(16..=512).contains(&self.prefill_chunk) {
             return invalid("prefill_chunk", format!("must be between 16 and 512 tokens, got {}", self.prefill_chunk));

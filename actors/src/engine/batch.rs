@@ -64,6 +64,12 @@ pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(),
     Ok(())
 }
 
+/// Parked caches per slot. More conversations than slots take turns on the
+/// slots: with 8 conversations on 4 slots, 8 parkings happen before a
+/// conversation comes back, so one parked cache per slot would be overwritten
+/// before it is used.
+pub const PARKED_PER_SLOT: usize = 3;
+
 fn kv_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Decode(e.to_string())
 }
@@ -119,9 +125,11 @@ pub struct Batcher<'m> {
     ctx: LlamaContext<'m>,
     template: std::sync::Arc<ChatTemplate>,
     slots: Vec<Slot>,
-    /// Caches parked out of the slots (sequence ids `slots..2 × slots`): a
-    /// conversation whose slot is given to another keeps its KV here, and
-    /// its next turn copies it back instead of reading its prompt again.
+    /// Caches parked out of the slots (sequence ids from `slots` on,
+    /// [`PARKED_PER_SLOT`] per slot): a conversation whose slot is given to
+    /// another keeps its KV here, and its next turn copies it back instead of
+    /// reading its prompt again. They cost only the cells they hold; when the
+    /// buffer is full, the oldest goes.
     parked: Vec<SlotCache>,
     /// The health probe's sequence id: never one a slot uses.
     scratch: i32,
@@ -141,10 +149,10 @@ pub struct Batcher<'m> {
 }
 
 impl<'m> Batcher<'m> {
-    /// Sequences a context needs for `slots` slots: theirs, as many parked
+    /// Sequences a context needs for `slots` slots: theirs, the parked
     /// caches, and the probe's scratch sequence.
     pub fn sequences(slots: usize) -> u32 {
-        2 * slots as u32 + 1
+        ((1 + PARKED_PER_SLOT) * slots + 1) as u32
     }
 
     /// `ctx` must have been created with [`Self::sequences`] sequences.
@@ -162,8 +170,8 @@ impl<'m> Batcher<'m> {
             ctx,
             template,
             slots: (0..slots).map(|_| Slot { cache: SlotCache::default(), run: None }).collect(),
-            parked: (0..slots).map(|_| SlotCache::default()).collect(),
-            scratch: 2 * slots as i32,
+            parked: (0..PARKED_PER_SLOT * slots).map(|_| SlotCache::default()).collect(),
+            scratch: ((1 + PARKED_PER_SLOT) * slots) as i32,
             batch: LlamaBatch::new(n_batch, 1),
             prefill_chunk: prefill_chunk.clamp(1, n_batch.saturating_sub(slots).max(1)),
             seq_ctx,
