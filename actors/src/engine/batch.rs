@@ -11,12 +11,12 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use llama_cpp_2::DecodeError;
+use llama_cpp_2::{DecodeError, LlamaStateSeqFlags};
 
 use super::fault::FaultSlot;
 #[cfg(feature = "fault-injection")]
 use super::Fault;
-use super::kv_cache::{copy_source, SlotCache};
+use super::kv_cache::{copy_source, Parked, ParkedCaches, SlotCache};
 use super::prompt::{tokenize_chat, ChatTemplate};
 use super::text::TextStream;
 use super::{SeqEvent, SeqSink};
@@ -66,9 +66,11 @@ pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(),
 
 /// Parked caches per slot. More conversations than slots take turns on the
 /// slots: with 8 conversations on 4 slots, 8 parkings happen before a
-/// conversation comes back, so one parked cache per slot would be overwritten
+/// conversation comes back, so one parked cache per slot would be dropped
 /// before it is used.
 pub const PARKED_PER_SLOT: usize = 3;
+/// Host memory the parked caches of one instance may take, per slot.
+pub const PARKED_BYTES_PER_SLOT: usize = 64 << 20;
 
 fn kv_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Decode(e.to_string())
@@ -125,12 +127,10 @@ pub struct Batcher<'m> {
     ctx: LlamaContext<'m>,
     template: std::sync::Arc<ChatTemplate>,
     slots: Vec<Slot>,
-    /// Caches parked out of the slots (sequence ids from `slots` on,
-    /// [`PARKED_PER_SLOT`] per slot): a conversation whose slot is given to
-    /// another keeps its KV here, and its next turn copies it back instead of
-    /// reading its prompt again. They cost only the cells they hold; when the
-    /// buffer is full, the oldest goes.
-    parked: Vec<SlotCache>,
+    /// Caches parked in host memory: a conversation whose slot is given to
+    /// another keeps its KV here, and its next turn restores it instead of
+    /// reading its prompt again (as llama-server's prompt cache does).
+    parked: ParkedCaches,
     /// The health probe's sequence id: never one a slot uses.
     scratch: i32,
     batch: LlamaBatch<'static>,
@@ -149,10 +149,10 @@ pub struct Batcher<'m> {
 }
 
 impl<'m> Batcher<'m> {
-    /// Sequences a context needs for `slots` slots: theirs, the parked
-    /// caches, and the probe's scratch sequence.
+    /// Sequences a context needs for `slots` slots: one each, and the
+    /// probe's scratch sequence.
     pub fn sequences(slots: usize) -> u32 {
-        ((1 + PARKED_PER_SLOT) * slots + 1) as u32
+        slots as u32 + 1
     }
 
     /// `ctx` must have been created with [`Self::sequences`] sequences.
@@ -170,8 +170,8 @@ impl<'m> Batcher<'m> {
             ctx,
             template,
             slots: (0..slots).map(|_| Slot { cache: SlotCache::default(), run: None }).collect(),
-            parked: (0..PARKED_PER_SLOT * slots).map(|_| SlotCache::default()).collect(),
-            scratch: ((1 + PARKED_PER_SLOT) * slots) as i32,
+            parked: ParkedCaches::new(PARKED_PER_SLOT * slots, PARKED_BYTES_PER_SLOT * slots),
+            scratch: slots as i32,
             batch: LlamaBatch::new(n_batch, 1),
             prefill_chunk: prefill_chunk.clamp(1, n_batch.saturating_sub(slots).max(1)),
             seq_ctx,
@@ -239,20 +239,32 @@ impl<'m> Batcher<'m> {
         if !cache.tokens.is_empty() && cache.common_prefix(&prompt) * 2 < cache.tokens.len() {
             self.park(slot)?;
         }
-        // A longer prefix held by another slot or a parked cache is shared
-        // rather than decoded again (the unified KV buffer makes it a copy of
-        // cell tags, not of data).
+        // A longer prefix held by another slot or a parked cache is restored
+        // into this slot's sequence rather than decoded again.
         let held: Vec<&[LlamaToken]> = self
             .slots
             .iter()
             .map(|s| s.cache.tokens.as_slice())
             .chain(self.parked.iter().map(|p| p.tokens.as_slice()))
             .collect();
-        if let Some((src, len)) = copy_source(&held, slot, &prompt) {
-            let copied = held[src][..len].to_vec();
+        if let Some((src, _)) = copy_source(&held, slot, &prompt) {
+            let n = self.slots.len();
+            let (state, tokens) = if src < n {
+                let state = self.ctx.state_seq_get(src as i32, LlamaStateSeqFlags::empty()).map_err(kv_err)?;
+                (state, self.slots[src].cache.tokens.clone())
+            } else {
+                let p = self.parked.take(src - n);
+                (p.state, p.tokens)
+            };
             self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
-            self.ctx.copy_kv_cache_seq(src as i32, seq, None, Some(len as u32)).map_err(kv_err)?;
-            self.slots[slot].cache.tokens = copied;
+            match self.ctx.state_seq_set(&state, seq) {
+                Ok(()) => self.slots[slot].cache.tokens = tokens,
+                Err(e) => {
+                    tracing::warn!(slot, error = %e, "could not restore a cached prefix; reading the prompt instead");
+                    self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
+                    self.slots[slot].cache.tokens.clear();
+                }
+            }
         }
         self.clock += 1;
         let cache = &mut self.slots[slot].cache;
@@ -281,17 +293,12 @@ impl<'m> Batcher<'m> {
         })
     }
 
-    /// Moves slot `slot`'s cache to a parked sequence: an empty one, else the
-    /// one parked longest ago.
+    /// Copies slot `slot`'s cache to host memory (the oldest parked caches
+    /// go when the bounds are reached).
     fn park(&mut self, slot: usize) -> Result<(), EngineError> {
-        let p = (0..self.parked.len())
-            .min_by_key(|&k| (!self.parked[k].tokens.is_empty(), self.parked[k].last_used))
-            .expect("parked sequences");
-        let seq = (self.slots.len() + p) as i32;
-        self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
-        self.ctx.copy_kv_cache_seq(slot as i32, seq, None, None).map_err(kv_err)?;
+        let state = self.ctx.state_seq_get(slot as i32, LlamaStateSeqFlags::empty()).map_err(kv_err)?;
         let from = &self.slots[slot].cache;
-        self.parked[p] = SlotCache { tokens: from.tokens.clone(), last_used: from.last_used };
+        self.parked.push(Parked { tokens: from.tokens.clone(), state, last_used: from.last_used });
         Ok(())
     }
 
@@ -315,9 +322,7 @@ impl<'m> Batcher<'m> {
             }
             s.cache.tokens.clear();
         }
-        for p in &mut self.parked {
-            p.tokens.clear();
-        }
+        self.parked.clear();
         self.ctx.clear_kv_cache();
     }
 
@@ -334,7 +339,7 @@ impl<'m> Batcher<'m> {
         if !self.fill_batch()? {
             return Ok(());
         }
-        if let Err(e) = self.decode_evicting() {
+        if let Err(e) = self.decode_batch() {
             self.fail_all(&e);
             return Err(e);
         }
@@ -384,37 +389,14 @@ impl<'m> Batcher<'m> {
         Ok(self.batch.n_tokens() > 0)
     }
 
-    /// Decodes the batch; when the KV buffer is full, forgets idle slots'
-    /// caches (least recently used first) and retries.
-    fn decode_evicting(&mut self) -> Result<(), EngineError> {
+    /// Decodes the batch. Each sequence has a stream of n_ctx cells of its
+    /// own and `check_fits` keeps it within them, so a full cache is a fault.
+    fn decode_batch(&mut self) -> Result<(), EngineError> {
         self.fault.fire()?;
-        loop {
-            match self.ctx.decode(&mut self.batch) {
-                Ok(()) => return Ok(()),
-                Err(DecodeError::NoKvCacheSlot) => {
-                    // Parked caches go first, then idle slots', oldest first.
-                    let n = self.slots.len();
-                    let parked = (0..self.parked.len())
-                        .filter(|&k| !self.parked[k].tokens.is_empty())
-                        .min_by_key(|&k| self.parked[k].last_used)
-                        .map(|k| n + k);
-                    let idle = || {
-                        (0..n)
-                            .filter(|&i| self.slots[i].run.is_none() && !self.slots[i].cache.tokens.is_empty())
-                            .min_by_key(|&i| self.slots[i].cache.last_used)
-                    };
-                    let victim = parked
-                        .or_else(idle)
-                        .ok_or_else(|| EngineError::Decode("the KV cache is full".into()))?;
-                    if victim < n {
-                        self.slots[victim].cache.tokens.clear();
-                    } else {
-                        self.parked[victim - n].tokens.clear();
-                    }
-                    self.ctx.clear_kv_cache_seq(Some(victim as u32), None, None).map_err(kv_err)?;
-                }
-                Err(e) => return Err(kv_err(e)),
-            }
+        match self.ctx.decode(&mut self.batch) {
+            Ok(()) => Ok(()),
+            Err(DecodeError::NoKvCacheSlot) => Err(EngineError::Decode("the KV cache is full".into())),
+            Err(e) => Err(kv_err(e)),
         }
     }
 

@@ -1,9 +1,10 @@
-//! What each sequence slot of a context holds in the shared (unified) KV
-//! buffer, and where a new prompt's prefix can be found: in its own slot, or
-//! copied from another slot that holds a longer one (a shared system prompt,
-//! a conversation moved between slots).
+//! What each sequence slot of a context holds in its KV cache, the caches
+//! parked in host memory when their slot went to another conversation, and
+//! where a new prompt's prefix can be found: in its own slot, or restored from
+//! another slot or a parked cache that holds a longer one.
 
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::SeqState;
 
 /// The tokens whose KV entries a slot's sequence holds, in order.
 #[derive(Debug, Default)]
@@ -19,17 +20,69 @@ impl SlotCache {
     }
 }
 
+/// A sequence's KV state saved to host memory, with the tokens it holds.
+pub struct Parked {
+    pub tokens: Vec<LlamaToken>,
+    pub state: SeqState,
+    pub last_used: u64,
+}
+
+/// Parked caches, bounded in count and bytes; the least recently used go first.
+pub struct ParkedCaches {
+    caches: Vec<Parked>,
+    max_count: usize,
+    max_bytes: usize,
+}
+
+impl ParkedCaches {
+    pub fn new(max_count: usize, max_bytes: usize) -> Self {
+        Self { caches: Vec::new(), max_count, max_bytes }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Parked> {
+        self.caches.iter()
+    }
+
+    /// Keeps `p`, dropping the least recently used ones beyond the bounds
+    /// (and any that holds the same tokens).
+    pub fn push(&mut self, p: Parked) {
+        if self.max_count == 0 || p.state.byte_len() > self.max_bytes {
+            return;
+        }
+        self.caches.retain(|c| c.tokens != p.tokens);
+        self.caches.push(p);
+        while self.caches.len() > self.max_count || self.bytes() > self.max_bytes {
+            let oldest = (0..self.caches.len()).min_by_key(|&i| self.caches[i].last_used).expect("non-empty");
+            self.caches.swap_remove(oldest);
+        }
+    }
+
+    /// Takes the `i`-th cache out (it goes back into a slot).
+    pub fn take(&mut self, i: usize) -> Parked {
+        self.caches.remove(i)
+    }
+
+    pub fn clear(&mut self) {
+        self.caches.clear();
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.caches.iter().map(|c| c.state.byte_len()).sum()
+    }
+}
+
 /// Length of the common prefix of two token lists.
 pub fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Fewer extra tokens than this are decoded rather than copied.
+/// Fewer extra tokens than this are decoded rather than restored.
 const MIN_COPY_GAIN: usize = 16;
 
-/// The other slot whose cache shares a longer prefix with `prompt` than
-/// slot `target`'s own, and the length to copy (at most `prompt.len() - 1`:
-/// the last prompt token is always decoded); none when copying gains little.
+/// The other cache (slots first, then parked ones) that shares a longer
+/// prefix with `prompt` than slot `target`'s own, and the length it shares
+/// (at most `prompt.len() - 1`: the last prompt token is always decoded);
+/// none when restoring it gains little.
 pub fn copy_source(slots: &[&[LlamaToken]], target: usize, prompt: &[LlamaToken]) -> Option<(usize, usize)> {
     let limit = prompt.len().saturating_sub(1);
     let own = common_prefix(slots[target], prompt).min(limit);

@@ -65,10 +65,10 @@ pub fn load_model(path: &Path) -> Result<LlamaModel, EngineError> {
         .map_err(|_| EngineError::ModelLoad { path: path.to_path_buf() })
 }
 
-/// Cells of a context's KV buffer: room for every slot's full sequence, plus
-/// the probe's one token.
+/// Cells of a context's KV cache: a stream of `n_ctx` cells for every
+/// sequence (the slots' and the probe's scratch one).
 fn context_cells(opts: &InstanceOptions) -> u32 {
-    opts.n_ctx.saturating_mul(opts.slots.max(1)).saturating_add(1)
+    opts.n_ctx.saturating_mul(Batcher::sequences(opts.slots.max(1) as usize))
 }
 
 fn context_params(opts: &InstanceOptions) -> LlamaContextParams {
@@ -79,12 +79,13 @@ fn context_params(opts: &InstanceOptions) -> LlamaContextParams {
         .with_n_ubatch(512.min(opts.n_ctx))
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
-        // One sequence per slot, as many for parked caches, one for the
-        // health probe. One unified buffer: sequences share a prefix by
-        // tagging its cells, and idle caches give their room to busy
-        // sequences when they need it.
+        // One sequence per slot and one for the health probe, each with a KV
+        // stream of its own: a sequence attends only to its own cells, so
+        // its cost and its greedy text do not depend on its neighbours in
+        // the batch (in one unified buffer they would: longer attention
+        // spans, and sums taken in another order).
         .with_n_seq_max(Batcher::sequences(opts.slots.max(1) as usize))
-        .with_kv_unified(true)
+        .with_kv_unified(false)
 }
 
 /// Estimated bytes of a context's KV cache: f16 K and V (llama.cpp's default
