@@ -83,7 +83,7 @@ async fn four_sequences_on_one_instance_stream_at_once_and_slots_are_counted_at_
 }
 
 #[actix::test]
-async fn greedy_text_batched_with_three_others_starts_as_it_does_alone() {
+async fn greedy_text_batched_with_three_others_equals_the_text_alone() {
     let alone_pool = start(slotted(1, 4, 4)).await;
     let mut alone = Vec::new();
     for p in PROMPTS {
@@ -92,26 +92,15 @@ async fn greedy_text_batched_with_three_others_starts_as_it_does_alone() {
     alone_pool.shutdown().await;
     let pool = start(slotted(1, 4, 4)).await;
     let batched = futures::future::join_all(PROMPTS.iter().map(|p| follow(&pool, p, 32))).await;
-    // A sequence must not see its neighbours in the batch: sampled from
-    // another's logits or decoded at a wrong position, its text would leave
-    // the topic at once. Its text can still differ from the text it gets
-    // alone at a near tie between two tokens ("ocean" or "sea" after "The
-    // waves of the"), which a 135M model meets often: in the one KV buffer
-    // that the slots share, a sequence's cells sit elsewhere when it is
-    // batched (interleaved with the others'), so the attention sums add the
-    // same terms in another order and round differently. So: every text
-    // starts as it does alone, and the count of identical ones is printed.
-    let mut identical = 0;
+    // Each sequence has a KV stream of its own, so batching changes nothing
+    // in its arithmetic: the weights' matrix products are computed row by
+    // row, and its attention covers only its own cells, in the same order.
+    // (In one KV buffer shared by all slots, 3 of these 4 texts differed:
+    // a batched sequence's cells sat elsewhere, so its attention sums added
+    // the same terms in another order and near ties went the other way.)
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
-        if a == &b.text {
-            identical += 1;
-            continue;
-        }
-        let shared = a.chars().zip(b.text.chars()).take_while(|(x, y)| x == y).count();
-        eprintln!("prompt {i}: alone and batched differ after {shared} characters:\n  {a:?}\n  {:?}", b.text);
-        assert!(shared >= 16, "prompt {i}: alone {a:?} vs batched {:?}", b.text);
+        assert_eq!(a, &b.text, "prompt {i}: alone vs batched");
     }
-    eprintln!("{identical} of 4 texts identical alone and batched");
     pool.shutdown().await;
 }
 
