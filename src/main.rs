@@ -43,7 +43,7 @@ struct GlobalArgs {
     #[arg(long, global = true, value_name = "N")]
     threads: Option<u32>,
     /// Tokens one sequence may hold (prompt + reply); each instance's KV
-    /// cache holds (slots + 1) × n_ctx.
+    /// cache holds slots × n_ctx.
     #[arg(long, global = true, value_name = "N")]
     n_ctx: Option<u32>,
     /// Directory for conversations and their vectors.

@@ -96,3 +96,24 @@ async fn a_conversation_whose_slot_was_taken_gets_its_parked_cache_back() {
     assert!(done_a2.usage.cached_tokens + 3 >= before, "A's turn 2 reused {} of {before}", done_a2.usage.cached_tokens);
     pool.shutdown().await;
 }
+
+#[actix::test]
+async fn health_probes_between_turns_leave_the_cache_as_it_was() {
+    // The probe decodes on an idle slot just after its cache, then removes
+    // that cell. (Its limit is the interval: it must outlast a step.)
+    let mut opts = slotted(1, 1, 4);
+    opts.health_interval = std::time::Duration::from_millis(700);
+    let pool = start(opts).await;
+    let first = vec![ChatMessage::user("What is the capital of France?")];
+    let (reply, done1) = pool.generate(request(first.clone(), 16)).await.unwrap().collect_text().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    let s = pool.status().await.unwrap();
+    assert_eq!((s.replaced, s.totals().failures), (0, 0), "{s}");
+    let mut second = first;
+    second.push(ChatMessage::assistant(reply));
+    second.push(ChatMessage::user("And of Italy?"));
+    let (_, done2) = pool.generate(request(second, 16)).await.unwrap().collect_text().await.unwrap();
+    let before = done1.usage.prompt_tokens + done1.usage.completion_tokens;
+    assert!(done2.usage.cached_tokens + 3 >= before, "reused {} of {before} after the probes", done2.usage.cached_tokens);
+    pool.shutdown().await;
+}

@@ -131,8 +131,6 @@ pub struct Batcher<'m> {
     /// another keeps its KV here, and its next turn restores it instead of
     /// reading its prompt again (as llama-server's prompt cache does).
     parked: ParkedCaches,
-    /// The health probe's sequence id: never one a slot uses.
-    scratch: i32,
     batch: LlamaBatch<'static>,
     /// Most prompt tokens decoded in one step, over all sequences.
     prefill_chunk: usize,
@@ -149,10 +147,10 @@ pub struct Batcher<'m> {
 }
 
 impl<'m> Batcher<'m> {
-    /// Sequences a context needs for `slots` slots: one each, and the
-    /// probe's scratch sequence.
+    /// Sequences a context needs for `slots` slots: one each (the probe
+    /// borrows an idle one).
     pub fn sequences(slots: usize) -> u32 {
-        slots as u32 + 1
+        slots as u32
     }
 
     /// `ctx` must have been created with [`Self::sequences`] sequences.
@@ -171,7 +169,6 @@ impl<'m> Batcher<'m> {
             template,
             slots: (0..slots).map(|_| Slot { cache: SlotCache::default(), run: None }).collect(),
             parked: ParkedCaches::new(PARKED_PER_SLOT * slots, PARKED_BYTES_PER_SLOT * slots),
-            scratch: slots as i32,
             batch: LlamaBatch::new(n_batch, 1),
             prefill_chunk: prefill_chunk.clamp(1, n_batch.saturating_sub(slots).max(1)),
             seq_ctx,
@@ -444,19 +441,28 @@ impl<'m> Batcher<'m> {
         }
     }
 
-    /// A cheap real health check between steps: decode one token on the
-    /// scratch sequence (no slot's cache is touched) and check the logits.
+    /// A cheap real health check between steps: decode one token on an idle
+    /// slot's sequence, just after what its cache holds, check the logits,
+    /// and remove that one cell again (the cache stays as it was). With every
+    /// slot busy, the steps themselves show that the context decodes.
     pub fn probe(&mut self) -> Result<(), EngineError> {
-        let scratch = Some(self.scratch as u32);
-        self.ctx.clear_kv_cache_seq(scratch, None, None).map_err(kv_err)?;
+        let Some(slot) = (0..self.slots.len())
+            .filter(|&i| self.slots[i].run.is_none() && self.slots[i].cache.tokens.len() < self.seq_ctx as usize)
+            .min_by_key(|&i| self.slots[i].cache.tokens.len())
+        else {
+            return Ok(());
+        };
+        let (seq, pos) = (slot as i32, self.slots[slot].cache.tokens.len());
         let mut batch = LlamaBatch::new(1, 1);
         let token = self.model.vocab().bos();
         let token = if token.0 < 0 { LlamaToken(0) } else { token };
-        batch.add(token, 0, &[self.scratch], true).map_err(kv_err)?;
+        batch.add(token, pos as i32, &[seq], true).map_err(kv_err)?;
         self.fault.fire()?;
-        self.ctx.decode(&mut batch).map_err(kv_err)?;
-        let ok = self.ctx.get_logits_ith(0).iter().take(64).all(|x| x.is_finite());
-        self.ctx.clear_kv_cache_seq(scratch, None, None).map_err(kv_err)?;
+        let decoded = self.ctx.decode(&mut batch).map_err(kv_err);
+        let ok = decoded.is_ok() && self.ctx.get_logits_ith(0).iter().take(64).all(|x| x.is_finite());
+        // Whatever happened, the cell after the cached tokens goes again.
+        self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(pos as u32), None).map_err(kv_err)?;
+        decoded?;
         if ok {
             Ok(())
         } else {

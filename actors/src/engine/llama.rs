@@ -65,8 +65,7 @@ pub fn load_model(path: &Path) -> Result<LlamaModel, EngineError> {
         .map_err(|_| EngineError::ModelLoad { path: path.to_path_buf() })
 }
 
-/// Cells of a context's KV cache: a stream of `n_ctx` cells for every
-/// sequence (the slots' and the probe's scratch one).
+/// Cells of a context's KV cache: a stream of `n_ctx` cells for every slot.
 fn context_cells(opts: &InstanceOptions) -> u32 {
     opts.n_ctx.saturating_mul(Batcher::sequences(opts.slots.max(1) as usize))
 }
@@ -79,8 +78,7 @@ fn context_params(opts: &InstanceOptions) -> LlamaContextParams {
         .with_n_ubatch(512.min(opts.n_ctx))
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
-        // One sequence per slot and one for the health probe, each with a KV
-        // stream of its own: a sequence attends only to its own cells, so
+        // One sequence per slot, each with a KV stream of its own: a sequence attends only to its own cells, so
         // its cost and its greedy text do not depend on its neighbours in
         // the batch (in one unified buffer they would: longer attention
         // spans, and sums taken in another order).

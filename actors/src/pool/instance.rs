@@ -31,7 +31,7 @@ pub struct Generate {
 #[rtype(result = "()")]
 pub struct CancelSlot(pub usize);
 
-/// Health probe: a cheap real decode on a scratch sequence, between steps.
+/// Health probe: a cheap real decode between steps, on an idle slot's sequence (its cache is kept).
 #[derive(Message)]
 #[rtype(result = "Result<(), EngineError>")]
 pub struct Probe;

@@ -96,7 +96,7 @@ fn fault_replaces_and_stale_release_is_ignored() {
 fn probes_go_to_busy_instances_too_and_a_failed_probe_asks_replacement() {
     let mut p = ready_pool(2, 0);
     let (busy, lease) = granted(p.admit(None));
-    // The probe runs between steps on a scratch sequence: busy or not, and
+    // The probe runs between steps, on an idle slot's sequence: busy or not, and
     // without taking a slot away from requests.
     assert_eq!(p.begin_probes(), vec![0, 1]);
     assert!(p.begin_probes().is_empty(), "one probe out per instance");
