@@ -6,7 +6,7 @@
 //!
 //!   cargo bench --bench load            (scripts/bench.sh does the set-up first)
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 
