@@ -74,33 +74,13 @@ fn start_llama_server(model: &str, threads: usize) -> (LlamaServer, String) {
     let mut child = LlamaServer(child);
     let stderr = child.0.stderr.take().unwrap();
     std::thread::spawn(move || for _ in BufReader::new(stderr).lines().map_while(Result::ok) {});
-    let base = format!("http://127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{port}");
     let started = Instant::now();
-    loop {
-        if let Ok(r) = reqwest::blocking_get(&format!("{base}/health")) {
-            if r {
-                break;
-            }
-        }
+    while !server::answers_200(&addr, "/health") {
         assert!(started.elapsed() < Duration::from_secs(120), "llama-server did not become ready");
         std::thread::sleep(Duration::from_millis(100));
     }
-    (child, base)
-}
-
-mod reqwest {
-    pub use ::reqwest::*;
-    /// True when GET `url` answers 200 (a tiny blocking probe without a runtime).
-    pub fn blocking_get(url: &str) -> std::io::Result<bool> {
-        use std::io::{Read, Write};
-        let rest = url.trim_start_matches("http://");
-        let (addr, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
-        let mut s = std::net::TcpStream::connect(addr)?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-        let mut r = String::new();
-        s.read_to_string(&mut r)?;
-        Ok(r.starts_with("HTTP/1.1 200"))
-    }
+    (child, format!("http://{addr}"))
 }
 
 #[derive(Clone, Debug, Default)]
@@ -183,7 +163,8 @@ async fn complete(client: &reqwest::Client, base: &str, messages: &[Value], max_
 
 /// A `/chat` turn (memory on), streamed; TTFT at the client, as above.
 async fn chat_turn(client: &reqwest::Client, base: &str, id: &mut Option<String>, message: &str) -> Sample {
-    let mut body = json!({ "message": message, "max_tokens": 64, "temperature": 0, "repeat_penalty": 1.0, "stream": true });
+    let mut body =
+        json!({ "message": message, "max_tokens": 64, "temperature": 0, "repeat_penalty": 1.0, "stream": true });
     if let Some(id) = id.as_ref() {
         body["conversation_id"] = json!(id);
     }
@@ -348,7 +329,8 @@ async fn main() {
         let ls;
         let base = if target == "modelpool" {
             // llama-server queues without a limit: so does modelpool here.
-            let env = [("MODELPOOL_SLOTS", "4"), ("MODELPOOL_THREADS", "0"), ("MODELPOOL_ACQUIRE_TIMEOUT_MS", "600000")];
+            let env =
+                [("MODELPOOL_SLOTS", "4"), ("MODELPOOL_THREADS", "0"), ("MODELPOOL_ACQUIRE_TIMEOUT_MS", "600000")];
             mp = server::start(1, N_CTX, data.path(), &env);
             mp.1.clone()
         } else {
@@ -392,7 +374,10 @@ async fn main() {
     println!("(ratio pooled / llama-server TTFT: {:.2}×)\n", sequential[0].0 / sequential[1].0);
 
     println!("throughput, max_tokens 128 (aggregate completion tokens/s; ms at p50/p90)");
-    println!("{:>8} {:>13} {:>8} {:>17} {:>17} {:>8}", "clients", "server", "tok/s", "TTFT p50/p90", "total p50/p90", "ratio");
+    println!(
+        "{:>8} {:>13} {:>8} {:>17} {:>17} {:>8}",
+        "clients", "server", "tok/s", "TTFT p50/p90", "total p50/p90", "ratio"
+    );
     for (k, (clients, _)) in levels.iter().enumerate() {
         for (i, name) in targets.iter().enumerate() {
             let t = &tp[i][k];
@@ -408,7 +393,10 @@ async fn main() {
     println!("multi-turn, history resent each turn, max_tokens 64: TTFT p50 ms (cached prompt tokens p50)");
     for (k, conversations) in [4, 8].iter().enumerate() {
         println!("{conversations} conversations at once");
-        println!("{:>6} {:>20} {:>20} {:>20} {:>8}", "turn", "modelpool /v1", "llama-server", "modelpool /chat", "ratio");
+        println!(
+            "{:>6} {:>20} {:>20} {:>20} {:>8}",
+            "turn", "modelpool /v1", "llama-server", "modelpool /chat", "ratio"
+        );
         for t in 0..TURNS {
             let (a, ac) = turns[0][k][t];
             let (b, bc) = turns[1][k][t];

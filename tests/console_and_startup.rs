@@ -54,7 +54,9 @@ fn console_answers_and_shows_pool_status() {
         assert!(stderr.contains(&format!("Instance {i}/3 ready")), "{stderr}");
     }
     assert!(
-        stdout.contains("Pool Status:") && stdout.contains("Available: 12/12 slots on 3 instances") && stdout.contains("In Use: 0"),
+        stdout.contains("Pool Status:")
+            && stdout.contains("Available: 12/12 slots on 3 instances")
+            && stdout.contains("In Use: 0"),
         "{stdout}"
     );
     let answer = stdout.split("> ").nth(2).unwrap_or("");

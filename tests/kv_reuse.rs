@@ -114,6 +114,10 @@ async fn health_probes_between_turns_leave_the_cache_as_it_was() {
     second.push(ChatMessage::user("And of Italy?"));
     let (_, done2) = pool.generate(request(second, 16)).await.unwrap().collect_text().await.unwrap();
     let before = done1.usage.prompt_tokens + done1.usage.completion_tokens;
-    assert!(done2.usage.cached_tokens + 3 >= before, "reused {} of {before} after the probes", done2.usage.cached_tokens);
+    assert!(
+        done2.usage.cached_tokens + 3 >= before,
+        "reused {} of {before} after the probes",
+        done2.usage.cached_tokens
+    );
     pool.shutdown().await;
 }

@@ -20,10 +20,10 @@ pub use engine::llama::{LlamaEngine, PerRequestEngine};
 pub use engine::Fault;
 pub use engine::{Engine, EngineInfo, InstanceInfo, InstanceOptions};
 pub use error::{EngineError, PoolError};
-pub use pool::lease::{GenEvent, GenerationStream, Lease};
 pub use memory::{Conversation, ConversationId, Durability, EmbedderHandle, Recalled, StoredMessage};
 pub use params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, SamplingParams, Usage};
 pub use pool::handle::PoolHandle;
+pub use pool::lease::{GenEvent, GenerationStream, Lease};
 pub use pool::manager::{LoadEvent, PoolOptions, ProgressFn};
 pub use pool::state::{InstanceState, InstanceStats, InstanceStatus, PoolStatus};
 

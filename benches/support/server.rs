@@ -1,4 +1,5 @@
 //! A real `modelpool serve` process for the benchmarks, killed on drop.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -46,17 +47,19 @@ pub fn start(instances: usize, n_ctx: u32, data: &std::path::Path, env: &[(&str,
     // Listening starts before the model is loaded: wait for /health to say 200.
     let addr = base.trim_start_matches("http://").to_string();
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(60) {
-        use std::io::{Read, Write};
-        if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
-            let _ = write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-            let mut r = String::new();
-            let _ = s.read_to_string(&mut r);
-            if r.starts_with("HTTP/1.1 200") {
-                break;
-            }
-        }
+    while started.elapsed() < Duration::from_secs(60) && !answers_200(&addr, "/health") {
         std::thread::sleep(Duration::from_millis(20));
     }
     Server(child, base)
+}
+
+/// True when `GET path` on `addr` (host:port) answers 200: a tiny blocking
+/// probe that needs no runtime.
+pub fn answers_200(addr: &str, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut r = String::new();
+    let _ = s.read_to_string(&mut r);
+    r.starts_with("HTTP/1.1 200")
 }

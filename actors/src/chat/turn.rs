@@ -11,13 +11,13 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::chat::actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
-use crate::pool::lease::GenEvent;
 use crate::memory::index::{Hit, Scope, VectorIndex};
 use crate::memory::prompt_builder::{build_prompt, BuiltPrompt, PromptBudget, Recalled};
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, StoredMessage};
 use crate::memory::EmbedderHandle;
 use crate::params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, Usage};
 use crate::pool::handle::PoolHandle;
+use crate::pool::lease::GenEvent;
 
 /// Shared state of the chat layer, used by the actor's futures.
 pub(crate) struct ChatCore {

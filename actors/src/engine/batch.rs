@@ -14,55 +14,15 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::{DecodeError, LlamaStateSeqFlags};
 
 use super::fault::FaultSlot;
+use super::kv_cache::{restore_source, Parked, ParkedCaches, SlotCache};
+use super::prompt::{tokenize_chat, ChatTemplate};
+use super::sampling::{build_sampler, check_fits};
+use super::text::TextStream;
 #[cfg(feature = "fault-injection")]
 use super::Fault;
-use super::kv_cache::{copy_source, Parked, ParkedCaches, SlotCache};
-use super::prompt::{tokenize_chat, ChatTemplate};
-use super::text::TextStream;
 use super::{SeqEvent, SeqSink};
 use crate::error::EngineError;
-use crate::params::{Completion, FinishReason, GenerateRequest, SamplingParams, Usage};
-
-/// Builds the sampler chain; temperature 0 is greedy.
-pub fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
-    let mut chain = Vec::new();
-    let penalised = p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
-    if penalised && p.repeat_last_n > 0 {
-        chain.push(LlamaSampler::penalties(
-            model.n_vocab(),
-            p.repeat_last_n,
-            p.repeat_penalty,
-            p.frequency_penalty,
-            p.presence_penalty,
-        ));
-    }
-    if p.temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
-    } else {
-        if p.top_k > 0 {
-            chain.push(LlamaSampler::top_k(p.top_k));
-        }
-        chain.push(LlamaSampler::top_p(p.top_p, 1));
-        if p.min_p > 0.0 {
-            chain.push(LlamaSampler::min_p(p.min_p, 1));
-        }
-        chain.push(LlamaSampler::temp(p.temperature));
-        let seed = p.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
-        });
-        chain.push(LlamaSampler::dist(seed));
-    }
-    LlamaSampler::chain_simple(chain)
-}
-
-/// Checks that the prompt plus the requested tokens fit in one sequence.
-pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(), EngineError> {
-    let total = prompt_tokens.saturating_add(max_tokens);
-    if total > n_ctx {
-        return Err(EngineError::PromptTooLong { prompt_tokens, max_tokens, total, n_ctx });
-    }
-    Ok(())
-}
+use crate::params::{Completion, FinishReason, GenerateRequest, Usage};
 
 /// Parked caches per slot. More conversations than slots take turns on the
 /// slots: with 8 conversations on 4 slots, 8 parkings happen before a
@@ -226,7 +186,11 @@ impl<'m> Batcher<'m> {
         request.sampling.validate()?;
         let prompt = tokenize_chat(self.model, &self.template, &request.messages)?;
         if prompt.is_empty() {
-            return Err(EngineError::InvalidParam { field: "messages", rule: "must render to a prompt", value: "[]".into() });
+            return Err(EngineError::InvalidParam {
+                field: "messages",
+                rule: "must render to a prompt",
+                value: "[]".into(),
+            });
         }
         check_fits(prompt.len() as u32, request.sampling.max_tokens, self.seq_ctx)?;
         let seq = slot as i32;
@@ -244,7 +208,7 @@ impl<'m> Batcher<'m> {
             .map(|s| s.cache.tokens.as_slice())
             .chain(self.parked.iter().map(|p| p.tokens.as_slice()))
             .collect();
-        if let Some((src, _)) = copy_source(&held, slot, &prompt) {
+        if let Some((src, _)) = restore_source(&held, slot, &prompt) {
             let n = self.slots.len();
             let (state, tokens) = if src < n {
                 let state = self.ctx.state_seq_get(src as i32, LlamaStateSeqFlags::empty()).map_err(kv_err)?;

@@ -77,13 +77,13 @@ pub fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
 }
 
 /// Fewer extra tokens than this are decoded rather than restored.
-const MIN_COPY_GAIN: usize = 16;
+const MIN_RESTORE_GAIN: usize = 16;
 
 /// The other cache (slots first, then parked ones) that shares a longer
 /// prefix with `prompt` than slot `target`'s own, and the length it shares
 /// (at most `prompt.len() - 1`: the last prompt token is always decoded);
 /// none when restoring it gains little.
-pub fn copy_source(slots: &[&[LlamaToken]], target: usize, prompt: &[LlamaToken]) -> Option<(usize, usize)> {
+pub fn restore_source(slots: &[&[LlamaToken]], target: usize, prompt: &[LlamaToken]) -> Option<(usize, usize)> {
     let limit = prompt.len().saturating_sub(1);
     let own = common_prefix(slots[target], prompt).min(limit);
     let (src, len) = slots
@@ -92,7 +92,7 @@ pub fn copy_source(slots: &[&[LlamaToken]], target: usize, prompt: &[LlamaToken]
         .filter(|(i, _)| *i != target)
         .map(|(i, t)| (i, common_prefix(t, prompt).min(limit)))
         .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))?;
-    (len >= own + MIN_COPY_GAIN).then_some((src, len))
+    (len >= own + MIN_RESTORE_GAIN).then_some((src, len))
 }
 
 #[cfg(test)]
@@ -104,21 +104,21 @@ mod tests {
     }
 
     #[test]
-    fn a_longer_prefix_in_another_slot_is_copied_a_short_one_is_not() {
+    fn a_longer_prefix_in_another_cache_is_restored_a_short_one_is_not() {
         let system = toks(0..40);
         let conv_a: Vec<_> = system.iter().copied().chain(toks(100..130)).collect();
         let empty = Vec::new();
         // Slot 1 holds the shared system prompt and conversation A; slot 0 is empty.
         let slots = [empty.as_slice(), conv_a.as_slice()];
         let prompt_b: Vec<_> = system.iter().copied().chain(toks(200..210)).collect();
-        assert_eq!(copy_source(&slots, 0, &prompt_b), Some((1, 40)));
+        assert_eq!(restore_source(&slots, 0, &prompt_b), Some((1, 40)));
         // A's next turn placed on slot 0 copies all of A.
         let next_a: Vec<_> = conv_a.iter().copied().chain(toks(300..305)).collect();
-        assert_eq!(copy_source(&slots, 0, &next_a), Some((1, conv_a.len())));
+        assert_eq!(restore_source(&slots, 0, &next_a), Some((1, conv_a.len())));
         // A prompt equal to the cache keeps its last token to decode.
-        assert_eq!(copy_source(&slots, 0, &conv_a), Some((1, conv_a.len() - 1)));
+        assert_eq!(restore_source(&slots, 0, &conv_a), Some((1, conv_a.len() - 1)));
         // Too little to gain, or the slot already holds it: no copy.
-        assert_eq!(copy_source(&slots, 0, &toks(0..10)), None);
-        assert_eq!(copy_source(&slots, 1, &next_a), None);
+        assert_eq!(restore_source(&slots, 0, &toks(0..10)), None);
+        assert_eq!(restore_source(&slots, 1, &next_a), None);
     }
 }

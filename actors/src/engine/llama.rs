@@ -283,9 +283,8 @@ impl PerRequestInstance {
             batcher.inject_fault(f);
         }
         batcher.start(0, request, started, sink.clone());
-        while batcher.active() > 0 {
-            batcher.step()?;
-        }
+        // A failed step has already told the sequence; nothing more to send.
+        while batcher.active() > 0 && batcher.step().is_ok() {}
         Ok(())
     }
 }

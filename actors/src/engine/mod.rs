@@ -8,6 +8,7 @@ pub mod fault;
 pub mod kv_cache;
 pub mod llama;
 pub mod prompt;
+pub mod sampling;
 pub mod step_loop;
 pub mod text;
 

@@ -147,7 +147,11 @@ impl Metrics {
         registry.register(QUEUE_DEPTH, "Requests waiting for a sequence slot", m.queue_depth.clone());
         registry.register(INSTANCE_REQUESTS, "Requests served per instance", m.instance_requests.clone());
         registry.register(INSTANCE_TOKENS, "Tokens generated per instance", m.instance_tokens.clone());
-        registry.register(INSTANCE_BUSY, "Seconds during which at least one slot of each instance was leased", m.instance_busy.clone());
+        registry.register(
+            INSTANCE_BUSY,
+            "Seconds during which at least one slot of each instance was leased",
+            m.instance_busy.clone(),
+        );
         registry.register(INSTANCE_FAILURES, "Failures per instance", m.instance_failures.clone());
         registry.register(INSTANCE_REPLACEMENTS, "Times each instance was replaced", m.instance_replacements.clone());
         registry.register(

@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use super::disconnect::unless_client_gone;
 use super::{sse_response, unix_now, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat::turn::affinity_key;
-use crate::pool::lease::GenEvent;
 use crate::params::{ChatMessage, FinishReason, GenerateRequest, Role, Usage};
+use crate::pool::lease::GenEvent;
 
 /// `content` as a string or as an array of `{"type": "text", "text": ...}` parts.
 #[derive(Deserialize)]

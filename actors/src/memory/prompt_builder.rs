@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use crate::engine::batch::check_fits;
+use crate::engine::sampling::check_fits;
 use crate::error::EngineError;
 use crate::params::{ChatMessage, Role};
 

@@ -7,13 +7,13 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::engine::batch::check_fits;
+use crate::engine::sampling::check_fits;
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
 use crate::engine::{Engine, EngineInfo, InstanceInfo};
 use crate::error::{EngineError, PoolError};
-use crate::pool::lease::{GenerationStream, Lease};
 use crate::params::GenerateRequest;
+use crate::pool::lease::{GenerationStream, Lease};
 #[cfg(feature = "fault-injection")]
 use crate::pool::manager::InjectInto;
 use crate::pool::manager::{

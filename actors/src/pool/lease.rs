@@ -12,8 +12,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::engine::SeqEvent;
 use crate::error::{EngineError, PoolError};
-use crate::pool::instance::{CancelSlot, Generate, ModelActor};
 use crate::params::{Completion, GenerateRequest};
+use crate::pool::instance::{CancelSlot, Generate, ModelActor};
 use crate::pool::manager::{PoolManager, Release};
 use crate::pool::state::{LeaseId, Outcome};
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use crate::engine::step_loop::{self, LoopSender};
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
-use crate::engine::step_loop::{self, LoopSender};
 use crate::engine::{Engine, InstanceInfo, InstanceOptions};
 use crate::error::{EngineError, PoolError};
 #[cfg(feature = "fault-injection")]
@@ -46,7 +46,6 @@ pub enum LoadEvent {
 }
 
 pub type ProgressFn = Arc<dyn Fn(LoadEvent) + Send + Sync>;
-
 
 pub struct PoolManager {
     state: PoolState,

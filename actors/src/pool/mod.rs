@@ -1,4 +1,4 @@
-//! The pool: its decisions as a plain struct (`state`), the manager actor that
+//! The pool: its decisions as a plain struct (`state`), what it reports (`status`), the manager actor that
 //! drives them, one actor per instance (the handle of its step-loop thread),
 //! the lease guard, and the handle callers use.
 
@@ -7,3 +7,4 @@ pub mod instance;
 pub mod lease;
 pub mod manager;
 pub mod state;
+pub mod status;

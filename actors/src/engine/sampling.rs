@@ -1,0 +1,49 @@
+//! A request's sampler chain, and the check that its prompt and reply fit
+//! in one sequence.
+
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+
+use crate::error::EngineError;
+use crate::params::SamplingParams;
+
+/// Builds the sampler chain; temperature 0 is greedy.
+pub fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
+    let mut chain = Vec::new();
+    let penalised = p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+    if penalised && p.repeat_last_n > 0 {
+        chain.push(LlamaSampler::penalties(
+            model.n_vocab(),
+            p.repeat_last_n,
+            p.repeat_penalty,
+            p.frequency_penalty,
+            p.presence_penalty,
+        ));
+    }
+    if p.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if p.top_k > 0 {
+            chain.push(LlamaSampler::top_k(p.top_k));
+        }
+        chain.push(LlamaSampler::top_p(p.top_p, 1));
+        if p.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(p.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(p.temperature));
+        let seed = p.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+        });
+        chain.push(LlamaSampler::dist(seed));
+    }
+    LlamaSampler::chain_simple(chain)
+}
+
+/// Checks that the prompt plus the requested tokens fit in one sequence.
+pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(), EngineError> {
+    let total = prompt_tokens.saturating_add(max_tokens);
+    if total > n_ctx {
+        return Err(EngineError::PromptTooLong { prompt_tokens, max_tokens, total, n_ctx });
+    }
+    Ok(())
+}
