@@ -38,6 +38,7 @@ fn opts(instances: usize, threads: u32) -> PoolOptions {
         max_generation: Duration::from_secs(600),
         health_interval: Duration::ZERO,
         instance: InstanceOptions::single(1024, threads),
+        remotes: Vec::new(),
     }
 }
 

@@ -66,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         max_generation: Duration::from_secs(120),
         health_interval: Duration::from_secs(30),
         instance: InstanceOptions { slots: 4, ..InstanceOptions::single(2048, 2) },
+        remotes: Vec::new(),
     };
     let pool = PoolHandle::start(engine, opts, Arc::new(|e: LoadEvent| eprintln!("{e:?}"))).await?;
     let embedder = EmbedderHandle::start(&embed, 1).await?;

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on the real models: set-up first (system packages,
-# models), then every test of the workspace in the release profile (the same
+# models, llama.cpp's llama-server for the remote-instance tests), then every test of the workspace in the release profile (the same
 # build of llama.cpp as `serve`, so it is compiled once).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 . scripts/env.sh
-scripts/setup.sh
+# The remote-instance tests run real llama-server processes: built once
+# into the cache (~13 min on 2 cores the first time), then only checked.
+scripts/setup.sh --with-llama-server
+MODELPOOL_LLAMA_SERVER="$(scripts/setup.sh --llama-server-path)"
+export MODELPOOL_LLAMA_SERVER
 echo "[test] building and running the tests (first build compiles llama.cpp: ~10 min on 2 cores)" >&2
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use modelpool_actors::engine::remote::RemoteSpec;
 use modelpool_actors::{ChatOptions, Durability, InstanceOptions, PoolOptions, SamplingParams};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -16,7 +17,8 @@ pub const PROFILES: &[(&str, &str)] = &[
     ("large", include_str!("../config/large.toml")),
 ];
 /// Environment variables with the prefix that are not config keys.
-const NOT_KEYS: &[&str] = &["CONFIG", "PROFILE", "MODELS_DIR", "VENV", "LOG", "TEST_MODEL", "TEST_EMBED_MODEL"];
+const NOT_KEYS: &[&str] =
+    &["CONFIG", "PROFILE", "MODELS_DIR", "VENV", "LOG", "TEST_MODEL", "TEST_EMBED_MODEL", "REMOTES", "LLAMA_SERVER"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -58,6 +60,50 @@ pub struct ChatConfig {
     pub embed_timeout_ms: u64,
 }
 
+/// One remote `llama-server` in the pool (`[[remote]]` in a config file).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// Base URL, e.g. "http://10.0.0.5:8080".
+    pub url: String,
+    /// Its `--api-key`, if it has one.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Slots to use; default: all of them (its `/props` `total_slots`).
+    #[serde(default)]
+    pub slots: Option<usize>,
+    /// Longest wait for its answer to start and between two streamed tokens.
+    #[serde(default = "default_remote_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The model file it must serve; default: the pool's `model`.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+fn default_remote_timeout_ms() -> u64 {
+    30_000
+}
+
+impl RemoteConfig {
+    /// A remote at `url` with the defaults.
+    pub fn at(url: &str) -> Self {
+        Self { url: url.to_string(), api_key: None, slots: None, timeout_ms: default_remote_timeout_ms(), model: None }
+    }
+}
+
+// The key never reaches a log through Debug.
+impl std::fmt::Debug for RemoteConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteConfig")
+            .field("url", &modelpool_actors::engine::remote::display_url(&self.url))
+            .field("api_key", &self.api_key.as_ref().map(|_| "…"))
+            .field("slots", &self.slots)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
 /// Every setting of modelpool; see config/default.toml for the documentation of each key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +125,9 @@ pub struct Config {
     pub sampling: SamplingParams,
     pub server: ServerConfig,
     pub chat: ChatConfig,
+    /// Remote llama-server instances, pool members beside the local ones.
+    #[serde(default)]
+    pub remote: Vec<RemoteConfig>,
 }
 
 /// Values given on the command line; `None` leaves the layer below in force.
@@ -94,6 +143,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub bind: Option<String>,
     pub per_request: bool,
+    /// `--remote URL`, added to the config's `[[remote]]` entries.
+    pub remotes: Vec<String>,
 }
 
 fn parse_table(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
@@ -178,6 +229,13 @@ impl Config {
     }
 
     pub fn load_with_env(o: &Overrides, env: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = env.collect();
+        let env_remotes: Vec<String> = env
+            .iter()
+            .find(|(k, _)| k == "MODELPOOL_REMOTES")
+            .map(|(_, v)| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+            .unwrap_or_default();
+        let env = env.into_iter();
         let mut table = parse_table(DEFAULT, "config/default.toml")?;
         if let Some(name) = &o.profile {
             let (_, text) = PROFILES.iter().find(|(n, _)| n == name).ok_or_else(|| ConfigError::UnknownProfile {
@@ -219,6 +277,7 @@ impl Config {
             cfg.server.bind = v.clone();
         }
         cfg.per_request |= o.per_request;
+        cfg.remote.extend(env_remotes.iter().chain(&o.remotes).map(|u| RemoteConfig::at(u)));
         cfg.model = expand(&cfg.model);
         cfg.embedding_model = expand(&cfg.embedding_model);
         cfg.data_dir = expand(&cfg.data_dir);
@@ -228,8 +287,32 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
-        if self.instances == 0 {
-            return invalid("instances", "must be at least 1, got 0".into());
+        if self.instances == 0 && self.remote.is_empty() {
+            return invalid("instances", "must be at least 1 when no [[remote]] is configured, got 0".into());
+        }
+        if self.instances == 0 && self.per_request {
+            return invalid("per_request", "needs at least one local instance (instances = 0)".into());
+        }
+        for (i, r) in self.remote.iter().enumerate() {
+            let shown = modelpool_actors::engine::remote::display_url(&r.url);
+            match modelpool_actors::engine::remote::is_http_url(&r.url) {
+                true => {}
+                false => {
+                    return invalid(
+                        "remote.url",
+                        format!(
+                            "remote {} must be an http:// or https:// URL such as http://10.0.0.5:8080, got {shown}",
+                            i + 1
+                        ),
+                    )
+                }
+            }
+            if r.timeout_ms == 0 {
+                return invalid("remote.timeout_ms", format!("must be at least 1 (remote {shown}), got 0"));
+            }
+            if r.slots == Some(0) {
+                return invalid("remote.slots", format!("must be at least 1 (remote {shown}), got 0"));
+            }
         }
         // llama.cpp takes at most 256 sequences per context: each slot uses 4
         // (its own and 3 parked caches), plus the probe's.
@@ -369,6 +452,17 @@ impl Config {
                 slots: if self.per_request { 1 } else { self.slots },
                 prefill_chunk: self.prefill_chunk,
             },
+            remotes: self
+                .remote
+                .iter()
+                .map(|r| RemoteSpec {
+                    url: r.url.clone(),
+                    api_key: r.api_key.clone(),
+                    slots: r.slots,
+                    timeout: Duration::from_millis(r.timeout_ms),
+                    model: r.model.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -409,6 +503,42 @@ mod tests {
         .unwrap();
         assert_eq!(c.server.api_keys, vec!["a", "b"]);
         assert_eq!(c.chat.durability, Durability::Async);
+    }
+
+    #[test]
+    fn remotes_come_from_the_file_the_environment_and_flags() {
+        let dir = tempfile_dir();
+        let file = dir.join("remotes.toml");
+        std::fs::write(
+            &file,
+            "instances = 0\n[[remote]]\nurl = \"http://10.0.0.5:8080\"\napi_key = \"s3cret\"\nslots = 2\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            config: Some(file.clone()),
+            remotes: vec!["http://10.0.0.7:8080".into()],
+            ..Default::default()
+        };
+        let c = load(&o, &[("MODELPOOL_REMOTES", "http://10.0.0.6:8080")]).unwrap();
+        let urls: Vec<&str> = c.remote.iter().map(|r| r.url.as_str()).collect();
+        assert_eq!(urls, ["http://10.0.0.5:8080", "http://10.0.0.6:8080", "http://10.0.0.7:8080"]);
+        assert_eq!((c.instances, c.remote[0].slots, c.remote[1].timeout_ms), (0, Some(2), 30_000));
+        assert!(!format!("{:?}", c.remote[0]).contains("s3cret"), "the key never reaches a log");
+        let opts = c.pool_options();
+        assert_eq!((opts.members(), opts.remotes[0].api_key.as_deref()), (3, Some("s3cret")));
+
+        let err = load(&Overrides { instances: Some(0), ..Default::default() }, &[]).unwrap_err().to_string();
+        assert!(err.contains("instances") && err.contains("[[remote]]"), "{err}");
+        let bad = Overrides { remotes: vec!["10.0.0.5:8080".into()], ..Default::default() };
+        let err = load(&bad, &[]).unwrap_err().to_string();
+        assert!(err.contains("remote.url") && err.contains("http://"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("modelpool-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

@@ -52,6 +52,10 @@ struct GlobalArgs {
     /// Load the model for every request instead of pooling (comparison mode).
     #[arg(long, global = true)]
     per_request: bool,
+    /// A remote llama-server (URL) to add to the pool; repeatable. With
+    /// `--instances 0` the pool has no local model instance.
+    #[arg(long = "remote", global = true, value_name = "URL")]
+    remotes: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         data_dir: g.data_dir,
         bind,
         per_request: g.per_request,
+        remotes: g.remotes,
     };
     let cfg = match Config::load(&overrides) {
         Ok(c) => c,

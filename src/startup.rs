@@ -29,19 +29,29 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
     bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(100));
     bar.set_message(format!("Loading model weights from {}…", cfg.model.display()));
-    let engine: Arc<dyn Engine> =
-        if cfg.per_request { PerRequestEngine::load(&cfg.model)? } else { LlamaEngine::load(&cfg.model)? };
+    let engine: Arc<dyn Engine> = if cfg.per_request {
+        PerRequestEngine::load(&cfg.model)?
+    } else if cfg.instances == 0 {
+        // Every instance is remote: only the tokenizer and template are needed here.
+        LlamaEngine::load_tokenizer(&cfg.model)?
+    } else {
+        LlamaEngine::load(&cfg.model)?
+    };
     let info = engine.info();
     let rss_weights = modelpool_actors::rss_bytes().unwrap_or(0);
-    say(
-        &bar,
-        format!(
-            "Model {} loaded: weights {:.1} MiB (shared by all instances), trained context {} tokens",
-            info.model_name,
-            mib(info.weights_bytes),
-            info.n_ctx_train
-        ),
-    );
+    if cfg.instances == 0 {
+        say(&bar, format!("Tokenizer of {} loaded (no local instance: every instance is remote)", info.model_name));
+    } else {
+        say(
+            &bar,
+            format!(
+                "Model {} loaded: weights {:.1} MiB (shared by all instances), trained context {} tokens",
+                info.model_name,
+                mib(info.weights_bytes),
+                info.n_ctx_train
+            ),
+        );
+    }
 
     let opts = cfg.pool_options();
     let threads = opts.instance.n_threads;
@@ -54,6 +64,19 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
             }
             progress_bar.set_message(line);
         }
+        LoadEvent::Loaded { index, total, info, millis } if info.endpoint.is_some() => say(
+            &progress_bar,
+            format!(
+                "Instance {index}/{total} is remote {}: connected in {millis} ms",
+                info.endpoint.as_deref().unwrap_or_default()
+            ),
+        ),
+        LoadEvent::Unreachable { index, total, error } => say(
+            &progress_bar,
+            format!(
+                "Instance {index}/{total} is not reachable ({error}); starting without it and retrying with back-off"
+            ),
+        ),
         LoadEvent::Loaded { index, total, info, millis } => {
             say(
                 &progress_bar,
@@ -74,8 +97,9 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
         rss_per_instance = rss_after.saturating_sub(rss_weights) / cfg.instances.max(1) as u64,
         "memory"
     );
+    let remotes = if cfg.remote.is_empty() { String::new() } else { format!(" + {} remote", cfg.remote.len()) };
     eprintln!(
-        "Pool ready: {} instance(s) × {} thread(s), n_ctx {}; resident memory {:.0} MiB",
+        "Pool ready: {} instance(s) × {} thread(s){remotes}, n_ctx {}; resident memory {:.0} MiB",
         cfg.instances,
         threads,
         cfg.n_ctx,

@@ -57,7 +57,7 @@ impl InstanceBackend for FakeInstance {
         Ok(())
     }
     fn info(&self) -> InstanceInfo {
-        InstanceInfo { weights_addr: 1, kv_bytes_estimate: 0 }
+        InstanceInfo { weights_addr: 1, kv_bytes_estimate: 0, endpoint: None }
     }
     fn inject_fault(&mut self, fault: Fault) {
         self.fault = Some(fault);
@@ -90,6 +90,7 @@ fn opts(n: usize) -> PoolOptions {
         max_generation: Duration::from_secs(5),
         health_interval: Duration::ZERO,
         instance: InstanceOptions::single(1024, 1),
+        remotes: Vec::new(),
     }
 }
 

@@ -25,13 +25,29 @@ pub enum EngineError {
     Embed(String),
     #[error("input[{index}] is {tokens} tokens, more than the embedding model's limit of {limit} tokens")]
     InputTooLong { index: usize, tokens: usize, limit: usize },
+    /// A remote instance failed (unreachable, silent, a 5xx, a broken stream):
+    /// it is marked unhealthy and reconnected with back-off.
+    #[error("{0}")]
+    Remote(String),
+    /// A remote instance refused one request (a 4xx); the remote is fine.
+    #[error("{0}")]
+    RemoteRejected(String),
+    /// A remote serves another model than the pool's: a start-up error.
+    #[error("{0}")]
+    RemoteModel(String),
+    /// A remote instance could not be set up here (bad URL, no runtime).
+    #[error("{0}")]
+    RemoteSetup(String),
 }
 
 impl EngineError {
     /// True when the error says the instance itself is broken (and should be
     /// replaced), false when the request was at fault.
     pub fn is_instance_fault(&self) -> bool {
-        matches!(self, EngineError::Decode(_) | EngineError::Context(_) | EngineError::Backend(_))
+        matches!(
+            self,
+            EngineError::Decode(_) | EngineError::Context(_) | EngineError::Backend(_) | EngineError::Remote(_)
+        )
     }
 }
 
@@ -68,6 +84,7 @@ impl PoolError {
                 EngineError::InvalidParam { .. } => "invalid_request",
                 EngineError::PromptTooLong { .. } => "context_length_exceeded",
                 EngineError::Template(_) | EngineError::InputTooLong { .. } => "invalid_request",
+                EngineError::RemoteRejected(_) => "remote_rejected",
                 _ => "engine_error",
             },
         }

@@ -2,6 +2,7 @@
 //! engine per test binary (weights loaded once), small pools.
 #![allow(dead_code)]
 
+pub mod llama_server;
 pub mod server;
 
 use std::path::PathBuf;
@@ -56,6 +57,7 @@ pub fn options(instances: usize, max_queue: usize) -> PoolOptions {
         max_generation: Duration::from_secs(120),
         health_interval: Duration::ZERO,
         instance: InstanceOptions::single(512, 1),
+        remotes: Vec::new(),
     }
 }
 
@@ -63,6 +65,7 @@ pub fn options(instances: usize, max_queue: usize) -> PoolOptions {
 pub fn slotted(instances: usize, slots: u32, max_queue: usize) -> PoolOptions {
     PoolOptions {
         instance: InstanceOptions { slots, ..InstanceOptions::single(1024, 2) },
+        remotes: Vec::new(),
         ..options(instances, max_queue)
     }
 }

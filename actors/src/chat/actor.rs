@@ -115,6 +115,8 @@ pub struct ChatReply {
     pub prompt: Vec<ChatMessage>,
     /// The model instance that generated the reply.
     pub instance: usize,
+    /// The sequence slot of that instance (its KV cache holds this conversation).
+    pub slot: usize,
 }
 
 /// What a turn's stream yields: text pieces, then one `Done` or `Error`.

@@ -154,14 +154,14 @@ impl ChatCore {
         let affinity = Some(affinity_key(conv.id.as_bytes()));
         let request = GenerateRequest { messages: built.messages.clone(), sampling };
         let generation = self.pool.generate_for(request, affinity).await?;
-        let instance = generation.instance();
+        let (instance, slot) = (generation.instance(), generation.slot());
         let user_tokens = engine.count_tokens(&msg.text);
         let user_msg = self.store.append(&conv, is_new, Role::User, &msg.text, user_tokens, &vector).await?;
         self.index.insert(user_msg.id, conv.id, &conv.namespace, vector);
 
         let (tx, rx) = unbounded_channel();
         let turn =
-            Turn { core: self.clone(), conv: conv.clone(), user_msg, recalled, prompt: built.messages, instance };
+            Turn { core: self.clone(), conv: conv.clone(), user_msg, recalled, prompt: built.messages, instance, slot };
         actix::spawn(turn.stream(generation, tx, guard));
         Ok(ChatStream { conversation_id: conv.id, rx })
     }
@@ -212,6 +212,7 @@ struct Turn {
     recalled: Vec<Recalled>,
     prompt: Vec<ChatMessage>,
     instance: usize,
+    slot: usize,
 }
 
 impl Turn {
@@ -289,6 +290,7 @@ impl Turn {
             recalled: self.recalled.clone(),
             prompt: self.prompt.clone(),
             instance: self.instance,
+            slot: self.slot,
         })
     }
 }

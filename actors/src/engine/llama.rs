@@ -59,9 +59,13 @@ pub fn check_model_file(path: &Path) -> Result<(), EngineError> {
 
 /// Loads a model with the usual checks; the weights are memory-mapped.
 pub fn load_model(path: &Path) -> Result<LlamaModel, EngineError> {
+    load_model_with(path, false)
+}
+
+fn load_model_with(path: &Path, vocab_only: bool) -> Result<LlamaModel, EngineError> {
     check_model_file(path)?;
     let backend = backend()?;
-    LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+    LlamaModel::load_from_file(backend, path, &LlamaModelParams::default().with_vocab_only(vocab_only))
         .map_err(|_| EngineError::ModelLoad { path: path.to_path_buf() })
 }
 
@@ -100,14 +104,26 @@ pub struct LlamaEngine {
     path: PathBuf,
     model: &'static LlamaModel,
     template: Arc<ChatTemplate>,
+    /// Loaded as a tokenizer only: no instance can run on it.
+    vocab_only: bool,
 }
 
 impl LlamaEngine {
     /// Loads the weights. They live for the rest of the process: contexts
     /// borrow them, and a pool's weights are needed until exit anyway.
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Self>, EngineError> {
+        Self::load_with(path, false)
+    }
+
+    /// Loads only the tokenizer and chat template (no weights): for a pool
+    /// whose instances are all remote. It cannot create instances.
+    pub fn load_tokenizer(path: impl AsRef<Path>) -> Result<Arc<Self>, EngineError> {
+        Self::load_with(path, true)
+    }
+
+    fn load_with(path: impl AsRef<Path>, vocab_only: bool) -> Result<Arc<Self>, EngineError> {
         let path = path.as_ref().to_path_buf();
-        let model: &'static LlamaModel = Box::leak(Box::new(load_model(&path)?));
+        let model: &'static LlamaModel = Box::leak(Box::new(load_model_with(&path, vocab_only)?));
         let template = Arc::new(ChatTemplate::from_model(model));
         tracing::info!(
             model = %path.display(),
@@ -117,7 +133,7 @@ impl LlamaEngine {
             chat_template = template.kind(),
             "model weights loaded once; instances will share them"
         );
-        Ok(Arc::new(Self { path, model, template }))
+        Ok(Arc::new(Self { path, model, template, vocab_only }))
     }
 
     pub fn model(&self) -> &'static LlamaModel {
@@ -146,6 +162,9 @@ impl Engine for LlamaEngine {
     }
 
     fn create_instance(&self, id: usize, opts: &InstanceOptions) -> Result<Box<dyn InstanceBackend>, EngineError> {
+        if self.vocab_only {
+            return Err(EngineError::Context("the model was loaded as a tokenizer only (instances = 0)".into()));
+        }
         let ctx = {
             let _one_at_a_time = CONTEXT_CREATION.lock().unwrap_or_else(|e| e.into_inner());
             self.model.new_context(backend()?, context_params(opts)).map_err(|e| EngineError::Context(e.to_string()))?
@@ -171,6 +190,14 @@ impl Engine for LlamaEngine {
 
     fn count_tokens(&self, text: &str) -> u32 {
         self.model.vocab().tokenize(text.as_bytes(), false, false).len() as u32
+    }
+
+    fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<i32>, EngineError> {
+        Ok(tokenize_chat(self.model, &self.template, messages)?.into_iter().map(|t| t.0).collect())
+    }
+
+    fn n_vocab(&self) -> Option<u32> {
+        u32::try_from(self.model.n_vocab()).ok()
     }
 }
 
@@ -214,7 +241,7 @@ impl InstanceBackend for LlamaInstance {
     }
 
     fn info(&self) -> InstanceInfo {
-        InstanceInfo { weights_addr: self.weights_addr, kv_bytes_estimate: self.kv_bytes }
+        InstanceInfo { weights_addr: self.weights_addr, kv_bytes_estimate: self.kv_bytes, endpoint: None }
     }
 
     #[cfg(feature = "fault-injection")]
@@ -315,7 +342,7 @@ impl InstanceBackend for PerRequestInstance {
     }
 
     fn info(&self) -> InstanceInfo {
-        InstanceInfo { weights_addr: 0, kv_bytes_estimate: 0 }
+        InstanceInfo { weights_addr: 0, kv_bytes_estimate: 0, endpoint: None }
     }
 
     #[cfg(feature = "fault-injection")]

@@ -8,6 +8,7 @@ pub mod fault;
 pub mod kv_cache;
 pub mod llama;
 pub mod prompt;
+pub mod remote;
 pub mod sampling;
 pub mod step_loop;
 pub mod text;
@@ -81,6 +82,9 @@ pub struct InstanceInfo {
     /// and V) × KV width × 2 bytes: llama.cpp's default f16 cache, with the
     /// KV width taken as n_embd × n_head_kv / n_head (one head size for K and V).
     pub kv_bytes_estimate: u64,
+    /// Where a remote instance is served (URL without credentials); `None`
+    /// for a context in this process.
+    pub endpoint: Option<String>,
 }
 
 /// Loads weights once and creates instances (contexts) on them.
@@ -95,6 +99,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Number of tokens of plain text (no special-token parsing).
     fn count_tokens(&self, text: &str) -> u32;
+
+    /// The prompt's token ids once the chat template is applied (message text
+    /// never parsed for special tokens): what a remote instance is sent.
+    fn prompt_tokens(&self, _messages: &[ChatMessage]) -> Result<Vec<i32>, EngineError> {
+        Err(EngineError::RemoteSetup("this engine cannot tokenize prompts for remote instances".into()))
+    }
+
+    /// Size of the tokenizer's vocabulary, checked against remote instances.
+    fn n_vocab(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// One instance: its own context and KV cache, with `slots()` sequences

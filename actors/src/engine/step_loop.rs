@@ -27,19 +27,40 @@ pub enum Command {
     Fault(Fault),
 }
 
-/// The sending side of a running loop: the loop ends when it is dropped.
+/// The sending side of a running loop (a local step loop's thread, or a
+/// remote instance's task): the loop ends when every sender is dropped.
 #[derive(Clone)]
-pub struct LoopSender(Sender<Command>);
+pub struct LoopSender(Channel);
+
+#[derive(Clone)]
+enum Channel {
+    Thread(Sender<Command>),
+    Task(tokio::sync::mpsc::UnboundedSender<Command>),
+}
 
 impl LoopSender {
     /// False when the loop has ended.
     pub fn send(&self, command: Command) -> bool {
-        self.0.send(command).is_ok()
+        match &self.0 {
+            Channel::Thread(tx) => tx.send(command).is_ok(),
+            Channel::Task(tx) => tx.send(command).is_ok(),
+        }
+    }
+
+    /// The sender of a loop that runs as an async task.
+    pub(crate) fn task(tx: tokio::sync::mpsc::UnboundedSender<Command>) -> Self {
+        Self(Channel::Task(tx))
     }
 }
 
 /// Runs `on_exit` when dropped: at the loop's end, also when it panics.
-struct ExitGuard<F: FnOnce()>(Option<F>);
+pub(crate) struct ExitGuard<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> ExitGuard<F> {
+    pub(crate) fn new(f: F) -> Self {
+        Self(Some(f))
+    }
+}
 
 impl<F: FnOnce()> Drop for ExitGuard<F> {
     fn drop(&mut self) {
@@ -67,7 +88,7 @@ pub fn spawn(
         };
         let _exit = ExitGuard(Some(on_exit));
         let (tx, rx) = channel();
-        on_ready(Ok((LoopSender(tx), backend.info(), backend.slots())));
+        on_ready(Ok((LoopSender(Channel::Thread(tx)), backend.info(), backend.slots())));
         run(backend.as_mut(), &rx);
     })?;
     Ok(())

@@ -76,6 +76,8 @@ pub struct ChatResponse<'a> {
     pub recalled: &'a [Recalled],
     /// The model instance that generated the reply.
     pub instance: usize,
+    /// The sequence slot of that instance.
+    pub slot: usize,
 }
 
 fn response_body(r: &ChatReply, started: Instant) -> ChatResponse<'_> {
@@ -87,6 +89,7 @@ fn response_body(r: &ChatReply, started: Instant) -> ChatResponse<'_> {
         usage: UsageBody::new(&r.usage, started),
         recalled: &r.recalled,
         instance: r.instance,
+        slot: r.slot,
     }
 }
 

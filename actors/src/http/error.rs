@@ -41,6 +41,9 @@ pub enum ApiError {
     EmbedderUnavailable(String),
     #[error("{0}")]
     Timeout(String),
+    /// A remote instance refused the request; the remote itself is fine.
+    #[error("{0}")]
+    BadGateway(String),
     /// The client hung up before its answer was ready; the work was stopped.
     #[error("the client closed the connection; the request was cancelled")]
     ClientGone,
@@ -84,6 +87,7 @@ impl ApiError {
             ApiError::StorageUnavailable { .. } => "storage_unavailable",
             ApiError::EmbedderUnavailable(_) => "embedder_unavailable",
             ApiError::Timeout(_) => "timeout_error",
+            ApiError::BadGateway(_) => "upstream_error",
             ApiError::ClientGone => "cancelled",
             ApiError::Internal(_) => "server_error",
         }
@@ -130,6 +134,7 @@ impl ResponseError for ApiError {
             | ApiError::StorageUnavailable { .. }
             | ApiError::EmbedderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             // nginx's "client closed request": nobody reads it, but logs do.
             ApiError::ClientGone => StatusCode::from_u16(499).expect("valid status"),
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -171,6 +176,7 @@ impl From<EngineError> for ApiError {
             EngineError::Template(_) => ApiError::bad("messages", format!("invalid messages: {e}")),
             EngineError::InputTooLong { .. } => ApiError::bad("input", e.to_string()),
             EngineError::Embed(_) => ApiError::EmbedderUnavailable(format!("embedding failed: {e}; retry shortly")),
+            EngineError::RemoteRejected(_) => ApiError::BadGateway(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

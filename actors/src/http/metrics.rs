@@ -35,6 +35,9 @@ pub const INSTANCE_REPLACEMENTS: &str = "modelpool_instance_replacements";
 pub const INSTANCE_STATE: &str = "modelpool_instance_state";
 pub const INSTANCE_SLOTS: &str = "modelpool_instance_slots";
 pub const INSTANCE_SLOTS_BUSY: &str = "modelpool_instance_slots_busy";
+pub const INSTANCE_INFO: &str = "modelpool_instance_info";
+pub const INSTANCE_PROBE: &str = "modelpool_instance_probe_seconds";
+pub const REQUESTS_RUNNING: &str = "modelpool_requests_running";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -55,6 +58,15 @@ pub struct StateLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InstanceLabels {
     pub instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceInfoLabels {
+    pub instance: String,
+    /// "local" or "remote".
+    pub kind: String,
+    /// A remote's URL without credentials; empty for a local instance.
+    pub endpoint: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,6 +98,9 @@ pub struct Metrics {
     instance_state: Family<InstanceStateLabels, FloatGauge>,
     instance_slots: Family<InstanceLabels, Gauge>,
     instance_slots_busy: Family<InstanceLabels, Gauge>,
+    instance_info: Family<InstanceInfoLabels, Gauge>,
+    instance_probe: Family<InstanceLabels, FloatGauge>,
+    requests_running: Gauge,
     /// Serialises scrapes: pool counters are copied in by difference.
     scrape: Mutex<()>,
 }
@@ -121,6 +136,9 @@ impl Metrics {
             instance_state: Family::default(),
             instance_slots: Family::default(),
             instance_slots_busy: Family::default(),
+            instance_info: Family::default(),
+            instance_probe: Family::default(),
+            requests_running: Gauge::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -164,6 +182,21 @@ impl Metrics {
             INSTANCE_SLOTS_BUSY,
             "Sequence slots of each instance leased to a request now",
             m.instance_slots_busy.clone(),
+        );
+        registry.register(
+            INSTANCE_INFO,
+            "Each instance's kind (local or remote) and a remote's URL; the value is always 1",
+            m.instance_info.clone(),
+        );
+        registry.register(
+            INSTANCE_PROBE,
+            "How long each instance's last health probe took (a remote's /health round trip)",
+            m.instance_probe.clone(),
+        );
+        registry.register(
+            REQUESTS_RUNNING,
+            "Requests generating now (leased sequence slots); waiting ones are modelpool_queue_depth",
+            m.requests_running.clone(),
         );
         Self { registry, ..m }
     }
@@ -209,6 +242,7 @@ impl Metrics {
             self.instances.get_or_create(&StateLabels { state: state.as_str().into() }).set(n as i64);
         }
         self.queue_depth.set(status.queued as i64);
+        self.requests_running.set(status.in_use as i64);
         for inst in &status.instances {
             let l = InstanceLabels { instance: inst.id.to_string() };
             let catch_up = |c: &Counter, v: u64| {
@@ -220,6 +254,15 @@ impl Metrics {
             catch_up(&self.instance_replacements.get_or_create(&l), inst.stats.replacements);
             self.instance_slots.get_or_create(&l).set(inst.slots as i64);
             self.instance_slots_busy.get_or_create(&l).set(inst.slots_busy as i64);
+            let info = InstanceInfoLabels {
+                instance: inst.id.to_string(),
+                kind: inst.kind.into(),
+                endpoint: inst.endpoint.clone().unwrap_or_default(),
+            };
+            self.instance_info.get_or_create(&info).set(1);
+            if let Some(ms) = inst.probe_ms {
+                self.instance_probe.get_or_create(&l).set(ms / 1e3);
+            }
             let busy = self.instance_busy.get_or_create(&l);
             let delta = inst.stats.busy_seconds - busy.get();
             if delta > 0.0 {
@@ -293,7 +336,7 @@ mod tests {
         let m = Metrics::new();
         let mut pool = crate::pool::state::PoolState::new(3, 4, 0);
         for i in 0..3 {
-            pool.instance_ready(i, 0);
+            pool.instance_ready(i, 0, 0);
         }
         pool.admit(None);
         let text = m.render(&pool.status());

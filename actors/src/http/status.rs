@@ -27,8 +27,36 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
         "accepting": status.accepting,
         "totals": totals,
         "instances": status.instances,
+        // Prompts are tokenized here, with the pool's own GGUF, for local and
+        // remote instances alike (a remote must serve that same model).
+        "tokenizer": { "source": "local", "model": chat.pool().engine_info().model_name },
         "embedder": chat.embedder().health(),
         "storage": { "writable": chat.storage_error().is_none(), "error": chat.storage_error() },
+    })))
+}
+
+/// `GET /pool/capacity`: what a load balancer or autoscaler needs, cheaply.
+async fn capacity(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    let status = chat.pool().status().await?;
+    let instances: Vec<_> = status
+        .instances
+        .iter()
+        .map(|i| {
+            json!({
+                "id": i.id, "kind": i.kind, "endpoint": i.endpoint, "state": i.state,
+                "slots": i.slots, "slots_busy": i.slots_busy,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "ready": status.ready(),
+        "free_slots": status.available,
+        "total_slots": status.total,
+        "running": status.in_use,
+        "queue_depth": status.queued,
+        "queue_limit": chat.pool().options().max_queue,
+        "instances": instances,
     })))
 }
 
@@ -71,6 +99,7 @@ async fn live(state: web::Data<ApiState>) -> HttpResponse {
 
 pub fn register(cfg: &mut web::ServiceConfig) {
     cfg.route("/pool", web::get().to(pool))
+        .route("/pool/capacity", web::get().to(capacity))
         .route("/health", web::get().to(ready))
         .route("/health/ready", web::get().to(ready))
         .route("/health/live", web::get().to(live));

@@ -178,8 +178,8 @@ impl Drop for QueuePlace<'_> {
 /// Start-up checks of pool settings against the model; each message names the setting.
 fn validate(opts: &PoolOptions, info: &EngineInfo) -> Result<(), PoolError> {
     let bad = |m: String| Err(PoolError::Startup(m));
-    if opts.instances == 0 {
-        return bad("instances must be at least 1, got 0".into());
+    if opts.members() == 0 {
+        return bad("instances must be at least 1 when no [[remote]] is configured, got 0".into());
     }
     if opts.instance.n_ctx < 16 {
         return bad(format!("n_ctx must be at least 16, got {}", opts.instance.n_ctx));

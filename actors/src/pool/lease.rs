@@ -106,7 +106,7 @@ impl Lease {
             drop(self);
         };
         actix::spawn(tracing::Instrument::instrument(task, span));
-        GenerationStream { rx, instance }
+        GenerationStream { rx, instance, slot }
     }
 
     /// The sequence's result, as the stream's last event; notes the outcome.
@@ -162,12 +162,18 @@ impl Drop for Lease {
 pub struct GenerationStream {
     rx: UnboundedReceiver<GenEvent>,
     instance: usize,
+    slot: usize,
 }
 
 impl GenerationStream {
     /// The instance serving this generation.
     pub fn instance(&self) -> usize {
         self.instance
+    }
+
+    /// The sequence slot of that instance.
+    pub fn slot(&self) -> usize {
+        self.slot
     }
 
     /// Waits for the whole text.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use crate::engine::remote::{self, Expected, RemoteSpec};
 use crate::engine::step_loop::{self, LoopSender};
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
@@ -36,13 +37,37 @@ pub struct PoolOptions {
     pub health_interval: Duration,
     /// Context settings of each instance.
     pub instance: InstanceOptions,
+    /// Remote `llama-server` processes, pool members after the local
+    /// instances (their ids follow the local ones).
+    pub remotes: Vec<RemoteSpec>,
+}
+
+impl PoolOptions {
+    /// Local instances plus remotes.
+    pub fn members(&self) -> usize {
+        self.instances + self.remotes.len()
+    }
 }
 
 /// Progress of the start-up load, for a progress bar or log line.
 #[derive(Clone, Debug)]
 pub enum LoadEvent {
-    Loading { index: usize, total: usize },
-    Loaded { index: usize, total: usize, info: InstanceInfo, millis: u64 },
+    Loading {
+        index: usize,
+        total: usize,
+    },
+    Loaded {
+        index: usize,
+        total: usize,
+        info: InstanceInfo,
+        millis: u64,
+    },
+    /// A remote could not be reached: the pool starts without it and keeps retrying.
+    Unreachable {
+        index: usize,
+        total: usize,
+        error: String,
+    },
 }
 
 pub type ProgressFn = Arc<dyn Fn(LoadEvent) + Send + Sync>;
@@ -70,9 +95,15 @@ impl PoolManager {
         progress: ProgressFn,
         startup: oneshot::Sender<Result<(), PoolError>>,
     ) -> Self {
-        let n = opts.instances;
+        let n = opts.members();
+        let mut slots = vec![opts.instance.slots.max(1) as usize; opts.instances];
+        slots.extend(opts.remotes.iter().map(|r| r.slots.unwrap_or(1)));
+        let mut state = PoolState::with_slots(slots, opts.max_queue);
+        for (i, r) in opts.remotes.iter().enumerate() {
+            state.set_endpoint(opts.instances + i, r.display_url());
+        }
         Self {
-            state: PoolState::new(n, opts.instance.slots.max(1) as usize, opts.max_queue),
+            state,
             engine,
             members: (0..n).map(|_| None).collect(),
             waiters: HashMap::new(),
@@ -89,21 +120,60 @@ impl PoolManager {
     /// [`InstanceStopped`] when the loop ends.
     fn spawn_instance(&mut self, id: usize, generation: u64, ctx: &mut Context<Self>) {
         if self.startup.is_some() {
-            (self.progress)(LoadEvent::Loading { index: id + 1, total: self.opts.instances });
+            (self.progress)(LoadEvent::Loading { index: id + 1, total: self.opts.members() });
         }
         self.load_started = std::time::Instant::now();
         let engine = self.engine.clone();
-        let opts = self.opts.instance.clone();
         let (ready, stopped) = (ctx.address(), ctx.address());
-        let spawned = step_loop::spawn(
-            format!("instance-{id}"),
-            Box::new(move || engine.create_instance(id, &opts)),
-            move |result| ready.do_send(InstanceUp { id, generation, result }),
-            move || stopped.do_send(InstanceStopped { id, generation }),
-        );
+        let on_ready = move |result| ready.do_send(InstanceUp { id, generation, result });
+        let on_exit = move || stopped.do_send(InstanceStopped { id, generation });
+        let spawned = match self.remote_spec(id) {
+            Some(spec) => {
+                let info = engine.info();
+                let expect = Expected { model_stem: info.model_name, n_vocab: engine.n_vocab() };
+                remote::spawn(id, spec, engine, expect, on_ready, on_exit)
+            }
+            None => {
+                let opts = self.opts.instance.clone();
+                step_loop::spawn(
+                    format!("instance-{id}"),
+                    Box::new(move || engine.create_instance(id, &opts)),
+                    on_ready,
+                    on_exit,
+                )
+            }
+        };
         if let Err(e) = spawned {
             let result = Err(EngineError::Context(format!("could not start the instance's thread: {e}")));
             ctx.notify(InstanceUp { id, generation, result });
+        }
+    }
+
+    /// The remote that member `id` is, if it is one.
+    fn remote_spec(&self, id: usize) -> Option<RemoteSpec> {
+        id.checked_sub(self.opts.instances).and_then(|i| self.opts.remotes.get(i)).cloned()
+    }
+
+    /// Retries a member that could not start (a remote that is down, a
+    /// context that failed) after its back-off, which doubles up to a cap.
+    fn retry_later(&mut self, id: usize, error: &EngineError, ctx: &mut Context<Self>) {
+        let delay = self.backoff[id];
+        self.backoff[id] = (delay * 2).min(MAX_BACKOFF);
+        tracing::error!(instance = id, error = %error, retry_in_ms = delay.as_millis() as u64, "instance could not start; retrying");
+        self.state.mark_unhealthy(id, error.to_string());
+        ctx.run_later(delay, move |act, ctx| {
+            if act.state.state(id) == InstanceState::Unhealthy {
+                act.replace(id, ctx);
+            }
+        });
+    }
+
+    /// Start-up goes on with the next member, or ends.
+    fn start_next(&mut self, id: usize, ctx: &mut Context<Self>) {
+        if id + 1 < self.opts.members() {
+            self.spawn_instance(id + 1, 0, ctx);
+        } else if let Some(tx) = self.startup.take() {
+            let _ = tx.send(Ok(()));
         }
     }
 
@@ -144,6 +214,7 @@ impl PoolManager {
             // (the loop is stuck in a step): the instance is replaced.
             let limit = self.opts.health_interval.min(self.opts.max_generation);
             let probe = addr.send(Probe).timeout(limit);
+            let sent = std::time::Instant::now();
             ctx.spawn(probe.into_actor(self).map(move |res, act, ctx| {
                 let res = match res {
                     Ok(Ok(())) => Ok(()),
@@ -153,7 +224,7 @@ impl PoolManager {
                     }
                     Err(_) => Err("health probe failed: the instance's thread died".to_string()),
                 };
-                if act.state.probe_done(id, generation, res) {
+                if act.state.probe_done_in(id, generation, res, Some(sent.elapsed())) {
                     act.replace(id, ctx);
                 } else {
                     act.dispatch(ctx);
@@ -168,7 +239,7 @@ impl Actor for PoolManager {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(usize::MAX);
-        if self.opts.instances > 0 {
+        if self.opts.members() > 0 {
             self.spawn_instance(0, 0, ctx);
         }
         if !self.opts.health_interval.is_zero() {
@@ -201,26 +272,30 @@ impl Handler<InstanceUp> for PoolManager {
         }
         let starting = self.startup.is_some();
         match msg.result {
-            Ok((commands, info, _slots)) => {
+            Ok((commands, info, slots)) => {
                 let handle = ModelActor::new(msg.id, commands, info.clone()).start();
                 if let Some(old) = self.members[msg.id].replace(handle) {
                     old.do_send(Retire);
                 }
                 self.backoff[msg.id] = MIN_BACKOFF;
-                self.state.instance_ready(msg.id, msg.generation);
+                self.state.instance_ready(msg.id, msg.generation, slots);
                 let millis = self.load_started.elapsed().as_millis() as u64;
                 if starting {
-                    let total = self.opts.instances;
+                    let total = self.opts.members();
                     (self.progress)(LoadEvent::Loaded { index: msg.id + 1, total, info, millis });
-                    if msg.id + 1 < total {
-                        self.spawn_instance(msg.id + 1, 0, ctx);
-                    } else if let Some(tx) = self.startup.take() {
-                        let _ = tx.send(Ok(()));
-                    }
+                    self.start_next(msg.id, ctx);
                 } else {
                     tracing::info!(instance = msg.id, generation = msg.generation, millis, "instance replaced");
                 }
                 self.dispatch(ctx);
+            }
+            // A remote that is down (or silent) does not stop the pool: it
+            // starts unhealthy and is retried with back-off.
+            Err(e @ EngineError::Remote(_)) if starting => {
+                let total = self.opts.members();
+                (self.progress)(LoadEvent::Unreachable { index: msg.id + 1, total, error: e.to_string() });
+                self.retry_later(msg.id, &e, ctx);
+                self.start_next(msg.id, ctx);
             }
             Err(e) if starting => {
                 if let Some(tx) = self.startup.take() {
@@ -228,19 +303,8 @@ impl Handler<InstanceUp> for PoolManager {
                 }
                 ctx.stop();
             }
-            Err(e) => {
-                // Never spin: wait longer after each failed replacement.
-                let delay = self.backoff[msg.id];
-                self.backoff[msg.id] = (delay * 2).min(MAX_BACKOFF);
-                tracing::error!(instance = msg.id, error = %e, retry_in_ms = delay.as_millis() as u64, "replacement failed");
-                self.state.mark_unhealthy(msg.id, e.to_string());
-                let id = msg.id;
-                ctx.run_later(delay, move |act, ctx| {
-                    if act.state.state(id) == InstanceState::Unhealthy {
-                        act.replace(id, ctx);
-                    }
-                });
-            }
+            // Never spin: wait longer after each failed replacement.
+            Err(e) => self.retry_later(msg.id, &e, ctx),
         }
     }
 }

@@ -61,6 +61,10 @@ struct Instance {
     stats: InstanceStats,
     last_error: Option<String>,
     started_at: Instant,
+    /// Where a remote instance is served; `None` for a local context.
+    endpoint: Option<String>,
+    /// How long the last health probe took.
+    probe_ms: Option<f64>,
 }
 
 impl Instance {
@@ -124,17 +128,25 @@ pub struct PoolState {
 impl PoolState {
     /// All instances start `Loading`.
     pub fn new(instances: usize, slots: usize, max_queue: usize) -> Self {
+        Self::with_slots(vec![slots; instances], max_queue)
+    }
+
+    /// Instances with the given numbers of slots, all `Loading`.
+    pub fn with_slots(slots: Vec<usize>, max_queue: usize) -> Self {
         let now = Instant::now();
-        let instances = (0..instances)
-            .map(|_| Instance {
+        let instances = slots
+            .into_iter()
+            .map(|n| Instance {
                 health: Health::Loading,
-                slots: (0..slots.max(1)).map(|_| SeqSlot { lease: None, affinity: None, idle_since: now }).collect(),
+                slots: (0..n.max(1)).map(|_| SeqSlot { lease: None, affinity: None, idle_since: now }).collect(),
                 probing: false,
                 busy_since: None,
                 generation: 0,
                 stats: InstanceStats::default(),
                 last_error: None,
                 started_at: now,
+                endpoint: None,
+                probe_ms: None,
             })
             .collect();
         Self { instances, waiters: VecDeque::new(), max_queue, next_id: 1, replaced: 0, accepting: true }
@@ -300,12 +312,23 @@ impl PoolState {
         inst.generation
     }
 
-    /// An instance (first load or replacement) is up: its slots are free.
-    /// Returns false for a stale report.
-    pub fn instance_ready(&mut self, instance: usize, generation: u64) -> bool {
+    /// Names where a remote instance is served (shown in status).
+    pub fn set_endpoint(&mut self, instance: usize, endpoint: String) {
+        self.instances[instance].endpoint = Some(endpoint);
+    }
+
+    /// An instance (first load or replacement) is up with `slots` sequence
+    /// slots (a remote says how many it has): they are all free. Returns
+    /// false for a stale report.
+    pub fn instance_ready(&mut self, instance: usize, generation: u64, slots: usize) -> bool {
         let inst = &mut self.instances[instance];
         if inst.generation != generation {
             return false;
+        }
+        if slots > 0 && slots != inst.slots.len() {
+            let now = Instant::now();
+            inst.drop_leases();
+            inst.slots = (0..slots).map(|_| SeqSlot { lease: None, affinity: None, idle_since: now }).collect();
         }
         if inst.health == Health::Replacing {
             inst.stats.replacements += 1;
@@ -332,11 +355,25 @@ impl PoolState {
 
     /// A probe ended. Returns true when the instance must be replaced.
     pub fn probe_done(&mut self, instance: usize, generation: u64, result: Result<(), String>) -> bool {
+        self.probe_done_in(instance, generation, result, None)
+    }
+
+    /// [`Self::probe_done`] with the time the probe took (shown in status).
+    pub fn probe_done_in(
+        &mut self,
+        instance: usize,
+        generation: u64,
+        result: Result<(), String>,
+        took: Option<std::time::Duration>,
+    ) -> bool {
         let inst = &mut self.instances[instance];
         if inst.generation != generation || !inst.probing {
             return false;
         }
         inst.probing = false;
+        if let Some(t) = took {
+            inst.probe_ms = Some(t.as_secs_f64() * 1e3);
+        }
         match result {
             Ok(()) => false,
             Err(reason) => self.mark_unhealthy(instance, reason),
@@ -367,6 +404,9 @@ impl PoolState {
                 .enumerate()
                 .map(|(id, inst)| InstanceStatus {
                     id,
+                    kind: if inst.endpoint.is_some() { "remote" } else { "local" },
+                    endpoint: inst.endpoint.clone(),
+                    probe_ms: inst.probe_ms,
                     state: inst.state(),
                     slots: inst.slots.len(),
                     slots_busy: inst.leased(),

@@ -52,6 +52,13 @@ pub struct InstanceStats {
 #[derive(Clone, Debug, Serialize)]
 pub struct InstanceStatus {
     pub id: usize,
+    /// "local" (a context in this process) or "remote" (a llama-server).
+    pub kind: &'static str,
+    /// A remote's URL, without credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// How long the last health probe took, in milliseconds.
+    pub probe_ms: Option<f64>,
     pub state: InstanceState,
     /// Sequence slots of this instance.
     pub slots: usize,

@@ -5,7 +5,7 @@ use super::*;
 fn ready_pool(n: usize, q: usize) -> PoolState {
     let mut p = PoolState::new(n, 1, q);
     for i in 0..n {
-        assert!(p.instance_ready(i, 0));
+        assert!(p.instance_ready(i, 0, 0));
     }
     p
 }
@@ -86,8 +86,8 @@ fn fault_replaces_and_stale_release_is_ignored() {
     assert_eq!(p.status().unhealthy, 1);
     let gen = p.begin_replace(i);
     assert!(!p.release(i, 0, l, Outcome::Ok { tokens: 3 }), "second release of one lease");
-    assert!(!p.instance_ready(i, gen - 1), "stale ready");
-    assert!(p.instance_ready(i, gen));
+    assert!(!p.instance_ready(i, gen - 1, 0), "stale ready");
+    assert!(p.instance_ready(i, gen, 0));
     let s = p.status();
     assert_eq!((s.available, s.replaced, s.instances[i].stats.failures), (2, 1, 1));
 }
@@ -180,7 +180,7 @@ fn p_lease(p: &PoolState, instance: usize) -> LeaseId {
 fn slotted_pool(n: usize, slots: usize, q: usize) -> PoolState {
     let mut p = PoolState::new(n, slots, q);
     for i in 0..n {
-        assert!(p.instance_ready(i, 0));
+        assert!(p.instance_ready(i, 0, 0));
     }
     p
 }
@@ -239,6 +239,26 @@ fn a_broken_instance_frees_its_slots_and_stale_releases_are_ignored() {
     assert_eq!((s.in_use, s.available, s.unhealthy), (0, 0, 1));
     assert!(!s.ready());
     let generation = p.begin_replace(0);
-    assert!(p.instance_ready(0, generation));
+    assert!(p.instance_ready(0, generation, 0));
     assert_eq!(p.status().available, 3);
+}
+
+#[test]
+fn a_remote_reports_its_slots_when_it_connects_and_a_down_one_serves_nothing() {
+    // A local instance with 2 slots; a remote assumed to have 1 until it says 3.
+    let mut p = PoolState::with_slots(vec![2, 1], 0);
+    p.set_endpoint(1, "http://10.0.0.5:8080".into());
+    assert!(p.instance_ready(0, 0, 2));
+    p.mark_unhealthy(1, "remote http://10.0.0.5:8080: connection refused".into());
+    let s = p.status();
+    assert_eq!((s.available, s.total), (2, 3), "a down remote offers nothing");
+    assert_eq!((s.instances[1].kind, s.instances[1].endpoint.as_deref()), ("remote", Some("http://10.0.0.5:8080")));
+    let generation = p.begin_replace(1);
+    assert!(p.instance_ready(1, generation, 3));
+    let s = p.status();
+    assert_eq!((s.available, s.total, s.instances[1].slots), (5, 5, 3));
+    assert_eq!(s.instances[0].kind, "local");
+    // Three requests at once: the least loaded member takes each.
+    let firsts: Vec<usize> = (0..3).map(|_| grant3(p.admit(None)).0).collect();
+    assert_eq!(firsts, vec![0, 1, 0]);
 }
