@@ -12,154 +12,23 @@
 //! `MODELPOOL_LLAMA_SERVER` names the llama-server binary (scripts/env.sh
 //! sets it; scripts/setup.sh --with-llama-server builds it).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+#[path = "support/client.rs"]
+mod client;
+#[path = "support/llama_server.rs"]
+mod llama_server;
 #[path = "support/server.rs"]
 mod server;
+
+use client::{client, complete, pct, throughput, Sample, Throughput, PROMPTS};
 
 const SLOTS: u32 = 4;
 const N_CTX: u32 = 2048;
 const TURNS: usize = 6;
-
-const PROMPTS: [&str; 16] = [
-    "Write a short poem about the sea.",
-    "Explain what a compiler does.",
-    "List three fruits and their colours.",
-    "Describe a walk in the mountains.",
-    "What is the capital of France, and why is it famous?",
-    "Give me a recipe for pancakes.",
-    "How do bees make honey?",
-    "Tell me a story about a brave mouse.",
-    "What are the planets of the solar system?",
-    "Explain why the sky is blue.",
-    "Write a haiku about autumn.",
-    "How does a bicycle stay upright?",
-    "Describe the water cycle.",
-    "What is a prime number? Give examples.",
-    "Suggest three names for a cat.",
-    "Why do we need sleep?",
-];
-
-struct LlamaServer(Child);
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// llama-server with `SLOTS` slots of `N_CTX` tokens each on `threads` threads.
-/// `-nr`: on CPUs that report AMX the repacked kernels die with SIGILL.
-fn start_llama_server(model: &str, threads: usize) -> (LlamaServer, String) {
-    let bin = std::env::var("MODELPOOL_LLAMA_SERVER")
-        .expect("MODELPOOL_LLAMA_SERVER is not set: run through scripts/bench.sh (it builds llama-server once)");
-    let port = free_port();
-    let child = Command::new(&bin)
-        .args(["-m", model, "-np", &SLOTS.to_string(), "-t", &threads.to_string()])
-        .args(["-c", &(SLOTS * N_CTX).to_string(), "-nr", "--host", "127.0.0.1", "--port", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {bin}: {e}"));
-    let mut child = LlamaServer(child);
-    let stderr = child.0.stderr.take().unwrap();
-    std::thread::spawn(move || for _ in BufReader::new(stderr).lines().map_while(Result::ok) {});
-    let addr = format!("127.0.0.1:{port}");
-    let started = Instant::now();
-    while !server::answers_200(&addr, "/health") {
-        assert!(started.elapsed() < Duration::from_secs(120), "llama-server did not become ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (child, format!("http://{addr}"))
-}
-
-#[derive(Clone, Debug, Default)]
-struct Sample {
-    ttft_ms: f64,
-    total_ms: f64,
-    tokens: u64,
-    cached: u64,
-    text: String,
-}
-
-/// The id a server gives its model (`/v1/models`).
-async fn model_id(base: &str) -> String {
-    let v: Value = client().get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
-    v["data"][0]["id"].as_str().expect("a model id").to_string()
-}
-
-/// One streaming chat completion; times are measured here, at the client.
-async fn complete(client: &reqwest::Client, base: &str, messages: &[Value], max_tokens: u32) -> Sample {
-    static MODEL: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
-    let known = MODEL.lock().unwrap().iter().find(|(b, _)| b == base).map(|(_, m)| m.clone());
-    let model = match known {
-        Some(m) => m,
-        None => {
-            let m = model_id(base).await;
-            MODEL.lock().unwrap().push((base.to_string(), m.clone()));
-            m
-        }
-    };
-    let body = json!({
-        "model": model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "repeat_penalty": 1.0,
-        "stream": true,
-        "stream_options": { "include_usage": true },
-    });
-    let t = Instant::now();
-    let resp = client.post(format!("{base}/v1/chat/completions")).json(&body).send().await.expect("request");
-    let status = resp.status();
-    assert!(status.is_success(), "{base}: {status}: {}", resp.text().await.unwrap_or_default());
-    let mut s = Sample::default();
-    let mut deltas = 0u64;
-    let mut buf = String::new();
-    let mut bytes = resp.bytes_stream();
-    while let Some(chunk) = bytes.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk.expect("stream")));
-        while let Some(end) = buf.find('\n') {
-            let line: String = buf.drain(..=end).collect();
-            let Some(data) = line.trim().strip_prefix("data:").map(str::trim) else { continue };
-            if data == "[DONE]" {
-                continue;
-            }
-            let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-            if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
-                if !piece.is_empty() {
-                    if s.text.is_empty() {
-                        s.ttft_ms = t.elapsed().as_secs_f64() * 1e3;
-                    }
-                    deltas += 1;
-                    s.text.push_str(piece);
-                }
-            }
-            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-                s.tokens = n;
-                s.cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
-                    .as_u64()
-                    .or_else(|| v["timings"]["cache_n"].as_u64())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    if s.tokens == 0 {
-        s.tokens = deltas;
-    }
-    s.total_ms = t.elapsed().as_secs_f64() * 1e3;
-    s
-}
 
 /// A `/chat` turn (memory on), streamed; TTFT at the client, as above.
 async fn chat_turn(client: &reqwest::Client, base: &str, id: &mut Option<String>, message: &str) -> Sample {
@@ -201,52 +70,6 @@ async fn chat_turn(client: &reqwest::Client, base: &str, id: &mut Option<String>
     }
     s.total_ms = t.elapsed().as_secs_f64() * 1e3;
     s
-}
-
-/// A client without idle connections: llama-server closes kept-alive
-/// connections between requests, which a pooled client would then reuse.
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(600)).pool_max_idle_per_host(0).build().unwrap()
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-struct Throughput {
-    tok_s: f64,
-    ttft: [f64; 2],
-    total: [f64; 2],
-    texts: Vec<String>,
-}
-
-/// `clients` clients, each sending `rounds` requests one after the other.
-async fn throughput(base: &str, clients: usize, rounds: usize) -> Throughput {
-    let client = client();
-    let t = Instant::now();
-    let runs = (0..clients).map(|c| {
-        let client = client.clone();
-        async move {
-            let mut out = Vec::new();
-            for r in 0..rounds {
-                let prompt = PROMPTS[(c * rounds + r) % PROMPTS.len()];
-                out.push(complete(&client, base, &[json!({ "role": "user", "content": prompt })], 128).await);
-            }
-            out
-        }
-    });
-    let samples: Vec<Sample> = futures::future::join_all(runs).await.into_iter().flatten().collect();
-    let wall = t.elapsed().as_secs_f64();
-    let ttft: Vec<f64> = samples.iter().map(|s| s.ttft_ms).collect();
-    let total: Vec<f64> = samples.iter().map(|s| s.total_ms).collect();
-    Throughput {
-        tok_s: samples.iter().map(|s| s.tokens).sum::<u64>() as f64 / wall,
-        ttft: [pct(&ttft, 0.5), pct(&ttft, 0.9)],
-        total: [pct(&total, 0.5), pct(&total, 0.9)],
-        texts: samples.into_iter().map(|s| s.text).collect(),
-    }
 }
 
 /// A user message of about 60 tokens.
@@ -334,7 +157,7 @@ async fn main() {
             mp = server::start(1, N_CTX, data.path(), &env);
             mp.1.clone()
         } else {
-            ls = start_llama_server(&model, threads);
+            ls = llama_server::start(&model, SLOTS, N_CTX, threads);
             ls.1.clone()
         };
         // Warm-up: one request, so that neither side pays its first-use costs in a figure.

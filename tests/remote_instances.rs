@@ -288,3 +288,59 @@ fn a_remote_with_another_model_stops_start_up_with_a_clear_error() {
     assert!(stderr.contains(&format!("remote {} serves other-model", remote.url())), "{stderr}");
     assert!(stderr.contains("configured for SmolLM2-135M-Instruct.Q4_1"), "{stderr}");
 }
+
+/// True while any of the remote's slots is generating (its `/slots`).
+async fn remote_busy(remote: &LlamaServer) -> bool {
+    let slots: Value = http().get(format!("{}/slots", remote.url())).send().await.unwrap().json().await.unwrap();
+    slots.as_array().unwrap().iter().any(|s| s["is_processing"] == true)
+}
+
+async fn wait_remote_idle(remote: &LlamaServer, limit: Duration, what: &str) -> Duration {
+    let started = Instant::now();
+    while remote_busy(remote).await {
+        assert!(started.elapsed() < limit, "{what}: the remote still generates after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
+#[actix::test]
+async fn a_deadline_or_a_client_leaving_stops_the_remote_slot() {
+    let _one = serial();
+    let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
+    let server = Server::start(
+        &["--instances", "0", "--remote", &remote.url()],
+        &[("MODELPOOL_MAX_GENERATION_MS", "1500"), ("MODELPOOL_MAX_QUEUE", "4")],
+    );
+    let long = "Write a long story about a dragon who learns to bake bread, with many chapters.";
+
+    // Past max_generation_ms: 504 for the client, and the remote stops.
+    let asked = Instant::now();
+    let (status, body, _) = chat(&server, long, None, 400).await;
+    assert_eq!(status, 504, "{body}");
+    assert!(asked.elapsed() < Duration::from_secs(5), "the deadline holds end to end: {:?}", asked.elapsed());
+    let took = wait_remote_idle(&remote, Duration::from_secs(3), "after the deadline").await;
+    eprintln!("the remote slot stopped {took:?} after the 504");
+    wait_pool(&server, Duration::from_secs(3), "slot back after the deadline", |p| p["in_use"] == 0).await;
+
+    // A streaming client that goes away after its first token.
+    let res = http()
+        .post(server.url("/chat"))
+        .json(&json!({ "message": long, "max_tokens": 400, "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = res.bytes_stream();
+    use futures::StreamExt;
+    let mut seen = String::new();
+    while !seen.contains("event: token") {
+        seen.push_str(&String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()));
+    }
+    assert!(remote_busy(&remote).await, "the remote generates the reply");
+    drop(stream);
+    let took = wait_remote_idle(&remote, Duration::from_secs(3), "after the client left").await;
+    eprintln!("the remote slot stopped {took:?} after the client left");
+    wait_pool(&server, Duration::from_secs(3), "slot back after the client left", |p| p["in_use"] == 0).await;
+    let (status, body, _) = chat(&server, "Say hi.", None, 8).await;
+    assert_eq!(status, 200, "{body}");
+}
