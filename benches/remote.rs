@@ -100,13 +100,26 @@ async fn main() {
             data.path(),
             &[("MODELPOOL_REMOTES", &url), ("MODELPOOL_ACQUIRE_TIMEOUT_MS", "600000")],
         );
-        // One client first (no queue anywhere: the overhead itself), then
-        // the 8-client workload.
+        // One client first, no queue anywhere. New prompts: modelpool pins
+        // each to the slot it leased (the coldest), llama-server alone picks
+        // the slot whose cache is most similar, so the prompt work differs.
+        // Then one prompt again and again (fully cached both ways): the hop
+        // through modelpool itself.
         let (mut direct1, mut via1) = (Vec::new(), Vec::new());
+        let (mut direct_hop, mut via_hop) = (Vec::new(), Vec::new());
         let (mut direct, mut via) = (Vec::new(), Vec::new());
         for _ in 0..2 {
             direct1.push(throughput(&url, 1, 4).await);
             via1.push(throughput(&mp.1, 1, 4).await);
+        }
+        let c = client::client();
+        let same = [serde_json::json!({ "role": "user", "content": client::PROMPTS[0] })];
+        for base in [&url, &mp.1] {
+            client::complete(&c, base, &same, 32).await;
+        }
+        for _ in 0..4 {
+            direct_hop.push(client::complete(&c, &url, &same, 32).await);
+            via_hop.push(client::complete(&c, &mp.1, &same, 32).await);
         }
         for _ in 0..2 {
             direct.push(throughput(&url, CLIENTS, ROUNDS).await);
@@ -119,10 +132,24 @@ async fn main() {
         row("llama-server, called directly", &direct);
         row("(b) modelpool → that llama-server", &via);
         println!(
-            "overhead, 1 client: tokens/s {:.3}× ({:+.1} %), TTFT p50 {:+.1} ms",
+            "overhead, 1 client, new prompts: tokens/s {:.3}× ({:+.1} %), TTFT p50 {:+.1} ms",
             via1.tok_s / direct1.tok_s,
             (via1.tok_s / direct1.tok_s - 1.0) * 100.0,
             via1.ttft[0] - direct1.ttft[0]
+        );
+        let p50 = |v: &[client::Sample], f: &dyn Fn(&client::Sample) -> f64| {
+            client::pct(&v.iter().map(f).collect::<Vec<_>>(), 0.5)
+        };
+        let rate = |s: &client::Sample| s.tokens as f64 / (s.total_ms / 1e3);
+        println!(
+            "overhead, 1 client, one prompt fully cached (the hop itself): TTFT p50 {:.1} vs {:.1} ms ({:+.1} ms), \
+             tokens/s {:.1} vs {:.1} ({:.3}×)",
+            p50(&via_hop, &|s| s.ttft_ms),
+            p50(&direct_hop, &|s| s.ttft_ms),
+            p50(&via_hop, &|s| s.ttft_ms) - p50(&direct_hop, &|s| s.ttft_ms),
+            p50(&via_hop, &rate),
+            p50(&direct_hop, &rate),
+            p50(&via_hop, &rate) / p50(&direct_hop, &rate),
         );
         (direct, via)
     };

@@ -146,8 +146,13 @@ impl Remote {
         let base = spec.url.trim_end_matches('/').to_string();
         let shown = spec.display_url();
         reqwest::Url::parse(&base).map_err(|e| EngineError::RemoteSetup(format!("remote URL {shown}: {e}")))?;
+        // No idle connections kept: llama-server closes kept-alive
+        // connections on its own schedule, and a request sent on one it has
+        // just closed fails as if the remote were broken. A new connection
+        // per sequence costs a handshake, small beside a generation.
         let client = reqwest::Client::builder()
             .connect_timeout(spec.timeout.min(CHECK_TIMEOUT))
+            .pool_max_idle_per_host(0)
             .tcp_nodelay(true)
             .build()
             .map_err(|e| EngineError::RemoteSetup(format!("HTTP client for {shown}: {e}")))?;
