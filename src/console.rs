@@ -1,27 +1,90 @@
 //! Console chat on the chat layer: conversations are stored and remembered.
+//! Lines are read with a line editor (rustyline: arrow keys, editing, a
+//! history kept across sessions in the data directory). Ctrl-C cancels the
+//! reply being streamed (or clears the line being typed); Ctrl-D leaves.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use modelpool_actors::{ChatEvent, ChatHandle, ConversationId, Role, SendMessage};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use rustyline::error::ReadlineError;
+use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::startup::start_chat;
 
-const HELP: &str = "Commands: /new (new conversation), /history, /recall <text>, /pool, /help, /quit";
+const HELP: &str =
+    "Commands: /new (new conversation), /history, /recall <text>, /pool, /help, /quit. Ctrl-C stops a reply, Ctrl-D leaves.";
+
+/// What the line editor's thread read.
+enum Input {
+    Line(String),
+    /// Ctrl-C while typing: the line is dropped.
+    Interrupted,
+    /// Ctrl-D or the end of input.
+    End,
+}
+
+/// Runs the line editor on a thread of its own (it blocks on the terminal):
+/// it reads one line, hands it over, and waits until that line is handled
+/// before it shows the next prompt.
+fn spawn_editor(history: PathBuf) -> (mpsc::Receiver<Input>, std::sync::mpsc::Sender<()>) {
+    let (lines_tx, lines_rx) = mpsc::channel(1);
+    let (next_tx, next_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut editor = match rustyline::DefaultEditor::new() {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("error: no line editor: {e}");
+                let _ = lines_tx.blocking_send(Input::End);
+                return;
+            }
+        };
+        let _ = editor.load_history(&history);
+        loop {
+            let input = match editor.readline("> ") {
+                Ok(line) => {
+                    if !line.trim().is_empty() {
+                        let _ = editor.add_history_entry(line.as_str());
+                        if let Err(e) = editor.save_history(&history) {
+                            tracing::warn!(path = %history.display(), error = %e, "could not save the console history");
+                        }
+                    }
+                    Input::Line(line)
+                }
+                Err(ReadlineError::Interrupted) => Input::Interrupted,
+                Err(ReadlineError::Eof) => Input::End,
+                Err(e) => {
+                    eprintln!("error: reading the terminal: {e}");
+                    Input::End
+                }
+            };
+            let end = matches!(input, Input::End);
+            if lines_tx.blocking_send(input).is_err() || end || next_rx.recv().is_err() {
+                return;
+            }
+        }
+    });
+    (lines_rx, next_tx)
+}
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let chat = start_chat(&cfg).await?;
     println!("modelpool console. {HELP}");
     let mut conversation: Option<ConversationId> = None;
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    loop {
-        print!("> ");
-        std::io::stdout().flush()?;
-        let Some(line) = lines.next_line().await? else { break };
+    let (mut lines, next) = spawn_editor(cfg.data_dir.join("console_history.txt"));
+    while let Some(input) = lines.recv().await {
+        let line = match input {
+            Input::Line(l) => l,
+            Input::Interrupted => {
+                let _ = next.send(());
+                continue;
+            }
+            Input::End => break,
+        };
         let line = line.trim();
         let result = match line {
-            "" => continue,
+            "" => Ok(()),
             "/quit" | "/exit" => break,
             "/help" => {
                 println!("{HELP}");
@@ -44,6 +107,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         if let Err(e) = result {
             println!("error: {e}");
         }
+        let _ = next.send(());
     }
     chat.pool().shutdown().await;
     chat.shutdown().await?;
@@ -54,7 +118,18 @@ async fn turn(chat: &ChatHandle, conversation: &mut Option<ConversationId>, text
     let msg = SendMessage { conversation_id: *conversation, namespace: None, text: text.to_string(), sampling: None };
     let mut stream = chat.send(msg).await?;
     *conversation = Some(stream.conversation_id);
-    while let Some(event) = stream.next_event().await {
+    loop {
+        let event = tokio::select! {
+            event = stream.next_event() => event,
+            // The terminal is not in the editor's raw mode while a reply
+            // streams, so Ctrl-C arrives as SIGINT: dropping the stream
+            // cancels the generation at the instance's next step.
+            _ = tokio::signal::ctrl_c() => {
+                println!(" ^C (reply stopped)");
+                return Ok(());
+            }
+        };
+        let Some(event) = event else { break };
         match event {
             ChatEvent::Token(t) => {
                 print!("{t}");

@@ -1,5 +1,5 @@
 //! `POST /chat` (the simple chat endpoint, with memory) and
-//! `GET`/`DELETE /conversations/{id}`.
+//! `GET /conversations` (newest first, paged), `GET`/`DELETE /conversations/{id}`.
 
 use std::time::Instant;
 
@@ -253,8 +253,81 @@ async fn delete_conversation(
         .json(serde_json::json!({ "conversation_id": id.to_string(), "deleted": true, "messages": removed })))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// The `next_before` of the previous page.
+    pub before: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ConversationItem {
+    conversation_id: String,
+    /// The first message, on one line, cut at 60 characters.
+    title: String,
+    namespace: String,
+    created_at_ms: u64,
+}
+
+/// A title from a conversation's first message.
+fn title_of(text: &str) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(60) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line,
+    }
+}
+
+/// The page cursor of a conversation: newest first, ties by id.
+fn cursor_of(c: &crate::memory::store::Conversation) -> String {
+    format!("{}_{}", c.created_at_ms, c.id)
+}
+
+fn parse_cursor(raw: &str) -> Result<(u64, uuid::Uuid), ApiError> {
+    let bad =
+        || ApiError::bad("before", format!("invalid before: pass the next_before of the previous page, got {raw:?}"));
+    let (ms, id) = raw.split_once('_').ok_or_else(bad)?;
+    Ok((ms.parse().map_err(|_| bad())?, uuid::Uuid::parse_str(id).map_err(|_| bad())?))
+}
+
+/// `GET /conversations`: the caller's conversations, newest first, paged.
+async fn list_conversations(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    q: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad("limit", format!("invalid limit: must be between 1 and 100, got {limit}")));
+    }
+    let before = q.before.as_deref().map(parse_cursor).transpose()?;
+    let mut all: Vec<_> = chat.conversations()?.into_iter().filter(|c| auth.may_see(&c.namespace)).collect();
+    all.sort_by_key(|c| std::cmp::Reverse((c.created_at_ms, c.id)));
+    let page: Vec<_> = all
+        .into_iter()
+        .filter(|c| before.is_none_or(|(ms, id)| (c.created_at_ms, c.id) < (ms, id)))
+        .take(limit + 1)
+        .collect();
+    let next_before = (page.len() > limit).then(|| cursor_of(&page[limit - 1]));
+    let mut items = Vec::with_capacity(limit);
+    for c in page.into_iter().take(limit) {
+        let first = chat.history(&c.id, None, 1)?;
+        let title = first.first().map(|m| title_of(&m.content)).unwrap_or_default();
+        items.push(ConversationItem {
+            conversation_id: c.id.to_string(),
+            title,
+            namespace: c.namespace,
+            created_at_ms: c.created_at_ms,
+        });
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "conversations": items, "next_before": next_before })))
+}
+
 pub fn register(cfg: &mut web::ServiceConfig) {
     cfg.route("/chat", web::post().to(chat))
+        .route("/conversations", web::get().to(list_conversations))
         .route("/conversations/{id}", web::get().to(get_conversation))
         .route("/conversations/{id}", web::delete().to(delete_conversation));
 }

@@ -6,7 +6,7 @@
 //!
 //! One file per area: `chat` (/chat, /conversations), `openai`
 //! (/v1/chat/completions, /v1/models), `embeddings` (/v1/embeddings),
-//! `status` (/pool, /health*), `metrics` (/metrics).
+//! `status` (/pool, /health*), `metrics` (/metrics), `page` (the chat page at /).
 
 pub mod chat;
 pub mod disconnect;
@@ -14,6 +14,7 @@ pub mod embeddings;
 pub mod error;
 pub mod metrics;
 pub mod openai;
+pub mod page;
 pub mod status;
 
 use std::collections::HashMap;
@@ -312,7 +313,8 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(openai::register)
             .configure(embeddings::register)
             .configure(status::register)
-            .configure(metrics::register);
+            .configure(metrics::register)
+            .configure(page::register);
     }
 }
 
