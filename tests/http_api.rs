@@ -501,3 +501,60 @@ async fn sigterm_drains_the_running_request_refuses_new_ones_and_keeps_the_conve
 fn super_kill(pid: u32) {
     std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
 }
+
+#[actix::test]
+async fn conversations_are_listed_newest_first_in_pages_with_titles_and_only_to_their_namespace() {
+    let server = Server::start(
+        &["--instances", "1"],
+        &[("MODELPOOL_SERVER_API_KEYS", "ka,kb"), ("MODELPOOL_SERVER_KEY_NAMESPACES", "ka=team-a,kb=team-b")],
+    );
+    let c = http();
+    let say = |key: &'static str, text: &'static str| {
+        let c = c.clone();
+        let url = server.url("/chat");
+        async move {
+            let r: Value = c
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({ "message": text, "max_tokens": 2 }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r["conversation_id"].as_str().unwrap().to_string()
+        }
+    };
+    let first = say("ka", "First:   a question\nover two lines").await;
+    let long = "x".repeat(80);
+    let second = say("ka", Box::leak(long.into_boxed_str())).await;
+    let third = say("ka", "Third one").await;
+    let other = say("kb", "Not yours").await;
+    let list = |key: &'static str, q: String| {
+        let c = c.clone();
+        let url = server.url(&format!("/conversations{q}"));
+        async move {
+            let res = c.get(url).bearer_auth(key).send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, page) = list("ka", "?limit=2".into()).await;
+    assert_eq!(status, 200, "{page}");
+    let ids: Vec<&str> = page["conversations"].as_array().unwrap().iter().map(|c| c["conversation_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [third.as_str(), second.as_str()], "newest first");
+    assert_eq!(page["conversations"][1]["title"], format!("{}…", "x".repeat(60)));
+    let next = page["next_before"].as_str().unwrap().to_string();
+    let (_, rest) = list("ka", format!("?limit=2&before={next}")).await;
+    assert_eq!(rest["conversations"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["conversations"][0]["conversation_id"], first.as_str());
+    assert_eq!(rest["conversations"][0]["title"], "First: a question over two lines");
+    assert_eq!(rest["next_before"], Value::Null);
+    let (_, theirs) = list("kb", String::new()).await;
+    assert_eq!(theirs["conversations"].as_array().unwrap().len(), 1);
+    assert_eq!(theirs["conversations"][0]["conversation_id"], other.as_str());
+    let (status, err) = list("ka", "?limit=0".into()).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("limit")), "{err}");
+    let (status, err) = list("ka", "?before=yesterday".into()).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("before")), "{err}");
+}
