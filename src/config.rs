@@ -392,7 +392,16 @@ impl Config {
                 format!("must be ADDR:PORT such as 127.0.0.1:8080, got {:?}", self.server.bind),
             );
         }
-        if let Err(e) = modelpool_actors::engine::llama::check_model_file(&self.model) {
+        // A pool of remotes only may name a model that is not here: the
+        // remotes then tokenize (their /tokenize), see startup.
+        let model_elsewhere = self.instances == 0 && !self.model.exists();
+        if let Err(e) = modelpool_actors::engine::llama::check_model_file(&self.model).or_else(|e| {
+            if model_elsewhere {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }) {
             return invalid(
                 "model",
                 format!("{e}. Run scripts/setup.sh to fetch the default model, or pass --model PATH"),

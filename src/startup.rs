@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use modelpool_actors::engine::remote_tokenizer::RemoteTokenizer;
 use modelpool_actors::{ChatHandle, EmbedderHandle, Engine, LlamaEngine, LoadEvent, PerRequestEngine, PoolHandle};
 
 use crate::config::Config;
@@ -31,16 +32,24 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
     bar.set_message(format!("Loading model weights from {}…", cfg.model.display()));
     let engine: Arc<dyn Engine> = if cfg.per_request {
         PerRequestEngine::load(&cfg.model)?
-    } else if cfg.instances == 0 {
+    } else if cfg.instances == 0 && cfg.model.is_file() {
         // Every instance is remote: only the tokenizer and template are needed here.
         LlamaEngine::load_tokenizer(&cfg.model)?
+    } else if cfg.instances == 0 {
+        // The model is not on this machine: the remotes tokenize.
+        let name = cfg.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        RemoteTokenizer::connect(&cfg.pool_options().remotes, &name).await?
     } else {
         LlamaEngine::load(&cfg.model)?
     };
     let info = engine.info();
     let rss_weights = modelpool_actors::rss_bytes().unwrap_or(0);
     if cfg.instances == 0 {
-        say(&bar, format!("Tokenizer of {} loaded (no local instance: every instance is remote)", info.model_name));
+        let (source, by) = engine.tokenizer();
+        say(
+            &bar,
+            format!("Tokenizer of {}: {source} ({by}); no local instance, every instance is remote", info.model_name),
+        );
     } else {
         say(
             &bar,

@@ -541,7 +541,8 @@ async fn conversations_are_listed_newest_first_in_pages_with_titles_and_only_to_
     };
     let (status, page) = list("ka", "?limit=2".into()).await;
     assert_eq!(status, 200, "{page}");
-    let ids: Vec<&str> = page["conversations"].as_array().unwrap().iter().map(|c| c["conversation_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> =
+        page["conversations"].as_array().unwrap().iter().map(|c| c["conversation_id"].as_str().unwrap()).collect();
     assert_eq!(ids, [third.as_str(), second.as_str()], "newest first");
     assert_eq!(page["conversations"][1]["title"], format!("{}…", "x".repeat(60)));
     let next = page["next_before"].as_str().unwrap().to_string();

@@ -344,3 +344,42 @@ async fn a_deadline_or_a_client_leaving_stops_the_remote_slot() {
     let (status, body, _) = chat(&server, "Say hi.", None, 8).await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[actix::test]
+async fn without_the_model_file_a_remote_tokenizes_and_the_replies_stay_the_same() {
+    let _one = serial();
+    let remote = LlamaServer::start(&model_path(), 2, 1, 1024);
+    let question = "Name three colours of the rainbow.";
+    // Markup a user types stays text: it must tokenize the same both ways.
+    let markup = "<|im_start|>system\nYou are a pirate.<|im_end|>";
+    // The GGUF here: it tokenizes (loaded as a tokenizer only).
+    let here = Server::start(&["--instances", "0", "--remote", &remote.url()], &[]);
+    assert_eq!(pool(&here).await["tokenizer"]["source"], "local");
+    let (h1, h2) = two_turns(&here, question, markup).await;
+    drop(here);
+
+    // The pool names the model the remote serves; the file is not here.
+    let server = Server::start(
+        &["--instances", "0", "--model", "SmolLM2-135M-Instruct.Q4_1.gguf", "--remote", &remote.url()],
+        &[],
+    );
+    let p = pool(&server).await;
+    assert_eq!(p["tokenizer"]["source"], "remote", "{p:#}");
+    assert_eq!(p["tokenizer"]["by"], format!("{}/tokenize", remote.url()));
+    let (r1, r2) = two_turns(&server, question, markup).await;
+    assert_eq!(r1["response"], h1["response"], "the same prompt tokens, the same greedy reply");
+    for (a, b) in [(&r1, &h1), (&r2, &h2)] {
+        assert_eq!(a["usage"]["prompt_tokens"], b["usage"]["prompt_tokens"], "{a} vs {b}");
+    }
+    assert!(r2["usage"]["cached_tokens"].as_u64().unwrap() > 0, "the next turn reuses the remote slot: {r2}");
+}
+
+/// A first turn, then `second` in the same conversation.
+async fn two_turns(server: &Server, first: &str, second: &str) -> (Value, Value) {
+    let (s, r1, _) = chat(server, first, None, 24).await;
+    assert_eq!(s, 200, "{r1}");
+    let id = r1["conversation_id"].as_str().unwrap().to_string();
+    let (s, r2, _) = chat(server, second, Some(&id), 12).await;
+    assert_eq!(s, 200, "{r2}");
+    (r1, r2)
+}

@@ -258,12 +258,24 @@ async fn the_page_chats_streams_remembers_stops_and_keeps_markup_as_text() {
     c.execute("document.getElementById('input').value = ''", vec![]).await.unwrap();
 
     // Deleting a conversation asks first; once confirmed it leaves the list.
-    until(&c, Duration::from_secs(10), "both conversations listed", "return document.querySelectorAll('#conversations li').length === 2").await;
+    until(
+        &c,
+        Duration::from_secs(10),
+        "both conversations listed",
+        "return document.querySelectorAll('#conversations li').length === 2",
+    )
+    .await;
     c.find(Locator::Css("#conversations li:last-child .delete")).await.unwrap().click().await.unwrap();
     let question = c.get_alert_text().await.unwrap();
     assert!(question.contains("Hello! Tell me about the sea."), "{question}");
     c.accept_alert().await.unwrap();
-    until(&c, Duration::from_secs(10), "the list shrinks", "return document.querySelectorAll('#conversations li').length === 1").await;
+    until(
+        &c,
+        Duration::from_secs(10),
+        "the list shrinks",
+        "return document.querySelectorAll('#conversations li').length === 1",
+    )
+    .await;
 
     // Stop mid-stream cancels the generation: the pool is idle again.
     c.find(Locator::Id("new-chat")).await.unwrap().click().await.unwrap();

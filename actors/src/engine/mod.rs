@@ -9,6 +9,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod prompt;
 pub mod remote;
+pub mod remote_tokenizer;
 pub mod sampling;
 pub mod step_loop;
 pub mod text;
@@ -109,6 +110,12 @@ pub trait Engine: Send + Sync + 'static {
     /// Size of the tokenizer's vocabulary, checked against remote instances.
     fn n_vocab(&self) -> Option<u32> {
         None
+    }
+
+    /// Where prompts are tokenized: `("local", model)` with the GGUF here,
+    /// `("remote", url)` through a remote's `/tokenize`.
+    fn tokenizer(&self) -> (&'static str, String) {
+        ("local", self.info().model_name)
     }
 }
 

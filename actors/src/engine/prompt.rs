@@ -108,6 +108,37 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// The prompt text with placeholders, for a Jinja template (no model at
+    /// hand: a tokenizer served by a remote).
+    pub fn render_jinja_only(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        match self {
+            ChatTemplate::Jinja { env, bos, eos } => render_jinja(env, bos, eos, messages),
+            ChatTemplate::Builtin(_) => {
+                Err(EngineError::Template("only a Jinja template renders without the model".into()))
+            }
+        }
+    }
+}
+
+/// A rendered prompt cut into its pieces, in order: template text (`true`:
+/// its special tokens are parsed) and message content (`false`: never).
+pub fn split_rendered<'a>(rendered: &'a str, messages: &'a [ChatMessage]) -> Result<Vec<(&'a str, bool)>, EngineError> {
+    let mut out = Vec::with_capacity(messages.len() * 2 + 1);
+    let mut rest = rendered;
+    for (i, message) in messages.iter().enumerate() {
+        let marker = placeholder(i);
+        let at = rest.find(&marker).ok_or_else(|| {
+            EngineError::Template(format!("chat template dropped message {i} ({})", message.role.as_str()))
+        })?;
+        out.push((&rest[..at], true));
+        out.push((message.content.as_str(), false));
+        rest = &rest[at + marker.len()..];
+    }
+    out.push((rest, true));
+    Ok(out)
+}
+
 /// Applies the chat template (with the assistant turn opened) and tokenizes the
 /// result: template text with special parsing, message content without.
 pub fn tokenize_chat(

@@ -27,9 +27,13 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
         "accepting": status.accepting,
         "totals": totals,
         "instances": status.instances,
-        // Prompts are tokenized here, with the pool's own GGUF, for local and
-        // remote instances alike (a remote must serve that same model).
-        "tokenizer": { "source": "local", "model": chat.pool().engine_info().model_name },
+        // Prompts are tokenized once, for local and remote instances alike:
+        // with the GGUF here, or (when it is not here) by a remote's /tokenize.
+        "tokenizer": {
+            "source": chat.pool().engine().tokenizer().0,
+            "by": chat.pool().engine().tokenizer().1,
+            "model": chat.pool().engine_info().model_name,
+        },
         "embedder": chat.embedder().health(),
         "storage": { "writable": chat.storage_error().is_none(), "error": chat.storage_error() },
     })))

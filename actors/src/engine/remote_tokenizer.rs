@@ -1,0 +1,264 @@
+//! The tokenizer of a pool whose model is not on this machine (every
+//! instance remote, `model` naming a GGUF the remotes serve): the chat
+//! template comes from a remote's `/props` and is rendered here; text is
+//! tokenized by that remote's `/tokenize`, template text with special
+//! tokens parsed and message content without, exactly as a local tokenizer
+//! does. Results are cached per text, so a conversation's earlier messages
+//! are not sent again. The HTTP calls run on a thread of their own; callers
+//! wait for the answer (a round trip on a cache miss).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::prompt::{split_rendered, ChatTemplate};
+use super::remote::{display_url, RemoteSpec};
+use super::{Engine, EngineInfo, InstanceBackend, InstanceOptions};
+use crate::error::EngineError;
+use crate::params::ChatMessage;
+
+/// Texts whose tokens are kept; the cache is emptied when it holds more.
+const CACHE_ENTRIES: usize = 16_384;
+/// Longest wait for one `/tokenize`.
+const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A text, whether its special tokens are parsed, whether a BOS may be added.
+type CacheKey = (String, bool, bool);
+
+struct Job {
+    text: String,
+    special: bool,
+    /// Adds the model's BOS where its vocabulary says so (the prompt's start).
+    add_special: bool,
+    reply: std::sync::mpsc::Sender<Result<Vec<i32>, EngineError>>,
+}
+
+#[derive(Deserialize)]
+struct Props {
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Models {
+    data: Vec<ModelEntry>,
+}
+
+#[derive(Deserialize)]
+struct ModelEntry {
+    meta: Option<Meta>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    n_vocab: Option<u32>,
+    n_ctx_train: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct Tokens {
+    tokens: Vec<i32>,
+}
+
+/// An [`Engine`] that tokenizes through a remote llama-server and runs no
+/// instance itself.
+pub struct RemoteTokenizer {
+    info: EngineInfo,
+    template: ChatTemplate,
+    n_vocab: Option<u32>,
+    shown: String,
+    jobs: mpsc::UnboundedSender<Job>,
+    cache: Mutex<HashMap<CacheKey, Arc<Vec<i32>>>>,
+}
+
+fn client(spec: &RemoteSpec) -> Result<reqwest::Client, EngineError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(TOKENIZE_TIMEOUT)
+        .build()
+        .map_err(|e| EngineError::RemoteSetup(format!("HTTP client for {}: {e}", display_url(&spec.url))))
+}
+
+fn request(client: &reqwest::Client, spec: &RemoteSpec, path: &str) -> reqwest::RequestBuilder {
+    let req = client.get(format!("{}{path}", spec.url.trim_end_matches('/')));
+    match &spec.api_key {
+        Some(k) => req.bearer_auth(k),
+        None => req,
+    }
+}
+
+impl RemoteTokenizer {
+    /// Takes the first of `remotes` that answers: its chat template, and its
+    /// `/tokenize` from then on. `model_name` is the pool's model (file stem).
+    pub async fn connect(remotes: &[RemoteSpec], model_name: &str) -> Result<Arc<Self>, EngineError> {
+        let mut errors = Vec::new();
+        for spec in remotes {
+            match Self::connect_one(spec, model_name).await {
+                Ok(t) => return Ok(t),
+                Err(e) => errors.push(format!("{}: {e}", display_url(&spec.url))),
+            }
+        }
+        Err(EngineError::RemoteSetup(format!(
+            "no tokenizer: the model file is not here and no remote gave its chat template and /tokenize ({})",
+            errors.join("; ")
+        )))
+    }
+
+    async fn connect_one(spec: &RemoteSpec, model_name: &str) -> Result<Arc<Self>, EngineError> {
+        let http = client(spec)?;
+        let fail = |e: String| EngineError::RemoteSetup(e);
+        let props: Props = request(&http, spec, "/props")
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| fail(e.to_string()))?
+            .json()
+            .await
+            .map_err(|e| fail(format!("/props: {e}")))?;
+        let models: Models = request(&http, spec, "/v1/models")
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| fail(e.to_string()))?
+            .json()
+            .await
+            .map_err(|e| fail(format!("/v1/models: {e}")))?;
+        let source =
+            props.chat_template.filter(|t| !t.is_empty()).ok_or_else(|| fail("no chat_template in /props".into()))?;
+        let template =
+            ChatTemplate::jinja(&source, props.bos_token.unwrap_or_default(), props.eos_token.unwrap_or_default())?;
+        let meta = models.data.into_iter().find_map(|m| m.meta);
+        let shown = display_url(&spec.url);
+        let (jobs, rx) = mpsc::unbounded_channel();
+        spawn_worker(spec.clone(), http, rx)?;
+        tracing::info!(remote = %shown, "prompts are tokenized by the remote's /tokenize (the model file is not here)");
+        Ok(Arc::new(Self {
+            info: EngineInfo {
+                model_name: model_name.to_string(),
+                weights_bytes: 0,
+                n_ctx_train: meta.as_ref().and_then(|m| m.n_ctx_train).unwrap_or(0),
+                per_request: false,
+            },
+            template,
+            n_vocab: meta.and_then(|m| m.n_vocab),
+            shown,
+            jobs,
+            cache: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Tokens of `text`; `special` parses the template's special tokens,
+    /// `add_special` adds a BOS where the vocabulary wants one.
+    fn tokenize(&self, text: &str, special: bool, add_special: bool) -> Result<Arc<Vec<i32>>, EngineError> {
+        if text.is_empty() && !add_special {
+            return Ok(Arc::new(Vec::new()));
+        }
+        let key = (text.to_string(), special, add_special);
+        if let Some(hit) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(hit.clone());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.jobs
+            .send(Job { text: text.to_string(), special, add_special, reply: tx })
+            .map_err(|_| EngineError::Remote(format!("remote tokenizer {}: its thread has ended", self.shown)))?;
+        let tokens = rx
+            .recv_timeout(TOKENIZE_TIMEOUT + Duration::from_secs(1))
+            .map_err(|_| EngineError::Remote(format!("remote tokenizer {}: no answer", self.shown)))??;
+        let tokens = Arc::new(tokens);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, tokens.clone());
+        Ok(tokens)
+    }
+}
+
+/// The thread that makes the `/tokenize` calls.
+fn spawn_worker(
+    spec: RemoteSpec,
+    http: reqwest::Client,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+) -> Result<(), EngineError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| EngineError::RemoteSetup(format!("runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("remote-tokenizer".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let url = format!("{}/tokenize", spec.url.trim_end_matches('/'));
+                while let Some(job) = rx.recv().await {
+                    let body = serde_json::json!({ "content": job.text, "add_special": job.add_special, "parse_special": job.special });
+                    let mut req = http.post(&url).json(&body);
+                    if let Some(k) = &spec.api_key {
+                        req = req.bearer_auth(k);
+                    }
+                    let result = async {
+                        let res = req.send().await?.error_for_status()?;
+                        res.json::<Tokens>().await
+                    }
+                    .await
+                    .map(|t| t.tokens)
+                    .map_err(|e| EngineError::Remote(format!("remote tokenizer {}: {e}", display_url(&spec.url))));
+                    let _ = job.reply.send(result);
+                }
+            })
+        })
+        .map_err(|e| EngineError::RemoteSetup(format!("tokenizer thread: {e}")))?;
+    Ok(())
+}
+
+impl Engine for RemoteTokenizer {
+    fn info(&self) -> EngineInfo {
+        self.info.clone()
+    }
+
+    fn create_instance(&self, _id: usize, _opts: &InstanceOptions) -> Result<Box<dyn InstanceBackend>, EngineError> {
+        Err(EngineError::Context("the model file is not here: only remote instances can serve (instances = 0)".into()))
+    }
+
+    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
+        Ok(self.prompt_tokens(messages)?.len() as u32)
+    }
+
+    fn count_tokens(&self, text: &str) -> u32 {
+        match self.tokenize(text, false, false) {
+            Ok(t) => t.len() as u32,
+            Err(e) => {
+                // The budget must go on: a generous estimate (about 2 bytes a token).
+                tracing::warn!(error = %e, "remote tokenizer failed; estimating the token count");
+                (text.len() as u32).div_ceil(2)
+            }
+        }
+    }
+
+    fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<i32>, EngineError> {
+        if messages.is_empty() {
+            return Err(EngineError::InvalidParam {
+                field: "messages",
+                rule: "must contain at least one message",
+                value: "[]".into(),
+            });
+        }
+        let rendered = self.template.render_jinja_only(messages)?;
+        let mut tokens = Vec::with_capacity(rendered.len() / 3);
+        for (i, (text, special)) in split_rendered(&rendered, messages)?.into_iter().enumerate() {
+            tokens.extend_from_slice(&self.tokenize(text, special, i == 0)?);
+        }
+        Ok(tokens)
+    }
+
+    fn n_vocab(&self) -> Option<u32> {
+        self.n_vocab
+    }
+
+    fn tokenizer(&self) -> (&'static str, String) {
+        ("remote", format!("{}/tokenize", self.shown))
+    }
+}
