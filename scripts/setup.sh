@@ -7,8 +7,9 @@
 #   scripts/setup.sh --with-llama-server   also build llama.cpp's llama-server
 #                              (~13 min, once), for the side-by-side benchmark
 #   scripts/setup.sh --llama-server-path   print where that llama-server is
-#   scripts/setup.sh --with-browser   also install Chromium, its WebDriver and
-#                              tmux (the web page and console tests)
+#   scripts/setup.sh --with-test-tools   also install what the test suite
+#                              drives: Chromium and its WebDriver (the web
+#                              page), tmux (the console), HAProxy (replicas)
 set -euo pipefail
 
 MODELS_DIR="${MODELPOOL_MODELS_DIR:-$HOME/.cache/modelpool/models}"
@@ -38,8 +39,8 @@ for arg in "$@"; do
     --check) CHECK_ONLY=1 ;;
     --with-llama-server) WITH_LLAMA_SERVER=1 ;;
     --llama-server-path) PRINT_LLAMA_SERVER=1 ;;
-    --with-browser) WITH_BROWSER=1 ;;
-    *) printf '[setup] error: unknown option %s (known: --check, --with-llama-server, --llama-server-path, --with-browser)\n' "$arg" >&2; exit 2 ;;
+    --with-test-tools) WITH_BROWSER=1 ;;
+    *) printf '[setup] error: unknown option %s (known: --check, --with-llama-server, --llama-server-path, --with-test-tools)\n' "$arg" >&2; exit 2 ;;
   esac
 done
 
@@ -81,12 +82,14 @@ check_tools() {
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || echo "python3 venv (package python3-venv)"
 }
 
-# Chromium and chromedriver drive the web page tests; tmux the console test.
+# Chromium and chromedriver drive the web page tests, tmux the console test,
+# HAProxy the replica routing test.
 check_browser() {
   [ "$WITH_BROWSER" = 1 ] || return 0
   chromium --version >/dev/null 2>&1 || echo "chromium (package chromium)"
   chromedriver --version >/dev/null 2>&1 || echo "chromedriver (package chromium-driver)"
   tmux -V >/dev/null 2>&1 || echo "tmux (package tmux)"
+  haproxy -v >/dev/null 2>&1 || echo "haproxy (package haproxy)"
 }
 
 check_models() {
@@ -154,6 +157,7 @@ if [ "$WITH_BROWSER" = 1 ]; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
   command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+  command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing system packages: ${missing[*]}"
@@ -162,7 +166,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 verify check_tools check_browser
-[ "$WITH_BROWSER" = 1 ] && say "browser present: $(chromium --version 2>/dev/null), $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2), $(tmux -V)"
+[ "$WITH_BROWSER" = 1 ] && say "test tools present: $(chromium --version 2>/dev/null), $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2), $(tmux -V), $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)"
 say "tools present: cargo, cmake, c++, libclang ($(find_libclang)), unzip, promtool, python3 venv"
 
 mkdir -p "$MODELS_DIR"

@@ -8,8 +8,9 @@ cd "$ROOT"
 . scripts/env.sh
 # The remote-instance tests run real llama-server processes: built once
 # into the cache (~13 min on 2 cores the first time), then only checked. The
-# web page tests drive Chromium; the console test runs under tmux.
-scripts/setup.sh --with-llama-server --with-browser
+# web page tests drive Chromium, the console test runs under tmux, the
+# replica test behind HAProxy.
+scripts/setup.sh --with-llama-server --with-test-tools
 MODELPOOL_LLAMA_SERVER="$(scripts/setup.sh --llama-server-path)"
 export MODELPOOL_LLAMA_SERVER
 echo "[test] building and running the tests (first build compiles llama.cpp: ~10 min on 2 cores)" >&2

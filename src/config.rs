@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub metrics_require_key: bool,
     pub max_body_bytes: usize,
     pub drain_timeout_ms: u64,
+    /// This replica's name (X-Modelpool-Node); empty: the host name.
+    pub node: String,
 }
 
 /// Chat memory settings.
@@ -414,6 +416,19 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// This replica's name: `server.node`, else the host name.
+    pub fn node_name(&self) -> String {
+        if !self.server.node.trim().is_empty() {
+            return self.server.node.trim().to_string();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "modelpool".into())
     }
 
     /// The keys bound to a namespace.

@@ -118,7 +118,22 @@ async fn chat(
     body: web::Json<ChatRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let body = body.into_inner();
+    let mut body = body.into_inner();
+    // A proxy routes on the X-Conversation-Id header; the body field works too.
+    if let Some(header) = http.headers().get(CONVERSATION_HEADER) {
+        let header = header.to_str().unwrap_or("").trim().to_string();
+        match &body.conversation_id {
+            Some(id) if *id != header => {
+                let e = ApiError::bad(
+                    "conversation_id",
+                    format!("the X-Conversation-Id header ({header:?}) and the body's conversation_id ({id:?}) differ"),
+                );
+                state.metrics.finished("chat", started, Err(&e));
+                return Err(e);
+            }
+            _ => body.conversation_id = Some(header),
+        }
+    }
     let result = unless_client_gone(&http, body.stream, chat_inner(&state, &auth, body, started)).await;
     // Every outcome but a started stream is counted here, once.
     if let Err(e) = &result {
@@ -158,12 +173,16 @@ async fn chat_inner(
     if !req.stream {
         let reply = turn.finish().await?;
         state.metrics.finished("chat", started, Ok(&reply.usage));
-        return Ok(HttpResponse::Ok().json(response_body(&reply, started)));
+        return Ok(HttpResponse::Ok()
+            .insert_header((CONVERSATION_HEADER, reply.conversation_id.to_string()))
+            .insert_header((NODE_HEADER, state.settings.node.as_str()))
+            .json(response_body(&reply, started)));
     }
 
     let (tx, rx) = mpsc::channel::<sse::Event>(64);
     let state = state.clone();
     let conversation_id = turn.conversation_id.to_string();
+    let routing = [(CONVERSATION_HEADER, conversation_id.clone()), (NODE_HEADER, state.settings.node.clone())];
     actix::spawn(async move {
         let start = serde_json::json!({ "conversation_id": conversation_id });
         if tx.send(sse::Data::new(start.to_string()).event("start").into()).await.is_err() {
@@ -195,8 +214,19 @@ async fn chat_inner(
             }
         }
     });
-    Ok(sse_response(rx))
+    let mut res = sse_response(rx);
+    for (name, value) in routing {
+        if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&value) {
+            res.headers_mut().insert(actix_web::http::header::HeaderName::from_static(name), v);
+        }
+    }
+    Ok(res)
 }
+
+/// The conversation a `/chat` request continues or started (request and answer).
+pub const CONVERSATION_HEADER: &str = "x-conversation-id";
+/// The replica that answered (`server.node`).
+pub const NODE_HEADER: &str = "x-modelpool-node";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -43,6 +43,9 @@ pub struct ApiSettings {
     pub metrics_require_key: bool,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// This replica's name, sent as `X-Modelpool-Node` with every `/chat`
+    /// answer (a proxy's consistent hashing keeps a conversation on one node).
+    pub node: String,
 }
 
 impl Default for ApiSettings {
@@ -52,6 +55,7 @@ impl Default for ApiSettings {
             key_namespaces: HashMap::new(),
             metrics_require_key: false,
             max_body_bytes: 1 << 20,
+            node: "modelpool".into(),
         }
     }
 }
