@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use modelpool_actors::engine::remote_tokenizer::RemoteTokenizer;
+use modelpool_actors::engine::remote::tokenizer::RemoteTokenizer;
 use modelpool_actors::{ChatHandle, EmbedderHandle, Engine, LlamaEngine, LoadEvent, PerRequestEngine, PoolHandle};
 
 use crate::config::Config;
@@ -30,6 +30,7 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
     bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(100));
     bar.set_message(format!("Loading model weights from {}…", cfg.model.display()));
+    let opts = cfg.pool_options();
     let engine: Arc<dyn Engine> = if cfg.per_request {
         PerRequestEngine::load(&cfg.model)?
     } else if cfg.instances == 0 && cfg.model.is_file() {
@@ -38,7 +39,7 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
     } else if cfg.instances == 0 {
         // The model is not on this machine: the remotes tokenize.
         let name = cfg.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        RemoteTokenizer::connect(&cfg.pool_options().remotes, &name).await?
+        RemoteTokenizer::connect(&opts.remotes, &name).await?
     } else {
         LlamaEngine::load(&cfg.model)?
     };
@@ -62,7 +63,6 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
         );
     }
 
-    let opts = cfg.pool_options();
     let threads = opts.instance.n_threads;
     let progress_bar = bar.clone();
     let progress = Arc::new(move |event: LoadEvent| match event {

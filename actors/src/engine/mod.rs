@@ -9,7 +9,6 @@ pub mod kv_cache;
 pub mod llama;
 pub mod prompt;
 pub mod remote;
-pub mod remote_tokenizer;
 pub mod sampling;
 pub mod step_loop;
 pub mod text;

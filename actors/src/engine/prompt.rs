@@ -99,16 +99,6 @@ impl ChatTemplate {
         }
     }
 
-    /// Which kind is in use, for logs.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ChatTemplate::Jinja { .. } => "the model's own Jinja template",
-            ChatTemplate::Builtin(_) => "llama.cpp's built-in template",
-        }
-    }
-}
-
-impl ChatTemplate {
     /// The prompt text with placeholders, for a Jinja template (no model at
     /// hand: a tokenizer served by a remote).
     pub fn render_jinja_only(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
@@ -117,6 +107,14 @@ impl ChatTemplate {
             ChatTemplate::Builtin(_) => {
                 Err(EngineError::Template("only a Jinja template renders without the model".into()))
             }
+        }
+    }
+
+    /// Which kind is in use, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ChatTemplate::Jinja { .. } => "the model's own Jinja template",
+            ChatTemplate::Builtin(_) => "llama.cpp's built-in template",
         }
     }
 }
@@ -156,19 +154,10 @@ pub fn tokenize_chat(
     let rendered = template.render(model, messages)?;
     let vocab = model.vocab();
     let mut tokens = Vec::with_capacity(rendered.len() / 3);
-    let mut rest = rendered.as_str();
-    let mut first = true;
-    for (i, message) in messages.iter().enumerate() {
-        let marker = placeholder(i);
-        let at = rest.find(&marker).ok_or_else(|| {
-            EngineError::Template(format!("chat template dropped message {i} ({})", message.role.as_str()))
-        })?;
-        tokens.extend(vocab.tokenize(&rest.as_bytes()[..at], first, true));
-        tokens.extend(vocab.tokenize(message.content.as_bytes(), false, false));
-        first = false;
-        rest = &rest[at + marker.len()..];
+    for (i, (text, special)) in split_rendered(&rendered, messages)?.into_iter().enumerate() {
+        // Only the prompt's start may get the vocabulary's BOS.
+        tokens.extend(vocab.tokenize(text.as_bytes(), i == 0, special));
     }
-    tokens.extend(vocab.tokenize(rest.as_bytes(), false, true));
     Ok(tokens)
 }
 

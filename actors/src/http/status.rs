@@ -9,6 +9,7 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
     let chat = state.chat()?;
     let status = chat.pool().status().await?;
     let totals = status.totals();
+    let (tokenizer_source, tokenizer_by) = chat.pool().engine().tokenizer();
     Ok(HttpResponse::Ok().json(json!({
         "available": status.available,
         "in_use": status.in_use,
@@ -30,8 +31,8 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
         // Prompts are tokenized once, for local and remote instances alike:
         // with the GGUF here, or (when it is not here) by a remote's /tokenize.
         "tokenizer": {
-            "source": chat.pool().engine().tokenizer().0,
-            "by": chat.pool().engine().tokenizer().1,
+            "source": tokenizer_source,
+            "by": tokenizer_by,
             "model": chat.pool().engine_info().model_name,
         },
         "embedder": chat.embedder().health(),

@@ -224,7 +224,7 @@ impl PoolManager {
                     }
                     Err(_) => Err("health probe failed: the instance's thread died".to_string()),
                 };
-                if act.state.probe_done_in(id, generation, res, Some(sent.elapsed())) {
+                if act.state.probe_done(id, generation, res, Some(sent.elapsed())) {
                     act.replace(id, ctx);
                 } else {
                     act.dispatch(ctx);

@@ -354,12 +354,8 @@ impl PoolState {
     }
 
     /// A probe ended. Returns true when the instance must be replaced.
-    pub fn probe_done(&mut self, instance: usize, generation: u64, result: Result<(), String>) -> bool {
-        self.probe_done_in(instance, generation, result, None)
-    }
-
-    /// [`Self::probe_done`] with the time the probe took (shown in status).
-    pub fn probe_done_in(
+    /// `took`: how long the probe took (shown in status).
+    pub fn probe_done(
         &mut self,
         instance: usize,
         generation: u64,

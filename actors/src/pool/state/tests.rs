@@ -101,8 +101,8 @@ fn probes_go_to_busy_instances_too_and_a_failed_probe_asks_replacement() {
     assert_eq!(p.begin_probes(), vec![0, 1]);
     assert!(p.begin_probes().is_empty(), "one probe out per instance");
     granted(p.admit(None));
-    assert!(!p.probe_done(1 - busy, 0, Ok(())));
-    assert!(p.probe_done(busy, 0, Err("nan".into())));
+    assert!(!p.probe_done(1 - busy, 0, Ok(()), None));
+    assert!(p.probe_done(busy, 0, Err("nan".into()), None));
     assert_eq!(p.state(busy), InstanceState::Unhealthy);
     // The lease it was serving ended with it; its late release is ignored.
     assert!(!p.release(busy, 0, lease, Outcome::Ok { tokens: 1 }));

@@ -14,9 +14,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::prompt::{split_rendered, ChatTemplate};
-use super::remote::{display_url, RemoteSpec};
-use super::{Engine, EngineInfo, InstanceBackend, InstanceOptions};
+use super::client::{Models, Props, Remote};
+use super::RemoteSpec;
+use crate::engine::prompt::{split_rendered, ChatTemplate};
+use crate::engine::{Engine, EngineInfo, InstanceBackend, InstanceOptions};
 use crate::error::EngineError;
 use crate::params::ChatMessage;
 
@@ -37,29 +38,6 @@ struct Job {
 }
 
 #[derive(Deserialize)]
-struct Props {
-    chat_template: Option<String>,
-    bos_token: Option<String>,
-    eos_token: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Models {
-    data: Vec<ModelEntry>,
-}
-
-#[derive(Deserialize)]
-struct ModelEntry {
-    meta: Option<Meta>,
-}
-
-#[derive(Deserialize)]
-struct Meta {
-    n_vocab: Option<u32>,
-    n_ctx_train: Option<u32>,
-}
-
-#[derive(Deserialize)]
 struct Tokens {
     tokens: Vec<i32>,
 }
@@ -75,22 +53,6 @@ pub struct RemoteTokenizer {
     cache: Mutex<HashMap<CacheKey, Arc<Vec<i32>>>>,
 }
 
-fn client(spec: &RemoteSpec) -> Result<reqwest::Client, EngineError> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(TOKENIZE_TIMEOUT)
-        .build()
-        .map_err(|e| EngineError::RemoteSetup(format!("HTTP client for {}: {e}", display_url(&spec.url))))
-}
-
-fn request(client: &reqwest::Client, spec: &RemoteSpec, path: &str) -> reqwest::RequestBuilder {
-    let req = client.get(format!("{}{path}", spec.url.trim_end_matches('/')));
-    match &spec.api_key {
-        Some(k) => req.bearer_auth(k),
-        None => req,
-    }
-}
-
 impl RemoteTokenizer {
     /// Takes the first of `remotes` that answers: its chat template, and its
     /// `/tokenize` from then on. `model_name` is the pool's model (file stem).
@@ -99,7 +61,7 @@ impl RemoteTokenizer {
         for spec in remotes {
             match Self::connect_one(spec, model_name).await {
                 Ok(t) => return Ok(t),
-                Err(e) => errors.push(format!("{}: {e}", display_url(&spec.url))),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         Err(EngineError::RemoteSetup(format!(
@@ -109,32 +71,19 @@ impl RemoteTokenizer {
     }
 
     async fn connect_one(spec: &RemoteSpec, model_name: &str) -> Result<Arc<Self>, EngineError> {
-        let http = client(spec)?;
-        let fail = |e: String| EngineError::RemoteSetup(e);
-        let props: Props = request(&http, spec, "/props")
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| fail(e.to_string()))?
-            .json()
-            .await
-            .map_err(|e| fail(format!("/props: {e}")))?;
-        let models: Models = request(&http, spec, "/v1/models")
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| fail(e.to_string()))?
-            .json()
-            .await
-            .map_err(|e| fail(format!("/v1/models: {e}")))?;
-        let source =
-            props.chat_template.filter(|t| !t.is_empty()).ok_or_else(|| fail("no chat_template in /props".into()))?;
+        let remote = Remote::new(spec.clone())?;
+        let props: Props = remote.get_json("/props").await?;
+        let models: Models = remote.get_json("/v1/models").await?;
+        let source = props
+            .chat_template
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| EngineError::RemoteSetup("no chat_template in /props".into()))?;
         let template =
             ChatTemplate::jinja(&source, props.bos_token.unwrap_or_default(), props.eos_token.unwrap_or_default())?;
         let meta = models.data.into_iter().find_map(|m| m.meta);
-        let shown = display_url(&spec.url);
+        let shown = remote.shown.clone();
         let (jobs, rx) = mpsc::unbounded_channel();
-        spawn_worker(spec.clone(), http, rx)?;
+        spawn_worker(remote, rx)?;
         tracing::info!(remote = %shown, "prompts are tokenized by the remote's /tokenize (the model file is not here)");
         Ok(Arc::new(Self {
             info: EngineInfo {
@@ -179,11 +128,7 @@ impl RemoteTokenizer {
 }
 
 /// The thread that makes the `/tokenize` calls.
-fn spawn_worker(
-    spec: RemoteSpec,
-    http: reqwest::Client,
-    mut rx: mpsc::UnboundedReceiver<Job>,
-) -> Result<(), EngineError> {
+fn spawn_worker(remote: Remote, mut rx: mpsc::UnboundedReceiver<Job>) -> Result<(), EngineError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -192,20 +137,15 @@ fn spawn_worker(
         .name("remote-tokenizer".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let url = format!("{}/tokenize", spec.url.trim_end_matches('/'));
+                let url = format!("{}/tokenize", remote.base);
                 while let Some(job) = rx.recv().await {
-                    let body = serde_json::json!({ "content": job.text, "add_special": job.add_special, "parse_special": job.special });
-                    let mut req = http.post(&url).json(&body);
-                    if let Some(k) = &spec.api_key {
-                        req = req.bearer_auth(k);
-                    }
-                    let result = async {
-                        let res = req.send().await?.error_for_status()?;
-                        res.json::<Tokens>().await
-                    }
-                    .await
-                    .map(|t| t.tokens)
-                    .map_err(|e| EngineError::Remote(format!("remote tokenizer {}: {e}", display_url(&spec.url))));
+                    let body =
+                        serde_json::json!({ "content": job.text, "add_special": job.add_special, "parse_special": job.special });
+                    let req = remote.auth(remote.client.post(&url)).timeout(TOKENIZE_TIMEOUT).json(&body);
+                    let result = async { req.send().await?.error_for_status()?.json::<Tokens>().await }
+                        .await
+                        .map(|t| t.tokens)
+                        .map_err(|e| EngineError::Remote(format!("remote tokenizer {}: {e}", remote.shown)));
                     let _ = job.reply.send(result);
                 }
             })

@@ -1,0 +1,168 @@
+//! One sequence on a remote: a streaming `/completion` pinned to the leased
+//! slot, its events turned into the pool's text pieces and usage, ended by
+//! its last event, a cancellation, the client leaving or the remote failing.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use super::client::{clip, error_chain, Remote};
+use crate::engine::sampling::check_fits;
+use crate::engine::{Engine, SeqEvent, SeqSink};
+use crate::error::EngineError;
+use crate::params::{Completion, FinishReason, GenerateRequest, Usage};
+
+/// One event of a streaming `/completion`.
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    content: String,
+    #[serde(default)]
+    stop: bool,
+    #[serde(default)]
+    tokens_predicted: u32,
+    #[serde(default)]
+    tokens_evaluated: u32,
+    #[serde(default)]
+    stop_type: String,
+    timings: Option<Timings>,
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Timings {
+    #[serde(default)]
+    cache_n: u32,
+}
+
+/// One sequence on the remote.
+pub(super) struct Job {
+    pub remote: Remote,
+    pub slot: usize,
+    pub n_ctx: u32,
+    pub tokenizer: Arc<dyn Engine>,
+}
+
+/// How a stream ended before its last event.
+enum Interrupted {
+    Cancelled,
+    Failed(EngineError),
+}
+
+impl Job {
+    pub async fn run(
+        self,
+        request: GenerateRequest,
+        started: Instant,
+        sink: SeqSink,
+        cancelled: oneshot::Receiver<()>,
+    ) {
+        let mut usage = Usage::default();
+        let result = tokio::select! {
+            r = self.stream(&request, started, &sink, &mut usage) => r,
+            _ = cancelled => Err(Interrupted::Cancelled),
+            _ = sink.closed() => Err(Interrupted::Cancelled),
+        };
+        let done = match result {
+            Ok(done) => Ok(done),
+            Err(Interrupted::Cancelled) => {
+                usage.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                Ok(Completion { usage, finish_reason: FinishReason::Cancelled })
+            }
+            Err(Interrupted::Failed(e)) => Err(e),
+        };
+        let _ = sink.send(SeqEvent::Done(done));
+    }
+
+    async fn stream(
+        &self,
+        request: &GenerateRequest,
+        started: Instant,
+        sink: &SeqSink,
+        usage: &mut Usage,
+    ) -> Result<Completion, Interrupted> {
+        let fail = Interrupted::Failed;
+        let tokens = self.tokenizer.prompt_tokens(&request.messages).map_err(fail)?;
+        let s = &request.sampling;
+        if self.n_ctx > 0 {
+            check_fits(tokens.len() as u32, s.max_tokens, self.n_ctx).map_err(fail)?;
+        }
+        usage.prompt_tokens = tokens.len() as u32;
+        let mut body = serde_json::json!({
+            "prompt": tokens,
+            "n_predict": s.max_tokens,
+            "stream": true,
+            "cache_prompt": true,
+            "id_slot": self.slot,
+            "temperature": s.temperature,
+            "top_k": s.top_k,
+            "top_p": s.top_p,
+            "min_p": s.min_p,
+            "repeat_penalty": s.repeat_penalty,
+            "repeat_last_n": s.repeat_last_n,
+            "presence_penalty": s.presence_penalty,
+            "frequency_penalty": s.frequency_penalty,
+            "stop": s.stop,
+        });
+        if let Some(seed) = s.seed {
+            body["seed"] = seed.into();
+        }
+        let remote = &self.remote;
+        let limit = remote.spec.timeout;
+        let timed_out = |what: &str| fail(remote.broken(format!("{what} within {} ms", limit.as_millis())));
+        let req = remote.auth(remote.client.post(format!("{}/completion", remote.base))).json(&body);
+        let res = tokio::time::timeout(limit, req.send())
+            .await
+            .map_err(|_| timed_out("did not answer"))?
+            .map_err(|e| fail(remote.broken(error_chain(&e))))?;
+        let status = res.status();
+        if !status.is_success() {
+            let text = res.text().await.unwrap_or_default();
+            let e = if status.is_server_error() {
+                remote.broken(format!("answered {status}: {}", clip(&text)))
+            } else {
+                EngineError::RemoteRejected(format!("remote {} answered {status}: {}", remote.shown, clip(&text)))
+            };
+            return Err(fail(e));
+        }
+        let mut events = res.bytes_stream().eventsource();
+        loop {
+            let event = tokio::time::timeout(limit, events.next())
+                .await
+                .map_err(|_| timed_out("sent nothing"))?
+                .ok_or_else(|| fail(remote.broken("closed the stream before its last event")))?
+                .map_err(|e| fail(remote.broken(format!("stream: {e}"))))?;
+            let chunk: Chunk = serde_json::from_str(&event.data)
+                .map_err(|e| fail(remote.broken(format!("unexpected stream event ({e})"))))?;
+            if let Some(err) = chunk.error {
+                return Err(fail(remote.broken(format!("error in stream: {err}"))));
+            }
+            if usage.first_token_at.is_none() && (chunk.tokens_predicted > 0 || chunk.stop) {
+                let now = Instant::now();
+                usage.first_token_at = Some(now);
+                usage.time_to_first_token_ms = (now - started).as_secs_f64() * 1e3;
+            }
+            usage.completion_tokens = chunk.tokens_predicted;
+            if !chunk.content.is_empty() && sink.send(SeqEvent::Piece(chunk.content)).is_err() {
+                return Err(Interrupted::Cancelled);
+            }
+            if chunk.stop {
+                if chunk.tokens_evaluated > 0 {
+                    usage.prompt_tokens = chunk.tokens_evaluated;
+                }
+                usage.cached_tokens = chunk.timings.map(|t| t.cache_n).unwrap_or(0).min(usage.prompt_tokens);
+                usage.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                let generating = usage.total_ms - usage.time_to_first_token_ms;
+                if usage.completion_tokens > 1 && generating > 0.0 {
+                    usage.tokens_per_second = (usage.completion_tokens - 1) as f64 / (generating / 1e3);
+                }
+                let finish_reason = if chunk.stop_type == "limit" { FinishReason::Length } else { FinishReason::Stop };
+                return Ok(Completion { usage: *usage, finish_reason });
+            }
+        }
+    }
+}
