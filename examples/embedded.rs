@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
     let pool = PoolHandle::start(engine, opts, Arc::new(|e: LoadEvent| eprintln!("{e:?}"))).await?;
     let embedder = EmbedderHandle::start(&embed, 1).await?;
     let data = std::env::temp_dir().join("modelpool-embedded-example");
-    let chat = ChatHandle::start(pool.clone(), embedder, &data, Durability::Sync, ChatOptions::default())?;
+    let chat = ChatHandle::start(pool.clone(), embedder, &data, Durability::Sync, ChatOptions::default()).await?;
 
     // The host talks to the chat actor directly, too.
     let reply = chat.say(None, "Say hello to the host system in five words.").await?;

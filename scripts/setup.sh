@@ -9,7 +9,9 @@
 #   scripts/setup.sh --llama-server-path   print where that llama-server is
 #   scripts/setup.sh --with-test-tools   also install what the test suite
 #                              drives: Chromium and its WebDriver (the web
-#                              page), tmux (the console), HAProxy (replicas)
+#                              page), tmux (the console), HAProxy (replicas),
+#                              PostgreSQL (the shared conversation store; the
+#                              tests start throwaway clusters with initdb)
 set -euo pipefail
 
 MODELS_DIR="${MODELPOOL_MODELS_DIR:-$HOME/.cache/modelpool/models}"
@@ -82,14 +84,26 @@ check_tools() {
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || echo "python3 venv (package python3-venv)"
 }
 
+# PostgreSQL's server programs (Debian: /usr/lib/postgresql/<version>/bin).
+pg_bindir() {
+  local d
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    [ -x "$d/initdb" ] && [ -x "$d/pg_ctl" ] && [ -x "$d/psql" ] && { echo "$d"; return 0; }
+  done
+  return 1
+}
+
 # Chromium and chromedriver drive the web page tests, tmux the console test,
-# HAProxy the replica routing test.
+# HAProxy the replica routing test, PostgreSQL the shared-store tests.
 check_browser() {
   [ "$WITH_BROWSER" = 1 ] || return 0
   chromium --version >/dev/null 2>&1 || echo "chromium (package chromium)"
   chromedriver --version >/dev/null 2>&1 || echo "chromedriver (package chromium-driver)"
   tmux -V >/dev/null 2>&1 || echo "tmux (package tmux)"
   haproxy -v >/dev/null 2>&1 || echo "haproxy (package haproxy)"
+  local pg; pg="$(pg_bindir)" && "$pg/initdb" --version >/dev/null 2>&1 || echo "PostgreSQL's initdb and pg_ctl (package postgresql)"
+  # As root the throwaway clusters run as the package's postgres user.
+  if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then echo "the postgres user (package postgresql)"; fi
 }
 
 check_models() {
@@ -158,6 +172,7 @@ if [ "$WITH_BROWSER" = 1 ]; then
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
   command -v tmux >/dev/null 2>&1 || missing+=(tmux)
   command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+  pg_bindir >/dev/null || missing+=(postgresql)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing system packages: ${missing[*]}"
@@ -166,7 +181,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 verify check_tools check_browser
-[ "$WITH_BROWSER" = 1 ] && say "test tools present: $(chromium --version 2>/dev/null), $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2), $(tmux -V), $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)"
+[ "$WITH_BROWSER" = 1 ] && say "test tools present: $(chromium --version 2>/dev/null), $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2), $(tmux -V), $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3), $("$(pg_bindir)/initdb" --version)"
 say "tools present: cargo, cmake, c++, libclang ($(find_libclang)), unzip, promtool, python3 venv"
 
 mkdir -p "$MODELS_DIR"

@@ -9,7 +9,7 @@ cd "$ROOT"
 # The remote-instance tests run real llama-server processes: built once
 # into the cache (~13 min on 2 cores the first time), then only checked. The
 # web page tests drive Chromium, the console test runs under tmux, the
-# replica test behind HAProxy.
+# replica test behind HAProxy, the shared-store tests on throwaway PostgreSQL clusters.
 scripts/setup.sh --with-llama-server --with-test-tools
 MODELPOOL_LLAMA_SERVER="$(scripts/setup.sh --llama-server-path)"
 export MODELPOOL_LLAMA_SERVER

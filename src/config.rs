@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use modelpool_actors::engine::remote::RemoteSpec;
+use modelpool_actors::memory::StoreSpec;
 use modelpool_actors::{ChatOptions, Durability, InstanceOptions, PoolOptions, SamplingParams};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -18,7 +19,7 @@ pub const PROFILES: &[(&str, &str)] = &[
 ];
 /// Environment variables with the prefix that are not config keys.
 const NOT_KEYS: &[&str] =
-    &["CONFIG", "PROFILE", "MODELS_DIR", "VENV", "LOG", "TEST_MODEL", "TEST_EMBED_MODEL", "REMOTES", "LLAMA_SERVER"];
+    &["CONFIG", "PROFILE", "MODELS_DIR", "VENV", "LOG", "TEST_MODEL", "TEST_EMBED_MODEL", "REMOTES", "LLAMA_SERVER", "PG_BIN"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -106,6 +107,17 @@ impl std::fmt::Debug for RemoteConfig {
     }
 }
 
+/// The `store` setting: a URL that may hold a password, so its Debug form is redacted.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct StoreUrl(pub String);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", modelpool_actors::memory::store::postgres::redact(&self.0))
+    }
+}
+
 /// Every setting of modelpool; see config/default.toml for the documentation of each key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,6 +125,8 @@ pub struct Config {
     pub model: PathBuf,
     pub embedding_model: PathBuf,
     pub data_dir: PathBuf,
+    /// Empty: sled in `data_dir`; `postgres://…`: PostgreSQL.
+    pub store: StoreUrl,
     pub instances: usize,
     pub slots: u32,
     pub prefill_chunk: u32,
@@ -292,6 +306,16 @@ impl Config {
         if self.instances == 0 && self.remote.is_empty() {
             return invalid("instances", "must be at least 1 when no [[remote]] is configured, got 0".into());
         }
+        let store = self.store.0.trim();
+        if !store.is_empty() && !store.starts_with("postgres://") && !store.starts_with("postgresql://") {
+            return invalid(
+                "store",
+                format!(
+                    "must be empty (sled in data_dir) or a postgres:// URL such as postgres://user:password@host:5432/db, got {:?}",
+                    modelpool_actors::memory::store::postgres::redact(store)
+                ),
+            );
+        }
         if self.instances == 0 && self.per_request {
             return invalid("per_request", "needs at least one local instance (instances = 0)".into());
         }
@@ -448,6 +472,14 @@ impl Config {
         }
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         (cores / self.instances.max(1)).max(1) as u32
+    }
+
+    /// Where conversations are kept.
+    pub fn store_spec(&self) -> StoreSpec {
+        match self.store.0.trim() {
+            "" => StoreSpec::Sled { data_dir: self.data_dir.clone(), durability: self.chat.durability },
+            url => StoreSpec::Postgres { url: url.to_string() },
+        }
     }
 
     pub fn chat_options(&self) -> ChatOptions {

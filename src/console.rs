@@ -96,7 +96,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 println!("(a new conversation starts with your next message)");
                 Ok(())
             }
-            "/history" => history(&chat, conversation),
+            "/history" => history(&chat, conversation).await,
             _ if line.starts_with("/recall") => recall(&chat, conversation, line["/recall".len()..].trim()).await,
             _ if line.starts_with('/') => {
                 println!("unknown command {line:?}. {HELP}");
@@ -146,13 +146,13 @@ async fn turn(chat: &ChatHandle, conversation: &mut Option<ConversationId>, text
     Ok(())
 }
 
-fn history(chat: &ChatHandle, conversation: Option<ConversationId>) -> anyhow::Result<()> {
+async fn history(chat: &ChatHandle, conversation: Option<ConversationId>) -> anyhow::Result<()> {
     let Some(id) = conversation else {
         println!("(no conversation yet)");
         return Ok(());
     };
     println!("Conversation {id}:");
-    for m in chat.history(&id, None, usize::MAX)? {
+    for m in chat.history(&id, None, usize::MAX).await? {
         let who = match m.role {
             Role::User => "you",
             Role::Assistant => "assistant",

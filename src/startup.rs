@@ -8,6 +8,7 @@ use modelpool_actors::engine::remote::tokenizer::RemoteTokenizer;
 use modelpool_actors::{ChatHandle, EmbedderHandle, Engine, LlamaEngine, LoadEvent, PerRequestEngine, PoolHandle};
 
 use crate::config::Config;
+use modelpool_actors::memory::StoreSpec;
 
 /// Prints a line above the spinner, or plainly when stderr is not a terminal.
 fn say(bar: &ProgressBar, line: String) {
@@ -117,19 +118,26 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
     Ok(pool)
 }
 
-/// Starts the pool, the embedder and the chat layer on the data directory.
+/// Opens the conversation store, then starts the pool, the embedder and the
+/// chat layer on it. The store comes first: a database that cannot be reached
+/// stops start-up at once, before the model is loaded.
 pub async fn start_chat(cfg: &Config) -> anyhow::Result<ChatHandle> {
+    let spec = cfg.store_spec();
+    if let StoreSpec::Postgres { .. } = spec {
+        eprintln!("Connecting to the conversation store {spec:?}…");
+    }
+    let store = modelpool_actors::memory::store::open(&spec).await?;
     let pool = start_pool(cfg).await?;
     eprintln!("Loading embedding model {}…", cfg.embedding_model.display());
     let embedder = EmbedderHandle::start(&cfg.embedding_model, 1)
         .await?
         .with_timeout(std::time::Duration::from_millis(cfg.chat.embed_timeout_ms));
-    let chat = ChatHandle::start(pool, embedder, &cfg.data_dir, cfg.chat.durability, cfg.chat_options())?;
+    let chat = ChatHandle::start_on(pool, embedder, store, cfg.chat_options()).await?;
     eprintln!(
         "Chat memory ready: {} conversation(s), {} message vector(s) in {}",
-        chat.conversations()?.len(),
+        chat.conversations().await?.len(),
         chat.indexed(),
-        cfg.data_dir.display()
+        chat.store().describe()
     );
     Ok(chat)
 }

@@ -101,7 +101,7 @@ fn bad_model_files_fail_with_a_clear_message() {
 fn a_data_directory_in_use_is_refused_with_its_name() {
     let data = tempfile::tempdir().unwrap();
     let _held =
-        modelpool_actors::memory::store::ConversationStore::open(data.path(), modelpool_actors::Durability::Sync)
+        modelpool_actors::memory::store::SledStore::open(data.path(), modelpool_actors::Durability::Sync)
             .unwrap();
     let mut cmd = modelpool(&["--data-dir", data.path().to_str().unwrap(), "chat"]);
     let out = cmd.output().unwrap();

@@ -487,13 +487,14 @@ async fn sigterm_drains_the_running_request_refuses_new_ones_and_keeps_the_conve
     assert!(status.success(), "exit status {status}\n{}", server.log_text());
 
     // The conversation is on disk.
-    let store = modelpool_actors::memory::store::ConversationStore::open(
+    use modelpool_actors::memory::Store;
+    let store = modelpool_actors::memory::store::SledStore::open(
         server.data_dir.path(),
         modelpool_actors::Durability::Sync,
     )
     .unwrap();
     let id = uuid::Uuid::parse_str(&id).unwrap();
-    let messages = store.messages(&id, None, 10).unwrap();
+    let messages = store.messages(&id, None, 10).await.unwrap();
     assert_eq!(messages.len(), 2);
     assert_eq!(messages[1].content, reply["response"].as_str().unwrap());
 }

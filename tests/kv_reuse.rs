@@ -65,7 +65,7 @@ async fn each_conversation_returns_to_the_instance_that_holds_its_prefix() {
     let pool = start(options(2, 8)).await;
     let embedder = EmbedderHandle::start(&embed_model_path(), 1).await.unwrap();
     let opts = ChatOptions { sampling: SamplingParams::greedy(8), ..ChatOptions::default() };
-    let chat = ChatHandle::start(pool, embedder, dir.path(), Durability::Sync, opts).unwrap();
+    let chat = ChatHandle::start(pool, embedder, dir.path(), Durability::Sync, opts).await.unwrap();
 
     let (a, b) = futures::join!(chat.say(None, "My name is Ada."), chat.say(None, "My name is Bob."));
     let (a, b) = (a.unwrap(), b.unwrap());

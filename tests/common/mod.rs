@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod llama_server;
+pub mod postgres;
 pub mod server;
 
 use std::path::PathBuf;

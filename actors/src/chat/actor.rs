@@ -117,6 +117,9 @@ pub struct ChatReply {
     pub instance: usize,
     /// The sequence slot of that instance (its KV cache holds this conversation).
     pub slot: usize,
+    /// Time this turn waited on the conversation store (every read and both
+    /// appends), in milliseconds.
+    pub store_ms: f64,
 }
 
 /// What a turn's stream yields: text pieces, then one `Done` or `Error`.

@@ -9,7 +9,7 @@ use actix::prelude::*;
 use crate::chat::actor::{
     ChatActor, ChatError, ChatOptions, ChatReply, ChatStream, DeleteConversation, SendMessage, StopChat,
 };
-use crate::chat::turn::ChatCore;
+use crate::chat::turn::{ChatCore, StoreClock};
 use crate::memory::index::VectorIndex;
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, Durability, StoredMessage};
@@ -23,18 +23,29 @@ pub struct ChatHandle {
 }
 
 impl ChatHandle {
-    /// Opens the store in `data_dir`, rebuilds the vector index from it and
-    /// starts the chat actor. Inside an actix system.
-    pub fn start(
+    /// Opens the sled store in `data_dir` and starts the chat layer on it
+    /// ([`Self::start_on`]). Inside an actix system.
+    pub async fn start(
         pool: PoolHandle,
         embedder: EmbedderHandle,
         data_dir: &Path,
         durability: Durability,
         opts: ChatOptions,
     ) -> Result<Self, ChatError> {
-        let store = ConversationStore::open(data_dir, durability)?;
+        let store = crate::memory::store::open_sled(data_dir, durability)?;
+        Self::start_on(pool, embedder, store, opts).await
+    }
+
+    /// Rebuilds the vector index from `store` and starts the chat actor.
+    /// Inside an actix system.
+    pub async fn start_on(
+        pool: PoolHandle,
+        embedder: EmbedderHandle,
+        store: ConversationStore,
+        opts: ChatOptions,
+    ) -> Result<Self, ChatError> {
         let started = std::time::Instant::now();
-        let index = Arc::new(VectorIndex::rebuild(&store, embedder.dim())?);
+        let index = Arc::new(VectorIndex::rebuild(&store, embedder.dim()).await?);
         tracing::info!(
             vectors = index.len(),
             millis = started.elapsed().as_millis() as u64,
@@ -68,23 +79,28 @@ impl ChatHandle {
         self.send(msg).await?.finish().await
     }
 
-    pub fn conversation(&self, id: &ConversationId) -> Result<Conversation, ChatError> {
-        Ok(self.core.store.conversation(id)?)
+    pub async fn conversation(&self, id: &ConversationId) -> Result<Conversation, ChatError> {
+        Ok(self.core.store.conversation(id).await?)
     }
 
-    pub fn conversations(&self) -> Result<Vec<Conversation>, ChatError> {
-        Ok(self.core.store.list_conversations()?)
+    pub async fn conversations(&self) -> Result<Vec<Conversation>, ChatError> {
+        Ok(self.core.store.list_conversations().await?)
+    }
+
+    /// The conversation store.
+    pub fn store(&self) -> &ConversationStore {
+        &self.core.store
     }
 
     /// A page of a conversation's messages, oldest first, after message `after`.
-    pub fn history(
+    pub async fn history(
         &self,
         id: &ConversationId,
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, ChatError> {
-        self.core.store.conversation(id)?;
-        Ok(self.core.store.messages(id, after, limit)?)
+        self.core.store.conversation(id).await?;
+        Ok(self.core.store.messages(id, after, limit).await?)
     }
 
     pub async fn delete(&self, id: ConversationId) -> Result<usize, ChatError> {
@@ -94,16 +110,23 @@ impl ChatHandle {
     /// What memory would recall for `text` in this conversation now (the
     /// recent window left out, as in a turn), with scores.
     pub async fn recall(&self, id: &ConversationId, text: &str) -> Result<Vec<Recalled>, ChatError> {
-        let conv = self.core.store.conversation(id)?;
+        let conv = self.core.store.conversation(id).await?;
         let vector = self.core.embedder.embed_one(text).await.map_err(ChatError::Embedding)?;
-        let recent = self.core.recent_window(id)?;
+        let clock = StoreClock::default();
+        let stored = self.core.store.count(id).await?;
+        let recent = self.core.recent_window(id, stored, &clock).await?;
         let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
-        self.core.recall(&conv, &vector, &exclude)
+        self.core.recall(&conv, &vector, exclude, &clock).await
     }
 
-    /// Why the conversation store cannot write, if it cannot.
+    /// Why the conversation store cannot serve, as last seen (no I/O).
     pub fn storage_error(&self) -> Option<String> {
-        self.core.store.write_error()
+        self.core.store.health()
+    }
+
+    /// Asks the store now whether it can serve (readiness).
+    pub async fn check_storage(&self) -> Option<String> {
+        self.core.store.check().await
     }
 
     /// Number of live vectors in the index.

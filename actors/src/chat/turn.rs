@@ -4,7 +4,9 @@
 //! Turns of one conversation are serialised by a per-conversation lock.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use futures::StreamExt;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -18,6 +20,23 @@ use crate::memory::EmbedderHandle;
 use crate::params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, Usage};
 use crate::pool::handle::PoolHandle;
 use crate::pool::lease::GenEvent;
+
+/// Time spent waiting on the conversation store, summed over one turn's calls.
+#[derive(Default)]
+pub(crate) struct StoreClock(AtomicU64);
+
+impl StoreClock {
+    async fn time<T>(&self, call: impl std::future::Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = call.await;
+        self.0.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
+    fn ms(&self) -> f64 {
+        self.0.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
 
 /// Shared state of the chat layer, used by the actor's futures.
 pub(crate) struct ChatCore {
@@ -54,57 +73,95 @@ impl ChatCore {
     }
 
     /// Messages related to `vector`, best first, leaving out `exclude`.
-    pub(crate) fn recall(
-        &self,
+    pub(crate) async fn recall(
+        self: &Arc<Self>,
         conv: &Conversation,
         vector: &[f32],
-        exclude: &HashSet<u64>,
+        exclude: HashSet<u64>,
+        clock: &StoreClock,
     ) -> Result<Vec<Recalled>, ChatError> {
-        let hits: Vec<Hit> = self.index.search(vector, self.opts.recall_k, &self.scope(conv), exclude);
-        let mut out = Vec::new();
-        for h in hits.into_iter().filter(|h| h.score >= self.opts.recall_min_score) {
-            if let Some(m) = self.store.message(&h.conversation_id, h.id)? {
-                out.push(Recalled { id: m.id, role: m.role, content: m.content, score: h.score });
-            }
-        }
-        Ok(out)
+        // Searching a large namespace is CPU work: a blocking thread does it,
+        // never the arbiter that hosts the pool manager.
+        let (core, scope, query) = (self.clone(), self.scope(conv), vector.to_vec());
+        let hits: Vec<Hit> = actix_web::rt::task::spawn_blocking(move || {
+            core.index.search(&query, core.opts.recall_k, &scope, &exclude)
+        })
+        .await
+        .map_err(|_| ChatError::Internal("searching the memory index panicked".into()))?;
+        let hits: Vec<Hit> = hits.into_iter().filter(|h| h.score >= self.opts.recall_min_score).collect();
+        let ids: Vec<(ConversationId, u64)> = hits.iter().map(|h| (h.conversation_id, h.id)).collect();
+        let mut found: HashMap<u64, StoredMessage> =
+            clock.time(self.store.messages_by_id(&ids)).await?.into_iter().map(|m| (m.id, m)).collect();
+        // Best first; a message deleted meanwhile (by another replica) is left out.
+        Ok(hits
+            .into_iter()
+            .filter_map(|h| {
+                let m = found.remove(&h.id)?;
+                Some(Recalled { id: m.id, role: m.role, content: m.content, score: h.score })
+            })
+            .collect())
     }
 
-    /// Recall and the prompt for a turn: blocking work (store, index, tokenizer).
-    fn build(
-        &self,
-        conv: &Conversation,
-        vector: &[f32],
+    /// With a store other replicas write to, the index here is a cache: when
+    /// it holds fewer of this conversation's messages than the store
+    /// (`stored`), the missing vectors are loaded before recall.
+    async fn catch_up(&self, conv: &Conversation, stored: usize, clock: &StoreClock) -> Result<(), ChatError> {
+        if !self.store.shared() || self.index.conversation_len(&conv.id) >= stored {
+            return Ok(());
+        }
+        let vectors = clock.time(self.store.vectors(Some(&conv.id))).await?;
+        let missing: Vec<_> = vectors
+            .into_iter()
+            .filter(|(id, _, _)| !self.index.contains(*id))
+            .map(|(id, c, v)| (id, c, conv.namespace.clone(), v))
+            .collect();
+        tracing::debug!(conversation = %conv.id, loaded = missing.len(), "conversation vectors loaded from the store");
+        self.index.insert_many(missing);
+        Ok(())
+    }
+
+    /// The prompt for a turn: tokenizing is blocking work, done on a blocking thread.
+    async fn build(
+        self: &Arc<Self>,
+        recent: &[StoredMessage],
+        recalled: Vec<Recalled>,
         text: &str,
         max_tokens: u32,
     ) -> Result<(Vec<Recalled>, BuiltPrompt), ChatError> {
-        let recent = self.recent_window(&conv.id)?;
-        let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
-        let recalled = self.recall(conv, vector, &exclude)?;
         let engine = self.pool.engine().clone();
         let recent_turns: Vec<ChatMessage> =
             recent.iter().map(|m| ChatMessage::new(m.role, m.content.clone())).collect();
         let budget = PromptBudget { n_ctx: self.pool.options().instance.n_ctx, max_tokens };
-        let built = build_prompt(&self.opts.system_prompt, recalled.clone(), &recent_turns, text, budget, &|m| {
-            engine.count_prompt_tokens(m)
-        })?;
-        let recalled = recalled.into_iter().filter(|r| built.recalled.contains(&r.id)).collect();
-        Ok((recalled, built))
+        let (system, text) = (self.opts.system_prompt.clone(), text.to_string());
+        actix_web::rt::task::spawn_blocking(move || {
+            let built = build_prompt(&system, recalled.clone(), &recent_turns, &text, budget, &|m| {
+                engine.count_prompt_tokens(m)
+            })?;
+            let recalled = recalled.into_iter().filter(|r| built.recalled.contains(&r.id)).collect();
+            Ok((recalled, built))
+        })
+        .await
+        .map_err(|_| ChatError::Internal("building the prompt panicked".into()))?
     }
 
-    /// The recent messages offered to the prompt. The window's start moves in
-    /// steps of half the window, not one turn at a time, so that the prompt's
-    /// beginning (and the KV cache that holds it) stays the same for several
-    /// turns: between half and all of `recent_messages` are offered.
-    pub(crate) fn recent_window(&self, conv: &ConversationId) -> Result<Vec<StoredMessage>, ChatError> {
+    /// The recent messages offered to the prompt, of the conversation's
+    /// `total` stored messages. The window's start moves in steps of half the
+    /// window, not one turn at a time, so that the prompt's beginning (and the
+    /// KV cache that holds it) stays the same for several turns: between half
+    /// and all of `recent_messages` are offered.
+    pub(crate) async fn recent_window(
+        &self,
+        conv: &ConversationId,
+        total: usize,
+        clock: &StoreClock,
+    ) -> Result<Vec<StoredMessage>, ChatError> {
         let n = self.opts.recent_messages;
-        if n == 0 {
+        if n == 0 || total == 0 {
             return Ok(Vec::new());
         }
         let step = (n / 2).max(1);
-        let total = self.store.count(conv)?;
         let start = total.saturating_sub(n).div_ceil(step) * step;
-        Ok(self.store.recent(conv, total - start.min(total))?)
+        Ok(clock.time(self.store.recent(conv, total - start.min(total))).await?)
     }
 
     fn validate(&self, text: &str) -> Result<(), ChatError> {
@@ -131,22 +188,20 @@ impl ChatCore {
         let sampling = msg.sampling.unwrap_or_else(|| self.opts.sampling.clone());
         sampling.validate()?;
         // A new conversation is stored with its first message, after admission.
+        let clock = StoreClock::default();
         let (conv, is_new) = match msg.conversation_id {
-            Some(id) => (self.store.conversation(&id)?, false),
-            None => (self.store.new_conversation(msg.namespace.as_deref().unwrap_or("default")), true),
+            Some(id) => (clock.time(self.store.conversation(&id)).await?, false),
+            None => (Conversation::new(msg.namespace.as_deref().unwrap_or("default")), true),
         };
         let guard = self.lock(conv.id).await;
 
         let vector = self.embedder.embed_one(&msg.text).await.map_err(ChatError::Embedding)?;
-        // Reading the store, searching the index and tokenizing block: they run
-        // on a blocking thread, never on the arbiter that hosts the pool manager.
-        let (recalled, built) = {
-            let (core, conv, vector, text) = (self.clone(), conv.clone(), vector.clone(), msg.text.clone());
-            let max_tokens = sampling.max_tokens;
-            actix_web::rt::task::spawn_blocking(move || core.build(&conv, &vector, &text, max_tokens))
-                .await
-                .map_err(|_| ChatError::Internal("building the prompt panicked".into()))??
-        };
+        let stored = if is_new { 0 } else { clock.time(self.store.count(&conv.id)).await? };
+        self.catch_up(&conv, stored, &clock).await?;
+        let recent = self.recent_window(&conv.id, stored, &clock).await?;
+        let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
+        let recalled = self.recall(&conv, &vector, exclude, &clock).await?;
+        let (recalled, built) = self.build(&recent, recalled, &msg.text, sampling.max_tokens).await?;
         let engine = self.pool.engine().clone();
 
         // Admission before anything is stored: a rejected turn leaves no trace.
@@ -156,12 +211,21 @@ impl ChatCore {
         let generation = self.pool.generate_for(request, affinity).await?;
         let (instance, slot) = (generation.instance(), generation.slot());
         let user_tokens = engine.count_tokens(&msg.text);
-        let user_msg = self.store.append(&conv, is_new, Role::User, &msg.text, user_tokens, &vector).await?;
+        let user_msg =
+            clock.time(self.store.append(&conv, is_new, Role::User, &msg.text, user_tokens, &vector)).await?;
         self.index.insert(user_msg.id, conv.id, &conv.namespace, vector);
 
         let (tx, rx) = unbounded_channel();
-        let turn =
-            Turn { core: self.clone(), conv: conv.clone(), user_msg, recalled, prompt: built.messages, instance, slot };
+        let turn = Turn {
+            core: self.clone(),
+            conv: conv.clone(),
+            user_msg,
+            recalled,
+            prompt: built.messages,
+            instance,
+            slot,
+            clock,
+        };
         actix::spawn(turn.stream(generation, tx, guard));
         Ok(ChatStream { conversation_id: conv.id, rx })
     }
@@ -213,6 +277,7 @@ struct Turn {
     prompt: Vec<ChatMessage>,
     instance: usize,
     slot: usize,
+    clock: StoreClock,
 }
 
 impl Turn {
@@ -278,7 +343,8 @@ impl Turn {
         } else {
             core.pool.engine().count_tokens(text)
         };
-        let msg = core.store.append(&self.conv, false, Role::Assistant, text, tokens, &vector).await?;
+        let msg =
+            self.clock.time(core.store.append(&self.conv, false, Role::Assistant, text, tokens, &vector)).await?;
         core.index.insert(msg.id, self.conv.id, &self.conv.namespace, vector);
         Ok(ChatReply {
             conversation_id: self.conv.id,
@@ -291,6 +357,7 @@ impl Turn {
             prompt: self.prompt.clone(),
             instance: self.instance,
             slot: self.slot,
+            store_ms: self.clock.ms(),
         })
     }
 }

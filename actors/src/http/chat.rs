@@ -78,6 +78,8 @@ pub struct ChatResponse<'a> {
     pub instance: usize,
     /// The sequence slot of that instance.
     pub slot: usize,
+    /// Time the turn waited on the conversation store, in milliseconds.
+    pub store_ms: f64,
 }
 
 fn response_body(r: &ChatReply, started: Instant) -> ChatResponse<'_> {
@@ -90,16 +92,17 @@ fn response_body(r: &ChatReply, started: Instant) -> ChatResponse<'_> {
         recalled: &r.recalled,
         instance: r.instance,
         slot: r.slot,
+        store_ms: r.store_ms,
     }
 }
 
 /// The conversation `id`, if this caller may see it (else 404, as if it did not exist).
-fn visible_conversation(
+async fn visible_conversation(
     state: &ApiState,
     auth: &Authorized,
     id: uuid::Uuid,
 ) -> Result<crate::memory::store::Conversation, ApiError> {
-    let conv = state.chat()?.conversation(&id)?;
+    let conv = state.chat()?.conversation(&id).await?;
     if !auth.may_see(&conv.namespace) {
         return Err(ChatError::NotFound(id).into());
     }
@@ -153,7 +156,7 @@ async fn chat_inner(
     state.admit()?;
     let namespace = auth.namespace(req.namespace)?;
     let conversation_id = match req.conversation_id.as_deref() {
-        Some(raw) => Some(visible_conversation(state, auth, parse_conversation_id(raw)?)?.id),
+        Some(raw) => Some(visible_conversation(state, auth, parse_conversation_id(raw)?).await?.id),
         None => None,
     };
     let sampling = state.sampling(SamplingOverrides {
@@ -173,6 +176,7 @@ async fn chat_inner(
     if !req.stream {
         let reply = turn.finish().await?;
         state.metrics.finished("chat", started, Ok(&reply.usage));
+        state.metrics.chat_store(reply.store_ms);
         return Ok(HttpResponse::Ok()
             .insert_header((CONVERSATION_HEADER, reply.conversation_id.to_string()))
             .insert_header((NODE_HEADER, state.settings.node.as_str()))
@@ -195,6 +199,8 @@ async fn chat_inner(
                 }
                 ChatEvent::Done(reply) => {
                     state.metrics.finished("chat", started, Ok(&reply.usage));
+                    state.metrics.chat_store(reply.store_ms);
+        state.metrics.chat_store(reply.store_ms);
                     let body = serde_json::to_string(&response_body(&reply, started)).expect("serialisable");
                     (sse::Data::new(body).event("done"), true)
                 }
@@ -257,8 +263,8 @@ async fn get_conversation(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad("limit", format!("invalid limit: must be between 1 and 1000, got {limit}")));
     }
-    let conv = visible_conversation(&state, &auth, id)?;
-    let messages = chat.history(&id, q.after, limit + 1)?;
+    let conv = visible_conversation(&state, &auth, id).await?;
+    let messages = chat.history(&id, q.after, limit + 1).await?;
     let more = messages.len() > limit;
     let messages: Vec<StoredMessage> = messages.into_iter().take(limit).collect();
     let next_after = if more { messages.last().map(|m| m.id) } else { None };
@@ -277,7 +283,7 @@ async fn delete_conversation(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
-    let id = visible_conversation(&state, &auth, parse_conversation_id(&id)?)?.id;
+    let id = visible_conversation(&state, &auth, parse_conversation_id(&id)?).await?.id;
     let removed = chat.delete(id).await?;
     Ok(HttpResponse::Ok()
         .json(serde_json::json!({ "conversation_id": id.to_string(), "deleted": true, "messages": removed })))
@@ -333,7 +339,7 @@ async fn list_conversations(
         return Err(ApiError::bad("limit", format!("invalid limit: must be between 1 and 100, got {limit}")));
     }
     let before = q.before.as_deref().map(parse_cursor).transpose()?;
-    let mut all: Vec<_> = chat.conversations()?.into_iter().filter(|c| auth.may_see(&c.namespace)).collect();
+    let mut all: Vec<_> = chat.conversations().await?.into_iter().filter(|c| auth.may_see(&c.namespace)).collect();
     all.sort_by_key(|c| std::cmp::Reverse((c.created_at_ms, c.id)));
     let page: Vec<_> = all
         .into_iter()
@@ -343,7 +349,7 @@ async fn list_conversations(
     let next_before = (page.len() > limit).then(|| cursor_of(&page[limit - 1]));
     let mut items = Vec::with_capacity(limit);
     for c in page.into_iter().take(limit) {
-        let first = chat.history(&c.id, None, 1)?;
+        let first = chat.history(&c.id, None, 1).await?;
         let title = first.first().map(|m| title_of(&m.content)).unwrap_or_default();
         items.push(ConversationItem {
             conversation_id: c.id.to_string(),

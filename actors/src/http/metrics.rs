@@ -38,6 +38,7 @@ pub const INSTANCE_SLOTS_BUSY: &str = "modelpool_instance_slots_busy";
 pub const INSTANCE_INFO: &str = "modelpool_instance_info";
 pub const INSTANCE_PROBE: &str = "modelpool_instance_probe_seconds";
 pub const REQUESTS_RUNNING: &str = "modelpool_requests_running";
+pub const CHAT_STORE: &str = "modelpool_chat_store_seconds";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -101,6 +102,7 @@ pub struct Metrics {
     instance_info: Family<InstanceInfoLabels, Gauge>,
     instance_probe: Family<InstanceLabels, FloatGauge>,
     requests_running: Gauge,
+    chat_store: Histogram,
     /// Serialises scrapes: pool counters are copied in by difference.
     scrape: Mutex<()>,
 }
@@ -139,10 +141,16 @@ impl Metrics {
             instance_info: Family::default(),
             instance_probe: Family::default(),
             requests_running: Gauge::default(),
+            chat_store: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
         registry.register(REQUESTS, "HTTP requests by endpoint and outcome", m.requests.clone());
+        registry.register(
+            CHAT_STORE,
+            "Time each completed /chat turn waited on the conversation store (reads and both appends)",
+            m.chat_store.clone(),
+        );
         registry.register(
             PROMPT_TOKENS,
             "Prompt tokens of finished generations, cached and decoded",
@@ -232,6 +240,11 @@ impl Metrics {
             }
             Err(e) => self.request(endpoint, e.error_type(), Some(started.elapsed())),
         }
+    }
+
+    /// Records a completed chat turn's time on the store.
+    pub fn chat_store(&self, store_ms: f64) {
+        self.chat_store.observe(store_ms / 1e3);
     }
 
     /// Brings the pool series up to date and encodes everything.

@@ -77,7 +77,7 @@ async fn ready(state: web::Data<ApiState>) -> HttpResponse {
         return unavailable(json!({ "status": "draining" }));
     }
     let Ok(chat) = state.chat() else { return unavailable(json!({ "status": "loading" })) };
-    if let Some(cause) = chat.storage_error() {
+    if let Some(cause) = chat.check_storage().await {
         return unavailable(json!({ "status": "storage_unavailable", "cause": cause }));
     }
     let embedder = chat.embedder().health();
@@ -92,11 +92,14 @@ async fn ready(state: web::Data<ApiState>) -> HttpResponse {
     }
 }
 
-/// 200 while the process serves HTTP and can recover by itself. A store that
-/// cannot write stays so until the process restarts (sled keeps its I/O
+/// 200 while the process serves HTTP and can recover by itself. A sled store
+/// that cannot write stays so until the process restarts (sled keeps its I/O
 /// error until reopened), so liveness fails too: a supervisor restarts it.
+/// A PostgreSQL store that is down is not a reason to restart: the replica
+/// reconnects by itself, and readiness keeps traffic away meanwhile.
 async fn live(state: web::Data<ApiState>) -> HttpResponse {
-    match state.chat().ok().and_then(|c| c.storage_error()) {
+    let permanent = state.chat().ok().filter(|c| !c.store().shared()).and_then(|c| c.storage_error());
+    match permanent {
         Some(cause) => unavailable(json!({ "status": "storage_unavailable", "cause": cause })),
         None => HttpResponse::Ok().json(json!({ "status": "ok" })),
     }

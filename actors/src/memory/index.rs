@@ -1,7 +1,10 @@
 //! Semantic search over stored messages: an HNSW graph (hnsw_rs, cosine) with
 //! the message id as payload. hnsw_rs cannot delete, so deleted messages are
 //! tombstoned (left out of the filter) and never returned. The vectors in
-//! sled are the source of truth; the graph is rebuilt from them at start-up.
+//! the store are the source of truth; the graph is rebuilt from them at
+//! start-up. With a shared store, a conversation's vectors written by another
+//! replica are added when the conversation's next turn comes here
+//! ([`VectorIndex::conversation_len`] tells a turn whether it must).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
@@ -124,12 +127,11 @@ impl VectorIndex {
     }
 
     /// Rebuilds the index from every vector in the store.
-    pub fn rebuild(store: &ConversationStore, dim: usize) -> Result<Self, StoreError> {
+    pub async fn rebuild(store: &ConversationStore, dim: usize) -> Result<Self, StoreError> {
         let namespaces: HashMap<ConversationId, String> =
-            store.list_conversations()?.into_iter().map(|c| (c.id, c.namespace)).collect();
+            store.list_conversations().await?.into_iter().map(|c| (c.id, c.namespace)).collect();
         let mut items = Vec::new();
-        for record in store.vectors() {
-            let (id, conv, vector) = record?;
+        for (id, conv, vector) in store.vectors(None).await? {
             let ns = namespaces.get(&conv).cloned().unwrap_or_default();
             items.push((id, conv, ns, vector));
         }
@@ -144,6 +146,16 @@ impl VectorIndex {
 
     pub fn len(&self) -> usize {
         self.live.read().expect("index lock").entries.len()
+    }
+
+    /// Number of live vectors of one conversation.
+    pub fn conversation_len(&self, conversation_id: &ConversationId) -> usize {
+        self.live.read().expect("index lock").by_conversation.get(conversation_id).map_or(0, Vec::len)
+    }
+
+    /// Whether message `id` is in the index.
+    pub fn contains(&self, id: u64) -> bool {
+        self.live.read().expect("index lock").entries.contains_key(&id)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,4 +1,4 @@
-//! Chat memory: conversations in sled, an embedder, an HNSW index over the
+//! Chat memory: conversations in a store (sled or PostgreSQL), an embedder, an HNSW index over the
 //! stored vectors, and the prompt builder.
 
 pub mod embedder;
@@ -9,4 +9,7 @@ pub mod store;
 pub use embedder::EmbedderHandle;
 pub use index::{Scope, VectorIndex};
 pub use prompt_builder::{BuiltPrompt, PromptBudget, Recalled};
-pub use store::{Conversation, ConversationId, ConversationStore, Durability, StoreError, StoredMessage};
+pub use store::{
+    Conversation, ConversationId, ConversationStore, Durability, PostgresStore, SledStore, Store, StoreError, StoreSpec,
+    StoredMessage,
+};

@@ -1,0 +1,192 @@
+//! The conversation store: conversations, their messages in exact order, and
+//! each message's embedding. One trait, two implementations: sled in the data
+//! directory (the embedded default, nothing to start) and PostgreSQL (the
+//! shared store when several replicas serve the same conversations).
+//!
+//! Guarantees of both: a message is committed before `append` returns (with
+//! sled's `durability = "sync"`); order within a conversation is exact under
+//! concurrent turns; deleting a conversation deletes its messages' vectors.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::params::Role;
+
+pub mod postgres;
+pub mod sled;
+
+pub use self::postgres::PostgresStore;
+pub use self::sled::SledStore;
+
+pub type ConversationId = Uuid;
+
+/// When a write to the sled store is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After it is flushed to disk (survives a crash).
+    Sync,
+    /// At once; sled flushes in the background every 500 ms, so a crash can
+    /// lose the last half second of messages. Faster.
+    Async,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data directory {dir} is in use by another modelpool process (its lock is held)")]
+    Locked { dir: std::path::PathBuf },
+    #[error("data directory {dir}: {message}")]
+    Open { dir: std::path::PathBuf, message: String },
+    #[error("conversation {0} not found")]
+    NotFound(ConversationId),
+    #[error("storage error: {0}")]
+    Sled(String),
+    /// The database cannot be reached (or stopped answering): retry later.
+    #[error("the conversation store {store} is unavailable: {cause}")]
+    Unavailable { store: String, cause: String },
+    #[error("the conversation store {store} failed: {cause}")]
+    Database { store: String, cause: String },
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A conversation's metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub id: ConversationId,
+    /// The user or tenant it belongs to; cross-conversation recall stays inside it.
+    pub namespace: String,
+    pub created_at_ms: u64,
+}
+
+impl Conversation {
+    /// A new conversation, not stored yet: it is stored with its first message
+    /// ([`Store::append`] with `new_conversation`), so a turn refused before that leaves no trace.
+    pub fn new(namespace: &str) -> Self {
+        Conversation { id: Uuid::new_v4(), namespace: namespace.to_string(), created_at_ms: now_ms() }
+    }
+}
+
+/// One stored message. `id` is unique in the store (and the payload of the
+/// vector index); within a conversation, ids grow in the conversation's order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub id: u64,
+    pub conversation_id: ConversationId,
+    pub role: Role,
+    pub content: String,
+    pub created_at_ms: u64,
+    pub token_count: u32,
+}
+
+/// A stored vector: (message id, conversation id, vector).
+pub type StoredVector = (u64, ConversationId, Vec<f32>);
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What a conversation store does. Every call may wait on I/O; none blocks
+/// the calling executor for long (sled answers from its cache, PostgreSQL
+/// runs on a runtime of its own).
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    /// Where it keeps its data, fit for logs (no password).
+    fn describe(&self) -> String;
+
+    /// Whether other processes write to it too (then the vector index of
+    /// this process is a cache that a conversation's turn brings up to date).
+    fn shared(&self) -> bool;
+
+    async fn conversation(&self, id: &ConversationId) -> Result<Conversation, StoreError>;
+
+    async fn list_conversations(&self) -> Result<Vec<Conversation>, StoreError>;
+
+    /// Stores a message and its embedding atomically; returns once committed.
+    /// The conversation must exist, unless `new_conversation` says it is
+    /// stored now, with this first message.
+    async fn append(
+        &self,
+        conv: &Conversation,
+        new_conversation: bool,
+        role: Role,
+        content: &str,
+        token_count: u32,
+        vector: &[f32],
+    ) -> Result<StoredMessage, StoreError>;
+
+    /// A page of a conversation's messages in order, after message id `after`.
+    async fn messages(
+        &self,
+        conv: &ConversationId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Number of messages in a conversation.
+    async fn count(&self, conv: &ConversationId) -> Result<usize, StoreError>;
+
+    /// The last `n` messages, oldest first.
+    async fn recent(&self, conv: &ConversationId, n: usize) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// The messages with these ids, in no particular order; missing ones
+    /// (deleted meanwhile) are left out.
+    async fn messages_by_id(&self, ids: &[(ConversationId, u64)]) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Deletes a conversation, its messages and their vectors; returns the
+    /// ids of the deleted messages.
+    async fn delete_conversation(&self, conv: &ConversationId) -> Result<Vec<u64>, StoreError>;
+
+    /// Every stored vector, or one conversation's.
+    async fn vectors(&self, conv: Option<&ConversationId>) -> Result<Vec<StoredVector>, StoreError>;
+
+    /// Makes every acknowledged write durable (sled with `durability = "async"`).
+    async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Why the store cannot serve, as last seen; `None` when its last call worked.
+    fn health(&self) -> Option<String>;
+
+    /// Asks the store now (a cheap round trip for PostgreSQL) and updates [`Self::health`].
+    async fn check(&self) -> Option<String>;
+}
+
+/// A shared handle on whichever store is configured.
+pub type ConversationStore = Arc<dyn Store>;
+
+/// Where conversations are kept.
+#[derive(Clone)]
+pub enum StoreSpec {
+    /// sled in `<data_dir>/sled`.
+    Sled { data_dir: std::path::PathBuf, durability: Durability },
+    /// PostgreSQL at this URL (`postgres://user:password@host:port/db`).
+    Postgres { url: String },
+}
+
+impl std::fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Sled { data_dir, durability } => {
+                write!(f, "sled at {} ({durability:?})", data_dir.display())
+            }
+            StoreSpec::Postgres { url } => write!(f, "{}", postgres::redact(url)),
+        }
+    }
+}
+
+/// Opens the configured store (for PostgreSQL: connects and runs the
+/// embedded migrations).
+pub async fn open(spec: &StoreSpec) -> Result<ConversationStore, StoreError> {
+    Ok(match spec {
+        StoreSpec::Sled { data_dir, durability } => Arc::new(SledStore::open(data_dir, *durability)?),
+        StoreSpec::Postgres { url } => Arc::new(PostgresStore::connect(url).await?),
+    })
+}
+
+/// Opens the sled store in `dir`.
+pub fn open_sled(dir: &Path, durability: Durability) -> Result<ConversationStore, StoreError> {
+    Ok(Arc::new(SledStore::open(dir, durability)?))
+}

@@ -1,0 +1,121 @@
+//! The guarantees of a conversation store, checked on both: sled (embedded)
+//! and PostgreSQL (a throwaway cluster). Two handles on one PostgreSQL
+//! database stand for two replicas.
+
+mod common;
+
+
+use common::postgres::Postgres;
+use modelpool_actors::memory::store::{self, Conversation, ConversationStore, StoreError, StoreSpec};
+use modelpool_actors::{Durability, Role};
+
+/// Appends from several tasks at once, on one or two handles: every
+/// acknowledged message is stored once, and the conversation's order is the
+/// order in which the appends committed (ids grow along it).
+async fn concurrent_appends_keep_exact_order(a: ConversationStore, b: ConversationStore) {
+    let conv = Conversation::new("ns");
+    a.append(&conv, true, Role::User, "first", 1, &[1.0, 0.0]).await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let (store, conv) = (if t % 2 == 0 { a.clone() } else { b.clone() }, conv.clone());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0..10 {
+                    let m = store
+                        .append(&conv, false, Role::Assistant, &format!("task {t} message {i}"), 3, &[t as f32, i as f32])
+                        .await
+                        .unwrap();
+                    acked.push(m);
+                }
+                acked
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    for store in [&a, &b] {
+        let all = store.messages(&conv.id, None, 1000).await.unwrap();
+        assert_eq!(all.len(), 81);
+        assert_eq!(store.count(&conv.id).await.unwrap(), 81);
+        assert_eq!(all[0].content, "first");
+        let ids: Vec<u64> = all.iter().map(|m| m.id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "order and ids disagree: {ids:?}");
+        // Each task's own messages appear in the order it sent them.
+        for t in 0..8 {
+            let mine: Vec<&str> = all
+                .iter()
+                .filter(|m| m.content.starts_with(&format!("task {t} ")))
+                .map(|m| m.content.as_str())
+                .collect();
+            let expected: Vec<String> = (0..10).map(|i| format!("task {t} message {i}")).collect();
+            assert_eq!(mine, expected);
+        }
+        for m in &acked {
+            assert_eq!(all.iter().filter(|s| s.id == m.id).count(), 1, "acknowledged {m:?} stored once");
+        }
+        // Paging after an id, the last n, lookups by id.
+        let page = store.messages(&conv.id, Some(ids[39]), 5).await.unwrap();
+        assert_eq!(page.iter().map(|m| m.id).collect::<Vec<_>>(), ids[40..45]);
+        let recent = store.recent(&conv.id, 3).await.unwrap();
+        assert_eq!(recent.iter().map(|m| m.id).collect::<Vec<_>>(), ids[78..]);
+        let some = store.messages_by_id(&[(conv.id, ids[5]), (conv.id, ids[7])]).await.unwrap();
+        assert_eq!(some.len(), 2);
+        assert_eq!(store.vectors(Some(&conv.id)).await.unwrap().len(), 81);
+    }
+
+    // Deleting the conversation deletes its vectors, on every handle.
+    let other = Conversation::new("ns");
+    a.append(&other, true, Role::User, "kept", 1, &[0.0, 1.0]).await.unwrap();
+    let deleted = b.delete_conversation(&conv.id).await.unwrap();
+    assert_eq!(deleted.len(), 81);
+    for store in [&a, &b] {
+        assert!(matches!(store.conversation(&conv.id).await, Err(StoreError::NotFound(_))));
+        let vectors = store.vectors(None).await.unwrap();
+        assert_eq!(vectors.len(), 1, "only the other conversation's vector is left");
+        assert_eq!(vectors[0].1, other.id);
+        assert!(store.messages(&conv.id, None, 10).await.unwrap().is_empty());
+    }
+    // Appending to a conversation that is gone is NotFound, not a new one.
+    let err = a.append(&conv, false, Role::User, "late", 1, &[1.0, 1.0]).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    assert_eq!(a.list_conversations().await.unwrap().len(), 1);
+}
+
+#[actix::test]
+async fn sled_store_keeps_order_and_deletes_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StoreSpec::Sled { data_dir: dir.path().to_path_buf(), durability: Durability::Sync };
+    let s = store::open(&spec).await.unwrap();
+    concurrent_appends_keep_exact_order(s.clone(), s).await;
+}
+
+#[actix::test]
+async fn postgres_store_keeps_order_across_two_replicas_and_deletes_vectors() {
+    let pg = Postgres::start();
+    let url = pg.create_database("contract");
+    let spec = StoreSpec::Postgres { url: url.clone() };
+    // Two replicas starting together both migrate: one does it, the other waits.
+    let (a, b) = tokio::join!(store::open(&spec), store::open(&spec));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a.shared());
+    assert!(!a.describe().contains("unused-password"), "{}", a.describe());
+    concurrent_appends_keep_exact_order(a, b).await;
+    let seqs = pg.sql("contract", "SELECT count(*), count(DISTINCT seq) FROM messages");
+    assert_eq!(seqs.trim(), "1|1");
+}
+
+#[actix::test]
+async fn postgres_unreachable_is_one_clear_error_without_the_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let spec = StoreSpec::Postgres { url: format!("postgres://mp:s3cret@127.0.0.1:{port}/chat") };
+    let started = std::time::Instant::now();
+    let err = store::open(&spec).await.map(|_: ConversationStore| ()).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{text}");
+    assert!(text.contains(&format!("postgres://mp:***@127.0.0.1:{port}/chat")), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(text.to_lowercase().contains("refused"), "the cause is named: {text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
