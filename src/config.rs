@@ -18,8 +18,18 @@ pub const PROFILES: &[(&str, &str)] = &[
     ("large", include_str!("../config/large.toml")),
 ];
 /// Environment variables with the prefix that are not config keys.
-const NOT_KEYS: &[&str] =
-    &["CONFIG", "PROFILE", "MODELS_DIR", "VENV", "LOG", "TEST_MODEL", "TEST_EMBED_MODEL", "REMOTES", "LLAMA_SERVER", "PG_BIN"];
+const NOT_KEYS: &[&str] = &[
+    "CONFIG",
+    "PROFILE",
+    "MODELS_DIR",
+    "VENV",
+    "LOG",
+    "TEST_MODEL",
+    "TEST_EMBED_MODEL",
+    "REMOTES",
+    "LLAMA_SERVER",
+    "PG_BIN",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

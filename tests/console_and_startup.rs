@@ -101,8 +101,7 @@ fn bad_model_files_fail_with_a_clear_message() {
 fn a_data_directory_in_use_is_refused_with_its_name() {
     let data = tempfile::tempdir().unwrap();
     let _held =
-        modelpool_actors::memory::store::SledStore::open(data.path(), modelpool_actors::Durability::Sync)
-            .unwrap();
+        modelpool_actors::memory::store::SledStore::open(data.path(), modelpool_actors::Durability::Sync).unwrap();
     let mut cmd = modelpool(&["--data-dir", data.path().to_str().unwrap(), "chat"]);
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -112,4 +111,32 @@ fn a_data_directory_in_use_is_refused_with_its_name() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn an_unreachable_postgres_store_stops_start_up_with_one_line_and_no_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let started = std::time::Instant::now();
+    let out = modelpool(&["serve", "--bind", "127.0.0.1:0"])
+        .env("MODELPOOL_STORE", format!("postgres://mp:s3cret@127.0.0.1:{port}/chat"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(line.contains(&format!("postgres://mp:***@127.0.0.1:{port}/chat")), "{line}");
+    assert!(line.to_lowercase().contains("refused"), "the cause is named: {line}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    let loaded = stderr.lines().any(|l| l.starts_with("Model ") || l.starts_with("Pool ready"));
+    assert!(!loaded, "the store is checked before the model is loaded: {stderr}");
+}
+
+#[test]
+fn a_store_that_is_not_a_postgres_url_is_refused_by_name() {
+    let out = modelpool(&["chat"]).env("MODELPOOL_STORE", "mysql://u:pw@db/chat").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("invalid setting store") && stderr.contains("postgres://"), "{stderr}");
+    assert!(!stderr.contains(":pw@"), "{stderr}");
 }

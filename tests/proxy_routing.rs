@@ -9,47 +9,12 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::haproxy;
 use common::postgres::Postgres;
 use common::server::Server;
 use serde_json::{json, Value};
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn port_of(server: &Server) -> String {
-    server.base.rsplit(':').next().unwrap().to_string()
-}
-
-/// HAProxy with the shipped configuration, on a free port, in front of `a` and `b`.
-fn start_proxy(a: &Server, b: &Server, dir: &std::path::Path) -> (Proxy, String) {
-    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let rewritten = shipped
-        .replace("bind :8080", &format!("bind 127.0.0.1:{port}"))
-        .replace("server node1 127.0.0.1:8081", &format!("server node1 127.0.0.1:{}", port_of(a)))
-        .replace("server node2 127.0.0.1:8082", &format!("server node2 127.0.0.1:{}", port_of(b)));
-    assert_ne!(rewritten, shipped);
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(&cfg, rewritten).unwrap();
-    let check =
-        Command::new("haproxy").args(["-c", "-f", cfg.to_str().unwrap()]).output().expect("haproxy (package haproxy)");
-    assert!(check.status.success(), "the shipped config is valid: {}", String::from_utf8_lossy(&check.stderr));
-    let child = Command::new("haproxy")
-        .args(["-db", "-f", cfg.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    (Proxy(child), format!("http://127.0.0.1:{port}"))
-}
 
 async fn turn(c: &reqwest::Client, base: &str, conversation: Option<&str>, text: &str) -> (String, String, Value) {
     let mut req = c.post(format!("{base}/chat")).json(&json!({ "message": text, "max_tokens": 6, "temperature": 0 }));
@@ -106,7 +71,7 @@ async fn conversations_stay_on_one_replica_and_survive_losing_it() {
     let a = replica("node-a", &store);
     let mut b = replica("node-b", &store);
     let dir = tempfile::tempdir().unwrap();
-    let (_proxy, base) = start_proxy(&a, &b, dir.path());
+    let (_proxy, base) = haproxy::start(&a.base, &b.base, dir.path());
     let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     wait_ready(&c, &base).await;
 
@@ -174,7 +139,10 @@ async fn conversations_stay_on_one_replica_and_survive_losing_it() {
     // Every acknowledged message is in PostgreSQL, in order, none twice:
     // 4 turns, user + assistant each.
     for (i, id) in ids.iter().enumerate() {
-        let rows = pg.sql("replicas", &format!("SELECT id, seq, role FROM messages WHERE conversation_id = '{id}' ORDER BY seq"));
+        let rows = pg.sql(
+            "replicas",
+            &format!("SELECT id, seq, role FROM messages WHERE conversation_id = '{id}' ORDER BY seq"),
+        );
         let rows: Vec<(u64, u64, String)> = rows
             .lines()
             .map(|l| {
@@ -268,9 +236,16 @@ async fn a_replica_rides_out_a_postgres_restart() {
     assert_eq!(again, id);
     acked.push(body["message_id"].as_u64().unwrap());
     let rows = pg.sql("outage", &format!("SELECT id, role FROM messages WHERE conversation_id = '{id}' ORDER BY seq"));
-    let replies: Vec<u64> =
-        rows.lines().filter(|l| l.ends_with("|assistant")).map(|l| l.split('|').next().unwrap().parse().unwrap()).collect();
+    let replies: Vec<u64> = rows
+        .lines()
+        .filter(|l| l.ends_with("|assistant"))
+        .map(|l| l.split('|').next().unwrap().parse().unwrap())
+        .collect();
     assert_eq!(replies, acked, "{rows}");
     assert_eq!(rows.lines().count(), 4, "the refused turn left nothing: {rows}");
-    assert_eq!(pg.sql("outage", "SELECT count(*) FROM conversations").trim(), "1", "the refused new conversation left nothing");
+    assert_eq!(
+        pg.sql("outage", "SELECT count(*) FROM conversations").trim(),
+        "1",
+        "the refused new conversation left nothing"
+    );
 }

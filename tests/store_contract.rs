@@ -4,9 +4,8 @@
 
 mod common;
 
-
 use common::postgres::Postgres;
-use modelpool_actors::memory::store::{self, Conversation, ConversationStore, StoreError, StoreSpec};
+use modelpool_actors::memory::store::{self, Conversation, ConversationStore, NewMessage, StoreError, StoreSpec};
 use modelpool_actors::{Durability, Role};
 
 /// Appends from several tasks at once, on one or two handles: every
@@ -22,7 +21,14 @@ async fn concurrent_appends_keep_exact_order(a: ConversationStore, b: Conversati
                 let mut acked = Vec::new();
                 for i in 0..10 {
                     let m = store
-                        .append(&conv, false, Role::Assistant, &format!("task {t} message {i}"), 3, &[t as f32, i as f32])
+                        .append(
+                            &conv,
+                            false,
+                            Role::Assistant,
+                            &format!("task {t} message {i}"),
+                            3,
+                            &[t as f32, i as f32],
+                        )
                         .await
                         .unwrap();
                     acked.push(m);
@@ -83,12 +89,40 @@ async fn concurrent_appends_keep_exact_order(a: ConversationStore, b: Conversati
     assert_eq!(a.list_conversations().await.unwrap().len(), 1);
 }
 
+/// An imported conversation arrives whole, in order, with its title, dates
+/// and vectors, and appends continue after it.
+async fn import_is_whole_and_ordered(store: ConversationStore) {
+    let mut conv = Conversation::new("imports");
+    conv.title = Some("Trip planning".into());
+    let messages: Vec<NewMessage> = (0..5)
+        .map(|i| NewMessage {
+            role: if i % 2 == 0 { Role::User } else { Role::Assistant },
+            content: format!("message {i}"),
+            created_at_ms: 1_600_000_000_000 + i,
+            token_count: 2,
+            vector: vec![i as f32, 1.0],
+        })
+        .collect();
+    let stored = store.import(&conv, messages).await.unwrap();
+    assert_eq!(stored.len(), 5);
+    let back = store.messages(&conv.id, None, 100).await.unwrap();
+    assert_eq!(back, stored);
+    assert_eq!(back[3].created_at_ms, 1_600_000_000_003);
+    assert_eq!(store.conversation(&conv.id).await.unwrap().title.as_deref(), Some("Trip planning"));
+    assert_eq!(store.vectors(Some(&conv.id)).await.unwrap().len(), 5);
+    let next = store.append(&conv, false, Role::User, "after the import", 3, &[9.0, 9.0]).await.unwrap();
+    let all = store.messages(&conv.id, None, 100).await.unwrap();
+    assert_eq!(all.last(), Some(&next));
+    assert_eq!(store.count(&conv.id).await.unwrap(), 6);
+}
+
 #[actix::test]
 async fn sled_store_keeps_order_and_deletes_vectors() {
     let dir = tempfile::tempdir().unwrap();
     let spec = StoreSpec::Sled { data_dir: dir.path().to_path_buf(), durability: Durability::Sync };
     let s = store::open(&spec).await.unwrap();
-    concurrent_appends_keep_exact_order(s.clone(), s).await;
+    concurrent_appends_keep_exact_order(s.clone(), s.clone()).await;
+    import_is_whole_and_ordered(s).await;
 }
 
 #[actix::test]
@@ -101,9 +135,10 @@ async fn postgres_store_keeps_order_across_two_replicas_and_deletes_vectors() {
     let (a, b) = (a.unwrap(), b.unwrap());
     assert!(a.shared());
     assert!(!a.describe().contains("unused-password"), "{}", a.describe());
-    concurrent_appends_keep_exact_order(a, b).await;
+    concurrent_appends_keep_exact_order(a.clone(), b).await;
     let seqs = pg.sql("contract", "SELECT count(*), count(DISTINCT seq) FROM messages");
     assert_eq!(seqs.trim(), "1|1");
+    import_is_whole_and_ordered(a).await;
 }
 
 #[actix::test]

@@ -2,6 +2,7 @@
 //! engine per test binary (weights loaded once), small pools.
 #![allow(dead_code)]
 
+pub mod haproxy;
 pub mod llama_server;
 pub mod postgres;
 pub mod server;

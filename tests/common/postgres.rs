@@ -12,6 +12,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
+    /// Whether commits wait for the disk (benchmarks); tests skip fsync.
+    durable: bool,
 }
 
 /// Where `initdb` and `pg_ctl` are: `MODELPOOL_PG_BIN`, else the newest
@@ -41,7 +43,17 @@ extern "C" {
 }
 
 impl Postgres {
+    /// A cluster for tests: commits do not wait for the disk (fsync off).
     pub fn start() -> Postgres {
+        Self::start_with(false)
+    }
+
+    /// A cluster with PostgreSQL's default durability (fsync on), for benchmarks.
+    pub fn start_durable() -> Postgres {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Postgres {
         let bin = bindir();
         let dir = tempfile::Builder::new().prefix("modelpool-pg-").tempdir().unwrap();
         if is_root() {
@@ -49,7 +61,7 @@ impl Postgres {
             assert!(status.success(), "chown the cluster directory to postgres");
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let pg = Postgres { dir, bin, port };
+        let pg = Postgres { dir, bin, port, durable };
         let data = pg.data();
         let out = pg.run("initdb", &["-D", &data, "-U", "modelpool", "--auth=trust", "-E", "UTF8", "--no-sync"]);
         assert!(out.status.success(), "initdb (package postgresql): {}", String::from_utf8_lossy(&out.stderr));
@@ -76,7 +88,10 @@ impl Postgres {
 
     /// Starts the server (again) on the same port and data.
     pub fn start_server(&self) {
-        let opts = format!("-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off", self.port, self.dir.path().display());
+        let mut opts = format!("-c listen_addresses=127.0.0.1 -p {} -k {}", self.port, self.dir.path().display());
+        if !self.durable {
+            opts.push_str(" -c fsync=off");
+        }
         let log = self.dir.path().join("server.log").display().to_string();
         let out = self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "-t", "60", "-o", &opts, "start"]);
         assert!(

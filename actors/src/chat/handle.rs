@@ -9,7 +9,7 @@ use actix::prelude::*;
 use crate::chat::actor::{
     ChatActor, ChatError, ChatOptions, ChatReply, ChatStream, DeleteConversation, SendMessage, StopChat,
 };
-use crate::chat::turn::{ChatCore, StoreClock};
+use crate::chat::turn::{ChatCore, ImportMessage, StoreClock};
 use crate::memory::index::VectorIndex;
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, Durability, StoredMessage};
@@ -101,6 +101,17 @@ impl ChatHandle {
     ) -> Result<Vec<StoredMessage>, ChatError> {
         self.core.store.conversation(id).await?;
         Ok(self.core.store.messages(id, after, limit).await?)
+    }
+
+    /// Stores a whole conversation at once with its messages' embeddings
+    /// (all or nothing); they are recalled like any others.
+    pub async fn import(
+        &self,
+        namespace: &str,
+        title: Option<String>,
+        messages: Vec<ImportMessage>,
+    ) -> Result<(Conversation, Vec<StoredMessage>), ChatError> {
+        self.core.import(namespace, title, messages).await
     }
 
     pub async fn delete(&self, id: ConversationId) -> Result<usize, ChatError> {

@@ -11,9 +11,10 @@ use tokio::sync::mpsc;
 use super::disconnect::unless_client_gone;
 use super::{sse_response, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat::actor::{ChatError, ChatEvent, ChatReply, SendMessage};
+use crate::chat::turn::ImportMessage;
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::StoredMessage;
-use crate::params::{FinishReason, Usage};
+use crate::params::{FinishReason, Role, Usage};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,7 +201,7 @@ async fn chat_inner(
                 ChatEvent::Done(reply) => {
                     state.metrics.finished("chat", started, Ok(&reply.usage));
                     state.metrics.chat_store(reply.store_ms);
-        state.metrics.chat_store(reply.store_ms);
+                    state.metrics.chat_store(reply.store_ms);
                     let body = serde_json::to_string(&response_body(&reply, started)).expect("serialisable");
                     (sse::Data::new(body).event("done"), true)
                 }
@@ -350,7 +351,7 @@ async fn list_conversations(
     let mut items = Vec::with_capacity(limit);
     for c in page.into_iter().take(limit) {
         let first = chat.history(&c.id, None, 1).await?;
-        let title = first.first().map(|m| title_of(&m.content)).unwrap_or_default();
+        let title = c.title.clone().unwrap_or_else(|| first.first().map(|m| title_of(&m.content)).unwrap_or_default());
         items.push(ConversationItem {
             conversation_id: c.id.to_string(),
             title,
@@ -361,8 +362,132 @@ async fn list_conversations(
     Ok(HttpResponse::Ok().json(serde_json::json!({ "conversations": items, "next_before": next_before })))
 }
 
+/// One conversation in the import/export format.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationDocument {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    pub messages: Vec<DocumentMessage>,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentMessage {
+    /// "user" or "assistant".
+    pub role: String,
+    pub content: String,
+    /// Milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<u64>,
+}
+
+fn is_ndjson(http: &HttpRequest) -> bool {
+    let ct = http.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    matches!(
+        ct.as_str(),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines"
+    )
+}
+
+/// `POST /conversations/import`: one conversation as JSON, or many as NDJSON
+/// (one conversation a line). Each is stored all or nothing, with its
+/// messages' embeddings; the answer names each new conversation.
+async fn import_conversations(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    http: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    let ndjson = is_ndjson(&http);
+    let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad("body", format!("the body is not UTF-8: {e}")))?;
+    // Every line is parsed and checked before anything is stored.
+    let mut documents = Vec::new();
+    let lines: Vec<(usize, &str)> = if ndjson {
+        text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l)).collect()
+    } else {
+        vec![(1, text)]
+    };
+    if lines.is_empty() {
+        return Err(ApiError::bad("body", "the body holds no conversation".to_string()));
+    }
+    for (line, raw) in lines {
+        let doc: ConversationDocument = serde_json::from_str(raw).map_err(|e| {
+            let at = if ndjson { format!("line {line}: ") } else { String::new() };
+            ApiError::bad(
+                "body",
+                format!(
+                    "{at}expected {{\"namespace\"?, \"title\"?, \"messages\": [{{\"role\", \"content\", \"created_at\"?}}, …]}}: {e}"
+                ),
+            )
+        })?;
+        let namespace = auth.namespace(doc.namespace)?.unwrap_or_else(|| "default".to_string());
+        let mut messages = Vec::with_capacity(doc.messages.len());
+        for (i, m) in doc.messages.into_iter().enumerate() {
+            let role = match m.role.as_str() {
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                other => {
+                    return Err(ApiError::bad(
+                        "messages",
+                        format!("invalid role of message {i}: must be \"user\" or \"assistant\", got {other:?}"),
+                    ))
+                }
+            };
+            messages.push(ImportMessage { role, content: m.content, created_at_ms: m.created_at });
+        }
+        documents.push((namespace, doc.title, messages));
+    }
+    let mut answers = Vec::with_capacity(documents.len());
+    for (namespace, title, messages) in documents {
+        let (conv, stored) = chat.import(&namespace, title, messages).await?;
+        answers.push(serde_json::json!({ "conversation_id": conv.id.to_string(), "messages": stored.len() }));
+    }
+    Ok(if ndjson {
+        HttpResponse::Ok().json(answers)
+    } else {
+        HttpResponse::Ok().json(answers.pop().expect("one conversation"))
+    })
+}
+
+/// `GET /conversations/{id}/export`: the conversation in the import format.
+async fn export_conversation(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    let conv = visible_conversation(&state, &auth, parse_conversation_id(&id)?).await?;
+    let messages = chat.history(&conv.id, None, usize::MAX).await?;
+    let title = conv.title.clone().or_else(|| messages.first().map(|m| title_of(&m.content)));
+    let doc = ConversationDocument {
+        namespace: Some(conv.namespace),
+        title,
+        messages: messages
+            .into_iter()
+            .map(|m| DocumentMessage {
+                role: m.role.as_str().to_string(),
+                content: m.content,
+                created_at: Some(m.created_at_ms),
+            })
+            .collect(),
+    };
+    Ok(HttpResponse::Ok()
+        .insert_header((
+            actix_web::http::header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"conversation-{}.json\"", conv.id),
+        ))
+        .json(doc))
+}
+
 pub fn register(cfg: &mut web::ServiceConfig) {
     cfg.route("/chat", web::post().to(chat))
+        .route("/conversations/import", web::post().to(import_conversations))
+        .route("/conversations/{id}/export", web::get().to(export_conversation))
         .route("/conversations", web::get().to(list_conversations))
         .route("/conversations/{id}", web::get().to(get_conversation))
         .route("/conversations/{id}", web::delete().to(delete_conversation));

@@ -10,6 +10,6 @@ pub use embedder::EmbedderHandle;
 pub use index::{Scope, VectorIndex};
 pub use prompt_builder::{BuiltPrompt, PromptBudget, Recalled};
 pub use store::{
-    Conversation, ConversationId, ConversationStore, Durability, PostgresStore, SledStore, Store, StoreError, StoreSpec,
-    StoredMessage,
+    Conversation, ConversationId, ConversationStore, Durability, NewMessage, PostgresStore, SledStore, Store,
+    StoreError, StoreSpec, StoredMessage,
 };

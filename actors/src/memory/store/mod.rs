@@ -61,13 +61,16 @@ pub struct Conversation {
     /// The user or tenant it belongs to; cross-conversation recall stays inside it.
     pub namespace: String,
     pub created_at_ms: u64,
+    /// A title given at import; otherwise the first message serves as one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
 }
 
 impl Conversation {
     /// A new conversation, not stored yet: it is stored with its first message
     /// ([`Store::append`] with `new_conversation`), so a turn refused before that leaves no trace.
     pub fn new(namespace: &str) -> Self {
-        Conversation { id: Uuid::new_v4(), namespace: namespace.to_string(), created_at_ms: now_ms() }
+        Conversation { id: Uuid::new_v4(), namespace: namespace.to_string(), created_at_ms: now_ms(), title: None }
     }
 }
 
@@ -81,6 +84,16 @@ pub struct StoredMessage {
     pub content: String,
     pub created_at_ms: u64,
     pub token_count: u32,
+}
+
+/// A message to import, with everything the store keeps of it.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    pub role: Role,
+    pub content: String,
+    pub created_at_ms: u64,
+    pub token_count: u32,
+    pub vector: Vec<f32>,
 }
 
 /// A stored vector: (message id, conversation id, vector).
@@ -118,6 +131,10 @@ pub trait Store: Send + Sync {
         token_count: u32,
         vector: &[f32],
     ) -> Result<StoredMessage, StoreError>;
+
+    /// Stores a new conversation with all its messages, in order, at once:
+    /// all or nothing.
+    async fn import(&self, conv: &Conversation, messages: Vec<NewMessage>) -> Result<Vec<StoredMessage>, StoreError>;
 
     /// A page of a conversation's messages in order, after message id `after`.
     async fn messages(

@@ -20,7 +20,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, Row};
 
-use super::{Conversation, ConversationId, Store, StoreError, StoredMessage, StoredVector};
+use super::{Conversation, ConversationId, NewMessage, Store, StoreError, StoredMessage, StoredVector};
 use crate::params::Role;
 
 /// The longest wait for a connection from the pool (or a new one): past it,
@@ -114,9 +114,11 @@ fn conversation_from(row: &PgRow) -> Result<Conversation, sqlx::Error> {
         id: row.try_get("id")?,
         namespace: row.try_get("namespace")?,
         created_at_ms: row.try_get::<i64, _>("created_at_ms")? as u64,
+        title: row.try_get("title")?,
     })
 }
 
+const CONVERSATION_COLUMNS: &str = "id, namespace, created_at_ms, title";
 const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, created_at_ms, token_count";
 
 /// Why a query failed, for one conversation (`NotFound` passes through).
@@ -253,7 +255,7 @@ impl Store for PostgresStore {
     async fn conversation(&self, id: &ConversationId) -> Result<Conversation, StoreError> {
         let id = *id;
         self.run(move |pool| async move {
-            let row = sqlx::query("SELECT id, namespace, created_at_ms FROM conversations WHERE id = $1")
+            let row = sqlx::query(&format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1"))
                 .bind(id)
                 .fetch_optional(&pool)
                 .await?;
@@ -267,7 +269,8 @@ impl Store for PostgresStore {
 
     async fn list_conversations(&self) -> Result<Vec<Conversation>, StoreError> {
         self.run(|pool| async move {
-            let rows = sqlx::query("SELECT id, namespace, created_at_ms FROM conversations").fetch_all(&pool).await?;
+            let rows =
+                sqlx::query(&format!("SELECT {CONVERSATION_COLUMNS} FROM conversations")).fetch_all(&pool).await?;
             Ok(rows.iter().map(conversation_from).collect::<Result<_, _>>()?)
         })
         .await
@@ -317,6 +320,50 @@ impl Store for PostgresStore {
             .await?;
             tx.commit().await?;
             Ok(StoredMessage { id: id as u64, conversation_id: conv.id, role, content, created_at_ms, token_count })
+        })
+        .await
+    }
+
+    async fn import(&self, conv: &Conversation, messages: Vec<NewMessage>) -> Result<Vec<StoredMessage>, StoreError> {
+        let conv = conv.clone();
+        self.run(move |pool| async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO conversations (id, namespace, created_at_ms, title, next_seq) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(conv.id)
+            .bind(&conv.namespace)
+            .bind(conv.created_at_ms as i64)
+            .bind(&conv.title)
+            .bind(messages.len() as i64 + 1)
+            .execute(&mut *tx)
+            .await?;
+            let mut stored = Vec::with_capacity(messages.len());
+            for (i, m) in messages.into_iter().enumerate() {
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO messages (conversation_id, seq, role, content, created_at_ms, token_count, embedding) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                )
+                .bind(conv.id)
+                .bind(i as i64 + 1)
+                .bind(m.role.as_str())
+                .bind(&m.content)
+                .bind(m.created_at_ms as i64)
+                .bind(m.token_count as i32)
+                .bind(&m.vector)
+                .fetch_one(&mut *tx)
+                .await?;
+                stored.push(StoredMessage {
+                    id: id as u64,
+                    conversation_id: conv.id,
+                    role: m.role,
+                    content: m.content,
+                    created_at_ms: m.created_at_ms,
+                    token_count: m.token_count,
+                });
+            }
+            tx.commit().await?;
+            Ok(stored)
         })
         .await
     }
@@ -416,8 +463,10 @@ impl Store for PostgresStore {
         let conv = conv.copied();
         self.run(move |pool| async move {
             let query = match conv {
-                Some(c) => sqlx::query("SELECT id, conversation_id, embedding FROM messages WHERE conversation_id = $1")
-                    .bind(c),
+                Some(c) => {
+                    sqlx::query("SELECT id, conversation_id, embedding FROM messages WHERE conversation_id = $1")
+                        .bind(c)
+                }
                 None => sqlx::query("SELECT id, conversation_id, embedding FROM messages"),
             };
             let rows = query.fetch_all(&pool).await?;

@@ -11,7 +11,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use uuid::Uuid;
 
-use super::{now_ms, Conversation, ConversationId, Durability, Store, StoreError, StoredMessage, StoredVector};
+use super::{
+    now_ms, Conversation, ConversationId, Durability, NewMessage, Store, StoreError, StoredMessage, StoredVector,
+};
 use crate::params::Role;
 
 impl From<sled::Error> for StoreError {
@@ -218,6 +220,46 @@ impl Store for SledStore {
         vector: &[f32],
     ) -> Result<StoredMessage, StoreError> {
         let r = self.store_message(conv, new_conversation, role, content, token_count, vector).await;
+        self.noted(r)
+    }
+
+    async fn import(&self, conv: &Conversation, messages: Vec<NewMessage>) -> Result<Vec<StoredMessage>, StoreError> {
+        let r = async {
+            let _one_writer = self.writes.lock().await;
+            let mut stored = Vec::with_capacity(messages.len());
+            let mut records = Vec::with_capacity(messages.len());
+            for m in messages {
+                let msg = StoredMessage {
+                    id: self.db.generate_id()?,
+                    conversation_id: conv.id,
+                    role: m.role,
+                    content: m.content,
+                    created_at_ms: m.created_at_ms,
+                    token_count: m.token_count,
+                };
+                let key = msg_key(&conv.id, msg.id);
+                let value = serde_json::to_vec(&msg).expect("serialisable");
+                records.push((key, value, msg.id, encode_vector(&conv.id, &m.vector)));
+                stored.push(msg);
+            }
+            let record = serde_json::to_vec(conv).expect("serialisable");
+            (&self.conversations, &self.messages, &self.vectors)
+                .transaction(|(c, m, v)| {
+                    c.insert(conv.id.as_bytes(), record.as_slice())?;
+                    for (key, value, id, vector) in &records {
+                        m.insert(&key[..], value.as_slice())?;
+                        v.insert(&id.to_be_bytes()[..], vector.as_slice())?;
+                    }
+                    Ok::<_, ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| match e {
+                    TransactionError::Abort(()) => StoreError::NotFound(conv.id),
+                    TransactionError::Storage(e) => e.into(),
+                })?;
+            self.commit().await?;
+            Ok(stored)
+        }
+        .await;
         self.noted(r)
     }
 
