@@ -154,23 +154,32 @@ async fn main() {
     // 2. Concurrent conversations: two replicas behind HAProxy vs one alone.
     let (n, turns) = (env_usize("BENCH_CONVERSATIONS", 100), env_usize("BENCH_TURNS", 10));
     println!("\n{n} concurrent conversations × {turns} turns (16 tokens each), one PostgreSQL store");
-    println!("{:<46} {:>8} {:>9} {:>9} {:>9}", "setup", "turns/s", "TTFT p50", "TTFT p90", "store p50");
+    println!("{:<52} {:>8} {:>9} {:>9} {:>9}", "setup", "turns/s", "TTFT p50", "TTFT p90", "store p50");
     let row = |name: &str, samples: &[TurnSample], wall: f64| {
         let ttft: Vec<f64> = samples.iter().map(|s| s.ttft_ms).collect();
         let store: Vec<f64> = samples.iter().map(|s| s.store_ms).collect();
         let rate = samples.len() as f64 / wall;
-        println!("{name:<46} {rate:>8.2} {:>9.0} {:>9.0} {:>9.2}", pct(&ttft, 0.5), pct(&ttft, 0.9), pct(&store, 0.5));
+        println!("{name:<52} {rate:>8.2} {:>9.0} {:>9.0} {:>9.2}", pct(&ttft, 0.5), pct(&ttft, 0.9), pct(&store, 0.5));
         rate
     };
-    let one = {
-        let store = pg.create_database("one_replica");
-        let mut env = common.to_vec();
-        env.push(("MODELPOOL_STORE", &store));
-        env.push(("MODELPOOL_THREADS", &all_cores));
-        let mp = server::start(1, 4096, &data.path().join("one"), &env);
-        let (samples, wall) = conversations(&mp.1, n, turns).await;
-        row(&format!("one replica, {cores} threads"), &samples, wall)
+    let one_replica = |slots: &'static str| {
+        let store = pg.create_database(&format!("one_replica_{slots}"));
+        let dir = data.path().join(format!("one-{slots}"));
+        let all_cores = all_cores.clone();
+        async move {
+            let mut env = common.to_vec();
+            env.push(("MODELPOOL_STORE", &store));
+            env.push(("MODELPOOL_THREADS", &all_cores));
+            env.push(("MODELPOOL_SLOTS", slots));
+            let mp = server::start(1, 4096, &dir, &env);
+            conversations(&mp.1, n, turns).await
+        }
     };
+    let (samples, wall) = one_replica("4").await;
+    let one = row(&format!("one replica, {cores} threads, 4 slots"), &samples, wall);
+    // As many slots (and parked KV caches) as the two replicas have together.
+    let (samples, wall) = one_replica("8").await;
+    let one_8 = row(&format!("one replica, {cores} threads, 8 slots"), &samples, wall);
     let two = {
         let store = pg.create_database("two_replicas");
         let half = (cores / 2).max(1).to_string();
@@ -186,9 +195,13 @@ async fn main() {
             std::thread::sleep(Duration::from_millis(100));
         }
         let (samples, wall) = conversations(&base, n, turns).await;
-        row(&format!("two replicas via HAProxy, {half} thread(s) each"), &samples, wall)
+        row(&format!("two replicas via HAProxy, {half} thread(s), 4 slots each"), &samples, wall)
     };
-    println!("two replicas / one: {:.2}× turns/s (same {cores} cores)", two / one);
+    println!(
+        "two replicas / one: {:.2}× turns/s vs 4 slots, {:.2}× vs 8 slots (same {cores} cores)",
+        two / one,
+        two / one_8
+    );
     for (name, share) in shares {
         println!("store share of a turn, {name}: {share:.2} % (target ≤ 5 %)");
     }
