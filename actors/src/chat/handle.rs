@@ -9,7 +9,8 @@ use actix::prelude::*;
 use crate::chat::actor::{
     ChatActor, ChatError, ChatOptions, ChatReply, ChatStream, DeleteConversation, SendMessage, StopChat,
 };
-use crate::chat::turn::{ChatCore, ImportMessage, StoreClock};
+use crate::chat::import::ImportMessage;
+use crate::chat::turn::{ChatCore, StoreClock};
 use crate::memory::index::VectorIndex;
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, Durability, StoredMessage};

@@ -3,4 +3,5 @@
 
 pub mod actor;
 pub mod handle;
+pub mod import;
 pub mod turn;

@@ -4,11 +4,12 @@
 //! App::new().configure(modelpool_actors::http::configure(state))
 //! ```
 //!
-//! One file per area: `chat` (/chat, /conversations), `openai`
+//! One file per area: `chat` (/chat), `conversations` (/conversations, import, export), `openai`
 //! (/v1/chat/completions, /v1/models), `embeddings` (/v1/embeddings),
 //! `status` (/pool, /health*), `metrics` (/metrics), `page` (the chat page at /).
 
 pub mod chat;
+pub mod conversations;
 pub mod disconnect;
 pub mod embeddings;
 pub mod error;
@@ -314,6 +315,7 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
             .app_data(path_config())
             .app_data(web::PayloadConfig::new(limit))
             .configure(chat::register)
+            .configure(conversations::register)
             .configure(openai::register)
             .configure(embeddings::register)
             .configure(status::register)

@@ -118,27 +118,30 @@ impl SledStore {
         }
     }
 
-    async fn store_message(
+    /// Stores `messages` of `conv` in one transaction and commits: the
+    /// conversation record too when `create`, else it must exist.
+    async fn write(
         &self,
         conv: &Conversation,
         create: bool,
-        role: Role,
-        content: &str,
-        token_count: u32,
-        vector: &[f32],
-    ) -> Result<StoredMessage, StoreError> {
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let _one_writer = self.writes.lock().await;
-        let msg = StoredMessage {
-            id: self.db.generate_id()?,
-            conversation_id: conv.id,
-            role,
-            content: content.to_string(),
-            created_at_ms: now_ms(),
-            token_count,
-        };
-        let key = msg_key(&conv.id, msg.id);
-        let value = serde_json::to_vec(&msg).expect("serialisable");
-        let vector = encode_vector(&conv.id, vector);
+        let mut stored = Vec::with_capacity(messages.len());
+        let mut records = Vec::with_capacity(messages.len());
+        for m in messages {
+            let msg = StoredMessage {
+                id: self.db.generate_id()?,
+                conversation_id: conv.id,
+                role: m.role,
+                content: m.content,
+                created_at_ms: m.created_at_ms,
+                token_count: m.token_count,
+            };
+            let value = serde_json::to_vec(&msg).expect("serialisable");
+            records.push((msg_key(&conv.id, msg.id), value, msg.id, encode_vector(&conv.id, &m.vector)));
+            stored.push(msg);
+        }
         let record = serde_json::to_vec(conv).expect("serialisable");
         (&self.conversations, &self.messages, &self.vectors)
             .transaction(|(c, m, v)| {
@@ -147,8 +150,10 @@ impl SledStore {
                 } else if c.get(conv.id.as_bytes())?.is_none() {
                     return Err(ConflictableTransactionError::Abort(()));
                 }
-                m.insert(&key[..], value.as_slice())?;
-                v.insert(&msg.id.to_be_bytes()[..], vector.as_slice())?;
+                for (key, value, id, vector) in &records {
+                    m.insert(&key[..], value.as_slice())?;
+                    v.insert(&id.to_be_bytes()[..], vector.as_slice())?;
+                }
                 Ok(())
             })
             .map_err(|e| match e {
@@ -156,7 +161,7 @@ impl SledStore {
                 TransactionError::Storage(e) => e.into(),
             })?;
         self.commit().await?;
-        Ok(msg)
+        Ok(stored)
     }
 
     async fn delete_inner(&self, conv: &ConversationId) -> Result<Vec<u64>, StoreError> {
@@ -219,47 +224,19 @@ impl Store for SledStore {
         token_count: u32,
         vector: &[f32],
     ) -> Result<StoredMessage, StoreError> {
-        let r = self.store_message(conv, new_conversation, role, content, token_count, vector).await;
+        let message = NewMessage {
+            role,
+            content: content.to_string(),
+            created_at_ms: now_ms(),
+            token_count,
+            vector: vector.to_vec(),
+        };
+        let r = self.write(conv, new_conversation, vec![message]).await.map(|mut v| v.remove(0));
         self.noted(r)
     }
 
     async fn import(&self, conv: &Conversation, messages: Vec<NewMessage>) -> Result<Vec<StoredMessage>, StoreError> {
-        let r = async {
-            let _one_writer = self.writes.lock().await;
-            let mut stored = Vec::with_capacity(messages.len());
-            let mut records = Vec::with_capacity(messages.len());
-            for m in messages {
-                let msg = StoredMessage {
-                    id: self.db.generate_id()?,
-                    conversation_id: conv.id,
-                    role: m.role,
-                    content: m.content,
-                    created_at_ms: m.created_at_ms,
-                    token_count: m.token_count,
-                };
-                let key = msg_key(&conv.id, msg.id);
-                let value = serde_json::to_vec(&msg).expect("serialisable");
-                records.push((key, value, msg.id, encode_vector(&conv.id, &m.vector)));
-                stored.push(msg);
-            }
-            let record = serde_json::to_vec(conv).expect("serialisable");
-            (&self.conversations, &self.messages, &self.vectors)
-                .transaction(|(c, m, v)| {
-                    c.insert(conv.id.as_bytes(), record.as_slice())?;
-                    for (key, value, id, vector) in &records {
-                        m.insert(&key[..], value.as_slice())?;
-                        v.insert(&id.to_be_bytes()[..], vector.as_slice())?;
-                    }
-                    Ok::<_, ConflictableTransactionError<()>>(())
-                })
-                .map_err(|e| match e {
-                    TransactionError::Abort(()) => StoreError::NotFound(conv.id),
-                    TransactionError::Storage(e) => e.into(),
-                })?;
-            self.commit().await?;
-            Ok(stored)
-        }
-        .await;
+        let r = self.write(conv, true, messages).await;
         self.noted(r)
     }
 

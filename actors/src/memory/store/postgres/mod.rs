@@ -17,11 +17,19 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Row};
 
 use super::{Conversation, ConversationId, NewMessage, Store, StoreError, StoredMessage, StoredVector};
+
+mod rows;
+mod url;
+
 use crate::params::Role;
+use rows::{
+    conversation_from, insert_conversation, insert_message, message_from, CONVERSATION_COLUMNS, MESSAGE_COLUMNS,
+};
+pub use url::redact;
 
 /// The longest wait for a connection from the pool (or a new one): past it,
 /// a call fails with [`StoreError::Unavailable`] instead of hanging a turn.
@@ -29,34 +37,6 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long readiness waits for `SELECT 1`.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_CONNECTIONS: u32 = 16;
-
-/// `url` with its password replaced by `***`, fit for logs and errors.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => authority.to_string(),
-    };
-    // A password may also come as a query parameter.
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|kv| if kv.starts_with("password=") { "password=***".to_string() } else { kv.to_string() })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => tail.to_string(),
-    };
-    format!("{scheme}://{authority}{tail}")
-}
 
 /// Stops the store's runtime thread when the last handle is dropped.
 struct RuntimeGuard {
@@ -90,36 +70,6 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
         _ => false,
     }
 }
-
-fn message_from(row: &PgRow) -> Result<StoredMessage, sqlx::Error> {
-    let role: String = row.try_get("role")?;
-    let role = match role.as_str() {
-        "system" => Role::System,
-        "user" => Role::User,
-        "assistant" => Role::Assistant,
-        other => return Err(sqlx::Error::Decode(format!("unknown role {other:?}").into())),
-    };
-    Ok(StoredMessage {
-        id: row.try_get::<i64, _>("id")? as u64,
-        conversation_id: row.try_get("conversation_id")?,
-        role,
-        content: row.try_get("content")?,
-        created_at_ms: row.try_get::<i64, _>("created_at_ms")? as u64,
-        token_count: row.try_get::<i32, _>("token_count")? as u32,
-    })
-}
-
-fn conversation_from(row: &PgRow) -> Result<Conversation, sqlx::Error> {
-    Ok(Conversation {
-        id: row.try_get("id")?,
-        namespace: row.try_get("namespace")?,
-        created_at_ms: row.try_get::<i64, _>("created_at_ms")? as u64,
-        title: row.try_get("title")?,
-    })
-}
-
-const CONVERSATION_COLUMNS: &str = "id, namespace, created_at_ms, title";
-const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, created_at_ms, token_count";
 
 /// Why a query failed, for one conversation (`NotFound` passes through).
 enum Failure {
@@ -285,16 +235,18 @@ impl Store for PostgresStore {
         token_count: u32,
         vector: &[f32],
     ) -> Result<StoredMessage, StoreError> {
-        let (conv, content, vector) = (conv.clone(), content.to_string(), vector.to_vec());
+        let conv = conv.clone();
+        let message = NewMessage {
+            role,
+            content: content.to_string(),
+            created_at_ms: super::now_ms(),
+            token_count,
+            vector: vector.to_vec(),
+        };
         self.run(move |pool| async move {
             let mut tx = pool.begin().await?;
             if new_conversation {
-                sqlx::query("INSERT INTO conversations (id, namespace, created_at_ms) VALUES ($1, $2, $3)")
-                    .bind(conv.id)
-                    .bind(&conv.namespace)
-                    .bind(conv.created_at_ms as i64)
-                    .execute(&mut *tx)
-                    .await?;
+                insert_conversation(&mut tx, &conv, 1).await?;
             }
             // Takes the conversation's row lock until commit: its turns are ordered.
             let seq: Option<i64> = sqlx::query_scalar(
@@ -304,22 +256,9 @@ impl Store for PostgresStore {
             .fetch_optional(&mut *tx)
             .await?;
             let Some(seq) = seq else { return Err(Failure::NotFound(conv.id)) };
-            let created_at_ms = super::now_ms();
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO messages (conversation_id, seq, role, content, created_at_ms, token_count, embedding) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-            )
-            .bind(conv.id)
-            .bind(seq)
-            .bind(role.as_str())
-            .bind(&content)
-            .bind(created_at_ms as i64)
-            .bind(token_count as i32)
-            .bind(&vector)
-            .fetch_one(&mut *tx)
-            .await?;
+            let stored = insert_message(&mut tx, conv.id, seq, message).await?;
             tx.commit().await?;
-            Ok(StoredMessage { id: id as u64, conversation_id: conv.id, role, content, created_at_ms, token_count })
+            Ok(stored)
         })
         .await
     }
@@ -328,39 +267,10 @@ impl Store for PostgresStore {
         let conv = conv.clone();
         self.run(move |pool| async move {
             let mut tx = pool.begin().await?;
-            sqlx::query(
-                "INSERT INTO conversations (id, namespace, created_at_ms, title, next_seq) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(conv.id)
-            .bind(&conv.namespace)
-            .bind(conv.created_at_ms as i64)
-            .bind(&conv.title)
-            .bind(messages.len() as i64 + 1)
-            .execute(&mut *tx)
-            .await?;
+            insert_conversation(&mut tx, &conv, messages.len() as i64 + 1).await?;
             let mut stored = Vec::with_capacity(messages.len());
             for (i, m) in messages.into_iter().enumerate() {
-                let id: i64 = sqlx::query_scalar(
-                    "INSERT INTO messages (conversation_id, seq, role, content, created_at_ms, token_count, embedding) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                )
-                .bind(conv.id)
-                .bind(i as i64 + 1)
-                .bind(m.role.as_str())
-                .bind(&m.content)
-                .bind(m.created_at_ms as i64)
-                .bind(m.token_count as i32)
-                .bind(&m.vector)
-                .fetch_one(&mut *tx)
-                .await?;
-                stored.push(StoredMessage {
-                    id: id as u64,
-                    conversation_id: conv.id,
-                    role: m.role,
-                    content: m.content,
-                    created_at_ms: m.created_at_ms,
-                    token_count: m.token_count,
-                });
+                stored.push(insert_message(&mut tx, conv.id, i as i64 + 1, m).await?);
             }
             tx.commit().await?;
             Ok(stored)
@@ -503,18 +413,5 @@ impl Store for PostgresStore {
             Ok(()) => None,
             Err(e) => Some(e.to_string()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_never_show() {
-        assert_eq!(redact("postgres://mp:s3cret@db:5432/chat"), "postgres://mp:***@db:5432/chat");
-        assert_eq!(redact("postgres://mp@db/chat"), "postgres://mp@db/chat");
-        assert_eq!(redact("postgres://db/chat?user=mp&password=s3cret"), "postgres://db/chat?user=mp&password=***");
-        assert_eq!(redact("postgresql://u:p@h"), "postgresql://u:***@h");
     }
 }

@@ -1,0 +1,269 @@
+//! The stored conversations: `GET /conversations` (newest first, paged),
+//! `GET`/`DELETE /conversations/{id}`, and import/export in one JSON format
+//! (`POST /conversations/import`, `GET /conversations/{id}/export`).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::chat::{parse_conversation_id, visible_conversation};
+use super::{ApiError, ApiState, Authorized};
+use crate::chat::import::ImportMessage;
+use crate::memory::store::StoredMessage;
+use crate::params::Role;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    pub after: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ConversationBody {
+    conversation_id: String,
+    namespace: String,
+    created_at_ms: u64,
+    messages: Vec<StoredMessage>,
+    /// Pass as `after` for the next page; null at the end.
+    next_after: Option<u64>,
+}
+
+async fn get_conversation(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    id: web::Path<String>,
+    q: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    let id = parse_conversation_id(&id)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad("limit", format!("invalid limit: must be between 1 and 1000, got {limit}")));
+    }
+    let conv = visible_conversation(&state, &auth, id).await?;
+    let messages = chat.history(&id, q.after, limit + 1).await?;
+    let more = messages.len() > limit;
+    let messages: Vec<StoredMessage> = messages.into_iter().take(limit).collect();
+    let next_after = if more { messages.last().map(|m| m.id) } else { None };
+    Ok(HttpResponse::Ok().json(ConversationBody {
+        conversation_id: id.to_string(),
+        namespace: conv.namespace,
+        created_at_ms: conv.created_at_ms,
+        messages,
+        next_after,
+    }))
+}
+
+async fn delete_conversation(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    let id = visible_conversation(&state, &auth, parse_conversation_id(&id)?).await?.id;
+    let removed = chat.delete(id).await?;
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({ "conversation_id": id.to_string(), "deleted": true, "messages": removed })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// The `next_before` of the previous page.
+    pub before: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ConversationItem {
+    conversation_id: String,
+    /// The first message, on one line, cut at 60 characters.
+    title: String,
+    namespace: String,
+    created_at_ms: u64,
+}
+
+/// A title from a conversation's first message.
+fn title_of(text: &str) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(60) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line,
+    }
+}
+
+/// The page cursor of a conversation: newest first, ties by id.
+fn cursor_of(c: &crate::memory::store::Conversation) -> String {
+    format!("{}_{}", c.created_at_ms, c.id)
+}
+
+fn parse_cursor(raw: &str) -> Result<(u64, uuid::Uuid), ApiError> {
+    let bad =
+        || ApiError::bad("before", format!("invalid before: pass the next_before of the previous page, got {raw:?}"));
+    let (ms, id) = raw.split_once('_').ok_or_else(bad)?;
+    Ok((ms.parse().map_err(|_| bad())?, uuid::Uuid::parse_str(id).map_err(|_| bad())?))
+}
+
+/// `GET /conversations`: the caller's conversations, newest first, paged.
+async fn list_conversations(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    q: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad("limit", format!("invalid limit: must be between 1 and 100, got {limit}")));
+    }
+    let before = q.before.as_deref().map(parse_cursor).transpose()?;
+    let mut all: Vec<_> = chat.conversations().await?.into_iter().filter(|c| auth.may_see(&c.namespace)).collect();
+    all.sort_by_key(|c| std::cmp::Reverse((c.created_at_ms, c.id)));
+    let page: Vec<_> = all
+        .into_iter()
+        .filter(|c| before.is_none_or(|(ms, id)| (c.created_at_ms, c.id) < (ms, id)))
+        .take(limit + 1)
+        .collect();
+    let next_before = (page.len() > limit).then(|| cursor_of(&page[limit - 1]));
+    let mut items = Vec::with_capacity(limit);
+    for c in page.into_iter().take(limit) {
+        let first = chat.history(&c.id, None, 1).await?;
+        let title = c.title.clone().unwrap_or_else(|| first.first().map(|m| title_of(&m.content)).unwrap_or_default());
+        items.push(ConversationItem {
+            conversation_id: c.id.to_string(),
+            title,
+            namespace: c.namespace,
+            created_at_ms: c.created_at_ms,
+        });
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "conversations": items, "next_before": next_before })))
+}
+
+/// One conversation in the import/export format.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationDocument {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    pub messages: Vec<DocumentMessage>,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentMessage {
+    /// "user" or "assistant".
+    pub role: String,
+    pub content: String,
+    /// Milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<u64>,
+}
+
+fn is_ndjson(http: &HttpRequest) -> bool {
+    let ct = http.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    matches!(
+        ct.as_str(),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines"
+    )
+}
+
+/// `POST /conversations/import`: one conversation as JSON, or many as NDJSON
+/// (one conversation a line). Each is stored all or nothing, with its
+/// messages' embeddings; the answer names each new conversation.
+async fn import_conversations(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    http: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    let ndjson = is_ndjson(&http);
+    let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad("body", format!("the body is not UTF-8: {e}")))?;
+    // Every line is parsed and checked before anything is stored.
+    let mut documents = Vec::new();
+    let lines: Vec<(usize, &str)> = if ndjson {
+        text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l)).collect()
+    } else {
+        vec![(1, text)]
+    };
+    if lines.is_empty() {
+        return Err(ApiError::bad("body", "the body holds no conversation".to_string()));
+    }
+    for (line, raw) in lines {
+        let doc: ConversationDocument = serde_json::from_str(raw).map_err(|e| {
+            let at = if ndjson { format!("line {line}: ") } else { String::new() };
+            ApiError::bad(
+                "body",
+                format!(
+                    "{at}expected {{\"namespace\"?, \"title\"?, \"messages\": [{{\"role\", \"content\", \"created_at\"?}}, …]}}: {e}"
+                ),
+            )
+        })?;
+        let namespace = auth.namespace(doc.namespace)?.unwrap_or_else(|| "default".to_string());
+        let mut messages = Vec::with_capacity(doc.messages.len());
+        for (i, m) in doc.messages.into_iter().enumerate() {
+            let role = match m.role.as_str() {
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                other => {
+                    return Err(ApiError::bad(
+                        "messages",
+                        format!("invalid role of message {i}: must be \"user\" or \"assistant\", got {other:?}"),
+                    ))
+                }
+            };
+            messages.push(ImportMessage { role, content: m.content, created_at_ms: m.created_at });
+        }
+        documents.push((namespace, doc.title, messages));
+    }
+    let mut answers = Vec::with_capacity(documents.len());
+    for (namespace, title, messages) in documents {
+        let (conv, stored) = chat.import(&namespace, title, messages).await?;
+        answers.push(serde_json::json!({ "conversation_id": conv.id.to_string(), "messages": stored.len() }));
+    }
+    Ok(if ndjson {
+        HttpResponse::Ok().json(answers)
+    } else {
+        HttpResponse::Ok().json(answers.pop().expect("one conversation"))
+    })
+}
+
+/// `GET /conversations/{id}/export`: the conversation in the import format.
+async fn export_conversation(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    let conv = visible_conversation(&state, &auth, parse_conversation_id(&id)?).await?;
+    let messages = chat.history(&conv.id, None, usize::MAX).await?;
+    let title = conv.title.clone().or_else(|| messages.first().map(|m| title_of(&m.content)));
+    let doc = ConversationDocument {
+        namespace: Some(conv.namespace),
+        title,
+        messages: messages
+            .into_iter()
+            .map(|m| DocumentMessage {
+                role: m.role.as_str().to_string(),
+                content: m.content,
+                created_at: Some(m.created_at_ms),
+            })
+            .collect(),
+    };
+    Ok(HttpResponse::Ok()
+        .insert_header((
+            actix_web::http::header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"conversation-{}.json\"", conv.id),
+        ))
+        .json(doc))
+}
+
+pub fn register(cfg: &mut web::ServiceConfig) {
+    cfg.route("/conversations/import", web::post().to(import_conversations))
+        .route("/conversations/{id}/export", web::get().to(export_conversation))
+        .route("/conversations", web::get().to(list_conversations))
+        .route("/conversations/{id}", web::get().to(get_conversation))
+        .route("/conversations/{id}", web::delete().to(delete_conversation));
+}
