@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use modelpool_actors::engine::remote::RemoteSpec;
-use modelpool_actors::memory::StoreSpec;
+use modelpool_actors::memory::{IndexOptions, StoreSpec};
 use modelpool_actors::{ChatOptions, Durability, InstanceOptions, PoolOptions, SamplingParams};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -71,6 +71,14 @@ pub struct ChatConfig {
     pub durability: Durability,
     pub max_message_chars: usize,
     pub embed_timeout_ms: u64,
+    /// Most texts waiting for the embedder; past it, 503 + Retry-After.
+    pub embed_queue: usize,
+    /// Embedding contexts (threads of one thread each) sharing the weights.
+    pub embed_contexts: usize,
+    /// Most vectors in the conversation cache.
+    pub vector_cache: usize,
+    /// Candidates a namespace graph search examines (`ef`).
+    pub recall_ef: usize,
 }
 
 /// One remote `llama-server` in the pool (`[[remote]]` in a config file).
@@ -422,6 +430,24 @@ impl Config {
         if self.chat.embed_timeout_ms == 0 {
             return invalid("chat.embed_timeout_ms", "must be at least 1, got 0".into());
         }
+        if self.chat.embed_queue < 16 {
+            return invalid(
+                "chat.embed_queue",
+                format!("must be at least 16 (one batch), got {}", self.chat.embed_queue),
+            );
+        }
+        if self.chat.vector_cache < 1024 {
+            return invalid(
+                "chat.vector_cache",
+                format!("must be at least 1024 vectors, got {}", self.chat.vector_cache),
+            );
+        }
+        if !(8..=1024).contains(&self.chat.recall_ef) {
+            return invalid("chat.recall_ef", format!("must be 8 to 1024, got {}", self.chat.recall_ef));
+        }
+        if !(1..=16).contains(&self.chat.embed_contexts) {
+            return invalid("chat.embed_contexts", format!("must be 1 to 16, got {}", self.chat.embed_contexts));
+        }
         if self.server.bind.parse::<std::net::SocketAddr>().is_err() {
             return invalid(
                 "server.bind",
@@ -501,6 +527,12 @@ impl Config {
             cross_conversation: self.chat.cross_conversation_recall,
             max_message_chars: self.chat.max_message_chars,
             sampling: self.sampling.clone(),
+            index: IndexOptions {
+                namespaces: self.chat.cross_conversation_recall,
+                cache_vectors: self.chat.vector_cache,
+                ef_search: self.chat.recall_ef,
+                ..IndexOptions::default()
+            },
         }
     }
 

@@ -8,7 +8,7 @@ use modelpool_actors::engine::remote::tokenizer::RemoteTokenizer;
 use modelpool_actors::{ChatHandle, EmbedderHandle, Engine, LlamaEngine, LoadEvent, PerRequestEngine, PoolHandle};
 
 use crate::config::Config;
-use modelpool_actors::memory::StoreSpec;
+use modelpool_actors::memory::{EmbedderOptions, StoreSpec};
 
 /// Prints a line above the spinner, or plainly when stderr is not a terminal.
 fn say(bar: &ProgressBar, line: String) {
@@ -129,14 +129,31 @@ pub async fn start_chat(cfg: &Config) -> anyhow::Result<ChatHandle> {
     let store = modelpool_actors::memory::store::open(&spec).await?;
     let pool = start_pool(cfg).await?;
     eprintln!("Loading embedding model {}…", cfg.embedding_model.display());
-    let embedder = EmbedderHandle::start(&cfg.embedding_model, 1)
-        .await?
-        .with_timeout(std::time::Duration::from_millis(cfg.chat.embed_timeout_ms));
+    let embedder = EmbedderHandle::start_with(
+        &cfg.embedding_model,
+        EmbedderOptions {
+            contexts: cfg.chat.embed_contexts,
+            threads: 1,
+            timeout: std::time::Duration::from_millis(cfg.chat.embed_timeout_ms),
+            max_queued: cfg.chat.embed_queue,
+        },
+    )
+    .await?;
     let chat = ChatHandle::start_on(pool, embedder, store, cfg.chat_options()).await?;
+    let index = chat.index_stats();
+    let recall = if cfg.chat.cross_conversation_recall {
+        format!(
+            "namespace index: {} vector(s) in {} namespace(s){}",
+            index.namespace_vectors,
+            index.namespaces,
+            if index.building > 0 { ", graphs building in the background (recall is exact meanwhile)" } else { "" }
+        )
+    } else {
+        format!("vectors load per conversation on first use (cache of {} vectors)", index.cache_limit)
+    };
     eprintln!(
-        "Chat memory ready: {} conversation(s), {} message vector(s) in {}",
+        "Chat memory ready: {} conversation(s) in {}; {recall}",
         chat.conversations().await?.len(),
-        chat.indexed(),
         chat.store().describe()
     );
     Ok(chat)

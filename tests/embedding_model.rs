@@ -24,3 +24,25 @@ fn converted_minilm_reproduces_known_similarities() {
     let long = "pasta ".repeat(2000);
     assert_eq!(e.embed(&long).unwrap().len(), 384);
 }
+
+/// Texts embedded together (one llama.cpp batch, one sequence each) get the
+/// vectors they get alone: sequences do not see each other.
+#[test]
+fn a_batch_embeds_each_text_as_if_it_were_alone() {
+    let mut e = LlamaEmbedder::load(&embed_model_path(), 1).unwrap();
+    let texts: Vec<String> = (0..70)
+        .map(|i| match i % 4 {
+            0 => format!("Recipe number {i}: boil the pasta in salted water."),
+            1 => format!("Invoice {i} is due at the end of the month."),
+            2 => "short".to_string(),
+            _ => format!("{} the end", "a long sentence about the weather in the mountains ".repeat(i % 9 + 1)),
+        })
+        .collect();
+    let together = e.embed_batch(&texts).unwrap();
+    assert_eq!(together.len(), texts.len(), "one vector per text, across two batches of at most 64");
+    for (i, t) in texts.iter().enumerate() {
+        let alone = e.embed(t).unwrap();
+        let sim = cosine(&alone, &together[i]);
+        assert!(sim > 0.999, "text {i} batched differs from alone: cosine {sim}");
+    }
+}

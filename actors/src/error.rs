@@ -23,6 +23,9 @@ pub enum EngineError {
     Decode(String),
     #[error("{0}")]
     Embed(String),
+    /// The embedder's queue holds its limit of texts: retry later.
+    #[error("the embedder's queue is full ({max_queued} texts waiting, the limit of embed_queue); retry after 1 s")]
+    EmbedQueueFull { max_queued: usize },
     #[error("input[{index}] is {tokens} tokens, more than the embedding model's limit of {limit} tokens")]
     InputTooLong { index: usize, tokens: usize, limit: usize },
     /// A remote instance failed (unreachable, silent, a 5xx, a broken stream):

@@ -11,6 +11,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::chat::turn::ChatCore;
 use crate::error::{EngineError, PoolError};
+use crate::memory::index::IndexOptions;
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{ConversationId, StoreError};
 use crate::params::{ChatMessage, FinishReason, SamplingParams, Usage};
@@ -30,6 +31,8 @@ pub struct ChatOptions {
     /// Longest user message, in characters.
     pub max_message_chars: usize,
     pub sampling: SamplingParams,
+    /// The vector index (its `namespaces` follows `cross_conversation`).
+    pub index: IndexOptions,
 }
 
 impl Default for ChatOptions {
@@ -42,6 +45,7 @@ impl Default for ChatOptions {
             cross_conversation: false,
             max_message_chars: 16_000,
             sampling: SamplingParams::default(),
+            index: IndexOptions::default(),
         }
     }
 }
@@ -120,6 +124,11 @@ pub struct ChatReply {
     /// Time this turn waited on the conversation store (every read and both
     /// appends), in milliseconds.
     pub store_ms: f64,
+    /// Time this turn spent on memory work on the answer's path: embedding
+    /// the message, recall, building the prompt, and the store calls before
+    /// the reply was sent (not the wait for an instance, not generation), in
+    /// milliseconds. The reply's embedding is made after the answer.
+    pub memory_ms: f64,
 }
 
 /// What a turn's stream yields: text pieces, then one `Done` or `Error`.

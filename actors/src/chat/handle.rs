@@ -11,7 +11,7 @@ use crate::chat::actor::{
 };
 use crate::chat::import::ImportMessage;
 use crate::chat::turn::{ChatCore, StoreClock};
-use crate::memory::index::VectorIndex;
+use crate::memory::index::{IndexOptions, IndexStats, VectorIndex};
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, Durability, StoredMessage};
 use crate::memory::EmbedderHandle;
@@ -46,11 +46,14 @@ impl ChatHandle {
         opts: ChatOptions,
     ) -> Result<Self, ChatError> {
         let started = std::time::Instant::now();
-        let index = Arc::new(VectorIndex::rebuild(&store, embedder.dim()).await?);
+        let index_opts = IndexOptions { namespaces: opts.cross_conversation, ..opts.index.clone() };
+        let index = VectorIndex::open(&store, embedder.dim(), index_opts).await?;
+        let stats = index.stats();
         tracing::info!(
-            vectors = index.len(),
+            namespace_vectors = stats.namespace_vectors,
+            building = stats.building,
             millis = started.elapsed().as_millis() as u64,
-            "vector index rebuilt from the store"
+            "vector index opened"
         );
         let core = Arc::new(ChatCore::new(store, index, embedder, pool, opts));
         let addr = ChatActor::new(core.clone()).start();
@@ -122,13 +125,21 @@ impl ChatHandle {
     /// What memory would recall for `text` in this conversation now (the
     /// recent window left out, as in a turn), with scores.
     pub async fn recall(&self, id: &ConversationId, text: &str) -> Result<Vec<Recalled>, ChatError> {
-        let conv = self.core.store.conversation(id).await?;
         let vector = self.core.embedder.embed_one(text).await.map_err(ChatError::Embedding)?;
+        self.recall_vector(id, &vector).await
+    }
+
+    /// The recall of a turn whose message embeds to `vector` (what
+    /// [`Self::recall`] does after embedding): the store's count, the recent
+    /// window left out, the conversation's vectors loaded if not cached, the
+    /// search, the hits read back from the store.
+    pub async fn recall_vector(&self, id: &ConversationId, vector: &[f32]) -> Result<Vec<Recalled>, ChatError> {
+        let conv = self.core.store.conversation(id).await?;
         let clock = StoreClock::default();
         let stored = self.core.store.count(id).await?;
         let recent = self.core.recent_window(id, stored, &clock).await?;
         let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
-        self.core.recall(&conv, &vector, exclude, &clock).await
+        self.core.recall(&conv, vector, exclude, stored, &clock).await
     }
 
     /// Why the conversation store cannot serve, as last seen (no I/O).
@@ -141,9 +152,20 @@ impl ChatHandle {
         self.core.store.check().await
     }
 
-    /// Number of live vectors in the index.
+    /// Live vectors in the index: in the namespace indexes with
+    /// cross-conversation recall, else in the conversation cache.
     pub fn indexed(&self) -> usize {
         self.core.index.len()
+    }
+
+    /// What the vector index holds (cache, namespace graphs, builds in progress).
+    pub fn index_stats(&self) -> IndexStats {
+        self.core.index.stats()
+    }
+
+    /// The vector index itself (benchmarks and tests wait for its builds).
+    pub fn index(&self) -> &Arc<VectorIndex> {
+        &self.core.index
     }
 
     pub async fn flush(&self) -> Result<(), ChatError> {

@@ -86,9 +86,11 @@ impl ChatCore {
             .collect();
         let vectors: Vec<Vec<f32>> = new.iter().map(|m| m.vector.clone()).collect();
         let stored = self.store.import(&conv, new).await?;
-        let items = stored.iter().zip(vectors).map(|(m, v)| (m.id, conv.id, conv.namespace.clone(), v)).collect();
-        let index = self.index.clone();
-        actix_web::rt::task::spawn_blocking(move || index.insert_many(items))
+        // Recall in the conversation loads it from the store on first use;
+        // the namespace index (cross-conversation recall) takes it now.
+        let items = stored.iter().zip(vectors).map(|(m, v)| (m.id, conv.id, v)).collect();
+        let (index, ns) = (self.index.clone(), conv.namespace.clone());
+        actix_web::rt::task::spawn_blocking(move || index.insert_namespace(items, &ns))
             .await
             .map_err(|_| ChatError::Internal("indexing the imported messages panicked".into()))?;
         Ok((conv, stored))

@@ -16,7 +16,7 @@ use crate::chat::actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStrea
 use crate::memory::index::{Hit, Scope, VectorIndex};
 use crate::memory::prompt_builder::{build_prompt, BuiltPrompt, PromptBudget, Recalled};
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, StoredMessage};
-use crate::memory::EmbedderHandle;
+use crate::memory::{EmbedderHandle, Priority};
 use crate::params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, Usage};
 use crate::pool::handle::PoolHandle;
 use crate::pool::lease::GenEvent;
@@ -72,23 +72,34 @@ impl ChatCore {
         }
     }
 
-    /// Messages related to `vector`, best first, leaving out `exclude`.
+    /// Messages related to `vector`, best first, leaving out `exclude`. The
+    /// conversation has `stored` messages in the store.
     pub(crate) async fn recall(
         self: &Arc<Self>,
         conv: &Conversation,
         vector: &[f32],
         exclude: HashSet<u64>,
+        stored: usize,
         clock: &StoreClock,
     ) -> Result<Vec<Recalled>, ChatError> {
-        // Searching a large namespace is CPU work: a blocking thread does it,
-        // never the arbiter that hosts the pool manager.
-        let (core, scope, query) = (self.clone(), self.scope(conv), vector.to_vec());
+        let scope = self.scope(conv);
+        if matches!(scope, Scope::Conversation(_)) {
+            self.ensure_loaded(conv, stored, clock).await?;
+        }
+        // Scoring is CPU work: a blocking thread does it, never an arbiter.
+        let (core, query) = (self.clone(), vector.to_vec());
         let hits: Vec<Hit> = actix_web::rt::task::spawn_blocking(move || {
-            core.index.search(&query, core.opts.recall_k, &scope, &exclude)
+            // None only if the conversation was evicted since it was loaded:
+            // it then has nothing to recall from this turn on, which is rare
+            // enough (a cache of 256k vectors) not to load it twice.
+            core.index.search(&query, core.opts.recall_k, &scope, &exclude).unwrap_or_default()
         })
         .await
         .map_err(|_| ChatError::Internal("searching the memory index panicked".into()))?;
         let hits: Vec<Hit> = hits.into_iter().filter(|h| h.score >= self.opts.recall_min_score).collect();
+        if hits.is_empty() {
+            return Ok(Vec::new());
+        }
         let ids: Vec<(ConversationId, u64)> = hits.iter().map(|h| (h.conversation_id, h.id)).collect();
         let mut found: HashMap<u64, StoredMessage> =
             clock.time(self.store.messages_by_id(&ids)).await?.into_iter().map(|m| (m.id, m)).collect();
@@ -102,22 +113,77 @@ impl ChatCore {
             .collect())
     }
 
-    /// With a store other replicas write to, the index here is a cache: when
-    /// it holds fewer of this conversation's messages than the store
-    /// (`stored`), the missing vectors are loaded before recall.
-    async fn catch_up(&self, conv: &Conversation, stored: usize, clock: &StoreClock) -> Result<(), ChatError> {
-        if !self.store.shared() || self.index.conversation_len(&conv.id) >= stored {
+    /// Loads a conversation's vectors from the store into the index's cache
+    /// when it is not cached, or holds fewer of its messages than the store's
+    /// `stored` (another replica wrote to it). With namespace recall on a
+    /// shared store, vectors other replicas wrote join the namespace index too.
+    async fn ensure_loaded(
+        self: &Arc<Self>,
+        conv: &Conversation,
+        stored: usize,
+        clock: &StoreClock,
+    ) -> Result<(), ChatError> {
+        if self.index.conversation_seen(&conv.id).is_some_and(|seen| seen >= stored) {
             return Ok(());
         }
-        let vectors = clock.time(self.store.vectors(Some(&conv.id))).await?;
-        let missing: Vec<_> = vectors
-            .into_iter()
-            .filter(|(id, _, _)| !self.index.contains(*id))
-            .map(|(id, c, v)| (id, c, conv.namespace.clone(), v))
+        let mut vectors = clock.time(self.store.vectors(Some(&conv.id))).await?;
+        if vectors.len() < stored {
+            vectors.extend(self.embed_missing(conv, &vectors, stored, clock).await?);
+        }
+        let (index, conv, shared) = (self.index.clone(), conv.clone(), self.store.shared());
+        actix_web::rt::task::spawn_blocking(move || {
+            if shared && index.options().namespaces {
+                let missing: Vec<_> = vectors
+                    .iter()
+                    .filter(|(id, _, _)| !index.contains(&conv.namespace, *id))
+                    .cloned()
+                    .collect();
+                if !missing.is_empty() {
+                    tracing::debug!(conversation = %conv.id, loaded = missing.len(), "namespace vectors loaded from the store");
+                    index.insert_namespace(missing, &conv.namespace);
+                }
+            }
+            index.load_conversation(conv.id, stored, vectors.into_iter().map(|(id, _, v)| (id, v)).collect());
+        })
+        .await
+        .map_err(|_| ChatError::Internal("loading a conversation's vectors panicked".into()))
+    }
+
+    /// Embeds and stores the vectors of a conversation's messages that have
+    /// none (a reply whose embedding was interrupted by a restart).
+    async fn embed_missing(
+        &self,
+        conv: &Conversation,
+        have: &[(u64, ConversationId, Vec<f32>)],
+        stored: usize,
+        clock: &StoreClock,
+    ) -> Result<Vec<(u64, ConversationId, Vec<f32>)>, ChatError> {
+        let have: HashSet<u64> = have.iter().map(|(id, _, _)| *id).collect();
+        let messages = clock.time(self.store.messages(&conv.id, None, stored)).await?;
+        let missing: Vec<StoredMessage> = messages.into_iter().filter(|m| !have.contains(&m.id)).collect();
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        tracing::info!(conversation = %conv.id, messages = missing.len(), "embedding messages stored without a vector");
+        let texts = missing
+            .iter()
+            .map(|m| if m.content.trim().is_empty() { "(empty reply)".to_string() } else { m.content.clone() })
             .collect();
-        tracing::debug!(conversation = %conv.id, loaded = missing.len(), "conversation vectors loaded from the store");
-        self.index.insert_many(missing);
-        Ok(())
+        let vectors = self.embedder.embed_as(texts, Priority::Interactive).await.map_err(ChatError::Embedding)?;
+        let mut out = Vec::with_capacity(missing.len());
+        for (m, v) in missing.into_iter().zip(vectors) {
+            if clock.time(self.store.set_vector(&conv.id, m.id, &v)).await? {
+                out.push((m.id, conv.id, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds a stored message's vector to the index, off the arbiter (a graph
+    /// insert is CPU work).
+    pub(crate) async fn index_message(self: &Arc<Self>, id: u64, conv: &Conversation, vector: Vec<f32>) {
+        let (index, conv_id, ns) = (self.index.clone(), conv.id, conv.namespace.clone());
+        let _ = actix_web::rt::task::spawn_blocking(move || index.insert(id, conv_id, &ns, vector)).await;
     }
 
     /// The prompt for a turn: tokenizing is blocking work, done on a blocking thread.
@@ -189,6 +255,7 @@ impl ChatCore {
         sampling.validate()?;
         // A new conversation is stored with its first message, after admission.
         let clock = StoreClock::default();
+        let memory_started = Instant::now();
         let (conv, is_new) = match msg.conversation_id {
             Some(id) => (clock.time(self.store.conversation(&id)).await?, false),
             None => (Conversation::new(msg.namespace.as_deref().unwrap_or("default")), true),
@@ -197,10 +264,9 @@ impl ChatCore {
 
         let vector = self.embedder.embed_one(&msg.text).await.map_err(ChatError::Embedding)?;
         let stored = if is_new { 0 } else { clock.time(self.store.count(&conv.id)).await? };
-        self.catch_up(&conv, stored, &clock).await?;
         let recent = self.recent_window(&conv.id, stored, &clock).await?;
         let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
-        let recalled = self.recall(&conv, &vector, exclude, &clock).await?;
+        let recalled = if is_new { Vec::new() } else { self.recall(&conv, &vector, exclude, stored, &clock).await? };
         let (recalled, built) = self.build(&recent, recalled, &msg.text, sampling.max_tokens).await?;
         let engine = self.pool.engine().clone();
 
@@ -208,12 +274,18 @@ impl ChatCore {
         // The conversation's next turn goes back to the instance that holds its prefix.
         let affinity = Some(affinity_key(conv.id.as_bytes()));
         let request = GenerateRequest { messages: built.messages.clone(), sampling };
+        let mut memory_ns = memory_started.elapsed().as_nanos() as u64;
         let generation = self.pool.generate_for(request, affinity).await?;
+        let after_admission = Instant::now();
         let (instance, slot) = (generation.instance(), generation.slot());
         let user_tokens = engine.count_tokens(&msg.text);
         let user_msg =
             clock.time(self.store.append(&conv, is_new, Role::User, &msg.text, user_tokens, &vector)).await?;
-        self.index.insert(user_msg.id, conv.id, &conv.namespace, vector);
+        if is_new {
+            self.index.start_conversation(conv.id);
+        }
+        self.index_message(user_msg.id, &conv, vector).await;
+        memory_ns += after_admission.elapsed().as_nanos() as u64;
 
         let (tx, rx) = unbounded_channel();
         let turn = Turn {
@@ -225,15 +297,36 @@ impl ChatCore {
             instance,
             slot,
             clock,
+            memory_ns,
         };
         actix::spawn(turn.stream(generation, tx, guard));
         Ok(ChatStream { conversation_id: conv.id, rx })
     }
 
+    /// Embeds a stored message that has no vector yet (a reply, just
+    /// answered), stores the vector and indexes it. A failure is logged: the
+    /// message then has no vector until its conversation is next loaded
+    /// ([`Self::ensure_loaded`] embeds what lacks one).
+    pub(crate) async fn embed_stored(self: &Arc<Self>, conv: &Conversation, id: u64, text: &str) {
+        let text = if text.trim().is_empty() { "(empty reply)" } else { text };
+        let result = async {
+            let vector = self.embedder.embed_one(text).await.map_err(ChatError::Embedding)?;
+            if self.store.set_vector(&conv.id, id, &vector).await? {
+                self.index_message(id, conv, vector).await;
+            }
+            Ok::<_, ChatError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(conversation = %conv.id, message = id, error = %e, "a reply's embedding is missing; it is made when the conversation is next loaded");
+        }
+    }
+
     pub(crate) async fn delete(&self, id: ConversationId) -> Result<usize, ChatError> {
         let _guard = self.lock(id).await;
         let ids = self.store.delete_conversation(&id).await?;
-        self.index.remove_conversation(&id, &ids);
+        let index = self.index.clone();
+        let _ = actix_web::rt::task::spawn_blocking(move || index.remove_conversation(&id)).await;
         Ok(ids.len())
     }
 }
@@ -278,6 +371,8 @@ struct Turn {
     instance: usize,
     slot: usize,
     clock: StoreClock,
+    /// Time spent on memory work on the answer's path so far.
+    memory_ns: u64,
 }
 
 impl Turn {
@@ -315,36 +410,43 @@ impl Turn {
         if client_gone {
             outcome = Ok(Completion { usage: Usage::default(), finish_reason: FinishReason::Cancelled });
         }
-        let event = match outcome {
+        // The reply is stored, then answered; its embedding follows, off the
+        // answer's path but before the conversation's next turn may start
+        // (this turn still holds the conversation's lock).
+        let (event, saved) = match outcome {
             Ok(done) => match self.save(&text, &done).await {
-                Ok(reply) => ChatEvent::Done(Box::new(reply)),
-                Err(e) => ChatEvent::Error(e),
+                Ok(reply) => {
+                    let id = reply.message_id;
+                    (ChatEvent::Done(Box::new(reply)), Some(id))
+                }
+                Err(e) => (ChatEvent::Error(e), None),
             },
             Err(e) => {
+                let mut saved = None;
                 if !text.is_empty() {
                     let partial = Completion { usage: Usage::default(), finish_reason: FinishReason::Cancelled };
-                    let _ = self.save(&text, &partial).await;
+                    saved = self.save(&text, &partial).await.ok().map(|r| r.message_id);
                 }
-                ChatEvent::Error(e)
+                (ChatEvent::Error(e), saved)
             }
         };
         let _ = tx.send(event);
+        if let Some(id) = saved {
+            self.core.embed_stored(&self.conv, id, &text).await;
+        }
     }
 
+    /// Stores the reply (its embedding comes after, [`ChatCore::embed_stored`]).
     async fn save(&self, text: &str, done: &Completion) -> Result<ChatReply, ChatError> {
         let core = &self.core;
-        let vector = core
-            .embedder
-            .embed_one(if text.trim().is_empty() { "(empty reply)" } else { text })
-            .await
-            .map_err(ChatError::Embedding)?;
+        let started = Instant::now();
         let tokens = if done.usage.completion_tokens > 0 {
             done.usage.completion_tokens
         } else {
             core.pool.engine().count_tokens(text)
         };
-        let msg = self.clock.time(core.store.append(&self.conv, false, Role::Assistant, text, tokens, &vector)).await?;
-        core.index.insert(msg.id, self.conv.id, &self.conv.namespace, vector);
+        let msg = self.clock.time(core.store.append(&self.conv, false, Role::Assistant, text, tokens, &[])).await?;
+        let memory_ms = (self.memory_ns + started.elapsed().as_nanos() as u64) as f64 / 1e6;
         Ok(ChatReply {
             conversation_id: self.conv.id,
             user_message_id: self.user_msg.id,
@@ -357,6 +459,7 @@ impl Turn {
             instance: self.instance,
             slot: self.slot,
             store_ms: self.clock.ms(),
+            memory_ms,
         })
     }
 }

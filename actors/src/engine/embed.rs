@@ -18,6 +18,19 @@ use crate::error::EngineError;
 /// so longer text is cut (explicitly, here) to this many tokens.
 pub const MAX_EMBED_TOKENS: usize = 512;
 
+/// Most texts in one decode of the embedding context.
+pub const BATCH_SEQUENCES: usize = 16;
+
+/// Most tokens in one decode of the embedding context. An encoder needs a
+/// whole batch in one micro-batch, and llama.cpp computes attention over the
+/// whole batch (masked per sequence), which grows with the square of its
+/// tokens: measured on 2 cores, 64 short texts in one decode were slower than
+/// one at a time, while up to 16 texts and 256 tokens cost the same per text.
+/// On CPU a text costs what its tokens cost, so batching here is for sharing
+/// decodes between waiting callers and bounding how long a chat turn waits
+/// behind bulk work (one batch), not for speed.
+pub const BATCH_TOKENS: usize = 256;
+
 /// Loads an embedding model for the rest of the process (contexts borrow it).
 pub fn load_embedding_model(path: &Path) -> Result<&'static LlamaModel, EngineError> {
     Ok(Box::leak(Box::new(load_model(path)?)))
@@ -49,11 +62,13 @@ impl LlamaEmbedder {
 
     /// A fresh context on an already loaded model (a restart reuses the weights).
     pub fn on(model: &'static LlamaModel, threads: u32) -> Result<Self, EngineError> {
-        let n_ctx = token_limit(model) as u32;
+        // One input may be as long as the model allows (512), alone in its batch.
+        let n_ctx = BATCH_TOKENS.max(token_limit(model)) as u32;
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
             .with_n_batch(n_ctx)
             .with_n_ubatch(n_ctx)
+            .with_n_seq_max(BATCH_SEQUENCES as u32)
             .with_n_threads(threads.max(1) as i32)
             .with_n_threads_batch(threads.max(1) as i32)
             .with_embeddings(true)
@@ -74,24 +89,56 @@ impl LlamaEmbedder {
     /// model's limit is cut to its first tokens (callers that must not cut,
     /// like `/v1/embeddings`, check [`token_limit`] first).
     pub fn embed(&mut self, text: &str) -> Result<Vec<f32>, EngineError> {
-        let limit = (self.ctx.n_ubatch() as usize).min(MAX_EMBED_TOKENS);
-        let mut tokens = embed_tokens(self.model, text);
-        if tokens.len() > limit {
-            // Keep the closing [SEP] the model was trained with.
-            let last = *tokens.last().expect("non-empty");
-            tokens.truncate(limit - 1);
-            tokens.push(last);
-        }
-        if tokens.is_empty() {
-            return Err(EngineError::Embed("text has no tokens".into()));
+        let mut v = self.embed_batch(&[text])?;
+        v.pop().ok_or_else(|| EngineError::Embed("no vector returned".into()))
+    }
+
+    /// Embeds several texts, one unit vector each, in order. Texts go into
+    /// one llama.cpp batch as distinct sequences (up to [`BATCH_SEQUENCES`]
+    /// texts and [`BATCH_TOKENS`] tokens per decode; a longer text alone).
+    pub fn embed_batch<S: AsRef<str>>(&mut self, texts: &[S]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let limit = token_limit(self.model);
+        let mut inputs = Vec::with_capacity(texts.len());
+        for text in texts {
+            let mut tokens = embed_tokens(self.model, text.as_ref());
+            if tokens.len() > limit {
+                // Keep the closing [SEP] the model was trained with.
+                let last = *tokens.last().expect("non-empty");
+                tokens.truncate(limit - 1);
+                tokens.push(last);
+            }
+            if tokens.is_empty() {
+                return Err(EngineError::Embed("text has no tokens".into()));
+            }
+            inputs.push(tokens);
         }
         self.fault.fire()?;
-        self.ctx.clear_kv_cache();
-        let mut batch = LlamaBatch::new(tokens.len(), 1);
-        batch.add_sequence(&tokens, 0, false).map_err(|e| EngineError::Embed(e.to_string()))?;
-        self.ctx.decode(&mut batch).map_err(|e| EngineError::Embed(e.to_string()))?;
-        let raw = self.ctx.embeddings_seq_ith(0).map_err(|e| EngineError::Embed(e.to_string()))?;
-        Ok(normalize(raw))
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut start = 0;
+        while start < inputs.len() {
+            // As many texts as fit in one decode.
+            let mut end = start;
+            let mut n_tokens = 0;
+            while end < inputs.len()
+                && end - start < BATCH_SEQUENCES
+                && (end == start || n_tokens + inputs[end].len() <= BATCH_TOKENS)
+            {
+                n_tokens += inputs[end].len();
+                end += 1;
+            }
+            self.ctx.clear_kv_cache();
+            let mut batch = LlamaBatch::new(n_tokens, (end - start) as i32);
+            for (seq, tokens) in inputs[start..end].iter().enumerate() {
+                batch.add_sequence(tokens, seq as i32, false).map_err(|e| EngineError::Embed(e.to_string()))?;
+            }
+            self.ctx.decode(&mut batch).map_err(|e| EngineError::Embed(e.to_string()))?;
+            for seq in 0..(end - start) {
+                let raw = self.ctx.embeddings_seq_ith(seq as i32).map_err(|e| EngineError::Embed(e.to_string()))?;
+                out.push(normalize(raw));
+            }
+            start = end;
+        }
+        Ok(out)
     }
 }
 

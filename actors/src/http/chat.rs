@@ -78,6 +78,9 @@ pub struct ChatResponse<'a> {
     pub slot: usize,
     /// Time the turn waited on the conversation store, in milliseconds.
     pub store_ms: f64,
+    /// Time the turn spent on memory work before its answer (embedding,
+    /// recall, prompt, store), in milliseconds.
+    pub memory_ms: f64,
 }
 
 fn response_body(r: &ChatReply, started: Instant) -> ChatResponse<'_> {
@@ -91,6 +94,7 @@ fn response_body(r: &ChatReply, started: Instant) -> ChatResponse<'_> {
         instance: r.instance,
         slot: r.slot,
         store_ms: r.store_ms,
+        memory_ms: r.memory_ms,
     }
 }
 
@@ -174,7 +178,7 @@ async fn chat_inner(
     if !req.stream {
         let reply = turn.finish().await?;
         state.metrics.finished("chat", started, Ok(&reply.usage));
-        state.metrics.chat_store(reply.store_ms);
+        state.metrics.chat_turn(&reply);
         return Ok(HttpResponse::Ok()
             .insert_header((CONVERSATION_HEADER, reply.conversation_id.to_string()))
             .insert_header((NODE_HEADER, state.settings.node.as_str()))
@@ -197,8 +201,7 @@ async fn chat_inner(
                 }
                 ChatEvent::Done(reply) => {
                     state.metrics.finished("chat", started, Ok(&reply.usage));
-                    state.metrics.chat_store(reply.store_ms);
-                    state.metrics.chat_store(reply.store_ms);
+                    state.metrics.chat_turn(&reply);
                     let body = serde_json::to_string(&response_body(&reply, started)).expect("serialisable");
                     (sse::Data::new(body).event("done"), true)
                 }

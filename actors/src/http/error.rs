@@ -175,6 +175,9 @@ impl From<EngineError> for ApiError {
             // Only the messages a client sent can make the template fail.
             EngineError::Template(_) => ApiError::bad("messages", format!("invalid messages: {e}")),
             EngineError::InputTooLong { .. } => ApiError::bad("input", e.to_string()),
+            EngineError::EmbedQueueFull { .. } => {
+                ApiError::Overloaded { message: e.to_string(), retry_after_secs: RETRY_AFTER_SECS }
+            }
             EngineError::Embed(_) => ApiError::EmbedderUnavailable(format!("embedding failed: {e}; retry shortly")),
             EngineError::RemoteRejected(_) => ApiError::BadGateway(e.to_string()),
             other => ApiError::Internal(other.to_string()),

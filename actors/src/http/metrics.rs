@@ -39,6 +39,7 @@ pub const INSTANCE_INFO: &str = "modelpool_instance_info";
 pub const INSTANCE_PROBE: &str = "modelpool_instance_probe_seconds";
 pub const REQUESTS_RUNNING: &str = "modelpool_requests_running";
 pub const CHAT_STORE: &str = "modelpool_chat_store_seconds";
+pub const CHAT_MEMORY: &str = "modelpool_chat_memory_seconds";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -103,6 +104,7 @@ pub struct Metrics {
     instance_probe: Family<InstanceLabels, FloatGauge>,
     requests_running: Gauge,
     chat_store: Histogram,
+    chat_memory: Histogram,
     /// Serialises scrapes: pool counters are copied in by difference.
     scrape: Mutex<()>,
 }
@@ -142,14 +144,21 @@ impl Metrics {
             instance_probe: Family::default(),
             requests_running: Gauge::default(),
             chat_store: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            chat_memory: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
         registry.register(REQUESTS, "HTTP requests by endpoint and outcome", m.requests.clone());
         registry.register(
             CHAT_STORE,
-            "Time each completed /chat turn waited on the conversation store (reads and both appends)",
+            "Time each completed /chat turn waited on the conversation store before its answer (reads and both appends)",
             m.chat_store.clone(),
+        );
+        registry.register(
+            CHAT_MEMORY,
+            "Time each completed /chat turn spent on memory work before its answer: embedding the message, \
+             recall, building the prompt and the store calls (not the wait for an instance, not generation)",
+            m.chat_memory.clone(),
         );
         registry.register(
             PROMPT_TOKENS,
@@ -242,9 +251,10 @@ impl Metrics {
         }
     }
 
-    /// Records a completed chat turn's time on the store.
-    pub fn chat_store(&self, store_ms: f64) {
-        self.chat_store.observe(store_ms / 1e3);
+    /// Records a completed chat turn's time on the store and on memory work.
+    pub fn chat_turn(&self, reply: &crate::chat::actor::ChatReply) {
+        self.chat_store.observe(reply.store_ms / 1e3);
+        self.chat_memory.observe(reply.memory_ms / 1e3);
     }
 
     /// Brings the pool series up to date and encodes everything.

@@ -36,6 +36,7 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
             "model": chat.pool().engine_info().model_name,
         },
         "embedder": chat.embedder().health(),
+        "memory_index": chat.index_stats(),
         "storage": { "writable": chat.storage_error().is_none(), "error": chat.storage_error() },
     })))
 }
@@ -85,7 +86,12 @@ async fn ready(state: web::Data<ApiState>) -> HttpResponse {
         return unavailable(json!({ "status": "embedder_unavailable", "cause": embedder.last_error }));
     }
     match chat.pool().status().await {
-        Ok(s) if s.ready() => HttpResponse::Ok().json(json!({ "status": "ok" })),
+        // Ready even while namespace graphs build: recall is exact meanwhile.
+        Ok(s) if s.ready() => {
+            let index = chat.index_stats();
+            let recall = if index.building > 0 { "exact while the index builds" } else { "ok" };
+            HttpResponse::Ok().json(json!({ "status": "ok", "recall": recall, "memory_index": index }))
+        }
         Ok(s) if s.loading > 0 => unavailable(json!({ "status": "loading" })),
         Ok(_) => unavailable(json!({ "status": "unhealthy", "cause": "no model instance can serve" })),
         Err(_) => unavailable(json!({ "status": "stopped" })),

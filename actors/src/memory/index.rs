@@ -1,22 +1,39 @@
-//! Semantic search over stored messages: an HNSW graph (hnsw_rs, cosine) with
-//! the message id as payload. hnsw_rs cannot delete, so deleted messages are
-//! tombstoned (left out of the filter) and never returned. The vectors in
-//! the store are the source of truth; the graph is rebuilt from them at
-//! start-up. With a shared store, a conversation's vectors written by another
-//! replica are added when the conversation's next turn comes here
-//! ([`VectorIndex::conversation_len`] tells a turn whether it must).
+//! Semantic search over stored messages, in two parts that fit the two ways
+//! a chat turn recalls:
+//!
+//! - **One conversation** (the default): each conversation's vectors sit
+//!   together in one contiguous matrix, loaded from the store on first use
+//!   and kept in a cache bounded by vector count (least recently used
+//!   conversation evicted first). Recall scores the matrix exactly: time
+//!   proportional to the conversation, whatever the store holds.
+//! - **A namespace** (`cross_conversation` recall): one index per namespace.
+//!   Up to `graph_from` live vectors it is a flat matrix scored exactly;
+//!   past that an HNSW graph (hnsw_rs, cosine) is built on a background
+//!   thread, and the graph then holds the vectors (the flat copy is dropped).
+//!   hnsw_rs cannot delete: deleted messages are tombstoned (left out by the
+//!   search filter, which passes nearly everything, so hnsw_rs keeps its early
+//!   exit), and when tombstones reach a fifth of a graph it is rebuilt from
+//!   the live vectors in the background and swapped in. At start-up the
+//!   vectors are read from the store and graphs are built in the background;
+//!   until a namespace's graph is ready its recall is exact (slower, never
+//!   worse), and [`IndexStats::building`] says so.
+//!
+//! The store stays the source of truth: everything here can be rebuilt from it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::RwLock;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, RwLock};
 
 use hnsw_rs::prelude::{Distance, Hnsw};
+use lru::LruCache;
+use serde::Serialize;
 
 use super::store::{ConversationId, ConversationStore, StoreError};
 use crate::engine::embed::normalize;
 
 const MAX_NB_CONNECTION: usize = 16;
 const MAX_LAYER: usize = 16;
-const EF_CONSTRUCTION: usize = 200;
+const EF_CONSTRUCTION: usize = 100;
 
 /// Cosine distance for unit vectors, `1 - a·b`, clamped at 0 (rounding can
 /// push a dot product of unit vectors past 1). Every vector is normalised
@@ -61,82 +78,158 @@ pub struct Hit {
     pub score: f32,
 }
 
-struct Entry {
-    conversation_id: ConversationId,
-    vector: Vec<f32>,
+/// Settings of the index.
+#[derive(Clone, Debug)]
+pub struct IndexOptions {
+    /// Keep an index per namespace (cross-conversation recall). Off, only
+    /// the conversation cache exists and nothing is loaded at start-up.
+    pub namespaces: bool,
+    /// Most vectors in the conversation cache.
+    pub cache_vectors: usize,
+    /// Most conversations in the conversation cache.
+    pub cache_conversations: usize,
+    /// A namespace gets an HNSW graph from this many live vectors; below it
+    /// is scored exactly.
+    pub graph_from: usize,
+    /// Candidates examined by a graph search (`ef`); more is slower and closer to exact.
+    pub ef_search: usize,
 }
 
-#[derive(Default)]
-struct Live {
-    entries: HashMap<u64, Entry>,
-    namespaces: HashMap<ConversationId, String>,
-    /// Each conversation's live message ids: a conversation's recall scores
-    /// exactly these, in time proportional to the conversation.
-    by_conversation: HashMap<ConversationId, Vec<u64>>,
-    /// Each namespace's conversations.
-    by_namespace: HashMap<String, HashSet<ConversationId>>,
-}
-
-/// Namespaces with at most this many messages are scored exactly, like a
-/// conversation; larger ones go through the HNSW graph.
-const EXACT_NAMESPACE_LIMIT: usize = 4096;
-
-impl Live {
-    fn add(&mut self, id: u64, conversation_id: ConversationId, namespace: &str, vector: Vec<f32>) {
-        if !self.namespaces.contains_key(&conversation_id) {
-            self.namespaces.insert(conversation_id, namespace.to_string());
-            self.by_namespace.entry(namespace.to_string()).or_default().insert(conversation_id);
-        }
-        self.by_conversation.entry(conversation_id).or_default().push(id);
-        self.entries.insert(id, Entry { conversation_id, vector });
+impl Default for IndexOptions {
+    fn default() -> Self {
+        Self { namespaces: false, cache_vectors: 262_144, cache_conversations: 65_536, graph_from: 4096, ef_search: 64 }
     }
+}
 
-    /// Exact top-k over `ids`, leaving out `exclude`.
-    fn score<'a>(
-        &self,
-        ids: impl Iterator<Item = &'a u64>,
-        query: &[f32],
-        k: usize,
-        exclude: &HashSet<u64>,
-    ) -> Vec<Hit> {
-        let mut hits: Vec<Hit> = ids
-            .filter(|id| !exclude.contains(id))
-            .filter_map(|id| {
-                let e = self.entries.get(id)?;
-                Some(Hit { id: *id, conversation_id: e.conversation_id, score: dot(query, &e.vector) })
-            })
-            .collect();
-        top_k(&mut hits, k);
-        hits
+/// What the index holds, for `/pool` and `/health`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct IndexStats {
+    /// Conversations and vectors in the conversation cache.
+    pub cached_conversations: usize,
+    pub cached_vectors: usize,
+    pub cache_limit: usize,
+    /// Namespace indexes (cross-conversation recall only).
+    pub namespaces: usize,
+    /// Live vectors in the namespace indexes.
+    pub namespace_vectors: usize,
+    /// Vectors held by the namespace indexes, tombstones included.
+    pub namespace_slots: usize,
+    /// Deleted vectors still in a graph, waiting for compaction.
+    pub tombstones: usize,
+    /// Namespaces with a graph.
+    pub graphs: usize,
+    /// Graph builds in progress (start-up, growth past `graph_from`,
+    /// compaction); those namespaces are searched exactly meanwhile.
+    pub building: usize,
+}
+
+/// One conversation's vectors, contiguous.
+struct ConvVectors {
+    ids: Vec<u64>,
+    data: Vec<f32>,
+    /// Messages of the conversation accounted for: the store's count at load,
+    /// plus every message added since. A turn reloads the entry when the
+    /// store holds more (another replica wrote to it).
+    seen: usize,
+}
+
+struct ConvCache {
+    lru: LruCache<ConversationId, ConvVectors>,
+    vectors: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    id: u64,
+    conv: ConversationId,
+    alive: bool,
+}
+
+type Graph = Hnsw<'static, f32, UnitCosine>;
+
+/// One namespace's index: slots (graph data ids) and where their vectors are.
+#[derive(Default)]
+struct NsIndex {
+    slots: Vec<Slot>,
+    by_id: HashMap<u64, u32>,
+    by_conv: HashMap<ConversationId, Vec<u32>>,
+    live: usize,
+    dead: usize,
+    /// The vectors of every slot, row by row, while there is no graph.
+    flat: Vec<f32>,
+    graph: Option<Arc<Graph>>,
+    /// A build in progress: vectors added meanwhile, to add to the new graph.
+    building: Option<Vec<(u32, Vec<f32>)>>,
+}
+
+impl NsIndex {
+    fn wants_build(&self, graph_from: usize) -> bool {
+        if self.building.is_some() {
+            return false;
+        }
+        match &self.graph {
+            None => self.live >= graph_from,
+            // Compaction: tombstones are a fifth of the graph.
+            Some(_) => self.dead * 5 >= self.slots.len() && self.dead > 0,
+        }
     }
 }
 
 pub struct VectorIndex {
     dim: usize,
-    graph: Hnsw<'static, f32, UnitCosine>,
-    live: RwLock<Live>,
+    opts: IndexOptions,
+    convs: Mutex<ConvCache>,
+    spaces: RwLock<HashMap<String, NsIndex>>,
 }
 
 impl VectorIndex {
-    pub fn new(dim: usize, expected: usize) -> Self {
+    pub fn new(dim: usize, opts: IndexOptions) -> Self {
+        let cap = NonZeroUsize::new(opts.cache_conversations.max(1)).expect("non-zero");
         Self {
             dim,
-            graph: Hnsw::new(MAX_NB_CONNECTION, expected.max(1024), MAX_LAYER, EF_CONSTRUCTION, UnitCosine),
-            live: RwLock::new(Live::default()),
+            opts,
+            convs: Mutex::new(ConvCache { lru: LruCache::new(cap), vectors: 0 }),
+            spaces: RwLock::default(),
         }
     }
 
-    /// Rebuilds the index from every vector in the store.
-    pub async fn rebuild(store: &ConversationStore, dim: usize) -> Result<Self, StoreError> {
+    /// An index over `store`. With namespace indexes, every stored vector is
+    /// read now and graphs are built in the background; without, nothing is
+    /// read (conversations load on first use).
+    pub async fn open(store: &ConversationStore, dim: usize, opts: IndexOptions) -> Result<Arc<Self>, StoreError> {
+        let index = Arc::new(Self::new(dim, opts));
+        if !index.opts.namespaces {
+            return Ok(index);
+        }
         let namespaces: HashMap<ConversationId, String> =
             store.list_conversations().await?.into_iter().map(|c| (c.id, c.namespace)).collect();
-        let mut items = Vec::new();
-        for (id, conv, vector) in store.vectors(None).await? {
-            let ns = namespaces.get(&conv).cloned().unwrap_or_default();
-            items.push((id, conv, ns, vector));
+        let vectors = store.vectors(None).await?;
+        let loader = index.clone();
+        actix_web::rt::task::spawn_blocking(move || {
+            let mut spaces = loader.spaces.write().expect("index lock");
+            for (id, conv, vector) in vectors {
+                if vector.len() != loader.dim {
+                    continue;
+                }
+                let ns = namespaces.get(&conv).cloned().unwrap_or_default();
+                let space = spaces.entry(ns).or_default();
+                if space.by_id.contains_key(&id) {
+                    continue;
+                }
+                let slot = space.slots.len() as u32;
+                space.slots.push(Slot { id, conv, alive: true });
+                space.by_id.insert(id, slot);
+                space.by_conv.entry(conv).or_default().push(slot);
+                space.live += 1;
+                space.flat.extend(normalize(&vector));
+            }
+        })
+        .await
+        .map_err(|_| StoreError::Corrupt("loading the vector index panicked".into()))?;
+        let names: Vec<String> = index.spaces.read().expect("index lock").keys().cloned().collect();
+        for ns in names {
+            index.maybe_build(&ns);
         }
-        let index = Self::new(dim, items.len());
-        index.insert_many(items);
         Ok(index)
     }
 
@@ -144,112 +237,417 @@ impl VectorIndex {
         self.dim
     }
 
+    pub fn options(&self) -> &IndexOptions {
+        &self.opts
+    }
+
+    pub fn stats(&self) -> IndexStats {
+        let mut s = IndexStats { cache_limit: self.opts.cache_vectors, ..Default::default() };
+        {
+            let convs = self.convs.lock().expect("index lock");
+            s.cached_conversations = convs.lru.len();
+            s.cached_vectors = convs.vectors;
+        }
+        let spaces = self.spaces.read().expect("index lock");
+        s.namespaces = spaces.len();
+        for space in spaces.values() {
+            s.namespace_vectors += space.live;
+            s.namespace_slots += space.slots.len();
+            s.graphs += space.graph.is_some() as usize;
+            s.building += space.building.is_some() as usize;
+            if space.graph.is_some() {
+                s.tombstones += space.dead;
+            }
+        }
+        s
+    }
+
+    /// Live vectors: in the namespace indexes when they exist, else in the
+    /// conversation cache.
     pub fn len(&self) -> usize {
-        self.live.read().expect("index lock").entries.len()
-    }
-
-    /// Number of live vectors of one conversation.
-    pub fn conversation_len(&self, conversation_id: &ConversationId) -> usize {
-        self.live.read().expect("index lock").by_conversation.get(conversation_id).map_or(0, Vec::len)
-    }
-
-    /// Whether message `id` is in the index.
-    pub fn contains(&self, id: u64) -> bool {
-        self.live.read().expect("index lock").entries.contains_key(&id)
+        let s = self.stats();
+        if self.opts.namespaces {
+            s.namespace_vectors
+        } else {
+            s.cached_vectors
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Adds one vector. Vectors of the wrong dimension are refused (hnsw_rs would panic).
-    pub fn insert(&self, id: u64, conversation_id: ConversationId, namespace: &str, vector: Vec<f32>) -> bool {
+    /// Messages of `conv` the cache accounts for, or none when it is not cached.
+    pub fn conversation_seen(&self, conv: &ConversationId) -> Option<usize> {
+        self.convs.lock().expect("index lock").lru.get(conv).map(|c| c.seen)
+    }
+
+    /// Caches a conversation's vectors as read from the store, of its
+    /// `seen` stored messages (replacing what was cached).
+    pub fn load_conversation(&self, conv: ConversationId, seen: usize, vectors: Vec<(u64, Vec<f32>)>) {
+        let mut entry = ConvVectors { ids: Vec::with_capacity(vectors.len()), data: Vec::new(), seen };
+        entry.data.reserve(vectors.len() * self.dim);
+        for (id, v) in vectors.into_iter().filter(|(_, v)| v.len() == self.dim) {
+            entry.ids.push(id);
+            entry.data.extend(normalize(&v));
+        }
+        let mut cache = self.convs.lock().expect("index lock");
+        cache.vectors += entry.ids.len();
+        if let Some(old) = cache.lru.put(conv, entry) {
+            cache.vectors -= old.ids.len();
+        }
+        self.evict(&mut cache, &conv);
+    }
+
+    /// Caches a new conversation (nothing stored yet).
+    pub fn start_conversation(&self, conv: ConversationId) {
+        self.load_conversation(conv, 0, Vec::new());
+    }
+
+    /// Evicts least recently used conversations past the bound. `_keep` was
+    /// just used, so it is the most recent and goes last.
+    fn evict(&self, cache: &mut ConvCache, _keep: &ConversationId) {
+        while cache.vectors > self.opts.cache_vectors && cache.lru.len() > 1 {
+            let Some((_, old)) = cache.lru.pop_lru() else { break };
+            cache.vectors -= old.ids.len();
+        }
+    }
+
+    /// Whether message `id` is in the namespace index of `namespace`.
+    pub fn contains(&self, namespace: &str, id: u64) -> bool {
+        self.spaces.read().expect("index lock").get(namespace).is_some_and(|s| s.by_id.contains_key(&id))
+    }
+
+    /// Adds one message's vector: to its conversation's cache entry (if
+    /// cached) and to its namespace's index. Vectors of the wrong dimension
+    /// are refused (hnsw_rs would panic).
+    pub fn insert(self: &Arc<Self>, id: u64, conv: ConversationId, namespace: &str, vector: Vec<f32>) -> bool {
         if vector.len() != self.dim {
             return false;
         }
         let vector = normalize(&vector);
-        self.graph.insert((&vector, id as usize));
-        self.live.write().expect("index lock").add(id, conversation_id, namespace, vector);
+        {
+            let mut cache = self.convs.lock().expect("index lock");
+            if let Some(entry) = cache.lru.get_mut(&conv) {
+                if !entry.ids.contains(&id) {
+                    entry.ids.push(id);
+                    entry.data.extend_from_slice(&vector);
+                    entry.seen += 1;
+                    cache.vectors += 1;
+                    self.evict(&mut cache, &conv);
+                }
+            }
+        }
+        if self.opts.namespaces {
+            self.insert_namespace(vec![(id, conv, vector)], namespace);
+        }
         true
     }
 
-    /// Adds many vectors at once, inserting into the graph on all cores.
-    pub fn insert_many(&self, items: Vec<(u64, ConversationId, String, Vec<f32>)>) {
-        let items: Vec<_> = items
-            .into_iter()
-            .filter(|(_, _, _, v)| v.len() == self.dim)
-            .map(|(id, c, ns, v)| (id, c, ns, normalize(&v)))
-            .collect();
-        let refs: Vec<(&Vec<f32>, usize)> = items.iter().map(|(id, _, _, v)| (v, *id as usize)).collect();
-        self.graph.parallel_insert(&refs);
-        let mut live = self.live.write().expect("index lock");
-        for (id, conversation_id, namespace, vector) in items {
-            live.add(id, conversation_id, &namespace, vector);
+    /// Adds vectors of one namespace to its index (not to the conversation cache).
+    pub fn insert_namespace(self: &Arc<Self>, items: Vec<(u64, ConversationId, Vec<f32>)>, namespace: &str) {
+        if !self.opts.namespaces {
+            return;
+        }
+        let mut to_graph = Vec::new();
+        let graph = {
+            let mut spaces = self.spaces.write().expect("index lock");
+            let space = spaces.entry(namespace.to_string()).or_default();
+            for (id, conv, vector) in items {
+                if vector.len() != self.dim || space.by_id.contains_key(&id) {
+                    continue;
+                }
+                let vector = normalize(&vector);
+                let slot = space.slots.len() as u32;
+                space.slots.push(Slot { id, conv, alive: true });
+                space.by_id.insert(id, slot);
+                space.by_conv.entry(conv).or_default().push(slot);
+                space.live += 1;
+                if let Some(pending) = space.building.as_mut() {
+                    pending.push((slot, vector.clone()));
+                }
+                if space.graph.is_some() {
+                    to_graph.push((slot, vector));
+                } else {
+                    space.flat.extend_from_slice(&vector);
+                }
+            }
+            space.graph.clone()
+        };
+        // Graph inserts take hnsw_rs's own locks, not this index's.
+        if let Some(graph) = graph {
+            for (slot, vector) in &to_graph {
+                graph.insert((vector, *slot as usize));
+            }
+        }
+        self.maybe_build(namespace);
+    }
+
+    /// Forgets a conversation: its cache entry at once, its namespace vectors
+    /// tombstoned (a namespace without a graph drops them at once).
+    pub fn remove_conversation(self: &Arc<Self>, conv: &ConversationId) {
+        {
+            let mut cache = self.convs.lock().expect("index lock");
+            if let Some(old) = cache.lru.pop(conv) {
+                cache.vectors -= old.ids.len();
+            }
+        }
+        let mut touched = Vec::new();
+        {
+            let mut spaces = self.spaces.write().expect("index lock");
+            for (name, space) in spaces.iter_mut() {
+                let Some(slots) = space.by_conv.remove(conv) else { continue };
+                for slot in &slots {
+                    let s = &mut space.slots[*slot as usize];
+                    if s.alive {
+                        s.alive = false;
+                        space.live -= 1;
+                        space.dead += 1;
+                        space.by_id.remove(&s.id);
+                    }
+                }
+                if space.graph.is_none() && space.building.is_none() {
+                    compact_flat(space, self.dim);
+                }
+                touched.push(name.clone());
+            }
+            spaces.retain(|_, s| !s.slots.is_empty() || s.building.is_some());
+        }
+        for ns in touched {
+            self.maybe_build(&ns);
         }
     }
 
-    /// Tombstones a conversation's messages.
-    pub fn remove_conversation(&self, conversation_id: &ConversationId, ids: &[u64]) {
-        let mut live = self.live.write().expect("index lock");
-        for id in ids {
-            live.entries.remove(id);
-        }
-        live.by_conversation.remove(conversation_id);
-        if let Some(ns) = live.namespaces.remove(conversation_id) {
-            if let Some(set) = live.by_namespace.get_mut(&ns) {
-                set.remove(conversation_id);
-                if set.is_empty() {
-                    live.by_namespace.remove(&ns);
-                }
+    /// Starts a background graph build for `namespace` when it has grown
+    /// past `graph_from` without one, or its graph holds too many tombstones.
+    fn maybe_build(self: &Arc<Self>, namespace: &str) {
+        let snapshot = {
+            let mut spaces = self.spaces.write().expect("index lock");
+            let Some(space) = spaces.get_mut(namespace) else { return };
+            if !space.wants_build(self.opts.graph_from) {
+                return;
             }
+            let mut live: Vec<(u32, Vec<f32>)> = Vec::with_capacity(space.live);
+            match &space.graph {
+                None => {
+                    for (i, slot) in space.slots.iter().enumerate() {
+                        if slot.alive {
+                            live.push((i as u32, space.flat[i * self.dim..(i + 1) * self.dim].to_vec()));
+                        }
+                    }
+                }
+                Some(graph) if graph.get_nb_point() > 0 => {
+                    for point in graph.get_point_indexation() {
+                        let slot = point.get_origin_id() as u32;
+                        if space.slots[slot as usize].alive {
+                            live.push((slot, point.get_v().to_vec()));
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+            space.building = Some(Vec::new());
+            live
+        };
+        let index = self.clone();
+        let name = namespace.to_string();
+        let spawned = std::thread::Builder::new().name("index-build".into()).spawn(move || {
+            index.build(&name, snapshot);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start an index build; the namespace stays exact");
+            if let Some(space) = self.spaces.write().expect("index lock").get_mut(namespace) {
+                space.building = None;
+            }
+        }
+    }
+
+    /// Builds a graph from `snapshot` (old slot, vector), then swaps it in
+    /// with the slots renumbered, adding what was inserted meanwhile.
+    fn build(self: &Arc<Self>, namespace: &str, mut snapshot: Vec<(u32, Vec<f32>)>) {
+        let started = std::time::Instant::now();
+        snapshot.sort_by_key(|(slot, _)| *slot);
+        let graph = Graph::new(MAX_NB_CONNECTION, snapshot.len().max(1024), MAX_LAYER, EF_CONSTRUCTION, UnitCosine);
+        let refs: Vec<(&Vec<f32>, usize)> = snapshot.iter().enumerate().map(|(new, (_, v))| (v, new)).collect();
+        graph.parallel_insert(&refs);
+        let mut spaces = self.spaces.write().expect("index lock");
+        let Some(space) = spaces.get_mut(namespace) else { return };
+        let pending = space.building.take().unwrap_or_default();
+        let mut renumber: HashMap<u32, u32> = HashMap::with_capacity(snapshot.len() + pending.len());
+        let mut slots = Vec::with_capacity(snapshot.len() + pending.len());
+        for (old, _) in &snapshot {
+            renumber.insert(*old, slots.len() as u32);
+            slots.push(space.slots[*old as usize]);
+        }
+        for (old, vector) in &pending {
+            if renumber.contains_key(old) {
+                continue;
+            }
+            let new = slots.len() as u32;
+            renumber.insert(*old, new);
+            slots.push(space.slots[*old as usize]);
+            graph.insert((vector, new as usize));
+        }
+        // Deletions during the build: tombstones in the new graph; everything
+        // else not carried over was dead before.
+        let dead = slots.iter().filter(|s| !s.alive).count();
+        space.by_id = slots.iter().enumerate().filter(|(_, s)| s.alive).map(|(i, s)| (s.id, i as u32)).collect();
+        space.by_conv.clear();
+        for (i, s) in slots.iter().enumerate().filter(|(_, s)| s.alive) {
+            space.by_conv.entry(s.conv).or_default().push(i as u32);
+        }
+        space.live = slots.len() - dead;
+        space.dead = dead;
+        space.slots = slots;
+        space.flat = Vec::new();
+        space.graph = Some(Arc::new(graph));
+        tracing::info!(
+            namespace,
+            vectors = space.live,
+            tombstones = space.dead,
+            millis = started.elapsed().as_millis() as u64,
+            "namespace graph built"
+        );
+        let again = space.wants_build(self.opts.graph_from);
+        drop(spaces);
+        if again {
+            self.maybe_build(namespace);
         }
     }
 
     /// The `k` most similar live messages in `scope`, leaving out `exclude`.
-    /// A conversation, and a namespace of up to 4,096 messages, are scored
-    /// exactly over their own messages (time proportional to the scope, not
-    /// to the store). A larger namespace goes through the HNSW graph with a
-    /// filter; if that leaves it short of `k` hits, its messages are scored exactly.
-    pub fn search(&self, query: &[f32], k: usize, scope: &Scope, exclude: &HashSet<u64>) -> Vec<Hit> {
+    /// For a conversation that is not cached, returns none: the caller loads
+    /// it from the store first ([`Self::load_conversation`]).
+    pub fn search(&self, query: &[f32], k: usize, scope: &Scope, exclude: &HashSet<u64>) -> Option<Vec<Hit>> {
         if query.len() != self.dim || k == 0 {
-            return Vec::new();
+            return Some(Vec::new());
         }
         let query = &normalize(query)[..];
-        let live = self.live.read().expect("index lock");
-        let ns = match scope {
+        match scope {
             Scope::Conversation(c) => {
-                return live.score(live.by_conversation.get(c).into_iter().flatten(), query, k, exclude);
+                let mut cache = self.convs.lock().expect("index lock");
+                let entry = cache.lru.get(c)?;
+                let mut hits: Vec<Hit> = entry
+                    .ids
+                    .iter()
+                    .zip(entry.data.chunks_exact(self.dim))
+                    .filter(|(id, _)| !exclude.contains(id))
+                    .map(|(id, v)| Hit { id: *id, conversation_id: *c, score: dot(query, v) })
+                    .collect();
+                top_k(&mut hits, k);
+                Some(hits)
             }
-            Scope::Namespace(ns) => ns,
-        };
-        let namespace_ids = || {
-            let convs = live.by_namespace.get(ns).into_iter().flatten();
-            convs.filter_map(|c| live.by_conversation.get(c)).flatten()
-        };
-        if namespace_ids().take(EXACT_NAMESPACE_LIMIT + 1).count() <= EXACT_NAMESPACE_LIMIT {
-            return live.score(namespace_ids(), query, k, exclude);
+            Scope::Namespace(ns) => Some(self.search_namespace_ef(query, k, ns, exclude, self.opts.ef_search)),
         }
-        // A large namespace: the graph, filtered to it.
-        let in_namespace = |id: u64| -> Option<&Entry> {
-            let e = live.entries.get(&id)?;
-            (!exclude.contains(&id) && live.namespaces.get(&e.conversation_id) == Some(ns)).then_some(e)
+    }
+
+    /// A namespace search with `ef` candidates (what [`Self::search`] does
+    /// with the configured `ef_search`; benchmarks compare values). `query`
+    /// must have unit length.
+    pub fn search_namespace_ef(
+        &self,
+        query: &[f32],
+        k: usize,
+        ns: &str,
+        exclude: &HashSet<u64>,
+        ef: usize,
+    ) -> Vec<Hit> {
+        let spaces = self.spaces.read().expect("index lock");
+        let Some(space) = spaces.get(ns) else { return Vec::new() };
+        let wanted = |slot: usize| -> Option<&Slot> {
+            let s = space.slots.get(slot)?;
+            (s.alive && !exclude.contains(&s.id)).then_some(s)
         };
-        let filter = |id: &usize| in_namespace(*id as u64).is_some();
-        let ef = (k * 8).max(64);
-        let hits: Vec<Hit> = self
-            .graph
-            .search_filter(query, k, ef, Some(&filter))
-            .into_iter()
-            .filter_map(|n| {
-                let e = in_namespace(n.d_id as u64)?;
-                Some(Hit { id: n.d_id as u64, conversation_id: e.conversation_id, score: 1.0 - n.distance })
-            })
-            .collect();
-        if hits.len() < k {
-            return live.score(namespace_ids(), query, k, exclude);
+        match &space.graph {
+            Some(graph) => {
+                let filter = |slot: &usize| wanted(*slot).is_some();
+                let ef = ef.max(k);
+                graph
+                    .search_filter(query, k, ef, Some(&filter))
+                    .into_iter()
+                    .filter_map(|n| {
+                        let s = wanted(n.d_id)?;
+                        Some(Hit { id: s.id, conversation_id: s.conv, score: 1.0 - n.distance })
+                    })
+                    .collect()
+            }
+            None => {
+                let mut hits: Vec<Hit> = space
+                    .flat
+                    .chunks_exact(self.dim)
+                    .enumerate()
+                    .filter_map(|(i, v)| {
+                        let s = wanted(i)?;
+                        Some(Hit { id: s.id, conversation_id: s.conv, score: dot(query, v) })
+                    })
+                    .collect();
+                top_k(&mut hits, k);
+                hits
+            }
         }
+    }
+
+    /// Exact top-k over a namespace, whatever its index (for benchmarks and tests).
+    pub fn search_namespace_exact(&self, query: &[f32], k: usize, ns: &str) -> Vec<Hit> {
+        let spaces = self.spaces.read().expect("index lock");
+        let Some(space) = spaces.get(ns) else { return Vec::new() };
+        let query = normalize(query);
+        let mut hits: Vec<Hit> = match &space.graph {
+            Some(graph) if graph.get_nb_point() > 0 => graph
+                .get_point_indexation()
+                .into_iter()
+                .filter_map(|p| {
+                    let s = space.slots.get(p.get_origin_id()).filter(|s| s.alive)?;
+                    Some(Hit { id: s.id, conversation_id: s.conv, score: dot(&query, p.get_v()) })
+                })
+                .collect(),
+            Some(_) => Vec::new(),
+            None => space
+                .flat
+                .chunks_exact(self.dim)
+                .zip(&space.slots)
+                .filter(|(_, s)| s.alive)
+                .map(|(v, s)| Hit { id: s.id, conversation_id: s.conv, score: dot(&query, v) })
+                .collect(),
+        };
+        top_k(&mut hits, k);
         hits
     }
+
+    /// Waits until no graph build is running (tests and benchmarks).
+    pub fn wait_built(&self, timeout: std::time::Duration) -> bool {
+        let started = std::time::Instant::now();
+        while self.stats().building > 0 {
+            if started.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+/// Drops dead rows of a namespace without a graph.
+fn compact_flat(space: &mut NsIndex, dim: usize) {
+    if space.dead == 0 {
+        return;
+    }
+    let mut slots = Vec::with_capacity(space.live);
+    let mut flat = Vec::with_capacity(space.live * dim);
+    for (s, v) in space.slots.iter().zip(space.flat.chunks_exact(dim)) {
+        if s.alive {
+            slots.push(*s);
+            flat.extend_from_slice(v);
+        }
+    }
+    space.by_id = slots.iter().enumerate().map(|(i, s)| (s.id, i as u32)).collect();
+    space.by_conv.clear();
+    for (i, s) in slots.iter().enumerate() {
+        space.by_conv.entry(s.conv).or_default().push(i as u32);
+    }
+    space.slots = slots;
+    space.flat = flat;
+    space.dead = 0;
 }
 
 /// Keeps the `k` best hits, best first.
@@ -265,6 +663,20 @@ fn top_k(hits: &mut Vec<Hit>, k: usize) {
 mod tests {
     use super::*;
 
+    fn rng(seed: u64) -> impl FnMut() -> f32 {
+        let mut state = seed;
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        }
+    }
+
+    fn with_namespaces(graph_from: usize) -> Arc<VectorIndex> {
+        Arc::new(VectorIndex::new(8, IndexOptions { namespaces: true, graph_from, ..Default::default() }))
+    }
+
     #[test]
     fn unit_cosine_matches_the_definition_and_never_goes_negative() {
         let a = normalize(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
@@ -275,48 +687,93 @@ mod tests {
     }
 
     #[test]
-    fn search_filters_by_scope_exclusion_and_tombstones() {
-        let index = VectorIndex::new(3, 16);
+    fn search_filters_by_scope_exclusion_and_deletion() {
+        let index = Arc::new(VectorIndex::new(3, IndexOptions { namespaces: true, ..Default::default() }));
         let (c1, c2, c3) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        index.start_conversation(c1);
         index.insert(1, c1, "ns", vec![1.0, 0.0, 0.0]);
         index.insert(2, c1, "ns", vec![0.9, 0.1, 0.0]);
         index.insert(3, c2, "ns", vec![1.0, 0.01, 0.0]);
         index.insert(4, c3, "other", vec![1.0, 0.0, 0.01]);
         assert!(!index.insert(5, c1, "ns", vec![1.0, 0.0]), "wrong dimension refused");
         let q = [1.0, 0.0, 0.0];
-        let ids = |hits: Vec<Hit>| hits.into_iter().map(|h| h.id).collect::<Vec<_>>();
+        let ids = |hits: Option<Vec<Hit>>| hits.unwrap().into_iter().map(|h| h.id).collect::<Vec<_>>();
         assert_eq!(ids(index.search(&q, 5, &Scope::Conversation(c1), &HashSet::new())), vec![1, 2]);
         assert_eq!(ids(index.search(&q, 5, &Scope::Conversation(c1), &HashSet::from([1]))), vec![2]);
+        assert!(index.search(&q, 5, &Scope::Conversation(c2), &HashSet::new()).is_none(), "c2 is not cached");
         let ns = ids(index.search(&q, 5, &Scope::Namespace("ns".into()), &HashSet::new()));
         assert_eq!(ns.len(), 3, "{ns:?}");
         assert!(!ns.contains(&4), "another namespace leaked in");
-        index.remove_conversation(&c1, &[1, 2]);
-        assert!(index.search(&q, 5, &Scope::Conversation(c1), &HashSet::new()).is_empty());
+        index.remove_conversation(&c1);
+        assert!(index.search(&q, 5, &Scope::Conversation(c1), &HashSet::new()).is_none());
+        assert_eq!(ids(index.search(&q, 5, &Scope::Namespace("ns".into()), &HashSet::new())), vec![3]);
         assert_eq!(index.len(), 2);
+        assert_eq!(index.stats().namespace_slots, 2, "a namespace without a graph drops deleted rows at once");
     }
 
     #[test]
-    fn a_large_namespace_goes_through_the_graph_and_finds_the_nearest() {
+    fn the_conversation_cache_is_bounded_and_evicts_the_least_recently_used() {
+        let opts = IndexOptions { cache_vectors: 10, ..Default::default() };
+        let index = Arc::new(VectorIndex::new(2, opts));
+        let convs: Vec<_> = (0..4).map(|_| uuid::Uuid::new_v4()).collect();
+        for (i, c) in convs.iter().enumerate() {
+            let vectors = (0..4).map(|j| ((i * 10 + j) as u64, vec![1.0, j as f32])).collect();
+            index.load_conversation(*c, 4, vectors);
+            if i == 1 {
+                // Conversation 0 is used again, so 1 is now the least recently used.
+                assert_eq!(index.conversation_seen(&convs[0]), Some(4));
+            }
+            if i == 2 {
+                assert!(index.conversation_seen(&convs[1]).is_none(), "the least recently used went first");
+                assert!(index.conversation_seen(&convs[0]).is_some());
+            }
+        }
+        let s = index.stats();
+        assert!(s.cached_vectors <= 10, "{s:?}");
+        assert_eq!(s.cached_conversations, 2);
+        assert!(index.conversation_seen(&convs[3]).is_some(), "the newest stays");
+    }
+
+    #[test]
+    fn a_large_namespace_gets_a_graph_that_finds_the_nearest_and_compacts_after_deletes() {
         let dim = 8;
-        let index = VectorIndex::new(dim, 6000);
-        let conv = uuid::Uuid::new_v4();
-        let mut state = 0x9E3779B97F4A7C15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
-        let items: Vec<_> = (0..5000u64)
-            .map(|i| (i, conv, "big".to_string(), (0..dim).map(|_| next()).collect::<Vec<f32>>()))
+        let index = with_namespaces(1000);
+        let (keep, drop_) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let mut next = rng(0x9E3779B97F4A7C15);
+        let items: Vec<(u64, uuid::Uuid, Vec<f32>)> = (0..3000u64)
+            .map(|i| (i, if i < 2000 { keep } else { drop_ }, (0..dim).map(|_| next()).collect()))
             .collect();
-        let target = items[1234].3.clone();
-        index.insert_many(items);
-        let hits = index.search(&target, 3, &Scope::Namespace("big".into()), &HashSet::new());
+        let target = items[1234].2.clone();
+        index.insert_namespace(items, "big");
+        assert!(index.wait_built(std::time::Duration::from_secs(60)));
+        assert_eq!(index.stats().graphs, 1);
+        let hits = index.search(&target, 3, &Scope::Namespace("big".into()), &HashSet::new()).unwrap();
         assert_eq!(hits.first().map(|h| h.id), Some(1234), "{hits:?}");
         assert!(hits[0].score > 0.999);
-        // The same conversation, scored exactly, agrees.
-        let exact = index.search(&target, 3, &Scope::Conversation(conv), &HashSet::new());
+        let exact = index.search_namespace_exact(&target, 3, "big");
         assert_eq!(exact.first().map(|h| h.id), Some(1234));
+
+        let dropped = items_of(&index, "big", &drop_);
+        let probe = dropped.clone();
+        index.remove_conversation(&drop_);
+        // Gone from recall at once...
+        let hits = index.search(&probe, 10, &Scope::Namespace("big".into()), &HashSet::new()).unwrap();
+        assert!(hits.iter().all(|h| h.conversation_id == keep), "{hits:?}");
+        // ...and from memory once compacted (a third of the graph was tombstones).
+        assert!(index.wait_built(std::time::Duration::from_secs(60)));
+        let s = index.stats();
+        assert_eq!((s.namespace_vectors, s.namespace_slots, s.tombstones), (2000, 2000, 0), "{s:?}");
+        let hits = index.search(&target, 1, &Scope::Namespace("big".into()), &HashSet::new()).unwrap();
+        assert_eq!(hits[0].id, 1234, "the compacted graph still finds it");
+    }
+
+    fn items_of(index: &VectorIndex, ns: &str, conv: &ConversationId) -> Vec<f32> {
+        let spaces = index.spaces.read().unwrap();
+        let space = &spaces[ns];
+        let slot = space.by_conv[conv][0] as usize;
+        let graph = space.graph.as_ref().unwrap();
+        let point = graph.get_point_indexation().into_iter().find(|p| p.get_origin_id() == slot).unwrap();
+        let v = point.get_v().to_vec();
+        v
     }
 }

@@ -6,8 +6,8 @@ pub mod index;
 pub mod prompt_builder;
 pub mod store;
 
-pub use embedder::EmbedderHandle;
-pub use index::{Scope, VectorIndex};
+pub use embedder::{EmbedderHandle, EmbedderOptions, Priority};
+pub use index::{IndexOptions, IndexStats, Scope, VectorIndex};
 pub use prompt_builder::{BuiltPrompt, PromptBudget, Recalled};
 pub use store::{
     Conversation, ConversationId, ConversationStore, Durability, NewMessage, PostgresStore, SledStore, Store,

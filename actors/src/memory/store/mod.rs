@@ -119,7 +119,8 @@ pub trait Store: Send + Sync {
 
     async fn list_conversations(&self) -> Result<Vec<Conversation>, StoreError>;
 
-    /// Stores a message and its embedding atomically; returns once committed.
+    /// Stores a message and its embedding (none when `vector` is empty, see
+    /// [`Self::set_vector`]) atomically; returns once committed.
     /// The conversation must exist, unless `new_conversation` says it is
     /// stored now, with this first message.
     async fn append(
@@ -158,7 +159,11 @@ pub trait Store: Send + Sync {
     /// ids of the deleted messages.
     async fn delete_conversation(&self, conv: &ConversationId) -> Result<Vec<u64>, StoreError>;
 
-    /// Every stored vector, or one conversation's.
+    /// Sets the embedding of a stored message (a reply's embedding is made
+    /// after the reply is stored). False when the message is gone.
+    async fn set_vector(&self, conv: &ConversationId, id: u64, vector: &[f32]) -> Result<bool, StoreError>;
+
+    /// Every stored vector, or one conversation's (messages without one are left out).
     async fn vectors(&self, conv: Option<&ConversationId>) -> Result<Vec<StoredVector>, StoreError>;
 
     /// Makes every acknowledged write durable (sled with `durability = "async"`).

@@ -1,8 +1,11 @@
 //! Conversations and messages in sled. Keys give ordered per-conversation
 //! scans: `messages` is keyed by conversation id (16 bytes) + message id (8
 //! bytes, big-endian, from sled's monotonic id generator). Each message's
-//! embedding sits in `vectors` under its message id, so the vector index can
-//! be rebuilt from sled, the source of truth.
+//! embedding sits in `conversation_vectors` under the same key, so that one
+//! conversation's vectors are one prefix scan (the vector index loads a
+//! conversation on first use). Stores written before kept vectors in
+//! `vectors` under the message id alone; opening one moves them over once.
+//! Reads that scan run on a blocking thread, not on the caller's executor.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -29,9 +32,8 @@ fn msg_key(conv: &ConversationId, id: u64) -> [u8; 24] {
     k
 }
 
-fn encode_vector(conv: &ConversationId, v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + v.len() * 4);
-    out.extend_from_slice(conv.as_bytes());
+fn encode_vector(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
     for x in v {
         out.extend_from_slice(&x.to_le_bytes());
     }
@@ -48,6 +50,7 @@ pub struct SledStore {
     db: sled::Db,
     conversations: sled::Tree,
     messages: sled::Tree,
+    /// Embeddings keyed like `messages`.
     vectors: sled::Tree,
     durability: Durability,
     dir: std::path::PathBuf,
@@ -76,16 +79,52 @@ impl SledStore {
                 open_err(text)
             }
         })?;
-        Ok(Self {
+        let store = Self {
             conversations: db.open_tree("conversations")?,
             messages: db.open_tree("messages")?,
-            vectors: db.open_tree("vectors")?,
+            vectors: db.open_tree("conversation_vectors")?,
             db,
             durability,
             dir: dir.to_path_buf(),
             write_error: Arc::default(),
             writes: Arc::default(),
-        })
+        };
+        store.migrate_vectors()?;
+        Ok(store)
+    }
+
+    /// Moves vectors of the earlier layout (`vectors`, keyed by message id,
+    /// the conversation id in the value) to `conversation_vectors`, once.
+    fn migrate_vectors(&self) -> Result<(), StoreError> {
+        if !self.db.tree_names().iter().any(|n| n.as_ref() == b"vectors") {
+            return Ok(());
+        }
+        let old = self.db.open_tree("vectors")?;
+        let mut moved = 0usize;
+        for r in old.iter() {
+            let (k, v) = r?;
+            let (id, conv, vector) = decode_old_vector(&k, &v)?;
+            self.vectors.insert(msg_key(&conv, id), encode_vector(&vector))?;
+            moved += 1;
+        }
+        self.vectors.flush()?;
+        self.db.drop_tree("vectors")?;
+        self.db.flush()?;
+        if moved > 0 {
+            tracing::info!(vectors = moved, "moved stored vectors to the per-conversation layout");
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a blocking thread (sled calls block).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SledStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Sled(format!("a store task failed: {e}")))?
     }
 
     /// Records the outcome of a write for [`Store::health`].
@@ -139,7 +178,7 @@ impl SledStore {
                 token_count: m.token_count,
             };
             let value = serde_json::to_vec(&msg).expect("serialisable");
-            records.push((msg_key(&conv.id, msg.id), value, msg.id, encode_vector(&conv.id, &m.vector)));
+            records.push((msg_key(&conv.id, msg.id), value, encode_vector(&m.vector)));
             stored.push(msg);
         }
         let record = serde_json::to_vec(conv).expect("serialisable");
@@ -150,9 +189,11 @@ impl SledStore {
                 } else if c.get(conv.id.as_bytes())?.is_none() {
                     return Err(ConflictableTransactionError::Abort(()));
                 }
-                for (key, value, id, vector) in &records {
+                for (key, value, vector) in &records {
                     m.insert(&key[..], value.as_slice())?;
-                    v.insert(&id.to_be_bytes()[..], vector.as_slice())?;
+                    if !vector.is_empty() {
+                        v.insert(&key[..], vector.as_slice())?;
+                    }
                 }
                 Ok(())
             })
@@ -171,9 +212,9 @@ impl SledStore {
             keys.iter().map(|k| u64::from_be_bytes(k[16..24].try_into().expect("24-byte key"))).collect();
         (&self.conversations, &self.messages, &self.vectors)
             .transaction(|(c, m, v)| {
-                for (k, id) in keys.iter().zip(&ids) {
+                for k in &keys {
                     m.remove(k)?;
-                    v.remove(&id.to_be_bytes()[..])?;
+                    v.remove(k)?;
                 }
                 c.remove(conv.as_bytes())?;
                 Ok::<_, ConflictableTransactionError<()>>(())
@@ -188,6 +229,17 @@ impl SledStore {
 }
 
 fn decode_vector(k: &[u8], v: &[u8]) -> Result<StoredVector, StoreError> {
+    if k.len() != 24 || v.len() % 4 != 0 {
+        return Err(StoreError::Corrupt("vector record".into()));
+    }
+    let conv = Uuid::from_slice(&k[..16]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let id = u64::from_be_bytes(k[16..24].try_into().expect("8 bytes"));
+    let vec = v.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+    Ok((id, conv, vec))
+}
+
+/// A vector record of the earlier layout: message id key, conversation id + floats value.
+fn decode_old_vector(k: &[u8], v: &[u8]) -> Result<StoredVector, StoreError> {
     if k.len() != 8 || v.len() < 16 || (v.len() - 16) % 4 != 0 {
         return Err(StoreError::Corrupt("vector record".into()));
     }
@@ -212,7 +264,7 @@ impl Store for SledStore {
     }
 
     async fn list_conversations(&self) -> Result<Vec<Conversation>, StoreError> {
-        self.conversations.iter().values().map(|v| decode(&v?)).collect()
+        self.blocking(|s| s.conversations.iter().values().map(|v| decode(&v?)).collect()).await
     }
 
     async fn append(
@@ -248,29 +300,37 @@ impl Store for SledStore {
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let start = msg_key(conv, after.map(|a| a.saturating_add(1)).unwrap_or(0));
         let end = msg_key(conv, u64::MAX);
-        self.messages.range(start..=end).values().take(limit).map(|v| decode(&v?)).collect()
+        self.blocking(move |s| s.messages.range(start..=end).values().take(limit).map(|v| decode(&v?)).collect()).await
     }
 
     async fn count(&self, conv: &ConversationId) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for key in self.messages.scan_prefix(conv.as_bytes()).keys() {
-            key?;
-            n += 1;
-        }
-        Ok(n)
+        let conv = *conv;
+        self.blocking(move |s| {
+            let mut n = 0;
+            for key in s.messages.scan_prefix(conv.as_bytes()).keys() {
+                key?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
     }
 
     async fn recent(&self, conv: &ConversationId, n: usize) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut out: Vec<StoredMessage> = self
-            .messages
-            .scan_prefix(conv.as_bytes())
-            .values()
-            .rev()
-            .take(n)
-            .map(|v| decode(&v?))
-            .collect::<Result<_, _>>()?;
-        out.reverse();
-        Ok(out)
+        let conv = *conv;
+        self.blocking(move |s| {
+            let mut out: Vec<StoredMessage> = s
+                .messages
+                .scan_prefix(conv.as_bytes())
+                .values()
+                .rev()
+                .take(n)
+                .map(|v| decode(&v?))
+                .collect::<Result<_, _>>()?;
+            out.reverse();
+            Ok(out)
+        })
+        .await
     }
 
     async fn messages_by_id(&self, ids: &[(ConversationId, u64)]) -> Result<Vec<StoredMessage>, StoreError> {
@@ -290,15 +350,41 @@ impl Store for SledStore {
     }
 
     async fn vectors(&self, conv: Option<&ConversationId>) -> Result<Vec<StoredVector>, StoreError> {
-        let mut out = Vec::new();
-        for r in self.vectors.iter() {
-            let (k, v) = r?;
-            if conv.is_some_and(|c| v.len() >= 16 && &v[..16] != c.as_bytes()) {
-                continue;
-            }
-            out.push(decode_vector(&k, &v)?);
-        }
-        Ok(out)
+        let conv = conv.copied();
+        self.blocking(move |s| {
+            let iter = match conv {
+                Some(c) => s.vectors.scan_prefix(c.as_bytes()),
+                None => s.vectors.iter(),
+            };
+            iter.map(|r| {
+                let (k, v) = r?;
+                decode_vector(&k, &v)
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn set_vector(&self, conv: &ConversationId, id: u64, vector: &[f32]) -> Result<bool, StoreError> {
+        let _one_writer = self.writes.lock().await;
+        let (key, value) = (msg_key(conv, id), encode_vector(vector));
+        let r = (&self.messages, &self.vectors)
+            .transaction(|(m, v)| {
+                if m.get(&key[..])?.is_none() {
+                    return Ok(false);
+                }
+                v.insert(&key[..], value.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(true)
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(()) => StoreError::NotFound(*conv),
+                TransactionError::Storage(e) => e.into(),
+            });
+        let r = match r {
+            Ok(true) => self.commit().await.map(|_| true),
+            other => other,
+        };
+        self.noted(r)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

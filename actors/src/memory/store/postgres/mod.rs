@@ -373,11 +373,12 @@ impl Store for PostgresStore {
         let conv = conv.copied();
         self.run(move |pool| async move {
             let query = match conv {
-                Some(c) => {
-                    sqlx::query("SELECT id, conversation_id, embedding FROM messages WHERE conversation_id = $1")
-                        .bind(c)
-                }
-                None => sqlx::query("SELECT id, conversation_id, embedding FROM messages"),
+                Some(c) => sqlx::query(
+                    "SELECT id, conversation_id, embedding FROM messages \
+                         WHERE conversation_id = $1 AND embedding IS NOT NULL",
+                )
+                .bind(c),
+                None => sqlx::query("SELECT id, conversation_id, embedding FROM messages WHERE embedding IS NOT NULL"),
             };
             let rows = query.fetch_all(&pool).await?;
             let mut out = Vec::with_capacity(rows.len());
@@ -389,6 +390,20 @@ impl Store for PostgresStore {
                 ));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn set_vector(&self, conv: &ConversationId, id: u64, vector: &[f32]) -> Result<bool, StoreError> {
+        let (conv, vector) = (*conv, vector.to_vec());
+        self.run(move |pool| async move {
+            let done = sqlx::query("UPDATE messages SET embedding = $3 WHERE conversation_id = $1 AND id = $2")
+                .bind(conv)
+                .bind(id as i64)
+                .bind(&vector)
+                .execute(&pool)
+                .await?;
+            Ok(done.rows_affected() == 1)
         })
         .await
     }

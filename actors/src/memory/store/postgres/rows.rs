@@ -71,7 +71,7 @@ pub(super) async fn insert_message(
     .bind(&m.content)
     .bind(m.created_at_ms as i64)
     .bind(m.token_count as i32)
-    .bind(&m.vector)
+    .bind((!m.vector.is_empty()).then_some(&m.vector))
     .fetch_one(&mut **tx)
     .await?;
     Ok(StoredMessage {
