@@ -11,7 +11,8 @@
 #                              drives: Chromium and its WebDriver (the web
 #                              page), tmux (the console), HAProxy (replicas),
 #                              PostgreSQL (the shared conversation store; the
-#                              tests start throwaway clusters with initdb)
+#                              tests start throwaway clusters with initdb),
+#                              and Debian's fortunes (the memory benchmark's corpus)
 set -euo pipefail
 
 MODELS_DIR="${MODELPOOL_MODELS_DIR:-$HOME/.cache/modelpool/models}"
@@ -104,6 +105,7 @@ check_browser() {
   local pg; pg="$(pg_bindir)" && "$pg/initdb" --version >/dev/null 2>&1 || echo "PostgreSQL's initdb and pg_ctl (package postgresql)"
   # As root the throwaway clusters run as the package's postgres user.
   if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then echo "the postgres user (package postgresql)"; fi
+  [ -s /usr/share/games/fortunes/fortunes ] || echo "the fortunes corpus in /usr/share/games/fortunes (package fortunes)"
 }
 
 check_models() {
@@ -173,6 +175,7 @@ if [ "$WITH_BROWSER" = 1 ]; then
   command -v tmux >/dev/null 2>&1 || missing+=(tmux)
   command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
   pg_bindir >/dev/null || missing+=(postgresql)
+  [ -s /usr/share/games/fortunes/fortunes ] || missing+=(fortunes)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing system packages: ${missing[*]}"
@@ -181,7 +184,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 verify check_tools check_browser
-[ "$WITH_BROWSER" = 1 ] && say "test tools present: $(chromium --version 2>/dev/null), $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2), $(tmux -V), $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3), $("$(pg_bindir)/initdb" --version)"
+[ "$WITH_BROWSER" = 1 ] && say "test tools present: $(chromium --version 2>/dev/null), $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2), $(tmux -V), $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3), $("$(pg_bindir)/initdb" --version), fortunes ($(ls /usr/share/games/fortunes | grep -vc '\.') files)"
 say "tools present: cargo, cmake, c++, libclang ($(find_libclang)), unzip, promtool, python3 venv"
 
 mkdir -p "$MODELS_DIR"

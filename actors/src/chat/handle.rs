@@ -133,8 +133,11 @@ impl ChatHandle {
     /// [`Self::recall`] does after embedding): the store's count, the recent
     /// window left out, the conversation's vectors loaded if not cached, the
     /// search, the hits read back from the store.
+    /// It waits for a turn of the conversation in progress (its reply's
+    /// embedding included) to finish.
     pub async fn recall_vector(&self, id: &ConversationId, vector: &[f32]) -> Result<Vec<Recalled>, ChatError> {
         let conv = self.core.store.conversation(id).await?;
+        let _turns = self.core.lock(*id).await;
         let clock = StoreClock::default();
         let stored = self.core.store.count(id).await?;
         let recent = self.core.recent_window(id, stored, &clock).await?;

@@ -59,7 +59,7 @@ impl ChatCore {
         Self { store, index, embedder, pool, opts, locks: Arc::default() }
     }
 
-    async fn lock(&self, id: ConversationId) -> TurnLock {
+    pub(crate) async fn lock(&self, id: ConversationId) -> TurnLock {
         let m = self.locks.0.lock().expect("locks").entry(id).or_default().clone();
         TurnLock { guard: Some(m.lock_owned().await), locks: self.locks.clone(), id }
     }
@@ -344,7 +344,7 @@ struct ConversationLocks(Mutex<HashMap<ConversationId, ConversationMutex>>);
 
 /// Holds a conversation's turn lock; on drop, forgets the mutex when no other
 /// turn holds or waits for it, so the map does not grow with every conversation.
-struct TurnLock {
+pub(crate) struct TurnLock {
     guard: Option<OwnedMutexGuard<()>>,
     locks: Arc<ConversationLocks>,
     id: ConversationId,
