@@ -304,6 +304,9 @@ async fn a_hung_or_dead_embedder_is_restarted_and_the_next_turn_works() {
     assert!(health.healthy && health.restarts == 1, "{health:?}");
     assert_eq!(embedder.embed_one("pasta").await.unwrap().len(), 384, "the restarted embedder answers");
 
+    // A dead thread is noticed at once, whatever the timeout (a long one
+    // here, so that a loaded machine cannot turn this into a timeout).
+    let embedder = embedder.with_timeout(Duration::from_secs(30));
     embedder.inject_fault(Fault::PanicNextDecode).await;
     let err = embedder.embed_one("pasta").await.unwrap_err();
     assert!(err.to_string().contains("thread died"), "{err}");

@@ -185,8 +185,10 @@ async fn a_256_input_embeddings_request_delays_a_chat_turns_recall_by_at_most_on
         "one batch of 16: {batch_ms:.0} ms; recall alone {alone_ms:.0} ms, beside 256 inputs {during_ms:.0} ms; \
          the 256 inputs took {bulk_ms:.0} ms"
     );
+    // At most the batch in progress when it arrived (twice one batch: other
+    // tests share the cores, so one batch's time varies).
     assert!(
-        during_ms <= alone_ms + 1.5 * batch_ms,
+        during_ms <= alone_ms + 2.0 * batch_ms,
         "a chat turn waited behind bulk work: {during_ms:.0} ms vs {alone_ms:.0} ms alone, one batch {batch_ms:.0} ms"
     );
     assert!(bulk_ms > 4.0 * batch_ms, "the bulk request was long enough to matter ({bulk_ms:.0} ms)");
@@ -287,7 +289,9 @@ async fn a_restart_with_20000_vectors_is_ready_within_5_s_and_recalls_the_same()
 #[actix::test]
 async fn a_failing_hanging_or_full_embedder_is_a_clear_error_within_its_timeout() {
     use modelpool_actors::Fault;
-    let opts = EmbedderOptions { timeout: Duration::from_millis(800), max_queued: 16, ..EmbedderOptions::default() };
+    // Long timeouts except where a timeout is the point: other tests load
+    // the machine, and a slow answer must not pass for a hang.
+    let opts = EmbedderOptions { timeout: Duration::from_secs(30), ..EmbedderOptions::default() };
     let embedder = EmbedderHandle::start_with(&embed_model_path(), opts).await.unwrap();
 
     embedder.inject_fault(Fault::FailNextDecode).await;
@@ -295,12 +299,14 @@ async fn a_failing_hanging_or_full_embedder_is_a_clear_error_within_its_timeout(
     assert!(matches!(err, EngineError::Decode(_)), "{err:?}");
     assert_eq!(embedder.embed_one("pasta").await.unwrap().len(), 384, "a failed batch does not break the context");
 
-    embedder.inject_fault(Fault::StallNextDecode(Duration::from_secs(4))).await;
+    let embedder = embedder.with_timeout(Duration::from_millis(800));
+    embedder.inject_fault(Fault::StallNextDecode(Duration::from_secs(6))).await;
     let s = Instant::now();
     let err = embedder.embed_one("pasta").await.unwrap_err();
-    assert!(s.elapsed() < Duration::from_millis(2000), "answered within the timeout: {:?}", s.elapsed());
+    assert!(s.elapsed() < Duration::from_millis(4000), "answered within the timeout, not the stall: {:?}", s.elapsed());
     assert!(err.to_string().contains("embed_timeout_ms (800 ms)") && err.to_string().contains("restarted"), "{err}");
     assert_eq!(embedder.health().restarts, 1);
+    let embedder = embedder.with_timeout(Duration::from_secs(30));
     assert_eq!(embedder.embed_one("pasta").await.unwrap().len(), 384, "the fresh context answers");
 
     // A queue of 16 texts: with the context busy and 16 waiting, one more is

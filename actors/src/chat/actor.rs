@@ -203,6 +203,11 @@ impl ChatActor {
 
 impl Actor for ChatActor {
     type Context = Context<Self>;
+
+    /// The actor owns its arbiter (see `ChatHandle::start_on`).
+    fn stopped(&mut self, _: &mut Self::Context) {
+        Arbiter::current().stop();
+    }
 }
 
 impl Handler<SendMessage> for ChatActor {

@@ -56,7 +56,11 @@ impl ChatHandle {
             "vector index opened"
         );
         let core = Arc::new(ChatCore::new(store, index, embedder, pool, opts));
-        let addr = ChatActor::new(core.clone()).start();
+        // Turns run on an arbiter of their own: whatever a turn does between
+        // its awaits never delays the pool manager's thread.
+        let arbiter = Arbiter::new();
+        let actor_core = core.clone();
+        let addr = ChatActor::start_in_arbiter(&arbiter.handle(), move |_| ChatActor::new(actor_core));
         Ok(Self { addr, core })
     }
 
