@@ -96,18 +96,20 @@ pub fn build_prompt(
         recent_kept: recent.len() - first_recent,
     };
 
-    // Keep as many of the newest turns as fit: the token count only falls as
-    // older turns go, so a binary search over the cut finds it in log(n) counts.
-    let (mut lo, mut hi) = (0, recent.len());
+    // Usually everything fits: one count (one tokenization of the prompt).
+    let (messages, tokens) = assemble(0, &recalled)?;
+    if fits(tokens) {
+        return Ok(done(messages, tokens, &recalled, 0));
+    }
+    // Else keep as many of the newest turns as fit: the token count only falls
+    // as older turns go, so a binary search over the cut finds it in log(n) counts.
+    let (mut lo, mut hi) = (1, recent.len());
     let mut best = None;
     while lo <= hi {
         let mid = (lo + hi) / 2;
         let (messages, tokens) = assemble(mid, &recalled)?;
         if fits(tokens) {
             best = Some((mid, messages, tokens));
-            if mid == 0 {
-                break;
-            }
             hi = mid - 1;
         } else {
             lo = mid + 1;
