@@ -20,7 +20,7 @@ use crate::engine::embed::{embed_tokens, load_embedding_model, token_limit, Llam
 use crate::engine::Fault;
 use crate::error::EngineError;
 
-/// Default longest wait for one call (one batch of up to 16 texts, queueing included).
+/// Default longest wait for one call (up to 16 texts and 2,048 tokens, queueing included).
 pub const DEFAULT_EMBED_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default most texts waiting in the queue; past it, calls fail at once with
@@ -73,8 +73,14 @@ type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>;
 struct Job {
     id: u64,
     texts: Vec<String>,
+    /// Their tokens, as the embedding model counts them (each at most its limit).
+    tokens: usize,
     reply: Reply,
 }
+
+/// Most tokens in one job (and in one batch of waiting chat texts): about
+/// 3 s of work for one thread, well inside the default timeout.
+const JOB_TOKENS: usize = 2048;
 
 #[derive(Default)]
 struct Queue {
@@ -89,12 +95,13 @@ impl Queue {
     /// else one bulk job (bulk calls are cut to one batch each).
     fn take(&mut self) -> Vec<Job> {
         let mut jobs = Vec::new();
-        let mut n = 0;
+        let (mut n, mut tokens) = (0, 0);
         while let Some(job) = self.interactive.front() {
-            if !jobs.is_empty() && n + job.texts.len() > BATCH_SEQUENCES {
+            if !jobs.is_empty() && (n + job.texts.len() > BATCH_SEQUENCES || tokens + job.tokens > JOB_TOKENS) {
                 break;
             }
             n += job.texts.len();
+            tokens += job.tokens;
             jobs.push(self.interactive.pop_front().expect("front"));
         }
         if jobs.is_empty() {
@@ -342,32 +349,42 @@ impl EmbedderHandle {
     }
 
     /// One unit vector per text, in order, as bulk work: the texts go in
-    /// batches of up to 16, each behind any waiting chat turn, each with the
-    /// timeout.
+    /// calls of up to 16 texts and 2,048 tokens, each behind any waiting chat
+    /// turn, each with the timeout.
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EngineError> {
         self.embed_as(texts, Priority::Bulk).await
     }
 
     /// One unit vector per text, in order, at `priority`.
+    /// Each call holds up to 16 texts and 2,048 tokens (a longer text alone).
     pub async fn embed_as(&self, texts: Vec<String>, priority: Priority) -> Result<Vec<Vec<f32>>, EngineError> {
+        let limit = self.token_limit();
         let mut out = Vec::with_capacity(texts.len());
-        let mut rest = texts;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(BATCH_SEQUENCES));
-            out.extend(self.call(rest, priority).await?);
-            rest = tail;
+        let (mut chunk, mut tokens) = (Vec::new(), 0);
+        for text in texts {
+            let n = self.count_tokens(&text).min(limit);
+            if !chunk.is_empty() && (chunk.len() == BATCH_SEQUENCES || tokens + n > JOB_TOKENS) {
+                out.extend(self.call(std::mem::take(&mut chunk), tokens, priority).await?);
+                tokens = 0;
+            }
+            chunk.push(text);
+            tokens += n;
+        }
+        if !chunk.is_empty() {
+            out.extend(self.call(chunk, tokens, priority).await?);
         }
         Ok(out)
     }
 
     /// A chat turn's text, ahead of bulk work.
     pub async fn embed_one(&self, text: &str) -> Result<Vec<f32>, EngineError> {
-        let mut v = self.call(vec![text.to_string()], Priority::Interactive).await?;
+        let tokens = self.count_tokens(text).min(self.token_limit());
+        let mut v = self.call(vec![text.to_string()], tokens, Priority::Interactive).await?;
         v.pop().ok_or_else(|| EngineError::Embed("no vector returned".into()))
     }
 
     /// Queues one job of at most one batch and waits for it, with the timeout.
-    async fn call(&self, texts: Vec<String>, priority: Priority) -> Result<Vec<Vec<f32>>, EngineError> {
+    async fn call(&self, texts: Vec<String>, tokens: usize, priority: Priority) -> Result<Vec<Vec<f32>>, EngineError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -377,7 +394,7 @@ impl EmbedderHandle {
                 return Err(EngineError::EmbedQueueFull { max_queued: max });
             }
             queue.texts += texts.len();
-            let job = Job { id, texts, reply: tx };
+            let job = Job { id, texts, tokens, reply: tx };
             match priority {
                 Priority::Interactive => queue.interactive.push_back(job),
                 Priority::Bulk => queue.bulk.push_back(job),
