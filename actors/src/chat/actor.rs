@@ -127,7 +127,8 @@ pub struct ChatReply {
     /// Time this turn spent on memory work on the answer's path: embedding
     /// the message, recall, building the prompt, and the store calls before
     /// the reply was sent (not the wait for an instance, not generation), in
-    /// milliseconds. The reply's embedding is made after the answer.
+    /// milliseconds. The reply's embedding is made after the answer; a turn
+    /// that arrives while it is being made waits for it, and that wait counts.
     pub memory_ms: f64,
 }
 

@@ -97,7 +97,7 @@ pub struct IndexOptions {
 
 impl Default for IndexOptions {
     fn default() -> Self {
-        Self { namespaces: false, cache_vectors: 262_144, cache_conversations: 65_536, graph_from: 4096, ef_search: 64 }
+        Self { namespaces: false, cache_vectors: 262_144, cache_conversations: 65_536, graph_from: 4096, ef_search: 32 }
     }
 }
 
