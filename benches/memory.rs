@@ -55,7 +55,7 @@ fn home() -> PathBuf {
 fn embed_model() -> PathBuf {
     std::env::var_os("MODELPOOL_TEST_EMBED_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".cache/modelpool/models/all-MiniLM-L6-v2.f16.gguf"))
+        .unwrap_or_else(|| home().join(".cache/modelpool/models/all-MiniLM-L6-v2.Q8_0.gguf"))
 }
 
 fn chat_model() -> PathBuf {

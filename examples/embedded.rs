@@ -55,7 +55,7 @@ fn model_dir() -> PathBuf {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let model = args.next().map(PathBuf::from).unwrap_or_else(|| model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    let embed = args.next().map(PathBuf::from).unwrap_or_else(|| model_dir().join("all-MiniLM-L6-v2.f16.gguf"));
+    let embed = args.next().map(PathBuf::from).unwrap_or_else(|| model_dir().join("all-MiniLM-L6-v2.Q8_0.gguf"));
 
     // modelpool's actors: the pool (weights loaded once), the embedder, the chat layer.
     let engine = LlamaEngine::load(&model)?;

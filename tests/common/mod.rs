@@ -28,7 +28,7 @@ pub fn model_path() -> PathBuf {
 /// The embedding model, converted by scripts/setup.sh.
 pub fn embed_model_path() -> PathBuf {
     let path = std::env::var_os("MODELPOOL_TEST_EMBED_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/modelpool/models/all-MiniLM-L6-v2.f16.gguf")
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/modelpool/models/all-MiniLM-L6-v2.Q8_0.gguf")
     });
     assert!(path.is_file(), "embedding model {} is missing: run scripts/setup.sh first", path.display());
     path

@@ -266,7 +266,12 @@ impl ChatCore {
         let stored = if is_new { 0 } else { clock.time(self.store.count(&conv.id)).await? };
         let recent = self.recent_window(&conv.id, stored, &clock).await?;
         let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
-        let recalled = if is_new { Vec::new() } else { self.recall(&conv, &vector, exclude, stored, &clock).await? };
+        // A new conversation has nothing of its own to recall; its namespace may.
+        let recalled = if is_new && !self.opts.cross_conversation {
+            Vec::new()
+        } else {
+            self.recall(&conv, &vector, exclude, stored, &clock).await?
+        };
         let (recalled, built) = self.build(&recent, recalled, &msg.text, sampling.max_tokens).await?;
         let engine = self.pool.engine().clone();
 
