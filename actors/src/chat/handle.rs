@@ -181,9 +181,18 @@ impl ChatHandle {
 
     /// Flushes the store and stops the actor; the data directory is released
     /// once every clone of this handle is dropped.
+    /// Turns still running (their replies' embeddings are made after the
+    /// answer) are waited for, up to the embedder's timeout; then the store
+    /// is flushed, the chat actor stops and so do the embedder's threads (a
+    /// context must not be decoding while the process exits).
     pub async fn shutdown(self) -> Result<(), ChatError> {
+        let deadline = std::time::Instant::now() + self.core.embedder.options().timeout;
+        while self.core.running.load(std::sync::atomic::Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         self.flush().await?;
         let _ = self.addr.send(StopChat).await;
+        self.core.embedder.shutdown().await;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 //! Turns of one conversation are serialised by a per-conversation lock.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -46,6 +46,17 @@ pub(crate) struct ChatCore {
     pub(crate) pool: PoolHandle,
     pub(crate) opts: ChatOptions,
     locks: Arc<ConversationLocks>,
+    /// Turns whose second half (streaming, storing, embedding the reply) runs.
+    pub(crate) running: Arc<AtomicUsize>,
+}
+
+/// Counts a running turn for as long as it lives.
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ChatCore {
@@ -56,7 +67,7 @@ impl ChatCore {
         pool: PoolHandle,
         opts: ChatOptions,
     ) -> Self {
-        Self { store, index, embedder, pool, opts, locks: Arc::default() }
+        Self { store, index, embedder, pool, opts, locks: Arc::default(), running: Arc::default() }
     }
 
     pub(crate) async fn lock(&self, id: ConversationId) -> TurnLock {
@@ -304,7 +315,12 @@ impl ChatCore {
             clock,
             memory_ns,
         };
-        actix::spawn(turn.stream(generation, tx, guard));
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let running = Running(self.running.clone());
+        actix::spawn(async move {
+            let _running = running;
+            turn.stream(generation, tx, guard).await
+        });
         Ok(ChatStream { conversation_id: conv.id, rx })
     }
 

@@ -131,6 +131,7 @@ struct Worker {
     /// The ids of the jobs in that batch.
     busy_jobs: Vec<u64>,
     alive: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 struct Shared {
@@ -189,7 +190,7 @@ fn spawn_worker(shared: &Arc<Shared>, index: usize, generation: u64) -> Result<u
     let (tx, rx) = std::sync::mpsc::channel();
     let weak = Arc::downgrade(shared);
     let (model, threads) = (shared.model, shared.opts.threads);
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("embedder-{index}"))
         .spawn(move || {
             let embedder = match LlamaEmbedder::on(model, threads) {
@@ -203,7 +204,12 @@ fn spawn_worker(shared: &Arc<Shared>, index: usize, generation: u64) -> Result<u
             work(weak, index, generation, embedder);
         })
         .map_err(|e| EngineError::Embed(format!("could not start the embedder's thread: {e}")))?;
-    rx.recv().map_err(|_| EngineError::Embed("the embedder's thread died while starting".into()))?
+    let dim = rx.recv().map_err(|_| EngineError::Embed("the embedder's thread died while starting".into()))??;
+    let mut workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+    if workers[index].generation == generation {
+        workers[index].thread = Some(thread);
+    }
+    Ok(dim)
 }
 
 /// A worker thread's loop: take a batch, embed it, answer each job.
@@ -389,6 +395,9 @@ impl EmbedderHandle {
         let (tx, rx) = oneshot::channel();
         {
             let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.stopping {
+                return Err(EngineError::Embed("the embedder has stopped (shutting down)".into()));
+            }
             let max = self.shared.opts.max_queued;
             if queue.texts + texts.len() > max {
                 return Err(EngineError::EmbedQueueFull { max_queued: max });
@@ -410,6 +419,9 @@ impl EmbedderHandle {
                 format!("the embedder did not answer within embed_timeout_ms ({} ms)", timeout.as_millis())
             }
         };
+        if self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).stopping {
+            return Err(EngineError::Embed("the embedder has stopped (shutting down)".into()));
+        }
         let replaced = self.replace_failed(id, &failure).await;
         if replaced == 0 {
             // Every context is working and healthy: the queue was too long for the timeout.
@@ -469,6 +481,37 @@ impl EmbedderHandle {
             health.last_error = Some(cause.to_string());
         }
         replaced
+    }
+
+    /// Stops every context: waiting calls fail, a batch in progress
+    /// finishes, and the threads are joined (a context that hangs is left
+    /// behind after the timeout). Later calls fail at once.
+    pub async fn shutdown(&self) {
+        let dropped: Vec<Job> = {
+            let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.stopping = true;
+            queue.texts = 0;
+            let mut jobs: Vec<Job> = queue.interactive.drain(..).collect();
+            jobs.extend(queue.bulk.drain(..));
+            jobs
+        };
+        for job in dropped {
+            let _ = job.reply.send(Err(EngineError::Embed("the embedder has stopped (shutting down)".into())));
+        }
+        self.shared.wake.notify_all();
+        let threads: Vec<std::thread::JoinHandle<()>> = {
+            let mut workers = self.shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+            workers.iter_mut().filter_map(|w| w.thread.take()).collect()
+        };
+        let deadline = Instant::now() + self.timeout();
+        for thread in threads {
+            while !thread.is_finished() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
     }
 
     /// Test hook: makes the embedder's next batch misbehave.
