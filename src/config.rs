@@ -154,6 +154,8 @@ pub struct Config {
     pub health_interval_ms: u64,
     pub n_ctx: u32,
     pub threads: u32,
+    /// Lower each instance's threads while other processes keep cores busy.
+    pub adapt_threads: bool,
     pub per_request: bool,
     pub system_prompt: String,
     pub sampling: SamplingParams,
@@ -549,6 +551,7 @@ impl Config {
                 // A per-request instance loads the model for one sequence at a time.
                 slots: if self.per_request { 1 } else { self.slots },
                 prefill_chunk: self.prefill_chunk,
+                adapt_threads: self.adapt_threads,
             },
             remotes: self
                 .remote

@@ -4,6 +4,7 @@
 //! streams its piece to its own sink. Each slot keeps the tokens its KV cache
 //! holds, so a request keeps the longest common prefix and decodes the rest.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
@@ -13,6 +14,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::{DecodeError, LlamaStateSeqFlags};
 
+use super::cpu::CpuShare;
 use super::fault::FaultSlot;
 use super::kv_cache::{restore_source, Parked, ParkedCaches, SlotCache};
 use super::prompt::{tokenize_chat, ChatTemplate};
@@ -104,6 +106,10 @@ pub struct Batcher<'m> {
     planned: Vec<(usize, usize)>,
     /// Slots still reading their prompt, oldest request first (kept to reuse its buffer).
     reading: Vec<usize>,
+    /// Threads to decode with, when they follow the free cores; and what the
+    /// context uses now.
+    cpu: Option<Arc<CpuShare>>,
+    n_threads: u32,
 }
 
 impl<'m> Batcher<'m> {
@@ -123,6 +129,7 @@ impl<'m> Batcher<'m> {
         prefill_chunk: usize,
     ) -> Self {
         let n_batch = ctx.n_batch() as usize;
+        let n_threads = ctx.n_threads().0.max(1) as u32;
         Self {
             model,
             ctx,
@@ -137,6 +144,28 @@ impl<'m> Batcher<'m> {
             piece: Vec::with_capacity(32),
             planned: Vec::with_capacity(slots),
             reading: Vec::with_capacity(slots),
+            cpu: None,
+            n_threads,
+        }
+    }
+
+    /// Decodes with `share`'s threads, read before every decode.
+    pub fn with_cpu_share(mut self, share: Arc<CpuShare>) -> Self {
+        self.cpu = Some(share);
+        self
+    }
+
+    /// Threads the context decodes with now.
+    pub fn n_threads(&self) -> u32 {
+        self.n_threads
+    }
+
+    /// Follows the free cores: a changed share takes effect at this decode.
+    fn apply_threads(&mut self) {
+        let Some(want) = self.cpu.as_ref().map(|c| c.threads()) else { return };
+        if want != self.n_threads {
+            self.ctx.set_n_threads(want as i32, want as i32);
+            self.n_threads = want;
         }
     }
 
@@ -354,6 +383,7 @@ impl<'m> Batcher<'m> {
     /// own and `check_fits` keeps it within them, so a full cache is a fault.
     fn decode_batch(&mut self) -> Result<(), EngineError> {
         self.fault.fire()?;
+        self.apply_threads();
         match self.ctx.decode(&mut self.batch) {
             Ok(()) => Ok(()),
             Err(DecodeError::NoKvCacheSlot) => Err(EngineError::Decode("the KV cache is full".into())),

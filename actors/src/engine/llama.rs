@@ -179,8 +179,10 @@ impl Engine for LlamaEngine {
             "instance context created"
         );
         let slots = opts.slots.max(1) as usize;
+        let cpu = super::cpu::register(id, opts.n_threads, opts.adapt_threads);
         let batcher =
-            Batcher::new(self.model, ctx, self.template.clone(), slots, opts.n_ctx, opts.prefill_chunk as usize);
+            Batcher::new(self.model, ctx, self.template.clone(), slots, opts.n_ctx, opts.prefill_chunk as usize)
+                .with_cpu_share(cpu);
         Ok(Box::new(LlamaInstance { weights_addr: self.weights_addr(), batcher, kv_bytes: kv }))
     }
 

@@ -3,6 +3,7 @@
 //! ([`llama::LlamaEngine`]), and unit tests of the pool use a fake.
 
 pub mod batch;
+pub mod cpu;
 pub mod embed;
 pub mod fault;
 pub mod kv_cache;
@@ -44,12 +45,16 @@ pub struct InstanceOptions {
     /// Most prompt tokens decoded in one step, over all sequences: a long
     /// prompt is read in chunks so that other streams keep going.
     pub prefill_chunk: u32,
+    /// Lower the threads while other processes keep cores busy, and raise
+    /// them again when the cores are free ([`cpu`]).
+    pub adapt_threads: bool,
 }
 
 impl InstanceOptions {
-    /// One sequence of `n_ctx` tokens on `n_threads` threads.
+    /// One sequence of `n_ctx` tokens on `n_threads` threads (lowered while
+    /// other processes keep cores busy).
     pub fn single(n_ctx: u32, n_threads: u32) -> Self {
-        Self { n_ctx, n_threads, slots: 1, prefill_chunk: DEFAULT_PREFILL_CHUNK }
+        Self { n_ctx, n_threads, slots: 1, prefill_chunk: DEFAULT_PREFILL_CHUNK, adapt_threads: true }
     }
 }
 

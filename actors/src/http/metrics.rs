@@ -40,6 +40,8 @@ pub const INSTANCE_PROBE: &str = "modelpool_instance_probe_seconds";
 pub const REQUESTS_RUNNING: &str = "modelpool_requests_running";
 pub const CHAT_STORE: &str = "modelpool_chat_store_seconds";
 pub const CHAT_MEMORY: &str = "modelpool_chat_memory_seconds";
+pub const INSTANCE_THREADS: &str = "modelpool_instance_threads";
+pub const CPU_OTHERS_BUSY: &str = "modelpool_cpu_others_busy_cores";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -103,6 +105,8 @@ pub struct Metrics {
     instance_info: Family<InstanceInfoLabels, Gauge>,
     instance_probe: Family<InstanceLabels, FloatGauge>,
     requests_running: Gauge,
+    instance_threads: Family<InstanceLabels, Gauge>,
+    cpu_others_busy: FloatGauge,
     chat_store: Histogram,
     chat_memory: Histogram,
     /// Serialises scrapes: pool counters are copied in by difference.
@@ -143,6 +147,8 @@ impl Metrics {
             instance_info: Family::default(),
             instance_probe: Family::default(),
             requests_running: Gauge::default(),
+            instance_threads: Family::default(),
+            cpu_others_busy: FloatGauge::default(),
             chat_store: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             chat_memory: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             scrape: Mutex::new(()),
@@ -214,6 +220,17 @@ impl Metrics {
             REQUESTS_RUNNING,
             "Requests generating now (leased sequence slots); waiting ones are modelpool_queue_depth",
             m.requests_running.clone(),
+        );
+        registry.register(
+            INSTANCE_THREADS,
+            "Threads each local instance decodes with now: its setting, lowered while other processes keep cores busy",
+            m.instance_threads.clone(),
+        );
+        registry.register(
+            CPU_OTHERS_BUSY,
+            "Cores other processes kept busy over the last second on the CPUs this process may use \
+             (measured only while an instance adapts its threads)",
+            m.cpu_others_busy.clone(),
         );
         Self { registry, ..m }
     }
@@ -296,6 +313,16 @@ impl Metrics {
                 self.instance_state
                     .get_or_create(&InstanceStateLabels { instance: inst.id.to_string(), state: state.as_str().into() })
                     .set(v);
+            }
+        }
+        if let Some(cpu) = crate::engine::cpu::status() {
+            if cpu.adaptive {
+                self.cpu_others_busy.set(cpu.others_busy);
+            }
+            for t in &cpu.instances {
+                self.instance_threads
+                    .get_or_create(&InstanceLabels { instance: t.instance.to_string() })
+                    .set(t.current as i64);
             }
         }
         let mut out = String::new();

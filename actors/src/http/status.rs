@@ -37,6 +37,8 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
         },
         "embedder": chat.embedder().health(),
         "memory_index": chat.index_stats(),
+        // Local instances' threads, lowered while other processes keep cores busy.
+        "cpu": crate::engine::cpu::status(),
         "storage": { "writable": chat.storage_error().is_none(), "error": chat.storage_error() },
     })))
 }
