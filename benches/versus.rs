@@ -3,11 +3,12 @@
 //! requests (temperature 0, usage included) to both. Prints throughput and
 //! latency at several concurrencies, time to first token per turn of
 //! multi-turn conversations (history resent each turn, and the same
-//! conversations through modelpool's `/chat` with memory), and how often
-//! greedy text is the same. Every table ends with modelpool / llama-server.
-//! Asserts nothing.
+//! conversations through modelpool's `/chat` with memory), how often
+//! greedy text is the same, and tokens/s with a busy process beside the
+//! server. Every table ends with modelpool / llama-server. Asserts nothing.
 //!
 //!   scripts/bench.sh --bench versus
+//!   scripts/bench.sh --bench versus -- neighbour   (only the busy-neighbour table)
 //!
 //! `MODELPOOL_LLAMA_SERVER` names the llama-server binary (scripts/env.sh
 //! sets it; scripts/setup.sh --with-llama-server builds it).
@@ -29,6 +30,67 @@ use client::{client, complete, pct, throughput, Sample, Throughput, PROMPTS};
 const SLOTS: u32 = 4;
 const N_CTX: u32 = 2048;
 const TURNS: usize = 6;
+/// Requests (one client, 128 tokens each) per figure of the neighbour table.
+const NEIGHBOUR_ROUNDS: usize = 6;
+
+/// One busy process beside the server: a shell loop that never sleeps, as a
+/// build or another service on a shared machine would be. Killed on drop.
+struct Neighbour(std::process::Child);
+
+impl Neighbour {
+    fn start() -> Self {
+        Self(std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().expect("start sh"))
+    }
+}
+
+impl Drop for Neighbour {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Tokens/s of one client sending 128-token requests one after the other:
+/// quiet, then with a busy neighbour. The neighbour runs 3 s before the
+/// first request, for every server alike: modelpool's CPU monitor reads
+/// once a second, and a neighbour on a shared machine runs for longer.
+async fn beside_a_neighbour(base: &str) -> (f64, f64) {
+    throughput(base, 1, 1).await;
+    let quiet = throughput(base, 1, NEIGHBOUR_ROUNDS).await.tok_s;
+    let _neighbour = Neighbour::start();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let busy = throughput(base, 1, NEIGHBOUR_ROUNDS).await.tok_s;
+    (quiet, busy)
+}
+
+/// The busy-neighbour table: modelpool as it ships, modelpool with its
+/// threads fixed (`adapt_threads = false`, as before), and llama-server.
+async fn neighbour_table(model: &str, threads: usize, data: &std::path::Path) {
+    let mut rows = Vec::new();
+    for (name, adapt) in [("modelpool", "true"), ("modelpool adapt_threads=false", "false")] {
+        eprintln!("[versus] {name}: 1 client, quiet and beside a busy process");
+        let env = [("MODELPOOL_SLOTS", "4"), ("MODELPOOL_THREADS", "0"), ("MODELPOOL_ADAPT_THREADS", adapt)];
+        let server = server::start(1, N_CTX, data, &env);
+        rows.push((name, beside_a_neighbour(&server.1).await));
+    }
+    eprintln!("[versus] llama-server: 1 client, quiet and beside a busy process");
+    let (_ls, base) = llama_server::start(model, SLOTS, N_CTX, threads);
+    rows.push(("llama-server", beside_a_neighbour(&base).await));
+    println!(
+        "a busy neighbour (one `sh` busy loop beside the server), 1 client, {NEIGHBOUR_ROUNDS} × 128 tokens: tokens/s"
+    );
+    println!("{:>32} {:>8} {:>10} {:>8}", "server", "quiet", "neighbour", "kept");
+    for (name, (quiet, busy)) in &rows {
+        println!("{name:>32} {quiet:>8.1} {busy:>10.1} {:>7.2}×", busy / quiet);
+    }
+    let ((q, b), (fq, _), (lq, lb)) = (rows[0].1, rows[1].1, rows[2].1);
+    println!(
+        "(modelpool / llama-server: quiet {:.2}×, with the neighbour {:.2}×; modelpool quiet / with threads fixed: {:.2}×)",
+        q / lq,
+        b / lb,
+        q / fq
+    );
+}
 
 /// A `/chat` turn (memory on), streamed; TTFT at the client, as above.
 async fn chat_turn(client: &reqwest::Client, base: &str, id: &mut Option<String>, message: &str) -> Sample {
@@ -139,6 +201,9 @@ async fn main() {
     let data = tempfile::tempdir().unwrap();
     println!("modelpool vs llama-server, same model ({model}), {threads} threads each, {SLOTS} slots × {N_CTX} tokens");
     println!("(one server runs at a time; temperature 0, repeat penalty off, streaming, times at the client)\n");
+    if std::env::args().skip(1).any(|a| a == "neighbour") {
+        return neighbour_table(&model, threads, data.path()).await;
+    }
 
     let targets = ["modelpool", "llama-server"];
     let mut tp: Vec<Vec<Throughput>> = Vec::new();
@@ -250,4 +315,6 @@ async fn main() {
             y.chars().count()
         );
     }
+    println!();
+    neighbour_table(&model, threads, data.path()).await;
 }
