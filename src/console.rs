@@ -90,7 +90,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 println!("{HELP}");
                 Ok(())
             }
-            "/pool" => chat.pool().status().await.map(|s| println!("{s}")).map_err(Into::into),
+            "/pool" => chat
+                .pool()
+                .status()
+                .await
+                .map(|s| {
+                    println!("{s}");
+                    if let Some(line) = threads_line() {
+                        println!("{line}");
+                    }
+                })
+                .map_err(Into::into),
             "/new" => {
                 conversation = None;
                 println!("(a new conversation starts with your next message)");
@@ -180,4 +190,19 @@ async fn recall(chat: &ChatHandle, conversation: Option<ConversationId>, text: &
         println!("  {:.3}  [{}] {}: {}", r.score, r.id, r.role.as_str(), r.content);
     }
     Ok(())
+}
+
+/// A line for `/pool` while instances decode with fewer threads than set
+/// (other processes keep cores busy); nothing otherwise.
+fn threads_line() -> Option<String> {
+    let cpu = modelpool_actors::engine::cpu::status()?;
+    let lowered: Vec<String> = cpu
+        .instances
+        .iter()
+        .filter(|t| t.current < t.configured)
+        .map(|t| format!("instance {}: {} of {} threads", t.instance, t.current, t.configured))
+        .collect();
+    (!lowered.is_empty()).then(|| {
+        format!("Other processes keep {:.1} of {} cores busy; {}", cpu.others_busy, cpu.cores, lowered.join(", "))
+    })
 }
