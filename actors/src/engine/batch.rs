@@ -155,11 +155,6 @@ impl<'m> Batcher<'m> {
         self
     }
 
-    /// Threads the context decodes with now.
-    pub fn n_threads(&self) -> u32 {
-        self.n_threads
-    }
-
     /// Follows the free cores: a changed share takes effect at this decode.
     fn apply_threads(&mut self) {
         let Some(want) = self.cpu.as_ref().map(|c| c.threads()) else { return };

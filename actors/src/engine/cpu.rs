@@ -37,10 +37,6 @@ impl CpuShare {
     pub fn threads(&self) -> u32 {
         self.current.load(Ordering::Relaxed)
     }
-
-    pub fn configured(&self) -> u32 {
-        self.configured
-    }
 }
 
 /// What `/pool` and `/metrics` show about the adaptation.
@@ -169,7 +165,17 @@ fn others_busy(before: Ticks, after: Ticks, wall_ticks: f64) -> f64 {
 /// Every live local instance's share; the monitor updates those that adapt.
 static SHARES: Mutex<Vec<Weak<CpuShare>>> = Mutex::new(Vec::new());
 /// The monitor's findings; set when the first adapting instance starts it.
-static MONITOR: OnceLock<Mutex<CpuStatus>> = OnceLock::new();
+static MONITOR: OnceLock<Mutex<Measured>> = OnceLock::new();
+
+/// What the monitor knows: whether it measures (and why not), and its last reading.
+#[derive(Clone, Debug)]
+struct Measured {
+    measuring: bool,
+    note: Option<String>,
+    cores: u32,
+    others_busy: f64,
+    budget: u32,
+}
 
 /// Whether the monitor can measure here, and on which CPUs. Off where
 /// `/proc` is missing, or where a CPU quota (cgroup) lets this process use
@@ -189,27 +195,20 @@ fn measurable() -> Result<Vec<usize>, String> {
     Ok(allowed)
 }
 
-fn monitor() -> &'static Mutex<CpuStatus> {
+fn monitor() -> &'static Mutex<Measured> {
     MONITOR.get_or_init(|| {
-        let mut status = CpuStatus {
-            cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
-            ..CpuStatus::default()
-        };
-        match measurable() {
+        let (cores, started) = match measurable() {
             Ok(allowed) => {
-                status.cores = allowed.len() as u32;
-                match std::thread::Builder::new().name("cpu-monitor".into()).spawn(move || run(allowed)) {
-                    Ok(_) => status.adaptive = true,
-                    Err(e) => status.note = Some(format!("the monitor thread did not start: {e}")),
-                }
+                let cores = allowed.len() as u32;
+                let spawned = std::thread::Builder::new().name("cpu-monitor".into()).spawn(move || run(allowed));
+                (cores, spawned.map(drop).map_err(|e| format!("the monitor thread did not start: {e}")))
             }
-            Err(note) => status.note = Some(note),
-        }
-        if let Some(note) = &status.note {
+            Err(note) => (std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1), Err(note)),
+        };
+        if let Err(note) = &started {
             tracing::warn!(%note, "decode threads will not follow the free cores");
         }
-        status.budget = status.cores;
-        Mutex::new(status)
+        Mutex::new(Measured { measuring: started.is_ok(), note: started.err(), cores, others_busy: 0.0, budget: cores })
     })
 }
 
@@ -240,22 +239,22 @@ fn live_shares() -> Vec<Arc<CpuShare>> {
 /// Applies one measurement: a new budget, and each adapting instance's share of it.
 fn update(others: f64) {
     let adapting: Vec<Arc<CpuShare>> = live_shares().into_iter().filter(|s| s.adapts).collect();
-    let mut status = monitor().lock().unwrap_or_else(|e| e.into_inner());
-    let budget = next_budget(status.cores, status.budget, others);
-    if budget != status.budget {
+    let mut m = monitor().lock().unwrap_or_else(|e| e.into_inner());
+    let budget = next_budget(m.cores, m.budget, others);
+    if budget != m.budget {
         tracing::info!(
             others_busy = format!("{others:.2}"),
-            from = status.budget,
+            from = m.budget,
             to = budget,
             "other processes' CPU use changed: instances decode on {budget} of {} cores",
-            status.cores
+            m.cores
         );
     }
-    status.others_busy = (others * 100.0).round() / 100.0;
-    status.budget = budget;
+    m.others_busy = (others * 100.0).round() / 100.0;
+    m.budget = budget;
     let demand: u32 = adapting.iter().map(|s| s.configured).sum();
     for s in &adapting {
-        s.current.store(share(s.configured, demand, status.cores, budget), Ordering::Relaxed);
+        s.current.store(share(s.configured, demand, m.cores, budget), Ordering::Relaxed);
     }
 }
 
@@ -264,7 +263,7 @@ fn update(others: f64) {
 /// thread (one thread has no barrier to wait at) and the monitor can measure.
 pub fn register(instance: usize, configured: u32, adapt: bool) -> Arc<CpuShare> {
     let configured = configured.max(1);
-    let adapts = adapt && configured > 1 && monitor().lock().unwrap_or_else(|e| e.into_inner()).adaptive;
+    let adapts = adapt && configured > 1 && monitor().lock().unwrap_or_else(|e| e.into_inner()).measuring;
     let share = Arc::new(CpuShare { instance, configured, adapts, current: AtomicU32::new(configured) });
     SHARES.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&share));
     share
@@ -277,15 +276,7 @@ pub fn status() -> Option<CpuStatus> {
     if live.is_empty() {
         return None;
     }
-    let mut status = match MONITOR.get() {
-        Some(m) => m.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        None => CpuStatus {
-            note: Some("no instance adapts: adapt_threads is off, or each instance has one thread".into()),
-            ..CpuStatus::default()
-        },
-    };
-    status.adaptive = live.iter().any(|s| s.adapts);
-    status.instances = live
+    let instances = live
         .iter()
         .map(|s| InstanceThreads {
             instance: s.instance,
@@ -294,7 +285,23 @@ pub fn status() -> Option<CpuStatus> {
             adapts: s.adapts,
         })
         .collect();
-    Some(status)
+    let adaptive = live.iter().any(|s| s.adapts);
+    Some(match MONITOR.get().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone()) {
+        Some(m) => CpuStatus {
+            adaptive,
+            note: m.note,
+            cores: m.cores,
+            others_busy: m.others_busy,
+            budget: m.budget,
+            instances,
+        },
+        None => CpuStatus {
+            adaptive,
+            note: Some("no instance adapts: adapt_threads is off, or each instance has one thread".into()),
+            instances,
+            ..CpuStatus::default()
+        },
+    })
 }
 
 #[cfg(test)]
