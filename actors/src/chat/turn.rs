@@ -176,10 +176,7 @@ impl ChatCore {
             return Ok(Vec::new());
         }
         tracing::info!(conversation = %conv.id, messages = missing.len(), "embedding messages stored without a vector");
-        let texts = missing
-            .iter()
-            .map(|m| if m.content.trim().is_empty() { "(empty reply)".to_string() } else { m.content.clone() })
-            .collect();
+        let texts = missing.iter().map(|m| embedded_text(&m.content).to_string()).collect();
         let vectors = self.embedder.embed_as(texts, Priority::Interactive).await.map_err(ChatError::Embedding)?;
         let mut out = Vec::with_capacity(missing.len());
         for (m, v) in missing.into_iter().zip(vectors) {
@@ -329,7 +326,7 @@ impl ChatCore {
     /// message then has no vector until its conversation is next loaded
     /// ([`Self::ensure_loaded`] embeds what lacks one).
     pub(crate) async fn embed_stored(self: &Arc<Self>, conv: &Conversation, id: u64, text: &str) {
-        let text = if text.trim().is_empty() { "(empty reply)" } else { text };
+        let text = embedded_text(text);
         let result = async {
             let vector = self.embedder.embed_one(text).await.map_err(ChatError::Embedding)?;
             if self.store.set_vector(&conv.id, id, &vector).await? {
@@ -358,6 +355,16 @@ pub fn affinity_key(bytes: &[u8]) -> u64 {
 }
 
 type ConversationMutex = Arc<tokio::sync::Mutex<()>>;
+
+/// The text a stored message is embedded as: an empty reply (the model
+/// stopped at once) still gets a vector, so it is never embedded again.
+fn embedded_text(content: &str) -> &str {
+    if content.trim().is_empty() {
+        "(empty reply)"
+    } else {
+        content
+    }
+}
 
 /// One mutex per conversation with a turn running or waiting.
 #[derive(Default)]
