@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use modelpool_actors::engine::kv_tiers::KvTierOptions;
 use modelpool_actors::engine::remote::RemoteSpec;
 use modelpool_actors::memory::{IndexOptions, StoreSpec};
 use modelpool_actors::{ChatOptions, Durability, InstanceOptions, PoolOptions, SamplingParams};
@@ -153,6 +154,10 @@ pub struct Config {
     pub max_generation_ms: u64,
     pub health_interval_ms: u64,
     pub n_ctx: u32,
+    /// Host memory for parked KV caches, MiB (-1: an eighth of the machine's, at most 8192; 0: off).
+    pub kv_ram_mib: i64,
+    /// Disk for KV cache files under `<data_dir>/kv`, MiB (0: off).
+    pub kv_disk_mib: u64,
     pub threads: u32,
     /// Lower each instance's threads while other processes keep cores busy.
     pub adapt_threads: bool,
@@ -360,8 +365,8 @@ impl Config {
                 return invalid("remote.slots", format!("must be at least 1 (remote {shown}), got 0"));
             }
         }
-        // llama.cpp takes at most 256 sequences per context: each slot uses 4
-        // (its own and 3 parked caches), plus the probe's.
+        // One sequence per slot, each with a KV stream of n_ctx cells: 32 slots
+        // of the default n_ctx already take 1.4 GiB of KV for SmolLM2-135M.
         if !(1..=32).contains(&self.slots) {
             return invalid("slots", format!("must be between 1 and 32, got {}", self.slots));
         }
@@ -370,6 +375,12 @@ impl Config {
         }
         if self.n_ctx < 64 {
             return invalid("n_ctx", format!("must be at least 64 tokens, got {}", self.n_ctx));
+        }
+        if self.kv_ram_mib < -1 {
+            return invalid(
+                "kv_ram_mib",
+                format!("must be -1 (auto), 0 (off) or a size in MiB, got {}", self.kv_ram_mib),
+            );
         }
         if self.acquire_timeout_ms == 0 {
             return invalid("acquire_timeout_ms", "must be at least 1, got 0".into());
@@ -512,6 +523,15 @@ impl Config {
         (cores / self.instances.max(1)).max(1) as u32
     }
 
+    /// The KV tiers' budgets and directory.
+    pub fn kv_tier_options(&self) -> KvTierOptions {
+        let ram_bytes = match self.kv_ram_mib {
+            -1 => modelpool_actors::engine::kv_tiers::default_ram_bytes(),
+            mib => (mib.max(0) as u64) << 20,
+        };
+        KvTierOptions { ram_bytes, disk_bytes: self.kv_disk_mib << 20, dir: Some(self.data_dir.join("kv")) }
+    }
+
     /// Where conversations are kept.
     pub fn store_spec(&self) -> StoreSpec {
         match self.store.0.trim() {
@@ -552,6 +572,8 @@ impl Config {
                 slots: if self.per_request { 1 } else { self.slots },
                 prefill_chunk: self.prefill_chunk,
                 adapt_threads: self.adapt_threads,
+                // The binary opens the shared tiers once the model is loaded.
+                kv: None,
             },
             remotes: self
                 .remote

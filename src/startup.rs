@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use modelpool_actors::engine::remote::tokenizer::RemoteTokenizer;
+use modelpool_actors::engine::KvTiers;
 use modelpool_actors::{ChatHandle, EmbedderHandle, Engine, LlamaEngine, LoadEvent, PerRequestEngine, PoolHandle};
 
 use crate::config::Config;
@@ -31,7 +32,7 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
     bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(100));
     bar.set_message(format!("Loading model weights from {}…", cfg.model.display()));
-    let opts = cfg.pool_options();
+    let mut opts = cfg.pool_options();
     let engine: Arc<dyn Engine> = if cfg.per_request {
         PerRequestEngine::load(&cfg.model)?
     } else if cfg.instances == 0 && cfg.model.is_file() {
@@ -42,7 +43,9 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
         let name = cfg.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         RemoteTokenizer::connect(&opts.remotes, &name).await?
     } else {
-        LlamaEngine::load(&cfg.model)?
+        let llama = LlamaEngine::load(&cfg.model)?;
+        opts.instance.kv = Some(open_kv_tiers(cfg, &llama, &bar));
+        llama
     };
     let info = engine.info();
     let rss_weights = modelpool_actors::rss_bytes().unwrap_or(0);
@@ -116,6 +119,46 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
         mib(rss_after)
     );
     Ok(pool)
+}
+
+/// Opens the KV tiers the local instances share and says what they hold.
+fn open_kv_tiers(cfg: &Config, engine: &LlamaEngine, bar: &ProgressBar) -> Arc<KvTiers> {
+    let mut kv = cfg.kv_tier_options();
+    let fingerprint = match engine.kv_fingerprint() {
+        Ok(f) => f,
+        Err(e) => {
+            say(bar, format!("KV disk tier off: cannot read the model file to fingerprint its caches ({e})"));
+            kv.disk_bytes = 0;
+            Default::default()
+        }
+    };
+    let tiers = KvTiers::open(&kv, fingerprint);
+    let per_token = engine.kv_bytes_per_token().max(1);
+    tiers.note_bytes_per_token(per_token);
+    let s = tiers.status();
+    let disk = if s.disk.enabled {
+        format!(
+            "disk {:.0} MiB in {} (~{} tokens; {} cache(s) kept from the last run)",
+            mib(kv.disk_bytes),
+            s.disk.dir.as_deref().unwrap_or_default(),
+            kv.disk_bytes / per_token,
+            s.disk.entries
+        )
+    } else if kv.disk_bytes == 0 {
+        "disk off".into()
+    } else {
+        format!("disk off ({})", s.disk.disabled_cause.as_deref().unwrap_or("unavailable"))
+    };
+    say(
+        bar,
+        format!(
+            "KV caches: {} KiB per token; memory {:.0} MiB (~{} tokens), {disk}",
+            per_token as f64 / 1024.0,
+            mib(kv.ram_bytes),
+            kv.ram_bytes / per_token
+        ),
+    );
+    tiers
 }
 
 /// Opens the conversation store, then starts the pool, the embedder and the

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use modelpool_actors::engine::{InstanceBackend, SeqEvent, SeqSink};
+use modelpool_actors::engine::{CacheKey, InstanceBackend, SeqEvent, SeqSink};
 use modelpool_actors::{
     ChatMessage, Completion, Engine, EngineError, EngineInfo, Fault, FinishReason, GenerateRequest, InstanceInfo,
     InstanceOptions, PoolError, PoolHandle, PoolOptions, Usage,
@@ -27,7 +27,7 @@ impl InstanceBackend for FakeInstance {
     fn slots(&self) -> usize {
         1
     }
-    fn start(&mut self, slot: usize, _: GenerateRequest, _: Instant, sink: SeqSink) {
+    fn start(&mut self, slot: usize, _: GenerateRequest, _: CacheKey, _: Instant, sink: SeqSink) {
         self.running.push((slot, sink));
     }
     fn cancel(&mut self, slot: usize) {

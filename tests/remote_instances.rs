@@ -386,7 +386,8 @@ async fn without_the_model_file_a_remote_tokenizes_and_the_replies_stay_the_same
     // (Not the same greedy text: that last token is decoded alone this
     // time, in the prompt's batch the first time, and llama.cpp's kernels
     // may round the two differently.)
-    let (prompt, cached) = (r1["usage"]["prompt_tokens"].as_u64().unwrap(), r1["usage"]["cached_tokens"].as_u64().unwrap());
+    let (prompt, cached) =
+        (r1["usage"]["prompt_tokens"].as_u64().unwrap(), r1["usage"]["cached_tokens"].as_u64().unwrap());
     assert!(cached + 1 >= prompt && prompt > 0, "the remote's tokens differ from the local tokenizer's: {r1} vs {h1}");
     for (a, b) in [(&r1, &h1), (&r2, &h2)] {
         assert_eq!(a["usage"]["prompt_tokens"], b["usage"]["prompt_tokens"], "{a} vs {b}");

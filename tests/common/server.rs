@@ -42,6 +42,16 @@ impl Server {
         self.wait_ready();
     }
 
+    /// Starts the process again on the same data directory (after it ended,
+    /// e.g. with [`Self::terminate`]).
+    pub fn respawn(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, base, log) = spawn(self.data_dir.path(), &self.flags, &self.env);
+        (self.child, self.base, self.log) = (child, base, log);
+        self.wait_ready();
+    }
+
     /// Resident memory of the server process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();

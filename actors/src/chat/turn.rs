@@ -13,6 +13,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::chat::actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
+use crate::engine::CacheKey;
 use crate::memory::index::{Hit, Scope, VectorIndex};
 use crate::memory::prompt_builder::{build_prompt, BuiltPrompt, PromptBudget, Recalled};
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, StoredMessage};
@@ -285,10 +286,11 @@ impl ChatCore {
 
         // Admission before anything is stored: a rejected turn leaves no trace.
         // The conversation's next turn goes back to the instance that holds its prefix.
-        let affinity = Some(affinity_key(conv.id.as_bytes()));
+        // Its KV cache is kept by conversation, within its namespace.
+        let key = Some(CacheKey::new(&conv.namespace, conv.id.as_bytes()));
         let request = GenerateRequest { messages: built.messages.clone(), sampling };
         let mut memory_ns = memory_started.elapsed().as_nanos() as u64;
-        let generation = self.pool.generate_for(request, affinity).await?;
+        let generation = self.pool.generate_for(request, key).await?;
         let after_admission = Instant::now();
         let (instance, slot) = (generation.instance(), generation.slot());
         let user_tokens = engine.count_tokens(&msg.text);
@@ -345,13 +347,13 @@ impl ChatCore {
         let ids = self.store.delete_conversation(&id).await?;
         let index = self.index.clone();
         let _ = actix_web::rt::task::spawn_blocking(move || index.remove_conversation(&id)).await;
+        // Its KV cache goes too: what it said is not kept in memory or on disk.
+        if let Some(tiers) = self.pool.kv_tiers() {
+            let conversation = CacheKey::new("", id.as_bytes()).conversation;
+            let _ = actix_web::rt::task::spawn_blocking(move || tiers.forget_conversation(conversation)).await;
+        }
         Ok(ids.len())
     }
-}
-
-/// A stable 64-bit key for routing: FNV-1a of `bytes`.
-pub fn affinity_key(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
 }
 
 type ConversationMutex = Arc<tokio::sync::Mutex<()>>;

@@ -16,7 +16,8 @@ use llama_cpp_2::{DecodeError, LlamaStateSeqFlags};
 
 use super::cpu::CpuShare;
 use super::fault::FaultSlot;
-use super::kv_cache::{restore_source, Parked, ParkedCaches, SlotCache};
+use super::kv_cache::{restore_source, SlotCache, Source};
+use super::kv_tiers::{CacheKey, KvTiers, Tier};
 use super::prompt::{tokenize_chat, ChatTemplate};
 use super::sampling::{build_sampler, check_fits};
 use super::text::TextStream;
@@ -25,14 +26,6 @@ use super::Fault;
 use super::{SeqEvent, SeqSink};
 use crate::error::EngineError;
 use crate::params::{Completion, FinishReason, GenerateRequest, Usage};
-
-/// Parked caches per slot. More conversations than slots take turns on the
-/// slots: with 8 conversations on 4 slots, 8 parkings happen before a
-/// conversation comes back, so one parked cache per slot would be dropped
-/// before it is used.
-pub const PARKED_PER_SLOT: usize = 3;
-/// Host memory the parked caches of one instance may take, per slot.
-pub const PARKED_BYTES_PER_SLOT: usize = 64 << 20;
 
 fn kv_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Decode(e.to_string())
@@ -89,17 +82,17 @@ pub struct Batcher<'m> {
     ctx: LlamaContext<'m>,
     template: std::sync::Arc<ChatTemplate>,
     slots: Vec<Slot>,
-    /// Caches parked in host memory: a conversation whose slot is given to
-    /// another keeps its KV here, and its next turn restores it instead of
-    /// reading its prompt again (as llama-server's prompt cache does).
-    parked: ParkedCaches,
+    /// Where caches wait outside the slots (memory and disk, by
+    /// conversation): a conversation whose slot is given to another keeps
+    /// its KV there, and its next turn restores it instead of reading its
+    /// prompt again. Shared by every instance of the process.
+    tiers: Arc<KvTiers>,
     batch: LlamaBatch<'static>,
     /// Most prompt tokens decoded in one step, over all sequences.
     prefill_chunk: usize,
     /// Tokens one sequence may hold (prompt + reply).
     seq_ctx: u32,
     fault: FaultSlot,
-    clock: u64,
     piece: Vec<u8>,
     /// Sequences whose batch entries were added this step, in batch order:
     /// (slot, tokens added).
@@ -127,6 +120,7 @@ impl<'m> Batcher<'m> {
         slots: usize,
         seq_ctx: u32,
         prefill_chunk: usize,
+        tiers: Arc<KvTiers>,
     ) -> Self {
         let n_batch = ctx.n_batch() as usize;
         let n_threads = ctx.n_threads().0.max(1) as u32;
@@ -135,12 +129,11 @@ impl<'m> Batcher<'m> {
             ctx,
             template,
             slots: (0..slots).map(|_| Slot { cache: SlotCache::default(), run: None }).collect(),
-            parked: ParkedCaches::new(PARKED_PER_SLOT * slots, PARKED_BYTES_PER_SLOT * slots),
+            tiers,
             batch: LlamaBatch::new(n_batch, 1),
             prefill_chunk: prefill_chunk.clamp(1, n_batch.saturating_sub(slots).max(1)),
             seq_ctx,
             fault: FaultSlot::default(),
-            clock: 0,
             piece: Vec::with_capacity(32),
             planned: Vec::with_capacity(slots),
             reading: Vec::with_capacity(slots),
@@ -179,7 +172,7 @@ impl<'m> Batcher<'m> {
 
     /// Starts `request` in `slot`; a sequence still there ends as cancelled.
     /// A request the engine refuses is answered on `sink` at once.
-    pub fn start(&mut self, slot: usize, request: &GenerateRequest, started: Instant, sink: SeqSink) {
+    pub fn start(&mut self, slot: usize, request: &GenerateRequest, key: CacheKey, started: Instant, sink: SeqSink) {
         if slot >= self.slots.len() {
             let _ = sink.send(SeqEvent::Done(Err(EngineError::InvalidParam {
                 field: "slot",
@@ -189,7 +182,7 @@ impl<'m> Batcher<'m> {
             return;
         }
         self.finish(slot, FinishReason::Cancelled);
-        match self.prepare(slot, request, started, sink.clone()) {
+        match self.prepare(slot, request, key, started, sink.clone()) {
             Ok(run) => self.slots[slot].run = Some(run),
             Err(e) => {
                 if e.is_instance_fault() {
@@ -204,6 +197,7 @@ impl<'m> Batcher<'m> {
         &mut self,
         slot: usize,
         request: &GenerateRequest,
+        key: CacheKey,
         started: Instant,
         sink: SeqSink,
     ) -> Result<Running, EngineError> {
@@ -218,42 +212,53 @@ impl<'m> Batcher<'m> {
         }
         check_fits(prompt.len() as u32, request.sampling.max_tokens, self.seq_ctx)?;
         let seq = slot as i32;
-        // The slot holds another conversation: park its cache before it is
-        // overwritten, so that conversation's next turn can have it back.
-        let cache = &self.slots[slot].cache;
-        if !cache.tokens.is_empty() && cache.common_prefix(&prompt) * 2 < cache.tokens.len() {
+        // The slot holds another conversation: park its cache under that
+        // conversation's key before it is overwritten, so that its next turn
+        // can have it back. Another namespace's tokens are never kept.
+        let held = &self.slots[slot].cache;
+        if !held.tokens.is_empty() && held.key != key {
             self.park(slot)?;
-        }
-        // A longer prefix held by another slot or a parked cache is restored
-        // into this slot's sequence rather than decoded again.
-        let held: Vec<&[LlamaToken]> = self
-            .slots
-            .iter()
-            .map(|s| s.cache.tokens.as_slice())
-            .chain(self.parked.iter().map(|p| p.tokens.as_slice()))
-            .collect();
-        if let Some((src, _)) = restore_source(&held, slot, &prompt) {
-            let n = self.slots.len();
-            let (state, tokens) = if src < n {
-                let state = self.ctx.state_seq_get(src as i32, LlamaStateSeqFlags::empty()).map_err(kv_err)?;
-                (state, self.slots[src].cache.tokens.clone())
-            } else {
-                let p = self.parked.take(src - n);
-                (p.state, p.tokens)
-            };
-            self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
-            match self.ctx.state_seq_set(&state, seq) {
-                Ok(()) => self.slots[slot].cache.tokens = tokens,
-                Err(e) => {
-                    tracing::warn!(slot, error = %e, "could not restore a cached prefix; reading the prompt instead");
-                    self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
-                    self.slots[slot].cache.tokens.clear();
-                }
+            if self.slots[slot].cache.key.namespace != key.namespace {
+                self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
+                self.slots[slot].cache.tokens.clear();
             }
         }
-        self.clock += 1;
+        self.slots[slot].cache.key = key;
+        // A longer prefix held by another slot of the namespace, or by this
+        // conversation's parked cache, is restored rather than decoded again.
+        let parked = self.tiers.tokens_of(key);
+        let held: Vec<(&[LlamaToken], CacheKey)> =
+            self.slots.iter().map(|s| (s.cache.tokens.as_slice(), s.cache.key)).collect();
+        let mut restored = None;
+        if let Some((src, _)) = restore_source(&held, slot, key.namespace, parked.as_deref(), &prompt) {
+            let copy = Instant::now();
+            let (state, tokens, tier) = match src {
+                Source::Slot(i) => (self.seq_state(i as i32)?, self.slots[i].cache.tokens.clone(), Tier::Slot),
+                Source::Parked => match self.tiers.take(key) {
+                    Some(p) => (p.state, p.tokens, src.tier(p.tier)),
+                    None => (Vec::new(), Vec::new(), Tier::Memory),
+                },
+            };
+            self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
+            self.slots[slot].cache.tokens.clear();
+            // SAFETY: `state` came from llama.cpp's own state_seq_get_data
+            // (a slot of this context, or a parked cache of this model and
+            // layout whose file checksum and fingerprint were checked).
+            let set = state.is_empty()
+                || unsafe { self.ctx.state_seq_set_data_ext(&state, seq, LlamaStateSeqFlags::empty()) };
+            if !state.is_empty() && set {
+                self.slots[slot].cache.tokens = tokens;
+                restored = Some((tier, copy.elapsed()));
+            } else if !set {
+                tracing::warn!(
+                    slot,
+                    tier = tier.as_str(),
+                    "could not restore a cached prefix; reading the prompt instead"
+                );
+                self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
+            }
+        }
         let cache = &mut self.slots[slot].cache;
-        cache.last_used = self.clock;
         // Keep the shared prefix; the last prompt token is always decoded
         // again, since its logits give the first new token.
         let mut keep = cache.common_prefix(&prompt).min(prompt.len() - 1);
@@ -263,6 +268,12 @@ impl<'m> Batcher<'m> {
             keep = 0;
         }
         cache.tokens.truncate(keep);
+        let tier = match (restored, keep) {
+            (_, 0) => None,
+            (Some((tier, _)), _) => Some(tier),
+            (None, _) => Some(Tier::Slot),
+        };
+        self.tiers.record(tier, keep as u64, (prompt.len() - keep) as u64, restored.map(|(_, took)| took));
         Ok(Running {
             sink,
             sampler: build_sampler(self.model, &request.sampling),
@@ -278,13 +289,40 @@ impl<'m> Batcher<'m> {
         })
     }
 
-    /// Copies slot `slot`'s cache to host memory (the oldest parked caches
-    /// go when the bounds are reached).
+    /// llama.cpp's state of sequence `seq` (its KV cells), as bytes.
+    fn seq_state(&self, seq: i32) -> Result<Vec<u8>, EngineError> {
+        let size = self.ctx.state_seq_get_size_ext(seq, LlamaStateSeqFlags::empty());
+        let mut bytes = vec![0u8; size];
+        // SAFETY: `bytes` has the size llama.cpp asked for this sequence.
+        let n = unsafe { self.ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), seq, LlamaStateSeqFlags::empty()) };
+        if n != size {
+            return Err(kv_err(format!("sequence state: {n} bytes written, {size} expected")));
+        }
+        Ok(bytes)
+    }
+
+    /// Copies slot `slot`'s cache to the memory tier under its conversation's
+    /// key (the least recently used caches move on to disk when it is full).
     fn park(&mut self, slot: usize) -> Result<(), EngineError> {
-        let state = self.ctx.state_seq_get(slot as i32, LlamaStateSeqFlags::empty()).map_err(kv_err)?;
+        let copy = Instant::now();
+        let state = self.seq_state(slot as i32)?;
         let from = &self.slots[slot].cache;
-        self.parked.push(Parked { tokens: from.tokens.clone(), state, last_used: from.last_used });
+        self.tiers.note_bytes_per_token(state.len() as u64 / from.tokens.len().max(1) as u64);
+        self.tiers.park(from.key, from.tokens.clone(), state, copy.elapsed());
         Ok(())
+    }
+
+    /// The loop ends (shutdown): every slot's cache goes to the tiers, from
+    /// where the process's shutdown writes them to disk.
+    pub fn close(&mut self) {
+        for slot in 0..self.slots.len() {
+            self.finish(slot, FinishReason::Cancelled);
+            if !self.slots[slot].cache.tokens.is_empty() {
+                if let Err(e) = self.park(slot) {
+                    tracing::warn!(slot, error = %e, "could not save a slot's cache at shutdown");
+                }
+            }
+        }
     }
 
     /// Ends the sequence in `slot` (if any) and tells its sink.
@@ -307,7 +345,6 @@ impl<'m> Batcher<'m> {
             }
             s.cache.tokens.clear();
         }
-        self.parked.clear();
         self.ctx.clear_kv_cache();
     }
 

@@ -13,12 +13,17 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 
 use super::batch::Batcher;
+use super::kv_tiers::Fingerprint;
 use super::prompt::{tokenize_chat, ChatTemplate};
 #[cfg(feature = "fault-injection")]
 use super::Fault;
-use super::{Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, SeqEvent, SeqSink};
+use super::{CacheKey, Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, KvTiers, SeqEvent, SeqSink};
 use crate::error::EngineError;
 use crate::params::{ChatMessage, FinishReason, GenerateRequest};
+
+/// The llama-cpp-2 release this is built with (pinned in the workspace's
+/// Cargo.toml): it fixes the llama.cpp whose sequence-state format a cache file holds.
+const LLAMA_CPP_2_VERSION: &str = "0.1.160";
 
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
 static BACKEND_INIT: Mutex<()> = Mutex::new(());
@@ -145,6 +150,28 @@ impl LlamaEngine {
         &self.template
     }
 
+    /// KV bytes one token takes in a context (all layers, K and V, f16).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        kv_bytes(self.model, 1)
+    }
+
+    /// What a saved KV state of this model depends on: the model file, the
+    /// KV layout (cache types, one stream per sequence, shapes) and
+    /// llama.cpp's state format. A cache file restores only into the same.
+    pub fn kv_fingerprint(&self) -> std::io::Result<Fingerprint> {
+        let m = self.model;
+        let layout = format!(
+            "K f16, V f16, one KV stream per sequence, n_layer {}, n_embd {}, n_head {}, n_head_kv {}, \
+             state format of llama-cpp-2 {}",
+            m.n_layer(),
+            m.n_embd(),
+            m.n_head(),
+            m.n_head_kv(),
+            LLAMA_CPP_2_VERSION,
+        );
+        Fingerprint::of(&self.path, &layout)
+    }
+
     /// Address of the shared weights, for checks that they are loaded once.
     pub fn weights_addr(&self) -> usize {
         self.model as *const LlamaModel as usize
@@ -180,10 +207,19 @@ impl Engine for LlamaEngine {
         );
         let slots = opts.slots.max(1) as usize;
         let cpu = super::cpu::register(id, opts.n_threads, opts.adapt_threads);
-        let batcher =
-            Batcher::new(self.model, ctx, self.template.clone(), slots, opts.n_ctx, opts.prefill_chunk as usize)
-                .with_cpu_share(cpu);
-        Ok(Box::new(LlamaInstance { weights_addr: self.weights_addr(), batcher, kv_bytes: kv }))
+        let tiers = opts.kv_tiers();
+        tiers.instance_started();
+        let batcher = Batcher::new(
+            self.model,
+            ctx,
+            self.template.clone(),
+            slots,
+            opts.n_ctx,
+            opts.prefill_chunk as usize,
+            tiers.clone(),
+        )
+        .with_cpu_share(cpu);
+        Ok(Box::new(LlamaInstance { weights_addr: self.weights_addr(), batcher, kv_bytes: kv, tiers, closed: false }))
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
@@ -213,6 +249,16 @@ pub struct LlamaInstance {
     weights_addr: usize,
     batcher: Batcher<'static>,
     kv_bytes: u64,
+    tiers: Arc<KvTiers>,
+    closed: bool,
+}
+
+impl Drop for LlamaInstance {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.tiers.instance_closed();
+        }
+    }
 }
 
 impl InstanceBackend for LlamaInstance {
@@ -220,8 +266,14 @@ impl InstanceBackend for LlamaInstance {
         self.batcher.slots()
     }
 
-    fn start(&mut self, slot: usize, request: GenerateRequest, started: Instant, sink: SeqSink) {
-        self.batcher.start(slot, &request, started, sink);
+    fn start(&mut self, slot: usize, request: GenerateRequest, key: CacheKey, started: Instant, sink: SeqSink) {
+        self.batcher.start(slot, &request, key, started, sink);
+    }
+
+    fn close(&mut self) {
+        self.batcher.close();
+        self.closed = true;
+        self.tiers.instance_closed();
     }
 
     fn cancel(&mut self, slot: usize) {
@@ -306,12 +358,14 @@ impl PerRequestInstance {
             let _one_at_a_time = CONTEXT_CREATION.lock().unwrap_or_else(|e| e.into_inner());
             model.new_context(backend()?, context_params(&opts)).map_err(|e| EngineError::Context(e.to_string()))?
         };
-        let mut batcher = Batcher::new(&model, ctx, template, 1, opts.n_ctx, opts.prefill_chunk as usize);
+        // Nothing outlives the request here: no tier to park in.
+        let tiers = KvTiers::memory_only(0);
+        let mut batcher = Batcher::new(&model, ctx, template, 1, opts.n_ctx, opts.prefill_chunk as usize, tiers);
         #[cfg(feature = "fault-injection")]
         if let Some(f) = self.fault.take() {
             batcher.inject_fault(f);
         }
-        batcher.start(0, request, started, sink.clone());
+        batcher.start(0, request, CacheKey::default(), started, sink.clone());
         // A failed step has already told the sequence; nothing more to send.
         while batcher.active() > 0 && batcher.step().is_ok() {}
         Ok(())
@@ -323,7 +377,7 @@ impl InstanceBackend for PerRequestInstance {
         1
     }
 
-    fn start(&mut self, _slot: usize, request: GenerateRequest, started: Instant, sink: SeqSink) {
+    fn start(&mut self, _slot: usize, request: GenerateRequest, _key: CacheKey, started: Instant, sink: SeqSink) {
         if let Err(e) = self.run(&request, started, &sink) {
             let _ = sink.send(SeqEvent::Done(Err(e)));
         }

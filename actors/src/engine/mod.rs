@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod embed;
 pub mod fault;
 pub mod kv_cache;
+pub mod kv_tiers;
 pub mod llama;
 pub mod prompt;
 pub mod remote;
@@ -20,6 +21,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::EngineError;
 use crate::params::{ChatMessage, Completion, GenerateRequest};
+pub use kv_tiers::{CacheKey, KvTiers};
 
 /// What one sequence tells whoever started it: text pieces as they are
 /// produced, then exactly one `Done`.
@@ -48,15 +50,27 @@ pub struct InstanceOptions {
     /// Lower the threads while other processes keep cores busy, and raise
     /// them again when the cores are free ([`cpu`]).
     pub adapt_threads: bool,
+    /// Where conversations' caches wait outside the slots (memory and disk),
+    /// shared by every instance; none: each instance keeps a memory tier of
+    /// [`DEFAULT_INSTANCE_KV_RAM`] bytes of its own.
+    pub kv: Option<std::sync::Arc<KvTiers>>,
 }
 
 impl InstanceOptions {
     /// One sequence of `n_ctx` tokens on `n_threads` threads (lowered while
     /// other processes keep cores busy).
     pub fn single(n_ctx: u32, n_threads: u32) -> Self {
-        Self { n_ctx, n_threads, slots: 1, prefill_chunk: DEFAULT_PREFILL_CHUNK, adapt_threads: true }
+        Self { n_ctx, n_threads, slots: 1, prefill_chunk: DEFAULT_PREFILL_CHUNK, adapt_threads: true, kv: None }
+    }
+
+    /// The KV tiers its instances use.
+    pub fn kv_tiers(&self) -> std::sync::Arc<KvTiers> {
+        self.kv.clone().unwrap_or_else(|| KvTiers::memory_only(DEFAULT_INSTANCE_KV_RAM))
     }
 }
+
+/// Host memory for parked caches of an instance started without shared tiers.
+pub const DEFAULT_INSTANCE_KV_RAM: u64 = 256 << 20;
 
 /// Default of [`InstanceOptions::prefill_chunk`].
 pub const DEFAULT_PREFILL_CHUNK: u32 = 256;
@@ -130,8 +144,12 @@ pub trait InstanceBackend: Send {
     fn slots(&self) -> usize;
 
     /// Starts `request` in `slot`; a sequence still in that slot ends as
-    /// cancelled first. A refused request is answered on `sink` at once.
-    fn start(&mut self, slot: usize, request: GenerateRequest, started: Instant, sink: SeqSink);
+    /// cancelled first. `key` names whose cache the prompt may reuse (its
+    /// conversation's, its namespace's). A refused request is answered on `sink` at once.
+    fn start(&mut self, slot: usize, request: GenerateRequest, key: CacheKey, started: Instant, sink: SeqSink);
+
+    /// The loop is ending (shutdown): save what the slots hold.
+    fn close(&mut self) {}
 
     /// Ends the sequence in `slot`, if any, as cancelled.
     fn cancel(&mut self, slot: usize);

@@ -2,7 +2,8 @@
 //! step loop, driven by a command channel. While sequences are active it takes
 //! whatever commands have arrived, then decodes one step for all of them;
 //! while none are, it sleeps on the channel. The loop ends when every sender
-//! is gone or the context breaks; `on_exit` runs however it ends (a panic too).
+//! is gone (the slots' caches are then saved) or the context breaks; `on_exit`
+//! runs however it ends (a panic too).
 
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::time::Instant;
@@ -11,14 +12,14 @@ use tokio::sync::oneshot;
 
 #[cfg(feature = "fault-injection")]
 use super::Fault;
-use super::{InstanceBackend, InstanceInfo, SeqSink};
+use super::{CacheKey, InstanceBackend, InstanceInfo, SeqSink};
 use crate::error::EngineError;
 use crate::params::GenerateRequest;
 
 /// What the instance's handle asks of its loop.
 pub enum Command {
     /// Starts a sequence in a slot; its events go to `sink`.
-    Start { slot: usize, request: GenerateRequest, started: Instant, sink: SeqSink },
+    Start { slot: usize, request: GenerateRequest, key: CacheKey, started: Instant, sink: SeqSink },
     /// Ends a slot's sequence as cancelled (the watchdog's first resort).
     Cancel(usize),
     /// Runs a health probe between two steps.
@@ -101,7 +102,7 @@ fn run(backend: &mut dyn InstanceBackend, rx: &Receiver<Command>) {
         let command = if backend.active() == 0 {
             match rx.recv() {
                 Ok(c) => c,
-                Err(_) => return,
+                Err(_) => return backend.close(),
             }
         } else {
             match rx.try_recv() {
@@ -113,11 +114,11 @@ fn run(backend: &mut dyn InstanceBackend, rx: &Receiver<Command>) {
                     }
                     continue;
                 }
-                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Disconnected) => return backend.close(),
             }
         };
         match command {
-            Command::Start { slot, request, started, sink } => backend.start(slot, request, started, sink),
+            Command::Start { slot, request, key, started, sink } => backend.start(slot, request, key, started, sink),
             Command::Cancel(slot) => backend.cancel(slot),
             Command::Probe(reply) => {
                 let _ = reply.send(backend.probe());

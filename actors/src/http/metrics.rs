@@ -360,7 +360,11 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 async fn metrics(state: web::Data<ApiState>, _access: MetricsAccess) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     let status = chat.pool().status().await?;
-    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render(&status)))
+    let mut text = state.metrics.render(&status);
+    if let Some(tiers) = chat.pool().kv_tiers() {
+        text.push_str(&super::metrics_kv::render(&tiers.status()));
+    }
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(text))
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {

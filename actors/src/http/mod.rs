@@ -14,6 +14,7 @@ pub mod disconnect;
 pub mod embeddings;
 pub mod error;
 pub mod metrics;
+pub mod metrics_kv;
 pub mod openai;
 pub mod page;
 pub mod status;

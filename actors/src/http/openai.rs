@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::disconnect::unless_client_gone;
 use super::{sse_response, unix_now, ApiError, ApiState, Authorized, SamplingOverrides};
-use crate::chat::turn::affinity_key;
+use crate::engine::CacheKey;
 use crate::params::{ChatMessage, FinishReason, GenerateRequest, Role, Usage};
 use crate::pool::lease::GenEvent;
 
@@ -225,25 +225,19 @@ fn usage_body(u: &Usage) -> UsageBody {
     }
 }
 
-/// What a stateless request continues, for routing it to the instance whose
-/// cache holds its prefix: the `X-Conversation-Id` header, else the `user`
-/// field, else its first two messages (the system prompt and the opening
-/// question stay the same for a whole conversation).
-fn affinity(req: &HttpRequest, user: Option<&Value>, messages: &[ChatMessage]) -> u64 {
+/// What a stateless request continues, for routing it to the slot whose
+/// cache holds its prefix and finding its parked cache: the
+/// `X-Conversation-Id` header, else the `user` field, else its opening (the
+/// system prompt and the first question stay the same for a whole
+/// conversation); within the namespace of the caller's API key.
+fn cache_key(req: &HttpRequest, namespace: &str, user: Option<&Value>, messages: &[ChatMessage]) -> CacheKey {
     if let Some(id) = req.headers().get("x-conversation-id").map(|v| v.as_bytes()) {
-        return affinity_key(id);
+        return CacheKey::new(namespace, id);
     }
     if let Some(user) = user.and_then(Value::as_str) {
-        return affinity_key(user.as_bytes());
+        return CacheKey::new(namespace, user.as_bytes());
     }
-    let mut bytes = Vec::new();
-    for m in messages.iter().take(2) {
-        bytes.extend_from_slice(m.role.as_str().as_bytes());
-        bytes.push(0);
-        bytes.extend_from_slice(m.content.as_bytes());
-        bytes.push(0);
-    }
-    affinity_key(&bytes)
+    CacheKey::of_messages(namespace, messages)
 }
 
 fn finish_str(f: FinishReason) -> &'static str {
@@ -255,14 +249,16 @@ fn finish_str(f: FinishReason) -> &'static str {
 
 async fn completions(
     state: web::Data<ApiState>,
-    _auth: Authorized,
+    auth: Authorized,
     http: HttpRequest,
     body: web::Json<CompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let body = body.into_inner();
     let streaming = body.stream;
-    let result = unless_client_gone(&http, streaming, completions_inner(&state, &http, body, started)).await;
+    let namespace = auth.namespace.unwrap_or_default();
+    let result =
+        unless_client_gone(&http, streaming, completions_inner(&state, &http, &namespace, body, started)).await;
     if let Err(e) = &result {
         state.metrics.finished("chat_completions", started, Err(e));
     }
@@ -273,6 +269,7 @@ async fn completions(
 async fn completions_inner(
     state: &web::Data<ApiState>,
     http: &HttpRequest,
+    namespace: &str,
     req: CompletionRequest,
     started: Instant,
 ) -> Result<HttpResponse, ApiError> {
@@ -283,7 +280,7 @@ async fn completions_inner(
     let stream = req.stream;
     let user = req.other.get("user").cloned();
     let (request, include_usage) = to_request(state, req)?;
-    let key = affinity(http, user.as_ref(), &request.messages);
+    let key = cache_key(http, namespace, user.as_ref(), &request.messages);
     let mut generation = chat.pool().generate_for(request, Some(key)).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();

@@ -39,6 +39,10 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
         "memory_index": chat.index_stats(),
         // Local instances' threads, lowered while other processes keep cores busy.
         "cpu": crate::engine::cpu::status(),
+        // Where conversations' KV caches wait outside the slots (memory, disk).
+        "kv": chat.pool().kv_tiers().map(|t| t.status()),
+        // The memory tier's bytes are part of this figure.
+        "rss_bytes": crate::rss_bytes(),
         "storage": { "writable": chat.storage_error().is_none(), "error": chat.storage_error() },
     })))
 }

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use crate::engine::sampling::check_fits;
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
-use crate::engine::{Engine, EngineInfo, InstanceInfo};
+use crate::engine::{CacheKey, Engine, EngineInfo, InstanceInfo, KvTiers, DEFAULT_INSTANCE_KV_RAM};
 use crate::error::{EngineError, PoolError};
 use crate::params::GenerateRequest;
 use crate::pool::lease::{GenerationStream, Lease};
@@ -33,8 +33,16 @@ pub struct PoolHandle {
 impl PoolHandle {
     /// Starts the pool and waits until every instance is loaded. `progress`
     /// is told about each instance as it loads. Must run inside an actix system.
-    pub async fn start(engine: Arc<dyn Engine>, opts: PoolOptions, progress: ProgressFn) -> Result<Self, PoolError> {
+    pub async fn start(
+        engine: Arc<dyn Engine>,
+        mut opts: PoolOptions,
+        progress: ProgressFn,
+    ) -> Result<Self, PoolError> {
         validate(&opts, &engine.info())?;
+        // One memory tier for all of the pool's instances unless the caller shares its own.
+        if opts.instance.kv.is_none() {
+            opts.instance.kv = Some(KvTiers::memory_only(DEFAULT_INSTANCE_KV_RAM * opts.instances.max(1) as u64));
+        }
         let (tx, rx) = oneshot::channel();
         let addr = PoolManager::new(engine.clone(), opts.clone(), progress, tx).start();
         rx.await.map_err(|_| PoolError::Startup("the pool manager stopped during start-up".into()))??;
@@ -104,16 +112,29 @@ impl PoolHandle {
         self.generate_for(request, None).await
     }
 
-    /// [`Self::generate`] with an affinity key: a conversation's turns go back
-    /// to the instance whose KV cache holds its prefix, when it is idle.
+    /// [`Self::generate`] for a conversation: its turns go back to the slot
+    /// whose KV cache holds its prefix when that slot is idle, and its prompt
+    /// may reuse its own parked cache (memory or disk) and its namespace's
+    /// slots, never another namespace's. Without a key the first two
+    /// messages name the conversation, in no namespace.
     pub async fn generate_for(
         &self,
         request: GenerateRequest,
-        affinity: Option<u64>,
+        key: Option<CacheKey>,
     ) -> Result<GenerationStream, PoolError> {
         self.check(&request)?;
-        let lease = self.acquire_for(affinity).await?;
-        Ok(lease.run(request, self.opts.max_generation))
+        let lease = self.acquire_for(key.map(|k| k.affinity())).await?;
+        let key = key.unwrap_or_else(|| CacheKey::of_messages("", &request.messages));
+        // A cache on disk is read into memory here, off the instance's step loop.
+        if let Some(tiers) = self.kv_tiers() {
+            let _ = tokio::task::spawn_blocking(move || tiers.prefetch(key)).await;
+        }
+        Ok(lease.run_keyed(request, key, self.opts.max_generation))
+    }
+
+    /// The KV tiers shared by the local instances (none without local instances).
+    pub fn kv_tiers(&self) -> Option<Arc<KvTiers>> {
+        self.opts.instance.kv.clone()
     }
 
     pub async fn status(&self) -> Result<PoolStatus, PoolError> {
@@ -153,12 +174,23 @@ impl PoolHandle {
         }
     }
 
-    /// Stops the pool and frees every context.
+    /// Stops the pool and frees every context. What the slots and the
+    /// memory tier hold is written to the disk tier (when there is one), so
+    /// that a restart resumes every conversation warm.
     pub async fn shutdown(&self) {
         self.stop_accepting().await;
         let _ = self.addr.send(Stop).await;
+        if let Some(tiers) = self.kv_tiers() {
+            let saved = tokio::task::spawn_blocking(move || tiers.persist(PERSIST_WAIT)).await.unwrap_or(0);
+            if saved > 0 {
+                tracing::info!(caches = saved, "KV caches written to disk for the next start");
+            }
+        }
     }
 }
+
+/// How long shutdown waits for the instances' loops to hand their slots over.
+const PERSIST_WAIT: Duration = Duration::from_secs(10);
 
 /// A place in the pool's queue, given up when dropped while still waiting.
 struct QueuePlace<'a> {

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use crate::engine::step_loop::{Command, LoopSender};
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
-use crate::engine::{InstanceInfo, SeqSink};
+use crate::engine::{CacheKey, InstanceInfo, SeqSink};
 use crate::error::EngineError;
 use crate::params::GenerateRequest;
 
@@ -21,6 +21,8 @@ use crate::params::GenerateRequest;
 pub struct Generate {
     pub slot: usize,
     pub request: GenerateRequest,
+    /// Whose cache the prompt may reuse.
+    pub key: CacheKey,
     /// When the request arrived at the instance (its timings start here).
     pub started: Instant,
     pub sink: SeqSink,
@@ -90,6 +92,7 @@ impl Handler<Generate> for ModelActor {
         self.commands.send(Command::Start {
             slot: msg.slot,
             request: msg.request,
+            key: msg.key,
             started: msg.started,
             sink: msg.sink,
         });

@@ -10,7 +10,7 @@ use actix::Addr;
 use futures::Stream;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::engine::SeqEvent;
+use crate::engine::{CacheKey, SeqEvent};
 use crate::error::{EngineError, PoolError};
 use crate::params::{Completion, GenerateRequest};
 use crate::pool::instance::{CancelSlot, Generate, ModelActor};
@@ -58,12 +58,19 @@ impl Lease {
     /// longer than `max_generation` is cancelled and answered with
     /// [`PoolError::GenerationTimeout`]; only an instance whose loop does not
     /// stop it within a grace period is replaced.
-    pub fn run(mut self, request: GenerateRequest, max_generation: Duration) -> GenerationStream {
+    pub fn run(self, request: GenerateRequest, max_generation: Duration) -> GenerationStream {
+        let key = CacheKey::of_messages("", &request.messages);
+        self.run_keyed(request, key, max_generation)
+    }
+
+    /// [`Self::run`] for the conversation `key`: the prompt may reuse that
+    /// conversation's parked cache and its namespace's slots, nothing else.
+    pub fn run_keyed(mut self, request: GenerateRequest, key: CacheKey, max_generation: Duration) -> GenerationStream {
         let (tx, rx) = unbounded_channel();
         let (sink, mut events) = unbounded_channel();
         let (instance, slot) = (self.instance, self.slot);
         let span = tracing::info_span!("generation", instance, slot, queue_wait_ms = self.waited.as_secs_f64() * 1e3);
-        self.addr.do_send(Generate { slot, request, started: Instant::now(), sink });
+        self.addr.do_send(Generate { slot, request, key, started: Instant::now(), sink });
         let waited_ms = self.waited.as_secs_f64() * 1e3;
         let task = async move {
             let deadline = tokio::time::sleep(max_generation);

@@ -130,7 +130,7 @@ async fn serve(
     let mut running: Vec<Option<Running>> = (0..props.slots).map(|_| None).collect();
     while let Some(command) = rx.recv().await {
         match command {
-            Command::Start { slot, request, started, sink } => {
+            Command::Start { slot, request, started, sink, .. } => {
                 if slot >= running.len() {
                     let _ = sink.send(SeqEvent::Done(Err(EngineError::Remote(format!(
                         "slot {slot} is out of range ({} slots)",

@@ -1,0 +1,562 @@
+//! Where a conversation's KV cache waits while it is not in a slot: a
+//! host-memory tier with a byte budget for the whole process (shared by every
+//! local instance, least recently used out first), and below it a disk tier
+//! under the data directory that survives restarts. Entries are kept by
+//! [`CacheKey`] (a namespace and a conversation), one per conversation: a
+//! request can only ever be given the cache of its own conversation, and the
+//! batcher still keeps only the part whose tokens the new prompt starts with.
+
+mod disk;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::token::LlamaToken;
+use serde::Serialize;
+
+use crate::params::ChatMessage;
+pub use disk::{DiskStatus, Fingerprint};
+
+/// Whose cache an entry is: a namespace and a conversation, both hashed.
+/// Requests of one namespace never see another namespace's caches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CacheKey {
+    pub namespace: u64,
+    pub conversation: u64,
+}
+
+/// A stable 64-bit hash for keys and routing: FNV-1a of `bytes`.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
+impl CacheKey {
+    /// The key of `conversation` (an id, a header value, a user name) in `namespace` ("" for none).
+    pub fn new(namespace: &str, conversation: &[u8]) -> Self {
+        Self {
+            namespace: if namespace.is_empty() { 0 } else { fnv1a(namespace.as_bytes()) },
+            conversation: fnv1a(conversation),
+        }
+    }
+
+    /// A request that names no conversation: its opening (the messages up
+    /// to and including the first user message: the system prompt and the
+    /// first question stay the same for a whole conversation) stands for it.
+    pub fn of_messages(namespace: &str, messages: &[ChatMessage]) -> Self {
+        let opening =
+            messages.iter().position(|m| m.role == crate::params::Role::User).map_or(messages.len(), |i| i + 1);
+        let mut bytes = Vec::new();
+        for m in &messages[..opening] {
+            bytes.extend_from_slice(m.role.as_str().as_bytes());
+            bytes.push(0);
+            bytes.extend_from_slice(m.content.as_bytes());
+            bytes.push(0);
+        }
+        Self::new(namespace, &bytes)
+    }
+
+    /// The pool's routing key: prefer the slot that served this key last.
+    pub fn affinity(&self) -> u64 {
+        self.conversation ^ self.namespace.rotate_left(32)
+    }
+}
+
+/// Where a restored cache came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Another slot of the same instance held the prefix (copied).
+    Slot,
+    Memory,
+    Disk,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Slot, Tier::Memory, Tier::Disk];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Slot => "slot",
+            Tier::Memory => "memory",
+            Tier::Disk => "disk",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The tiers' settings.
+#[derive(Clone, Debug)]
+pub struct KvTierOptions {
+    /// Host memory all parked caches may take, in bytes (0: no memory tier).
+    pub ram_bytes: u64,
+    /// Disk the cache files may take, in bytes (0: no disk tier).
+    pub disk_bytes: u64,
+    /// The disk tier's directory (`<data_dir>/kv`); none: no disk tier.
+    pub dir: Option<PathBuf>,
+}
+
+impl KvTierOptions {
+    /// Memory only, with `ram_bytes` (library users and tests that set nothing).
+    pub fn memory(ram_bytes: u64) -> Self {
+        Self { ram_bytes, disk_bytes: 0, dir: None }
+    }
+}
+
+/// The default memory budget: an eighth of the machine's memory (or of the
+/// cgroup's limit, where lower), at most 8 GiB (llama-server's `--cache-ram`
+/// default), at least 256 MiB.
+pub fn default_ram_bytes() -> u64 {
+    let total = physical_memory().unwrap_or(8 << 30);
+    (total / 8).clamp(256 << 20, 8 << 30)
+}
+
+fn physical_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|s| s.trim().parse::<u64>().ok());
+    Some(limit.map_or(kb * 1024, |l| l.min(kb * 1024)))
+}
+
+/// A parked cache: the tokens its KV state holds and the state itself
+/// (llama.cpp's sequence state format).
+pub struct Parked {
+    pub tokens: Vec<LlamaToken>,
+    pub state: Vec<u8>,
+    /// Where it was found.
+    pub tier: Tier,
+}
+
+struct MemEntry {
+    tokens: Vec<LlamaToken>,
+    state: Vec<u8>,
+    last_used: u64,
+    /// Read back from disk (a restore from it counts as a disk restore).
+    from_disk: bool,
+}
+
+#[derive(Default)]
+struct MemTier {
+    entries: HashMap<CacheKey, MemEntry>,
+    bytes: u64,
+    clock: u64,
+    /// Conversations deleted while their caches may still sit in a slot.
+    deleted: std::collections::HashSet<u64>,
+}
+
+/// Deleted conversations remembered (ids are never reused; the set is only
+/// a guard against a slot parking a conversation deleted moments before).
+const MAX_DELETED: usize = 65_536;
+
+/// Counters by tier.
+#[derive(Default)]
+struct Counters {
+    restores: [AtomicU64; 3],
+    restored_tokens: [AtomicU64; 3],
+    evictions: [AtomicU64; 3],
+    misses: AtomicU64,
+    decoded_tokens: AtomicU64,
+    parks: AtomicU64,
+}
+
+/// What `/pool` and `/metrics` show of the tiers.
+#[derive(Clone, Debug, Serialize)]
+pub struct KvStatus {
+    /// KV bytes one token takes (all layers, K and V), measured from parked caches.
+    pub bytes_per_token: u64,
+    pub memory: MemoryStatus,
+    pub disk: DiskStatus,
+    /// Restores by tier (slot: copied from another slot; memory; disk).
+    pub restores: TierCounts,
+    /// Prompt tokens served from each tier.
+    pub restored_tokens: TierCounts,
+    /// Prompt tokens decoded (not served from any cache).
+    pub decoded_tokens: u64,
+    /// Caches that left a tier for lack of room (memory: to disk or gone; disk: deleted).
+    pub evictions: TierCounts,
+    /// Requests that found no cache of their conversation anywhere.
+    pub misses: u64,
+    /// Caches moved out of a slot to make room for another conversation.
+    pub parks: u64,
+    /// Time one park or restore took (the copy), in seconds.
+    pub copy_seconds: CopyTimes,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TierCounts {
+    pub slot: u64,
+    pub memory: u64,
+    pub disk: u64,
+}
+
+impl TierCounts {
+    fn read(a: &[AtomicU64; 3]) -> Self {
+        Self { slot: a[0].load(Relaxed), memory: a[1].load(Relaxed), disk: a[2].load(Relaxed) }
+    }
+
+    pub fn get(&self, tier: Tier) -> u64 {
+        match tier {
+            Tier::Slot => self.slot,
+            Tier::Memory => self.memory,
+            Tier::Disk => self.disk,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryStatus {
+    pub entries: usize,
+    pub bytes: u64,
+    pub budget_bytes: u64,
+    pub hits: u64,
+}
+
+/// Park and restore durations: a histogram's buckets (upper bounds in
+/// seconds, cumulative counts), its sum and count, by operation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CopyTimes {
+    pub bounds: Vec<f64>,
+    pub park: Histo,
+    pub restore: Histo,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Histo {
+    pub buckets: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+const COPY_BOUNDS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [u64; COPY_BOUNDS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (i, b) in COPY_BOUNDS.iter().enumerate() {
+            if seconds <= *b {
+                self.buckets[i] += 1;
+            }
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    fn snapshot(&self) -> Histo {
+        Histo { buckets: self.buckets.to_vec(), sum: self.sum, count: self.count }
+    }
+}
+
+/// The process's KV tiers, shared by every local instance.
+pub struct KvTiers {
+    ram_budget: u64,
+    mem: Mutex<MemTier>,
+    disk: Option<disk::DiskTier>,
+    counters: Counters,
+    times: Mutex<(Histogram, Histogram)>,
+    bytes_per_token: AtomicU64,
+    /// Instances whose step loops run: shutdown waits for them to park their slots.
+    live: Mutex<usize>,
+    live_changed: Condvar,
+}
+
+impl std::fmt::Debug for KvTiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvTiers").field("ram_budget", &self.ram_budget).field("disk", &self.disk.is_some()).finish()
+    }
+}
+
+impl KvTiers {
+    /// Opens the tiers: the disk tier's directory is created and scanned
+    /// (files of another model or format, and unfinished writes, are removed).
+    pub fn open(opts: &KvTierOptions, fingerprint: Fingerprint) -> Arc<Self> {
+        let disk = match &opts.dir {
+            Some(dir) if opts.disk_bytes > 0 => Some(disk::DiskTier::open(dir.clone(), opts.disk_bytes, fingerprint)),
+            _ => None,
+        };
+        Arc::new(Self {
+            ram_budget: opts.ram_bytes,
+            mem: Mutex::new(MemTier::default()),
+            disk,
+            counters: Counters::default(),
+            times: Mutex::new((Histogram::default(), Histogram::default())),
+            bytes_per_token: AtomicU64::new(0),
+            live: Mutex::new(0),
+            live_changed: Condvar::new(),
+        })
+    }
+
+    /// Memory only.
+    pub fn memory_only(ram_bytes: u64) -> Arc<Self> {
+        Self::open(&KvTierOptions::memory(ram_bytes), Fingerprint::default())
+    }
+
+    fn mem(&self) -> std::sync::MutexGuard<'_, MemTier> {
+        self.mem.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn ram_budget(&self) -> u64 {
+        self.ram_budget
+    }
+
+    /// Notes the KV bytes per token seen in a state (for status and budgets).
+    pub fn note_bytes_per_token(&self, bytes: u64) {
+        if bytes > 0 {
+            self.bytes_per_token.store(bytes, Relaxed);
+        }
+    }
+
+    /// Keeps `key`'s cache in memory (replacing an older one of the same
+    /// key); what no longer fits goes to disk, least recently used first.
+    pub fn park(&self, key: CacheKey, tokens: Vec<LlamaToken>, state: Vec<u8>, took: Duration) {
+        if tokens.is_empty() {
+            return;
+        }
+        self.counters.parks.fetch_add(1, Relaxed);
+        self.times.lock().unwrap_or_else(|e| e.into_inner()).0.observe(took.as_secs_f64());
+        let size = state.len() as u64;
+        if self.mem().deleted.contains(&key.conversation) {
+            return;
+        }
+        if size > self.ram_budget {
+            // Too big for memory (or no memory tier): straight to disk.
+            if let Some(d) = &self.disk {
+                d.write(key, tokens, state);
+            }
+            return;
+        }
+        let mut evicted = Vec::new();
+        {
+            let mut mem = self.mem();
+            if mem.deleted.contains(&key.conversation) {
+                return;
+            }
+            mem.clock += 1;
+            let last_used = mem.clock;
+            if let Some(old) = mem.entries.insert(key, MemEntry { tokens, state, last_used, from_disk: false }) {
+                mem.bytes -= old.state.len() as u64;
+            }
+            mem.bytes += size;
+            while mem.bytes > self.ram_budget {
+                let Some(oldest) = mem.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| *k) else { break };
+                let e = mem.entries.remove(&oldest).expect("present");
+                mem.bytes -= e.state.len() as u64;
+                evicted.push((oldest, e));
+            }
+        }
+        for (k, e) in evicted {
+            self.counters.evictions[Tier::Memory.index()].fetch_add(1, Relaxed);
+            if let Some(d) = &self.disk {
+                // A cache read back from disk and never changed is there already.
+                if !e.from_disk {
+                    d.write(k, e.tokens, e.state);
+                }
+            }
+        }
+    }
+
+    /// The tokens `key`'s parked cache holds, from memory, else (read into
+    /// memory first) from disk. Reading a file blocks: callers on a step
+    /// loop find it in memory when [`Self::prefetch`] ran before.
+    pub fn tokens_of(&self, key: CacheKey) -> Option<Vec<LlamaToken>> {
+        if let Some(e) = self.mem().entries.get(&key) {
+            return Some(e.tokens.clone());
+        }
+        if self.prefetch(key) {
+            return self.mem().entries.get(&key).map(|e| e.tokens.clone());
+        }
+        None
+    }
+
+    /// Reads `key`'s file (if any, and valid) into the memory tier, so that
+    /// the step loop only copies from memory. Returns whether it is in memory.
+    pub fn prefetch(&self, key: CacheKey) -> bool {
+        if self.mem().entries.contains_key(&key) {
+            return true;
+        }
+        let Some(d) = &self.disk else { return false };
+        let Some((tokens, state)) = d.read(key) else { return false };
+        let size = state.len() as u64;
+        if size > self.ram_budget {
+            // No room in memory: it is taken straight from the file next time.
+            return false;
+        }
+        let mut mem = self.mem();
+        mem.clock += 1;
+        let last_used = mem.clock;
+        if mem.entries.contains_key(&key) {
+            return true;
+        }
+        mem.entries.insert(key, MemEntry { tokens, state, last_used, from_disk: true });
+        mem.bytes += size;
+        let mut over = Vec::new();
+        while mem.bytes > self.ram_budget {
+            let Some(oldest) =
+                mem.entries.iter().filter(|(k, _)| **k != key).min_by_key(|(_, e)| e.last_used).map(|(k, _)| *k)
+            else {
+                break;
+            };
+            let e = mem.entries.remove(&oldest).expect("present");
+            mem.bytes -= e.state.len() as u64;
+            over.push((oldest, e));
+        }
+        drop(mem);
+        for (k, e) in over {
+            self.counters.evictions[Tier::Memory.index()].fetch_add(1, Relaxed);
+            if let (Some(d), false) = (&self.disk, e.from_disk) {
+                d.write(k, e.tokens, e.state);
+            }
+        }
+        true
+    }
+
+    /// Takes `key`'s parked cache out of memory (it goes into a slot).
+    pub fn take(&self, key: CacheKey) -> Option<Parked> {
+        let mut mem = self.mem();
+        let e = mem.entries.remove(&key)?;
+        mem.bytes -= e.state.len() as u64;
+        let tier = if e.from_disk { Tier::Disk } else { Tier::Memory };
+        Some(Parked { tokens: e.tokens, state: e.state, tier })
+    }
+
+    /// Forgets a deleted conversation's cache everywhere (in whatever
+    /// namespace), and parks nothing of it again.
+    pub fn forget_conversation(&self, conversation: u64) {
+        let keys: Vec<CacheKey> = {
+            let mut mem = self.mem();
+            let keys: Vec<CacheKey> = mem.entries.keys().filter(|k| k.conversation == conversation).copied().collect();
+            for k in &keys {
+                let e = mem.entries.remove(k).expect("present");
+                mem.bytes -= e.state.len() as u64;
+            }
+            if mem.deleted.len() >= MAX_DELETED {
+                mem.deleted.clear();
+            }
+            mem.deleted.insert(conversation);
+            keys
+        };
+        drop(keys);
+        if let Some(d) = &self.disk {
+            d.remove_conversation(conversation);
+        }
+    }
+
+    /// Counts a request's prompt: `cached` tokens from `tier` (none: a
+    /// miss), `decoded` read from the prompt; `took` the restore's copy.
+    pub fn record(&self, tier: Option<Tier>, cached: u64, decoded: u64, took: Option<Duration>) {
+        match tier {
+            Some(t) => {
+                self.counters.restores[t.index()].fetch_add(1, Relaxed);
+                self.counters.restored_tokens[t.index()].fetch_add(cached, Relaxed);
+            }
+            None => {
+                self.counters.misses.fetch_add(1, Relaxed);
+            }
+        }
+        self.counters.decoded_tokens.fetch_add(decoded, Relaxed);
+        if let Some(took) = took {
+            self.times.lock().unwrap_or_else(|e| e.into_inner()).1.observe(took.as_secs_f64());
+        }
+    }
+
+    /// An instance's step loop starts (shutdown waits for it to park its slots).
+    pub fn instance_started(&self) {
+        *self.live.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    /// An instance's step loop has ended, its slots parked.
+    pub fn instance_closed(&self) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        *live = live.saturating_sub(1);
+        self.live_changed.notify_all();
+    }
+
+    /// At shutdown: waits (at most `wait`) for the instances to park their
+    /// slots, then writes every cache still in memory to disk and waits for
+    /// the writes. Returns the number of caches written.
+    pub fn persist(&self, wait: Duration) -> usize {
+        let deadline = Instant::now() + wait;
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        while *live > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(instances = *live, "shutdown: instances still decoding; their slots are not saved");
+                break;
+            }
+            live = self.live_changed.wait_timeout(live, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        drop(live);
+        let Some(d) = &self.disk else { return 0 };
+        let entries: Vec<(CacheKey, MemEntry)> = {
+            let mut mem = self.mem();
+            mem.bytes = 0;
+            mem.entries.drain().collect()
+        };
+        let mut n = 0;
+        for (k, e) in entries {
+            if !e.from_disk {
+                d.write(k, e.tokens, e.state);
+                n += 1;
+            }
+        }
+        d.flush();
+        n
+    }
+
+    /// Waits until the disk writes queued so far are done (tests, shutdown).
+    pub fn flush(&self) {
+        if let Some(d) = &self.disk {
+            d.flush();
+        }
+    }
+
+    pub fn status(&self) -> KvStatus {
+        let (entries, bytes) = {
+            let mem = self.mem();
+            (mem.entries.len(), mem.bytes)
+        };
+        let c = &self.counters;
+        let times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        KvStatus {
+            bytes_per_token: self.bytes_per_token.load(Relaxed),
+            memory: MemoryStatus {
+                entries,
+                bytes,
+                budget_bytes: self.ram_budget,
+                hits: c.restores[Tier::Memory.index()].load(Relaxed),
+            },
+            disk: match &self.disk {
+                Some(d) => d.status(c.restores[Tier::Disk.index()].load(Relaxed)),
+                None => DiskStatus::off(),
+            },
+            restores: TierCounts::read(&c.restores),
+            restored_tokens: TierCounts::read(&c.restored_tokens),
+            decoded_tokens: c.decoded_tokens.load(Relaxed),
+            evictions: {
+                let mut t = TierCounts::read(&c.evictions);
+                t.disk = self.disk.as_ref().map_or(0, |d| d.evictions());
+                t
+            },
+            misses: c.misses.load(Relaxed),
+            parks: c.parks.load(Relaxed),
+            copy_seconds: CopyTimes {
+                bounds: COPY_BOUNDS.to_vec(),
+                park: times.0.snapshot(),
+                restore: times.1.snapshot(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
