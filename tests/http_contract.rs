@@ -111,7 +111,7 @@ async fn completions_answer_with_the_served_model_and_honour_penalties() {
         ("frequency_penalty", json!(2.5), "between -2 and 2"),
         ("presence_penalty", json!(-3), "between -2 and 2"),
         ("min_p", json!(1.5), "between 0 and 1"),
-        ("top_k", json!(-1), "0 (off) or positive"),
+        ("top_k", json!(-1), "between 0 (off) and the vocabulary size"),
         ("repeat_penalty", json!(0), "greater than 0"),
     ] {
         let (status, r) = post(&server, "/v1/chat/completions", ask(json!({ field: value }))).await;

@@ -190,6 +190,76 @@ async fn hostile_requests_get_json_errors_never_a_5xx_and_the_server_stays_healt
     assert!(log.contains("INFO") && !log.contains('\u{1b}'), "coloured or empty log:\n{log}");
 }
 
+/// Makes the request that carries a value: its path, and its body (none: a GET).
+type Carrier = Box<dyn Fn(i64) -> (String, Option<Value>)>;
+
+/// Every whole-number field a client can send, on every route, with the
+/// request that carries it: (route, field, carrier).
+fn numeric_fields() -> Vec<(&'static str, &'static str, Carrier)> {
+    let v1 = |field: &'static str| -> Carrier {
+        Box::new(move |n| {
+            let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+            body[field] = json!(n);
+            ("/v1/chat/completions".to_string(), Some(body))
+        })
+    };
+    let chat = |field: &'static str| -> Carrier {
+        Box::new(move |n| {
+            let mut body = json!({"message": "Hi", "max_tokens": 4});
+            body[field] = json!(n);
+            ("/chat".to_string(), Some(body))
+        })
+    };
+    let mut fields: Vec<(&'static str, &'static str, Carrier)> = Vec::new();
+    for f in ["max_tokens", "max_completion_tokens", "top_k", "repeat_last_n", "n", "top_logprobs", "seed"] {
+        fields.push(("/v1/chat/completions", f, v1(f)));
+    }
+    for f in ["max_tokens", "top_k", "seed"] {
+        fields.push(("/chat", f, chat(f)));
+    }
+    fields.push((
+        "/v1/embeddings",
+        "dimensions",
+        Box::new(|n| ("/v1/embeddings".into(), Some(json!({"input": "hi", "dimensions": n})))),
+    ));
+    fields.push(("/conversations", "limit", Box::new(|n| (format!("/conversations?limit={n}"), None))));
+    fields
+}
+
+#[actix::test]
+async fn every_numeric_field_at_the_ends_of_i32_is_a_400_naming_it_and_memory_does_not_move() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    // One ordinary turn first: buffers the later requests could reuse are there.
+    let warm = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    assert_eq!(http().post(server.url("/v1/chat/completions")).json(&warm).send().await.unwrap().status(), 200);
+    let rss_before = server.rss_kib();
+    for (route, field, make) in numeric_fields() {
+        for n in [i32::MAX as i64, i32::MIN as i64] {
+            // 2^31-1 is a valid seed (seeds are 32-bit); -2^31 is not.
+            if field == "seed" && n == i32::MAX as i64 {
+                continue;
+            }
+            let (path, body) = make(n);
+            let req = match body {
+                Some(b) => http().post(server.url(&path)).json(&b),
+                None => http().get(server.url(&path)),
+            };
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            let v: Value = res.json().await.unwrap_or(Value::Null);
+            assert_eq!(status, 400, "{route} {field}={n}: {status} {v}");
+            let message = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains(field) && message.contains(&n.to_string()),
+                "{route} {field}={n}: the message names neither the field nor the value: {v}"
+            );
+        }
+    }
+    let grew_kib = server.rss_kib().saturating_sub(rss_before);
+    assert!(grew_kib < 16 * 1024, "RSS grew by {grew_kib} KiB on refused requests");
+    assert_eq!(http().get(server.url("/health")).send().await.unwrap().status(), 200);
+}
+
 #[actix::test]
 async fn eight_times_more_clients_than_instances_get_only_200_503_504_with_flat_memory() {
     let server =

@@ -60,7 +60,8 @@ pub struct SamplingParams {
     pub seed: Option<u32>,
     /// Penalty for repeating recent tokens; 1.0 disables.
     pub repeat_penalty: f32,
-    /// How many recent tokens the repeat, frequency and presence penalties look at.
+    /// How many recent tokens the repeat, frequency and presence penalties
+    /// look at; -1: the whole context (as llama-server). At most n_ctx.
     pub repeat_last_n: i32,
     /// OpenAI's frequency penalty: subtracted per earlier occurrence; 0 disables.
     pub frequency_penalty: f32,
@@ -110,14 +111,18 @@ impl SamplingParams {
         if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", "must be greater than 0 and at most 1", self.top_p.to_string());
         }
-        if self.top_k < 0 {
-            return bad("top_k", "must be 0 (off) or positive", self.top_k.to_string());
+        if !(0..=MAX_TOP_K).contains(&self.top_k) {
+            return bad("top_k", "must be between 0 (off) and 1048576", self.top_k.to_string());
         }
         if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
             return bad("repeat_penalty", "must be greater than 0", self.repeat_penalty.to_string());
         }
-        if self.repeat_last_n < 0 {
-            return bad("repeat_last_n", "must be 0 or positive", self.repeat_last_n.to_string());
+        if !(-1..=MAX_PENALTY_WINDOW).contains(&self.repeat_last_n) {
+            return bad(
+                "repeat_last_n",
+                "must be -1 (the whole context) or between 0 and 1048576",
+                self.repeat_last_n.to_string(),
+            );
         }
         for (field, v) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
             if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
@@ -135,7 +140,42 @@ impl SamplingParams {
         }
         Ok(())
     }
+
+    /// [`Self::validate`], then the rules that depend on the model and the
+    /// context: the penalty window within the sequence's `n_ctx` tokens (the
+    /// penalties sampler allocates a ring of that many tokens), `top_k`
+    /// within the vocabulary. (`max_tokens` is checked with the prompt: [`crate::engine::sampling::check_fits`].)
+    pub fn validate_for(&self, n_ctx: u32, n_vocab: Option<u32>) -> Result<(), EngineError> {
+        self.validate()?;
+        let bad = |field: &'static str, rule: &'static str, value: String| {
+            Err(EngineError::InvalidParam { field, rule, value })
+        };
+        if self.repeat_last_n > n_ctx as i32 {
+            return bad(
+                "repeat_last_n",
+                "must be at most the context size n_ctx (-1 means all of it)",
+                format!("{} (n_ctx {n_ctx})", self.repeat_last_n),
+            );
+        }
+        if let Some(v) = n_vocab.filter(|v| self.top_k as i64 > *v as i64) {
+            return bad("top_k", "must be at most the vocabulary size", format!("{} (vocabulary {v})", self.top_k));
+        }
+        Ok(())
+    }
+
+    /// The penalty window in tokens for a sequence of `n_ctx` tokens.
+    pub fn penalty_window(&self, n_ctx: u32) -> i32 {
+        match self.repeat_last_n {
+            -1 => n_ctx as i32,
+            n => n.clamp(0, n_ctx as i32),
+        }
+    }
 }
+
+/// Largest `top_k` accepted before the model is known (no vocabulary is larger).
+pub const MAX_TOP_K: i32 = 1 << 20;
+/// Largest penalty window accepted before the context is known.
+pub const MAX_PENALTY_WINDOW: i32 = 1 << 20;
 
 /// One generation request: the conversation so far and how to sample.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

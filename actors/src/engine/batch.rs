@@ -201,7 +201,7 @@ impl<'m> Batcher<'m> {
         started: Instant,
         sink: SeqSink,
     ) -> Result<Running, EngineError> {
-        request.sampling.validate()?;
+        request.sampling.validate_for(self.seq_ctx, u32::try_from(self.model.n_vocab()).ok())?;
         let prompt = tokenize_chat(self.model, &self.template, &request.messages)?;
         if prompt.is_empty() {
             return Err(EngineError::InvalidParam {
@@ -276,7 +276,7 @@ impl<'m> Batcher<'m> {
         self.tiers.record(tier, keep as u64, (prompt.len() - keep) as u64, restored.map(|(_, took)| took));
         Ok(Running {
             sink,
-            sampler: build_sampler(self.model, &request.sampling),
+            sampler: build_sampler(self.model, &request.sampling, self.seq_ctx),
             text: TextStream::new(&request.sampling.stop),
             generated: 0,
             max_tokens: request.sampling.max_tokens,

@@ -8,13 +8,15 @@ use crate::error::EngineError;
 use crate::params::SamplingParams;
 
 /// Builds the sampler chain; temperature 0 is greedy.
-pub fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
+pub fn build_sampler(model: &LlamaModel, p: &SamplingParams, n_ctx: u32) -> LlamaSampler {
     let mut chain = Vec::new();
     let penalised = p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
-    if penalised && p.repeat_last_n > 0 {
+    // The penalties sampler allocates a ring of this many tokens: never more than the sequence holds.
+    let window = p.penalty_window(n_ctx);
+    if penalised && window > 0 {
         chain.push(LlamaSampler::penalties(
             model.n_vocab(),
-            p.repeat_last_n,
+            window,
             p.repeat_penalty,
             p.frequency_penalty,
             p.presence_penalty,

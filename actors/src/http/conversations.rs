@@ -15,7 +15,7 @@ use crate::params::Role;
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     pub after: Option<u64>,
-    pub limit: Option<usize>,
+    pub limit: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -40,6 +40,7 @@ async fn get_conversation(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad("limit", format!("invalid limit: must be between 1 and 1000, got {limit}")));
     }
+    let limit = limit as usize;
     let conv = visible_conversation(&state, &auth, id).await?;
     let messages = chat.history(&id, q.after, limit + 1).await?;
     let more = messages.len() > limit;
@@ -71,7 +72,7 @@ async fn delete_conversation(
 pub struct ListQuery {
     /// The `next_before` of the previous page.
     pub before: Option<String>,
-    pub limit: Option<usize>,
+    pub limit: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -115,6 +116,7 @@ async fn list_conversations(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::bad("limit", format!("invalid limit: must be between 1 and 100, got {limit}")));
     }
+    let limit = limit as usize;
     let before = q.before.as_deref().map(parse_cursor).transpose()?;
     let mut all: Vec<_> = chat.conversations().await?.into_iter().filter(|c| auth.may_see(&c.namespace)).collect();
     all.sort_by_key(|c| std::cmp::Reverse((c.created_at_ms, c.id)));

@@ -29,7 +29,7 @@ pub struct EmbeddingRequest {
     pub input: Value,
     pub model: Option<String>,
     pub encoding_format: Option<String>,
-    pub dimensions: Option<u64>,
+    pub dimensions: Option<i64>,
     #[serde(flatten)]
     pub _other: HashMap<String, Value>,
 }
@@ -104,7 +104,7 @@ async fn embeddings_inner(state: &ApiState, req: EmbeddingRequest) -> Result<Htt
     let embedder = chat.embedder();
     check_model(req.model.as_deref(), embedder.model_name())?;
     let enc = encoding(req.encoding_format.as_deref())?;
-    if let Some(d) = req.dimensions.filter(|d| *d as usize != embedder.dim()) {
+    if let Some(d) = req.dimensions.filter(|d| *d != embedder.dim() as i64) {
         return Err(ApiError::bad(
             "dimensions",
             format!("invalid dimensions: this model has exactly {} dimensions, got {d}", embedder.dim()),

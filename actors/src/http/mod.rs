@@ -65,16 +65,29 @@ impl Default for ApiSettings {
 /// Sampling fields a request may set; the rest are the configured defaults.
 #[derive(Default)]
 pub(crate) struct SamplingOverrides {
-    pub max_tokens: Option<u32>,
+    // Whole numbers arrive as i64 so that any value a client sends is
+    // checked against its bounds here, with an error naming the field.
+    pub max_tokens: Option<i64>,
+    /// What the client called `max_tokens` (OpenAI's `max_completion_tokens`), for errors.
+    pub max_tokens_field: Option<&'static str>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
-    pub seed: Option<u32>,
-    pub top_k: Option<i32>,
+    pub seed: Option<i64>,
+    pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub repeat_penalty: Option<f32>,
-    pub repeat_last_n: Option<i32>,
+    pub repeat_last_n: Option<i64>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+}
+
+/// A whole number a client sent for `field`, within `lo..=hi`: checked
+/// before anything is sized by it; the error names the field, the rule and the value.
+pub(crate) fn bounded(field: &'static str, n: i64, lo: i64, hi: i64, rule: &str) -> Result<i64, ApiError> {
+    if (lo..=hi).contains(&n) {
+        return Ok(n);
+    }
+    Err(ApiError::bad(field, format!("invalid {field}: must be {rule}, got {n}")))
 }
 
 /// What the routes share.
@@ -121,24 +134,36 @@ impl ApiState {
     pub(crate) fn sampling(&self, o: SamplingOverrides) -> Result<SamplingParams, ApiError> {
         let chat = self.chat()?;
         let mut s = chat.options().sampling.clone();
-        s.max_tokens = o.max_tokens.unwrap_or(s.max_tokens);
+        let n_ctx = chat.pool().options().instance.n_ctx;
+        if let Some(n) = o.max_tokens {
+            let field = o.max_tokens_field.unwrap_or("max_tokens");
+            let rule = format!("at least 1 and less than the context size n_ctx={n_ctx}");
+            s.max_tokens = bounded(field, n, 1, n_ctx as i64 - 1, &rule)? as u32;
+        }
         s.temperature = o.temperature.unwrap_or(s.temperature);
         s.top_p = o.top_p.unwrap_or(s.top_p);
-        s.seed = o.seed.or(s.seed);
-        s.top_k = o.top_k.unwrap_or(s.top_k);
+        // -1, as in llama-server: a fresh seed for this request.
+        match o.seed {
+            Some(-1) => s.seed = None,
+            Some(n) => {
+                s.seed = Some(bounded("seed", n, 0, u32::MAX as i64, "-1 (random) or between 0 and 4294967295")? as u32)
+            }
+            None => {}
+        }
+        let vocab = chat.pool().engine().n_vocab().map_or(crate::params::MAX_TOP_K as i64, i64::from);
+        if let Some(n) = o.top_k {
+            s.top_k =
+                bounded("top_k", n, 0, vocab, &format!("between 0 (off) and the vocabulary size {vocab}"))? as i32;
+        }
+        if let Some(n) = o.repeat_last_n {
+            let rule = format!("-1 (the whole context) or between 0 and the context size n_ctx={n_ctx}");
+            s.repeat_last_n = bounded("repeat_last_n", n, -1, n_ctx as i64, &rule)? as i32;
+        }
         s.min_p = o.min_p.unwrap_or(s.min_p);
         s.repeat_penalty = o.repeat_penalty.unwrap_or(s.repeat_penalty);
-        s.repeat_last_n = o.repeat_last_n.unwrap_or(s.repeat_last_n);
         s.frequency_penalty = o.frequency_penalty.unwrap_or(s.frequency_penalty);
         s.presence_penalty = o.presence_penalty.unwrap_or(s.presence_penalty);
-        s.validate()?;
-        let n_ctx = chat.pool().options().instance.n_ctx;
-        if s.max_tokens >= n_ctx {
-            return Err(ApiError::bad(
-                "max_tokens",
-                format!("invalid max_tokens: must be less than the context size n_ctx={n_ctx}, got {}", s.max_tokens),
-            ));
-        }
+        s.validate_for(n_ctx, chat.pool().engine().n_vocab())?;
         Ok(s)
     }
 

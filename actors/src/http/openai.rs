@@ -57,21 +57,21 @@ pub struct CompletionRequest {
     pub messages: Vec<Message>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
-    pub max_tokens: Option<u32>,
-    pub max_completion_tokens: Option<u32>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
     pub stop: Option<Stop>,
     pub seed: Option<i64>,
-    pub n: Option<u32>,
+    pub n: Option<i64>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
     /// llama.cpp extensions that llama-server users send.
-    pub top_k: Option<i32>,
+    pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub repeat_penalty: Option<f32>,
-    pub repeat_last_n: Option<i32>,
+    pub repeat_last_n: Option<i64>,
     /// Options that would change the answer in ways this server cannot honour
     /// are refused (`tools`, `logprobs`, `response_format` other than text,
     /// a non-empty `logit_bias`); the rest (`user`, `metadata`, `store`,
@@ -93,8 +93,8 @@ fn refuse_unsupported(other: &HashMap<String, Value>) -> Result<(), ApiError> {
             "tool_choice" | "function_call" if !v.is_null() && v != "none" && v != "auto" => {
                 return unsupported(field, v)
             }
-            "logprobs" if v.as_bool() == Some(true) => return unsupported(field, v),
-            "top_logprobs" if v.as_u64().is_some_and(|n| n > 0) => return unsupported(field, v),
+            "logprobs" if !v.is_null() && v.as_bool() != Some(false) => return unsupported(field, v),
+            "top_logprobs" if !v.is_null() && v.as_i64() != Some(0) => return unsupported(field, v),
             "logit_bias" if v.as_object().is_some_and(|o| !o.is_empty()) => return unsupported(field, v),
             "response_format" if v.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") => {
                 return unsupported(field, v)
@@ -174,17 +174,16 @@ fn to_request(state: &ApiState, req: CompletionRequest) -> Result<(GenerateReque
     if let Some(n) = req.n.filter(|n| *n != 1) {
         return Err(ApiError::bad("n", format!("invalid n: only 1 choice is supported, got {n}")));
     }
-    let seed = match req.seed {
-        Some(s) if !(0..=u32::MAX as i64).contains(&s) => {
-            return Err(ApiError::bad("seed", format!("invalid seed: must be between 0 and {}, got {s}", u32::MAX)))
-        }
-        s => s.map(|s| s as u32),
-    };
     let mut sampling = state.sampling(SamplingOverrides {
         max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        max_tokens_field: Some(if req.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        }),
         temperature: req.temperature,
         top_p: req.top_p,
-        seed,
+        seed: req.seed,
         top_k: req.top_k,
         min_p: req.min_p,
         repeat_penalty: req.repeat_penalty,
