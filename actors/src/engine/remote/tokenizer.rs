@@ -3,11 +3,10 @@
 //! template comes from a remote's `/props` and is rendered here; text is
 //! tokenized by that remote's `/tokenize`, template text with special
 //! tokens parsed and message content without, exactly as a local tokenizer
-//! does. Results are cached per text, so a conversation's earlier messages
-//! are not sent again. The HTTP calls run on a thread of their own; callers
+//! does. Results are cached per text (bounded in bytes; long texts are not
+//! kept), so a conversation's earlier messages are not sent again. The HTTP calls run on a thread of their own; callers
 //! wait for the answer (a round trip on a cache miss).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +20,11 @@ use crate::engine::{Engine, EngineInfo, InstanceBackend, InstanceOptions};
 use crate::error::EngineError;
 use crate::params::ChatMessage;
 
-/// Texts whose tokens are kept; the cache is emptied when it holds more.
-const CACHE_ENTRIES: usize = 16_384;
+/// Bytes of text and tokens the cache may hold; the least recently used go first.
+const CACHE_BYTES: usize = 32 << 20;
+/// Longer texts are not cached: a message this long is rarely sent twice,
+/// and one too long for the context would be refused after tokenizing.
+const CACHE_MAX_TEXT: usize = 16 << 10;
 /// Longest wait for one `/tokenize`.
 const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -50,7 +52,42 @@ pub struct RemoteTokenizer {
     n_vocab: Option<u32>,
     shown: String,
     jobs: mpsc::UnboundedSender<Job>,
-    cache: Mutex<HashMap<CacheKey, Arc<Vec<i32>>>>,
+    cache: Mutex<TokenCache>,
+}
+
+/// Tokens by text, bounded in bytes (text and tokens), least recently used out first.
+struct TokenCache {
+    entries: lru::LruCache<CacheKey, Arc<Vec<i32>>>,
+    bytes: usize,
+}
+
+impl TokenCache {
+    fn new() -> Self {
+        Self { entries: lru::LruCache::unbounded(), bytes: 0 }
+    }
+
+    fn cost(key: &CacheKey, tokens: &[i32]) -> usize {
+        key.0.len() + tokens.len() * 4 + 64
+    }
+
+    fn get(&mut self, key: &CacheKey) -> Option<Arc<Vec<i32>>> {
+        self.entries.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: CacheKey, tokens: Arc<Vec<i32>>) {
+        if key.0.len() > CACHE_MAX_TEXT {
+            return;
+        }
+        let cost = Self::cost(&key, &tokens);
+        if let Some(old) = self.entries.put(key.clone(), tokens) {
+            self.bytes -= Self::cost(&key, &old);
+        }
+        self.bytes += cost;
+        while self.bytes > CACHE_BYTES {
+            let Some((k, v)) = self.entries.pop_lru() else { break };
+            self.bytes -= Self::cost(&k, &v);
+        }
+    }
 }
 
 impl RemoteTokenizer {
@@ -96,7 +133,7 @@ impl RemoteTokenizer {
             n_vocab: meta.and_then(|m| m.n_vocab),
             shown,
             jobs,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(TokenCache::new()),
         }))
     }
 
@@ -118,11 +155,7 @@ impl RemoteTokenizer {
             .recv_timeout(TOKENIZE_TIMEOUT + Duration::from_secs(1))
             .map_err(|_| EngineError::Remote(format!("remote tokenizer {}: no answer", self.shown)))??;
         let tokens = Arc::new(tokens);
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
-        }
-        cache.insert(key, tokens.clone());
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, tokens.clone());
         Ok(tokens)
     }
 }
@@ -200,5 +233,26 @@ impl Engine for RemoteTokenizer {
 
     fn tokenizer(&self) -> (&'static str, String) {
         ("remote", format!("{}/tokenize", self.shown))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_cache_stays_within_its_bytes_and_never_keeps_long_texts() {
+        let mut cache = TokenCache::new();
+        let long = "x".repeat(CACHE_MAX_TEXT + 1);
+        cache.insert((long.clone(), false, false), Arc::new(vec![1; 10]));
+        assert!(cache.get(&(long, false, false)).is_none());
+        // 4,000 distinct 16 KiB texts would pin 64 MiB: the cache keeps 32.
+        for i in 0..4000 {
+            let text = format!("{i:05}{}", "y".repeat(CACHE_MAX_TEXT - 5));
+            cache.insert((text, false, false), Arc::new(vec![i; 100]));
+            assert!(cache.bytes <= CACHE_BYTES, "{} bytes after {i}", cache.bytes);
+        }
+        let newest = format!("{:05}{}", 3999, "y".repeat(CACHE_MAX_TEXT - 5));
+        assert!(cache.get(&(newest, false, false)).is_some(), "the most recent stays");
     }
 }
