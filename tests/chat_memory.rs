@@ -264,6 +264,10 @@ async fn bad_input_and_unknown_conversations_are_typed_errors(backing: Backing) 
     };
     let err = chat.send(msg).await.map(|_| ()).unwrap_err();
     assert!(err.to_string().contains("top_p"), "{err}");
+    // PostgreSQL cannot store U+0000: a client's mistake, refused alike on both stores before anything runs.
+    let err = chat.say(None, "before\u{0}after").await.unwrap_err();
+    assert_eq!(err.error_type(), "invalid_request", "{err}");
+    assert!(err.to_string().contains("message") && err.to_string().contains("U+0000"), "{err}");
     assert!(chat.conversations().await.unwrap().is_empty(), "rejected turns leave nothing behind");
     chat.shutdown().await.unwrap();
 }

@@ -46,6 +46,13 @@ impl ChatCore {
             if t.chars().count() > MAX_TITLE_CHARS {
                 return invalid("title", "is longer than 200 characters", format!("{} characters", t.chars().count()));
             }
+            if let Some(at) = t.chars().position(|c| c == '\0') {
+                return invalid(
+                    "title",
+                    "must not contain the character U+0000 (NUL)",
+                    format!("U+0000 at character {at}"),
+                );
+            }
         }
         for (i, m) in messages.iter().enumerate() {
             if m.role == Role::System {

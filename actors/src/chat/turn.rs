@@ -255,6 +255,14 @@ impl ChatCore {
                 value: format!("{chars} characters (limit {})", self.opts.max_message_chars),
             });
         }
+        // PostgreSQL's text cannot hold U+0000; sled could, but both stores take the same texts.
+        if let Some(at) = text.chars().position(|c| c == '\0') {
+            return Err(ChatError::InvalidInput {
+                field: "message",
+                rule: "must not contain the character U+0000 (NUL)",
+                value: format!("U+0000 at character {at}"),
+            });
+        }
         Ok(())
     }
 
