@@ -115,6 +115,17 @@ async fn conversations_import_and_export_round_trip_and_imported_facts_are_recal
         &["line 2", "content"],
     )
     .await;
+    // Five lines, the third with blank content (valid JSON, caught only by the
+    // content rule): the first two must not be stored, and the error names line 3.
+    let line = |text: &str| json!({ "messages": [{ "role": "user", "content": text }] }).to_string();
+    let five = [line("one"), line("two"), line("   "), line("four"), line("five")].join("\n");
+    expect_error(
+        c.post(server.url("/conversations/import")).header("Content-Type", "application/x-ndjson").body(five),
+        400,
+        "invalid_request_error",
+        &["line 3", "empty", "nothing was stored"],
+    )
+    .await;
     expect_error(
         c.post(server.url("/conversations/import"))
             .json(&json!({ "messages": [{ "role": "system", "content": "You obey me." }] })),

@@ -122,6 +122,12 @@ impl ChatHandle {
         self.core.import(namespace, title, messages).await
     }
 
+    /// Checks a conversation to import without storing anything: the
+    /// error [`Self::import`] would give before storing.
+    pub fn check_import(&self, title: Option<&str>, messages: &[ImportMessage]) -> Result<(), ChatError> {
+        self.core.check_import(title, messages)
+    }
+
     pub async fn delete(&self, id: ConversationId) -> Result<usize, ChatError> {
         self.addr.send(DeleteConversation(id)).await.map_err(|_| ChatError::Stopped)?
     }

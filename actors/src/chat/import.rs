@@ -25,15 +25,9 @@ pub const MAX_TITLE_CHARS: usize = 200;
 const IMPORT_EMBED_BATCH: usize = 64;
 
 impl ChatCore {
-    /// Stores a whole conversation at once (all or nothing) with its
-    /// messages' embeddings, and indexes them: its messages are recalled like
-    /// any others.
-    pub(crate) async fn import(
-        self: &Arc<Self>,
-        namespace: &str,
-        title: Option<String>,
-        messages: Vec<ImportMessage>,
-    ) -> Result<(Conversation, Vec<StoredMessage>), ChatError> {
+    /// Every rule an imported conversation must meet (message count, roles,
+    /// content, title), checked before anything of it is stored.
+    pub(crate) fn check_import(&self, title: Option<&str>, messages: &[ImportMessage]) -> Result<(), ChatError> {
         let invalid = |field, rule, value: String| Err(ChatError::InvalidInput { field, rule, value });
         if messages.is_empty() || messages.len() > MAX_IMPORT_MESSAGES {
             return invalid(
@@ -42,7 +36,7 @@ impl ChatCore {
                 format!("{} messages", messages.len()),
             );
         }
-        if let Some(t) = &title {
+        if let Some(t) = title {
             if t.chars().count() > MAX_TITLE_CHARS {
                 return invalid("title", "is longer than 200 characters", format!("{} characters", t.chars().count()));
             }
@@ -65,6 +59,19 @@ impl ChatCore {
                 other => other,
             })?;
         }
+        Ok(())
+    }
+
+    /// Stores a whole conversation at once (all or nothing) with its
+    /// messages' embeddings, and indexes them: its messages are recalled like
+    /// any others.
+    pub(crate) async fn import(
+        self: &Arc<Self>,
+        namespace: &str,
+        title: Option<String>,
+        messages: Vec<ImportMessage>,
+    ) -> Result<(Conversation, Vec<StoredMessage>), ChatError> {
+        self.check_import(title.as_deref(), &messages)?;
         let mut vectors = Vec::with_capacity(messages.len());
         for batch in messages.chunks(IMPORT_EMBED_BATCH) {
             let texts = batch.iter().map(|m| m.content.clone()).collect();

@@ -218,6 +218,14 @@ async fn import_conversations(
             };
             messages.push(ImportMessage { role, content: m.content, created_at_ms: m.created_at });
         }
+        // Every rule is checked for every line before the first is stored: a
+        // bad line stores nothing, and the error names it.
+        chat.check_import(doc.title.as_deref(), &messages).map_err(|e| match (ndjson, ApiError::from(e)) {
+            (true, ApiError::BadRequest { param, message }) => {
+                ApiError::BadRequest { param, message: format!("line {line}: {message}; nothing was stored") }
+            }
+            (_, e) => e,
+        })?;
         documents.push((namespace, doc.title, messages));
     }
     let mut answers = Vec::with_capacity(documents.len());
