@@ -59,6 +59,9 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// This replica's name (X-Modelpool-Node); empty: the host name.
     pub node: String,
+    /// Host names requests may carry in `Host` (besides the loopback names
+    /// when bound to loopback); ["*"]: any.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Chat memory settings.
@@ -530,6 +533,26 @@ impl Config {
             mib => (mib.max(0) as u64) << 20,
         };
         KvTierOptions { ram_bytes, disk_bytes: self.kv_disk_mib << 20, dir: Some(self.data_dir.join("kv")) }
+    }
+
+    /// The `Host` names the API answers for: `server.allowed_hosts` ("*":
+    /// any), plus the loopback names when the server listens on loopback;
+    /// a server on another address with none configured answers for any.
+    pub fn allowed_hosts(&self) -> Option<Vec<String>> {
+        let configured = &self.server.allowed_hosts;
+        if configured.iter().any(|h| h == "*") {
+            return None;
+        }
+        let ip = self.server.bind.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or("");
+        let loopback = ip == "localhost" || ip.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+        if !loopback && configured.is_empty() {
+            return None;
+        }
+        let mut hosts: Vec<String> = configured.clone();
+        if loopback {
+            hosts.extend(modelpool_actors::http::LOOPBACK_HOSTS.iter().map(|h| h.to_string()));
+        }
+        Some(hosts)
     }
 
     /// Where conversations are kept.

@@ -17,6 +17,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics_require_key: cfg.server.metrics_require_key,
         max_body_bytes: cfg.server.max_body_bytes,
         node: cfg.node_name(),
+        allowed_hosts: cfg.allowed_hosts(),
     };
     let state = ApiState::loading(settings);
     let drain = Duration::from_millis(cfg.server.drain_timeout_ms);

@@ -115,6 +115,16 @@ async fn conversations_import_and_export_round_trip_and_imported_facts_are_recal
         &["line 2", "content"],
     )
     .await;
+    // A cross-site "simple" POST (text/plain needs no preflight): refused, nothing stored.
+    expect_error(
+        c.post(server.url("/conversations/import"))
+            .header("Content-Type", "text/plain")
+            .body(json!({ "messages": [{ "role": "user", "content": "planted" }] }).to_string()),
+        400,
+        "invalid_request_error",
+        &["Content-Type", "application/json"],
+    )
+    .await;
     // Five lines, the third with blank content (valid JSON, caught only by the
     // content rule): the first two must not be stored, and the error names line 3.
     let line = |text: &str| json!({ "messages": [{ "role": "user", "content": text }] }).to_string();

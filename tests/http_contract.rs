@@ -158,3 +158,30 @@ async fn a_request_that_fails_after_admission_is_counted_once() {
         .sum();
     assert_eq!(all, 3.0, "three requests, three counts:\n{metrics}");
 }
+
+/// GET `path` with `host` as the Host header; the status.
+async fn get_as(server: &Server, path: &str, host: &str) -> u16 {
+    let c = reqwest::Client::new();
+    c.get(server.url(path)).header("host", host).send().await.unwrap().status().as_u16()
+}
+
+#[actix::test]
+async fn on_loopback_only_loopback_host_names_are_answered_so_dns_rebinding_reads_nothing() {
+    let server = Server::start(&[], &[]);
+    let port = server.base.rsplit(':').next().unwrap().to_string();
+    // A page on evil.example that rebinds its name to 127.0.0.1 sends Host: evil.example.
+    for path in ["/conversations", "/pool", "/metrics", "/v1/models"] {
+        assert_eq!(get_as(&server, path, &format!("evil.example:{port}")).await, 403, "{path}");
+        assert_eq!(get_as(&server, path, &format!("localhost:{port}")).await, 200, "{path}");
+        assert_eq!(get_as(&server, path, &format!("127.0.0.1:{port}")).await, 200, "{path}");
+    }
+    let c = reqwest::Client::new();
+    let res = c.get(server.url("/conversations")).header("host", "evil.example").send().await.unwrap();
+    let body: Value = res.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("server.allowed_hosts"), "{body}");
+    drop(server);
+    // A name the operator adds is answered too.
+    let server = Server::start(&[], &[("MODELPOOL_SERVER_ALLOWED_HOSTS", "chat.internal")]);
+    assert_eq!(get_as(&server, "/pool", "chat.internal").await, 200);
+    assert_eq!(get_as(&server, "/pool", "evil.example").await, 403);
+}

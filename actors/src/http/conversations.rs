@@ -162,6 +162,11 @@ pub struct DocumentMessage {
     pub created_at: Option<u64>,
 }
 
+fn is_json(http: &HttpRequest) -> bool {
+    let ct = http.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json")
+}
+
 fn is_ndjson(http: &HttpRequest) -> bool {
     let ct = http.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
@@ -182,6 +187,14 @@ async fn import_conversations(
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     let ndjson = is_ndjson(&http);
+    // A "simple" cross-site POST (text/plain, a form) from any web page the
+    // user visits must not store a conversation: only JSON and NDJSON bodies.
+    if !ndjson && !is_json(&http) {
+        return Err(ApiError::bad(
+            "Content-Type",
+            "the body must be JSON (Content-Type: application/json) or NDJSON (application/x-ndjson)",
+        ));
+    }
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad("body", format!("the body is not UTF-8: {e}")))?;
     // Every line is parsed and checked before anything is stored.
     let mut documents = Vec::new();

@@ -48,6 +48,10 @@ pub struct ApiSettings {
     /// This replica's name, sent as `X-Modelpool-Node` with every `/chat`
     /// answer (a proxy's consistent hashing keeps a conversation on one node).
     pub node: String,
+    /// Host names (without port) requests may name in `Host`; none: any.
+    /// A server on loopback answers only for loopback names by default, so a
+    /// web page that rebinds its own DNS name to 127.0.0.1 reads nothing.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 impl Default for ApiSettings {
@@ -58,6 +62,7 @@ impl Default for ApiSettings {
             metrics_require_key: false,
             max_body_bytes: 1 << 20,
             node: "modelpool".into(),
+            allowed_hosts: None,
         }
     }
 }
@@ -192,17 +197,20 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// The configured key the request carries, compared in constant time (every
-/// key is compared, so timing tells nothing about which one or how much matched).
+/// The configured key the request carries, compared in constant time: every
+/// key is compared, and what is compared is the SHA-256 of each (32 bytes
+/// whatever the key's length: a slice compare returns early on a length
+/// mismatch, which would tell a caller how long the keys are).
 fn check_key<'k>(req: &HttpRequest, keys: &'k [String]) -> Result<Option<&'k str>, ApiError> {
+    use sha2::{Digest, Sha256};
     use subtle::ConstantTimeEq;
     if keys.is_empty() {
         return Ok(None);
     }
-    let given = bearer(req).ok_or(ApiError::Unauthorized)?.as_bytes();
+    let given = Sha256::digest(bearer(req).ok_or(ApiError::Unauthorized)?.as_bytes());
     let mut found = None;
     for key in keys {
-        if bool::from(key.as_bytes().ct_eq(given)) {
+        if bool::from(Sha256::digest(key.as_bytes()).as_slice().ct_eq(given.as_slice())) {
             found = Some(key.as_str());
         }
     }
@@ -269,10 +277,41 @@ impl FromRequest for Authorized {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         ready(state_of(req).and_then(|s| {
+            check_host(req, s.settings.allowed_hosts.as_deref())?;
             let key = check_key(req, &s.settings.api_keys)?;
             Ok(Authorized { namespace: key.and_then(|k| s.settings.key_namespaces.get(k).cloned()) })
         }))
     }
+}
+
+/// The names a server bound to a loopback address answers for by default.
+pub const LOOPBACK_HOSTS: [&str; 4] = ["localhost", "127.0.0.1", "::1", "[::1]"];
+
+/// The host name of a `Host` header, without its port.
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [::1]:8080
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) && !name.contains(':') => name,
+        _ => host,
+    }
+}
+
+/// Refuses a request whose `Host` is not one this server answers for (DNS rebinding).
+fn check_host(req: &HttpRequest, allowed: Option<&[String]>) -> Result<(), ApiError> {
+    let Some(allowed) = allowed else { return Ok(()) };
+    let host = req.headers().get(actix_web::http::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let name = host_name(host).trim_end_matches('.');
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(name) || a.trim_matches(['[', ']']).eq_ignore_ascii_case(name)) {
+        return Ok(());
+    }
+    let shown: String = host.chars().take(80).collect();
+    Err(ApiError::Forbidden(format!(
+        "Host {shown:?} is not one this server answers for ({}); add it to server.allowed_hosts",
+        allowed.join(", ")
+    )))
 }
 
 /// Extractor: /metrics access (open unless `metrics_require_key`).
@@ -286,6 +325,7 @@ impl FromRequest for MetricsAccess {
         ready(
             state_of(req)
                 .and_then(|s| {
+                    check_host(req, s.settings.allowed_hosts.as_deref())?;
                     if s.settings.metrics_require_key {
                         check_key(req, &s.settings.api_keys).map(|_| ())
                     } else {
