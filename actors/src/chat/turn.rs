@@ -72,7 +72,7 @@ impl ChatCore {
     }
 
     pub(crate) async fn lock(&self, id: ConversationId) -> TurnLock {
-        let m = self.locks.0.lock().expect("locks").entry(id).or_default().clone();
+        let m = self.locks.0.lock().unwrap_or_else(|e| e.into_inner()).entry(id).or_default().clone();
         TurnLock { guard: Some(m.lock_owned().await), locks: self.locks.clone(), id }
     }
 
@@ -391,7 +391,7 @@ pub(crate) struct TurnLock {
 impl Drop for TurnLock {
     fn drop(&mut self) {
         drop(self.guard.take());
-        let mut map = self.locks.0.lock().expect("locks");
+        let mut map = self.locks.0.lock().unwrap_or_else(|e| e.into_inner());
         // Clones are only made under this lock: a count of 1 is the map's own.
         if map.get(&self.id).is_some_and(|m| Arc::strong_count(m) == 1) {
             map.remove(&self.id);

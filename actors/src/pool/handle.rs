@@ -81,6 +81,7 @@ impl PoolHandle {
             AcquireReply::Granted(lease) => return Ok(lease),
             AcquireReply::Rejected => return Err(PoolError::QueueFull { max_queue: self.opts.max_queue }),
             AcquireReply::ShuttingDown => return Err(PoolError::ShuttingDown),
+            AcquireReply::Failed(e) => return Err(e),
             AcquireReply::Queued(w, rx) => (w, rx),
         };
         // Leaves the queue however this wait ends early: timeout, or the caller

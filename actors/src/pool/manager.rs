@@ -197,13 +197,29 @@ impl PoolManager {
             };
             let lease = self.lease_for(grant.instance, grant.slot, grant.lease, ctx);
             // If the waiter is gone the lease comes back and drops: released.
-            let _ = tx.send(Ok(lease));
+            let _ = tx.send(lease);
         }
     }
 
-    fn lease_for(&self, instance: usize, slot: usize, id: LeaseId, ctx: &mut Context<Self>) -> Lease {
-        let addr = self.members[instance].clone().expect("a serving instance has a handle");
-        Lease { instance, slot, id, addr, pool: ctx.address(), outcome: None, waited: Duration::ZERO }
+    /// The lease on a slot the state granted. An instance granted without a
+    /// handle (which the state should never do) is given back as failed and
+    /// replaced; the caller hears an error, and the pool actor goes on.
+    fn lease_for(
+        &mut self,
+        instance: usize,
+        slot: usize,
+        id: LeaseId,
+        ctx: &mut Context<Self>,
+    ) -> Result<Lease, PoolError> {
+        let Some(addr) = self.members[instance].clone() else {
+            let reason = "granted a slot of an instance that has no handle".to_string();
+            tracing::error!(instance, "{reason}; replacing it");
+            if self.state.release(instance, slot, id, Outcome::InstanceFault { reason: reason.clone() }) {
+                self.replace(instance, ctx);
+            }
+            return Err(PoolError::InstanceFailed { instance, reason });
+        };
+        Ok(Lease { instance, slot, id, addr, pool: ctx.address(), outcome: None, waited: Duration::ZERO })
     }
 
     fn health_tick(&mut self, ctx: &mut Context<Self>) {
@@ -320,6 +336,7 @@ pub(crate) enum AcquireReply {
     Queued(WaiterId, oneshot::Receiver<Result<Lease, PoolError>>),
     Rejected,
     ShuttingDown,
+    Failed(PoolError),
 }
 
 impl Handler<Acquire> for PoolManager {
@@ -337,9 +354,10 @@ impl Handler<Acquire> for PoolManager {
             !gone
         });
         MessageResult(match self.state.admit(msg.0) {
-            Admission::Granted { instance, slot, lease } => {
-                AcquireReply::Granted(self.lease_for(instance, slot, lease, ctx))
-            }
+            Admission::Granted { instance, slot, lease } => match self.lease_for(instance, slot, lease, ctx) {
+                Ok(lease) => AcquireReply::Granted(lease),
+                Err(e) => AcquireReply::Failed(e),
+            },
             Admission::Queued(w) => {
                 let (tx, rx) = oneshot::channel();
                 self.waiters.insert(w, tx);

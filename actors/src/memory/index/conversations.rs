@@ -27,7 +27,7 @@ pub(super) struct ConvCache {
 impl VectorIndex {
     /// Messages of `conv` the cache accounts for, or none when it is not cached.
     pub fn conversation_seen(&self, conv: &ConversationId) -> Option<usize> {
-        self.convs.lock().expect("index lock").lru.get(conv).map(|c| c.seen)
+        self.convs.lock().unwrap_or_else(|e| e.into_inner()).lru.get(conv).map(|c| c.seen)
     }
 
     /// Caches a conversation's vectors as read from the store, of its
@@ -39,7 +39,7 @@ impl VectorIndex {
             entry.ids.push(id);
             entry.data.extend(normalize(&v));
         }
-        let mut cache = self.convs.lock().expect("index lock");
+        let mut cache = self.convs.lock().unwrap_or_else(|e| e.into_inner());
         cache.vectors += entry.ids.len();
         if let Some(old) = cache.lru.put(conv, entry) {
             cache.vectors -= old.ids.len();

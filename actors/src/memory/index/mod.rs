@@ -155,7 +155,7 @@ impl VectorIndex {
         let vectors = store.vectors(None).await?;
         let loader = index.clone();
         actix_web::rt::task::spawn_blocking(move || {
-            let mut spaces = loader.spaces.write().expect("index lock");
+            let mut spaces = loader.spaces.write().unwrap_or_else(|e| e.into_inner());
             for (id, conv, vector) in vectors {
                 if vector.len() != loader.dim {
                     continue;
@@ -175,7 +175,7 @@ impl VectorIndex {
         })
         .await
         .map_err(|_| StoreError::Corrupt("loading the vector index panicked".into()))?;
-        let names: Vec<String> = index.spaces.read().expect("index lock").keys().cloned().collect();
+        let names: Vec<String> = index.spaces.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
         for ns in names {
             index.maybe_build(&ns);
         }
@@ -193,11 +193,11 @@ impl VectorIndex {
     pub fn stats(&self) -> IndexStats {
         let mut s = IndexStats { cache_limit: self.opts.cache_vectors, ..Default::default() };
         {
-            let convs = self.convs.lock().expect("index lock");
+            let convs = self.convs.lock().unwrap_or_else(|e| e.into_inner());
             s.cached_conversations = convs.lru.len();
             s.cached_vectors = convs.vectors;
         }
-        let spaces = self.spaces.read().expect("index lock");
+        let spaces = self.spaces.read().unwrap_or_else(|e| e.into_inner());
         s.namespaces = spaces.len();
         for space in spaces.values() {
             s.namespace_vectors += space.live;
@@ -235,7 +235,7 @@ impl VectorIndex {
         }
         let vector = normalize(&vector);
         {
-            let mut cache = self.convs.lock().expect("index lock");
+            let mut cache = self.convs.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(entry) = cache.lru.get_mut(&conv) {
                 if !entry.ids.contains(&id) {
                     entry.ids.push(id);
@@ -256,14 +256,14 @@ impl VectorIndex {
     /// tombstoned (a namespace without a graph drops them at once).
     pub fn remove_conversation(self: &Arc<Self>, conv: &ConversationId) {
         {
-            let mut cache = self.convs.lock().expect("index lock");
+            let mut cache = self.convs.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(old) = cache.lru.pop(conv) {
                 cache.vectors -= old.ids.len();
             }
         }
         let mut touched = Vec::new();
         {
-            let mut spaces = self.spaces.write().expect("index lock");
+            let mut spaces = self.spaces.write().unwrap_or_else(|e| e.into_inner());
             for (name, space) in spaces.iter_mut() {
                 let Some(slots) = space.by_conv.remove(conv) else { continue };
                 for slot in &slots {
@@ -297,7 +297,7 @@ impl VectorIndex {
         let query = &normalize(query)[..];
         match scope {
             Scope::Conversation(c) => {
-                let mut cache = self.convs.lock().expect("index lock");
+                let mut cache = self.convs.lock().unwrap_or_else(|e| e.into_inner());
                 let entry = cache.lru.get(c)?;
                 let mut hits: Vec<Hit> = entry
                     .ids
@@ -348,6 +348,28 @@ mod tests {
         let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((dot(&a, &b) - naive).abs() < 1e-6);
         assert_eq!(UnitCosine.eval(&a, &a), 0.0);
+    }
+
+    #[test]
+    fn a_panic_while_a_lock_is_held_does_not_break_the_index_for_later_requests() {
+        let index = Arc::new(VectorIndex::new(3, IndexOptions { namespaces: true, ..Default::default() }));
+        let c1 = uuid::Uuid::new_v4();
+        index.start_conversation(c1);
+        index.insert(1, c1, "ns", vec![1.0, 0.0, 0.0]);
+        // One request panics while it holds the conversation cache's lock and a namespace's.
+        let poisoner = index.clone();
+        let _ = std::thread::spawn(move || {
+            let _convs = poisoner.convs.lock().unwrap();
+            let _spaces = poisoner.spaces.write().unwrap();
+            panic!("a request panics while holding the index locks");
+        })
+        .join();
+        assert!(index.convs.is_poisoned());
+        // Every later call still works.
+        index.insert(2, c1, "ns", vec![0.0, 1.0, 0.0]);
+        assert_eq!(index.conversation_seen(&c1), Some(2));
+        let hits = index.search(&[1.0, 0.0, 0.0], 2, &Scope::Conversation(c1), &HashSet::new()).unwrap_or_default();
+        assert_eq!(hits.first().map(|h| h.id), Some(1), "{hits:?}");
     }
 
     #[test]

@@ -56,7 +56,7 @@ impl NsIndex {
 impl VectorIndex {
     /// Whether message `id` is in the namespace index of `namespace`.
     pub fn contains(&self, namespace: &str, id: u64) -> bool {
-        self.spaces.read().expect("index lock").get(namespace).is_some_and(|s| s.by_id.contains_key(&id))
+        self.spaces.read().unwrap_or_else(|e| e.into_inner()).get(namespace).is_some_and(|s| s.by_id.contains_key(&id))
     }
 
     /// Adds vectors of one namespace to its index (not to the conversation cache).
@@ -66,7 +66,7 @@ impl VectorIndex {
         }
         let mut to_graph = Vec::new();
         let graph = {
-            let mut spaces = self.spaces.write().expect("index lock");
+            let mut spaces = self.spaces.write().unwrap_or_else(|e| e.into_inner());
             let space = spaces.entry(namespace.to_string()).or_default();
             for (id, conv, vector) in items {
                 if vector.len() != self.dim || space.by_id.contains_key(&id) {
@@ -102,7 +102,7 @@ impl VectorIndex {
     /// past `graph_from` without one, or its graph holds too many tombstones.
     pub(super) fn maybe_build(self: &Arc<Self>, namespace: &str) {
         let snapshot = {
-            let mut spaces = self.spaces.write().expect("index lock");
+            let mut spaces = self.spaces.write().unwrap_or_else(|e| e.into_inner());
             let Some(space) = spaces.get_mut(namespace) else { return };
             if !space.wants_build(self.opts.graph_from) {
                 return;
@@ -136,7 +136,7 @@ impl VectorIndex {
         });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "could not start an index build; the namespace stays exact");
-            if let Some(space) = self.spaces.write().expect("index lock").get_mut(namespace) {
+            if let Some(space) = self.spaces.write().unwrap_or_else(|e| e.into_inner()).get_mut(namespace) {
                 space.building = None;
             }
         }
@@ -150,7 +150,7 @@ impl VectorIndex {
         let graph = Graph::new(MAX_NB_CONNECTION, snapshot.len().max(1024), MAX_LAYER, EF_CONSTRUCTION, UnitCosine);
         let refs: Vec<(&Vec<f32>, usize)> = snapshot.iter().enumerate().map(|(new, (_, v))| (v, new)).collect();
         graph.parallel_insert(&refs);
-        let mut spaces = self.spaces.write().expect("index lock");
+        let mut spaces = self.spaces.write().unwrap_or_else(|e| e.into_inner());
         let Some(space) = spaces.get_mut(namespace) else { return };
         let pending = space.building.take().unwrap_or_default();
         let mut renumber: HashMap<u32, u32> = HashMap::with_capacity(snapshot.len() + pending.len());
@@ -206,7 +206,7 @@ impl VectorIndex {
         exclude: &HashSet<u64>,
         ef: usize,
     ) -> Vec<Hit> {
-        let spaces = self.spaces.read().expect("index lock");
+        let spaces = self.spaces.read().unwrap_or_else(|e| e.into_inner());
         let Some(space) = spaces.get(ns) else { return Vec::new() };
         let wanted = |slot: usize| -> Option<&Slot> {
             let s = space.slots.get(slot)?;
@@ -243,7 +243,7 @@ impl VectorIndex {
 
     /// Exact top-k over a namespace, whatever its index (for benchmarks and tests).
     pub fn search_namespace_exact(&self, query: &[f32], k: usize, ns: &str) -> Vec<Hit> {
-        let spaces = self.spaces.read().expect("index lock");
+        let spaces = self.spaces.read().unwrap_or_else(|e| e.into_inner());
         let Some(space) = spaces.get(ns) else { return Vec::new() };
         let query = normalize(query);
         let mut hits: Vec<Hit> = match &space.graph {

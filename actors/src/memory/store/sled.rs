@@ -208,8 +208,10 @@ impl SledStore {
     async fn delete_inner(&self, conv: &ConversationId) -> Result<Vec<u64>, StoreError> {
         let _one_writer = self.writes.lock().await;
         let keys: Vec<sled::IVec> = self.messages.scan_prefix(conv.as_bytes()).keys().collect::<Result<_, _>>()?;
+        // A message key is the conversation id (16 bytes) and the message id
+        // (8); a key of another length is not a message and is skipped.
         let ids: Vec<u64> =
-            keys.iter().map(|k| u64::from_be_bytes(k[16..24].try_into().expect("24-byte key"))).collect();
+            keys.iter().filter_map(|k| k.get(16..24)?.try_into().ok()).map(u64::from_be_bytes).collect();
         (&self.conversations, &self.messages, &self.vectors)
             .transaction(|(c, m, v)| {
                 for k in &keys {
