@@ -73,3 +73,24 @@ async fn a_key_bound_to_a_namespace_sees_and_recalls_only_its_own() {
     assert!(recalled.contains(&"My locker code is 4711."), "team-a's own memory: {from_a}");
     assert_eq!(call(&server, "GET", &path, a, None).await.0, 200);
 }
+
+#[actix::test]
+async fn a_key_bound_to_no_namespace_is_an_administrators_and_pool_says_which_keys_are() {
+    let server = Server::start(
+        &["--instances", "1"],
+        &[("MODELPOOL_SERVER_API_KEYS", "key-a,admin-key"), ("MODELPOOL_SERVER_KEY_NAMESPACES", "key-a=team-a")],
+    );
+    let (a, admin) = (Some("Bearer key-a"), Some("Bearer admin-key"));
+    let say = json!({ "message": "My locker code is 4711.", "max_tokens": 4, "temperature": 0 });
+    let (status, r) = call(&server, "POST", "/chat", a, Some(say)).await;
+    assert_eq!(status, 200, "{r}");
+    let path = format!("/conversations/{}", r["conversation_id"].as_str().unwrap());
+    assert_eq!(call(&server, "GET", &path, admin, None).await.0, 200, "the unbound key reads team-a's conversation");
+    let (_, pool) = call(&server, "GET", "/pool", admin, None).await;
+    let auth = &pool["auth"];
+    assert_eq!((auth["keys"].as_u64(), auth["bound_to_a_namespace"].as_u64()), (Some(2), Some(1)), "{auth}");
+    let unbound = auth["unbound_keys"].as_array().unwrap();
+    assert_eq!(unbound.len(), 1, "{auth}");
+    assert!(unbound[0].as_str().unwrap().starts_with("sha256:") && !auth.to_string().contains("admin-key"), "{auth}");
+    assert_eq!(auth["unbound_keys_see"], "every namespace");
+}

@@ -102,11 +102,15 @@ async fn health_probes_between_turns_leave_the_cache_as_it_was() {
     // The probe decodes on an idle slot just after its cache, then removes
     // that cell. (Its limit is the interval: it must outlast a step.)
     let mut opts = slotted(1, 1, 4);
-    opts.health_interval = std::time::Duration::from_millis(700);
+    opts.health_interval = std::time::Duration::from_millis(1500);
     let pool = start(opts).await;
     let first = vec![ChatMessage::user("What is the capital of France?")];
     let (reply, done1) = pool.generate(request(first.clone(), 16)).await.unwrap().collect_text().await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    // Two probes after the turn (each reports how long it took), not a fixed sleep.
+    let probed = |s: &modelpool_actors::PoolStatus| s.instances[0].probe_ms;
+    let first_probe = common::wait_for(&pool, std::time::Duration::from_secs(20), |s| probed(s).is_some()).await;
+    let first_ms = probed(&first_probe);
+    common::wait_for(&pool, std::time::Duration::from_secs(20), |s| probed(s).is_some() && probed(s) != first_ms).await;
     let s = pool.status().await.unwrap();
     assert_eq!((s.replaced, s.totals().failures), (0, 0), "{s}");
     let mut second = first;

@@ -44,7 +44,27 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
         // The memory tier's bytes are part of this figure.
         "rss_bytes": crate::rss_bytes(),
         "storage": { "writable": chat.storage_error().is_none(), "error": chat.storage_error() },
+        "auth": auth_summary(&state.settings),
     })))
+}
+
+/// Who may read what: keys bound to a namespace, and the keys bound to none,
+/// which see every namespace (shown as the first 12 hex digits of their
+/// SHA-256, never the key itself).
+fn auth_summary(settings: &super::ApiSettings) -> serde_json::Value {
+    use sha2::{Digest, Sha256};
+    let unbound: Vec<String> = settings
+        .api_keys
+        .iter()
+        .filter(|k| !settings.key_namespaces.contains_key(*k))
+        .map(|k| format!("sha256:{}", &format!("{:x}", Sha256::digest(k.as_bytes()))[..12]))
+        .collect();
+    json!({
+        "keys": settings.api_keys.len(),
+        "bound_to_a_namespace": settings.api_keys.len() - unbound.len(),
+        "unbound_keys": unbound,
+        "unbound_keys_see": "every namespace",
+    })
 }
 
 /// `GET /pool/capacity`: what a load balancer or autoscaler needs, cheaply.
