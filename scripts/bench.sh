@@ -4,7 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 . scripts/env.sh
-# The side-by-side benchmark runs llama.cpp's own llama-server (built once);
+# The side-by-side benchmarks (versus, rotation) run llama.cpp's own llama-server (built once);
 # the replica benchmark runs HAProxy and a throwaway PostgreSQL cluster.
 scripts/setup.sh --with-llama-server --with-test-tools
 MODELPOOL_LLAMA_SERVER="$(scripts/setup.sh --llama-server-path)"

@@ -32,7 +32,11 @@ pub struct Sample {
     pub ttft_ms: f64,
     pub total_ms: f64,
     pub tokens: u64,
+    /// Cached prompt tokens; 0 when the server reports none (see `cache_reported`).
     pub cached: u64,
+    /// Whether the server said how many prompt tokens its cache held.
+    pub cache_reported: bool,
+    pub prompt_tokens: u64,
     pub text: String,
 }
 
@@ -44,6 +48,17 @@ pub async fn model_id(base: &str) -> String {
 
 /// One streaming chat completion; times are measured here, at the client.
 pub async fn complete(client: &reqwest::Client, base: &str, messages: &[Value], max_tokens: u32) -> Sample {
+    complete_with(client, base, messages, max_tokens, &[]).await
+}
+
+/// `complete` with extra request headers (e.g. `X-Conversation-Id`).
+pub async fn complete_with(
+    client: &reqwest::Client,
+    base: &str,
+    messages: &[Value],
+    max_tokens: u32,
+    headers: &[(&str, &str)],
+) -> Sample {
     static MODEL: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
     let known = MODEL.lock().unwrap().iter().find(|(b, _)| b == base).map(|(_, m)| m.clone());
     let model = match known {
@@ -63,12 +78,19 @@ pub async fn complete(client: &reqwest::Client, base: &str, messages: &[Value], 
         "stream": true,
         "stream_options": { "include_usage": true },
     });
+    let mut req = client.post(format!("{base}/v1/chat/completions")).json(&body);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
     let t = Instant::now();
-    let resp = client.post(format!("{base}/v1/chat/completions")).json(&body).send().await.expect("request");
+    let resp = req.send().await.expect("request");
     let status = resp.status();
     assert!(status.is_success(), "{base}: {status}: {}", resp.text().await.unwrap_or_default());
     let mut s = Sample::default();
     let mut deltas = 0u64;
+    // llama-server without `prompt_tokens_details` in its usage: its own
+    // `timings.cache_n`, from whichever chunk carries it.
+    let mut cache_n = None;
     let mut buf = String::new();
     let mut bytes = resp.bytes_stream();
     while let Some(chunk) = bytes.next().await {
@@ -80,6 +102,7 @@ pub async fn complete(client: &reqwest::Client, base: &str, messages: &[Value], 
                 continue;
             }
             let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+            cache_n = v["timings"]["cache_n"].as_u64().or(cache_n);
             if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
                 if !piece.is_empty() {
                     if s.text.is_empty() {
@@ -91,12 +114,17 @@ pub async fn complete(client: &reqwest::Client, base: &str, messages: &[Value], 
             }
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 s.tokens = n;
-                s.cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
-                    .as_u64()
-                    .or_else(|| v["timings"]["cache_n"].as_u64())
-                    .unwrap_or(0);
+                s.prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+                if let Some(c) = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() {
+                    s.cached = c;
+                    s.cache_reported = true;
+                }
             }
         }
+    }
+    if let (false, Some(c)) = (s.cache_reported, cache_n) {
+        s.cached = c;
+        s.cache_reported = true;
     }
     if s.tokens == 0 {
         s.tokens = deltas;

@@ -9,6 +9,13 @@ use super::server;
 
 pub struct LlamaServer(Child);
 
+impl LlamaServer {
+    /// SIGTERM, then waits for it to exit.
+    pub fn stop(mut self) {
+        server::terminate(&mut self.0);
+    }
+}
+
 impl Drop for LlamaServer {
     fn drop(&mut self) {
         let _ = self.0.kill();

@@ -7,6 +7,30 @@ use std::time::{Duration, Instant};
 
 pub struct Server(pub std::process::Child, pub String);
 
+impl Server {
+    /// Stops the server as a service manager would: SIGTERM, then waits for
+    /// it to exit (its shutdown included).
+    pub fn stop(mut self) {
+        terminate(&mut self.0);
+    }
+}
+
+/// SIGTERM to `child`, then waits up to 2 minutes for it to exit before
+/// killing it.
+pub fn terminate(child: &mut std::process::Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("[bench] pid {} still running 2 min after SIGTERM: killed", child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -17,7 +41,11 @@ impl Drop for Server {
 /// Starts the server with `instances` of `n_ctx` tokens and extra MODELPOOL_*
 /// variables; returns once /health says 200.
 pub fn start(instances: usize, n_ctx: u32, data: &std::path::Path, env: &[(&str, &str)]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_modelpool"))
+    // MODELPOOL_BENCH_BIN: a saved build (e.g. the one before a change) in
+    // place of the one cargo built, which a shared target directory may
+    // replace while a benchmark runs.
+    let bin = std::env::var("MODELPOOL_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_modelpool").to_string());
+    let mut child = Command::new(&bin)
         .args([
             "--instances",
             &instances.to_string(),
@@ -33,7 +61,7 @@ pub fn start(instances: usize, n_ctx: u32, data: &std::path::Path, env: &[(&str,
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start modelpool (run scripts/setup.sh first)");
+        .unwrap_or_else(|e| panic!("start {bin} (run scripts/setup.sh first): {e}"));
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
