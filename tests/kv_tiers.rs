@@ -129,7 +129,7 @@ async fn after_a_restart_a_conversation_resumes_from_disk_and_a_kill_never_resto
     let kv_dir = server.data_dir.path().join("kv");
     let files = std::fs::read_dir(&kv_dir).unwrap().count();
     assert_eq!(files, 2, "one file per conversation in {}", kv_dir.display());
-    server.respawn();
+    server.kill_and_restart();
     assert!(server.log_text().contains("2 cache(s) kept from the last run"), "{}", server.log_text());
     let expected = a.expected();
     let (cached, prompt, reply) = a.turn(&server, "What is my name?").await;
@@ -177,7 +177,7 @@ async fn a_corrupted_file_and_a_file_of_another_model_are_removed_counted_and_th
         }
         std::fs::write(path, bytes).unwrap();
     }
-    server.respawn();
+    server.kill_and_restart();
     // The foreign file is removed at start-up; the corrupted one when read.
     for c in [&mut a, &mut b] {
         let expected = c.expected();

@@ -33,18 +33,9 @@ impl Server {
         server
     }
 
-    /// Kills the process (SIGKILL, no drain) and starts a new one on the same data directory.
+    /// Kills the process (SIGKILL, no drain; nothing when it has ended, e.g.
+    /// after [`Self::terminate`]) and starts a new one on the same data directory.
     pub fn kill_and_restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let (child, base, log) = spawn(self.data_dir.path(), &self.flags, &self.env);
-        (self.child, self.base, self.log) = (child, base, log);
-        self.wait_ready();
-    }
-
-    /// Starts the process again on the same data directory (after it ended,
-    /// e.g. with [`Self::terminate`]).
-    pub fn respawn(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let (child, base, log) = spawn(self.data_dir.path(), &self.flags, &self.env);

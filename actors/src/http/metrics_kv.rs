@@ -102,9 +102,10 @@ pub fn render(kv: &KvStatus) -> String {
         &mut out,
         KV_COPY,
         "histogram",
-        "Time one park (slot to memory) or restore (tier to slot) took: the copy of the KV state",
+        "Time one park (slot to memory) or restore (tier to slot) took on the instance's thread, and reading a cache file back (disk_read, before the request reaches its instance)",
     );
     histogram(&mut out, "park", &kv.copy_seconds.bounds, &kv.copy_seconds.park);
     histogram(&mut out, "restore", &kv.copy_seconds.bounds, &kv.copy_seconds.restore);
+    histogram(&mut out, "disk_read", &kv.copy_seconds.bounds, &kv.copy_seconds.disk_read);
     out
 }

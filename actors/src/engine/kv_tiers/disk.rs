@@ -254,6 +254,13 @@ impl DiskTier {
         }
     }
 
+    /// Writes now, on the calling thread (shutdown: nothing is skipped for
+    /// lack of room in the writer's queue).
+    pub(super) fn write_sync(&self, key: CacheKey, tokens: &[LlamaToken], state: &[u8]) -> bool {
+        self.shared.write_now(key, tokens, state);
+        self.shared.index().files.contains_key(&key)
+    }
+
     /// Waits for the writes queued before this call.
     pub(super) fn flush(&self) {
         let (tx, rx) = channel();

@@ -223,6 +223,8 @@ pub struct CopyTimes {
     pub bounds: Vec<f64>,
     pub park: Histo,
     pub restore: Histo,
+    /// Reading a cache file back (checksum included), before the request reaches its instance.
+    pub disk_read: Histo,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -263,7 +265,8 @@ pub struct KvTiers {
     mem: Mutex<MemTier>,
     disk: Option<disk::DiskTier>,
     counters: Counters,
-    times: Mutex<(Histogram, Histogram)>,
+    /// Park, restore and disk-read durations.
+    times: Mutex<(Histogram, Histogram, Histogram)>,
     bytes_per_token: AtomicU64,
     /// Instances whose step loops run: shutdown waits for them to park their slots.
     live: Mutex<usize>,
@@ -289,7 +292,7 @@ impl KvTiers {
             mem: Mutex::new(MemTier::default()),
             disk,
             counters: Counters::default(),
-            times: Mutex::new((Histogram::default(), Histogram::default())),
+            times: Mutex::new((Histogram::default(), Histogram::default(), Histogram::default())),
             bytes_per_token: AtomicU64::new(0),
             live: Mutex::new(0),
             live_changed: Condvar::new(),
@@ -385,7 +388,9 @@ impl KvTiers {
             return true;
         }
         let Some(d) = &self.disk else { return false };
+        let reading = Instant::now();
         let Some((tokens, state)) = d.read(key) else { return false };
+        self.times.lock().unwrap_or_else(|e| e.into_inner()).2.observe(reading.elapsed().as_secs_f64());
         let mut mem = self.mem();
         if mem.entries.contains_key(&key) {
             return true;
@@ -480,14 +485,16 @@ impl KvTiers {
             mem.bytes = 0;
             mem.entries.drain().collect()
         };
+        // The writer's queue first, then every entry written here, one by
+        // one: the queue's bound (it skips writes while far behind) must not
+        // drop caches at shutdown.
+        d.flush();
         let mut n = 0;
         for (k, e) in entries {
-            if !e.from_disk {
-                d.write(k, e.tokens, e.state);
+            if !e.from_disk && d.write_sync(k, &e.tokens, &e.state) {
                 n += 1;
             }
         }
-        d.flush();
         n
     }
 
@@ -531,6 +538,7 @@ impl KvTiers {
                 bounds: COPY_BOUNDS.to_vec(),
                 park: times.0.snapshot(),
                 restore: times.1.snapshot(),
+                disk_read: times.2.snapshot(),
             },
         }
     }
