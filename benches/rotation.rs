@@ -303,13 +303,13 @@ async fn main() {
             rounds + 1
         );
         println!(
-            "{:>6} {:>17} {:>15} {:>17} {:>15} {:>8}",
+            "{:>6} {:>17} {:>15} {:>18} {:>15} {:>8}",
             "turn", "modelpool TTFT", "cached/prompt", "llama-server TTFT", "cached/prompt", "ratio"
         );
         for (t, (a, b)) in mp.rows.iter().zip(&ls.rows).enumerate() {
             let label = if t == rounds { format!("{}*", t + 1) } else { (t + 1).to_string() };
             println!(
-                "{label:>6} {:>17} {:>15} {:>17} {:>15} {:>7.2}×",
+                "{label:>6} {:>17} {:>15} {:>18} {:>15} {:>7.2}×",
                 ttft(a),
                 tokens(a),
                 ttft(b),
