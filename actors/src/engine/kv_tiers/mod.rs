@@ -7,6 +7,7 @@
 //! batcher still keeps only the part whose tokens the new prompt starts with.
 
 mod disk;
+mod status;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ use serde::Serialize;
 
 use crate::params::ChatMessage;
 pub use disk::{DiskStatus, Fingerprint};
+pub use status::{CopyTimes, Histo, KvStatus, MemoryStatus, TierCounts};
+use status::{Histogram, COPY_BOUNDS};
 
 /// Whose cache an entry is: a namespace and a conversation, both hashed.
 /// Requests of one namespace never see another namespace's caches.
@@ -162,101 +165,6 @@ struct Counters {
     misses: AtomicU64,
     decoded_tokens: AtomicU64,
     parks: AtomicU64,
-}
-
-/// What `/pool` and `/metrics` show of the tiers.
-#[derive(Clone, Debug, Serialize)]
-pub struct KvStatus {
-    /// KV bytes one token takes (all layers, K and V), measured from parked caches.
-    pub bytes_per_token: u64,
-    pub memory: MemoryStatus,
-    pub disk: DiskStatus,
-    /// Restores by tier (slot: copied from another slot; memory; disk).
-    pub restores: TierCounts,
-    /// Prompt tokens served from each tier.
-    pub restored_tokens: TierCounts,
-    /// Prompt tokens decoded (not served from any cache).
-    pub decoded_tokens: u64,
-    /// Caches that left a tier for lack of room (memory: to disk or gone; disk: deleted).
-    pub evictions: TierCounts,
-    /// Requests that found no cache of their conversation anywhere.
-    pub misses: u64,
-    /// Caches moved out of a slot to make room for another conversation.
-    pub parks: u64,
-    /// Time one park or restore took (the copy), in seconds.
-    pub copy_seconds: CopyTimes,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct TierCounts {
-    pub slot: u64,
-    pub memory: u64,
-    pub disk: u64,
-}
-
-impl TierCounts {
-    fn read(a: &[AtomicU64; 3]) -> Self {
-        Self { slot: a[0].load(Relaxed), memory: a[1].load(Relaxed), disk: a[2].load(Relaxed) }
-    }
-
-    pub fn get(&self, tier: Tier) -> u64 {
-        match tier {
-            Tier::Slot => self.slot,
-            Tier::Memory => self.memory,
-            Tier::Disk => self.disk,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct MemoryStatus {
-    pub entries: usize,
-    pub bytes: u64,
-    pub budget_bytes: u64,
-    pub hits: u64,
-}
-
-/// Park and restore durations: a histogram's buckets (upper bounds in
-/// seconds, cumulative counts), its sum and count, by operation.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct CopyTimes {
-    pub bounds: Vec<f64>,
-    pub park: Histo,
-    pub restore: Histo,
-    /// Reading a cache file back (checksum included), before the request reaches its instance.
-    pub disk_read: Histo,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Histo {
-    pub buckets: Vec<u64>,
-    pub sum: f64,
-    pub count: u64,
-}
-
-const COPY_BOUNDS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0];
-
-#[derive(Default)]
-struct Histogram {
-    buckets: [u64; COPY_BOUNDS.len()],
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (i, b) in COPY_BOUNDS.iter().enumerate() {
-            if seconds <= *b {
-                self.buckets[i] += 1;
-            }
-        }
-        self.sum += seconds;
-        self.count += 1;
-    }
-
-    fn snapshot(&self) -> Histo {
-        Histo { buckets: self.buckets.to_vec(), sum: self.sum, count: self.count }
-    }
 }
 
 /// The process's KV tiers, shared by every local instance.
@@ -415,20 +323,21 @@ impl KvTiers {
     /// Forgets a deleted conversation's cache everywhere (in whatever
     /// namespace), and parks nothing of it again.
     pub fn forget_conversation(&self, conversation: u64) {
-        let keys: Vec<CacheKey> = {
-            let mut mem = self.mem();
-            let keys: Vec<CacheKey> = mem.entries.keys().filter(|k| k.conversation == conversation).copied().collect();
-            for k in &keys {
-                let e = mem.entries.remove(k).expect("present");
-                mem.bytes -= e.state.len() as u64;
-            }
+        {
+            let mut guard = self.mem();
+            let mem = &mut *guard;
+            mem.entries.retain(|k, e| {
+                let keep = k.conversation != conversation;
+                if !keep {
+                    mem.bytes -= e.state.len() as u64;
+                }
+                keep
+            });
             if mem.deleted.len() >= MAX_DELETED {
                 mem.deleted.clear();
             }
             mem.deleted.insert(conversation);
-            keys
-        };
-        drop(keys);
+        }
         if let Some(d) = &self.disk {
             d.remove_conversation(conversation);
         }
