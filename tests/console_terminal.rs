@@ -125,7 +125,7 @@ fn the_console_edits_recalls_cancels_and_leaves() {
     s.wait_for("(reply stopped)", Duration::from_secs(5));
     s.wait_prompt(Duration::from_secs(5));
     assert!(s.alive(), "Ctrl-C does not leave the console");
-    // /pool shows the slot free again (asked again for up to 2 s: the
+    // /pool shows the slot free again (asked again until it does: the
     // cancellation lands at the instance's next step).
     let started = Instant::now();
     loop {
@@ -138,7 +138,7 @@ fn the_console_edits_recalls_cancels_and_leaves() {
             assert!(screen.contains("Available: 1/1 slots on 1 instance"), "{screen}");
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(2), "the pool is not idle after Ctrl-C:\n{screen}");
+        assert!(started.elapsed() < Duration::from_secs(30), "the pool is not idle after Ctrl-C:\n{screen}");
         std::thread::sleep(Duration::from_millis(200));
     }
 

@@ -6,9 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{embed_model_path, options, start};
+use common::{embed_model_path, eventually, options, start};
 use modelpool_actors::chat::import::ImportMessage;
-use modelpool_actors::memory::store::{open_sled, ConversationStore, NewMessage};
+use modelpool_actors::memory::store::{open_sled, ConversationStore, NewMessage, StoreError};
 use modelpool_actors::memory::{EmbedderOptions, IndexOptions, Priority};
 use modelpool_actors::{
     ChatHandle, ChatOptions, Conversation, ConversationId, Durability, EmbedderHandle, EngineError, Role,
@@ -176,7 +176,10 @@ async fn a_256_input_embeddings_request_delays_a_chat_turns_recall_by_at_most_on
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let s = Instant::now();
+    let batches_before = embedder.health().batches;
     let recalled = chat.recall(&id, QUESTION).await.unwrap();
+    let batches_during = embedder.health().batches - batches_before;
+    let bulk_left = !running.is_finished();
     let during_ms = s.elapsed().as_secs_f64() * 1e3;
     assert!(recalled.first().is_some_and(|r| r.content == FACT), "{recalled:?}");
     let (n, bulk_ms) = running.await.unwrap();
@@ -185,13 +188,11 @@ async fn a_256_input_embeddings_request_delays_a_chat_turns_recall_by_at_most_on
         "one batch of 16: {batch_ms:.0} ms; recall alone {alone_ms:.0} ms, beside 256 inputs {during_ms:.0} ms; \
          the 256 inputs took {bulk_ms:.0} ms"
     );
-    // At most the batch in progress when it arrived (twice one batch: other
-    // tests share the cores, so one batch's time varies).
-    assert!(
-        during_ms <= alone_ms + 2.0 * batch_ms,
-        "a chat turn waited behind bulk work: {during_ms:.0} ms vs {alone_ms:.0} ms alone, one batch {batch_ms:.0} ms"
-    );
-    assert!(bulk_ms > 4.0 * batch_ms, "the bulk request was long enough to matter ({bulk_ms:.0} ms)");
+    // The recall waited for the batch in progress when it arrived, at most,
+    // and then went first: two batches ended meanwhile (that one and its
+    // own), whatever the machine's speed, while bulk texts still waited.
+    assert!(batches_during <= 2, "a chat turn waited behind {} bulk batches", batches_during.saturating_sub(1));
+    assert!(bulk_left, "the bulk request was still running when the recall was answered");
     chat.pool().shutdown().await;
     chat.shutdown().await.unwrap();
 }
@@ -259,7 +260,16 @@ async fn a_restart_with_20000_vectors_is_ready_within_5_s_and_recalls_the_same()
         }
         let pool = start(options(1, 8)).await;
         let embedder = EmbedderHandle::start(&embed_model_path(), 1).await.unwrap();
-        let store = open_sled(dir.path(), Durability::Sync).unwrap();
+        // The previous run's store lets go of the directory once its last task ends.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let store = loop {
+            match open_sled(dir.path(), Durability::Sync) {
+                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                other => break other.unwrap(),
+            }
+        };
         let started = Instant::now();
         let chat = ChatHandle::start_on(pool, embedder, store, opts).await.unwrap();
         let ready_s = started.elapsed().as_secs_f64();
@@ -289,7 +299,6 @@ async fn a_restart_with_20000_vectors_is_ready_within_5_s_and_recalls_the_same()
         runs.push(results);
         chat.pool().shutdown().await;
         chat.shutdown().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(runs[0], runs[2], "per-conversation recall is the same after a restart");
     assert_eq!(runs[1], runs[3], "namespace recall is the same after a restart");
@@ -312,10 +321,9 @@ async fn a_failing_hanging_or_full_embedder_is_a_clear_error_within_its_timeout(
     assert_eq!(embedder.embed_one("pasta").await.unwrap().len(), 384, "a failed batch does not break the context");
 
     let embedder = embedder.with_timeout(Duration::from_millis(800));
-    embedder.inject_fault(Fault::StallNextDecode(Duration::from_secs(6))).await;
-    let s = Instant::now();
+    // The stall outlasts any test run: an answer at all is the timeout's.
+    embedder.inject_fault(Fault::StallNextDecode(Duration::from_secs(60))).await;
     let err = embedder.embed_one("pasta").await.unwrap_err();
-    assert!(s.elapsed() < Duration::from_millis(4000), "answered within the timeout, not the stall: {:?}", s.elapsed());
     assert!(err.to_string().contains("embed_timeout_ms (800 ms)") && err.to_string().contains("restarted"), "{err}");
     assert_eq!(embedder.health().restarts, 1);
     let embedder = embedder.with_timeout(Duration::from_secs(30));
@@ -328,15 +336,16 @@ async fn a_failing_hanging_or_full_embedder_is_a_clear_error_within_its_timeout(
     embedder.inject_fault(Fault::StallNextDecode(Duration::from_millis(1500))).await;
     let busy = embedder.clone();
     let busy = actix::spawn(async move { busy.embed_one("keeps the context busy").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(Duration::from_secs(10), "the stalled text is being embedded", || embedder.health().embedding == 1)
+        .await;
     let waiting = embedder.clone();
     let many: Vec<String> = (0..16).map(|i| format!("text {i}")).collect();
     let waiting = actix::spawn(async move { waiting.embed_as(many, Priority::Bulk).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(embedder.health().queued, 16);
-    let s = Instant::now();
+    eventually(Duration::from_secs(10), "16 texts queued", || embedder.health().queued == 16).await;
+    // Refused, not queued: the answer comes while the context is still stalled.
     let err = embedder.embed_one("one more").await.unwrap_err();
-    assert!(s.elapsed() < Duration::from_millis(50), "refused at once");
+    let h = embedder.health();
+    assert_eq!((h.embedding, h.queued), (1, 16), "refused while the queue was full");
     assert!(matches!(err, EngineError::EmbedQueueFull { max_queued: 16 }), "{err:?}");
     assert!(err.to_string().contains("embed_queue") && err.to_string().contains("retry after 1 s"), "{err}");
     assert_eq!(busy.await.unwrap().unwrap().len(), 384);

@@ -12,10 +12,18 @@ use modelpool_actors::{
     InstanceOptions, PoolError, PoolHandle, PoolOptions, Usage,
 };
 
-/// Creates instances until `fail_after`, then refuses; counts attempts.
+/// Creates instances until `fail_after`, then refuses; counts attempts and
+/// notes when each was made.
 struct FakeEngine {
     created: AtomicUsize,
     fail_after: usize,
+    attempts: std::sync::Mutex<Vec<Instant>>,
+}
+
+impl FakeEngine {
+    fn new(fail_after: usize) -> Self {
+        Self { created: AtomicUsize::new(0), fail_after, attempts: Default::default() }
+    }
 }
 
 struct FakeInstance {
@@ -69,6 +77,7 @@ impl Engine for FakeEngine {
         EngineInfo { model_name: "fake".into(), weights_bytes: 0, n_ctx_train: 0, per_request: false }
     }
     fn create_instance(&self, _: usize, _: &InstanceOptions) -> Result<Box<dyn InstanceBackend>, EngineError> {
+        self.attempts.lock().unwrap().push(Instant::now());
         if self.created.fetch_add(1, Ordering::SeqCst) >= self.fail_after {
             return Err(EngineError::Context("fake: out of memory".into()));
         }
@@ -96,16 +105,28 @@ fn opts(n: usize) -> PoolOptions {
 
 #[actix::test]
 async fn failing_replacements_back_off_instead_of_spinning() {
-    let engine = Arc::new(FakeEngine { created: AtomicUsize::new(0), fail_after: 2 });
+    let engine = Arc::new(FakeEngine::new(2));
     let pool = PoolHandle::start(engine.clone(), opts(2), Arc::new(|_| {})).await.unwrap();
     let lease = pool.acquire().await.unwrap();
     pool.inject_fault(lease.instance(), Fault::FailNextDecode).await;
     let err = lease.run(GenerateRequest::default(), Duration::from_secs(5)).collect_text().await.unwrap_err();
     assert!(matches!(err, PoolError::InstanceFailed { .. }), "{err:?}");
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    // 200 + 400 + 800 ms of backoff: at most 4 replacement attempts in 1.6 s.
-    let attempts = engine.created.load(Ordering::SeqCst) - 2;
-    assert!((2..=4).contains(&attempts), "{attempts} replacement attempts");
+    // Three failed replacements (the first at once), each after a wait
+    // that doubles: 200, 400, 800 ms. A busy machine only makes the gaps longer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while engine.created.load(Ordering::SeqCst) < 2 + 4 {
+        assert!(Instant::now() < deadline, "replacements stopped being tried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let times = engine.attempts.lock().unwrap()[2..6].to_vec();
+    for (i, pair) in times.windows(2).enumerate() {
+        let (gap, least) = (pair[1] - pair[0], Duration::from_millis(200 << i));
+        assert!(
+            gap >= least,
+            "replacement attempt {} came {gap:?} after the one before, under the {least:?} back-off",
+            i + 2
+        );
+    }
     let s = pool.status().await.unwrap();
     assert_eq!((s.available, s.unhealthy + s.loading), (1, 1), "{s}");
     // The healthy instance keeps serving meanwhile.
@@ -122,7 +143,7 @@ async fn failing_replacements_back_off_instead_of_spinning() {
 
 #[actix::test]
 async fn start_up_fails_with_the_instance_named_when_a_context_cannot_be_made() {
-    let engine = Arc::new(FakeEngine { created: AtomicUsize::new(0), fail_after: 1 });
+    let engine = Arc::new(FakeEngine::new(1));
     let err = PoolHandle::start(engine, opts(3), Arc::new(|_| {})).await.err().unwrap();
     assert!(err.to_string().contains("instance 2") && err.to_string().contains("out of memory"), "{err}");
 }
@@ -131,10 +152,7 @@ async fn start_up_fails_with_the_instance_named_when_a_context_cannot_be_made() 
 async fn a_waiter_dropped_before_its_queue_reply_does_not_hold_a_queue_place() {
     let mut o = opts(1);
     o.max_queue = 1;
-    let pool =
-        PoolHandle::start(Arc::new(FakeEngine { created: AtomicUsize::new(0), fail_after: 9 }), o, Arc::new(|_| {}))
-            .await
-            .unwrap();
+    let pool = PoolHandle::start(Arc::new(FakeEngine::new(9)), o, Arc::new(|_| {})).await.unwrap();
     let held = pool.acquire().await.unwrap();
     // Polled once: the Acquire is in the manager's mailbox; dropped before the reply.
     {
@@ -146,8 +164,15 @@ async fn a_waiter_dropped_before_its_queue_reply_does_not_hold_a_queue_place() {
         let pool = pool.clone();
         actix::spawn(async move { pool.acquire().await.map(|l| l.instance()) })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let status = pool.status().await.unwrap();
+    // The live waiter gets the one place (a leaked place would refuse it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = pool.status().await.unwrap();
+        if status.queued >= 1 || Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(status.queued, 1, "only the live waiter is queued: {status:?}");
     drop(held);
     assert_eq!(next.await.unwrap().unwrap(), 0);

@@ -92,15 +92,15 @@ async fn acquire_timeout_and_full_queue_are_typed_errors_and_leak_nothing() {
     };
     wait_for(&pool, Duration::from_secs(2), |s| s.queued == 1).await;
     // ...so a third finds the queue full, at once.
-    let t = Instant::now();
     let full = pool.acquire().await.map(|_| ());
     assert!(matches!(full, Err(PoolError::QueueFull { max_queue: 1 })), "{full:?}");
-    assert!(t.elapsed() < Duration::from_millis(200), "queue full is immediate: {:?}", t.elapsed());
+    // Refused, not queued: the second request still holds the one place.
+    assert_eq!(pool.status().await.unwrap().queued, 1, "queue full is immediate");
     assert_eq!(full.unwrap_err().error_type(), "queue_full");
 
     let (res, waited) = waiting.await.unwrap();
     assert!(matches!(res, Err(PoolError::AcquireTimeout { timeout_ms: 400 })), "{res:?}");
-    assert!(waited >= Duration::from_millis(390) && waited < Duration::from_secs(3), "waited {waited:?}");
+    assert!(waited >= Duration::from_millis(390), "gave up before the timeout: waited {waited:?}");
 
     drop(held);
     let s = wait_for(&pool, Duration::from_secs(2), |s| s.available == 1).await;

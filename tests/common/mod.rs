@@ -76,6 +76,17 @@ pub async fn start(opts: PoolOptions) -> PoolHandle {
     PoolHandle::start(engine(), opts, Arc::new(|_| {})).await.expect("pool starts")
 }
 
+/// Polls `cond` until it holds; panics naming `what` after `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("{what}: not reached within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Polls the pool status until `cond` holds; panics with the last status after `limit`.
 pub async fn wait_for(pool: &PoolHandle, limit: Duration, cond: impl Fn(&PoolStatus) -> bool) -> PoolStatus {
     let deadline = tokio::time::Instant::now() + limit;

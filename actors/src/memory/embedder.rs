@@ -63,6 +63,8 @@ pub struct EmbedderHealth {
     pub last_error: Option<String>,
     /// Texts waiting now.
     pub queued: usize,
+    /// Calls being embedded now (taken from the queue, not answered yet).
+    pub embedding: usize,
     /// Batches decoded and texts embedded since start.
     pub batches: u64,
     pub texts: u64,
@@ -349,6 +351,8 @@ impl EmbedderHandle {
     pub fn health(&self) -> EmbedderHealth {
         let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner()).clone();
         h.queued = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).texts;
+        h.embedding =
+            self.shared.workers.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|w| w.busy_jobs.len()).sum();
         h.batches = self.shared.batches.load(Ordering::Relaxed);
         h.texts = self.shared.texts.load(Ordering::Relaxed);
         h
