@@ -122,6 +122,26 @@ async fn completions_answer_with_the_served_model_and_honour_penalties() {
     let (status, r) = post(&server, "/v1/chat/completions", ask(json!({ "tools": [{ "type": "function" }] }))).await;
     assert_eq!(status, 400, "{r}");
     assert_eq!(r["error"]["param"], "tools");
+    // llama-server's sampling fields this server does not implement change
+    // the answer: refused by name, never ignored; their neutral values pass.
+    for (field, value) in [
+        ("grammar", json!("root ::= \"yes\" | \"no\"")),
+        ("json_schema", json!({ "type": "object" })),
+        ("mirostat", json!(2)),
+        ("typical_p", json!(0.5)),
+        ("dry_multiplier", json!(0.8)),
+        ("xtc_probability", json!(0.5)),
+        ("n_probs", json!(3)),
+        ("ignore_eos", json!(true)),
+        ("samplers", json!(["top_k"])),
+    ] {
+        let (status, r) = post(&server, "/v1/chat/completions", ask(json!({ field: value }))).await;
+        assert_eq!(status, 400, "{field}: {r}");
+        assert_eq!(r["error"]["param"], field, "{r}");
+    }
+    let neutral = json!({ "mirostat": 0, "typical_p": 1.0, "n_probs": 0, "ignore_eos": false, "grammar": "" });
+    let (status, r) = post(&server, "/v1/chat/completions", ask(neutral)).await;
+    assert_eq!(status, 200, "neutral values change nothing: {r}");
     let (status, r) =
         post(&server, "/v1/chat/completions", ask(json!({ "user": "u1", "store": false, "metadata": {} }))).await;
     assert_eq!(status, 200, "options that do not apply are ignored: {r}");

@@ -99,10 +99,38 @@ fn refuse_unsupported(other: &HashMap<String, Value>) -> Result<(), ApiError> {
             "response_format" if v.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") => {
                 return unsupported(field, v)
             }
+            // llama-server's own fields that would change the answer: refused
+            // unless they carry the value that changes nothing.
+            f if changes_the_answer(f, v) => return unsupported(field, v),
             _ => {}
         }
     }
     Ok(())
+}
+
+/// Whether a llama-server sampling field this server does not implement
+/// asks for something other than its neutral value (which changes nothing).
+fn changes_the_answer(field: &str, v: &Value) -> bool {
+    if v.is_null() {
+        return false;
+    }
+    let number = |neutral: f64| v.as_f64().is_none_or(|x| x != neutral);
+    match field {
+        "grammar" | "json_schema" | "samplers" | "dry_sequence_breakers" => match v {
+            Value::String(s) => !s.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+            Value::Array(a) => !a.is_empty(),
+            _ => true,
+        },
+        "mirostat" | "n_probs" | "dry_multiplier" | "xtc_probability" | "dynatemp_range" | "top_n_sigma" => {
+            // top_n_sigma: −1 is off in llama-server.
+            number(0.0) && !(field == "top_n_sigma" && v.as_f64() == Some(-1.0))
+        }
+        "typical_p" => number(1.0),
+        "ignore_eos" => v.as_bool() != Some(false),
+        "n_predict" => true,
+        _ => false,
+    }
 }
 
 /// The first 60 characters of a JSON value, for error messages.
@@ -254,10 +282,8 @@ async fn completions(
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let body = body.into_inner();
-    let streaming = body.stream;
     let namespace = auth.namespace.unwrap_or_default();
-    let result =
-        unless_client_gone(&http, streaming, completions_inner(&state, &http, &namespace, body, started)).await;
+    let result = unless_client_gone(&http, completions_inner(&state, &http, &namespace, body, started)).await;
     if let Err(e) = &result {
         state.metrics.finished("chat_completions", started, Err(e));
     }
