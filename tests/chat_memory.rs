@@ -77,8 +77,21 @@ async fn chat(backing: &Backing, opts: ChatOptions, n_ctx: u32) -> ChatHandle {
 async fn chat_on(backing: &Backing, opts: ChatOptions, pool_opts: modelpool_actors::PoolOptions) -> ChatHandle {
     let pool = start(pool_opts).await;
     let embedder = EmbedderHandle::start(&embed_model_path(), 1).await.unwrap();
-    let store = store::open(&backing.spec()).await.unwrap();
-    ChatHandle::start_on(pool, embedder, store, opts).await.unwrap()
+    ChatHandle::start_on(pool, embedder, open_when_released(&backing.spec()).await, opts).await.unwrap()
+}
+
+/// Opens the store, waiting (with a deadline) while the chat layer that
+/// had it before is still letting go of its directory.
+async fn open_when_released(spec: &StoreSpec) -> store::ConversationStore {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match store::open(spec).await {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => return other.unwrap(),
+        }
+    }
 }
 
 const SMALL_TALK: &[&str] = &[
@@ -138,7 +151,6 @@ async fn restart_keeps_messages_order_and_recall_and_deletion_is_final(backing: 
         chat.shutdown().await.unwrap();
         (a, b, before)
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let chat = chat(&backing, opts, 1024).await;
     let after = chat.history(&kept.conversation_id, None, 100).await.unwrap();
@@ -320,5 +332,78 @@ async fn a_hung_or_dead_embedder_is_restarted_and_the_next_turn_works() {
     let pool = start(options(1, 4)).await;
     let chat = ChatHandle::start(pool, embedder, dir.path(), Durability::Sync, chat_options(4, 4)).await.unwrap();
     chat.say(None, "Still here?").await.unwrap();
+    chat.shutdown().await.unwrap();
+}
+
+/// Two replicas on one PostgreSQL database with namespace recall: what a
+/// user told replica A is recalled on replica B without a restart, and a
+/// message stored without its vector (its embedding failed) is embedded
+/// and recalled at the conversation's next turn.
+#[actix::test]
+async fn namespace_recall_reads_other_replicas_writes_and_repairs_missing_vectors() {
+    let backing = Backing::postgres();
+    let mut opts = chat_options(0, 4);
+    opts.cross_conversation = true;
+    opts.index = modelpool_actors::memory::IndexOptions { graph_from: usize::MAX, ..Default::default() };
+    let pool = start(options(1, 8)).await;
+    let embedder = EmbedderHandle::start(&embed_model_path(), 1).await.unwrap();
+    let open = || async { store::open(&backing.spec()).await.unwrap() };
+    let a = ChatHandle::start_on(pool.clone(), embedder.clone(), open().await, opts.clone()).await.unwrap();
+    let b = ChatHandle::start_on(pool.clone(), embedder.clone(), open().await, opts.clone()).await.unwrap();
+
+    let on_b = b.say(None, "What a nice morning it is.").await.unwrap();
+    let send = |text: &str| SendMessage {
+        conversation_id: None,
+        namespace: Some("default".into()),
+        text: text.into(),
+        sampling: None,
+    };
+    let told =
+        a.send(send("My sister Margot lives in Lisbon and teaches the violin.")).await.unwrap().finish().await.unwrap();
+    let found = b.recall(&on_b.conversation_id, "Which instrument does Margot teach?").await.unwrap();
+    assert!(found.iter().any(|r| r.id == told.user_message_id), "replica B does not see A's message: {found:?}");
+
+    // A message whose embedding never came (stored without a vector, as
+    // after a crash): the conversation's next turn embeds it.
+    let conv = b.conversation(&on_b.conversation_id).await.unwrap();
+    let orphan = b
+        .store()
+        .append(&conv, false, Role::User, "The spare bicycle key hangs behind the kitchen door.", 12, &[])
+        .await
+        .unwrap();
+    b.say(Some(conv.id), "Good.").await.unwrap();
+    let found = b.recall(&on_b.conversation_id, "Where is the key for the bike?").await.unwrap();
+    assert!(found.iter().any(|r| r.id == orphan.id), "the message without a vector is never recalled: {found:?}");
+    let found_on_a = a.recall(&told.conversation_id, "Where is the key for the bike?").await.unwrap();
+    assert!(found_on_a.iter().any(|r| r.id == orphan.id), "A does not see the repaired vector: {found_on_a:?}");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// Users repeat themselves: a question asked five times recalls the fact it
+/// asks about every time, never its own earlier copies.
+#[actix::test]
+async fn a_question_asked_five_times_recalls_the_fact_never_its_own_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start(options(1, 8)).await;
+    let embedder = EmbedderHandle::start(&embed_model_path(), 1).await.unwrap();
+    let chat = ChatHandle::start(pool, embedder, dir.path(), Durability::Sync, chat_options(4, 4)).await.unwrap();
+    let fact = chat.say(None, "My garden has three olive trees and a fig tree.").await.unwrap();
+    let id = fact.conversation_id;
+    for t in SMALL_TALK.iter().chain(&SMALL_TALK[..4]) {
+        chat.say(Some(id), t).await.unwrap();
+    }
+    const QUESTION: &str = "What did I say about my garden?";
+    for i in 0..5 {
+        let found = chat.recall(&id, QUESTION).await.unwrap();
+        assert!(found.iter().any(|r| r.id == fact.user_message_id), "ask {i}: the fact is not recalled: {found:?}");
+        assert!(found.iter().all(|r| r.content != QUESTION), "ask {i}: the question recalled itself: {found:?}");
+        let mut seen = std::collections::HashSet::new();
+        assert!(
+            found.iter().all(|r| seen.insert(r.content.to_lowercase())),
+            "ask {i}: a repeat was recalled twice: {found:?}"
+        );
+        chat.say(Some(id), QUESTION).await.unwrap();
+    }
     chat.shutdown().await.unwrap();
 }

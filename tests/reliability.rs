@@ -402,3 +402,178 @@ async fn non_streaming_clients_that_hang_up_queued_or_running_are_cancelled() {
     let tokens = pool(&server).await["totals"]["tokens"].as_u64().unwrap();
     assert!(tokens < 300, "{tokens} tokens were generated for clients that had hung up");
 }
+
+/// Issue acceptance: 30 `/chat` clients of one conversation that leave
+/// after a second. Turns waiting for the conversation's earlier turn count
+/// as queued; a turn whose client left before it saw any of its reply
+/// stores nothing, so the conversation keeps only the answered turns.
+#[actix::test]
+async fn thirty_chat_clients_of_one_conversation_leaving_after_a_second_store_only_answered_turns() {
+    let server = Server::start(&["--instances", "1"], &[("MODELPOOL_MAX_QUEUE", "64")]);
+    let first: Value = http()
+        .post(server.url("/chat"))
+        .json(&json!({ "message": "Hello, remember the word lighthouse.", "max_tokens": 4 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = first["conversation_id"].as_str().unwrap().to_string();
+    let impatient = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+    let clients = (0..30).map(|i| {
+        let (client, server, id) = (&impatient, &server, &id);
+        async move {
+            let body = json!({ "conversation_id": id, "message": format!("Question {i}: tell me a story about boats."), "max_tokens": 48 });
+            match client.post(server.url("/chat")).json(&body).send().await {
+                Ok(res) if res.status() == 200 => match res.json::<Value>().await {
+                    Ok(v) => Some(v["message_id"].as_u64().unwrap()),
+                    Err(_) => None,
+                },
+                Ok(res) => panic!("client {i}: {} {}", res.status(), res.text().await.unwrap_or_default()),
+                Err(e) => {
+                    assert!(e.is_timeout(), "client {i}: {e}");
+                    None
+                }
+            }
+        }
+    });
+    let answered: Vec<u64> = futures::future::join_all(clients).await.into_iter().flatten().collect();
+    assert!(answered.len() < 30, "the test needs clients that leave: every one was answered");
+
+    // Everything the departed clients asked for is given up: the instance,
+    // the queue, and the turns waiting for the conversation.
+    all_idle(&server, Duration::from_secs(2)).await;
+    assert_eq!(pool(&server).await["waiting_for_conversation"], 0);
+
+    let history: Value =
+        http().get(server.url(&format!("/conversations/{id}?limit=1000"))).send().await.unwrap().json().await.unwrap();
+    let messages = history["messages"].as_array().unwrap();
+    assert_eq!(
+        messages.len(),
+        2 + 2 * answered.len(),
+        "{} turns answered, yet the conversation holds {} messages",
+        answered.len(),
+        messages.len()
+    );
+    let replies: Vec<u64> =
+        messages.iter().filter(|m| m["role"] == "assistant").map(|m| m["id"].as_u64().unwrap()).collect();
+    for id in &answered {
+        assert!(replies.contains(id), "answered reply {id} is not stored");
+    }
+    // The conversation goes on.
+    let next = http()
+        .post(server.url("/chat"))
+        .json(&json!({ "conversation_id": id, "message": "Which word did I ask you to remember?", "max_tokens": 8 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200);
+}
+
+/// A turn waiting for its conversation's earlier turn takes a queue place:
+/// past `max_queue` others are refused (503), and it times out like any queued request (504).
+#[actix::test]
+async fn turns_waiting_for_their_conversation_count_as_queued_and_time_out() {
+    let server =
+        Server::start(&["--instances", "1"], &[("MODELPOOL_MAX_QUEUE", "1"), ("MODELPOOL_ACQUIRE_TIMEOUT_MS", "1500")]);
+    let first: Value = http()
+        .post(server.url("/chat"))
+        .json(&json!({ "message": "Hi.", "max_tokens": 2 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = first["conversation_id"].as_str().unwrap().to_string();
+    let long = json!({ "conversation_id": id, "message": "Write a very long story about the sea.", "max_tokens": 400, "stream": true });
+    let running = http().post(server.url("/chat")).json(&long).send().await.unwrap();
+    assert_eq!(running.status(), 200);
+    let mut events = running.bytes_stream();
+    assert!(events.next().await.is_some_and(|c| c.is_ok()));
+
+    let second = {
+        let (url, id) = (server.url("/chat"), id.clone());
+        actix::spawn(async move {
+            let body = json!({ "conversation_id": id, "message": "And another?", "max_tokens": 4 });
+            http().post(url).json(&body).send().await.unwrap()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool(&server).await["waiting_for_conversation"] != 1 {
+        assert!(Instant::now() < deadline, "the second turn never waited: {:#}", pool(&server).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pool(&server).await["queued"], 1, "a turn waiting for its conversation counts as queued");
+    // The one queue place is taken: a third request is refused at once.
+    let third = http()
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({ "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 2 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(third.status(), 503, "{}", third.text().await.unwrap_or_default());
+    let second = second.await.unwrap();
+    assert_eq!(second.status(), 504);
+    let body: Value = second.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("1500 ms"), "{body:#}");
+    drop(events);
+    all_idle(&server, Duration::from_secs(10)).await;
+}
+
+/// A client that half-closes its side after sending the request (as
+/// `shutdown(SHUT_WR)` does) still reads its answer; one that closes the
+/// socket is gone, and its generation stops.
+#[actix::test]
+async fn a_half_closed_client_gets_its_answer_and_a_closed_one_is_cancelled() {
+    use std::io::{Read, Write};
+    let server = Server::start(&["--instances", "1"], &[]);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let body = json!({ "messages": [{ "role": "user", "content": "Say hello." }], "max_tokens": 24 }).to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = {
+        let (addr, request) = (addr.clone(), request.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .await
+        .unwrap()
+    };
+    // Interim responses (`100 Continue`) may come first; the final one is a 200.
+    let mut last = answer.as_str();
+    while let Some(rest) = last.strip_prefix("HTTP/1.1 100 Continue\r\n\r\n") {
+        last = rest;
+    }
+    assert!(last.starts_with("HTTP/1.1 200"), "the half-closed client was not answered:\n{answer}");
+    assert!(answer.contains("chat.completion"), "{answer}");
+
+    // A client that closes entirely while its long answer is generated is gone.
+    let tokens_before = pool(&server).await["totals"]["tokens"].as_u64().unwrap();
+    let long = json!({ "messages": [{ "role": "user", "content": "Write a very long story about a lighthouse." }], "max_tokens": 400 }).to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
+        long.len()
+    );
+    {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pool(&server).await["in_use"] != 1 {
+            assert!(Instant::now() < deadline, "the long request never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } // closed here
+    all_idle(&server, Duration::from_secs(10)).await;
+    let spent = pool(&server).await["totals"]["tokens"].as_u64().unwrap() - tokens_before;
+    assert!(spent < 300, "{spent} tokens were generated for a client that had closed its socket");
+}

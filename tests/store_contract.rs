@@ -116,6 +116,56 @@ async fn import_is_whole_and_ordered(store: ConversationStore) {
     assert_eq!(store.count(&conv.id).await.unwrap(), 6);
 }
 
+/// `GET /conversations` pages in the store: newest first, one namespace
+/// (or all), from a cursor, leaving out what was deleted; a multi-message
+/// append is one write.
+async fn pages_by_namespace_newest_first(store: ConversationStore) {
+    let mut made = Vec::new();
+    for i in 0..7u64 {
+        let mut conv = Conversation::new(if i % 2 == 0 { "tenant-a" } else { "tenant-b" });
+        conv.created_at_ms = 1_700_000_000_000 + i / 2; // ties on the date: ordered by id
+        store.append(&conv, true, Role::User, &format!("conversation {i}"), 1, &[1.0, 0.0]).await.unwrap();
+        made.push(conv);
+    }
+    let key = |c: &Conversation| std::cmp::Reverse((c.created_at_ms, c.id));
+    let mut a: Vec<Conversation> = made.iter().filter(|c| c.namespace == "tenant-a").cloned().collect();
+    a.sort_by_key(key);
+    let mut all = made.clone();
+    all.sort_by_key(key);
+    let ids = |v: &[Conversation]| v.iter().map(|c| c.id).collect::<Vec<_>>();
+
+    let page1 = store.conversations_page(Some("tenant-a"), None, 3).await.unwrap();
+    assert_eq!(ids(&page1), ids(&a[..3]));
+    let last = page1.last().unwrap();
+    let page2 = store.conversations_page(Some("tenant-a"), Some((last.created_at_ms, last.id)), 3).await.unwrap();
+    assert_eq!(ids(&page2), ids(&a[3..]));
+    assert_eq!(ids(&store.conversations_page(None, None, 100).await.unwrap()), ids(&all));
+    assert!(store.conversations_page(Some("tenant-c"), None, 10).await.unwrap().is_empty());
+    assert!(
+        store.conversations_page(Some("tenant"), None, 10).await.unwrap().is_empty(),
+        "a prefix is not a namespace"
+    );
+
+    // A deleted conversation is left out of the pages.
+    store.delete_conversation(&a[1].id).await.unwrap();
+    let page = store.conversations_page(Some("tenant-a"), None, 10).await.unwrap();
+    assert_eq!(ids(&page), [a[0].id, a[2].id, a[3].id]);
+    assert_eq!(store.conversations_page(None, None, 100).await.unwrap().len(), 6);
+
+    // A turn stores its user message and reply together, after the conversation's last.
+    let turn = vec![
+        NewMessage::now(Role::User, "question", 1, vec![0.0, 1.0]),
+        NewMessage::now(Role::Assistant, "answer", 1, Vec::new()),
+    ];
+    let stored = store.append_messages(&a[0], false, turn).await.unwrap();
+    let back = store.messages(&a[0].id, None, 10).await.unwrap();
+    assert_eq!(back.len(), 3);
+    assert_eq!(back[1..], stored[..]);
+    assert_eq!(store.count(&a[0].id).await.unwrap(), 3);
+    let gone = vec![NewMessage::now(Role::User, "late", 1, Vec::new())];
+    assert!(matches!(store.append_messages(&a[1], false, gone).await, Err(StoreError::NotFound(_))));
+}
+
 #[actix::test]
 async fn sled_store_keeps_order_and_deletes_vectors() {
     let dir = tempfile::tempdir().unwrap();
@@ -123,6 +173,20 @@ async fn sled_store_keeps_order_and_deletes_vectors() {
     let s = store::open(&spec).await.unwrap();
     concurrent_appends_keep_exact_order(s.clone(), s.clone()).await;
     import_is_whole_and_ordered(s).await;
+}
+
+#[actix::test]
+async fn sled_store_pages_conversations_by_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StoreSpec::Sled { data_dir: dir.path().to_path_buf(), durability: Durability::Sync };
+    pages_by_namespace_newest_first(store::open(&spec).await.unwrap()).await;
+}
+
+#[actix::test]
+async fn postgres_store_pages_conversations_by_namespace() {
+    let pg = Postgres::start();
+    let spec = StoreSpec::Postgres { url: pg.create_database("listing") };
+    pages_by_namespace_newest_first(store::open(&spec).await.unwrap()).await;
 }
 
 #[actix::test]

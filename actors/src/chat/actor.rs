@@ -3,6 +3,7 @@
 //! on a leased instance (streaming), store the reply. Turns of different
 //! conversations run concurrently; turns of one conversation run in order.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -140,15 +141,27 @@ pub enum ChatEvent {
     Error(ChatError),
 }
 
-/// A turn in progress.
+/// A turn in progress. Dropping it stops the generation; a turn dropped
+/// before any piece of its reply was read (by [`Self::next_event`] or as a
+/// stream) stores nothing, its user message included.
 pub struct ChatStream {
     pub conversation_id: ConversationId,
     pub(crate) rx: UnboundedReceiver<ChatEvent>,
+    /// Set when a piece of the reply was handed to the caller.
+    pub(crate) delivered: Arc<AtomicBool>,
 }
 
 impl ChatStream {
     pub async fn next_event(&mut self) -> Option<ChatEvent> {
-        self.rx.recv().await
+        let ev = self.rx.recv().await;
+        self.note(&ev);
+        ev
+    }
+
+    fn note(&self, ev: &Option<ChatEvent>) {
+        if matches!(ev, Some(ChatEvent::Token(_))) {
+            self.delivered.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Waits for the whole reply.
@@ -171,13 +184,16 @@ impl futures::Stream for ChatStream {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<ChatEvent>> {
-        self.rx.poll_recv(cx)
+        let polled = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(ev) = &polled {
+            self.note(ev);
+        }
+        polled
     }
 }
 
 /// Sends a user message; starts a new conversation when `conversation_id` is none.
-#[derive(Message, Clone, Debug)]
-#[rtype(result = "Result<ChatStream, ChatError>")]
+#[derive(Clone, Debug)]
 pub struct SendMessage {
     pub conversation_id: Option<ConversationId>,
     /// Namespace (user or tenant) of a new conversation.
@@ -208,14 +224,6 @@ impl Actor for ChatActor {
     /// The actor owns its arbiter (see `ChatHandle::start_on`).
     fn stopped(&mut self, _: &mut Self::Context) {
         Arbiter::current().stop();
-    }
-}
-
-impl Handler<SendMessage> for ChatActor {
-    type Result = ResponseFuture<Result<ChatStream, ChatError>>;
-
-    fn handle(&mut self, msg: SendMessage, _: &mut Self::Context) -> Self::Result {
-        Box::pin(self.core.clone().send(msg))
     }
 }
 

@@ -46,6 +46,8 @@ impl ChatHandle {
         opts: ChatOptions,
     ) -> Result<Self, ChatError> {
         let started = std::time::Instant::now();
+        // What other replicas store from now on is read by later turns (namespace recall).
+        let opened_at_ms = store.clock_ms().await?;
         let index_opts = IndexOptions { namespaces: opts.cross_conversation, ..opts.index.clone() };
         let index = VectorIndex::open(&store, embedder.dim(), index_opts).await?;
         let stats = index.stats();
@@ -55,7 +57,7 @@ impl ChatHandle {
             millis = started.elapsed().as_millis() as u64,
             "vector index opened"
         );
-        let core = Arc::new(ChatCore::new(store, index, embedder, pool, opts));
+        let core = Arc::new(ChatCore::new(store, index, embedder, pool, opts, opened_at_ms));
         // Turns run on an arbiter of their own: whatever a turn does between
         // its awaits never delays the pool manager's thread.
         let arbiter = Arbiter::new();
@@ -76,9 +78,16 @@ impl ChatHandle {
         &self.core.opts
     }
 
-    /// Starts a turn; the stream yields the reply as it is generated.
+    /// Starts a turn; the stream yields the reply as it is generated. The
+    /// turn's first half (waiting for the conversation's earlier turn,
+    /// recall, prompt, waiting for an instance) runs in this future:
+    /// dropping it before it resolves (a client that left) gives up the
+    /// turn, and nothing is stored.
     pub async fn send(&self, msg: SendMessage) -> Result<ChatStream, ChatError> {
-        self.addr.send(msg).await.map_err(|_| ChatError::Stopped)?
+        if !self.addr.connected() {
+            return Err(ChatError::Stopped);
+        }
+        self.core.clone().send(msg).await
     }
 
     /// A whole turn with the default sampling.
@@ -93,6 +102,17 @@ impl ChatHandle {
 
     pub async fn conversations(&self) -> Result<Vec<Conversation>, ChatError> {
         Ok(self.core.store.list_conversations().await?)
+    }
+
+    /// A page of conversations, newest first: those of `namespace` (all
+    /// when none) created before the cursor (created_at_ms, id).
+    pub async fn conversations_page(
+        &self,
+        namespace: Option<&str>,
+        before: Option<(u64, ConversationId)>,
+        limit: usize,
+    ) -> Result<Vec<Conversation>, ChatError> {
+        Ok(self.core.store.conversations_page(namespace, before, limit).await?)
     }
 
     /// The conversation store.

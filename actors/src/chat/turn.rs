@@ -4,7 +4,7 @@
 //! Turns of one conversation are serialised by a per-conversation lock.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,7 +16,7 @@ use crate::chat::actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStrea
 use crate::engine::CacheKey;
 use crate::memory::index::{Hit, Scope, VectorIndex};
 use crate::memory::prompt_builder::{build_prompt, BuiltPrompt, PromptBudget, Recalled};
-use crate::memory::store::{Conversation, ConversationId, ConversationStore, StoredMessage};
+use crate::memory::store::{Conversation, ConversationId, ConversationStore, NewMessage, StoredMessage};
 use crate::memory::{EmbedderHandle, Priority};
 use crate::params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, Usage};
 use crate::pool::handle::PoolHandle;
@@ -49,7 +49,32 @@ pub(crate) struct ChatCore {
     locks: Arc<ConversationLocks>,
     /// Turns whose second half (streaming, storing, embedding the reply) runs.
     pub(crate) running: Arc<AtomicUsize>,
+    /// With namespace recall on a shared store: per namespace, the store's
+    /// clock when this process last read the vectors other replicas added.
+    synced: Mutex<HashMap<String, u64>>,
+    /// The store's clock just before the index was loaded at start-up.
+    opened_at_ms: u64,
 }
+
+/// Candidates searched per recalled message wanted.
+const RECALL_CANDIDATES: usize = 3;
+
+/// Cosine similarity from which a stored message counts as the query
+/// itself (the same question asked again, up to case and punctuation).
+const ECHO_SCORE: f32 = 0.97;
+
+/// A message's text for spotting repeats: lower case, words only.
+fn normalized(text: &str) -> String {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Vectors are read again from this long before the last read: a write
+/// that was stamped before it but committed after is still found.
+const SYNC_OVERLAP_MS: u64 = 2_000;
 
 /// Counts a running turn for as long as it lives.
 struct Running(Arc<AtomicUsize>);
@@ -67,13 +92,39 @@ impl ChatCore {
         embedder: EmbedderHandle,
         pool: PoolHandle,
         opts: ChatOptions,
+        opened_at_ms: u64,
     ) -> Self {
-        Self { store, index, embedder, pool, opts, locks: Arc::default(), running: Arc::default() }
+        Self {
+            store,
+            index,
+            embedder,
+            pool,
+            opts,
+            locks: Arc::default(),
+            running: Arc::default(),
+            synced: Mutex::default(),
+            opened_at_ms,
+        }
     }
 
     pub(crate) async fn lock(&self, id: ConversationId) -> TurnLock {
         let m = self.locks.0.lock().unwrap_or_else(|e| e.into_inner()).entry(id).or_default().clone();
         TurnLock { guard: Some(m.lock_owned().await), locks: self.locks.clone(), id }
+    }
+
+    /// The lock of a turn: when an earlier turn of the conversation holds
+    /// it, the wait counts as a queued request (against the pool's
+    /// `max_queue`) and times out like one.
+    async fn lock_turn(&self, id: ConversationId) -> Result<TurnLock, ChatError> {
+        let m = self.locks.0.lock().unwrap_or_else(|e| e.into_inner()).entry(id).or_default().clone();
+        // Made before the wait: a wait given up (timeout, client gone) still
+        // forgets the conversation's mutex when nobody else holds it.
+        let mut lock = TurnLock { guard: None, locks: self.locks.clone(), id };
+        lock.guard = Some(match m.clone().try_lock_owned() {
+            Ok(guard) => guard,
+            Err(_) => self.pool.wait_outside(m.lock_owned()).await?,
+        });
+        Ok(lock)
     }
 
     fn scope(&self, conv: &Conversation) -> Scope {
@@ -95,33 +146,52 @@ impl ChatCore {
         clock: &StoreClock,
     ) -> Result<Vec<Recalled>, ChatError> {
         let scope = self.scope(conv);
-        if matches!(scope, Scope::Conversation(_)) {
+        // The conversation's own vectors are checked in both scopes: a
+        // message stored without one (its embedding failed) is embedded now.
+        if stored > 0 {
             self.ensure_loaded(conv, stored, clock).await?;
         }
+        if let Scope::Namespace(ns) = &scope {
+            self.sync_namespace(ns, clock).await?;
+        }
         // Scoring is CPU work: a blocking thread does it, never an arbiter.
+        // More candidates than are kept: echoes and repeats are left out below.
         let (core, query) = (self.clone(), vector.to_vec());
+        let wanted = self.opts.recall_k;
+        let candidates = wanted.saturating_mul(RECALL_CANDIDATES).saturating_add(2);
         let hits: Vec<Hit> = actix_web::rt::task::spawn_blocking(move || {
             // None only if the conversation was evicted since it was loaded:
             // it then has nothing to recall from this turn on, which is rare
             // enough (a cache of 256k vectors) not to load it twice.
-            core.index.search(&query, core.opts.recall_k, &scope, &exclude).unwrap_or_default()
+            core.index.search(&query, candidates, &scope, &exclude).unwrap_or_default()
         })
         .await
         .map_err(|_| ChatError::Internal("searching the memory index panicked".into()))?;
-        let hits: Vec<Hit> = hits.into_iter().filter(|h| h.score >= self.opts.recall_min_score).collect();
+        // An earlier copy of the question itself (users repeat themselves)
+        // tells the model nothing: a hit that close to the query is left out.
+        let hits: Vec<Hit> =
+            hits.into_iter().filter(|h| h.score >= self.opts.recall_min_score && h.score < ECHO_SCORE).collect();
         if hits.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<(ConversationId, u64)> = hits.iter().map(|h| (h.conversation_id, h.id)).collect();
         let mut found: HashMap<u64, StoredMessage> =
             clock.time(self.store.messages_by_id(&ids)).await?.into_iter().map(|m| (m.id, m)).collect();
-        // Best first; a message deleted meanwhile (by another replica) is left out.
+        // Best first; a message deleted meanwhile (by another replica) is
+        // left out, and so is a repeat of a message already kept.
+        let mut seen = HashSet::new();
         Ok(hits
             .into_iter()
             .filter_map(|h| {
                 let m = found.remove(&h.id)?;
-                Some(Recalled { id: m.id, role: m.role, content: m.content, score: h.score })
+                seen.insert(normalized(&m.content)).then(|| Recalled {
+                    id: m.id,
+                    role: m.role,
+                    content: m.content,
+                    score: h.score,
+                })
             })
+            .take(wanted)
             .collect())
     }
 
@@ -159,6 +229,29 @@ impl ChatCore {
         })
         .await
         .map_err(|_| ChatError::Internal("loading a conversation's vectors panicked".into()))
+    }
+
+    /// With namespace recall on a shared store, adds to the namespace's
+    /// index the vectors other replicas stored since this process last looked.
+    async fn sync_namespace(self: &Arc<Self>, ns: &str, clock: &StoreClock) -> Result<(), ChatError> {
+        if !self.store.shared() {
+            return Ok(());
+        }
+        let last = self.synced.lock().unwrap_or_else(|e| e.into_inner()).get(ns).copied();
+        let since = last.unwrap_or(self.opened_at_ms).saturating_sub(SYNC_OVERLAP_MS);
+        let (vectors, now) = clock.time(self.store.namespace_vectors_since(ns, since)).await?;
+        self.synced.lock().unwrap_or_else(|e| e.into_inner()).insert(ns.to_string(), now);
+        let index = self.index.clone();
+        let ns = ns.to_string();
+        actix_web::rt::task::spawn_blocking(move || {
+            let missing: Vec<_> = vectors.into_iter().filter(|(id, _, _)| !index.contains(&ns, *id)).collect();
+            if !missing.is_empty() {
+                tracing::debug!(namespace = %ns, loaded = missing.len(), "vectors other replicas stored joined the namespace index");
+                index.insert_namespace(missing, &ns);
+            }
+        })
+        .await
+        .map_err(|_| ChatError::Internal("adding other replicas' vectors panicked".into()))
     }
 
     /// Embeds and stores the vectors of a conversation's messages that have
@@ -277,7 +370,7 @@ impl ChatCore {
             Some(id) => (clock.time(self.store.conversation(&id)).await?, false),
             None => (Conversation::new(msg.namespace.as_deref().unwrap_or("default")), true),
         };
-        let guard = self.lock(conv.id).await;
+        let guard = self.lock_turn(conv.id).await?;
 
         let vector = self.embedder.embed_one(&msg.text).await.map_err(ChatError::Embedding)?;
         let stored = if is_new { 0 } else { clock.time(self.store.count(&conv.id)).await? };
@@ -290,37 +383,33 @@ impl ChatCore {
             self.recall(&conv, &vector, exclude, stored, &clock).await?
         };
         let (recalled, built) = self.build(&recent, recalled, &msg.text, sampling.max_tokens).await?;
-        let engine = self.pool.engine().clone();
 
-        // Admission before anything is stored: a rejected turn leaves no trace.
         // The conversation's next turn goes back to the instance that holds its prefix.
         // Its KV cache is kept by conversation, within its namespace.
         let key = Some(CacheKey::new(&conv.namespace, conv.id.as_bytes()));
         let request = GenerateRequest { messages: built.messages.clone(), sampling };
-        let mut memory_ns = memory_started.elapsed().as_nanos() as u64;
+        let memory_ns = memory_started.elapsed().as_nanos() as u64;
         let generation = self.pool.generate_for(request, key).await?;
-        let after_admission = Instant::now();
         let (instance, slot) = (generation.instance(), generation.slot());
-        let user_tokens = engine.count_tokens(&msg.text);
-        let user_msg =
-            clock.time(self.store.append(&conv, is_new, Role::User, &msg.text, user_tokens, &vector)).await?;
-        if is_new {
-            self.index.start_conversation(conv.id);
-        }
-        self.index_message(user_msg.id, &conv, vector).await;
-        memory_ns += after_admission.elapsed().as_nanos() as u64;
 
+        // Nothing is stored yet: the user message is stored with the reply,
+        // once the client has seen some of it (a turn whose client left
+        // before that, or that failed, leaves no trace).
         let (tx, rx) = unbounded_channel();
+        let delivered = Arc::new(AtomicBool::new(false));
         let turn = Turn {
             core: self.clone(),
             conv: conv.clone(),
-            user_msg,
+            is_new,
+            user_text: msg.text,
+            user_vector: vector,
             recalled,
             prompt: built.messages,
             instance,
             slot,
             clock,
             memory_ns,
+            delivered: delivered.clone(),
         };
         self.running.fetch_add(1, Ordering::SeqCst);
         let running = Running(self.running.clone());
@@ -328,7 +417,7 @@ impl ChatCore {
             let _running = running;
             turn.stream(generation, tx, guard).await
         });
-        Ok(ChatStream { conversation_id: conv.id, rx })
+        Ok(ChatStream { conversation_id: conv.id, rx, delivered })
     }
 
     /// Embeds a stored message that has no vector yet (a reply, just
@@ -403,7 +492,10 @@ impl Drop for TurnLock {
 struct Turn {
     core: Arc<ChatCore>,
     conv: Conversation,
-    user_msg: StoredMessage,
+    /// Whether the conversation is stored with this turn.
+    is_new: bool,
+    user_text: String,
+    user_vector: Vec<f32>,
     recalled: Vec<Recalled>,
     prompt: Vec<ChatMessage>,
     instance: usize,
@@ -411,6 +503,8 @@ struct Turn {
     clock: StoreClock,
     /// Time spent on memory work on the answer's path so far.
     memory_ns: u64,
+    /// Set once the client has read a piece of the reply ([`ChatStream`]).
+    delivered: Arc<AtomicBool>,
 }
 
 impl Turn {
@@ -448,10 +542,15 @@ impl Turn {
         if client_gone {
             outcome = Ok(Completion { usage: Usage::default(), finish_reason: FinishReason::Cancelled });
         }
-        // The reply is stored, then answered; its embedding follows, off the
-        // answer's path but before the conversation's next turn may start
-        // (this turn still holds the conversation's lock).
+        // The turn is stored (user message and reply together), then
+        // answered; the reply's embedding follows, off the answer's path but
+        // before the conversation's next turn may start (this turn still
+        // holds the conversation's lock). A turn whose client saw none of
+        // the reply (it left, or the generation failed first) stores nothing:
+        // a retry would store it twice.
+        let seen = self.delivered.load(Ordering::SeqCst);
         let (event, saved) = match outcome {
+            Ok(_) if client_gone && !seen => (ChatEvent::Error(ChatError::Stopped), None),
             Ok(done) => match self.save(&text, &done).await {
                 Ok(reply) => {
                     let id = reply.message_id;
@@ -461,7 +560,7 @@ impl Turn {
             },
             Err(e) => {
                 let mut saved = None;
-                if !text.is_empty() {
+                if seen {
                     let partial = Completion { usage: Usage::default(), finish_reason: FinishReason::Cancelled };
                     saved = self.save(&text, &partial).await.ok().map(|r| r.message_id);
                 }
@@ -478,16 +577,30 @@ impl Turn {
     async fn save(&self, text: &str, done: &Completion) -> Result<ChatReply, ChatError> {
         let core = &self.core;
         let started = Instant::now();
-        let tokens = if done.usage.completion_tokens > 0 {
-            done.usage.completion_tokens
-        } else {
-            core.pool.engine().count_tokens(text)
-        };
-        let msg = self.clock.time(core.store.append(&self.conv, false, Role::Assistant, text, tokens, &[])).await?;
+        // A remote tokenizer answers over HTTP: counted on a blocking thread.
+        let (engine, counted) = (core.pool.engine().clone(), done.usage.completion_tokens);
+        let (user_text, reply_text) = (self.user_text.clone(), text.to_string());
+        let (user_tokens, tokens) = actix_web::rt::task::spawn_blocking(move || {
+            let reply = if counted > 0 { counted } else { engine.count_tokens(&reply_text) };
+            (engine.count_tokens(&user_text), reply)
+        })
+        .await
+        .map_err(|_| ChatError::Internal("counting a turn's tokens panicked".into()))?;
+        let messages = vec![
+            NewMessage::now(Role::User, &self.user_text, user_tokens, self.user_vector.clone()),
+            NewMessage::now(Role::Assistant, text, tokens, Vec::new()),
+        ];
+        let stored = self.clock.time(core.store.append_messages(&self.conv, self.is_new, messages)).await?;
+        let [user_msg, msg] = <[StoredMessage; 2]>::try_from(stored)
+            .map_err(|_| ChatError::Internal("the store did not return both messages of a turn".into()))?;
+        if self.is_new {
+            core.index.start_conversation(self.conv.id);
+        }
+        core.index_message(user_msg.id, &self.conv, self.user_vector.clone()).await;
         let memory_ms = (self.memory_ns + started.elapsed().as_nanos() as u64) as f64 / 1e6;
         Ok(ChatReply {
             conversation_id: self.conv.id,
-            user_message_id: self.user_msg.id,
+            user_message_id: user_msg.id,
             message_id: msg.id,
             reply: text.to_string(),
             usage: done.usage,

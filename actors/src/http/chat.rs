@@ -139,7 +139,7 @@ async fn chat(
             _ => body.conversation_id = Some(header),
         }
     }
-    let result = unless_client_gone(&http, body.stream, chat_inner(&state, &auth, body, started)).await;
+    let result = unless_client_gone(&http, chat_inner(&state, &auth, body, started)).await;
     // Every outcome but a started stream is counted here, once.
     if let Err(e) = &result {
         state.metrics.finished("chat", started, Err(e));

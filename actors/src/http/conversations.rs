@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chat::{parse_conversation_id, visible_conversation};
 use super::{ApiError, ApiState, Authorized};
+use crate::chat::actor::ChatError;
 use crate::chat::import::ImportMessage;
 use crate::memory::store::StoredMessage;
 use crate::params::Role;
@@ -118,18 +119,23 @@ async fn list_conversations(
     }
     let limit = limit as usize;
     let before = q.before.as_deref().map(parse_cursor).transpose()?;
-    let mut all: Vec<_> = chat.conversations().await?.into_iter().filter(|c| auth.may_see(&c.namespace)).collect();
-    all.sort_by_key(|c| std::cmp::Reverse((c.created_at_ms, c.id)));
-    let page: Vec<_> = all
-        .into_iter()
-        .filter(|c| before.is_none_or(|(ms, id)| (c.created_at_ms, c.id) < (ms, id)))
-        .take(limit + 1)
-        .collect();
+    // Paged in the store, within the caller's namespace (every namespace for an admin key).
+    let page = chat.conversations_page(auth.namespace.as_deref(), before, limit + 1).await?;
     let next_before = (page.len() > limit).then(|| cursor_of(&page[limit - 1]));
     let mut items = Vec::with_capacity(limit);
     for c in page.into_iter().take(limit) {
-        let first = chat.history(&c.id, None, 1).await?;
-        let title = c.title.clone().unwrap_or_else(|| first.first().map(|m| title_of(&m.content)).unwrap_or_default());
+        let title = match &c.title {
+            Some(t) => t.clone(),
+            // A conversation deleted since the page was read has no first message: its title is empty.
+            None => chat
+                .store()
+                .messages(&c.id, None, 1)
+                .await
+                .map_err(ChatError::from)?
+                .first()
+                .map(|m| title_of(&m.content))
+                .unwrap_or_default(),
+        };
         items.push(ConversationItem {
             conversation_id: c.id.to_string(),
             title,

@@ -1,10 +1,17 @@
-//! Noticing a client that hung up while its non-streaming request waits or
-//! generates. actix-web keeps running a handler whose client is gone (a
-//! streaming response notices at its next write; a JSON answer has nothing to
-//! write until the end), so a generation nobody will read would run to the
-//! end. The server records each connection's socket ([`record_peer`], from
-//! `HttpServer::on_connect`); [`client_gone`] peeks at it without reading: an
-//! orderly shutdown by the peer reads as 0 bytes.
+//! Noticing a client that hung up while its request waits or generates.
+//! actix-web keeps running a handler whose client is gone (a streaming
+//! response notices at its next write; a JSON answer has nothing to write
+//! until the end), so a generation nobody will read would run to the end. The
+//! server records each connection's socket ([`record_peer`], from
+//! `HttpServer::on_connect`); [`client_gone`] polls it without reading.
+//!
+//! An end of stream alone does not mean the client left: a client may
+//! half-close (`shutdown(SHUT_WR)`) after sending its request and still read
+//! the answer. Only a reset, or a socket error, means gone. A client that
+//! closed its socket entirely also reads as an end of stream, so on the first
+//! one an HTTP/1.1 connection is sent an interim `100 Continue` (which every
+//! HTTP/1.1 client must accept and skip): a half-closed client's kernel takes
+//! it, a closed one answers with a reset, seen at the next look.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
@@ -25,42 +32,84 @@ pub fn record_peer(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extension
     }
 }
 
-/// True when the peer closed its side (peek reads end of stream).
-fn closed(fd: RawFd) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: the connection (and so its socket) outlives the handler that
-    // asks: actix drops a handler together with its connection. MSG_PEEK
-    // leaves any pipelined bytes for actix to read; MSG_DONTWAIT never blocks.
-    let n = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-    n == 0
+/// What a look at the socket found.
+#[derive(Debug, PartialEq)]
+enum Peer {
+    /// Nothing to say (no bytes waiting, or pipelined bytes for actix).
+    Open,
+    /// The peer sent its FIN: it half-closed, or closed entirely.
+    EndOfStream,
+    /// A reset or another socket error: the peer is gone.
+    Gone,
 }
 
-/// Runs `work`; for a non-streaming request (a JSON answer has nothing to
-/// write until the end) it is abandoned, and so cancelled, when the client hangs up.
+fn look(fd: RawFd) -> Peer {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+    // SAFETY: the connection (and so its socket) outlives the handler that
+    // asks: actix drops a handler together with its connection. A timeout of
+    // 0 never blocks; poll reads nothing, so pipelined bytes stay for actix.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    if n <= 0 {
+        return Peer::Open;
+    }
+    // A reset (or a write answered by one) shuts both directions: POLLHUP.
+    if p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        Peer::Gone
+    } else if p.revents & libc::POLLRDHUP != 0 {
+        Peer::EndOfStream
+    } else {
+        Peer::Open
+    }
+}
+
+/// Writes an interim `100 Continue`; false when the socket refuses it (the
+/// peer is gone). Only while no byte of the response was written: the
+/// handler that asks has not answered yet.
+fn probe(fd: RawFd) -> bool {
+    const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+    // SAFETY: as in `look`; MSG_NOSIGNAL turns a broken pipe into an error.
+    let n =
+        unsafe { libc::send(fd, CONTINUE.as_ptr().cast(), CONTINUE.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    n == CONTINUE.len() as isize
+}
+
+/// Runs `work` (everything before the response starts: for a streaming
+/// request that is until its first event can be sent; for a JSON answer,
+/// the whole generation); it is abandoned, and so cancelled, when the
+/// client hangs up meanwhile.
 pub async fn unless_client_gone<T>(
     req: &HttpRequest,
-    streaming: bool,
     work: impl std::future::Future<Output = Result<T, ApiError>>,
 ) -> Result<T, ApiError> {
-    if streaming {
-        return work.await;
-    }
     tokio::select! {
         r = work => r,
         _ = client_gone(req) => Err(ApiError::ClientGone),
     }
 }
 
-/// Resolves when the client of `req` has hung up; never, when the server did
+/// Resolves when the client of `req` has gone; never, when the server did
 /// not record sockets (an embedding application without `record_peer`).
 pub async fn client_gone(req: &HttpRequest) {
     let Some(PeerSocket(fd)) = req.conn_data::<PeerSocket>().copied() else {
         return std::future::pending().await;
     };
+    // HTTP/1.0 has no interim responses: its clients do not half-close.
+    let may_probe = req.version() == actix_web::http::Version::HTTP_11;
+    let mut probed = false;
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if closed(fd) {
-            return;
+        match look(fd) {
+            Peer::Open => {}
+            Peer::Gone => return,
+            Peer::EndOfStream if !may_probe => return,
+            Peer::EndOfStream if !probed => {
+                probed = true;
+                if !probe(fd) {
+                    return;
+                }
+            }
+            // Half-closed and still reading: its reset, if it closes, comes as an error.
+            Peer::EndOfStream => {}
         }
     }
 }

@@ -16,6 +16,7 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
         "loading": status.loading,
         "unhealthy": status.unhealthy,
         "queued": status.queued,
+        "waiting_for_conversation": status.waiting_for_conversation,
         "replaced": status.replaced,
         "total": status.total,
         "summary": format!(

@@ -17,8 +17,8 @@ use crate::pool::lease::{GenerationStream, Lease};
 #[cfg(feature = "fault-injection")]
 use crate::pool::manager::InjectInto;
 use crate::pool::manager::{
-    Acquire, AcquireReply, CancelWait, DescribeInstance, GetStatus, PoolManager, PoolOptions, ProgressFn, Stop,
-    StopAccepting,
+    Acquire, AcquireReply, CancelWait, DescribeInstance, GetStatus, HoldOutside, PoolManager, PoolOptions, ProgressFn,
+    ReleaseOutside, Stop, StopAccepting,
 };
 use crate::pool::state::PoolStatus;
 
@@ -99,6 +99,24 @@ impl PoolHandle {
         result
     }
 
+    /// Runs `wait` (a chat turn waiting for its conversation's earlier turn)
+    /// as a queued request: it counts against `max_queue` (else
+    /// [`PoolError::QueueFull`]) and gives up after the acquire timeout.
+    /// Dropping the returned future gives the place up.
+    pub async fn wait_outside<T>(&self, wait: impl std::future::Future<Output = T>) -> Result<T, PoolError> {
+        self.addr.send(HoldOutside).await.map_err(|_| PoolError::ShuttingDown)??;
+        struct Place<'a>(&'a Addr<PoolManager>);
+        impl Drop for Place<'_> {
+            fn drop(&mut self) {
+                self.0.do_send(ReleaseOutside);
+            }
+        }
+        let _place = Place(&self.addr);
+        tokio::time::timeout(self.opts.acquire_timeout, wait)
+            .await
+            .map_err(|_| PoolError::AcquireTimeout { timeout_ms: self.opts.acquire_timeout.as_millis() as u64 })
+    }
+
     /// Checks a request before it takes an instance: valid sampling, and the
     /// prompt plus `max_tokens` fit in the context.
     pub fn check(&self, request: &GenerateRequest) -> Result<u32, EngineError> {
@@ -106,6 +124,20 @@ impl PoolHandle {
         let prompt_tokens = self.engine.count_prompt_tokens(&request.messages)?;
         check_fits(prompt_tokens, request.sampling.max_tokens, self.opts.instance.n_ctx)?;
         Ok(prompt_tokens)
+    }
+
+    /// [`Self::check`] where it may wait: a tokenizer behind HTTP (a
+    /// remote's `/tokenize`, up to its timeout) is asked from a blocking
+    /// thread, never from the caller's executor.
+    async fn checked(&self, request: GenerateRequest) -> Result<GenerateRequest, EngineError> {
+        if self.engine.tokenizer().0 != "remote" {
+            self.check(&request)?;
+            return Ok(request);
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.check(&request).map(|_| request))
+            .await
+            .map_err(|_| EngineError::Remote("the tokenizer's call panicked".into()))?
     }
 
     /// Checks the request, waits for an instance and starts generating.
@@ -123,7 +155,7 @@ impl PoolHandle {
         request: GenerateRequest,
         key: Option<CacheKey>,
     ) -> Result<GenerationStream, PoolError> {
-        self.check(&request)?;
+        let request = self.checked(request).await?;
         let lease = self.acquire_for(key.map(|k| k.affinity())).await?;
         let key = key.unwrap_or_else(|| CacheKey::of_messages("", &request.messages));
         // A cache on disk is read into memory here, off the instance's step loop.

@@ -369,6 +369,39 @@ impl Handler<Acquire> for PoolManager {
     }
 }
 
+/// A request starts waiting outside the pool's queue (for its
+/// conversation's earlier turn) and counts against `max_queue`.
+#[derive(Message)]
+#[rtype(result = "Result<(), PoolError>")]
+pub(crate) struct HoldOutside;
+
+impl Handler<HoldOutside> for PoolManager {
+    type Result = Result<(), PoolError>;
+
+    fn handle(&mut self, _: HoldOutside, _: &mut Self::Context) -> Self::Result {
+        if self.state.hold_outside() {
+            Ok(())
+        } else if self.state.status().accepting {
+            Err(PoolError::QueueFull { max_queue: self.opts.max_queue })
+        } else {
+            Err(PoolError::ShuttingDown)
+        }
+    }
+}
+
+/// A request stopped waiting outside the pool's queue.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ReleaseOutside;
+
+impl Handler<ReleaseOutside> for PoolManager {
+    type Result = ();
+
+    fn handle(&mut self, _: ReleaseOutside, _: &mut Self::Context) {
+        self.state.release_outside();
+    }
+}
+
 /// A waiter gave up.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -120,6 +120,9 @@ pub struct PoolState {
     /// Waiting requests in arrival order, each with its affinity key.
     waiters: VecDeque<(WaiterId, Option<u64>)>,
     max_queue: usize,
+    /// Requests waiting outside this queue that count against `max_queue`
+    /// too: chat turns waiting for their conversation's earlier turn.
+    outside: usize,
     next_id: u64,
     replaced: u64,
     accepting: bool,
@@ -149,7 +152,7 @@ impl PoolState {
                 probe_ms: None,
             })
             .collect();
-        Self { instances, waiters: VecDeque::new(), max_queue, next_id: 1, replaced: 0, accepting: true }
+        Self { instances, waiters: VecDeque::new(), max_queue, outside: 0, next_id: 1, replaced: 0, accepting: true }
     }
 
     fn fresh_id(&mut self) -> u64 {
@@ -188,7 +191,7 @@ impl PoolState {
                 return Admission::Granted { instance, slot, lease };
             }
         }
-        if self.waiters.len() >= self.max_queue {
+        if self.queued() >= self.max_queue {
             return Admission::Rejected;
         }
         let waiter = WaiterId(self.fresh_id());
@@ -225,6 +228,27 @@ impl PoolState {
         s.lease = Some(lease);
         // A request without a key leaves nothing to find again.
         s.affinity = affinity;
+    }
+
+    /// Requests waiting: in this queue and outside it.
+    pub fn queued(&self) -> usize {
+        self.waiters.len() + self.outside
+    }
+
+    /// A request starts waiting outside the queue (for its conversation's
+    /// earlier turn); false, and nothing counted, when the queue is full or
+    /// the pool stopped admitting.
+    pub fn hold_outside(&mut self) -> bool {
+        if !self.accepting || self.queued() >= self.max_queue {
+            return false;
+        }
+        self.outside += 1;
+        true
+    }
+
+    /// A request stopped waiting outside the queue.
+    pub fn release_outside(&mut self) {
+        self.outside = self.outside.saturating_sub(1);
     }
 
     /// A waiter gave up (timeout, client gone). Returns whether it was queued.
@@ -391,7 +415,8 @@ impl PoolState {
             in_use: self.instances.iter().map(Instance::leased).sum(),
             loading: count(&|h| matches!(h, Health::Loading | Health::Replacing)),
             unhealthy: count(&|h| h == Health::Unhealthy),
-            queued: self.waiters.len(),
+            queued: self.queued(),
+            waiting_for_conversation: self.outside,
             replaced: self.replaced,
             accepting: self.accepting,
             instances: self

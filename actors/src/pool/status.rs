@@ -84,7 +84,11 @@ pub struct PoolStatus {
     pub loading: usize,
     /// Instances marked broken, waiting for a replacement.
     pub unhealthy: usize,
+    /// Requests waiting for a slot, those waiting for their conversation's
+    /// earlier turn included: together at most `max_queue`.
     pub queued: usize,
+    /// Of `queued`, chat turns waiting for their conversation's earlier turn.
+    pub waiting_for_conversation: usize,
     pub replaced: u64,
     pub accepting: bool,
     pub instances: Vec<InstanceStatus>,

@@ -96,6 +96,13 @@ pub struct NewMessage {
     pub vector: Vec<f32>,
 }
 
+impl NewMessage {
+    /// A message written now.
+    pub fn now(role: Role, content: &str, token_count: u32, vector: Vec<f32>) -> Self {
+        Self { role, content: content.to_string(), created_at_ms: now_ms(), token_count, vector }
+    }
+}
+
 /// A stored vector: (message id, conversation id, vector).
 pub type StoredVector = (u64, ConversationId, Vec<f32>);
 
@@ -119,10 +126,30 @@ pub trait Store: Send + Sync {
 
     async fn list_conversations(&self) -> Result<Vec<Conversation>, StoreError>;
 
-    /// Stores a message and its embedding (none when `vector` is empty, see
-    /// [`Self::set_vector`]) atomically; returns once committed.
-    /// The conversation must exist, unless `new_conversation` says it is
-    /// stored now, with this first message.
+    /// A page of conversations, newest first (ties by id, highest first):
+    /// those of `namespace` (every namespace when none) created before the
+    /// cursor `before` = (created_at_ms, id). Reads about `limit` records,
+    /// not the whole store.
+    async fn conversations_page(
+        &self,
+        namespace: Option<&str>,
+        before: Option<(u64, ConversationId)>,
+        limit: usize,
+    ) -> Result<Vec<Conversation>, StoreError>;
+
+    /// Stores messages with their embeddings (none when a vector is empty,
+    /// see [`Self::set_vector`]) after the conversation's last, in order, all
+    /// or nothing; returns once committed. The conversation must exist,
+    /// unless `new_conversation` says it is stored now, with these messages.
+    /// A turn stores its user message and its reply together.
+    async fn append_messages(
+        &self,
+        conv: &Conversation,
+        new_conversation: bool,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// [`Self::append_messages`] of one message.
     async fn append(
         &self,
         conv: &Conversation,
@@ -131,7 +158,11 @@ pub trait Store: Send + Sync {
         content: &str,
         token_count: u32,
         vector: &[f32],
-    ) -> Result<StoredMessage, StoreError>;
+    ) -> Result<StoredMessage, StoreError> {
+        let message = NewMessage::now(role, content, token_count, vector.to_vec());
+        let mut stored = self.append_messages(conv, new_conversation, vec![message]).await?;
+        stored.pop().ok_or_else(|| StoreError::Corrupt("an append stored no message".into()))
+    }
 
     /// Stores a new conversation with all its messages, in order, at once:
     /// all or nothing.
@@ -165,6 +196,25 @@ pub trait Store: Send + Sync {
 
     /// Every stored vector, or one conversation's (messages without one are left out).
     async fn vectors(&self, conv: Option<&ConversationId>) -> Result<Vec<StoredVector>, StoreError>;
+
+    /// The store's clock in milliseconds, as [`Self::namespace_vectors_since`]
+    /// reads it. Only a shared store keeps one (0 otherwise).
+    async fn clock_ms(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// The vectors of `namespace` stored at or after `since_ms` by the
+    /// store's clock, whoever stored them (a replica with namespace recall
+    /// reads what other replicas added), and the store's clock when read. A
+    /// store no other process writes to has nothing to add.
+    async fn namespace_vectors_since(
+        &self,
+        namespace: &str,
+        since_ms: u64,
+    ) -> Result<(Vec<StoredVector>, u64), StoreError> {
+        let _ = (namespace, since_ms);
+        Ok((Vec::new(), 0))
+    }
 
     /// Makes every acknowledged write durable (sled with `durability = "async"`).
     async fn flush(&self) -> Result<(), StoreError>;

@@ -14,10 +14,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use uuid::Uuid;
 
-use super::{
-    now_ms, Conversation, ConversationId, Durability, NewMessage, Store, StoreError, StoredMessage, StoredVector,
-};
-use crate::params::Role;
+use super::{Conversation, ConversationId, Durability, NewMessage, Store, StoreError, StoredMessage, StoredVector};
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -29,6 +26,23 @@ fn msg_key(conv: &ConversationId, id: u64) -> [u8; 24] {
     let mut k = [0u8; 24];
     k[..16].copy_from_slice(conv.as_bytes());
     k[16..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// A conversation's key in the per-namespace listing tree.
+fn listing_key(c: &Conversation) -> Vec<u8> {
+    let mut k = Vec::with_capacity(c.namespace.len() + 25);
+    k.extend_from_slice(c.namespace.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&newest_key(c));
+    k
+}
+
+/// A conversation's key in the listing tree over every namespace.
+fn newest_key(c: &Conversation) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&c.created_at_ms.to_be_bytes());
+    k[8..].copy_from_slice(c.id.as_bytes());
     k
 }
 
@@ -52,6 +66,11 @@ pub struct SledStore {
     messages: sled::Tree,
     /// Embeddings keyed like `messages`.
     vectors: sled::Tree,
+    /// Conversations in listing order: namespace, NUL, created_at_ms (8
+    /// bytes, big-endian), id (16); empty values ([`listing_key`]).
+    listing: sled::Tree,
+    /// The same over every namespace: created_at_ms, id ([`newest_key`]).
+    newest: sled::Tree,
     durability: Durability,
     dir: std::path::PathBuf,
     /// The last write error, until a write succeeds again. sled keeps an I/O
@@ -79,7 +98,10 @@ impl SledStore {
                 open_err(text)
             }
         })?;
+        let had_listing = db.tree_names().iter().any(|n| n.as_ref() == b"conversation_listing");
         let store = Self {
+            listing: db.open_tree("conversation_listing")?,
+            newest: db.open_tree("conversation_newest")?,
             conversations: db.open_tree("conversations")?,
             messages: db.open_tree("messages")?,
             vectors: db.open_tree("conversation_vectors")?,
@@ -90,7 +112,27 @@ impl SledStore {
             writes: Arc::default(),
         };
         store.migrate_vectors()?;
+        if !had_listing {
+            store.build_listing()?;
+        }
         Ok(store)
+    }
+
+    /// Indexes the conversations of a store written before the listing
+    /// trees existed, once.
+    fn build_listing(&self) -> Result<(), StoreError> {
+        let mut n = 0usize;
+        for v in self.conversations.iter().values() {
+            let c: Conversation = decode(&v?)?;
+            self.listing.insert(listing_key(&c), &[])?;
+            self.newest.insert(newest_key(&c), &[])?;
+            n += 1;
+        }
+        self.db.flush()?;
+        if n > 0 {
+            tracing::info!(conversations = n, "indexed the stored conversations for listing");
+        }
+        Ok(())
     }
 
     /// Moves vectors of the earlier layout (`vectors`, keyed by message id,
@@ -182,10 +224,13 @@ impl SledStore {
             stored.push(msg);
         }
         let record = serde_json::to_vec(conv).expect("serialisable");
-        (&self.conversations, &self.messages, &self.vectors)
-            .transaction(|(c, m, v)| {
+        let (listed, newest) = (listing_key(conv), newest_key(conv));
+        (&self.conversations, &self.messages, &self.vectors, &self.listing, &self.newest)
+            .transaction(|(c, m, v, l, n)| {
                 if create {
                     c.insert(conv.id.as_bytes(), record.as_slice())?;
+                    l.insert(listed.as_slice(), &[])?;
+                    n.insert(newest.as_slice(), &[])?;
                 } else if c.get(conv.id.as_bytes())?.is_none() {
                     return Err(ConflictableTransactionError::Abort(()));
                 }
@@ -212,13 +257,24 @@ impl SledStore {
         // (8); a key of another length is not a message and is skipped.
         let ids: Vec<u64> =
             keys.iter().filter_map(|k| k.get(16..24)?.try_into().ok()).map(u64::from_be_bytes).collect();
-        (&self.conversations, &self.messages, &self.vectors)
-            .transaction(|(c, m, v)| {
+        let listed = match self.conversations.get(conv.as_bytes())? {
+            Some(bytes) => {
+                let c: Conversation = decode(&bytes)?;
+                Some((listing_key(&c), newest_key(&c)))
+            }
+            None => None,
+        };
+        (&self.conversations, &self.messages, &self.vectors, &self.listing, &self.newest)
+            .transaction(|(c, m, v, l, n)| {
                 for k in &keys {
                     m.remove(k)?;
                     v.remove(k)?;
                 }
                 c.remove(conv.as_bytes())?;
+                if let Some((listed, newest)) = &listed {
+                    l.remove(listed.as_slice())?;
+                    n.remove(newest.as_slice())?;
+                }
                 Ok::<_, ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
@@ -269,23 +325,54 @@ impl Store for SledStore {
         self.blocking(|s| s.conversations.iter().values().map(|v| decode(&v?)).collect()).await
     }
 
-    async fn append(
+    async fn conversations_page(
+        &self,
+        namespace: Option<&str>,
+        before: Option<(u64, ConversationId)>,
+        limit: usize,
+    ) -> Result<Vec<Conversation>, StoreError> {
+        let prefix: Vec<u8> = match namespace {
+            Some(ns) => [ns.as_bytes(), &[0]].concat(),
+            None => Vec::new(),
+        };
+        let by_namespace = namespace.is_some();
+        self.blocking(move |s| {
+            let tree = if by_namespace { &s.listing } else { &s.newest };
+            let mut end = prefix.clone();
+            match before {
+                Some((ms, id)) => {
+                    end.extend_from_slice(&ms.to_be_bytes());
+                    end.extend_from_slice(id.as_bytes());
+                }
+                // Past every key of the prefix (keys after it are 24 bytes).
+                None => end.extend_from_slice(&[0xff; 25]),
+            }
+            let mut page = Vec::with_capacity(limit.min(1024));
+            for key in tree.range(prefix.clone()..end).keys().rev() {
+                if page.len() >= limit {
+                    break;
+                }
+                let key = key?;
+                let Some(id) = key.get(key.len().saturating_sub(16)..).and_then(|b| Uuid::from_slice(b).ok()) else {
+                    continue;
+                };
+                // Deleted between the index read and this one: left out.
+                if let Some(bytes) = s.conversations.get(id.as_bytes())? {
+                    page.push(decode(&bytes)?);
+                }
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    async fn append_messages(
         &self,
         conv: &Conversation,
         new_conversation: bool,
-        role: Role,
-        content: &str,
-        token_count: u32,
-        vector: &[f32],
-    ) -> Result<StoredMessage, StoreError> {
-        let message = NewMessage {
-            role,
-            content: content.to_string(),
-            created_at_ms: now_ms(),
-            token_count,
-            vector: vector.to_vec(),
-        };
-        let r = self.write(conv, new_conversation, vec![message]).await.map(|mut v| v.remove(0));
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let r = self.write(conv, new_conversation, messages).await;
         self.noted(r)
     }
 

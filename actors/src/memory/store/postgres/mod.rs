@@ -25,9 +25,8 @@ use super::{Conversation, ConversationId, NewMessage, Store, StoreError, StoredM
 mod rows;
 mod url;
 
-use crate::params::Role;
 use rows::{
-    conversation_from, insert_conversation, insert_message, message_from, CONVERSATION_COLUMNS, MESSAGE_COLUMNS,
+    conversation_from, insert_conversation, insert_message, message_from, CONVERSATION_COLUMNS, MESSAGE_COLUMNS, NOW_MS,
 };
 pub use url::redact;
 
@@ -226,37 +225,61 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn append(
+    async fn conversations_page(
+        &self,
+        namespace: Option<&str>,
+        before: Option<(u64, ConversationId)>,
+        limit: usize,
+    ) -> Result<Vec<Conversation>, StoreError> {
+        let namespace = namespace.map(str::to_string);
+        // A cursor past every row: i64::MAX and the greatest uuid.
+        let (ms, id) = before
+            .map(|(ms, id)| (ms.min(i64::MAX as u64) as i64, id))
+            .unwrap_or((i64::MAX, uuid::Uuid::from_bytes([0xff; 16])));
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.run(move |pool| async move {
+            let rows = sqlx::query(&format!(
+                "SELECT {CONVERSATION_COLUMNS} FROM conversations \
+                 WHERE ($1::text IS NULL OR namespace = $1) AND (created_at_ms, id) < ($2, $3) \
+                 ORDER BY created_at_ms DESC, id DESC LIMIT $4"
+            ))
+            .bind(namespace)
+            .bind(ms)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(&pool)
+            .await?;
+            Ok(rows.iter().map(conversation_from).collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn append_messages(
         &self,
         conv: &Conversation,
         new_conversation: bool,
-        role: Role,
-        content: &str,
-        token_count: u32,
-        vector: &[f32],
-    ) -> Result<StoredMessage, StoreError> {
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let conv = conv.clone();
-        let message = NewMessage {
-            role,
-            content: content.to_string(),
-            created_at_ms: super::now_ms(),
-            token_count,
-            vector: vector.to_vec(),
-        };
         self.run(move |pool| async move {
             let mut tx = pool.begin().await?;
             if new_conversation {
                 insert_conversation(&mut tx, &conv, 1).await?;
             }
             // Takes the conversation's row lock until commit: its turns are ordered.
-            let seq: Option<i64> = sqlx::query_scalar(
-                "UPDATE conversations SET next_seq = next_seq + 1 WHERE id = $1 RETURNING next_seq - 1",
+            let n = messages.len() as i64;
+            let first: Option<i64> = sqlx::query_scalar(
+                "UPDATE conversations SET next_seq = next_seq + $2 WHERE id = $1 RETURNING next_seq - $2",
             )
             .bind(conv.id)
+            .bind(n)
             .fetch_optional(&mut *tx)
             .await?;
-            let Some(seq) = seq else { return Err(Failure::NotFound(conv.id)) };
-            let stored = insert_message(&mut tx, conv.id, seq, message).await?;
+            let Some(first) = first else { return Err(Failure::NotFound(conv.id)) };
+            let mut stored = Vec::with_capacity(messages.len());
+            for (i, m) in messages.into_iter().enumerate() {
+                stored.push(insert_message(&mut tx, conv.id, first + i as i64, m).await?);
+            }
             tx.commit().await?;
             Ok(stored)
         })
@@ -394,15 +417,56 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn clock_ms(&self) -> Result<u64, StoreError> {
+        self.run(|pool| async move {
+            let now: i64 = sqlx::query_scalar(&format!("SELECT {NOW_MS}")).fetch_one(&pool).await?;
+            Ok(now.max(0) as u64)
+        })
+        .await
+    }
+
+    async fn namespace_vectors_since(
+        &self,
+        namespace: &str,
+        since_ms: u64,
+    ) -> Result<(Vec<StoredVector>, u64), StoreError> {
+        let namespace = namespace.to_string();
+        let since = since_ms.min(i64::MAX as u64) as i64;
+        self.run(move |pool| async move {
+            let now: i64 = sqlx::query_scalar(&format!("SELECT {NOW_MS}")).fetch_one(&pool).await?;
+            let rows = sqlx::query(
+                "SELECT m.id, m.conversation_id, m.embedding FROM messages m \
+                 JOIN conversations c ON c.id = m.conversation_id \
+                 WHERE m.embedded_at_ms >= $2 AND c.namespace = $1 AND m.embedding IS NOT NULL",
+            )
+            .bind(namespace)
+            .bind(since)
+            .fetch_all(&pool)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push((
+                    row.try_get::<i64, _>("id")? as u64,
+                    row.try_get("conversation_id")?,
+                    row.try_get::<Vec<f32>, _>("embedding")?,
+                ));
+            }
+            Ok((out, now.max(0) as u64))
+        })
+        .await
+    }
+
     async fn set_vector(&self, conv: &ConversationId, id: u64, vector: &[f32]) -> Result<bool, StoreError> {
         let (conv, vector) = (*conv, vector.to_vec());
         self.run(move |pool| async move {
-            let done = sqlx::query("UPDATE messages SET embedding = $3 WHERE conversation_id = $1 AND id = $2")
-                .bind(conv)
-                .bind(id as i64)
-                .bind(&vector)
-                .execute(&pool)
-                .await?;
+            let done = sqlx::query(&format!(
+                "UPDATE messages SET embedding = $3, embedded_at_ms = {NOW_MS} WHERE conversation_id = $1 AND id = $2"
+            ))
+            .bind(conv)
+            .bind(id as i64)
+            .bind(&vector)
+            .execute(&pool)
+            .await?;
             Ok(done.rows_affected() == 1)
         })
         .await

@@ -54,6 +54,9 @@ pub(super) async fn insert_conversation(tx: &mut Tx, conv: &Conversation, next_s
     Ok(())
 }
 
+/// The database's clock in milliseconds (one clock for every replica).
+pub(super) const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
 /// Inserts one message at position `seq` of its conversation.
 pub(super) async fn insert_message(
     tx: &mut Tx,
@@ -61,10 +64,11 @@ pub(super) async fn insert_message(
     seq: i64,
     m: NewMessage,
 ) -> Result<StoredMessage, sqlx::Error> {
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO messages (conversation_id, seq, role, content, created_at_ms, token_count, embedding) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-    )
+    let id: i64 = sqlx::query_scalar(&format!(
+            "INSERT INTO messages \
+             (conversation_id, seq, role, content, created_at_ms, token_count, embedding, embedded_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $7::real[] IS NULL THEN NULL ELSE {NOW_MS} END) RETURNING id"
+        ))
     .bind(conversation_id)
     .bind(seq)
     .bind(m.role.as_str())
