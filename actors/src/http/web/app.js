@@ -177,7 +177,7 @@ async function send(text) {
   const controller = new AbortController();
   state.controller = controller;
   busy(true);
-  let acc = "";
+  let acc = "", fresh = false;
   try {
     const payload = { message: text, stream: true };
     if (state.conversation) payload.conversation_id = state.conversation;
@@ -210,14 +210,15 @@ async function send(text) {
         }
         const v = data ? JSON.parse(data) : {};
         if (event === "start") {
-          const fresh = state.conversation !== v.conversation_id;
+          // A new conversation is stored with its first turn: the list is read again once it ends.
+          fresh = state.conversation !== v.conversation_id;
           state.conversation = v.conversation_id;
-          if (fresh) loadConversations();
         } else if (event === "token") {
           acc += v.text;
           body.textContent = acc;
           reply.scrollIntoView({ block: "end" });
         } else if (event === "done") {
+          if (fresh) loadConversations();
           markdown(acc, body);
           if (v.recalled && v.recalled.length) showRecalled(reply, v.recalled);
           const u = v.usage || {};
@@ -233,6 +234,8 @@ async function send(text) {
     if (e.name === "AbortError") {
       markdown(acc, body);
       meta(reply, "stopped");
+      // What was shown is stored once the server sees the stop: list it then.
+      if (fresh && acc) setTimeout(() => loadConversations(), 1000);
     } else {
       notice("connection failed: " + e.message, () => send(text));
     }
