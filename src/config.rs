@@ -62,6 +62,9 @@ pub struct ServerConfig {
     /// Host names requests may carry in `Host` (besides the loopback names
     /// when bound to loopback); ["*"]: any.
     pub allowed_hosts: Vec<String>,
+    /// Origins (`https://app.example:8443`) whose browser pages may call the
+    /// API (CORS); ["*"]: any; empty: none (same-origin pages need none).
+    pub cors_origins: Vec<String>,
 }
 
 /// Chat memory settings.
@@ -331,6 +334,17 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        for origin in &self.server.cors_origins {
+            let rest = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+            let valid = origin == "*"
+                || rest.is_some_and(|r| !r.is_empty() && !r.contains(['/', ' ', ',']) && !r.contains('*'));
+            if !valid {
+                return invalid(
+                    "server.cors_origins",
+                    format!("each origin must be \"*\" or scheme://host[:port] without a path, got {origin:?}"),
+                );
+            }
+        }
         if self.instances == 0 && self.remote.is_empty() {
             return invalid("instances", "must be at least 1 when no [[remote]] is configured, got 0".into());
         }

@@ -10,6 +10,22 @@ use modelpool_actors::http::{self, ApiSettings, ApiState};
 use crate::config::Config;
 use crate::startup::start_chat;
 
+/// CORS for `server.cors_origins` (validated at load): an allowed origin
+/// gets the headers, any method and request header, and may read the
+/// routing headers; another origin gets none (its browser then keeps the
+/// answer from the page), and the request itself is served as usual.
+fn cors(origins: &[String]) -> actix_cors::Cors {
+    let cors = actix_cors::Cors::default()
+        .allow_any_method()
+        .allow_any_header()
+        .expose_headers(["x-conversation-id", "x-modelpool-node", "retry-after"])
+        .max_age(600);
+    if origins.iter().any(|o| o == "*") {
+        return cors.allow_any_origin();
+    }
+    origins.iter().fold(cors, |cors, origin| cors.allowed_origin(origin))
+}
+
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let settings = ApiSettings {
         api_keys: cfg.server.api_keys.clone(),
@@ -22,8 +38,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let state = ApiState::loading(settings);
     let drain = Duration::from_millis(cfg.server.drain_timeout_ms);
     let app_state = state.clone();
+    let origins = cfg.server.cors_origins.clone();
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(actix_web::middleware::Condition::new(!origins.is_empty(), cors(&origins)))
             .wrap(actix_web::middleware::Logger::new("%r %s %Dms").log_target("modelpool::http"))
             .configure(http::configure(app_state.clone()))
             .default_service(http::default_service())

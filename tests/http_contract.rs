@@ -125,8 +125,6 @@ async fn completions_answer_with_the_served_model_and_honour_penalties() {
     // llama-server's sampling fields this server does not implement change
     // the answer: refused by name, never ignored; their neutral values pass.
     for (field, value) in [
-        ("grammar", json!("root ::= \"yes\" | \"no\"")),
-        ("json_schema", json!({ "type": "object" })),
         ("mirostat", json!(2)),
         ("typical_p", json!(0.5)),
         ("dry_multiplier", json!(0.8)),
@@ -204,4 +202,85 @@ async fn on_loopback_only_loopback_host_names_are_answered_so_dns_rebinding_read
     let server = Server::start(&[], &[("MODELPOOL_SERVER_ALLOWED_HOSTS", "chat.internal")]);
     assert_eq!(get_as(&server, "/pool", "chat.internal").await, 200);
     assert_eq!(get_as(&server, "/pool", "evil.example").await, 403);
+}
+
+/// CORS is off by default; `server.cors_origins` lets the pages of the
+/// origins it names read answers (preflight included), and no other.
+#[actix::test]
+async fn browser_pages_of_allowed_origins_get_cors_headers_and_others_none() {
+    let c = reqwest::Client::new();
+    let allow = |res: &reqwest::Response| {
+        res.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string())
+    };
+    let server = Server::start(&[], &[]);
+    let res = c.get(server.url("/v1/models")).header("origin", "http://app.example").send().await.unwrap();
+    assert_eq!((res.status().as_u16(), allow(&res)), (200, None), "no CORS unless configured");
+    drop(server);
+
+    let server =
+        Server::start(&[], &[("MODELPOOL_SERVER_CORS_ORIGINS", "http://app.example,https://tools.example:8443")]);
+    let res = c.get(server.url("/v1/models")).header("origin", "http://app.example").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(allow(&res).as_deref(), Some("http://app.example"));
+    let preflight = c
+        .request(reqwest::Method::OPTIONS, server.url("/v1/chat/completions"))
+        .header("origin", "https://tools.example:8443")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization, content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(allow(&preflight).as_deref(), Some("https://tools.example:8443"));
+    let methods = preflight.headers().get("access-control-allow-methods").unwrap().to_str().unwrap().to_string();
+    assert!(methods.contains("POST"), "{methods}");
+    let res = c.get(server.url("/v1/models")).header("origin", "http://evil.example").send().await.unwrap();
+    assert_eq!((res.status().as_u16(), allow(&res)), (200, None), "another origin gets no CORS headers");
+    drop(server);
+
+    // An origin that is not one is refused at start-up, by name.
+    let out = common::modelpool_command()
+        .args(["serve", "--instances", "1"])
+        .env("MODELPOOL_SERVER_CORS_ORIGINS", "app.example/path")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("server.cors_origins") && err.contains("app.example/path"), "{err}");
+}
+
+/// `/v1/models` says which model chats and which embeds; a chat request
+/// naming the embedding model is a 400 saying so; with `include_usage`,
+/// chunks before the last carry `"usage": null`, as OpenAI's do.
+#[actix::test]
+async fn models_have_a_purpose_and_streamed_chunks_carry_null_usage() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let models: Value = http().get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let purposes: Vec<(&str, &str)> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap(), m["purpose"].as_str().unwrap()))
+        .collect();
+    assert_eq!(purposes, [("SmolLM2-135M-Instruct.Q4_1", "chat"), ("all-MiniLM-L6-v2.Q8_0", "embeddings")]);
+    let ask =
+        json!({ "model": "all-MiniLM-L6-v2", "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 2 });
+    let (status, r) = post(&server, "/v1/chat/completions", ask).await;
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["error"]["param"], "model");
+    assert!(r["error"]["message"].as_str().unwrap().contains("embedding model"), "{r}");
+
+    let body = json!({ "messages": [{ "role": "user", "content": "Say hi." }], "max_tokens": 6, "stream": true, "stream_options": { "include_usage": true } });
+    let text = http().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap().text().await.unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let (last, before) = chunks.split_last().unwrap();
+    assert!(!before.is_empty());
+    for c in before {
+        assert!(c.as_object().unwrap().contains_key("usage") && c["usage"].is_null(), "{c}");
+    }
+    assert!(last["usage"]["completion_tokens"].as_u64().is_some_and(|n| n > 0), "{last}");
 }

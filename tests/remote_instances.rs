@@ -404,3 +404,45 @@ async fn two_turns(server: &Server, first: &str, second: &str) -> (Value, Value)
     assert_eq!(s, 200, "{r2}");
     (r1, r2)
 }
+
+/// Structured output through a remote: the grammar (a JSON schema turned
+/// into one here) goes with the request, and llama-server's sampler follows it.
+#[actix::test]
+async fn a_remote_follows_the_requests_grammar_and_schema() {
+    let _one = serial();
+    let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
+    let server = Server::start(&["--instances", "0", "--remote", &remote.url()], &[]);
+    let ask = |extra: Value| {
+        let mut body = json!({ "messages": [{ "role": "user", "content": "Do you like tea?" }], "max_tokens": 48, "temperature": 0 });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let post = |body: Value| {
+        let url = server.url("/v1/chat/completions");
+        async move {
+            let r = http().post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, r) = post(ask(json!({ "grammar": "root ::= \"yes\" | \"no\"" }))).await;
+    assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(["yes", "no"].contains(&text), "the remote ignored the grammar: {r}");
+    let schema = json!({
+        "type": "object",
+        "properties": { "answer": { "type": "string", "enum": ["yes", "no"] }, "cups": { "type": "integer", "minimum": 0, "maximum": 9 } },
+        "required": ["answer", "cups"],
+        "additionalProperties": false
+    });
+    let format = json!({ "type": "json_schema", "json_schema": { "name": "tea", "schema": schema, "strict": true } });
+    let (status, r) = post(ask(json!({ "response_format": format }))).await;
+    assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {r}"));
+    assert!(
+        ["yes", "no"].contains(&v["answer"].as_str().unwrap()) && v["cups"].as_u64().is_some_and(|c| c <= 9),
+        "{v}"
+    );
+}

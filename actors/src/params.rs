@@ -73,6 +73,9 @@ pub struct SamplingParams {
     pub max_tokens: u32,
     /// Generation ends before any of these strings; they are not emitted.
     pub stop: Vec<String>,
+    /// A GBNF grammar (root rule `root`) the reply must follow: structured
+    /// output. A JSON schema is turned into one at the API ([`crate::grammar`]).
+    pub grammar: Option<String>,
 }
 
 impl Default for SamplingParams {
@@ -89,9 +92,13 @@ impl Default for SamplingParams {
             min_p: 0.0,
             max_tokens: 256,
             stop: Vec::new(),
+            grammar: None,
         }
     }
 }
+
+/// Longest grammar a request may carry (a JSON schema's is a few KiB).
+pub const MAX_GRAMMAR_BYTES: usize = 65_536;
 
 impl SamplingParams {
     /// Greedy decoding with the given token budget: deterministic output.
@@ -134,6 +141,10 @@ impl SamplingParams {
         }
         if self.max_tokens == 0 {
             return bad("max_tokens", "must be at least 1", self.max_tokens.to_string());
+        }
+        if self.grammar.as_ref().is_some_and(|g| g.trim().is_empty() || g.len() > MAX_GRAMMAR_BYTES) {
+            let len = self.grammar.as_ref().map_or(0, String::len);
+            return bad("grammar", "must be a non-empty GBNF grammar of at most 65536 bytes", format!("{len} bytes"));
         }
         if self.stop.len() > 4 || self.stop.iter().any(|s| s.is_empty() || s.len() > 64) {
             return bad("stop", "at most 4 non-empty strings of at most 64 bytes", format!("{:?}", self.stop));

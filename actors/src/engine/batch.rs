@@ -19,7 +19,7 @@ use super::fault::FaultSlot;
 use super::kv_cache::{restore_source, SlotCache, Source};
 use super::kv_tiers::{CacheKey, KvTiers, Tier};
 use super::prompt::{tokenize_chat, ChatTemplate};
-use super::sampling::{build_sampler, check_fits};
+use super::sampling::{build_sampler, check_fits, sample_constrained};
 use super::text::TextStream;
 #[cfg(feature = "fault-injection")]
 use super::Fault;
@@ -36,6 +36,8 @@ struct Running {
     sink: SeqSink,
     prompt: Vec<LlamaToken>,
     sampler: LlamaSampler,
+    /// Whether the sampler holds a grammar (sampled through [`sample_constrained`]).
+    constrained: bool,
     text: TextStream,
     generated: u32,
     max_tokens: u32,
@@ -276,7 +278,8 @@ impl<'m> Batcher<'m> {
         self.tiers.record(tier, keep as u64, (prompt.len() - keep) as u64, restored.map(|(_, took)| took));
         Ok(Running {
             sink,
-            sampler: build_sampler(self.model, &request.sampling, self.seq_ctx),
+            sampler: build_sampler(self.model, &request.sampling, self.seq_ctx)?,
+            constrained: request.sampling.grammar.is_some(),
             text: TextStream::new(&request.sampling.stop),
             generated: 0,
             max_tokens: request.sampling.max_tokens,
@@ -438,7 +441,20 @@ impl<'m> Batcher<'m> {
                 }
             }
             let Some(idx) = run.logits_idx else { continue };
-            let token = run.sampler.sample(&self.ctx, idx);
+            let token = if run.constrained {
+                match sample_constrained(&mut run.sampler, &self.ctx, idx) {
+                    Ok(token) => token,
+                    Err(e) => {
+                        // This sequence ends with the error; the others go on.
+                        if let Some(run) = s.run.take() {
+                            let _ = run.sink.send(SeqEvent::Done(Err(e)));
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                run.sampler.sample(&self.ctx, idx)
+            };
             if run.first_token.is_none() {
                 run.first_token = Some(Instant::now());
             }

@@ -237,6 +237,10 @@ impl Engine for LlamaEngine {
     fn n_vocab(&self) -> Option<u32> {
         u32::try_from(self.model.n_vocab()).ok()
     }
+
+    fn check_grammar(&self, gbnf: &str) -> Result<(), EngineError> {
+        super::sampling::grammar_sampler(self.model, gbnf).map(drop)
+    }
 }
 
 fn model_name(path: &Path) -> String {
@@ -337,6 +341,10 @@ impl Engine for PerRequestEngine {
 
     fn count_tokens(&self, text: &str) -> u32 {
         self.inner.count_tokens(text)
+    }
+
+    fn check_grammar(&self, gbnf: &str) -> Result<(), EngineError> {
+        self.inner.check_grammar(gbnf)
     }
 }
 

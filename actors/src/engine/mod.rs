@@ -125,6 +125,13 @@ pub trait Engine: Send + Sync + 'static {
         Err(EngineError::RemoteSetup("this engine cannot tokenize prompts for remote instances".into()))
     }
 
+    /// Checks a GBNF grammar before a request takes an instance (a 400 for
+    /// the client rather than an error on the step loop). An engine without
+    /// the model here leaves it to the remote, which refuses it itself.
+    fn check_grammar(&self, _gbnf: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// Size of the tokenizer's vocabulary, checked against remote instances.
     fn n_vocab(&self) -> Option<u32> {
         None

@@ -7,8 +7,9 @@ use llama_cpp_2::sampling::LlamaSampler;
 use crate::error::EngineError;
 use crate::params::SamplingParams;
 
-/// Builds the sampler chain; temperature 0 is greedy.
-pub fn build_sampler(model: &LlamaModel, p: &SamplingParams, n_ctx: u32) -> LlamaSampler {
+/// Builds the sampler chain; temperature 0 is greedy. A grammar goes first
+/// (after the penalties): every later sampler sees only the tokens it allows.
+pub fn build_sampler(model: &LlamaModel, p: &SamplingParams, n_ctx: u32) -> Result<LlamaSampler, EngineError> {
     let mut chain = Vec::new();
     let penalised = p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
     // The penalties sampler allocates a ring of this many tokens: never more than the sequence holds.
@@ -21,6 +22,9 @@ pub fn build_sampler(model: &LlamaModel, p: &SamplingParams, n_ctx: u32) -> Llam
             p.frequency_penalty,
             p.presence_penalty,
         ));
+    }
+    if let Some(gbnf) = &p.grammar {
+        chain.push(grammar_sampler(model, gbnf)?);
     }
     if p.temperature <= 0.0 {
         chain.push(LlamaSampler::greedy());
@@ -38,7 +42,35 @@ pub fn build_sampler(model: &LlamaModel, p: &SamplingParams, n_ctx: u32) -> Llam
         });
         chain.push(LlamaSampler::dist(seed));
     }
-    LlamaSampler::chain_simple(chain)
+    Ok(LlamaSampler::chain_simple(chain))
+}
+
+/// The grammar sampler of a GBNF text; a grammar llama.cpp cannot parse is
+/// the client's error.
+pub fn grammar_sampler(model: &LlamaModel, gbnf: &str) -> Result<LlamaSampler, EngineError> {
+    LlamaSampler::grammar(model, gbnf, "root").map_err(|e| EngineError::InvalidParam {
+        field: "grammar",
+        rule: "must be a GBNF grammar llama.cpp can parse, with a rule named root",
+        value: format!("{e}: {}", gbnf.chars().take(80).collect::<String>()),
+    })
+}
+
+/// Samples from logits `idx` through a chain with a grammar, without letting
+/// a grammar failure (a token it cannot take: llama.cpp throws) abort the
+/// process: the sequence ends with an error instead.
+pub fn sample_constrained(
+    sampler: &mut LlamaSampler,
+    ctx: &llama_cpp_2::context::LlamaContext<'_>,
+    idx: i32,
+) -> Result<llama_cpp_2::token::LlamaToken, EngineError> {
+    let mut candidates = ctx.token_data_array_ith(idx);
+    candidates.apply_sampler(sampler);
+    let token =
+        candidates.selected_token().ok_or_else(|| EngineError::Decode("the grammar left no token to choose".into()))?;
+    sampler
+        .try_accept(token)
+        .map_err(|e| EngineError::Decode(format!("the grammar could not take the chosen token ({e:?})")))?;
+    Ok(token)
 }
 
 /// Checks that the prompt plus the requested tokens fit in one sequence.

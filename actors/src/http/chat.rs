@@ -29,6 +29,9 @@ pub struct ChatRequest {
     pub repeat_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// Structured output, as on `/v1/chat/completions`: `{"type": "json_object"}`
+    /// or `{"type": "json_schema", "json_schema": {"schema": {…}}}`.
+    pub response_format: Option<serde_json::Value>,
     #[serde(default)]
     pub stream: bool,
 }
@@ -161,7 +164,7 @@ async fn chat_inner(
         Some(raw) => Some(visible_conversation(state, auth, parse_conversation_id(raw)?).await?.id),
         None => None,
     };
-    let sampling = state.sampling(SamplingOverrides {
+    let mut sampling = state.sampling(SamplingOverrides {
         max_tokens: req.max_tokens,
         temperature: req.temperature,
         top_p: req.top_p,
@@ -173,6 +176,9 @@ async fn chat_inner(
         presence_penalty: req.presence_penalty,
         ..Default::default()
     })?;
+    if let Some(format) = &req.response_format {
+        sampling.grammar = super::structured::response_format(format)?;
+    }
     let msg = SendMessage { conversation_id, namespace, text: req.message, sampling: Some(sampling) };
     let mut turn = chat.send(msg).await?;
     if !req.stream {

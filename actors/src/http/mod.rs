@@ -18,6 +18,7 @@ pub mod metrics_kv;
 pub mod openai;
 pub mod page;
 pub mod status;
+pub mod structured;
 
 use std::collections::HashMap;
 use std::future::{ready, Ready};

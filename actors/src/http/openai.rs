@@ -73,8 +73,9 @@ pub struct CompletionRequest {
     pub repeat_penalty: Option<f32>,
     pub repeat_last_n: Option<i64>,
     /// Options that would change the answer in ways this server cannot honour
-    /// are refused (`tools`, `logprobs`, `response_format` other than text,
-    /// a non-empty `logit_bias`); the rest (`user`, `metadata`, `store`,
+    /// are refused (`tools`, `logprobs`, a non-empty `logit_bias`);
+    /// `response_format`, `json_schema` and `grammar` constrain the reply
+    /// ([`super::structured`]); the rest (`user`, `metadata`, `store`,
     /// `service_tier`, …) are accepted and ignored, as OpenAI-compatible servers do.
     #[serde(flatten)]
     pub other: HashMap<String, Value>,
@@ -96,9 +97,6 @@ fn refuse_unsupported(other: &HashMap<String, Value>) -> Result<(), ApiError> {
             "logprobs" if !v.is_null() && v.as_bool() != Some(false) => return unsupported(field, v),
             "top_logprobs" if !v.is_null() && v.as_i64() != Some(0) => return unsupported(field, v),
             "logit_bias" if v.as_object().is_some_and(|o| !o.is_empty()) => return unsupported(field, v),
-            "response_format" if v.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") => {
-                return unsupported(field, v)
-            }
             // llama-server's own fields that would change the answer: refused
             // unless they carry the value that changes nothing.
             f if changes_the_answer(f, v) => return unsupported(field, v),
@@ -116,7 +114,7 @@ fn changes_the_answer(field: &str, v: &Value) -> bool {
     }
     let number = |neutral: f64| v.as_f64().is_none_or(|x| x != neutral);
     match field {
-        "grammar" | "json_schema" | "samplers" | "dry_sequence_breakers" => match v {
+        "samplers" | "dry_sequence_breakers" => match v {
             Value::String(s) => !s.is_empty(),
             Value::Object(o) => !o.is_empty(),
             Value::Array(a) => !a.is_empty(),
@@ -224,6 +222,8 @@ fn to_request(state: &ApiState, req: CompletionRequest) -> Result<(GenerateReque
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
+    // Structured output: response_format, json_schema or grammar.
+    sampling.grammar = super::structured::grammar_of(&req.other)?;
     sampling.validate()?;
     let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
     Ok((GenerateRequest { messages: convert_messages(req.messages)?, sampling }, include_usage))
@@ -301,6 +301,13 @@ async fn completions_inner(
     let chat = state.chat()?;
     state.admit()?;
     let model = chat.pool().engine_info().model_name;
+    let embed_model = chat.embedder().model_name().to_string();
+    if req.model.as_deref().is_some_and(|m| !m.is_empty() && check_model(Some(m), &embed_model).is_ok()) {
+        return Err(ApiError::bad(
+            "model",
+            format!("invalid model: {embed_model:?} is the embedding model (POST /v1/embeddings); chat with {model:?}"),
+        ));
+    }
     check_model(req.model.as_deref(), &model)?;
     let stream = req.stream;
     let user = req.other.get("user").cloned();
@@ -332,11 +339,16 @@ async fn completions_inner(
     let (tx, rx) = mpsc::channel::<sse::Event>(64);
     let state = state.clone();
     actix::spawn(async move {
+        // With `include_usage`, every chunk but the last carries `"usage": null`, as OpenAI's do.
         let chunk = |delta: Value, finish: Option<&str>| {
-            json!({
+            let mut c = json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
-            })
+            });
+            if include_usage {
+                c["usage"] = Value::Null;
+            }
+            c
         };
         let send = |v: Value| tx.send(sse::Data::new(v.to_string()).into());
         if send(chunk(json!({ "role": "assistant", "content": "" }), None)).await.is_err() {
@@ -380,8 +392,12 @@ async fn models(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRes
     let chat = state.chat()?;
     let chat_model = chat.pool().engine_info().model_name;
     let embed_model = chat.embedder().model_name().to_string();
-    let entry = |id: String| json!({ "id": id, "object": "model", "created": 0, "owned_by": "modelpool" });
-    Ok(HttpResponse::Ok().json(json!({ "object": "list", "data": [entry(chat_model), entry(embed_model)] })))
+    // `purpose` tells the chat model from the embedding model (`/v1/embeddings` only).
+    let entry = |id: String, purpose: &str| json!({ "id": id, "object": "model", "created": 0, "owned_by": "modelpool", "purpose": purpose });
+    Ok(HttpResponse::Ok().json(json!({
+        "object": "list",
+        "data": [entry(chat_model, "chat"), entry(embed_model, "embeddings")],
+    })))
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {

@@ -121,6 +121,9 @@ impl PoolHandle {
     /// prompt plus `max_tokens` fit in the context.
     pub fn check(&self, request: &GenerateRequest) -> Result<u32, EngineError> {
         request.sampling.validate_for(self.opts.instance.n_ctx, self.engine.n_vocab())?;
+        if let Some(gbnf) = &request.sampling.grammar {
+            self.engine.check_grammar(gbnf)?;
+        }
         let prompt_tokens = self.engine.count_prompt_tokens(&request.messages)?;
         check_fits(prompt_tokens, request.sampling.max_tokens, self.opts.instance.n_ctx)?;
         Ok(prompt_tokens)

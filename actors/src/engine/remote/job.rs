@@ -111,6 +111,10 @@ impl Job {
         if let Some(seed) = s.seed {
             body["seed"] = seed.into();
         }
+        // Structured output: the remote's sampler follows the same grammar.
+        if let Some(grammar) = &s.grammar {
+            body["grammar"] = grammar.clone().into();
+        }
         let remote = &self.remote;
         let limit = remote.spec.timeout;
         let timed_out = |what: &str| fail(remote.broken(format!("{what} within {} ms", limit.as_millis())));

@@ -1,0 +1,101 @@
+//! Structured output: the request fields that constrain a reply to a JSON
+//! schema or a grammar, turned into one GBNF grammar for the sampler.
+//! OpenAI's `response_format` (`json_object`, `json_schema`), llama-server's
+//! `json_schema` and `grammar`; `/chat` takes `response_format` too.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
+
+use super::openai::short_json;
+use super::ApiError;
+
+/// The grammar the fields in `fields` ask for (none: free text). Each is
+/// named in its error; giving more than one is refused.
+pub fn grammar_of(fields: &HashMap<String, Value>) -> Result<Option<String>, ApiError> {
+    let mut asked: Vec<(&str, String)> = Vec::new();
+    if let Some(format) = fields.get("response_format").filter(|v| !v.is_null()) {
+        if let Some(g) = response_format(format)? {
+            asked.push(("response_format", g));
+        }
+    }
+    if let Some(schema) = fields.get("json_schema").filter(|v| !is_empty(v)) {
+        asked.push(("json_schema", schema_grammar(schema, "json_schema")?));
+    }
+    if let Some(g) = fields.get("grammar").filter(|v| !is_empty(v)) {
+        let Some(text) = g.as_str() else {
+            return Err(ApiError::bad(
+                "grammar",
+                format!("invalid grammar: must be a GBNF string, got {}", short_json(g)),
+            ));
+        };
+        asked.push(("grammar", text.to_string()));
+    }
+    if asked.len() > 1 {
+        let names: Vec<&str> = asked.iter().map(|(n, _)| *n).collect();
+        return Err(ApiError::bad(
+            asked[1].0,
+            format!(
+                "invalid {}: give only one of response_format, json_schema and grammar, got {}",
+                asked[1].0,
+                names.join(" and ")
+            ),
+        ));
+    }
+    Ok(asked.pop().map(|(_, g)| g))
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// OpenAI's `response_format`: `{"type": "text"}`, `{"type": "json_object"}`
+/// (any object; llama-server's `schema` beside it is honoured), or
+/// `{"type": "json_schema", "json_schema": {"name": …, "schema": {…}, "strict": …}}`.
+pub fn response_format(format: &Value) -> Result<Option<String>, ApiError> {
+    let bad = |rule: &str| {
+        ApiError::bad("response_format", format!("invalid response_format: {rule}, got {}", short_json(format)))
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => {
+            let schema = format.get("schema").filter(|v| !is_empty(v)).cloned().unwrap_or(json!({ "type": "object" }));
+            schema_grammar(&schema, "response_format.schema").map(Some)
+        }
+        Some("json_schema") => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .filter(|v| v.is_object() || v.is_boolean())
+                .ok_or_else(|| bad("json_schema.schema must be a JSON schema object"))?;
+            schema_grammar(schema, "response_format.json_schema.schema").map(Some)
+        }
+        _ => Err(bad("type must be text, json_object or json_schema")),
+    }
+}
+
+/// The GBNF grammar of a JSON schema (llama.cpp's own converter, as
+/// llama-server uses); a schema it cannot convert is the client's error.
+pub fn schema_grammar(schema: &Value, field: &str) -> Result<String, ApiError> {
+    if !(schema.is_object() || schema.is_boolean()) {
+        return Err(ApiError::bad(
+            field,
+            format!("invalid {field}: must be a JSON schema object, got {}", short_json(schema)),
+        ));
+    }
+    llama_cpp_2::json_schema_to_grammar(&schema.to_string()).map_err(|_| {
+        ApiError::bad(
+            field,
+            format!(
+                "invalid {field}: llama.cpp cannot turn this JSON schema into a grammar (an unsupported keyword, \
+                 a $ref it cannot resolve, or an invalid schema), got {}",
+                short_json(schema)
+            ),
+        )
+    })
+}
