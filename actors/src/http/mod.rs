@@ -15,6 +15,7 @@ pub mod embeddings;
 pub mod error;
 pub mod metrics;
 pub mod metrics_kv;
+pub mod ollama;
 pub mod openai;
 pub mod page;
 pub mod status;
@@ -385,6 +386,7 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(conversations::register)
             .configure(openai::register)
             .configure(embeddings::register)
+            .configure(ollama::register)
             .configure(status::register)
             .configure(metrics::register)
             .configure(page::register);
