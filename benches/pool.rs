@@ -43,7 +43,11 @@ fn opts(instances: usize, threads: u32) -> PoolOptions {
 }
 
 fn request(prompt: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest { messages: vec![ChatMessage::user(prompt)], sampling: SamplingParams::greedy(max_tokens) }
+    GenerateRequest {
+        messages: vec![ChatMessage::user(prompt)],
+        sampling: SamplingParams::greedy(max_tokens),
+        ..Default::default()
+    }
 }
 
 async fn pool(engine: Arc<dyn Engine>, instances: usize, threads: u32) -> PoolHandle {

@@ -19,7 +19,11 @@ const PROMPTS: [&str; 4] = [
 ];
 
 fn request(text: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest { messages: vec![ChatMessage::user(text)], sampling: SamplingParams::greedy(max_tokens) }
+    GenerateRequest {
+        messages: vec![ChatMessage::user(text)],
+        sampling: SamplingParams::greedy(max_tokens),
+        ..Default::default()
+    }
 }
 
 /// When each stream's first piece and its end arrived, and its text.

@@ -27,6 +27,7 @@ async fn greedy(pool: &PoolHandle) -> String {
     let request = GenerateRequest {
         messages: vec![ChatMessage::user("Explain what a compiler does.")],
         sampling: SamplingParams::greedy(48),
+        ..Default::default()
     };
     let mut stream = pool.generate(request).await.expect("a slot");
     let mut text = String::new();

@@ -13,7 +13,11 @@ use modelpool_actors::{
 };
 
 fn request(text: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest { messages: vec![ChatMessage::user(text)], sampling: SamplingParams::greedy(max_tokens) }
+    GenerateRequest {
+        messages: vec![ChatMessage::user(text)],
+        sampling: SamplingParams::greedy(max_tokens),
+        ..Default::default()
+    }
 }
 
 #[actix::test]

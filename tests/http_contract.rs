@@ -301,3 +301,59 @@ async fn ollamas_python_client_chats_generates_embeds_and_lists() {
     let version: Value = http().get(server.url("/api/version")).send().await.unwrap().json().await.unwrap();
     assert!(version["version"].is_string(), "{version}");
 }
+
+/// `/v1/completions`: a prompt the client wrote whole, without the chat
+/// template, answered as `text_completion`, streamed or not; what it cannot
+/// honour is a 400 naming the field.
+#[actix::test]
+async fn text_completions_take_a_raw_prompt_streamed_or_not() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let body = json!({ "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0 });
+    let (status, r) = post(&server, "/v1/completions", body).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    assert!(!r["choices"][0]["text"].as_str().unwrap().is_empty(), "{r}");
+    // No chat template (SmolLM2's adds a system prompt of ~30 tokens): the prompt alone.
+    let prompt_tokens = r["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!((3..10).contains(&prompt_tokens), "{r}");
+
+    // The client's own template markers are parsed: a chat by hand.
+    let by_hand = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n";
+    let (status, r) = post(
+        &server,
+        "/v1/completions",
+        json!({ "prompt": [by_hand], "max_tokens": 12, "temperature": 0, "stop": ["<|im_end|>"] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert!(!text.contains("<|im_end|>") && !text.is_empty(), "{r}");
+    assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() < 20, "markers are single tokens: {r}");
+
+    let body = json!({ "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "stream": true, "stream_options": { "include_usage": true } });
+    let text = http().post(server.url("/v1/completions")).json(&body).send().await.unwrap().text().await.unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert!(!streamed.is_empty(), "{text}");
+    assert!(chunks.iter().all(|c| c["object"] == "text_completion"), "{text}");
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"].is_string()), "{text}");
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 10, "{text}");
+
+    for (body, param) in [
+        (json!({ "prompt": [1, 2, 3] }), "prompt"),
+        (json!({ "prompt": ["a", "b"] }), "prompt"),
+        (json!({ "prompt": "" }), "prompt"),
+        (json!({ "prompt": "hi", "echo": true }), "echo"),
+        (json!({ "prompt": "hi", "suffix": "end" }), "suffix"),
+        (json!({ "prompt": "hi", "best_of": 3 }), "best_of"),
+        (json!({ "prompt": "hi", "logprobs": 2 }), "logprobs"),
+    ] {
+        let (status, r) = post(&server, "/v1/completions", body.clone()).await;
+        assert_eq!((status, r["error"]["param"].as_str()), (400, Some(param)), "{body}: {r}");
+    }
+}

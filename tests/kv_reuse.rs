@@ -10,7 +10,7 @@ use modelpool_actors::{
 };
 
 fn request(messages: Vec<ChatMessage>, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest { messages, sampling: SamplingParams::greedy(max_tokens) }
+    GenerateRequest { messages, sampling: SamplingParams::greedy(max_tokens), ..Default::default() }
 }
 
 #[actix::test]

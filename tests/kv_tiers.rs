@@ -318,7 +318,7 @@ async fn the_memory_tier_stays_within_its_budget_while_64_conversations_rotate()
 
 /// A greedy request of `messages` for the pool's one slot.
 fn request(messages: Vec<ChatMessage>) -> GenerateRequest {
-    GenerateRequest { messages, sampling: SamplingParams::greedy(16) }
+    GenerateRequest { messages, sampling: SamplingParams::greedy(16), ..Default::default() }
 }
 
 /// Conversation A's second turn, after `between` ran on the pool's one slot

@@ -18,11 +18,13 @@ struct FakeEngine {
     created: AtomicUsize,
     fail_after: usize,
     attempts: std::sync::Mutex<Vec<Instant>>,
+    /// A tokenizer behind HTTP (a remote's `/tokenize`) that takes this long.
+    slow_remote_tokenizer: Option<Duration>,
 }
 
 impl FakeEngine {
     fn new(fail_after: usize) -> Self {
-        Self { created: AtomicUsize::new(0), fail_after, attempts: Default::default() }
+        Self { created: AtomicUsize::new(0), fail_after, attempts: Default::default(), slow_remote_tokenizer: None }
     }
 }
 
@@ -84,10 +86,19 @@ impl Engine for FakeEngine {
         Ok(Box::new(FakeInstance { fault: None, running: Vec::new() }))
     }
     fn count_prompt_tokens(&self, m: &[ChatMessage]) -> Result<u32, EngineError> {
+        if let Some(wait) = self.slow_remote_tokenizer {
+            std::thread::sleep(wait);
+        }
         Ok(m.len() as u32)
     }
     fn count_tokens(&self, t: &str) -> u32 {
         t.len() as u32
+    }
+    fn tokenizer(&self) -> (&'static str, String) {
+        match self.slow_remote_tokenizer {
+            Some(_) => ("remote", "http://fake/tokenize".into()),
+            None => ("local", "fake".into()),
+        }
     }
 }
 
@@ -176,5 +187,32 @@ async fn a_waiter_dropped_before_its_queue_reply_does_not_hold_a_queue_place() {
     assert_eq!(status.queued, 1, "only the live waiter is queued: {status:?}");
     drop(held);
     assert_eq!(next.await.unwrap().unwrap(), 0);
+    pool.shutdown().await;
+}
+
+/// A prompt counted by a remote's `/tokenize` waits on a blocking thread:
+/// the caller's executor (an actix-web worker, the chat layer) keeps running
+/// its other tasks meanwhile.
+#[actix::test]
+async fn a_slow_remote_tokenizer_never_blocks_the_callers_executor() {
+    let engine = FakeEngine { slow_remote_tokenizer: Some(Duration::from_millis(800)), ..FakeEngine::new(9) };
+    let pool = PoolHandle::start(Arc::new(engine), opts(1), Arc::new(|_| {})).await.unwrap();
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let ticker = {
+        let ticks = ticks.clone();
+        actix::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                ticks.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let request = GenerateRequest { messages: vec![ChatMessage::user("hi")], ..Default::default() };
+    let (text, _) = pool.generate(request).await.unwrap().collect_text().await.unwrap();
+    assert_eq!(text, "ok");
+    ticker.abort();
+    // Blocked, the single-threaded executor would not have ticked at all during the 800 ms.
+    let n = ticks.load(Ordering::SeqCst);
+    assert!(n >= 10, "the executor ran {n} ticks while the tokenizer answered: it was blocked");
     pool.shutdown().await;
 }

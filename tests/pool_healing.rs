@@ -12,6 +12,7 @@ fn request(max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         messages: vec![ChatMessage::user("Tell me about the sea.")],
         sampling: SamplingParams::greedy(max_tokens),
+        ..Default::default()
     }
 }
 

@@ -9,7 +9,11 @@ use common::{options, start, wait_for};
 use modelpool_actors::{ChatMessage, GenerateRequest, PoolError, SamplingParams};
 
 fn request(text: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest { messages: vec![ChatMessage::user(text)], sampling: SamplingParams::greedy(max_tokens) }
+    GenerateRequest {
+        messages: vec![ChatMessage::user(text)],
+        sampling: SamplingParams::greedy(max_tokens),
+        ..Default::default()
+    }
 }
 
 #[actix::test]

@@ -193,6 +193,12 @@ pub const MAX_PENALTY_WINDOW: i32 = 1 << 20;
 pub struct GenerateRequest {
     pub messages: Vec<ChatMessage>,
     pub sampling: SamplingParams,
+    /// A prompt written whole by the client (`/v1/completions`): tokenized as
+    /// it is, its special tokens parsed, without the chat template; then
+    /// `messages` are not used. The client writes the whole context, so its
+    /// markers speak for nobody else.
+    #[serde(default)]
+    pub raw_prompt: Option<String>,
 }
 
 /// Why a generation ended.

@@ -387,7 +387,7 @@ impl ChatCore {
         // The conversation's next turn goes back to the instance that holds its prefix.
         // Its KV cache is kept by conversation, within its namespace.
         let key = Some(CacheKey::new(&conv.namespace, conv.id.as_bytes()));
-        let request = GenerateRequest { messages: built.messages.clone(), sampling };
+        let request = GenerateRequest { messages: built.messages.clone(), sampling, raw_prompt: None };
         let memory_ns = memory_started.elapsed().as_nanos() as u64;
         let generation = self.pool.generate_for(request, key).await?;
         let (instance, slot) = (generation.instance(), generation.slot());

@@ -18,7 +18,7 @@ use super::cpu::CpuShare;
 use super::fault::FaultSlot;
 use super::kv_cache::{restore_source, SlotCache, Source};
 use super::kv_tiers::{CacheKey, KvTiers, Tier};
-use super::prompt::{tokenize_chat, ChatTemplate};
+use super::prompt::{tokenize_request, ChatTemplate};
 use super::sampling::{build_sampler, check_fits, sample_constrained};
 use super::text::TextStream;
 #[cfg(feature = "fault-injection")]
@@ -204,7 +204,7 @@ impl<'m> Batcher<'m> {
         sink: SeqSink,
     ) -> Result<Running, EngineError> {
         request.sampling.validate_for(self.seq_ctx, u32::try_from(self.model.n_vocab()).ok())?;
-        let prompt = tokenize_chat(self.model, &self.template, &request.messages)?;
+        let prompt = tokenize_request(self.model, &self.template, request)?;
         if prompt.is_empty() {
             return Err(EngineError::InvalidParam {
                 field: "messages",

@@ -241,6 +241,10 @@ impl Engine for LlamaEngine {
     fn check_grammar(&self, gbnf: &str) -> Result<(), EngineError> {
         super::sampling::grammar_sampler(self.model, gbnf).map(drop)
     }
+
+    fn raw_prompt_tokens(&self, text: &str) -> Result<Vec<i32>, EngineError> {
+        Ok(self.model.vocab().tokenize(text.as_bytes(), true, true).into_iter().map(|t| t.0).collect())
+    }
 }
 
 fn model_name(path: &Path) -> String {
@@ -345,6 +349,10 @@ impl Engine for PerRequestEngine {
 
     fn check_grammar(&self, gbnf: &str) -> Result<(), EngineError> {
         self.inner.check_grammar(gbnf)
+    }
+
+    fn raw_prompt_tokens(&self, text: &str) -> Result<Vec<i32>, EngineError> {
+        self.inner.raw_prompt_tokens(text)
     }
 }
 

@@ -125,6 +125,21 @@ pub trait Engine: Send + Sync + 'static {
         Err(EngineError::RemoteSetup("this engine cannot tokenize prompts for remote instances".into()))
     }
 
+    /// A raw prompt's token ids ([`crate::params::GenerateRequest::raw_prompt`]):
+    /// the vocabulary's BOS where it wants one, special tokens parsed.
+    fn raw_prompt_tokens(&self, _text: &str) -> Result<Vec<i32>, EngineError> {
+        Err(EngineError::RemoteSetup("this engine cannot tokenize raw prompts".into()))
+    }
+
+    /// Tokens of a request's prompt: its raw prompt, or its messages
+    /// rendered with the chat template.
+    fn request_prompt_tokens(&self, request: &crate::params::GenerateRequest) -> Result<u32, EngineError> {
+        match &request.raw_prompt {
+            Some(text) => Ok(self.raw_prompt_tokens(text)?.len() as u32),
+            None => self.count_prompt_tokens(&request.messages),
+        }
+    }
+
     /// Checks a GBNF grammar before a request takes an instance (a 400 for
     /// the client rather than an error on the step loop). An engine without
     /// the model here leaves it to the remote, which refuses it itself.

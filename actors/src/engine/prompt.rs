@@ -137,6 +137,22 @@ pub fn split_rendered<'a>(rendered: &'a str, messages: &'a [ChatMessage]) -> Res
     Ok(out)
 }
 
+/// The prompt of a request: a raw prompt tokenized as it is (BOS where the
+/// vocabulary wants one, special tokens parsed), else [`tokenize_chat`].
+pub fn tokenize_request(
+    model: &LlamaModel,
+    template: &ChatTemplate,
+    request: &crate::params::GenerateRequest,
+) -> Result<Vec<LlamaToken>, EngineError> {
+    match &request.raw_prompt {
+        Some(text) if text.is_empty() => {
+            Err(EngineError::InvalidParam { field: "prompt", rule: "must not be empty", value: "\"\"".into() })
+        }
+        Some(text) => Ok(model.vocab().tokenize(text.as_bytes(), true, true)),
+        None => tokenize_chat(model, template, &request.messages),
+    }
+}
+
 /// Applies the chat template (with the assistant turn opened) and tokenizes the
 /// result: template text with special parsing, message content without.
 pub fn tokenize_chat(

@@ -271,7 +271,8 @@ async fn generate(
         Some(id) => CacheKey::new(namespace, id.as_bytes()),
         None => CacheKey::of_messages(namespace, &messages),
     };
-    let mut generation = chat.pool().generate_for(GenerateRequest { messages, sampling }, Some(key)).await?;
+    let mut generation =
+        chat.pool().generate_for(GenerateRequest { messages, sampling, raw_prompt: None }, Some(key)).await?;
     if !stream {
         let (text, done) = generation.collect_text().await?;
         state.metrics.finished("ollama", started, Ok(&done.usage));

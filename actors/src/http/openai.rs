@@ -51,10 +51,9 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// The sampling fields `/v1/chat/completions` and `/v1/completions` share.
 #[derive(Deserialize)]
-pub struct CompletionRequest {
-    pub model: Option<String>,
-    pub messages: Vec<Message>,
+pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub max_tokens: Option<i64>,
@@ -72,11 +71,31 @@ pub struct CompletionRequest {
     pub min_p: Option<f32>,
     pub repeat_penalty: Option<f32>,
     pub repeat_last_n: Option<i64>,
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub messages: Vec<Message>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     /// Options that would change the answer in ways this server cannot honour
     /// are refused (`tools`, `logprobs`, a non-empty `logit_bias`);
     /// `response_format`, `json_schema` and `grammar` constrain the reply
     /// ([`super::structured`]); the rest (`user`, `metadata`, `store`,
     /// `service_tier`, …) are accepted and ignored, as OpenAI-compatible servers do.
+    #[serde(flatten)]
+    pub other: HashMap<String, Value>,
+}
+
+/// `POST /v1/completions`: a prompt the client wrote whole (no chat template).
+#[derive(Deserialize)]
+pub struct TextCompletionRequest {
+    pub model: Option<String>,
+    /// A string, or an array holding one string.
+    pub prompt: Value,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     #[serde(flatten)]
     pub other: HashMap<String, Value>,
 }
@@ -94,7 +113,14 @@ fn refuse_unsupported(other: &HashMap<String, Value>) -> Result<(), ApiError> {
             "tool_choice" | "function_call" if !v.is_null() && v != "none" && v != "auto" => {
                 return unsupported(field, v)
             }
-            "logprobs" if !v.is_null() && v.as_bool() != Some(false) => return unsupported(field, v),
+            "logprobs" if !v.is_null() && v.as_bool() != Some(false) && v.as_i64() != Some(0) => {
+                return unsupported(field, v)
+            }
+            "echo" if !v.is_null() && v.as_bool() != Some(false) => return unsupported(field, v),
+            "suffix" if v.as_str().is_some_and(|s| !s.is_empty()) || !(v.is_null() || v.is_string()) => {
+                return unsupported(field, v)
+            }
+            "best_of" if !v.is_null() && v.as_i64() != Some(1) => return unsupported(field, v),
             "top_logprobs" if !v.is_null() && v.as_i64() != Some(0) => return unsupported(field, v),
             "logit_bias" if v.as_object().is_some_and(|o| !o.is_empty()) => return unsupported(field, v),
             // llama-server's own fields that would change the answer: refused
@@ -195,38 +221,68 @@ fn convert_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError
         .collect()
 }
 
-fn to_request(state: &ApiState, req: CompletionRequest) -> Result<(GenerateRequest, bool), ApiError> {
-    refuse_unsupported(&req.other)?;
-    if let Some(n) = req.n.filter(|n| *n != 1) {
+/// How an answer is delivered: streamed or not, with a last usage chunk or not.
+#[derive(Clone, Copy)]
+struct Delivery {
+    stream: bool,
+    include_usage: bool,
+}
+
+/// The sampling parameters of either route's request (structured output
+/// included), and how its answer is delivered.
+fn sampling_of(
+    state: &ApiState,
+    f: SamplingFields,
+    other: &HashMap<String, Value>,
+) -> Result<(crate::params::SamplingParams, Delivery), ApiError> {
+    refuse_unsupported(other)?;
+    if let Some(n) = f.n.filter(|n| *n != 1) {
         return Err(ApiError::bad("n", format!("invalid n: only 1 choice is supported, got {n}")));
     }
     let mut sampling = state.sampling(SamplingOverrides {
-        max_tokens: req.max_completion_tokens.or(req.max_tokens),
-        max_tokens_field: Some(if req.max_completion_tokens.is_some() {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        }),
-        temperature: req.temperature,
-        top_p: req.top_p,
-        seed: req.seed,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        repeat_penalty: req.repeat_penalty,
-        repeat_last_n: req.repeat_last_n,
-        frequency_penalty: req.frequency_penalty,
-        presence_penalty: req.presence_penalty,
+        max_tokens: f.max_completion_tokens.or(f.max_tokens),
+        max_tokens_field: Some(if f.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" }),
+        temperature: f.temperature,
+        top_p: f.top_p,
+        seed: f.seed,
+        top_k: f.top_k,
+        min_p: f.min_p,
+        repeat_penalty: f.repeat_penalty,
+        repeat_last_n: f.repeat_last_n,
+        frequency_penalty: f.frequency_penalty,
+        presence_penalty: f.presence_penalty,
     })?;
-    sampling.stop = match req.stop {
+    sampling.stop = match f.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
     // Structured output: response_format, json_schema or grammar.
-    sampling.grammar = super::structured::grammar_of(&req.other)?;
+    sampling.grammar = super::structured::grammar_of(other)?;
     sampling.validate()?;
-    let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
-    Ok((GenerateRequest { messages: convert_messages(req.messages)?, sampling }, include_usage))
+    let include_usage = f.stream_options.map(|o| o.include_usage).unwrap_or(false);
+    Ok((sampling, Delivery { stream: f.stream, include_usage }))
+}
+
+/// A `/v1/completions` prompt: a string, or an array of one string.
+fn raw_prompt(prompt: Value) -> Result<String, ApiError> {
+    let bad =
+        |rule: &str, got: &Value| ApiError::bad("prompt", format!("invalid prompt: {rule}, got {}", short_json(got)));
+    let text = match &prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+        Value::Array(a) if a.len() > 1 && a.iter().all(Value::is_string) => {
+            return Err(bad("one prompt per request (send several requests; they are batched)", &prompt))
+        }
+        other => return Err(bad("must be a string or an array of one string (token ids are not taken)", other)),
+    };
+    if text.is_empty() {
+        return Err(bad("must not be empty", &prompt));
+    }
+    if text.contains('\0') {
+        return Err(bad("must not contain the character U+0000 (NUL)", &json!("…")));
+    }
+    Ok(text)
 }
 
 #[derive(Serialize)]
@@ -274,64 +330,138 @@ fn finish_str(f: FinishReason) -> &'static str {
     }
 }
 
-async fn completions(
+/// Which OpenAI route a generation answers.
+#[derive(Clone, Copy)]
+enum Route {
+    /// `/v1/chat/completions`: `chat.completion` objects, `delta` chunks.
+    Chat,
+    /// `/v1/completions`: `text_completion` objects, `text` chunks.
+    Text,
+}
+
+impl Route {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Route::Chat => "chat_completions",
+            Route::Text => "completions",
+        }
+    }
+}
+
+async fn chat_completions(
     state: web::Data<ApiState>,
     auth: Authorized,
     http: HttpRequest,
     body: web::Json<CompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let body = body.into_inner();
+    let req = body.into_inner();
     let namespace = auth.namespace.unwrap_or_default();
-    let result = unless_client_gone(&http, completions_inner(&state, &http, &namespace, body, started)).await;
+    let work = async {
+        check_models(&state, req.model.as_deref())?;
+        let user = req.other.get("user").cloned();
+        let (sampling, delivery) = sampling_of(&state, req.sampling, &req.other)?;
+        let messages = convert_messages(req.messages)?;
+        let key = cache_key(&http, &namespace, user.as_ref(), &messages);
+        let request = GenerateRequest { messages, sampling, raw_prompt: None };
+        generate(&state, request, key, delivery, Route::Chat, started).await
+    };
+    finish(&state, Route::Chat, started, unless_client_gone(&http, work).await)
+}
+
+async fn text_completions(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    http: HttpRequest,
+    body: web::Json<TextCompletionRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let req = body.into_inner();
+    let namespace = auth.namespace.unwrap_or_default();
+    let work = async {
+        check_models(&state, req.model.as_deref())?;
+        let (sampling, delivery) = sampling_of(&state, req.sampling, &req.other)?;
+        let prompt = raw_prompt(req.prompt)?;
+        // Prompts that share their opening share a cache: the first 256 bytes name it.
+        let key = match http.headers().get("x-conversation-id") {
+            Some(id) => CacheKey::new(&namespace, id.as_bytes()),
+            None => CacheKey::new(&namespace, &prompt.as_bytes()[..prompt.len().min(256)]),
+        };
+        let request = GenerateRequest { messages: Vec::new(), sampling, raw_prompt: Some(prompt) };
+        generate(&state, request, key, delivery, Route::Text, started).await
+    };
+    finish(&state, Route::Text, started, unless_client_gone(&http, work).await)
+}
+
+/// Counts every outcome but a started stream, once.
+fn finish(
+    state: &ApiState,
+    route: Route,
+    started: Instant,
+    result: Result<HttpResponse, ApiError>,
+) -> Result<HttpResponse, ApiError> {
     if let Err(e) = &result {
-        state.metrics.finished("chat_completions", started, Err(e));
+        state.metrics.finished(route.endpoint(), started, Err(e));
     }
     result
 }
 
-#[tracing::instrument(name = "request", skip_all, fields(endpoint = "chat_completions"))]
-async fn completions_inner(
-    state: &web::Data<ApiState>,
-    http: &HttpRequest,
-    namespace: &str,
-    req: CompletionRequest,
-    started: Instant,
-) -> Result<HttpResponse, ApiError> {
+/// The request's `model`: the served chat model (the embedding model is named as such).
+fn check_models(state: &ApiState, asked: Option<&str>) -> Result<(), ApiError> {
     let chat = state.chat()?;
-    state.admit()?;
     let model = chat.pool().engine_info().model_name;
     let embed_model = chat.embedder().model_name().to_string();
-    if req.model.as_deref().is_some_and(|m| !m.is_empty() && check_model(Some(m), &embed_model).is_ok()) {
+    if asked.is_some_and(|m| !m.is_empty() && check_model(Some(m), &embed_model).is_ok()) {
         return Err(ApiError::bad(
             "model",
             format!("invalid model: {embed_model:?} is the embedding model (POST /v1/embeddings); chat with {model:?}"),
         ));
     }
-    check_model(req.model.as_deref(), &model)?;
-    let stream = req.stream;
-    let user = req.other.get("user").cloned();
-    let (request, include_usage) = to_request(state, req)?;
-    let key = cache_key(http, namespace, user.as_ref(), &request.messages);
+    check_model(asked, &model)
+}
+
+#[tracing::instrument(name = "request", skip_all, fields(endpoint = route.endpoint()))]
+async fn generate(
+    state: &web::Data<ApiState>,
+    request: GenerateRequest,
+    key: CacheKey,
+    delivery: Delivery,
+    route: Route,
+    started: Instant,
+) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    state.admit()?;
+    let model = chat.pool().engine_info().model_name;
+    let Delivery { stream, include_usage } = delivery;
     let mut generation = chat.pool().generate_for(request, Some(key)).await?;
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let (prefix, object) = match route {
+        Route::Chat => ("chatcmpl", "chat.completion"),
+        Route::Text => ("cmpl", "text_completion"),
+    };
+    let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
 
     if !stream {
-        // An error returns to `completions`, which counts it once.
+        // An error returns to the handler, which counts it once.
         let (text, done) = generation.collect_text().await?;
-        state.metrics.finished("chat_completions", started, Ok(&done.usage));
-        return Ok(HttpResponse::Ok().json(json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
+        state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
+        let choice = match route {
+            Route::Chat => json!({
                 "index": 0,
                 "message": { "role": "assistant", "content": text },
                 "logprobs": null,
                 "finish_reason": finish_str(done.finish_reason),
-            }],
+            }),
+            Route::Text => json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish_str(done.finish_reason),
+            }),
+        };
+        return Ok(HttpResponse::Ok().json(json!({
+            "id": id,
+            "object": object,
+            "created": created,
+            "model": model,
+            "choices": [choice],
             "usage": usage_body(&done.usage),
         })));
     }
@@ -339,11 +469,27 @@ async fn completions_inner(
     let (tx, rx) = mpsc::channel::<sse::Event>(64);
     let state = state.clone();
     actix::spawn(async move {
+        let chunk_object = match route {
+            Route::Chat => "chat.completion.chunk",
+            Route::Text => "text_completion",
+        };
         // With `include_usage`, every chunk but the last carries `"usage": null`, as OpenAI's do.
-        let chunk = |delta: Value, finish: Option<&str>| {
+        let chunk = |text: Option<&str>, finish: Option<&str>| {
+            let choice = match route {
+                Route::Chat => {
+                    let delta = match text {
+                        Some(t) => json!({ "content": t }),
+                        None if finish.is_none() => json!({ "role": "assistant", "content": "" }),
+                        None => json!({}),
+                    };
+                    json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+                }
+                Route::Text => {
+                    json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish })
+                }
+            };
             let mut c = json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
+                "id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice],
             });
             if include_usage {
                 c["usage"] = Value::Null;
@@ -351,24 +497,24 @@ async fn completions_inner(
             c
         };
         let send = |v: Value| tx.send(sse::Data::new(v.to_string()).into());
-        if send(chunk(json!({ "role": "assistant", "content": "" }), None)).await.is_err() {
+        if matches!(route, Route::Chat) && send(chunk(None, None)).await.is_err() {
             return;
         }
         while let Some(event) = generation.next().await {
             match event {
                 GenEvent::Token(t) => {
                     // The client left: dropping `generation` stops it within one token.
-                    if send(chunk(json!({ "content": t }), None)).await.is_err() {
-                        state.metrics.request("chat_completions", "cancelled", Some(started.elapsed()));
+                    if send(chunk(Some(&t), None)).await.is_err() {
+                        state.metrics.request(route.endpoint(), "cancelled", Some(started.elapsed()));
                         return;
                     }
                 }
                 GenEvent::Done(done) => {
-                    state.metrics.finished("chat_completions", started, Ok(&done.usage));
-                    let _ = send(chunk(json!({}), Some(finish_str(done.finish_reason)))).await;
+                    state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
+                    let _ = send(chunk(None, Some(finish_str(done.finish_reason)))).await;
                     if include_usage {
                         let last = json!({
-                            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "id": id, "object": chunk_object, "created": created, "model": model,
                             "choices": [], "usage": usage_body(&done.usage),
                         });
                         let _ = send(last).await;
@@ -377,7 +523,7 @@ async fn completions_inner(
                 }
                 GenEvent::Error(e) => {
                     let e = ApiError::from(e);
-                    state.metrics.finished("chat_completions", started, Err(&e));
+                    state.metrics.finished(route.endpoint(), started, Err(&e));
                     let _ = tx.send(sse::Data::new(e.body_json()).into()).await;
                     break;
                 }
@@ -401,5 +547,7 @@ async fn models(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRes
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/chat/completions", web::post().to(completions)).route("/v1/models", web::get().to(models));
+    cfg.route("/v1/chat/completions", web::post().to(chat_completions))
+        .route("/v1/completions", web::post().to(text_completions))
+        .route("/v1/models", web::get().to(models));
 }

@@ -124,7 +124,7 @@ impl PoolHandle {
         if let Some(gbnf) = &request.sampling.grammar {
             self.engine.check_grammar(gbnf)?;
         }
-        let prompt_tokens = self.engine.count_prompt_tokens(&request.messages)?;
+        let prompt_tokens = self.engine.request_prompt_tokens(request)?;
         check_fits(prompt_tokens, request.sampling.max_tokens, self.opts.instance.n_ctx)?;
         Ok(prompt_tokens)
     }

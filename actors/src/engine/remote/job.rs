@@ -86,7 +86,11 @@ impl Job {
         usage: &mut Usage,
     ) -> Result<Completion, Interrupted> {
         let fail = Interrupted::Failed;
-        let tokens = self.tokenizer.prompt_tokens(&request.messages).map_err(fail)?;
+        let tokens = match &request.raw_prompt {
+            Some(text) => self.tokenizer.raw_prompt_tokens(text),
+            None => self.tokenizer.prompt_tokens(&request.messages),
+        }
+        .map_err(fail)?;
         let s = &request.sampling;
         if self.n_ctx > 0 {
             check_fits(tokens.len() as u32, s.max_tokens, self.n_ctx).map_err(fail)?;

@@ -231,6 +231,10 @@ impl Engine for RemoteTokenizer {
         self.n_vocab
     }
 
+    fn raw_prompt_tokens(&self, text: &str) -> Result<Vec<i32>, EngineError> {
+        Ok(self.tokenize(text, true, true)?.to_vec())
+    }
+
     fn tokenizer(&self) -> (&'static str, String) {
         ("remote", format!("{}/tokenize", self.shown))
     }
