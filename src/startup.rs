@@ -111,6 +111,10 @@ pub async fn start_pool(cfg: &Config) -> anyhow::Result<PoolHandle> {
         "memory"
     );
     let remotes = if cfg.remote.is_empty() { String::new() } else { format!(" + {} remote", cfg.remote.len()) };
+    let features = pool.engine().cpu_features();
+    if !features.is_empty() {
+        eprintln!("llama.cpp uses these CPU features: {}", features.join(" "));
+    }
     eprintln!(
         "Pool ready: {} instance(s) × {} thread(s){remotes}, n_ctx {}; resident memory {:.0} MiB",
         cfg.instances,

@@ -245,6 +245,44 @@ impl Engine for LlamaEngine {
     fn raw_prompt_tokens(&self, text: &str) -> Result<Vec<i32>, EngineError> {
         Ok(self.model.vocab().tokenize(text.as_bytes(), true, true).into_iter().map(|t| t.0).collect())
     }
+
+    fn cpu_features(&self) -> Vec<String> {
+        cpu_features()
+    }
+}
+
+/// The CPU features llama.cpp's build uses, from its system info line
+/// (`CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | … | AVX512 = 1 | …`): the names
+/// set to 1, in its order.
+pub fn cpu_features() -> Vec<String> {
+    // SAFETY: llama.cpp returns a static, NUL-terminated string.
+    let info = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
+    parse_system_info(&info.to_string_lossy())
+}
+
+fn parse_system_info(info: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for part in info.split('|') {
+        // "CPU : SSE3 = 1" starts a backend's list: keep what follows the colon.
+        let part = part.rsplit(" : ").next().unwrap_or(part);
+        if let Some((name, value)) = part.split_once('=') {
+            let name = name.trim();
+            if value.trim() == "1" && !name.is_empty() && !out.iter().any(|n| n == name) {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod system_info_tests {
+    #[test]
+    fn the_features_set_to_one_are_listed_in_order() {
+        let info = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 0 | OPENMP = 1 | REPACK = 1 | ";
+        assert_eq!(super::parse_system_info(info), ["SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "OPENMP", "REPACK"]);
+        assert!(super::cpu_features().iter().any(|f| f == "AVX2" || f == "NEON"), "{:?}", super::cpu_features());
+    }
 }
 
 fn model_name(path: &Path) -> String {

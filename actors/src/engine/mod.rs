@@ -140,6 +140,12 @@ pub trait Engine: Send + Sync + 'static {
         }
     }
 
+    /// The CPU features the llama.cpp build in this process uses (AVX2,
+    /// AVX512, …), as llama.cpp reports them; none when nothing runs here.
+    fn cpu_features(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Checks a GBNF grammar before a request takes an instance (a 400 for
     /// the client rather than an error on the step loop). An engine without
     /// the model here leaves it to the remote, which refuses it itself.
