@@ -48,6 +48,7 @@ async fn follow(pool: &PoolHandle, text: &str, max_tokens: u32) -> Timeline {
                 t.finish = Some(c.finish_reason);
             }
             GenEvent::Error(e) => panic!("{e}"),
+            GenEvent::Logprob(_) => {}
         }
     }
     t

@@ -36,6 +36,7 @@ async fn greedy(pool: &PoolHandle) -> String {
             GenEvent::Token(piece) => text.push_str(&piece),
             GenEvent::Done(_) => {}
             GenEvent::Error(e) => panic!("{e}"),
+            GenEvent::Logprob(_) => {}
         }
     }
     text

@@ -136,6 +136,7 @@ async fn streamed_pieces_are_whole_characters() {
             GenEvent::Token(t) => pieces.push(t),
             GenEvent::Done(_) => break,
             GenEvent::Error(e) => panic!("{e}"),
+            GenEvent::Logprob(_) => {}
         }
     }
     let text = pieces.concat();

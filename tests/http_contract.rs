@@ -351,9 +351,80 @@ async fn text_completions_take_a_raw_prompt_streamed_or_not() {
         (json!({ "prompt": "hi", "echo": true }), "echo"),
         (json!({ "prompt": "hi", "suffix": "end" }), "suffix"),
         (json!({ "prompt": "hi", "best_of": 3 }), "best_of"),
-        (json!({ "prompt": "hi", "logprobs": 2 }), "logprobs"),
+        (json!({ "prompt": "hi", "logprobs": 21 }), "logprobs"),
     ] {
         let (status, r) = post(&server, "/v1/completions", body.clone()).await;
+        assert_eq!((status, r["error"]["param"].as_str()), (400, Some(param)), "{body}: {r}");
+    }
+}
+
+/// `logprobs` from the distribution before sampling: at temperature 0 with
+/// no penalty each chosen token is the first of its alternatives, which
+/// are sorted and at most 0; streamed, each chunk carries its tokens'.
+#[actix::test]
+async fn logprobs_list_each_token_and_its_sorted_alternatives() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let check = |entries: &[Value], top: usize| {
+        for e in entries {
+            let alts = e["top_logprobs"].as_array().unwrap();
+            assert_eq!(alts.len(), top, "{e}");
+            assert_eq!(alts[0]["token"], e["token"], "the greedy choice is the most likely: {e}");
+            let lps: Vec<f64> = alts.iter().map(|a| a["logprob"].as_f64().unwrap()).collect();
+            assert!(lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0, "{e}");
+            assert!((e["logprob"].as_f64().unwrap() - lps[0]).abs() < 1e-4, "{e}");
+            let bytes: Vec<u8> = e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+            assert_eq!(String::from_utf8_lossy(&bytes), e["token"].as_str().unwrap());
+        }
+    };
+    let body = json!({ "messages": [{ "role": "user", "content": "Name a fruit." }], "max_tokens": 8, "temperature": 0, "repeat_penalty": 1.0, "logprobs": true, "top_logprobs": 5 });
+    let (status, r) = post(&server, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{r}");
+    let entries = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(entries.len() as u64, r["usage"]["completion_tokens"].as_u64().unwrap(), "one entry per token: {r}");
+    check(entries, 5);
+    let joined: String = entries.iter().map(|e| e["token"].as_str().unwrap()).collect();
+    assert_eq!(joined, r["choices"][0]["message"]["content"].as_str().unwrap());
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let text =
+        http().post(server.url("/v1/chat/completions")).json(&streamed).send().await.unwrap().text().await.unwrap();
+    let mut all = Vec::new();
+    for d in text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+        let c: Value = serde_json::from_str(d).unwrap();
+        if let Some(entries) = c["choices"][0]["logprobs"]["content"].as_array() {
+            all.extend(entries.iter().cloned());
+        }
+    }
+    assert!(!all.is_empty(), "{text}");
+    check(&all, 5);
+
+    // /v1/completions: the legacy shape.
+    let (status, r) = post(
+        &server,
+        "/v1/completions",
+        json!({ "prompt": "The sky is", "max_tokens": 4, "temperature": 0, "repeat_penalty": 1.0, "logprobs": 3 }),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    let lp = &r["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 4, "{r}");
+    for (i, t) in tokens.iter().enumerate() {
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert!(top.len() <= 3 && top.contains_key(t.as_str().unwrap()), "{r}");
+        assert!(lp["token_logprobs"][i].as_f64().unwrap() <= 0.0);
+    }
+    for (body, param) in [
+        (json!({ "logprobs": true, "top_logprobs": 21 }), "top_logprobs"),
+        (json!({ "top_logprobs": 3 }), "top_logprobs"),
+        (json!({ "logprobs": "yes" }), "logprobs"),
+    ] {
+        let mut b = json!({ "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 2 });
+        for (k, v) in body.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let (status, r) = post(&server, "/v1/chat/completions", b).await;
         assert_eq!((status, r["error"]["param"].as_str()), (400, Some(param)), "{body}: {r}");
     }
 }

@@ -408,7 +408,7 @@ async fn two_turns(server: &Server, first: &str, second: &str) -> (Value, Value)
 /// Structured output through a remote: the grammar (a JSON schema turned
 /// into one here) goes with the request, and llama-server's sampler follows it.
 #[actix::test]
-async fn a_remote_follows_the_requests_grammar_and_schema() {
+async fn a_remote_follows_the_requests_grammar_and_schema_and_reports_logprobs() {
     let _one = serial();
     let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
     let server = Server::start(&["--instances", "0", "--remote", &remote.url()], &[]);
@@ -445,4 +445,15 @@ async fn a_remote_follows_the_requests_grammar_and_schema() {
         ["yes", "no"].contains(&v["answer"].as_str().unwrap()) && v["cups"].as_u64().is_some_and(|c| c <= 9),
         "{v}"
     );
+
+    // Log-probabilities come back from the remote (its n_probs) in the same shape.
+    let (status, r) = post(ask(json!({ "logprobs": true, "top_logprobs": 3, "repeat_penalty": 1.0 }))).await;
+    assert_eq!(status, 200, "{r}");
+    let entries = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert!(!entries.is_empty(), "{r}");
+    for e in entries {
+        let alts = e["top_logprobs"].as_array().unwrap();
+        assert!(!alts.is_empty() && alts.len() <= 3, "{e}");
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0, "{e}");
+    }
 }

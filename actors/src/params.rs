@@ -74,8 +74,38 @@ pub struct SamplingParams {
     /// Generation ends before any of these strings; they are not emitted.
     pub stop: Vec<String>,
     /// A GBNF grammar (root rule `root`) the reply must follow: structured
-    /// output. A JSON schema is turned into one at the API ([`crate::grammar`]).
+    /// output. A JSON schema is turned into one at the API.
     pub grammar: Option<String>,
+    /// Log-probabilities of each generated token and of this many
+    /// alternatives (0 to [`MAX_TOP_LOGPROBS`]), from the distribution
+    /// before sampling; none: not computed.
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+}
+
+/// Most alternatives a token's log-probabilities may list (OpenAI's bound).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// One generated token's log-probability and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: TokenText,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(TokenText, f32)>,
+}
+
+/// A token as text (lossy where it is part of a character) and as bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenText {
+    pub text: String,
+    pub bytes: Vec<u8>,
+}
+
+impl TokenText {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self { text: String::from_utf8_lossy(&bytes).into_owned(), bytes }
+    }
 }
 
 impl Default for SamplingParams {
@@ -93,6 +123,7 @@ impl Default for SamplingParams {
             max_tokens: 256,
             stop: Vec::new(),
             grammar: None,
+            logprobs: None,
         }
     }
 }
@@ -145,6 +176,9 @@ impl SamplingParams {
         if self.grammar.as_ref().is_some_and(|g| g.trim().is_empty() || g.len() > MAX_GRAMMAR_BYTES) {
             let len = self.grammar.as_ref().map_or(0, String::len);
             return bad("grammar", "must be a non-empty GBNF grammar of at most 65536 bytes", format!("{len} bytes"));
+        }
+        if let Some(n) = self.logprobs.filter(|n| *n > MAX_TOP_LOGPROBS) {
+            return bad("top_logprobs", "must be between 0 and 20", n.to_string());
         }
         if self.stop.len() > 4 || self.stop.iter().any(|s| s.is_empty() || s.len() > 64) {
             return bad("stop", "at most 4 non-empty strings of at most 64 bytes", format!("{:?}", self.stop));

@@ -528,6 +528,7 @@ impl Turn {
                         break;
                     }
                 }
+                GenEvent::Logprob(_) => {}
                 GenEvent::Done(c) => {
                     outcome = Ok(c);
                     break;

@@ -19,7 +19,7 @@ use super::fault::FaultSlot;
 use super::kv_cache::{restore_source, SlotCache, Source};
 use super::kv_tiers::{CacheKey, KvTiers, Tier};
 use super::prompt::{tokenize_request, ChatTemplate};
-use super::sampling::{build_sampler, check_fits, sample_constrained};
+use super::sampling::{build_sampler, check_fits, sample_constrained, token_logprobs};
 use super::text::TextStream;
 #[cfg(feature = "fault-injection")]
 use super::Fault;
@@ -38,6 +38,8 @@ struct Running {
     sampler: LlamaSampler,
     /// Whether the sampler holds a grammar (sampled through [`sample_constrained`]).
     constrained: bool,
+    /// Alternatives per token whose log-probabilities are sent; none: not computed.
+    logprobs: Option<u32>,
     text: TextStream,
     generated: u32,
     max_tokens: u32,
@@ -280,6 +282,7 @@ impl<'m> Batcher<'m> {
             sink,
             sampler: build_sampler(self.model, &request.sampling, self.seq_ctx)?,
             constrained: request.sampling.grammar.is_some(),
+            logprobs: request.sampling.logprobs,
             text: TextStream::new(&request.sampling.stop),
             generated: 0,
             max_tokens: request.sampling.max_tokens,
@@ -462,6 +465,10 @@ impl<'m> Batcher<'m> {
             let end = if vocab.is_eog(token) {
                 Some(FinishReason::Stop)
             } else {
+                if let Some(top) = run.logprobs {
+                    let lp = token_logprobs(self.model, self.ctx.get_logits_ith(idx), token, top as usize);
+                    let _ = run.sink.send(SeqEvent::Logprob(lp));
+                }
                 run.generated += 1;
                 self.piece.clear();
                 vocab.token_to_piece_into(token, &mut self.piece, false, None);

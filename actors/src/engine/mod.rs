@@ -28,6 +28,9 @@ pub use kv_tiers::{CacheKey, KvTiers};
 #[derive(Debug)]
 pub enum SeqEvent {
     Piece(String),
+    /// A generated token's log-probabilities (when the request asked), sent
+    /// before the piece that carries its text (a piece may be held back).
+    Logprob(crate::params::TokenLogprob),
     Done(Result<Completion, EngineError>),
 }
 

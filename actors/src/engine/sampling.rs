@@ -73,6 +73,40 @@ pub fn sample_constrained(
     Ok(token)
 }
 
+/// The log-probability of `token` and of the `top` most likely tokens, from
+/// the logits before sampling (a log-softmax over the whole vocabulary).
+pub fn token_logprobs(
+    model: &LlamaModel,
+    logits: &[f32],
+    token: llama_cpp_2::token::LlamaToken,
+    top: usize,
+) -> crate::params::TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    // The `top` largest logits, kept sorted (top is at most 20).
+    let mut best: Vec<(usize, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() < top || l > best[best.len() - 1].1 {
+                let at = best.partition_point(|(_, b)| *b >= l);
+                best.insert(at, (i, l));
+                best.truncate(top);
+            }
+        }
+    }
+    let text = |t: llama_cpp_2::token::LlamaToken| {
+        let mut bytes = Vec::new();
+        model.vocab().token_to_piece_into(t, &mut bytes, false, None);
+        crate::params::TokenText::new(bytes)
+    };
+    let chosen = logits.get(token.0 as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    crate::params::TokenLogprob {
+        token: text(token),
+        logprob: chosen - log_sum,
+        top: best.into_iter().map(|(i, l)| (text(llama_cpp_2::token::LlamaToken(i as i32)), l - log_sum)).collect(),
+    }
+}
+
 /// Checks that the prompt plus the requested tokens fit in one sequence.
 pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(), EngineError> {
     let total = prompt_tokens.saturating_add(max_tokens);

@@ -285,6 +285,7 @@ async fn generate(
         while let Some(event) = generation.next().await {
             let (out, last) = match event {
                 GenEvent::Token(t) => (shape.piece(&model, &t), false),
+                GenEvent::Logprob(_) => continue,
                 GenEvent::Done(done) => {
                     state.metrics.finished("ollama", started, Ok(&done.usage));
                     (shape.last(&model, "", &done, started), true)

@@ -113,15 +113,11 @@ fn refuse_unsupported(other: &HashMap<String, Value>) -> Result<(), ApiError> {
             "tool_choice" | "function_call" if !v.is_null() && v != "none" && v != "auto" => {
                 return unsupported(field, v)
             }
-            "logprobs" if !v.is_null() && v.as_bool() != Some(false) && v.as_i64() != Some(0) => {
-                return unsupported(field, v)
-            }
             "echo" if !v.is_null() && v.as_bool() != Some(false) => return unsupported(field, v),
             "suffix" if v.as_str().is_some_and(|s| !s.is_empty()) || !(v.is_null() || v.is_string()) => {
                 return unsupported(field, v)
             }
             "best_of" if !v.is_null() && v.as_i64() != Some(1) => return unsupported(field, v),
-            "top_logprobs" if !v.is_null() && v.as_i64() != Some(0) => return unsupported(field, v),
             "logit_bias" if v.as_object().is_some_and(|o| !o.is_empty()) => return unsupported(field, v),
             // llama-server's own fields that would change the answer: refused
             // unless they carry the value that changes nothing.
@@ -234,8 +230,10 @@ fn sampling_of(
     state: &ApiState,
     f: SamplingFields,
     other: &HashMap<String, Value>,
+    route: Route,
 ) -> Result<(crate::params::SamplingParams, Delivery), ApiError> {
     refuse_unsupported(other)?;
+    let logprobs = logprobs_of(other, route)?;
     if let Some(n) = f.n.filter(|n| *n != 1) {
         return Err(ApiError::bad("n", format!("invalid n: only 1 choice is supported, got {n}")));
     }
@@ -259,9 +257,81 @@ fn sampling_of(
     };
     // Structured output: response_format, json_schema or grammar.
     sampling.grammar = super::structured::grammar_of(other)?;
+    sampling.logprobs = logprobs;
     sampling.validate()?;
     let include_usage = f.stream_options.map(|o| o.include_usage).unwrap_or(false);
     Ok((sampling, Delivery { stream: f.stream, include_usage }))
+}
+
+/// The log-probabilities a request asks for: on chat completions
+/// `logprobs: true` with `top_logprobs` alternatives (0 to 20); on
+/// completions `logprobs: n` alternatives.
+fn logprobs_of(other: &HashMap<String, Value>, route: Route) -> Result<Option<u32>, ApiError> {
+    let logprobs = other.get("logprobs").filter(|v| !v.is_null());
+    let top = other.get("top_logprobs").filter(|v| !v.is_null());
+    let count = |field: &str, v: &Value| match v.as_i64() {
+        Some(n) if (0..=crate::params::MAX_TOP_LOGPROBS as i64).contains(&n) => Ok(n as u32),
+        _ => Err(ApiError::bad(field, format!("invalid {field}: must be between 0 and 20, got {}", short_json(v)))),
+    };
+    match route {
+        Route::Chat => {
+            let on = match logprobs {
+                None => false,
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    ApiError::bad("logprobs", format!("invalid logprobs: must be true or false, got {}", short_json(v)))
+                })?,
+            };
+            match (on, top) {
+                (false, Some(v)) if v.as_i64() != Some(0) => Err(ApiError::bad(
+                    "top_logprobs",
+                    format!("invalid top_logprobs: needs logprobs: true, got {}", short_json(v)),
+                )),
+                (false, _) => Ok(None),
+                (true, None) => Ok(Some(0)),
+                (true, Some(v)) => count("top_logprobs", v).map(Some),
+            }
+        }
+        Route::Text => match (logprobs, top) {
+            (_, Some(v)) => Err(ApiError::bad(
+                "top_logprobs",
+                format!("invalid top_logprobs: /v1/completions takes logprobs: n, got {}", short_json(v)),
+            )),
+            (None, None) => Ok(None),
+            (Some(v), None) => count("logprobs", v).map(Some),
+        },
+    }
+}
+
+/// Log-probabilities in OpenAI's chat shape (`content` entries).
+fn chat_logprobs(lps: &[crate::params::TokenLogprob]) -> Value {
+    let entry = |t: &crate::params::TokenText, lp: f32| json!({ "token": t.text, "logprob": lp, "bytes": t.bytes });
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|lp| {
+            let mut e = entry(&lp.token, lp.logprob);
+            e["top_logprobs"] = lp.top.iter().map(|(t, p)| entry(t, *p)).collect();
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// Log-probabilities in the completions shape: parallel lists, offsets in
+/// the generated text from `offset` on.
+fn text_logprobs(lps: &[crate::params::TokenLogprob], mut offset: usize) -> Value {
+    let mut offsets = Vec::with_capacity(lps.len());
+    for lp in lps {
+        offsets.push(offset);
+        offset += lp.token.text.len();
+    }
+    let top: Vec<serde_json::Map<String, Value>> =
+        lps.iter().map(|lp| lp.top.iter().map(|(t, p)| (t.text.clone(), json!(p))).collect()).collect();
+    json!({
+        "tokens": lps.iter().map(|lp| lp.token.text.clone()).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|lp| lp.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
 }
 
 /// A `/v1/completions` prompt: a string, or an array of one string.
@@ -360,7 +430,7 @@ async fn chat_completions(
     let work = async {
         check_models(&state, req.model.as_deref())?;
         let user = req.other.get("user").cloned();
-        let (sampling, delivery) = sampling_of(&state, req.sampling, &req.other)?;
+        let (sampling, delivery) = sampling_of(&state, req.sampling, &req.other, Route::Chat)?;
         let messages = convert_messages(req.messages)?;
         let key = cache_key(&http, &namespace, user.as_ref(), &messages);
         let request = GenerateRequest { messages, sampling, raw_prompt: None };
@@ -380,7 +450,7 @@ async fn text_completions(
     let namespace = auth.namespace.unwrap_or_default();
     let work = async {
         check_models(&state, req.model.as_deref())?;
-        let (sampling, delivery) = sampling_of(&state, req.sampling, &req.other)?;
+        let (sampling, delivery) = sampling_of(&state, req.sampling, &req.other, Route::Text)?;
         let prompt = raw_prompt(req.prompt)?;
         // Prompts that share their opening share a cache: the first 256 bytes name it.
         let key = match http.headers().get("x-conversation-id") {
@@ -433,6 +503,7 @@ async fn generate(
     state.admit()?;
     let model = chat.pool().engine_info().model_name;
     let Delivery { stream, include_usage } = delivery;
+    let with_logprobs = request.sampling.logprobs.is_some();
     let mut generation = chat.pool().generate_for(request, Some(key)).await?;
     let (prefix, object) = match route {
         Route::Chat => ("chatcmpl", "chat.completion"),
@@ -443,17 +514,20 @@ async fn generate(
 
     if !stream {
         // An error returns to the handler, which counts it once.
-        let (text, done) = generation.collect_text().await?;
+        let (text, lps, done) = generation.collect().await?;
         state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
         let choice = match route {
             Route::Chat => json!({
                 "index": 0,
                 "message": { "role": "assistant", "content": text },
-                "logprobs": null,
+                "logprobs": if with_logprobs { chat_logprobs(&lps) } else { Value::Null },
                 "finish_reason": finish_str(done.finish_reason),
             }),
             Route::Text => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish_str(done.finish_reason),
+                "index": 0,
+                "text": text,
+                "logprobs": if with_logprobs { text_logprobs(&lps, 0) } else { Value::Null },
+                "finish_reason": finish_str(done.finish_reason),
             }),
         };
         return Ok(HttpResponse::Ok().json(json!({
@@ -474,7 +548,17 @@ async fn generate(
             Route::Text => "text_completion",
         };
         // With `include_usage`, every chunk but the last carries `"usage": null`, as OpenAI's do.
-        let chunk = |text: Option<&str>, finish: Option<&str>| {
+        // The log-probabilities of the tokens since the last chunk go with the next one.
+        let mut pending: Vec<crate::params::TokenLogprob> = Vec::new();
+        let mut offset = 0usize;
+        let mut chunk = |text: Option<&str>, finish: Option<&str>, pending: &mut Vec<crate::params::TokenLogprob>| {
+            let logprobs = match (with_logprobs, route) {
+                (false, _) => Value::Null,
+                (true, Route::Chat) => chat_logprobs(pending),
+                (true, Route::Text) => text_logprobs(pending, offset),
+            };
+            offset += pending.iter().map(|lp| lp.token.text.len()).sum::<usize>();
+            pending.clear();
             let choice = match route {
                 Route::Chat => {
                     let delta = match text {
@@ -482,10 +566,10 @@ async fn generate(
                         None if finish.is_none() => json!({ "role": "assistant", "content": "" }),
                         None => json!({}),
                     };
-                    json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+                    json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
                 }
                 Route::Text => {
-                    json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish })
+                    json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
                 }
             };
             let mut c = json!({
@@ -497,21 +581,22 @@ async fn generate(
             c
         };
         let send = |v: Value| tx.send(sse::Data::new(v.to_string()).into());
-        if matches!(route, Route::Chat) && send(chunk(None, None)).await.is_err() {
+        if matches!(route, Route::Chat) && send(chunk(None, None, &mut pending)).await.is_err() {
             return;
         }
         while let Some(event) = generation.next().await {
             match event {
+                GenEvent::Logprob(lp) => pending.push(lp),
                 GenEvent::Token(t) => {
                     // The client left: dropping `generation` stops it within one token.
-                    if send(chunk(Some(&t), None)).await.is_err() {
+                    if send(chunk(Some(&t), None, &mut pending)).await.is_err() {
                         state.metrics.request(route.endpoint(), "cancelled", Some(started.elapsed()));
                         return;
                     }
                 }
                 GenEvent::Done(done) => {
                     state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
-                    let _ = send(chunk(None, Some(finish_str(done.finish_reason)))).await;
+                    let _ = send(chunk(None, Some(finish_str(done.finish_reason)), &mut pending)).await;
                     if include_usage {
                         let last = json!({
                             "id": id, "object": chunk_object, "created": created, "model": model,

@@ -21,6 +21,8 @@ use crate::pool::state::{LeaseId, Outcome};
 #[derive(Debug, Clone)]
 pub enum GenEvent {
     Token(String),
+    /// A token's log-probabilities, before the text that carries it.
+    Logprob(crate::params::TokenLogprob),
     Done(Completion),
     Error(PoolError),
 }
@@ -81,6 +83,11 @@ impl Lease {
                         Some(SeqEvent::Piece(text)) => {
                             // A client gone: `events` drops below and the loop cancels.
                             if tx.send(GenEvent::Token(text)).is_err() {
+                                break None;
+                            }
+                        }
+                        Some(SeqEvent::Logprob(lp)) => {
+                            if tx.send(GenEvent::Logprob(lp)).is_err() {
                                 break None;
                             }
                         }
@@ -184,12 +191,19 @@ impl GenerationStream {
     }
 
     /// Waits for the whole text.
-    pub async fn collect_text(mut self) -> Result<(String, Completion), PoolError> {
-        let mut text = String::new();
+    pub async fn collect_text(self) -> Result<(String, Completion), PoolError> {
+        self.collect().await.map(|(text, _, done)| (text, done))
+    }
+
+    /// Waits for the whole text and each token's log-probabilities (when the
+    /// request asked for them).
+    pub async fn collect(mut self) -> Result<(String, Vec<crate::params::TokenLogprob>, Completion), PoolError> {
+        let (mut text, mut logprobs) = (String::new(), Vec::new());
         while let Some(event) = self.rx.recv().await {
             match event {
                 GenEvent::Token(t) => text.push_str(&t),
-                GenEvent::Done(c) => return Ok((text, c)),
+                GenEvent::Logprob(lp) => logprobs.push(lp),
+                GenEvent::Done(c) => return Ok((text, logprobs, c)),
                 GenEvent::Error(e) => return Err(e),
             }
         }

@@ -31,6 +31,40 @@ struct Chunk {
     stop_type: String,
     timings: Option<Timings>,
     error: Option<serde_json::Value>,
+    /// With `n_probs`: each token of this chunk and its alternatives.
+    #[serde(default)]
+    completion_probabilities: Vec<Prob>,
+}
+
+/// llama-server's account of one token: `logprob` (or `prob` on builds
+/// that report probabilities after sampling) and the alternatives.
+#[derive(Deserialize)]
+struct Prob {
+    #[serde(default)]
+    token: String,
+    bytes: Option<Vec<u8>>,
+    logprob: Option<f32>,
+    prob: Option<f32>,
+    #[serde(default, alias = "top_probs")]
+    top_logprobs: Vec<Prob>,
+}
+
+impl Prob {
+    fn text(&self) -> crate::params::TokenText {
+        crate::params::TokenText::new(self.bytes.clone().unwrap_or_else(|| self.token.as_bytes().to_vec()))
+    }
+
+    fn logprob(&self) -> f32 {
+        self.logprob.or(self.prob.map(f32::ln)).unwrap_or(f32::NEG_INFINITY)
+    }
+
+    fn into_token(self, top: usize) -> crate::params::TokenLogprob {
+        crate::params::TokenLogprob {
+            token: self.text(),
+            logprob: self.logprob(),
+            top: self.top_logprobs.iter().take(top).map(|p| (p.text(), p.logprob())).collect(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -115,6 +149,10 @@ impl Job {
         if let Some(seed) = s.seed {
             body["seed"] = seed.into();
         }
+        // Log-probabilities: llama-server's n_probs (at least 1, for the chosen token's own).
+        if let Some(n) = s.logprobs {
+            body["n_probs"] = n.max(1).into();
+        }
         // Structured output: the remote's sampler follows the same grammar.
         if let Some(grammar) = &s.grammar {
             body["grammar"] = grammar.clone().into();
@@ -155,6 +193,13 @@ impl Job {
                 usage.time_to_first_token_ms = (now - started).as_secs_f64() * 1e3;
             }
             usage.completion_tokens = chunk.tokens_predicted;
+            if let Some(top) = s.logprobs {
+                for p in chunk.completion_probabilities {
+                    if sink.send(SeqEvent::Logprob(p.into_token(top as usize))).is_err() {
+                        return Err(Interrupted::Cancelled);
+                    }
+                }
+            }
             if !chunk.content.is_empty() && sink.send(SeqEvent::Piece(chunk.content)).is_err() {
                 return Err(Interrupted::Cancelled);
             }
