@@ -5,11 +5,8 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use base64::Engine as _;
-use common::server::Server;
+use common::server::{sse_json, Server};
 use serde_json::{json, Value};
 
 fn http() -> reqwest::Client {
@@ -22,26 +19,10 @@ async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
     (status, r.json().await.unwrap())
 }
 
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("MODELPOOL_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/modelpool/venv"));
-    let python = venv.join("bin/python");
-    assert!(python.is_file(), "{} is missing: run scripts/setup.sh", python.display());
-    python
-}
-
 #[actix::test]
 async fn openais_python_client_embeds_in_base64_chats_streams_and_gets_404_for_unknown_models() {
     let server = Server::start(&["--instances", "1"], &[]);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_client.py");
-    let out = Command::new(venv_python()).arg(script).arg(server.url("/v1")).output().unwrap();
-    assert!(
-        out.status.success(),
-        "python client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_python_fixture("openai_client.py", &server.url("/v1"));
 }
 
 #[actix::test]
@@ -271,12 +252,7 @@ async fn models_have_a_purpose_and_streamed_chunks_carry_null_usage() {
 
     let body = json!({ "messages": [{ "role": "user", "content": "Say hi." }], "max_tokens": 6, "stream": true, "stream_options": { "include_usage": true } });
     let text = http().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap().text().await.unwrap();
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_json(&text);
     let (last, before) = chunks.split_last().unwrap();
     assert!(!before.is_empty());
     for c in before {
@@ -290,14 +266,7 @@ async fn models_have_a_purpose_and_streamed_chunks_carry_null_usage() {
 #[actix::test]
 async fn ollamas_python_client_chats_generates_embeds_and_lists() {
     let server = Server::start(&["--instances", "1"], &[]);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ollama_client.py");
-    let out = Command::new(venv_python()).arg(script).arg(&server.base).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ollama client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_python_fixture("ollama_client.py", &server.base);
     let version: Value = http().get(server.url("/api/version")).send().await.unwrap().json().await.unwrap();
     assert!(version["version"].is_string(), "{version}");
 }
@@ -332,12 +301,7 @@ async fn text_completions_take_a_raw_prompt_streamed_or_not() {
 
     let body = json!({ "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "stream": true, "stream_options": { "include_usage": true } });
     let text = http().post(server.url("/v1/completions")).json(&body).send().await.unwrap().text().await.unwrap();
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_json(&text);
     let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
     assert!(!streamed.is_empty(), "{text}");
     assert!(chunks.iter().all(|c| c["object"] == "text_completion"), "{text}");
@@ -390,8 +354,7 @@ async fn logprobs_list_each_token_and_its_sorted_alternatives() {
     let text =
         http().post(server.url("/v1/chat/completions")).json(&streamed).send().await.unwrap().text().await.unwrap();
     let mut all = Vec::new();
-    for d in text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
-        let c: Value = serde_json::from_str(d).unwrap();
+    for c in sse_json(&text) {
         if let Some(entries) = c["choices"][0]["logprobs"]["content"].as_array() {
             all.extend(entries.iter().cloned());
         }

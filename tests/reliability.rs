@@ -403,6 +403,13 @@ async fn non_streaming_clients_that_hang_up_queued_or_running_are_cancelled() {
     assert!(tokens < 300, "{tokens} tokens were generated for clients that had hung up");
 }
 
+/// A new conversation's first `/chat` turn; its id.
+async fn first_turn(server: &Server, message: &str, max_tokens: u32) -> String {
+    let body = json!({ "message": message, "max_tokens": max_tokens });
+    let first: Value = http().post(server.url("/chat")).json(&body).send().await.unwrap().json().await.unwrap();
+    first["conversation_id"].as_str().unwrap().to_string()
+}
+
 /// Issue acceptance: 30 `/chat` clients of one conversation that leave
 /// after a second. Turns waiting for the conversation's earlier turn count
 /// as queued; a turn whose client left before it saw any of its reply
@@ -410,16 +417,7 @@ async fn non_streaming_clients_that_hang_up_queued_or_running_are_cancelled() {
 #[actix::test]
 async fn thirty_chat_clients_of_one_conversation_leaving_after_a_second_store_only_answered_turns() {
     let server = Server::start(&["--instances", "1"], &[("MODELPOOL_MAX_QUEUE", "64")]);
-    let first: Value = http()
-        .post(server.url("/chat"))
-        .json(&json!({ "message": "Hello, remember the word lighthouse.", "max_tokens": 4 }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = first["conversation_id"].as_str().unwrap().to_string();
+    let id = first_turn(&server, "Hello, remember the word lighthouse.", 4).await;
     let impatient = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
     let clients = (0..30).map(|i| {
         let (client, server, id) = (&impatient, &server, &id);
@@ -477,16 +475,7 @@ async fn thirty_chat_clients_of_one_conversation_leaving_after_a_second_store_on
 async fn turns_waiting_for_their_conversation_count_as_queued_and_time_out() {
     let server =
         Server::start(&["--instances", "1"], &[("MODELPOOL_MAX_QUEUE", "1"), ("MODELPOOL_ACQUIRE_TIMEOUT_MS", "1500")]);
-    let first: Value = http()
-        .post(server.url("/chat"))
-        .json(&json!({ "message": "Hi.", "max_tokens": 2 }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = first["conversation_id"].as_str().unwrap().to_string();
+    let id = first_turn(&server, "Hi.", 2).await;
     let long = json!({ "conversation_id": id, "message": "Write a very long story about the sea.", "max_tokens": 400, "stream": true });
     let running = http().post(server.url("/chat")).json(&long).send().await.unwrap();
     assert_eq!(running.status(), 200);

@@ -5,10 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use common::server::Server;
+use common::server::{sse_json, Server};
 use serde_json::{json, Value};
 
 async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
@@ -70,11 +67,8 @@ async fn a_grammar_or_a_schema_constrains_the_reply_and_a_bad_one_is_a_400_by_na
         .text()
         .await
         .unwrap();
-    let streamed: String = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+    let streamed: String = sse_json(&text)
+        .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
         .collect();
     let v: Value =
@@ -118,24 +112,10 @@ async fn a_grammar_or_a_schema_constrains_the_reply_and_a_bad_one_is_a_400_by_na
     assert_eq!(status, 200);
 }
 
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("MODELPOOL_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/modelpool/venv"));
-    venv.join("bin/python")
-}
-
 /// OpenAI's Python client: ten prompts under a strict schema, streamed and
 /// not, each reply validated by `jsonschema`.
 #[actix::test]
 async fn openais_python_client_gets_replies_that_validate_against_a_strict_schema() {
     let server = Server::start(&["--instances", "1"], &[]);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/structured_output.py");
-    let out = Command::new(venv_python()).arg(script).arg(server.url("/v1")).output().unwrap();
-    assert!(
-        out.status.success(),
-        "python client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_python_fixture("structured_output.py", &server.url("/v1"));
 }

@@ -59,6 +59,19 @@ pub async fn complete_with(
     max_tokens: u32,
     headers: &[(&str, &str)],
 ) -> Sample {
+    complete_body(client, base, messages, max_tokens, headers, &Value::Null).await
+}
+
+/// `complete_with` plus the fields of `extra` (an object) in the body, e.g.
+/// `response_format`.
+pub async fn complete_body(
+    client: &reqwest::Client,
+    base: &str,
+    messages: &[Value],
+    max_tokens: u32,
+    headers: &[(&str, &str)],
+    extra: &Value,
+) -> Sample {
     static MODEL: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
     let known = MODEL.lock().unwrap().iter().find(|(b, _)| b == base).map(|(_, m)| m.clone());
     let model = match known {
@@ -78,6 +91,12 @@ pub async fn complete_with(
         "stream": true,
         "stream_options": { "include_usage": true },
     });
+    let mut body = body;
+    if let Some(fields) = extra.as_object() {
+        for (k, v) in fields {
+            body[k] = v.clone();
+        }
+    }
     let mut req = client.post(format!("{base}/v1/chat/completions")).json(&body);
     for (name, value) in headers {
         req = req.header(*name, *value);

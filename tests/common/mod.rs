@@ -34,6 +34,25 @@ pub fn embed_model_path() -> PathBuf {
     path
 }
 
+/// Runs `tests/fixtures/<script>` with the set-up's Python (its venv holds
+/// OpenAI's and Ollama's clients and jsonschema), given `arg`; panics with
+/// its output when it fails.
+pub fn run_python_fixture(script: &str, arg: &str) {
+    let venv = std::env::var_os("MODELPOOL_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/modelpool/venv"));
+    let python = venv.join("bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/setup.sh", python.display());
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(script);
+    let out = std::process::Command::new(python).arg(path).arg(arg).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The modelpool binary on the test models, with no outside config or
 /// profile leaking in; all three standard streams piped or silenced by the caller.
 pub fn modelpool_command() -> std::process::Command {

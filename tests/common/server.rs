@@ -152,6 +152,15 @@ impl Drop for Server {
 }
 
 /// Parses a server-sent-events body into (event, data) pairs.
+/// The JSON objects of an OpenAI-style event stream's `data:` lines (`[DONE]` and comments left out).
+pub fn sse_json(body: &str) -> Vec<serde_json::Value> {
+    sse_events(body)
+        .into_iter()
+        .filter(|(_, d)| !d.is_empty() && d != "[DONE]")
+        .filter_map(|(_, d)| serde_json::from_str(&d).ok())
+        .collect()
+}
+
 pub fn sse_events(body: &str) -> Vec<(String, String)> {
     body.split("\n\n")
         .filter(|block| !block.trim().is_empty())

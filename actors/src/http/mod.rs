@@ -400,13 +400,17 @@ pub fn default_service() -> actix_web::Route {
 
 /// A server-sent-events response fed by `rx`. Uncompressed and uncached, so
 /// every event reaches the client as soon as it is sent.
+/// An idle event stream sends a comment this often: a request waiting for a
+/// slot, or a long prompt being read, shows clients and proxies it is alive.
+pub(crate) const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub(crate) fn sse_response(rx: tokio::sync::mpsc::Receiver<actix_web_lab::sse::Event>) -> HttpResponse {
     use actix_web::http::header::{CacheControl, CacheDirective, ContentEncoding};
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(ContentEncoding::Identity)
         .insert_header(CacheControl(vec![CacheDirective::NoCache]))
-        .body(actix_web_lab::sse::Sse::from_infallible_receiver(rx))
+        .body(actix_web_lab::sse::Sse::from_infallible_receiver(rx).with_keep_alive(SSE_KEEP_ALIVE))
 }
 
 /// Seconds since the Unix epoch (OpenAI's `created`).

@@ -14,8 +14,9 @@ use tokio::sync::mpsc;
 use super::disconnect::unless_client_gone;
 use super::{sse_response, unix_now, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::engine::CacheKey;
+use crate::error::PoolError;
 use crate::params::{ChatMessage, FinishReason, GenerateRequest, Role, Usage};
-use crate::pool::lease::GenEvent;
+use crate::pool::lease::{GenEvent, GenerationStream};
 
 /// `content` as a string or as an array of `{"type": "text", "text": ...}` parts.
 #[derive(Deserialize)]
@@ -400,6 +401,10 @@ fn finish_str(f: FinishReason) -> &'static str {
     }
 }
 
+/// How long a streaming request waits for a slot before its answer starts
+/// (with SSE comments every [`super::SSE_KEEP_ALIVE`] while it waits on).
+const HEADERS_WHILE_QUEUED: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Which OpenAI route a generation answers.
 #[derive(Clone, Copy)]
 enum Route {
@@ -504,7 +509,20 @@ async fn generate(
     let model = chat.pool().engine_info().model_name;
     let Delivery { stream, include_usage } = delivery;
     let with_logprobs = request.sampling.logprobs.is_some();
-    let mut generation = chat.pool().generate_for(request, Some(key)).await?;
+    // A streaming request still waiting for a slot after a moment gets its
+    // answer's headers, then SSE comments while it waits (clients and
+    // proxies see it is alive); a refusal before that keeps its status.
+    let pool = chat.pool().clone();
+    let mut admission: std::pin::Pin<Box<dyn std::future::Future<Output = Result<GenerationStream, PoolError>>>> =
+        Box::pin(async move { pool.generate_for(request, Some(key)).await });
+    let admitted = if stream {
+        tokio::select! {
+            admitted = &mut admission => Some(admitted?),
+            _ = tokio::time::sleep(HEADERS_WHILE_QUEUED) => None,
+        }
+    } else {
+        Some((&mut admission).await?)
+    };
     let (prefix, object) = match route {
         Route::Chat => ("chatcmpl", "chat.completion"),
         Route::Text => ("cmpl", "text_completion"),
@@ -513,6 +531,7 @@ async fn generate(
     let created = unix_now();
 
     if !stream {
+        let generation = admitted.expect("a request that does not stream waits for its admission");
         // An error returns to the handler, which counts it once.
         let (text, lps, done) = generation.collect().await?;
         state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
@@ -581,6 +600,26 @@ async fn generate(
             c
         };
         let send = |v: Value| tx.send(sse::Data::new(v.to_string()).into());
+        let mut generation = match admitted {
+            Some(generation) => generation,
+            None => {
+                let waited = tokio::select! {
+                    waited = admission => waited,
+                    // The client left while queued: dropping `admission` gives its place up.
+                    _ = tx.closed() => return,
+                };
+                match waited {
+                    Ok(generation) => generation,
+                    Err(e) => {
+                        let e = ApiError::from(e);
+                        state.metrics.finished(route.endpoint(), started, Err(&e));
+                        let _ = tx.send(sse::Data::new(e.body_json()).into()).await;
+                        let _ = tx.send(sse::Data::new("[DONE]").into()).await;
+                        return;
+                    }
+                }
+            }
+        };
         if matches!(route, Route::Chat) && send(chunk(None, None, &mut pending)).await.is_err() {
             return;
         }

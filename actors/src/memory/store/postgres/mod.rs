@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
 use super::{Conversation, ConversationId, NewMessage, Store, StoreError, StoredMessage, StoredVector};
 
@@ -26,7 +26,8 @@ mod rows;
 mod url;
 
 use rows::{
-    conversation_from, insert_conversation, insert_message, message_from, CONVERSATION_COLUMNS, MESSAGE_COLUMNS, NOW_MS,
+    conversation_from, insert_conversation, insert_message, message_from, vector_from, CONVERSATION_COLUMNS,
+    MESSAGE_COLUMNS, NOW_MS,
 };
 pub use url::redact;
 
@@ -404,14 +405,7 @@ impl Store for PostgresStore {
                 None => sqlx::query("SELECT id, conversation_id, embedding FROM messages WHERE embedding IS NOT NULL"),
             };
             let rows = query.fetch_all(&pool).await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in &rows {
-                out.push((
-                    row.try_get::<i64, _>("id")? as u64,
-                    row.try_get("conversation_id")?,
-                    row.try_get::<Vec<f32>, _>("embedding")?,
-                ));
-            }
+            let out = rows.iter().map(vector_from).collect::<Result<Vec<_>, _>>()?;
             Ok(out)
         })
         .await
@@ -443,14 +437,7 @@ impl Store for PostgresStore {
             .bind(since)
             .fetch_all(&pool)
             .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in &rows {
-                out.push((
-                    row.try_get::<i64, _>("id")? as u64,
-                    row.try_get("conversation_id")?,
-                    row.try_get::<Vec<f32>, _>("embedding")?,
-                ));
-            }
+            let out = rows.iter().map(vector_from).collect::<Result<Vec<_>, _>>()?;
             Ok((out, now.max(0) as u64))
         })
         .await

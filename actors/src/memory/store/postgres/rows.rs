@@ -25,6 +25,11 @@ pub(super) fn message_from(row: &PgRow) -> Result<StoredMessage, sqlx::Error> {
     })
 }
 
+/// A row of (id, conversation_id, embedding).
+pub(super) fn vector_from(row: &PgRow) -> Result<super::super::StoredVector, sqlx::Error> {
+    Ok((row.try_get::<i64, _>("id")? as u64, row.try_get("conversation_id")?, row.try_get::<Vec<f32>, _>("embedding")?))
+}
+
 pub(super) fn conversation_from(row: &PgRow) -> Result<Conversation, sqlx::Error> {
     Ok(Conversation {
         id: row.try_get("id")?,
