@@ -103,7 +103,7 @@ async fn main() {
         "server", "clients", "free tok/s", "schema tok/s", "schema/free", "valid JSON"
     );
     for (name, clients, [(f, _, _), (c, ok, n)]) in &table {
-        println!("{name:>13} {clients:>8} {f:>12.1} {c:>16.1} {:>11.2}× {:>9}/{n}", c / f);
+        println!("{name:>13} {clients:>8} {f:>12.1} {c:>16.1} {:>11.2}× {ok:>9}/{n}", c / f);
     }
     for clients in [1, 4] {
         let find = |name| table.iter().find(|(n, c, _)| *n == name && *c == clients).map(|(_, _, r)| *r);

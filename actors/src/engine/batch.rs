@@ -19,7 +19,7 @@ use super::fault::FaultSlot;
 use super::kv_cache::{restore_source, SlotCache, Source};
 use super::kv_tiers::{CacheKey, KvTiers, Tier};
 use super::prompt::{tokenize_request, ChatTemplate};
-use super::sampling::{build_sampler, check_fits, sample_constrained, token_logprobs};
+use super::sampling::{build_sampler, check_fits, grammar_sampler, sample_constrained, token_logprobs};
 use super::text::TextStream;
 #[cfg(feature = "fault-injection")]
 use super::Fault;
@@ -36,8 +36,8 @@ struct Running {
     sink: SeqSink,
     prompt: Vec<LlamaToken>,
     sampler: LlamaSampler,
-    /// Whether the sampler holds a grammar (sampled through [`sample_constrained`]).
-    constrained: bool,
+    /// The request's grammar, when it has one ([`sample_constrained`]).
+    grammar: Option<LlamaSampler>,
     /// Alternatives per token whose log-probabilities are sent; none: not computed.
     logprobs: Option<u32>,
     text: TextStream,
@@ -280,8 +280,8 @@ impl<'m> Batcher<'m> {
         self.tiers.record(tier, keep as u64, (prompt.len() - keep) as u64, restored.map(|(_, took)| took));
         Ok(Running {
             sink,
-            sampler: build_sampler(self.model, &request.sampling, self.seq_ctx)?,
-            constrained: request.sampling.grammar.is_some(),
+            sampler: build_sampler(self.model, &request.sampling, self.seq_ctx),
+            grammar: request.sampling.grammar.as_deref().map(|g| grammar_sampler(self.model, g)).transpose()?,
             logprobs: request.sampling.logprobs,
             text: TextStream::new(&request.sampling.stop),
             generated: 0,
@@ -444,8 +444,8 @@ impl<'m> Batcher<'m> {
                 }
             }
             let Some(idx) = run.logits_idx else { continue };
-            let token = if run.constrained {
-                match sample_constrained(&mut run.sampler, &self.ctx, idx) {
+            let token = if let Some(grammar) = run.grammar.as_mut() {
+                match sample_constrained(&mut run.sampler, grammar, &self.ctx, idx) {
                     Ok(token) => token,
                     Err(e) => {
                         // This sequence ends with the error; the others go on.

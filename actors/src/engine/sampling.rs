@@ -7,9 +7,9 @@ use llama_cpp_2::sampling::LlamaSampler;
 use crate::error::EngineError;
 use crate::params::SamplingParams;
 
-/// Builds the sampler chain; temperature 0 is greedy. A grammar goes first
-/// (after the penalties): every later sampler sees only the tokens it allows.
-pub fn build_sampler(model: &LlamaModel, p: &SamplingParams, n_ctx: u32) -> Result<LlamaSampler, EngineError> {
+/// Builds the sampler chain; temperature 0 is greedy. A grammar is a
+/// sampler of its own ([`grammar_sampler`], [`sample_constrained`]).
+pub fn build_sampler(model: &LlamaModel, p: &SamplingParams, n_ctx: u32) -> LlamaSampler {
     let mut chain = Vec::new();
     let penalised = p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
     // The penalties sampler allocates a ring of this many tokens: never more than the sequence holds.
@@ -22,9 +22,6 @@ pub fn build_sampler(model: &LlamaModel, p: &SamplingParams, n_ctx: u32) -> Resu
             p.frequency_penalty,
             p.presence_penalty,
         ));
-    }
-    if let Some(gbnf) = &p.grammar {
-        chain.push(grammar_sampler(model, gbnf)?);
     }
     if p.temperature <= 0.0 {
         chain.push(LlamaSampler::greedy());
@@ -42,7 +39,7 @@ pub fn build_sampler(model: &LlamaModel, p: &SamplingParams, n_ctx: u32) -> Resu
         });
         chain.push(LlamaSampler::dist(seed));
     }
-    Ok(LlamaSampler::chain_simple(chain))
+    LlamaSampler::chain_simple(chain)
 }
 
 /// The grammar sampler of a GBNF text; a grammar llama.cpp cannot parse is
@@ -55,21 +52,39 @@ pub fn grammar_sampler(model: &LlamaModel, gbnf: &str) -> Result<LlamaSampler, E
     })
 }
 
-/// Samples from logits `idx` through a chain with a grammar, without letting
-/// a grammar failure (a token it cannot take: llama.cpp throws) abort the
-/// process: the sequence ends with an error instead.
+/// Samples from logits `idx` under a grammar, as llama.cpp's own server
+/// does: the chain picks a token, and the grammar checks that one token
+/// alone; only when it refuses does the grammar filter the whole vocabulary
+/// and the chain pick again (filtering every token at every step is what
+/// makes constrained decoding slow). A grammar failure (llama.cpp throws)
+/// ends the sequence with an error instead of the process.
 pub fn sample_constrained(
-    sampler: &mut LlamaSampler,
+    chain: &mut LlamaSampler,
+    grammar: &mut LlamaSampler,
     ctx: &llama_cpp_2::context::LlamaContext<'_>,
     idx: i32,
 ) -> Result<llama_cpp_2::token::LlamaToken, EngineError> {
+    use llama_cpp_2::token::data::LlamaTokenData;
+    use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+    let none_left = || EngineError::Decode("the grammar left no token to choose".into());
     let mut candidates = ctx.token_data_array_ith(idx);
-    candidates.apply_sampler(sampler);
-    let token =
-        candidates.selected_token().ok_or_else(|| EngineError::Decode("the grammar left no token to choose".into()))?;
-    sampler
+    candidates.apply_sampler(chain);
+    let chosen = candidates.selected_token().ok_or_else(none_left)?;
+    let logit = candidates.data.iter().find(|d| d.id() == chosen).map_or(0.0, LlamaTokenData::logit);
+    let mut alone = LlamaTokenDataArray::new(vec![LlamaTokenData::new(chosen, logit, 0.0)], false);
+    alone.apply_sampler(grammar);
+    let token = if alone.data[0].logit().is_finite() {
+        chosen
+    } else {
+        let mut candidates = ctx.token_data_array_ith(idx);
+        candidates.apply_sampler(grammar);
+        candidates.apply_sampler(chain);
+        candidates.selected_token().ok_or_else(none_left)?
+    };
+    grammar
         .try_accept(token)
         .map_err(|e| EngineError::Decode(format!("the grammar could not take the chosen token ({e:?})")))?;
+    chain.accept(token);
     Ok(token)
 }
 
