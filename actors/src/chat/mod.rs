@@ -4,4 +4,5 @@
 pub mod actor;
 pub mod handle;
 pub mod import;
+mod recall;
 pub mod turn;

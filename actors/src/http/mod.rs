@@ -13,6 +13,7 @@ pub mod conversations;
 pub mod disconnect;
 pub mod embeddings;
 pub mod error;
+mod logprobs;
 pub mod metrics;
 pub mod metrics_kv;
 pub mod ollama;

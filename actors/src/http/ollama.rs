@@ -44,6 +44,20 @@ async fn reply(work: impl std::future::Future<Output = Result<HttpResponse, ApiE
     work.await.unwrap_or_else(ollama_error)
 }
 
+/// A generation route's answer: an error is counted here, once (a
+/// generation counts itself when it ends), and given Ollama's shape.
+async fn counted(
+    state: &ApiState,
+    started: Instant,
+    work: impl std::future::Future<Output = Result<HttpResponse, ApiError>>,
+) -> HttpResponse {
+    let result = work.await;
+    if let Err(e) = &result {
+        state.metrics.finished("ollama", started, Err(e));
+    }
+    result.unwrap_or_else(ollama_error)
+}
+
 /// `model` as Ollama clients write it: a name, maybe with `:latest`.
 fn check_name(asked: Option<&str>, served: &str) -> Result<(), ApiError> {
     check_model(asked.map(|m| m.strip_suffix(":latest").unwrap_or(m)), served)
@@ -359,11 +373,7 @@ async fn api_chat(
         let job = Job { messages, sampling, to_the_end, stream: body.stream.unwrap_or(true), shape: Shape::Chat };
         unless_client_gone(&http, generate(&state, &http, &namespace, job, started)).await
     };
-    let result = work.await;
-    if let Err(e) = &result {
-        state.metrics.finished("ollama", started, Err(e));
-    }
-    result.unwrap_or_else(ollama_error)
+    counted(&state, started, work).await
 }
 
 async fn api_generate(
@@ -409,11 +419,7 @@ async fn api_generate(
         let job = Job { messages, sampling, to_the_end, stream: body.stream.unwrap_or(true), shape: Shape::Generate };
         unless_client_gone(&http, generate(&state, &http, &namespace, job, started)).await
     };
-    let result = work.await;
-    if let Err(e) = &result {
-        state.metrics.finished("ollama", started, Err(e));
-    }
-    result.unwrap_or_else(ollama_error)
+    counted(&state, started, work).await
 }
 
 #[derive(Deserialize)]
