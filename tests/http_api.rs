@@ -342,10 +342,10 @@ async fn every_client_error_has_its_status_type_and_message() {
     )
     .await;
     expect_error(
-        request(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"tool","content":"x"}]}"#)),
+        request(s, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"function","content":"x"}]}"#)),
         400,
         "invalid_request_error",
-        &["messages[0].role", "tool"],
+        &["messages[0].role", "function"],
     )
     .await;
     expect_error(

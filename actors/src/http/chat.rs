@@ -34,6 +34,11 @@ pub struct ChatRequest {
     pub response_format: Option<serde_json::Value>,
     #[serde(default)]
     pub stream: bool,
+    /// Refused: a conversation here stores text turns, and a tool call's
+    /// result comes from the client in a later request; tools are offered on
+    /// `/v1/chat/completions` (with `X-Conversation-Id` to keep its cache warm).
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -178,6 +183,18 @@ async fn chat_inner(
     })?;
     if let Some(format) = &req.response_format {
         sampling.grammar = super::structured::response_format(format)?;
+    }
+    for (field, v) in [("tools", &req.tools), ("tool_choice", &req.tool_choice)] {
+        if let Some(v) = v.as_ref().filter(|v| !v.is_null()) {
+            return Err(ApiError::bad(
+                field,
+                format!(
+                    "invalid {field}: /chat does not call tools (it stores text turns); offer tools on \
+                     POST /v1/chat/completions, got {}",
+                    super::openai::short_json(v)
+                ),
+            ));
+        }
     }
     let msg = SendMessage { conversation_id, namespace, text: req.message, sampling: Some(sampling) };
     let mut turn = chat.send(msg).await?;

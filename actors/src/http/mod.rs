@@ -21,6 +21,7 @@ pub mod openai;
 pub mod page;
 pub mod status;
 pub mod structured;
+pub mod tools;
 
 use std::collections::HashMap;
 use std::future::{ready, Ready};

@@ -74,6 +74,8 @@ pub struct Message {
     pub content: String,
     pub images: Option<Vec<Value>>,
     pub tool_calls: Option<Value>,
+    /// A `tool` message's tool.
+    pub tool_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -256,6 +258,8 @@ struct Job {
     to_the_end: bool,
     stream: bool,
     shape: Shape,
+    /// The reply is read as tool calls or an answer ([`super::tools`]).
+    with_tools: bool,
 }
 
 /// Generates and answers in the job's shape: NDJSON lines while it
@@ -267,7 +271,7 @@ async fn generate(
     job: Job,
     started: Instant,
 ) -> Result<HttpResponse, ApiError> {
-    let Job { messages, mut sampling, to_the_end, stream, shape } = job;
+    let Job { messages, mut sampling, to_the_end, stream, shape, with_tools } = job;
     let chat = state.chat()?;
     state.admit()?;
     let model = chat.pool().engine_info().model_name;
@@ -287,6 +291,35 @@ async fn generate(
     };
     let mut generation =
         chat.pool().generate_for(GenerateRequest { messages, sampling, raw_prompt: None }, Some(key)).await?;
+    if with_tools {
+        // A call is known to be one only once it parses: the reply is read
+        // whole, then sent as one object, or as its message and the last line.
+        let (text, done) = generation.collect_text().await?;
+        state.metrics.finished("ollama", started, Ok(&done.usage));
+        let mut message = json!({ "role": "assistant", "content": "" });
+        let mut last = shape.last(&model, "", &done, started);
+        match super::tools::parse_reply(&text) {
+            super::tools::Reply::Calls(calls) => {
+                let calls: Vec<Value> = calls
+                    .into_iter()
+                    .map(|c| {
+                        let arguments = serde_json::from_str::<Value>(&c.arguments).unwrap_or_else(|_| json!({}));
+                        json!({ "function": { "name": c.name, "arguments": arguments } })
+                    })
+                    .collect();
+                message["tool_calls"] = Value::from(calls);
+            }
+            super::tools::Reply::Text(answer) => message["content"] = Value::from(answer),
+        }
+        if !stream {
+            last["message"] = message;
+            return Ok(HttpResponse::Ok().json(last));
+        }
+        let mut piece = shape.piece(&model, "");
+        piece["message"] = message;
+        let body = format!("{piece}\n{last}\n");
+        return Ok(HttpResponse::Ok().content_type("application/x-ndjson").body(body));
+    }
     if !stream {
         let (text, done) = generation.collect_text().await?;
         state.metrics.finished("ollama", started, Ok(&done.usage));
@@ -335,7 +368,11 @@ async fn api_chat(
         let body = body.into_inner();
         let chat = state.chat()?;
         check_name(body.model.as_deref(), &chat.pool().engine_info().model_name)?;
-        refuse_set("tools", body.tools.as_ref(), "tool calls are not supported by this server")?;
+        // Ollama has no tool_choice: the model calls a tool or answers.
+        let tools = match &body.tools {
+            Some(t) => super::tools::tools_of(&HashMap::from([("tools".to_string(), t.clone())]))?,
+            None => None,
+        };
         refuse_set("think", body.think.as_ref(), "this model does not think")?;
         let _ = body.keep_alive;
         if body.messages.is_empty() {
@@ -347,30 +384,51 @@ async fn api_chat(
             })));
         }
         let mut messages = Vec::with_capacity(body.messages.len());
+        let mut call_names = HashMap::new();
         for (i, m) in body.messages.into_iter().enumerate() {
             let role = match m.role.as_str() {
                 "system" => Role::System,
                 "user" => Role::User,
                 "assistant" => Role::Assistant,
+                // A tool's result is data the client fetched: a user turn.
+                "tool" => Role::User,
                 other => {
                     return Err(ApiError::bad(
                         &format!("messages[{i}].role"),
-                        format!("invalid messages[{i}].role: must be system, user or assistant, got {other:?}"),
+                        format!("invalid messages[{i}].role: must be system, user, assistant or tool, got {other:?}"),
                     ))
                 }
             };
             let images = m.images.map(Value::from);
             refuse_set(&format!("messages[{i}].images"), images.as_ref(), "images are not supported by this model")?;
-            refuse_set(
-                &format!("messages[{i}].tool_calls"),
-                m.tool_calls.as_ref(),
-                "tool calls are not supported by this server",
-            )?;
-            messages.push(ChatMessage::new(role, m.content));
+            let content = match (m.role.as_str(), m.tool_calls.as_ref().filter(|c| !c.is_null())) {
+                ("assistant", Some(calls)) => super::tools::assistant_text(i, m.content, calls, &mut call_names)?,
+                (_, Some(calls)) => {
+                    return Err(refuse(&format!("messages[{i}].tool_calls"), "only an assistant message makes calls", calls))
+                }
+                ("tool", None) => super::tools::tool_result_text(m.content, None, m.tool_name.as_deref(), &call_names),
+                _ => m.content,
+            };
+            messages.push(ChatMessage::new(role, content));
         }
-        let (sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
+        let (mut sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
+        if let Some(tools) = &tools {
+            if sampling.grammar.is_some() {
+                return Err(refuse("format", "a reply cannot both call tools and follow a format", body.format.as_ref().unwrap_or(&Value::Null)));
+            }
+            sampling.grammar = Some(tools.grammar()?);
+            sampling.validate()?;
+            messages = super::openai::with_tool_instructions(messages, tools);
+        }
         let namespace = auth.namespace.clone().unwrap_or_default();
-        let job = Job { messages, sampling, to_the_end, stream: body.stream.unwrap_or(true), shape: Shape::Chat };
+        let job = Job {
+            messages,
+            sampling,
+            to_the_end,
+            stream: body.stream.unwrap_or(true),
+            shape: Shape::Chat,
+            with_tools: tools.is_some(),
+        };
         unless_client_gone(&http, generate(&state, &http, &namespace, job, started)).await
     };
     counted(&state, started, work).await
@@ -416,7 +474,7 @@ async fn api_generate(
         messages.push(ChatMessage::user(body.prompt));
         let (sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
         let namespace = auth.namespace.clone().unwrap_or_default();
-        let job = Job { messages, sampling, to_the_end, stream: body.stream.unwrap_or(true), shape: Shape::Generate };
+        let job = Job { messages, sampling, to_the_end, stream: body.stream.unwrap_or(true), shape: Shape::Generate, with_tools: false };
         unless_client_gone(&http, generate(&state, &http, &namespace, job, started)).await
     };
     counted(&state, started, work).await
@@ -564,7 +622,7 @@ async fn api_show(state: web::Data<ApiState>, _auth: Authorized, body: web::Json
         let embed = chat.embedder().model_name().to_string();
         let models = described(&state)?;
         let (model, capabilities, context) = if check_name(Some(asked), &info.model_name).is_ok() && !asked.is_empty() {
-            (&models[0], json!(["completion"]), info.n_ctx_train)
+            (&models[0], json!(["completion", "tools"]), info.n_ctx_train)
         } else if check_name(Some(asked), &embed).is_ok() && !asked.is_empty() {
             (&models[1], json!(["embedding"]), 0)
         } else {

@@ -38,6 +38,10 @@ pub struct Part {
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant message's calls ([`super::tools`]).
+    pub tool_calls: Option<Value>,
+    /// A `tool` message's answer to this call.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -102,17 +106,19 @@ pub struct TextCompletionRequest {
     pub other: HashMap<String, Value>,
 }
 
-/// Refuses the OpenAI options this server cannot honour, naming each.
-fn refuse_unsupported(other: &HashMap<String, Value>) -> Result<(), ApiError> {
+/// Refuses the OpenAI options this server cannot honour, naming each
+/// (tools are read by [`super::tools`] on the chat route; a text completion has none).
+fn refuse_unsupported(other: &HashMap<String, Value>, route: Route) -> Result<(), ApiError> {
     let unsupported = |field: &str, got: &Value| {
         Err(ApiError::bad(field, format!("invalid {field}: not supported by this server, got {}", short_json(got))))
     };
+    let text = matches!(route, Route::Text);
     for (field, v) in other {
         match field.as_str() {
-            "tools" | "functions" if !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()) => {
+            "tools" | "functions" if text && !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()) => {
                 return unsupported(field, v)
             }
-            "tool_choice" | "function_call" if !v.is_null() && v != "none" && v != "auto" => {
+            "tool_choice" | "function_call" | "parallel_tool_calls" if text && !v.is_null() && v != "none" && v != "auto" => {
                 return unsupported(field, v)
             }
             "echo" if !v.is_null() && v.as_bool() != Some(false) => return unsupported(field, v),
@@ -176,10 +182,13 @@ pub(crate) fn check_model(asked: Option<&str>, served: &str) -> Result<(), ApiEr
     }
 }
 
+/// The request's messages as the model reads them: an assistant's tool
+/// calls and the tools' results in the generic JSON form ([`super::tools`]).
 fn convert_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad("messages", "invalid messages: must contain at least one message, got []"));
     }
+    let mut call_names = HashMap::new();
     messages
         .into_iter()
         .enumerate()
@@ -188,13 +197,29 @@ fn convert_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError
                 "system" | "developer" => Role::System,
                 "user" => Role::User,
                 "assistant" => Role::Assistant,
+                // A tool's result is data the client fetched: a user turn.
+                "tool" => Role::User,
                 other => {
                     return Err(ApiError::bad(
                         &format!("messages[{i}].role"),
-                        format!("invalid messages[{i}].role: must be system, developer, user or assistant, got {other:?}"),
+                        format!(
+                            "invalid messages[{i}].role: must be system, developer, user, assistant or tool, got {other:?}"
+                        ),
                     ))
                 }
             };
+            if m.tool_calls.as_ref().is_some_and(|c| !c.is_null()) && m.role != "assistant" {
+                return Err(ApiError::bad(
+                    &format!("messages[{i}].tool_calls"),
+                    format!("invalid messages[{i}].tool_calls: only an assistant message makes calls, got role {:?}", m.role),
+                ));
+            }
+            if m.tool_call_id.is_some() && m.role != "tool" {
+                return Err(ApiError::bad(
+                    &format!("messages[{i}].tool_call_id"),
+                    format!("invalid messages[{i}].tool_call_id: only a tool message answers a call, got role {:?}", m.role),
+                ));
+            }
             let content = match m.content {
                 Some(Content::Text(t)) => t,
                 Some(Content::Parts(parts)) => {
@@ -214,9 +239,29 @@ fn convert_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError
                 }
                 None => String::new(),
             };
+            let content = match (m.role.as_str(), &m.tool_calls) {
+                ("assistant", Some(calls)) if !calls.is_null() => {
+                    super::tools::assistant_text(i, content, calls, &mut call_names)?
+                }
+                ("tool", _) => super::tools::tool_result_text(content, m.tool_call_id.as_deref(), None, &call_names),
+                _ => content,
+            };
             Ok(ChatMessage::new(role, content))
         })
         .collect()
+}
+
+/// Puts the tools' instructions into the system message (the first one,
+/// or a new one before the conversation).
+pub(super) fn with_tool_instructions(mut messages: Vec<ChatMessage>, tools: &super::tools::Tools) -> Vec<ChatMessage> {
+    let text = tools.instructions();
+    match messages.first_mut() {
+        Some(first) if first.role == Role::System => {
+            first.content = if first.content.is_empty() { text } else { format!("{}\n\n{text}", first.content) };
+        }
+        _ => messages.insert(0, ChatMessage::system(text)),
+    }
+    messages
 }
 
 /// How an answer is delivered: streamed or not, with a last usage chunk or not.
@@ -234,7 +279,7 @@ fn sampling_of(
     other: &HashMap<String, Value>,
     route: Route,
 ) -> Result<(crate::params::SamplingParams, Delivery), ApiError> {
-    refuse_unsupported(other)?;
+    refuse_unsupported(other, route)?;
     let logprobs = logprobs_of(other, route)?;
     if let Some(n) = f.n.filter(|n| *n != 1) {
         return Err(ApiError::bad("n", format!("invalid n: only 1 choice is supported, got {n}")));
@@ -331,6 +376,23 @@ fn finish_str(f: FinishReason) -> &'static str {
     }
 }
 
+/// The assistant message of a whole reply and its finish reason: under
+/// tools, the parsed calls (`tool_calls`) or the answer.
+fn reply_message(text: String, finish: FinishReason, with_tools: bool) -> (Value, &'static str) {
+    use super::tools::{parse_reply, Reply};
+    match with_tools.then(|| parse_reply(&text)) {
+        Some(Reply::Calls(calls)) => {
+            let calls: Vec<Value> = calls
+                .into_iter()
+                .map(|c| json!({ "id": c.id, "type": "function", "function": { "name": c.name, "arguments": c.arguments } }))
+                .collect();
+            (json!({ "role": "assistant", "content": null, "tool_calls": calls }), "tool_calls")
+        }
+        Some(Reply::Text(answer)) => (json!({ "role": "assistant", "content": answer }), finish_str(finish)),
+        None => (json!({ "role": "assistant", "content": text }), finish_str(finish)),
+    }
+}
+
 /// How long a streaming request waits for a slot before its answer starts
 /// (with SSE comments every [`super::SSE_KEEP_ALIVE`] while it waits on).
 const HEADERS_WHILE_QUEUED: std::time::Duration = std::time::Duration::from_secs(2);
@@ -365,11 +427,26 @@ async fn chat_completions(
     let work = async {
         check_models(&state, req.model.as_deref())?;
         let user = req.other.get("user").cloned();
-        let (sampling, delivery) = sampling_of(&state, req.sampling, &req.other, Route::Chat)?;
-        let messages = convert_messages(req.messages)?;
+        let (mut sampling, delivery) = sampling_of(&state, req.sampling, &req.other, Route::Chat)?;
+        let tools = super::tools::tools_of(&req.other)?;
+        let mut messages = convert_messages(req.messages)?;
+        // The cache key is taken before the tools' instructions go in: a
+        // conversation keeps its key whichever tools a turn offers.
         let key = cache_key(&http, &namespace, user.as_ref(), &messages);
+        if let Some(tools) = &tools {
+            if sampling.grammar.is_some() {
+                return Err(ApiError::bad(
+                    "tool_choice",
+                    "invalid tool_choice: a reply cannot both call tools and follow response_format, json_schema or \
+                     grammar; send tool_choice \"none\" or drop the format",
+                ));
+            }
+            sampling.grammar = Some(tools.grammar()?);
+            sampling.validate()?;
+            messages = with_tool_instructions(messages, tools);
+        }
         let request = GenerateRequest { messages, sampling, raw_prompt: None };
-        generate(&state, request, key, delivery, Route::Chat, started).await
+        generate(&state, request, key, delivery, Route::Chat, tools.is_some(), started).await
     };
     finish(&state, Route::Chat, started, unless_client_gone(&http, work).await)
 }
@@ -393,7 +470,7 @@ async fn text_completions(
             None => CacheKey::new(&namespace, &prompt.as_bytes()[..prompt.len().min(256)]),
         };
         let request = GenerateRequest { messages: Vec::new(), sampling, raw_prompt: Some(prompt) };
-        generate(&state, request, key, delivery, Route::Text, started).await
+        generate(&state, request, key, delivery, Route::Text, false, started).await
     };
     finish(&state, Route::Text, started, unless_client_gone(&http, work).await)
 }
@@ -432,6 +509,7 @@ async fn generate(
     key: CacheKey,
     delivery: Delivery,
     route: Route,
+    with_tools: bool,
     started: Instant,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
@@ -466,12 +544,15 @@ async fn generate(
         let (text, lps, done) = generation.collect().await?;
         state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
         let choice = match route {
-            Route::Chat => json!({
-                "index": 0,
-                "message": { "role": "assistant", "content": text },
-                "logprobs": if with_logprobs { chat_logprobs(&lps) } else { Value::Null },
-                "finish_reason": finish_str(done.finish_reason),
-            }),
+            Route::Chat => {
+                let (message, finish) = reply_message(text, done.finish_reason, with_tools);
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "logprobs": if with_logprobs { chat_logprobs(&lps) } else { Value::Null },
+                    "finish_reason": finish,
+                })
+            }
             Route::Text => json!({
                 "index": 0,
                 "text": text,
@@ -500,7 +581,13 @@ async fn generate(
         // The log-probabilities of the tokens since the last chunk go with the next one.
         let mut pending: Vec<crate::params::TokenLogprob> = Vec::new();
         let mut offset = 0usize;
-        let mut chunk = |text: Option<&str>, finish: Option<&str>, pending: &mut Vec<crate::params::TokenLogprob>| {
+        // Under tools the reply is read whole before it is sent: a call is
+        // not known to be one until it parses.
+        let mut held = with_tools.then(String::new);
+        let mut chunk = |text: Option<&str>,
+                         calls: Option<Value>,
+                         finish: Option<&str>,
+                         pending: &mut Vec<crate::params::TokenLogprob>| {
             let logprobs = match (with_logprobs, route) {
                 (false, _) => Value::Null,
                 (true, Route::Chat) => chat_logprobs(pending),
@@ -510,10 +597,11 @@ async fn generate(
             pending.clear();
             let choice = match route {
                 Route::Chat => {
-                    let delta = match text {
-                        Some(t) => json!({ "content": t }),
-                        None if finish.is_none() => json!({ "role": "assistant", "content": "" }),
-                        None => json!({}),
+                    let delta = match (text, calls) {
+                        (_, Some(calls)) => json!({ "tool_calls": calls }),
+                        (Some(t), None) => json!({ "content": t }),
+                        (None, None) if finish.is_none() => json!({ "role": "assistant", "content": "" }),
+                        (None, None) => json!({}),
                     };
                     json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
                 }
@@ -550,22 +638,53 @@ async fn generate(
                 }
             }
         };
-        if matches!(route, Route::Chat) && send(chunk(None, None, &mut pending)).await.is_err() {
+        if matches!(route, Route::Chat) && send(chunk(None, None, None, &mut pending)).await.is_err() {
             return;
         }
         while let Some(event) = generation.next().await {
             match event {
                 GenEvent::Logprob(lp) => pending.push(lp),
                 GenEvent::Token(t) => {
+                    let gone = match held.as_mut() {
+                        Some(held) => {
+                            held.push_str(&t);
+                            tx.is_closed()
+                        }
+                        None => send(chunk(Some(&t), None, None, &mut pending)).await.is_err(),
+                    };
                     // The client left: dropping `generation` stops it within one token.
-                    if send(chunk(Some(&t), None, &mut pending)).await.is_err() {
+                    if gone {
                         state.metrics.request(route.endpoint(), "cancelled", Some(started.elapsed()));
                         return;
                     }
                 }
                 GenEvent::Done(done) => {
                     state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
-                    let _ = send(chunk(None, Some(finish_str(done.finish_reason)), &mut pending)).await;
+                    let mut finish = finish_str(done.finish_reason);
+                    if let Some(text) = held.take() {
+                        let (message, reason) = reply_message(text, done.finish_reason, true);
+                        finish = reason;
+                        let piece = match message.get("tool_calls").and_then(Value::as_array) {
+                            Some(calls) => {
+                                let indexed: Vec<Value> = calls
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, c)| {
+                                        let mut c = c.clone();
+                                        c["index"] = Value::from(i);
+                                        c
+                                    })
+                                    .collect();
+                                chunk(None, Some(Value::from(indexed)), None, &mut pending)
+                            }
+                            None => {
+                                let answer = message["content"].as_str().unwrap_or_default().to_string();
+                                chunk(Some(&answer), None, None, &mut pending)
+                            }
+                        };
+                        let _ = send(piece).await;
+                    }
+                    let _ = send(chunk(None, None, Some(finish), &mut pending)).await;
                     if include_usage {
                         let last = json!({
                             "id": id, "object": chunk_object, "created": created, "model": model,
