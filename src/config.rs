@@ -246,8 +246,10 @@ fn apply_env(table: &mut toml::Table, vars: impl Iterator<Item = (String, String
                 let t = table.get_mut(section).and_then(|v| v.as_table_mut()).expect("default has the section");
                 let like = match t.get(&sub) {
                     Some(v) => v.clone(),
-                    // Optional keys without a default (sampling.seed).
-                    None if sub == "seed" => toml::Value::Integer(0),
+                    // Optional keys without a default (sampling.seed, sampling.max_tokens_default).
+                    None if section == "sampling" && ["seed", "max_tokens_default"].contains(&sub.as_str()) => {
+                        toml::Value::Integer(0)
+                    }
                     None => {
                         tracing::warn!(%var, "ignoring unknown MODELPOOL_ environment variable");
                         continue;
@@ -405,10 +407,10 @@ impl Config {
         if self.max_generation_ms == 0 {
             return invalid("max_generation_ms", "must be at least 1, got 0".into());
         }
-        if self.sampling.max_tokens >= self.n_ctx {
+        if let Some(n) = self.sampling.max_tokens.filter(|n| *n >= self.n_ctx) {
             return invalid(
-                "sampling.max_tokens",
-                format!("{} must be smaller than n_ctx ({})", self.sampling.max_tokens, self.n_ctx),
+                "sampling.max_tokens_default",
+                format!("{n} must be smaller than n_ctx ({})", self.n_ctx),
             );
         }
         if let Err(e) = self.sampling.validate() {

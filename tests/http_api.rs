@@ -561,37 +561,45 @@ async fn conversations_are_listed_newest_first_in_pages_with_titles_and_only_to_
 }
 
 /// A streaming request that waits for a slot gets its answer's headers and
-/// SSE comments while it waits, then its tokens once a slot frees.
+/// SSE comments while it waits, then its tokens once a slot frees: on `/v1`
+/// and on a `/chat` turn, whose `start` event then names its conversation.
 #[actix::test]
 async fn a_queued_stream_starts_with_keep_alive_comments_and_then_generates() {
     let server = Server::start(&["--instances", "1"], &[("MODELPOOL_SLOTS", "1")]);
-    let long = json!({ "messages": [{ "role": "user", "content": "Write a very long story about the sea." }], "max_tokens": 400, "stream": true });
-    let running = http().post(server.url("/v1/chat/completions")).json(&long).send().await.unwrap();
-    let mut running = running.bytes_stream();
-    assert!(running.next().await.is_some_and(|c| c.is_ok()));
-    wait_pool(&server, Duration::from_secs(10), |s| s["in_use"] == 1).await;
+    let queued_requests = [
+        ("/v1/chat/completions", json!({ "messages": [{ "role": "user", "content": "Say hi." }], "max_tokens": 4, "stream": true }), "[DONE]"),
+        ("/chat", json!({ "message": "Say hi.", "max_tokens": 4, "stream": true }), "event: done"),
+    ];
+    for (path, short, end) in queued_requests {
+        let long = json!({ "messages": [{ "role": "user", "content": "Write a very long story about the sea." }], "max_tokens": 400, "stream": true });
+        let running = http().post(server.url("/v1/chat/completions")).json(&long).send().await.unwrap();
+        let mut running = running.bytes_stream();
+        assert!(running.next().await.is_some_and(|c| c.is_ok()));
+        wait_pool(&server, Duration::from_secs(10), |s| s["in_use"] == 1).await;
 
-    let short = json!({ "messages": [{ "role": "user", "content": "Say hi." }], "max_tokens": 4, "stream": true });
-    let queued = tokio::time::timeout(
-        Duration::from_secs(30),
-        http().post(server.url("/v1/chat/completions")).json(&short).send(),
-    )
-    .await
-    .expect("the queued request's headers came while it waited")
-    .unwrap();
-    assert_eq!(queued.status(), 200);
-    assert_eq!(pool_status(&server).await["queued"], 1, "the answer started while the request was queued");
-    let mut body = queued.bytes_stream();
-    let mut seen = String::new();
-    while !seen.contains(": keep-alive") {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), body.next()).await.expect("a comment while queued");
-        seen.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap()));
+        let queued = tokio::time::timeout(Duration::from_secs(30), http().post(server.url(path)).json(&short).send())
+            .await
+            .expect("the queued request's headers came while it waited")
+            .unwrap();
+        assert_eq!(queued.status(), 200, "{path}");
+        assert_eq!(pool_status(&server).await["queued"], 1, "{path}: the answer started while the request was queued");
+        let mut body = queued.bytes_stream();
+        let mut seen = String::new();
+        while !seen.contains(": keep-alive") {
+            let chunk = tokio::time::timeout(Duration::from_secs(30), body.next()).await.expect("a comment while queued");
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap()));
+        }
+        assert!(!seen.contains("data:"), "{path}: nothing but comments while queued: {seen}");
+        drop(running);
+        while !seen.contains(end) {
+            let chunk =
+                tokio::time::timeout(Duration::from_secs(60), body.next()).await.expect("the reply after the wait");
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap()));
+        }
+        match path {
+            "/chat" => assert!(seen.contains("event: start") && seen.contains("\"conversation_id\""), "{seen}"),
+            _ => assert!(seen.contains("\"finish_reason\""), "{seen}"),
+        }
+        wait_pool(&server, Duration::from_secs(30), |s| s["in_use"] == 0).await;
     }
-    assert!(!seen.contains("data:"), "nothing but comments while queued: {seen}");
-    drop(running);
-    while !seen.contains("[DONE]") {
-        let chunk = tokio::time::timeout(Duration::from_secs(60), body.next()).await.expect("the reply after the wait");
-        seen.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap()));
-    }
-    assert!(seen.contains("\"finish_reason\""), "{seen}");
 }

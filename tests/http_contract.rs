@@ -61,6 +61,63 @@ async fn embeddings_use_the_embedding_tokenizer_base64_and_refuse_what_they_woul
     assert_eq!((status, err["error"]["code"].as_str()), (404, Some("model_not_found")), "{err}");
 }
 
+fn vectors(r: &Value) -> Vec<Vec<f32>> {
+    let data = r["data"].as_array().unwrap();
+    data.iter().map(|d| d["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect()
+}
+
+/// LangChain's `OpenAIEmbeddings` sends cl100k_base token ids from tiktoken
+/// (for a model it does not know): they are read back to their text, so the
+/// vectors are the text's.
+#[actix::test]
+async fn token_id_embeddings_give_the_texts_vectors() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let cl100k = tiktoken_rs::cl100k_base().unwrap();
+    assert_eq!(cl100k.encode_ordinary("Hello world"), [9906, 1917], "the encoding LangChain uses");
+    let texts = ["The quick brown fox jumps over the lazy dog.", "Olive trees grow slowly — über 100 Jahre alt."];
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| cl100k.encode_ordinary(t)).collect();
+    for (as_text, as_ids) in [(json!(texts[0]), json!(ids[0])), (json!(texts), json!(ids))] {
+        let (status, by_text) = post(&server, "/v1/embeddings", json!({ "input": as_text })).await;
+        assert_eq!(status, 200, "{by_text}");
+        let (status, by_ids) = post(&server, "/v1/embeddings", json!({ "input": as_ids })).await;
+        assert_eq!(status, 200, "{by_ids}");
+        assert_eq!(by_ids["usage"], by_text["usage"], "counted with the embedding model's tokenizer");
+        let (a, b) = (vectors(&by_text), vectors(&by_ids));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            let cosine: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+            assert!(cosine > 0.9999, "the same text, the same vector: cosine {cosine}");
+        }
+    }
+    for (input, names) in [(json!([9906, -1]), "input[1]"), (json!([[9906], [1917, 999_999]]), "input[1][1]")] {
+        let (status, err) = post(&server, "/v1/embeddings", json!({ "input": input })).await;
+        assert_eq!((status, err["error"]["param"].as_str()), (400, Some("input")), "{err}");
+        assert!(err["error"]["message"].as_str().unwrap().contains(names), "{err}");
+    }
+}
+
+/// `/v1/models/{id}` answers one served model by its id (or its id without
+/// the quantisation suffix), else 404 `model_not_found`.
+#[actix::test]
+async fn one_model_is_answered_by_its_id() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    for (id, purpose) in [
+        ("SmolLM2-135M-Instruct.Q4_1", "chat"),
+        ("SmolLM2-135M-Instruct", "chat"),
+        ("all-MiniLM-L6-v2.Q8_0", "embeddings"),
+    ] {
+        let r = http().get(server.url(&format!("/v1/models/{id}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        let m: Value = r.json().await.unwrap();
+        assert_eq!((m["object"].as_str(), m["purpose"].as_str()), (Some("model"), Some(purpose)), "{m}");
+        assert!(m["id"].as_str().unwrap().starts_with(id), "{m}");
+    }
+    let r = http().get(server.url("/v1/models/gpt-4o")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "model_not_found", "{err}");
+}
+
 #[actix::test]
 async fn completions_answer_with_the_served_model_and_honour_penalties() {
     let server = Server::start(&["--instances", "1"], &[]);
@@ -309,7 +366,10 @@ async fn text_completions_take_a_raw_prompt_streamed_or_not() {
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 10, "{text}");
 
     for (body, param) in [
-        (json!({ "prompt": [1, 2, 3] }), "prompt"),
+        (json!({ "prompt": [[1, 2], [3]] }), "prompt"),
+        (json!({ "prompt": [1, 49_152] }), "prompt"),
+        (json!({ "prompt": [1, -2] }), "prompt"),
+        (json!({ "prompt": [] }), "prompt"),
         (json!({ "prompt": ["a", "b"] }), "prompt"),
         (json!({ "prompt": "" }), "prompt"),
         (json!({ "prompt": "hi", "echo": true }), "echo"),
@@ -320,6 +380,32 @@ async fn text_completions_take_a_raw_prompt_streamed_or_not() {
         let (status, r) = post(&server, "/v1/completions", body.clone()).await;
         assert_eq!((status, r["error"]["param"].as_str()), (400, Some(param)), "{body}: {r}");
     }
+}
+
+/// Token ids of the served model's vocabulary are a prompt as they are (as
+/// llama-server takes them), and without `max_tokens` a reply runs to the end
+/// of the context, as llama-server and OpenAI do.
+#[actix::test]
+async fn token_id_prompts_are_taken_and_replies_run_to_the_end_of_the_context() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let ids = [504, 3575, 282, 4649, 314];
+    for prompt in [json!(ids), json!([ids])] {
+        let (status, r) =
+            post(&server, "/v1/completions", json!({ "prompt": prompt, "max_tokens": 4, "temperature": 0 })).await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["usage"]["prompt_tokens"], ids.len(), "the ids as they are: {r}");
+        assert_eq!(r["usage"]["completion_tokens"], 4, "{r}");
+    }
+    let (status, err) = post(&server, "/v1/completions", json!({ "prompt": [1, 49_152] })).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("prompt[1] = 49152"), "{err}");
+
+    // A grammar with no end: only the context can stop the reply.
+    let endless = json!({ "prompt": "Letters:", "temperature": 0, "grammar": "root ::= \"a\" root" });
+    let (status, r) = post(&server, "/v1/completions", endless).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
+    assert_eq!(r["usage"]["total_tokens"], 512, "prompt and reply fill n_ctx=512: {r}");
 }
 
 /// `logprobs` from the distribution before sampling: at temperature 0 with

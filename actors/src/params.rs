@@ -69,8 +69,10 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// Drop tokens less likely than `min_p` times the most likely one; 0 disables.
     pub min_p: f32,
-    /// Most tokens to generate.
-    pub max_tokens: u32,
+    /// Most tokens to generate; none: to the end of the context, as
+    /// llama-server and OpenAI do (`max_tokens_default` in the config).
+    #[serde(default, alias = "max_tokens_default")]
+    pub max_tokens: Option<u32>,
     /// Generation ends before any of these strings; they are not emitted.
     pub stop: Vec<String>,
     /// A GBNF grammar (root rule `root`) the reply must follow: structured
@@ -120,7 +122,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             min_p: 0.0,
-            max_tokens: 256,
+            max_tokens: None,
             stop: Vec::new(),
             grammar: None,
             logprobs: None,
@@ -134,7 +136,7 @@ pub const MAX_GRAMMAR_BYTES: usize = 65_536;
 impl SamplingParams {
     /// Greedy decoding with the given token budget: deterministic output.
     pub fn greedy(max_tokens: u32) -> Self {
-        Self { temperature: 0.0, max_tokens, ..Self::default() }
+        Self { temperature: 0.0, max_tokens: Some(max_tokens), ..Self::default() }
     }
 
     /// Checks every field against its rule; the error names the field, the
@@ -170,8 +172,8 @@ impl SamplingParams {
         if !(self.min_p.is_finite() && (0.0..=1.0).contains(&self.min_p)) {
             return bad("min_p", "must be between 0 and 1", self.min_p.to_string());
         }
-        if self.max_tokens == 0 {
-            return bad("max_tokens", "must be at least 1", self.max_tokens.to_string());
+        if self.max_tokens == Some(0) {
+            return bad("max_tokens", "must be at least 1", "0".into());
         }
         if self.grammar.as_ref().is_some_and(|g| g.trim().is_empty() || g.len() > MAX_GRAMMAR_BYTES) {
             let len = self.grammar.as_ref().map_or(0, String::len);
@@ -227,12 +229,38 @@ pub const MAX_PENALTY_WINDOW: i32 = 1 << 20;
 pub struct GenerateRequest {
     pub messages: Vec<ChatMessage>,
     pub sampling: SamplingParams,
-    /// A prompt written whole by the client (`/v1/completions`): tokenized as
-    /// it is, its special tokens parsed, without the chat template; then
-    /// `messages` are not used. The client writes the whole context, so its
-    /// markers speak for nobody else.
+    /// A prompt written whole by the client (`/v1/completions`), without
+    /// the chat template; then `messages` are not used. The client writes
+    /// the whole context, so its markers speak for nobody else.
     #[serde(default)]
-    pub raw_prompt: Option<String>,
+    pub raw_prompt: Option<RawPrompt>,
+}
+
+/// A prompt the client wrote whole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RawPrompt {
+    /// Text, tokenized as it is: the vocabulary's BOS where it wants one,
+    /// special tokens parsed.
+    Text(String),
+    /// Token ids of the served model's own vocabulary, used as they are
+    /// (as llama-server takes them).
+    Tokens(Vec<i32>),
+}
+
+impl RawPrompt {
+    /// Token ids checked against the vocabulary before llama.cpp sees them
+    /// (an id outside it aborts the process there); the error names `prompt`.
+    pub fn checked_ids(ids: &[i32], n_vocab: Option<u32>) -> Result<(), EngineError> {
+        let bad = |rule: &'static str, value: String| Err(EngineError::InvalidParam { field: "prompt", rule, value });
+        if ids.is_empty() {
+            return bad("must not be empty", "[]".into());
+        }
+        let limit = n_vocab.map_or(i64::from(i32::MAX), i64::from);
+        match ids.iter().position(|id| !(0..limit).contains(&i64::from(*id))) {
+            Some(i) => bad("token ids must be within the model's vocabulary", format!("prompt[{i}] = {}", ids[i])),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Why a generation ended.

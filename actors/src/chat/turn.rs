@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// Without `max_tokens`, a turn's history leaves 1/this of the context to the reply.
+const REPLY_SHARE_OF_CONTEXT: u32 = 4;
+
 use futures::StreamExt;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::sync::OwnedMutexGuard;
@@ -113,12 +116,15 @@ impl ChatCore {
         recent: &[StoredMessage],
         recalled: Vec<Recalled>,
         text: &str,
-        max_tokens: u32,
+        max_tokens: Option<u32>,
     ) -> Result<(Vec<Recalled>, BuiltPrompt), ChatError> {
         let engine = self.pool.engine().clone();
         let recent_turns: Vec<ChatMessage> =
             recent.iter().map(|m| ChatMessage::new(m.role, m.content.clone())).collect();
-        let budget = PromptBudget { n_ctx: self.pool.options().instance.n_ctx, max_tokens };
+        // Without max_tokens the reply runs to the end of the context; the
+        // history leaves it a quarter of the context at least.
+        let n_ctx = self.pool.options().instance.n_ctx;
+        let budget = PromptBudget { n_ctx, max_tokens: max_tokens.unwrap_or(n_ctx / REPLY_SHARE_OF_CONTEXT) };
         let (system, text) = (self.opts.system_prompt.clone(), text.to_string());
         actix_web::rt::task::spawn_blocking(move || {
             let built = build_prompt(&system, recalled.clone(), &recent_turns, &text, budget, &|m| {

@@ -214,7 +214,7 @@ impl<'m> Batcher<'m> {
                 value: "[]".into(),
             });
         }
-        check_fits(prompt.len() as u32, request.sampling.max_tokens, self.seq_ctx)?;
+        let max_tokens = check_fits(prompt.len() as u32, request.sampling.max_tokens, self.seq_ctx)?;
         let seq = slot as i32;
         // The slot holds another conversation: park its cache under that
         // conversation's key before it is overwritten, so that its next turn
@@ -285,7 +285,7 @@ impl<'m> Batcher<'m> {
             logprobs: request.sampling.logprobs,
             text: TextStream::new(&request.sampling.stop),
             generated: 0,
-            max_tokens: request.sampling.max_tokens,
+            max_tokens,
             started,
             first_token: None,
             cached_tokens: keep as u32,

@@ -20,7 +20,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::EngineError;
-use crate::params::{ChatMessage, Completion, GenerateRequest};
+use crate::params::{ChatMessage, Completion, GenerateRequest, RawPrompt};
 pub use kv_tiers::{CacheKey, KvTiers};
 
 /// What one sequence tells whoever started it: text pieces as they are
@@ -134,11 +134,27 @@ pub trait Engine: Send + Sync + 'static {
         Err(EngineError::RemoteSetup("this engine cannot tokenize raw prompts".into()))
     }
 
+    /// A raw prompt's token ids: its text tokenized, or its ids checked
+    /// against the vocabulary.
+    fn raw_prompt_ids(&self, prompt: &RawPrompt) -> Result<Vec<i32>, EngineError> {
+        match prompt {
+            RawPrompt::Text(text) => self.raw_prompt_tokens(text),
+            RawPrompt::Tokens(ids) => {
+                RawPrompt::checked_ids(ids, self.n_vocab())?;
+                Ok(ids.clone())
+            }
+        }
+    }
+
     /// Tokens of a request's prompt: its raw prompt, or its messages
     /// rendered with the chat template.
     fn request_prompt_tokens(&self, request: &crate::params::GenerateRequest) -> Result<u32, EngineError> {
         match &request.raw_prompt {
-            Some(text) => Ok(self.raw_prompt_tokens(text)?.len() as u32),
+            Some(RawPrompt::Tokens(ids)) => {
+                RawPrompt::checked_ids(ids, self.n_vocab())?;
+                Ok(ids.len() as u32)
+            }
+            Some(prompt) => Ok(self.raw_prompt_ids(prompt)?.len() as u32),
             None => self.count_prompt_tokens(&request.messages),
         }
     }

@@ -11,7 +11,7 @@ use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
 use crate::error::EngineError;
-use crate::params::ChatMessage;
+use crate::params::{ChatMessage, RawPrompt};
 
 /// A private-use marker that stands in for message `i` while the template is
 /// applied; it cannot come from a tokenizer's special tokens.
@@ -145,10 +145,14 @@ pub fn tokenize_request(
     request: &crate::params::GenerateRequest,
 ) -> Result<Vec<LlamaToken>, EngineError> {
     match &request.raw_prompt {
-        Some(text) if text.is_empty() => {
+        Some(RawPrompt::Text(text)) if text.is_empty() => {
             Err(EngineError::InvalidParam { field: "prompt", rule: "must not be empty", value: "\"\"".into() })
         }
-        Some(text) => Ok(model.vocab().tokenize(text.as_bytes(), true, true)),
+        Some(RawPrompt::Text(text)) => Ok(model.vocab().tokenize(text.as_bytes(), true, true)),
+        Some(RawPrompt::Tokens(ids)) => {
+            RawPrompt::checked_ids(ids, u32::try_from(model.n_vocab()).ok())?;
+            Ok(ids.iter().map(|id| LlamaToken(*id)).collect())
+        }
         None => tokenize_chat(model, template, &request.messages),
     }
 }

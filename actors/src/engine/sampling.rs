@@ -122,11 +122,14 @@ pub fn token_logprobs(
     }
 }
 
-/// Checks that the prompt plus the requested tokens fit in one sequence.
-pub fn check_fits(prompt_tokens: u32, max_tokens: u32, n_ctx: u32) -> Result<(), EngineError> {
-    let total = prompt_tokens.saturating_add(max_tokens);
+/// Checks that the prompt plus the requested tokens fit in one sequence,
+/// and answers how many tokens it may generate: `max_tokens`, or without
+/// one the rest of the context (as llama-server), at least one.
+pub fn check_fits(prompt_tokens: u32, max_tokens: Option<u32>, n_ctx: u32) -> Result<u32, EngineError> {
+    let wanted = max_tokens.unwrap_or_else(|| n_ctx.saturating_sub(prompt_tokens).max(1));
+    let total = prompt_tokens.saturating_add(wanted);
     if total > n_ctx {
-        return Err(EngineError::PromptTooLong { prompt_tokens, max_tokens, total, n_ctx });
+        return Err(EngineError::PromptTooLong { prompt_tokens, max_tokens: wanted, total, n_ctx });
     }
-    Ok(())
+    Ok(wanted)
 }

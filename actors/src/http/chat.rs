@@ -197,9 +197,10 @@ async fn chat_inner(
         }
     }
     let msg = SendMessage { conversation_id, namespace, text: req.message, sampling: Some(sampling) };
-    let mut turn = chat.send(msg).await?;
+    let handle = chat.clone();
+    let mut admission = Box::pin(async move { handle.send(msg).await });
     if !req.stream {
-        let reply = turn.finish().await?;
+        let reply = admission.await?.finish().await?;
         state.metrics.finished("chat", started, Ok(&reply.usage));
         state.metrics.chat_turn(&reply);
         return Ok(HttpResponse::Ok()
@@ -208,12 +209,40 @@ async fn chat_inner(
             .json(response_body(&reply, started)));
     }
 
+    // A turn still queued after a moment gets its answer's headers, then SSE
+    // comments while it waits (clients and proxies see it is alive); a
+    // refusal before that keeps its status. The `start` event names the
+    // conversation; so does the header when it is known before the answer starts.
+    let admitted = tokio::select! {
+        admitted = &mut admission => Some(admitted?),
+        _ = tokio::time::sleep(super::HEADERS_WHILE_QUEUED) => None,
+    };
+    let known = admitted.as_ref().map(|t| t.conversation_id).or(conversation_id);
     let (tx, rx) = mpsc::channel::<sse::Event>(64);
     let state = state.clone();
-    let conversation_id = turn.conversation_id.to_string();
-    let routing = [(CONVERSATION_HEADER, conversation_id.clone()), (NODE_HEADER, state.settings.node.clone())];
+    let mut routing = vec![(NODE_HEADER, state.settings.node.clone())];
+    routing.extend(known.map(|id| (CONVERSATION_HEADER, id.to_string())));
     actix::spawn(async move {
-        let start = serde_json::json!({ "conversation_id": conversation_id });
+        let mut turn = match admitted {
+            Some(turn) => turn,
+            None => {
+                let waited = tokio::select! {
+                    waited = admission => waited,
+                    // The client left while queued: dropping `admission` gives its place up.
+                    _ = tx.closed() => return,
+                };
+                match waited {
+                    Ok(turn) => turn,
+                    Err(e) => {
+                        let e = ApiError::from(e);
+                        state.metrics.finished("chat", started, Err(&e));
+                        let _ = tx.send(sse::Data::new(e.body_json()).event("error").into()).await;
+                        return;
+                    }
+                }
+            }
+        };
+        let start = serde_json::json!({ "conversation_id": turn.conversation_id.to_string() });
         if tx.send(sse::Data::new(start.to_string()).event("start").into()).await.is_err() {
             return;
         }

@@ -20,6 +20,9 @@ const MAX_INPUTS: usize = 256;
 pub enum Input {
     One(String),
     Many(Vec<String>),
+    /// Token ids, as tiktoken clients send them (LangChain's `OpenAIEmbeddings`).
+    Tokens(Vec<i64>),
+    ManyTokens(Vec<Vec<i64>>),
 }
 
 /// OpenAI's fields: `input`, `model`, `encoding_format` (`float` or
@@ -38,23 +41,60 @@ fn inputs(raw: Value) -> Result<Vec<String>, ApiError> {
     let parsed: Input = serde_json::from_value(raw.clone()).map_err(|_| {
         ApiError::bad(
             "input",
-            format!("invalid input: must be a string or an array of strings, got {}", short_json(&raw)),
+            format!(
+                "invalid input: must be a string, an array of strings, or token ids (an array of them, or of \
+                 such arrays), got {}",
+                short_json(&raw)
+            ),
         )
     })?;
+    let count = match &parsed {
+        Input::One(_) | Input::Tokens(_) => 1,
+        Input::Many(v) => v.len(),
+        Input::ManyTokens(v) => v.len(),
+    };
+    if count == 0 || count > MAX_INPUTS {
+        return Err(ApiError::bad("input", format!("invalid input: must hold 1 to {MAX_INPUTS} inputs, got {count}")));
+    }
     let list = match parsed {
         Input::One(s) => vec![s],
         Input::Many(v) => v,
+        Input::Tokens(ids) => vec![cl100k_text(&ids, None)?],
+        Input::ManyTokens(v) => v.iter().enumerate().map(|(i, ids)| cl100k_text(ids, Some(i))).collect::<Result<_, _>>()?,
     };
-    if list.is_empty() || list.len() > MAX_INPUTS {
-        return Err(ApiError::bad(
-            "input",
-            format!("invalid input: must hold 1 to {MAX_INPUTS} strings, got {}", list.len()),
-        ));
-    }
     if let Some(i) = list.iter().position(|s| s.trim().is_empty()) {
         return Err(ApiError::bad("input", format!("invalid input[{i}]: must not be empty")));
     }
     Ok(list)
+}
+
+/// Token ids of OpenAI's `cl100k_base` encoding, which tiktoken clients send
+/// for a model they do not know (LangChain's `OpenAIEmbeddings` does by
+/// default), back to their text: the embedding model reads the text with its
+/// own tokenizer, so the vectors are the text's.
+fn cl100k_text(ids: &[i64], index: Option<usize>) -> Result<String, ApiError> {
+    let field = |i: Option<usize>| match (index, i) {
+        (Some(n), Some(i)) => format!("input[{n}][{i}]"),
+        (Some(n), None) => format!("input[{n}]"),
+        (None, Some(i)) => format!("input[{i}]"),
+        (None, None) => "input".to_string(),
+    };
+    let ranks: Vec<u32> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            u32::try_from(*id).map_err(|_| {
+                ApiError::bad("input", format!("invalid {}: a cl100k_base token id must be at least 0, got {id}", field(Some(i))))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let bytes = tiktoken_rs::cl100k_base_singleton().decode_bytes(&ranks).map_err(|e| {
+        let i = ranks.iter().position(|r| *r == e.token);
+        ApiError::bad("input", format!("invalid {}: not a cl100k_base token id, got {}", field(i), e.token))
+    })?;
+    String::from_utf8(bytes).map_err(|_| {
+        ApiError::bad("input", format!("invalid {}: the cl100k_base token ids do not decode to UTF-8 text", field(None)))
+    })
 }
 
 /// How vectors are written: JSON numbers, or base64 of little-endian f32 (what
@@ -110,7 +150,11 @@ async fn embeddings_inner(state: &ApiState, req: EmbeddingRequest) -> Result<Htt
             format!("invalid dimensions: this model has exactly {} dimensions, got {d}", embedder.dim()),
         ));
     }
-    let texts = inputs(req.input)?;
+    // Token ids are decoded off the worker (the encoding loads on first use).
+    let input = req.input;
+    let texts = web::block(move || inputs(input))
+        .await
+        .map_err(|_| ApiError::Internal("reading the input panicked".into()))??;
     // Counted with the embedding model's own tokenizer; nothing is cut silently.
     let limit = embedder.token_limit();
     let mut tokens = 0usize;

@@ -147,7 +147,7 @@ impl ApiState {
         if let Some(n) = o.max_tokens {
             let field = o.max_tokens_field.unwrap_or("max_tokens");
             let rule = format!("at least 1 and less than the context size n_ctx={n_ctx}");
-            s.max_tokens = bounded(field, n, 1, n_ctx as i64 - 1, &rule)? as u32;
+            s.max_tokens = Some(bounded(field, n, 1, n_ctx as i64 - 1, &rule)? as u32);
         }
         s.temperature = o.temperature.unwrap_or(s.temperature);
         s.top_p = o.top_p.unwrap_or(s.top_p);
@@ -400,12 +400,16 @@ pub fn default_service() -> actix_web::Route {
     web::to(not_found)
 }
 
-/// A server-sent-events response fed by `rx`. Uncompressed and uncached, so
-/// every event reaches the client as soon as it is sent.
 /// An idle event stream sends a comment this often: a request waiting for a
 /// slot, or a long prompt being read, shows clients and proxies it is alive.
 pub(crate) const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// How long a streaming request waits for a slot before its answer starts
+/// (with SSE comments every [`SSE_KEEP_ALIVE`] while it waits on).
+pub(crate) const HEADERS_WHILE_QUEUED: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A server-sent-events response fed by `rx`. Uncompressed and uncached, so
+/// every event reaches the client as soon as it is sent.
 pub(crate) fn sse_response(rx: tokio::sync::mpsc::Receiver<actix_web_lab::sse::Event>) -> HttpResponse {
     use actix_web::http::header::{CacheControl, CacheDirective, ContentEncoding};
     HttpResponse::Ok()

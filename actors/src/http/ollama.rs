@@ -277,13 +277,7 @@ async fn generate(
     let model = chat.pool().engine_info().model_name;
     if to_the_end {
         // num_predict < 0: up to the end of the context, as Ollama does.
-        let engine = chat.pool().engine().clone();
-        let counted = messages.clone();
-        let prompt = actix_web::rt::task::spawn_blocking(move || engine.count_prompt_tokens(&counted))
-            .await
-            .map_err(|_| ApiError::Internal("counting the prompt panicked".into()))??;
-        let n_ctx = chat.pool().options().instance.n_ctx;
-        sampling.max_tokens = n_ctx.saturating_sub(prompt).max(1);
+        sampling.max_tokens = None;
     }
     let key = match http.headers().get("x-conversation-id") {
         Some(id) => CacheKey::new(namespace, id.as_bytes()),

@@ -16,7 +16,7 @@ use super::logprobs::{chat_logprobs, logprobs_of, text_logprobs};
 use super::{sse_response, unix_now, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::engine::CacheKey;
 use crate::error::PoolError;
-use crate::params::{ChatMessage, FinishReason, GenerateRequest, Role, Usage};
+use crate::params::{ChatMessage, FinishReason, GenerateRequest, RawPrompt, Role, Usage};
 use crate::pool::lease::{GenEvent, GenerationStream};
 
 /// `content` as a string or as an array of `{"type": "text", "text": ...}` parts.
@@ -310,17 +310,29 @@ fn sampling_of(
     Ok((sampling, Delivery { stream: f.stream, include_usage }))
 }
 
-/// A `/v1/completions` prompt: a string, or an array of one string.
-fn raw_prompt(prompt: Value) -> Result<String, ApiError> {
+/// A `/v1/completions` prompt: a string, or token ids of the served model's
+/// vocabulary (as llama-server takes them), or an array of one of those.
+fn raw_prompt(prompt: Value) -> Result<RawPrompt, ApiError> {
     let bad =
         |rule: &str, got: &Value| ApiError::bad("prompt", format!("invalid prompt: {rule}, got {}", short_json(got)));
-    let text = match &prompt {
-        Value::String(s) => s.clone(),
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
-        Value::Array(a) if a.len() > 1 && a.iter().all(Value::is_string) => {
+    let ids = |a: &[Value]| -> Option<Vec<i32>> {
+        a.iter().map(|v| v.as_i64().and_then(|n| i32::try_from(n).ok())).collect()
+    };
+    let one = match &prompt {
+        Value::Array(a) if a.len() == 1 && (a[0].is_string() || a[0].is_array()) => &a[0],
+        Value::Array(a) if a.len() > 1 && a.iter().all(|v| v.is_string() || v.is_array()) => {
             return Err(bad("one prompt per request (send several requests; they are batched)", &prompt))
         }
-        other => return Err(bad("must be a string or an array of one string (token ids are not taken)", other)),
+        other => other,
+    };
+    let text = match one {
+        Value::String(s) => s.clone(),
+        Value::Array(a) if !a.is_empty() => match ids(a) {
+            Some(ids) => return Ok(RawPrompt::Tokens(ids)),
+            None => return Err(bad("token ids must be whole numbers of the model's vocabulary", one)),
+        },
+        Value::Array(_) => return Err(bad("must not be empty", &prompt)),
+        other => return Err(bad("must be a string or an array of token ids", other)),
     };
     if text.is_empty() {
         return Err(bad("must not be empty", &prompt));
@@ -328,7 +340,7 @@ fn raw_prompt(prompt: Value) -> Result<String, ApiError> {
     if text.contains('\0') {
         return Err(bad("must not contain the character U+0000 (NUL)", &json!("…")));
     }
-    Ok(text)
+    Ok(RawPrompt::Text(text))
 }
 
 #[derive(Serialize)]
@@ -392,10 +404,6 @@ fn reply_message(text: String, finish: FinishReason, with_tools: bool) -> (Value
         None => (json!({ "role": "assistant", "content": text }), finish_str(finish)),
     }
 }
-
-/// How long a streaming request waits for a slot before its answer starts
-/// (with SSE comments every [`super::SSE_KEEP_ALIVE`] while it waits on).
-const HEADERS_WHILE_QUEUED: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Which OpenAI route a generation answers.
 #[derive(Clone, Copy)]
@@ -465,9 +473,13 @@ async fn text_completions(
         let (sampling, delivery) = sampling_of(&state, req.sampling, &req.other, Route::Text)?;
         let prompt = raw_prompt(req.prompt)?;
         // Prompts that share their opening share a cache: the first 256 bytes name it.
+        let opening: Vec<u8> = match &prompt {
+            RawPrompt::Text(text) => text.bytes().take(256).collect(),
+            RawPrompt::Tokens(ids) => ids.iter().take(64).flat_map(|id| id.to_le_bytes()).collect(),
+        };
         let key = match http.headers().get("x-conversation-id") {
             Some(id) => CacheKey::new(&namespace, id.as_bytes()),
-            None => CacheKey::new(&namespace, &prompt.as_bytes()[..prompt.len().min(256)]),
+            None => CacheKey::new(&namespace, &opening),
         };
         let request = GenerateRequest { messages: Vec::new(), sampling, raw_prompt: Some(prompt) };
         generate(&state, request, key, delivery, Route::Text, false, started).await
@@ -526,7 +538,7 @@ async fn generate(
     let admitted = if stream {
         tokio::select! {
             admitted = &mut admission => Some(admitted?),
-            _ = tokio::time::sleep(HEADERS_WHILE_QUEUED) => None,
+            _ = tokio::time::sleep(super::HEADERS_WHILE_QUEUED) => None,
         }
     } else {
         Some((&mut admission).await?)
@@ -707,20 +719,34 @@ async fn generate(
     Ok(sse_response(rx))
 }
 
-async fn models(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpResponse, ApiError> {
+/// The served models: the chat model and the embedding model, told apart by `purpose`.
+fn model_entries(state: &ApiState) -> Result<[Value; 2], ApiError> {
     let chat = state.chat()?;
     let chat_model = chat.pool().engine_info().model_name;
     let embed_model = chat.embedder().model_name().to_string();
     // `purpose` tells the chat model from the embedding model (`/v1/embeddings` only).
     let entry = |id: String, purpose: &str| json!({ "id": id, "object": "model", "created": 0, "owned_by": "modelpool", "purpose": purpose });
-    Ok(HttpResponse::Ok().json(json!({
-        "object": "list",
-        "data": [entry(chat_model, "chat"), entry(embed_model, "embeddings")],
-    })))
+    Ok([entry(chat_model, "chat"), entry(embed_model, "embeddings")])
+}
+
+async fn models(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(json!({ "object": "list", "data": model_entries(&state)? })))
+}
+
+/// `GET /v1/models/{id}`: one served model (its id, or its id without the
+/// last `.suffix`), else 404 `model_not_found`.
+async fn model(state: web::Data<ApiState>, _auth: Authorized, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let [chat, embed] = model_entries(&state)?;
+    let name = |e: &Value| e["id"].as_str().unwrap_or_default().to_string();
+    match [chat, embed].into_iter().find(|e| check_model(Some(id.as_str()), &name(e)).is_ok()) {
+        Some(entry) => Ok(HttpResponse::Ok().json(entry)),
+        None => Err(ApiError::ModelNotFound(id.chars().take(200).collect())),
+    }
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
         .route("/v1/completions", web::post().to(text_completions))
-        .route("/v1/models", web::get().to(models));
+        .route("/v1/models", web::get().to(models))
+        .route("/v1/models/{id:.+}", web::get().to(model));
 }

@@ -88,7 +88,7 @@ pub fn build_prompt(
         let tokens = count(&messages)?;
         Ok((messages, tokens))
     };
-    let fits = |tokens: u32| check_fits(tokens, budget.max_tokens, budget.n_ctx).is_ok();
+    let fits = |tokens: u32| check_fits(tokens, Some(budget.max_tokens), budget.n_ctx).is_ok();
     let done = |messages, tokens, recalled: &[Recalled], first_recent| BuiltPrompt {
         messages,
         prompt_tokens: tokens,
@@ -122,7 +122,7 @@ pub fn build_prompt(
     loop {
         let (messages, tokens) = assemble(recent.len(), &recalled)?;
         if fits(tokens) || recalled.is_empty() {
-            check_fits(tokens, budget.max_tokens, budget.n_ctx)?;
+            check_fits(tokens, Some(budget.max_tokens), budget.n_ctx)?;
             return Ok(done(messages, tokens, &recalled, recent.len()));
         }
         recalled.pop();

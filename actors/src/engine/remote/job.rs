@@ -121,18 +121,21 @@ impl Job {
     ) -> Result<Completion, Interrupted> {
         let fail = Interrupted::Failed;
         let tokens = match &request.raw_prompt {
-            Some(text) => self.tokenizer.raw_prompt_tokens(text),
+            Some(prompt) => self.tokenizer.raw_prompt_ids(prompt),
             None => self.tokenizer.prompt_tokens(&request.messages),
         }
         .map_err(fail)?;
         let s = &request.sampling;
-        if self.n_ctx > 0 {
-            check_fits(tokens.len() as u32, s.max_tokens, self.n_ctx).map_err(fail)?;
-        }
+        // Without max_tokens: the rest of the context (-1 when the remote's
+        // context is unknown, which llama-server reads the same way).
+        let n_predict = match self.n_ctx {
+            0 => s.max_tokens.map_or(-1, i64::from),
+            n_ctx => i64::from(check_fits(tokens.len() as u32, s.max_tokens, n_ctx).map_err(fail)?),
+        };
         usage.prompt_tokens = tokens.len() as u32;
         let mut body = serde_json::json!({
             "prompt": tokens,
-            "n_predict": s.max_tokens,
+            "n_predict": n_predict,
             "stream": true,
             "cache_prompt": true,
             "id_slot": self.slot,
