@@ -143,20 +143,29 @@ fn changes_the_answer(field: &str, v: &Value) -> bool {
         return false;
     }
     let number = |neutral: f64| v.as_f64().is_none_or(|x| x != neutral);
+    let set = || match v {
+        Value::String(s) => !s.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Bool(b) => *b,
+        _ => true,
+    };
     match field {
-        "samplers" | "dry_sequence_breakers" => match v {
-            Value::String(s) => !s.is_empty(),
-            Value::Object(o) => !o.is_empty(),
-            Value::Array(a) => !a.is_empty(),
-            _ => true,
-        },
+        // What to sample with, or what to add to the prompt or the answer.
+        "samplers" | "lora" | "response_fields" | "chat_template_kwargs" => set(),
+        // Any object asks for them, `{}` too.
+        "audio" | "web_search_options" => true,
+        "return_tokens" | "timings_per_token" | "return_progress" | "post_sampling_probs" => set(),
+        "modalities" => v != &json!(["text"]),
+        "verbosity" => v != "medium",
+        "reasoning_format" => v != "none",
+        "n_indent" | "min_keep" | "t_max_predict_ms" => number(0.0),
         "mirostat" | "n_probs" | "dry_multiplier" | "xtc_probability" | "dynatemp_range" | "top_n_sigma" => {
             // top_n_sigma: −1 is off in llama-server.
             number(0.0) && !(field == "top_n_sigma" && v.as_f64() == Some(-1.0))
         }
         "typical_p" => number(1.0),
         "ignore_eos" => v.as_bool() != Some(false),
-        "n_predict" => true,
         _ => false,
     }
 }
@@ -284,9 +293,22 @@ fn sampling_of(
     if let Some(n) = f.n.filter(|n| *n != 1) {
         return Err(ApiError::bad("n", format!("invalid n: only 1 choice is supported, got {n}")));
     }
+    // llama-server's n_predict: max_tokens by another name; -1 to the end of the context.
+    let n_predict = match other.get("n_predict") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_i64().filter(|n| *n >= -1).ok_or_else(|| {
+            ApiError::bad("n_predict", format!("invalid n_predict: must be -1 (to the end of the context) or at least 1, got {}", short_json(v)))
+        })?),
+    };
+    let (max_tokens, max_tokens_field) = match (f.max_completion_tokens, f.max_tokens, n_predict) {
+        (Some(n), _, _) => (Some(n), "max_completion_tokens"),
+        (None, Some(n), _) => (Some(n), "max_tokens"),
+        (None, None, Some(n)) if n >= 0 => (Some(n), "n_predict"),
+        _ => (None, "max_tokens"),
+    };
     let mut sampling = state.sampling(SamplingOverrides {
-        max_tokens: f.max_completion_tokens.or(f.max_tokens),
-        max_tokens_field: Some(if f.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" }),
+        max_tokens,
+        max_tokens_field: Some(max_tokens_field),
         temperature: f.temperature,
         top_p: f.top_p,
         seed: f.seed,
@@ -297,6 +319,9 @@ fn sampling_of(
         frequency_penalty: f.frequency_penalty,
         presence_penalty: f.presence_penalty,
     })?;
+    if max_tokens.is_none() && n_predict == Some(-1) {
+        sampling.max_tokens = None;
+    }
     sampling.stop = match f.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -368,14 +393,23 @@ fn usage_body(u: &Usage) -> UsageBody {
 
 /// What a stateless request continues, for routing it to the slot whose
 /// cache holds its prefix and finding its parked cache: the
-/// `X-Conversation-Id` header, else the `user` field, else its opening (the
-/// system prompt and the first question stay the same for a whole
-/// conversation); within the namespace of the caller's API key.
-fn cache_key(req: &HttpRequest, namespace: &str, user: Option<&Value>, messages: &[ChatMessage]) -> CacheKey {
+/// `X-Conversation-Id` header, else OpenAI's `prompt_cache_key`, else the
+/// `user` field, else its opening (the system prompt and the first question
+/// stay the same for a whole conversation); within the namespace of the
+/// caller's API key.
+fn cache_key(
+    req: &HttpRequest,
+    namespace: &str,
+    other: &HashMap<String, Value>,
+    messages: &[ChatMessage],
+) -> CacheKey {
     if let Some(id) = req.headers().get("x-conversation-id").map(|v| v.as_bytes()) {
         return CacheKey::new(namespace, id);
     }
-    if let Some(user) = user.and_then(Value::as_str) {
+    if let Some(key) = other.get("prompt_cache_key").and_then(Value::as_str).filter(|k| !k.is_empty()) {
+        return CacheKey::new(namespace, key.as_bytes());
+    }
+    if let Some(user) = other.get("user").and_then(Value::as_str) {
         return CacheKey::new(namespace, user.as_bytes());
     }
     CacheKey::of_messages(namespace, messages)
@@ -434,13 +468,12 @@ async fn chat_completions(
     let namespace = auth.namespace.unwrap_or_default();
     let work = async {
         check_models(&state, req.model.as_deref())?;
-        let user = req.other.get("user").cloned();
         let (mut sampling, delivery) = sampling_of(&state, req.sampling, &req.other, Route::Chat)?;
         let tools = super::tools::tools_of(&req.other)?;
         let mut messages = convert_messages(req.messages)?;
         // The cache key is taken before the tools' instructions go in: a
         // conversation keeps its key whichever tools a turn offers.
-        let key = cache_key(&http, &namespace, user.as_ref(), &messages);
+        let key = cache_key(&http, &namespace, &req.other, &messages);
         if let Some(tools) = &tools {
             if sampling.grammar.is_some() {
                 return Err(ApiError::bad(
@@ -477,9 +510,11 @@ async fn text_completions(
             RawPrompt::Text(text) => text.bytes().take(256).collect(),
             RawPrompt::Tokens(ids) => ids.iter().take(64).flat_map(|id| id.to_le_bytes()).collect(),
         };
-        let key = match http.headers().get("x-conversation-id") {
-            Some(id) => CacheKey::new(&namespace, id.as_bytes()),
-            None => CacheKey::new(&namespace, &opening),
+        let named = req.other.get("prompt_cache_key").and_then(Value::as_str).filter(|k| !k.is_empty());
+        let key = match (http.headers().get("x-conversation-id"), named) {
+            (Some(id), _) => CacheKey::new(&namespace, id.as_bytes()),
+            (None, Some(name)) => CacheKey::new(&namespace, name.as_bytes()),
+            (None, None) => CacheKey::new(&namespace, &opening),
         };
         let request = GenerateRequest { messages: Vec::new(), sampling, raw_prompt: Some(prompt) };
         generate(&state, request, key, delivery, Route::Text, false, started).await
