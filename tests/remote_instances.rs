@@ -405,6 +405,17 @@ async fn two_turns(server: &Server, first: &str, second: &str) -> (Value, Value)
     (r1, r2)
 }
 
+/// OpenAI's Python client through a remote instance only: the same ten
+/// prompts under a strict schema, streamed and not, each reply validated by
+/// `jsonschema`, and a `json_object` reply, as through a local instance.
+#[actix::test]
+async fn openais_python_client_gets_schema_valid_replies_through_a_remote() {
+    let _one = serial();
+    let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
+    let server = Server::start(&["--instances", "0", "--remote", &remote.url()], &[]);
+    common::run_python_fixture("structured_output.py", &server.url("/v1"));
+}
+
 /// Structured output through a remote: the grammar (a JSON schema turned
 /// into one here) goes with the request, and llama-server's sampler follows it.
 #[actix::test]
