@@ -408,10 +408,7 @@ impl Config {
             return invalid("max_generation_ms", "must be at least 1, got 0".into());
         }
         if let Some(n) = self.sampling.max_tokens.filter(|n| *n >= self.n_ctx) {
-            return invalid(
-                "sampling.max_tokens_default",
-                format!("{n} must be smaller than n_ctx ({})", self.n_ctx),
-            );
+            return invalid("sampling.max_tokens_default", format!("{n} must be smaller than n_ctx ({})", self.n_ctx));
         }
         if let Err(e) = self.sampling.validate() {
             return invalid("sampling", e.to_string());

@@ -56,7 +56,8 @@ async fn greedy_output_is_identical_on_every_instance_and_weights_are_loaded_onc
 async fn seeded_sampling_is_reproducible() {
     let pool = start(options(1, 2)).await;
     let mut req = request("Give me a name for a dog.", 16);
-    req.sampling = SamplingParams { temperature: 0.9, seed: Some(7), max_tokens: Some(16), ..SamplingParams::default() };
+    req.sampling =
+        SamplingParams { temperature: 0.9, seed: Some(7), max_tokens: Some(16), ..SamplingParams::default() };
     let (a, _) = pool.generate(req.clone()).await.unwrap().collect_text().await.unwrap();
     let (b, _) = pool.generate(req).await.unwrap().collect_text().await.unwrap();
     assert_eq!(a, b);

@@ -567,7 +567,11 @@ async fn conversations_are_listed_newest_first_in_pages_with_titles_and_only_to_
 async fn a_queued_stream_starts_with_keep_alive_comments_and_then_generates() {
     let server = Server::start(&["--instances", "1"], &[("MODELPOOL_SLOTS", "1")]);
     let queued_requests = [
-        ("/v1/chat/completions", json!({ "messages": [{ "role": "user", "content": "Say hi." }], "max_tokens": 4, "stream": true }), "[DONE]"),
+        (
+            "/v1/chat/completions",
+            json!({ "messages": [{ "role": "user", "content": "Say hi." }], "max_tokens": 4, "stream": true }),
+            "[DONE]",
+        ),
         ("/chat", json!({ "message": "Say hi.", "max_tokens": 4, "stream": true }), "event: done"),
     ];
     for (path, short, end) in queued_requests {
@@ -586,7 +590,8 @@ async fn a_queued_stream_starts_with_keep_alive_comments_and_then_generates() {
         let mut body = queued.bytes_stream();
         let mut seen = String::new();
         while !seen.contains(": keep-alive") {
-            let chunk = tokio::time::timeout(Duration::from_secs(30), body.next()).await.expect("a comment while queued");
+            let chunk =
+                tokio::time::timeout(Duration::from_secs(30), body.next()).await.expect("a comment while queued");
             seen.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap()));
         }
         assert!(!seen.contains("data:"), "{path}: nothing but comments while queued: {seen}");

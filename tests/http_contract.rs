@@ -63,7 +63,9 @@ async fn embeddings_use_the_embedding_tokenizer_base64_and_refuse_what_they_woul
 
 fn vectors(r: &Value) -> Vec<Vec<f32>> {
     let data = r["data"].as_array().unwrap();
-    data.iter().map(|d| d["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect()
+    data.iter()
+        .map(|d| d["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect()
 }
 
 /// LangChain's `OpenAIEmbeddings` sends cl100k_base token ids from tiktoken

@@ -109,7 +109,11 @@ fn documented() -> Vec<(&'static [&'static str], &'static str, Value)> {
         // Ollama's /api/chat and /api/generate (docs/api.md).
         (ollama, "model", json!("SmolLM2-135M-Instruct:latest")),
         (&[OLLAMA_CHAT], "messages", json!([{ "role": "user", "content": "Hello there" }])),
-        (&[OLLAMA_CHAT], "tools", json!([{ "type": "function", "function": { "name": "weather", "parameters": { "type": "object", "properties": {} } } }])),
+        (
+            &[OLLAMA_CHAT],
+            "tools",
+            json!([{ "type": "function", "function": { "name": "weather", "parameters": { "type": "object", "properties": {} } } }]),
+        ),
         (ollama, "format", json!("json")),
         (ollama, "options", json!({ "temperature": 0.5 })),
         (ollama, "stream", json!(true)),

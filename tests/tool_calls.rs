@@ -30,7 +30,11 @@ async fn what_tools_cannot_do_is_a_400_naming_the_field() {
     let server = Server::start(&["--instances", "1"], &[]);
     let ask = json!([{ "role": "user", "content": "Weather in Oslo?" }]);
     let cases = [
-        ("/v1/chat/completions", json!({ "messages": ask, "tools": weather(), "tool_choice": "sometimes" }), "tool_choice"),
+        (
+            "/v1/chat/completions",
+            json!({ "messages": ask, "tools": weather(), "tool_choice": "sometimes" }),
+            "tool_choice",
+        ),
         ("/v1/chat/completions", json!({ "messages": ask, "tool_choice": "required" }), "tool_choice"),
         (
             "/v1/chat/completions",

@@ -82,7 +82,8 @@ fn threads_default_to_an_even_split_of_the_cores() {
 fn bad_values_name_the_setting() {
     let err = load(&Overrides::default(), &[("MODELPOOL_N_CTX", "32")]).unwrap_err().to_string();
     assert!(err.contains("n_ctx") && err.contains("32"), "{err}");
-    let err = load(&Overrides::default(), &[("MODELPOOL_SAMPLING_MAX_TOKENS_DEFAULT", "4096")]).unwrap_err().to_string();
+    let err =
+        load(&Overrides::default(), &[("MODELPOOL_SAMPLING_MAX_TOKENS_DEFAULT", "4096")]).unwrap_err().to_string();
     assert!(err.contains("sampling.max_tokens_default") && err.contains("n_ctx"), "{err}");
     let err = load(&Overrides::default(), &[("MODELPOOL_CHAT_DURABILITY", "sometimes")]).unwrap_err().to_string();
     assert!(err.contains("sometimes") || err.contains("durability"), "{err}");

@@ -60,7 +60,9 @@ fn inputs(raw: Value) -> Result<Vec<String>, ApiError> {
         Input::One(s) => vec![s],
         Input::Many(v) => v,
         Input::Tokens(ids) => vec![cl100k_text(&ids, None)?],
-        Input::ManyTokens(v) => v.iter().enumerate().map(|(i, ids)| cl100k_text(ids, Some(i))).collect::<Result<_, _>>()?,
+        Input::ManyTokens(v) => {
+            v.iter().enumerate().map(|(i, ids)| cl100k_text(ids, Some(i))).collect::<Result<_, _>>()?
+        }
     };
     if let Some(i) = list.iter().position(|s| s.trim().is_empty()) {
         return Err(ApiError::bad("input", format!("invalid input[{i}]: must not be empty")));
@@ -84,7 +86,10 @@ fn cl100k_text(ids: &[i64], index: Option<usize>) -> Result<String, ApiError> {
         .enumerate()
         .map(|(i, id)| {
             u32::try_from(*id).map_err(|_| {
-                ApiError::bad("input", format!("invalid {}: a cl100k_base token id must be at least 0, got {id}", field(Some(i))))
+                ApiError::bad(
+                    "input",
+                    format!("invalid {}: a cl100k_base token id must be at least 0, got {id}", field(Some(i))),
+                )
             })
         })
         .collect::<Result<_, _>>()?;
@@ -93,7 +98,10 @@ fn cl100k_text(ids: &[i64], index: Option<usize>) -> Result<String, ApiError> {
         ApiError::bad("input", format!("invalid {}: not a cl100k_base token id, got {}", field(i), e.token))
     })?;
     String::from_utf8(bytes).map_err(|_| {
-        ApiError::bad("input", format!("invalid {}: the cl100k_base token ids do not decode to UTF-8 text", field(None)))
+        ApiError::bad(
+            "input",
+            format!("invalid {}: the cl100k_base token ids do not decode to UTF-8 text", field(None)),
+        )
     })
 }
 

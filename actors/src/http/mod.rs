@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod metrics_kv;
 pub mod ollama;
 pub mod openai;
+mod openai_reply;
 pub mod page;
 pub mod status;
 pub mod structured;

@@ -294,14 +294,7 @@ async fn generate(
         let mut last = shape.last(&model, "", &done, started);
         match super::tools::parse_reply(&text) {
             super::tools::Reply::Calls(calls) => {
-                let calls: Vec<Value> = calls
-                    .into_iter()
-                    .map(|c| {
-                        let arguments = serde_json::from_str::<Value>(&c.arguments).unwrap_or_else(|_| json!({}));
-                        json!({ "function": { "name": c.name, "arguments": arguments } })
-                    })
-                    .collect();
-                message["tool_calls"] = Value::from(calls);
+                message["tool_calls"] = calls.iter().map(super::tools::ToolCall::ollama).collect();
             }
             super::tools::Reply::Text(answer) => message["content"] = Value::from(answer),
         }
@@ -398,7 +391,11 @@ async fn api_chat(
             let content = match (m.role.as_str(), m.tool_calls.as_ref().filter(|c| !c.is_null())) {
                 ("assistant", Some(calls)) => super::tools::assistant_text(i, m.content, calls, &mut call_names)?,
                 (_, Some(calls)) => {
-                    return Err(refuse(&format!("messages[{i}].tool_calls"), "only an assistant message makes calls", calls))
+                    return Err(refuse(
+                        &format!("messages[{i}].tool_calls"),
+                        "only an assistant message makes calls",
+                        calls,
+                    ))
                 }
                 ("tool", None) => super::tools::tool_result_text(m.content, None, m.tool_name.as_deref(), &call_names),
                 _ => m.content,
@@ -408,9 +405,13 @@ async fn api_chat(
         let (mut sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
         if let Some(tools) = &tools {
             if sampling.grammar.is_some() {
-                return Err(refuse("format", "a reply cannot both call tools and follow a format", body.format.as_ref().unwrap_or(&Value::Null)));
+                return Err(refuse(
+                    "format",
+                    "a reply cannot both call tools and follow a format",
+                    body.format.as_ref().unwrap_or(&Value::Null),
+                ));
             }
-            sampling.grammar = Some(tools.grammar()?);
+            sampling.grammar = Some(tools.grammar());
             sampling.validate()?;
             messages = super::openai::with_tool_instructions(messages, tools);
         }
@@ -468,7 +469,14 @@ async fn api_generate(
         messages.push(ChatMessage::user(body.prompt));
         let (sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
         let namespace = auth.namespace.clone().unwrap_or_default();
-        let job = Job { messages, sampling, to_the_end, stream: body.stream.unwrap_or(true), shape: Shape::Generate, with_tools: false };
+        let job = Job {
+            messages,
+            sampling,
+            to_the_end,
+            stream: body.stream.unwrap_or(true),
+            shape: Shape::Generate,
+            with_tools: false,
+        };
         unless_client_gone(&http, generate(&state, &http, &namespace, job, started)).await
     };
     counted(&state, started, work).await

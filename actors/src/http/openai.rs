@@ -1,23 +1,20 @@
 //! OpenAI-compatible `POST /v1/chat/completions` (stateless: the client sends
-//! the conversation) and `GET /v1/models`.
+//! the conversation), `POST /v1/completions` and `GET /v1/models`: the
+//! requests, checked; their answers are written by [`super::openai_reply`].
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_lab::sse;
-use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use super::disconnect::unless_client_gone;
-use super::logprobs::{chat_logprobs, logprobs_of, text_logprobs};
-use super::{sse_response, unix_now, ApiError, ApiState, Authorized, SamplingOverrides};
+use super::logprobs::logprobs_of;
+use super::openai_reply::{generate, Delivery};
+use super::{ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::engine::CacheKey;
-use crate::error::PoolError;
-use crate::params::{ChatMessage, FinishReason, GenerateRequest, RawPrompt, Role, Usage};
-use crate::pool::lease::{GenEvent, GenerationStream};
+use crate::params::{ChatMessage, GenerateRequest, RawPrompt, Role};
 
 /// `content` as a string or as an array of `{"type": "text", "text": ...}` parts.
 #[derive(Deserialize)]
@@ -118,7 +115,9 @@ fn refuse_unsupported(other: &HashMap<String, Value>, route: Route) -> Result<()
             "tools" | "functions" if text && !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()) => {
                 return unsupported(field, v)
             }
-            "tool_choice" | "function_call" | "parallel_tool_calls" if text && !v.is_null() && v != "none" && v != "auto" => {
+            "tool_choice" | "function_call" | "parallel_tool_calls"
+                if text && !v.is_null() && v != "none" && v != "auto" =>
+            {
                 return unsupported(field, v)
             }
             "echo" if !v.is_null() && v.as_bool() != Some(false) => return unsupported(field, v),
@@ -273,13 +272,6 @@ pub(super) fn with_tool_instructions(mut messages: Vec<ChatMessage>, tools: &sup
     messages
 }
 
-/// How an answer is delivered: streamed or not, with a last usage chunk or not.
-#[derive(Clone, Copy)]
-struct Delivery {
-    stream: bool,
-    include_usage: bool,
-}
-
 /// The sampling parameters of either route's request (structured output
 /// included), and how its answer is delivered.
 fn sampling_of(
@@ -297,7 +289,13 @@ fn sampling_of(
     let n_predict = match other.get("n_predict") {
         None | Some(Value::Null) => None,
         Some(v) => Some(v.as_i64().filter(|n| *n >= -1).ok_or_else(|| {
-            ApiError::bad("n_predict", format!("invalid n_predict: must be -1 (to the end of the context) or at least 1, got {}", short_json(v)))
+            ApiError::bad(
+                "n_predict",
+                format!(
+                    "invalid n_predict: must be -1 (to the end of the context) or at least 1, got {}",
+                    short_json(v)
+                ),
+            )
         })?),
     };
     let (max_tokens, max_tokens_field) = match (f.max_completion_tokens, f.max_tokens, n_predict) {
@@ -368,41 +366,13 @@ fn raw_prompt(prompt: Value) -> Result<RawPrompt, ApiError> {
     Ok(RawPrompt::Text(text))
 }
 
-#[derive(Serialize)]
-struct UsageBody {
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
-    prompt_tokens_details: PromptDetails,
-}
-
-#[derive(Serialize)]
-struct PromptDetails {
-    /// Prompt tokens served from the instance's KV cache.
-    cached_tokens: u32,
-}
-
-fn usage_body(u: &Usage) -> UsageBody {
-    UsageBody {
-        prompt_tokens: u.prompt_tokens,
-        completion_tokens: u.completion_tokens,
-        total_tokens: u.prompt_tokens + u.completion_tokens,
-        prompt_tokens_details: PromptDetails { cached_tokens: u.cached_tokens },
-    }
-}
-
 /// What a stateless request continues, for routing it to the slot whose
 /// cache holds its prefix and finding its parked cache: the
 /// `X-Conversation-Id` header, else OpenAI's `prompt_cache_key`, else the
 /// `user` field, else its opening (the system prompt and the first question
 /// stay the same for a whole conversation); within the namespace of the
 /// caller's API key.
-fn cache_key(
-    req: &HttpRequest,
-    namespace: &str,
-    other: &HashMap<String, Value>,
-    messages: &[ChatMessage],
-) -> CacheKey {
+fn cache_key(req: &HttpRequest, namespace: &str, other: &HashMap<String, Value>, messages: &[ChatMessage]) -> CacheKey {
     if let Some(id) = req.headers().get("x-conversation-id").map(|v| v.as_bytes()) {
         return CacheKey::new(namespace, id);
     }
@@ -415,30 +385,6 @@ fn cache_key(
     CacheKey::of_messages(namespace, messages)
 }
 
-fn finish_str(f: FinishReason) -> &'static str {
-    match f {
-        FinishReason::Length => "length",
-        FinishReason::Stop | FinishReason::Cancelled => "stop",
-    }
-}
-
-/// The assistant message of a whole reply and its finish reason: under
-/// tools, the parsed calls (`tool_calls`) or the answer.
-fn reply_message(text: String, finish: FinishReason, with_tools: bool) -> (Value, &'static str) {
-    use super::tools::{parse_reply, Reply};
-    match with_tools.then(|| parse_reply(&text)) {
-        Some(Reply::Calls(calls)) => {
-            let calls: Vec<Value> = calls
-                .into_iter()
-                .map(|c| json!({ "id": c.id, "type": "function", "function": { "name": c.name, "arguments": c.arguments } }))
-                .collect();
-            (json!({ "role": "assistant", "content": null, "tool_calls": calls }), "tool_calls")
-        }
-        Some(Reply::Text(answer)) => (json!({ "role": "assistant", "content": answer }), finish_str(finish)),
-        None => (json!({ "role": "assistant", "content": text }), finish_str(finish)),
-    }
-}
-
 /// Which OpenAI route a generation answers.
 #[derive(Clone, Copy)]
 pub(super) enum Route {
@@ -449,7 +395,7 @@ pub(super) enum Route {
 }
 
 impl Route {
-    fn endpoint(self) -> &'static str {
+    pub(super) fn endpoint(self) -> &'static str {
         match self {
             Route::Chat => "chat_completions",
             Route::Text => "completions",
@@ -482,7 +428,7 @@ async fn chat_completions(
                      grammar; send tool_choice \"none\" or drop the format",
                 ));
             }
-            sampling.grammar = Some(tools.grammar()?);
+            sampling.grammar = Some(tools.grammar());
             sampling.validate()?;
             messages = with_tool_instructions(messages, tools);
         }
@@ -547,211 +493,6 @@ fn check_models(state: &ApiState, asked: Option<&str>) -> Result<(), ApiError> {
         ));
     }
     check_model(asked, &model)
-}
-
-#[tracing::instrument(name = "request", skip_all, fields(endpoint = route.endpoint()))]
-async fn generate(
-    state: &web::Data<ApiState>,
-    request: GenerateRequest,
-    key: CacheKey,
-    delivery: Delivery,
-    route: Route,
-    with_tools: bool,
-    started: Instant,
-) -> Result<HttpResponse, ApiError> {
-    let chat = state.chat()?;
-    state.admit()?;
-    let model = chat.pool().engine_info().model_name;
-    let Delivery { stream, include_usage } = delivery;
-    let with_logprobs = request.sampling.logprobs.is_some();
-    // A streaming request still waiting for a slot after a moment gets its
-    // answer's headers, then SSE comments while it waits (clients and
-    // proxies see it is alive); a refusal before that keeps its status.
-    let pool = chat.pool().clone();
-    let mut admission: std::pin::Pin<Box<dyn std::future::Future<Output = Result<GenerationStream, PoolError>>>> =
-        Box::pin(async move { pool.generate_for(request, Some(key)).await });
-    let admitted = if stream {
-        tokio::select! {
-            admitted = &mut admission => Some(admitted?),
-            _ = tokio::time::sleep(super::HEADERS_WHILE_QUEUED) => None,
-        }
-    } else {
-        Some((&mut admission).await?)
-    };
-    let (prefix, object) = match route {
-        Route::Chat => ("chatcmpl", "chat.completion"),
-        Route::Text => ("cmpl", "text_completion"),
-    };
-    let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
-    let created = unix_now();
-
-    if !stream {
-        let generation = admitted.expect("a request that does not stream waits for its admission");
-        // An error returns to the handler, which counts it once.
-        let (text, lps, done) = generation.collect().await?;
-        state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
-        let choice = match route {
-            Route::Chat => {
-                let (message, finish) = reply_message(text, done.finish_reason, with_tools);
-                json!({
-                    "index": 0,
-                    "message": message,
-                    "logprobs": if with_logprobs { chat_logprobs(&lps) } else { Value::Null },
-                    "finish_reason": finish,
-                })
-            }
-            Route::Text => json!({
-                "index": 0,
-                "text": text,
-                "logprobs": if with_logprobs { text_logprobs(&lps, 0) } else { Value::Null },
-                "finish_reason": finish_str(done.finish_reason),
-            }),
-        };
-        return Ok(HttpResponse::Ok().json(json!({
-            "id": id,
-            "object": object,
-            "created": created,
-            "model": model,
-            "choices": [choice],
-            "usage": usage_body(&done.usage),
-        })));
-    }
-
-    let (tx, rx) = mpsc::channel::<sse::Event>(64);
-    let state = state.clone();
-    actix::spawn(async move {
-        let chunk_object = match route {
-            Route::Chat => "chat.completion.chunk",
-            Route::Text => "text_completion",
-        };
-        // With `include_usage`, every chunk but the last carries `"usage": null`, as OpenAI's do.
-        // The log-probabilities of the tokens since the last chunk go with the next one.
-        let mut pending: Vec<crate::params::TokenLogprob> = Vec::new();
-        let mut offset = 0usize;
-        // Under tools the reply is read whole before it is sent: a call is
-        // not known to be one until it parses.
-        let mut held = with_tools.then(String::new);
-        let mut chunk = |text: Option<&str>,
-                         calls: Option<Value>,
-                         finish: Option<&str>,
-                         pending: &mut Vec<crate::params::TokenLogprob>| {
-            let logprobs = match (with_logprobs, route) {
-                (false, _) => Value::Null,
-                (true, Route::Chat) => chat_logprobs(pending),
-                (true, Route::Text) => text_logprobs(pending, offset),
-            };
-            offset += pending.iter().map(|lp| lp.token.text.len()).sum::<usize>();
-            pending.clear();
-            let choice = match route {
-                Route::Chat => {
-                    let delta = match (text, calls) {
-                        (_, Some(calls)) => json!({ "tool_calls": calls }),
-                        (Some(t), None) => json!({ "content": t }),
-                        (None, None) if finish.is_none() => json!({ "role": "assistant", "content": "" }),
-                        (None, None) => json!({}),
-                    };
-                    json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
-                }
-                Route::Text => {
-                    json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
-                }
-            };
-            let mut c = json!({
-                "id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice],
-            });
-            if include_usage {
-                c["usage"] = Value::Null;
-            }
-            c
-        };
-        let send = |v: Value| tx.send(sse::Data::new(v.to_string()).into());
-        let mut generation = match admitted {
-            Some(generation) => generation,
-            None => {
-                let waited = tokio::select! {
-                    waited = admission => waited,
-                    // The client left while queued: dropping `admission` gives its place up.
-                    _ = tx.closed() => return,
-                };
-                match waited {
-                    Ok(generation) => generation,
-                    Err(e) => {
-                        let e = ApiError::from(e);
-                        state.metrics.finished(route.endpoint(), started, Err(&e));
-                        let _ = tx.send(sse::Data::new(e.body_json()).into()).await;
-                        let _ = tx.send(sse::Data::new("[DONE]").into()).await;
-                        return;
-                    }
-                }
-            }
-        };
-        if matches!(route, Route::Chat) && send(chunk(None, None, None, &mut pending)).await.is_err() {
-            return;
-        }
-        while let Some(event) = generation.next().await {
-            match event {
-                GenEvent::Logprob(lp) => pending.push(lp),
-                GenEvent::Token(t) => {
-                    let gone = match held.as_mut() {
-                        Some(held) => {
-                            held.push_str(&t);
-                            tx.is_closed()
-                        }
-                        None => send(chunk(Some(&t), None, None, &mut pending)).await.is_err(),
-                    };
-                    // The client left: dropping `generation` stops it within one token.
-                    if gone {
-                        state.metrics.request(route.endpoint(), "cancelled", Some(started.elapsed()));
-                        return;
-                    }
-                }
-                GenEvent::Done(done) => {
-                    state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
-                    let mut finish = finish_str(done.finish_reason);
-                    if let Some(text) = held.take() {
-                        let (message, reason) = reply_message(text, done.finish_reason, true);
-                        finish = reason;
-                        let piece = match message.get("tool_calls").and_then(Value::as_array) {
-                            Some(calls) => {
-                                let indexed: Vec<Value> = calls
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(i, c)| {
-                                        let mut c = c.clone();
-                                        c["index"] = Value::from(i);
-                                        c
-                                    })
-                                    .collect();
-                                chunk(None, Some(Value::from(indexed)), None, &mut pending)
-                            }
-                            None => {
-                                let answer = message["content"].as_str().unwrap_or_default().to_string();
-                                chunk(Some(&answer), None, None, &mut pending)
-                            }
-                        };
-                        let _ = send(piece).await;
-                    }
-                    let _ = send(chunk(None, None, Some(finish), &mut pending)).await;
-                    if include_usage {
-                        let last = json!({
-                            "id": id, "object": chunk_object, "created": created, "model": model,
-                            "choices": [], "usage": usage_body(&done.usage),
-                        });
-                        let _ = send(last).await;
-                    }
-                    break;
-                }
-                GenEvent::Error(e) => {
-                    let e = ApiError::from(e);
-                    state.metrics.finished(route.endpoint(), started, Err(&e));
-                    let _ = tx.send(sse::Data::new(e.body_json()).into()).await;
-                    break;
-                }
-            }
-        }
-        let _ = tx.send(sse::Data::new("[DONE]").into()).await;
-    });
-    Ok(sse_response(rx))
 }
 
 /// The served models: the chat model and the embedding model, told apart by `purpose`.

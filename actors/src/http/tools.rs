@@ -47,6 +47,8 @@ pub struct Tools {
     pub choice: Choice,
     /// Several calls in one reply (`{"tool_calls": [...]}`); off by default, as in llama-server.
     pub parallel: bool,
+    /// The GBNF grammar of [`Self::schema`], converted once.
+    grammar: String,
 }
 
 /// One parsed call.
@@ -56,6 +58,23 @@ pub struct ToolCall {
     pub name: String,
     /// The arguments object as JSON text (OpenAI's `function.arguments`).
     pub arguments: String,
+}
+
+impl ToolCall {
+    /// OpenAI's shape, with `index` where it is a stream's `delta.tool_calls`.
+    pub fn openai(&self, index: Option<usize>) -> Value {
+        let mut call = json!({ "id": self.id, "type": "function", "function": { "name": self.name, "arguments": self.arguments } });
+        if let Some(i) = index {
+            call["index"] = Value::from(i);
+        }
+        call
+    }
+
+    /// Ollama's shape: the arguments as an object.
+    pub fn ollama(&self) -> Value {
+        let arguments = serde_json::from_str::<Value>(&self.arguments).unwrap_or_else(|_| json!({}));
+        json!({ "function": { "name": self.name, "arguments": arguments } })
+    }
 }
 
 /// What a reply generated under [`Tools`] says.
@@ -75,7 +94,11 @@ fn bad(field: &str, rule: &str, got: &Value) -> ApiError {
 pub fn tools_of(fields: &HashMap<String, Value>) -> Result<Option<Tools>, ApiError> {
     for old in ["functions", "function_call"] {
         if let Some(v) = fields.get(old).filter(|v| !v.is_null()) {
-            return Err(bad(old, "the deprecated function-calling fields are not supported; send tools and tool_choice", v));
+            return Err(bad(
+                old,
+                "the deprecated function-calling fields are not supported; send tools and tool_choice",
+                v,
+            ));
         }
     }
     let defs = match fields.get("tools") {
@@ -89,7 +112,9 @@ pub fn tools_of(fields: &HashMap<String, Value>) -> Result<Option<Tools>, ApiErr
             }
             list.iter().enumerate().map(|(i, t)| tool_def(i, t)).collect::<Result<Vec<_>, _>>()?
         }
-        Some(other) => return Err(bad("tools", "must be an array of {\"type\": \"function\", \"function\": {…}}", other)),
+        Some(other) => {
+            return Err(bad("tools", "must be an array of {\"type\": \"function\", \"function\": {…}}", other))
+        }
     };
     for (i, d) in defs.iter().enumerate() {
         if defs[..i].iter().any(|e| e.name == d.name) {
@@ -117,7 +142,11 @@ pub fn tools_of(fields: &HashMap<String, Value>) -> Result<Option<Tools>, ApiErr
                 .and_then(Value::as_str)
                 .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"))
                 .ok_or_else(|| {
-                    bad("tool_choice", "must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": …}}", v)
+                    bad(
+                        "tool_choice",
+                        "must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": …}}",
+                        v,
+                    )
                 })?;
             if !defs.iter().any(|d| d.name == name) {
                 return Err(bad("tool_choice", "must name one of the tools", v));
@@ -125,7 +154,11 @@ pub fn tools_of(fields: &HashMap<String, Value>) -> Result<Option<Tools>, ApiErr
             Choice::Named(name.to_string())
         }
         Some(v) => {
-            return Err(bad("tool_choice", "must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": …}}", v))
+            return Err(bad(
+                "tool_choice",
+                "must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": …}}",
+                v,
+            ))
         }
     };
     if defs.is_empty() && choice != Choice::None {
@@ -140,11 +173,20 @@ pub fn tools_of(fields: &HashMap<String, Value>) -> Result<Option<Tools>, ApiErr
     if choice == Choice::None {
         return Ok(None);
     }
-    let tools = Tools { defs, choice, parallel };
-    // Each tool's schema on its own first, so that an error names the tool.
-    for (i, d) in tools.defs.iter().enumerate() {
-        schema_grammar(&d.parameters, &format!("tools[{i}].function.parameters"))?;
-    }
+    let mut tools = Tools { defs, choice, parallel, grammar: String::new() };
+    tools.grammar = match llama_cpp_2::json_schema_to_grammar(&tools.schema()) {
+        Ok(grammar) => grammar,
+        Err(_) => {
+            // Only now each tool's schema on its own, so that the error names the tool.
+            for (i, d) in tools.defs.iter().enumerate() {
+                schema_grammar(&d.parameters, &format!("tools[{i}].function.parameters"))?;
+            }
+            return Err(ApiError::bad(
+                "tools",
+                "invalid tools: llama.cpp cannot turn the tools' parameter schemas into one grammar",
+            ));
+        }
+    };
     Ok(Some(tools))
 }
 
@@ -215,12 +257,9 @@ impl Tools {
         }
     }
 
-    /// The grammar of [`Self::schema`].
-    pub fn grammar(&self) -> Result<String, ApiError> {
-        let schema = self.schema();
-        llama_cpp_2::json_schema_to_grammar(&schema).map_err(|_| {
-            ApiError::bad("tools", "invalid tools: llama.cpp cannot turn the tools' parameter schemas into one grammar")
-        })
+    /// The grammar of [`Self::schema`] that holds the reply to a call.
+    pub fn grammar(&self) -> String {
+        self.grammar.clone()
     }
 
     /// The system text that describes the tools and the reply's form.
@@ -313,7 +352,13 @@ pub fn assistant_text(
             })?,
             Value::Object(_) => args.clone(),
             Value::Null => json!({}),
-            _ => return Err(bad(&format!("{field}[{j}].function.arguments"), "must be a JSON object written as a string", &args)),
+            _ => {
+                return Err(bad(
+                    &format!("{field}[{j}].function.arguments"),
+                    "must be a JSON object written as a string",
+                    &args,
+                ))
+            }
         };
         if let Some(id) = c.get("id").and_then(Value::as_str) {
             names.insert(id.to_string(), name.to_string());
@@ -367,17 +412,23 @@ mod tests {
         assert!(!t.parallel);
         assert!(tools_of(&fields(json!({ "tools": weather(), "tool_choice": "none" }))).unwrap().is_none());
         assert!(tools_of(&fields(json!({}))).unwrap().is_none());
-        let named = json!({ "tools": weather(), "tool_choice": { "type": "function", "function": { "name": "get_time" } } });
+        let named =
+            json!({ "tools": weather(), "tool_choice": { "type": "function", "function": { "name": "get_time" } } });
         assert_eq!(tools_of(&fields(named)).unwrap().unwrap().choice, Choice::Named("get_time".into()));
         let cases: [(Value, &str); 7] = [
-            (json!({ "tools": weather(), "tool_choice": { "type": "function", "function": { "name": "nope" } } }), "tool_choice"),
+            (
+                json!({ "tools": weather(), "tool_choice": { "type": "function", "function": { "name": "nope" } } }),
+                "tool_choice",
+            ),
             (json!({ "tool_choice": "required" }), "tool_choice"),
             (json!({ "tools": [{ "type": "function", "function": { "name": "a b" } }] }), "tools[0].function.name"),
             (json!({ "tools": [{ "type": "retrieval" }] }), "tools[0].type"),
             (json!({ "tools": weather(), "parallel_tool_calls": "yes" }), "parallel_tool_calls"),
             (json!({ "functions": [] }), "functions"),
-            (json!({ "tools": [{ "type": "function", "function": { "name": "x", "parameters": { "$ref": "#/nowhere" } } }] }),
-             "tools[0].function.parameters"),
+            (
+                json!({ "tools": [{ "type": "function", "function": { "name": "x", "parameters": { "$ref": "#/nowhere" } } }] }),
+                "tools[0].function.parameters",
+            ),
         ];
         for (body, param) in cases {
             match tools_of(&fields(body.clone())) {
@@ -393,7 +444,7 @@ mod tests {
         let schema = t.schema();
         assert!(schema.find("\"name\"").unwrap() < schema.find("\"arguments\"").unwrap());
         assert!(!schema.contains("response"));
-        assert!(t.grammar().unwrap().contains("get_weather"));
+        assert!(t.grammar().contains("get_weather"));
         let auto = tools_of(&fields(json!({ "tools": weather() }))).unwrap().unwrap();
         assert!(auto.schema().contains("\"response\""));
         assert!(auto.instructions().contains("Weather of a city"));
@@ -414,7 +465,10 @@ mod tests {
         let mut names = HashMap::new();
         let calls = json!([{ "id": "call_1", "type": "function", "function": { "name": "get_weather", "arguments": "{\"city\":\"Oslo\"}" } }]);
         let text = assistant_text(1, String::new(), &calls, &mut names).unwrap();
-        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), json!({ "tool_call": { "name": "get_weather", "arguments": { "city": "Oslo" } } }));
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).unwrap(),
+            json!({ "tool_call": { "name": "get_weather", "arguments": { "city": "Oslo" } } })
+        );
         let result = tool_result_text("12 °C".into(), Some("call_1"), None, &names);
         assert!(result.contains("\"tool\":\"get_weather\"") && result.contains("12 °C"));
         let broken = json!([{ "id": "c", "function": { "name": "f", "arguments": "{not json" } }]);

@@ -1,0 +1,264 @@
+//! The answer of `/v1/chat/completions` and `/v1/completions`: one object,
+//! or server-sent `chat.completion.chunk` / `text_completion` chunks.
+
+use std::time::Instant;
+
+use actix_web::{web, HttpResponse};
+use actix_web_lab::sse;
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::logprobs::{chat_logprobs, text_logprobs};
+use super::openai::Route;
+use super::{sse_response, unix_now, ApiError, ApiState};
+use crate::engine::CacheKey;
+use crate::error::PoolError;
+use crate::params::{FinishReason, GenerateRequest, Usage};
+use crate::pool::lease::{GenEvent, GenerationStream};
+
+/// How an answer is delivered: streamed or not, with a last usage chunk or not.
+#[derive(Clone, Copy)]
+pub(super) struct Delivery {
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct UsageBody {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+    prompt_tokens_details: PromptDetails,
+}
+
+#[derive(Serialize)]
+struct PromptDetails {
+    /// Prompt tokens served from the instance's KV cache.
+    cached_tokens: u32,
+}
+
+fn usage_body(u: &Usage) -> UsageBody {
+    UsageBody {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.prompt_tokens + u.completion_tokens,
+        prompt_tokens_details: PromptDetails { cached_tokens: u.cached_tokens },
+    }
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+/// The assistant message of a whole reply and its finish reason: under
+/// tools, the parsed calls (`tool_calls`) or the answer.
+fn reply_message(text: String, finish: FinishReason, with_tools: bool) -> (Value, &'static str) {
+    use super::tools::{parse_reply, Reply};
+    match with_tools.then(|| parse_reply(&text)) {
+        Some(Reply::Calls(calls)) => {
+            let calls: Vec<Value> = calls.iter().map(|c| c.openai(None)).collect();
+            (json!({ "role": "assistant", "content": null, "tool_calls": calls }), "tool_calls")
+        }
+        Some(Reply::Text(answer)) => (json!({ "role": "assistant", "content": answer }), finish_str(finish)),
+        None => (json!({ "role": "assistant", "content": text }), finish_str(finish)),
+    }
+}
+
+#[tracing::instrument(name = "request", skip_all, fields(endpoint = route.endpoint()))]
+pub(super) async fn generate(
+    state: &web::Data<ApiState>,
+    request: GenerateRequest,
+    key: CacheKey,
+    delivery: Delivery,
+    route: Route,
+    with_tools: bool,
+    started: Instant,
+) -> Result<HttpResponse, ApiError> {
+    let chat = state.chat()?;
+    state.admit()?;
+    let model = chat.pool().engine_info().model_name;
+    let Delivery { stream, include_usage } = delivery;
+    let with_logprobs = request.sampling.logprobs.is_some();
+    // A streaming request still waiting for a slot after a moment gets its
+    // answer's headers, then SSE comments while it waits (clients and
+    // proxies see it is alive); a refusal before that keeps its status.
+    let pool = chat.pool().clone();
+    let mut admission: std::pin::Pin<Box<dyn std::future::Future<Output = Result<GenerationStream, PoolError>>>> =
+        Box::pin(async move { pool.generate_for(request, Some(key)).await });
+    let admitted = if stream {
+        tokio::select! {
+            admitted = &mut admission => Some(admitted?),
+            _ = tokio::time::sleep(super::HEADERS_WHILE_QUEUED) => None,
+        }
+    } else {
+        Some((&mut admission).await?)
+    };
+    let (prefix, object) = match route {
+        Route::Chat => ("chatcmpl", "chat.completion"),
+        Route::Text => ("cmpl", "text_completion"),
+    };
+    let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    let created = unix_now();
+
+    if !stream {
+        let generation = admitted.expect("a request that does not stream waits for its admission");
+        // An error returns to the handler, which counts it once.
+        let (text, lps, done) = generation.collect().await?;
+        state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
+        let choice = match route {
+            Route::Chat => {
+                let (message, finish) = reply_message(text, done.finish_reason, with_tools);
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "logprobs": if with_logprobs { chat_logprobs(&lps) } else { Value::Null },
+                    "finish_reason": finish,
+                })
+            }
+            Route::Text => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": if with_logprobs { text_logprobs(&lps, 0) } else { Value::Null },
+                "finish_reason": finish_str(done.finish_reason),
+            }),
+        };
+        return Ok(HttpResponse::Ok().json(json!({
+            "id": id,
+            "object": object,
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage_body(&done.usage),
+        })));
+    }
+
+    let (tx, rx) = mpsc::channel::<sse::Event>(64);
+    let state = state.clone();
+    actix::spawn(async move {
+        let chunk_object = match route {
+            Route::Chat => "chat.completion.chunk",
+            Route::Text => "text_completion",
+        };
+        // With `include_usage`, every chunk but the last carries `"usage": null`, as OpenAI's do.
+        // The log-probabilities of the tokens since the last chunk go with the next one.
+        let mut pending: Vec<crate::params::TokenLogprob> = Vec::new();
+        let mut offset = 0usize;
+        // Under tools the reply is read whole before it is sent: a call is
+        // not known to be one until it parses.
+        let mut held = with_tools.then(String::new);
+        let mut chunk = |text: Option<&str>,
+                         calls: Option<Value>,
+                         finish: Option<&str>,
+                         pending: &mut Vec<crate::params::TokenLogprob>| {
+            let logprobs = match (with_logprobs, route) {
+                (false, _) => Value::Null,
+                (true, Route::Chat) => chat_logprobs(pending),
+                (true, Route::Text) => text_logprobs(pending, offset),
+            };
+            offset += pending.iter().map(|lp| lp.token.text.len()).sum::<usize>();
+            pending.clear();
+            let choice = match route {
+                Route::Chat => {
+                    let delta = match (text, calls) {
+                        (_, Some(calls)) => json!({ "tool_calls": calls }),
+                        (Some(t), None) => json!({ "content": t }),
+                        (None, None) if finish.is_none() => json!({ "role": "assistant", "content": "" }),
+                        (None, None) => json!({}),
+                    };
+                    json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
+                }
+                Route::Text => {
+                    json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
+                }
+            };
+            let mut c = json!({
+                "id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice],
+            });
+            if include_usage {
+                c["usage"] = Value::Null;
+            }
+            c
+        };
+        let send = |v: Value| tx.send(sse::Data::new(v.to_string()).into());
+        let mut generation = match admitted {
+            Some(generation) => generation,
+            None => {
+                let waited = tokio::select! {
+                    waited = admission => waited,
+                    // The client left while queued: dropping `admission` gives its place up.
+                    _ = tx.closed() => return,
+                };
+                match waited {
+                    Ok(generation) => generation,
+                    Err(e) => {
+                        let e = ApiError::from(e);
+                        state.metrics.finished(route.endpoint(), started, Err(&e));
+                        let _ = tx.send(sse::Data::new(e.body_json()).into()).await;
+                        let _ = tx.send(sse::Data::new("[DONE]").into()).await;
+                        return;
+                    }
+                }
+            }
+        };
+        if matches!(route, Route::Chat) && send(chunk(None, None, None, &mut pending)).await.is_err() {
+            return;
+        }
+        while let Some(event) = generation.next().await {
+            match event {
+                GenEvent::Logprob(lp) => pending.push(lp),
+                GenEvent::Token(t) => {
+                    let gone = match held.as_mut() {
+                        Some(held) => {
+                            held.push_str(&t);
+                            tx.is_closed()
+                        }
+                        None => send(chunk(Some(&t), None, None, &mut pending)).await.is_err(),
+                    };
+                    // The client left: dropping `generation` stops it within one token.
+                    if gone {
+                        state.metrics.request(route.endpoint(), "cancelled", Some(started.elapsed()));
+                        return;
+                    }
+                }
+                GenEvent::Done(done) => {
+                    state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
+                    let mut finish = finish_str(done.finish_reason);
+                    if let Some(text) = held.take() {
+                        let piece = match super::tools::parse_reply(&text) {
+                            super::tools::Reply::Calls(calls) => {
+                                finish = "tool_calls";
+                                let indexed: Vec<Value> =
+                                    calls.iter().enumerate().map(|(i, c)| c.openai(Some(i))).collect();
+                                chunk(None, Some(Value::from(indexed)), None, &mut pending)
+                            }
+                            super::tools::Reply::Text(answer) => chunk(Some(&answer), None, None, &mut pending),
+                        };
+                        let _ = send(piece).await;
+                    }
+                    let _ = send(chunk(None, None, Some(finish), &mut pending)).await;
+                    if include_usage {
+                        let last = json!({
+                            "id": id, "object": chunk_object, "created": created, "model": model,
+                            "choices": [], "usage": usage_body(&done.usage),
+                        });
+                        let _ = send(last).await;
+                    }
+                    break;
+                }
+                GenEvent::Error(e) => {
+                    let e = ApiError::from(e);
+                    state.metrics.finished(route.endpoint(), started, Err(&e));
+                    let _ = tx.send(sse::Data::new(e.body_json()).into()).await;
+                    break;
+                }
+            }
+        }
+        let _ = tx.send(sse::Data::new("[DONE]").into()).await;
+    });
+    Ok(sse_response(rx))
+}
