@@ -363,7 +363,7 @@ async fn every_client_error_has_its_status_type_and_message() {
     )
     .await;
     expect_error(
-        request(s, "POST", "/v1/embeddings", Some(r#"{"input":[1,2]}"#)),
+        request(s, "POST", "/v1/embeddings", Some(r#"{"input":[1,"two"]}"#)),
         400,
         "invalid_request_error",
         &["input", "string"],
@@ -580,6 +580,17 @@ async fn a_queued_stream_starts_with_keep_alive_comments_and_then_generates() {
         let mut running = running.bytes_stream();
         assert!(running.next().await.is_some_and(|c| c.is_ok()));
         wait_pool(&server, Duration::from_secs(10), |s| s["in_use"] == 1).await;
+
+        // A client that leaves while queued, after its answer started, gives
+        // its place up: its closed socket is seen before an idle stream's
+        // next comment (3 s) would have told.
+        let left = tokio::time::timeout(Duration::from_secs(30), http().post(server.url(path)).json(&short).send())
+            .await
+            .expect("the queued request's headers came while it waited")
+            .unwrap();
+        assert_eq!(left.status(), 200, "{path}");
+        drop(left);
+        wait_pool(&server, Duration::from_millis(2500), |s| s["queued"] == 0).await;
 
         let queued = tokio::time::timeout(Duration::from_secs(30), http().post(server.url(path)).json(&short).send())
             .await

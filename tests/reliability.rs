@@ -476,7 +476,8 @@ async fn turns_waiting_for_their_conversation_count_as_queued_and_time_out() {
     let server =
         Server::start(&["--instances", "1"], &[("MODELPOOL_MAX_QUEUE", "1"), ("MODELPOOL_ACQUIRE_TIMEOUT_MS", "1500")]);
     let id = first_turn(&server, "Hi.", 2).await;
-    let long = json!({ "conversation_id": id, "message": "Write a very long story about the sea.", "max_tokens": 400, "stream": true });
+    // Greedy, so that the story does not end by chance before the second turn times out.
+    let long = json!({ "conversation_id": id, "message": "Write a very long story about the sea.", "max_tokens": 400, "temperature": 0, "stream": true });
     let running = http().post(server.url("/chat")).json(&long).send().await.unwrap();
     assert_eq!(running.status(), 200);
     let mut events = running.bytes_stream();
@@ -504,8 +505,9 @@ async fn turns_waiting_for_their_conversation_count_as_queued_and_time_out() {
         .unwrap();
     assert_eq!(third.status(), 503, "{}", third.text().await.unwrap_or_default());
     let second = second.await.unwrap();
-    assert_eq!(second.status(), 504);
+    let status = second.status();
     let body: Value = second.json().await.unwrap();
+    assert_eq!(status, 504, "{body:#}");
     assert!(body["error"]["message"].as_str().unwrap_or("").contains("1500 ms"), "{body:#}");
     drop(events);
     all_idle(&server, Duration::from_secs(10)).await;

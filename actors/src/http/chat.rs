@@ -147,7 +147,7 @@ async fn chat(
             _ => body.conversation_id = Some(header),
         }
     }
-    let result = unless_client_gone(&http, chat_inner(&state, &auth, body, started)).await;
+    let result = unless_client_gone(&http, chat_inner(&state, &auth, body, super::disconnect::peer_of(&http), started)).await;
     // Every outcome but a started stream is counted here, once.
     if let Err(e) = &result {
         state.metrics.finished("chat", started, Err(e));
@@ -160,6 +160,7 @@ async fn chat_inner(
     state: &web::Data<ApiState>,
     auth: &Authorized,
     req: ChatRequest,
+    peer: Option<super::disconnect::PeerSocket>,
     started: Instant,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
@@ -226,10 +227,8 @@ async fn chat_inner(
         let mut turn = match admitted {
             Some(turn) => turn,
             None => {
-                let waited = tokio::select! {
-                    waited = admission => waited,
-                    // The client left while queued: dropping `admission` gives its place up.
-                    _ = tx.closed() => return,
+                let Some(waited) = super::disconnect::admitted_unless_gone(admission, &tx, peer).await else {
+                    return;
                 };
                 match waited {
                     Ok(turn) => turn,

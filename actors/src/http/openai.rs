@@ -9,7 +9,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::disconnect::unless_client_gone;
+use super::disconnect::{peer_of, unless_client_gone};
 use super::logprobs::logprobs_of;
 use super::openai_reply::{generate, Delivery};
 use super::{ApiError, ApiState, Authorized, SamplingOverrides};
@@ -433,7 +433,7 @@ async fn chat_completions(
             messages = with_tool_instructions(messages, tools);
         }
         let request = GenerateRequest { messages, sampling, raw_prompt: None };
-        generate(&state, request, key, delivery, Route::Chat, tools.is_some(), started).await
+        generate(&state, request, key, delivery, Route::Chat, tools.is_some(), peer_of(&http), started).await
     };
     finish(&state, Route::Chat, started, unless_client_gone(&http, work).await)
 }
@@ -463,7 +463,7 @@ async fn text_completions(
             (None, None) => CacheKey::new(&namespace, &opening),
         };
         let request = GenerateRequest { messages: Vec::new(), sampling, raw_prompt: Some(prompt) };
-        generate(&state, request, key, delivery, Route::Text, false, started).await
+        generate(&state, request, key, delivery, Route::Text, false, peer_of(&http), started).await
     };
     finish(&state, Route::Text, started, unless_client_gone(&http, work).await)
 }

@@ -77,6 +77,7 @@ pub(super) async fn generate(
     delivery: Delivery,
     route: Route,
     with_tools: bool,
+    peer: Option<super::disconnect::PeerSocket>,
     started: Instant,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
@@ -188,10 +189,8 @@ pub(super) async fn generate(
         let mut generation = match admitted {
             Some(generation) => generation,
             None => {
-                let waited = tokio::select! {
-                    waited = admission => waited,
-                    // The client left while queued: dropping `admission` gives its place up.
-                    _ = tx.closed() => return,
+                let Some(waited) = super::disconnect::admitted_unless_gone(admission, &tx, peer).await else {
+                    return;
                 };
                 match waited {
                     Ok(generation) => generation,
