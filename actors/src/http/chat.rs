@@ -147,7 +147,8 @@ async fn chat(
             _ => body.conversation_id = Some(header),
         }
     }
-    let result = unless_client_gone(&http, chat_inner(&state, &auth, body, super::disconnect::peer_of(&http), started)).await;
+    let result =
+        unless_client_gone(&http, chat_inner(&state, &auth, body, super::disconnect::peer_of(&http), started)).await;
     // Every outcome but a started stream is counted here, once.
     if let Err(e) = &result {
         state.metrics.finished("chat", started, Err(e));

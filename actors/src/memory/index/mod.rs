@@ -98,7 +98,7 @@ pub struct IndexOptions {
 
 impl Default for IndexOptions {
     fn default() -> Self {
-        Self { namespaces: false, cache_vectors: 262_144, cache_conversations: 65_536, graph_from: 4096, ef_search: 32 }
+        Self { namespaces: false, cache_vectors: 262_144, cache_conversations: 65_536, graph_from: 4096, ef_search: 48 }
     }
 }
 
@@ -370,6 +370,36 @@ mod tests {
         assert_eq!(index.conversation_seen(&c1), Some(2));
         let hits = index.search(&[1.0, 0.0, 0.0], 2, &Scope::Conversation(c1), &HashSet::new()).unwrap_or_default();
         assert_eq!(hits.first().map(|h| h.id), Some(1), "{hits:?}");
+    }
+
+    #[test]
+    fn a_graph_search_leaves_out_excluded_and_deleted_slots_unfiltered_or_filtered() {
+        let index = with_namespaces(64);
+        let mut next = rng(11);
+        let convs: Vec<_> = (0..10).map(|_| uuid::Uuid::new_v4()).collect();
+        let vectors: Vec<Vec<f32>> = (0..300).map(|_| (0..8).map(|_| next()).collect()).collect();
+        let items = vectors.iter().enumerate().map(|(i, v)| (i as u64, convs[i % 10], v.clone())).collect();
+        index.insert_namespace(items, "ns");
+        assert!(index.wait_built(std::time::Duration::from_secs(30)));
+        let query = normalize(&vectors[7]);
+        let ids = |exclude: &HashSet<u64>| -> Vec<u64> {
+            index.search_namespace_ef(&query, 5, "ns", exclude, 48).into_iter().map(|h| h.id).collect()
+        };
+        assert_eq!(ids(&HashSet::new()).first(), Some(&7), "the query's own vector first");
+        // A few left out: the unfiltered search, with that many more hits.
+        let few = HashSet::from([7]);
+        let found = ids(&few);
+        assert_eq!(found.len(), 5);
+        assert!(!found.contains(&7), "{found:?}");
+        // More left out than that: the filtered search.
+        let many: HashSet<u64> = (0..70).collect();
+        let found = ids(&many);
+        assert_eq!(found.len(), 5);
+        assert!(found.iter().all(|id| *id >= 70), "{found:?}");
+        // Tombstones count as left out.
+        index.remove_conversation(&convs[7]);
+        let found = ids(&HashSet::new());
+        assert!(!found.contains(&7) && found.len() == 5, "{found:?}");
     }
 
     #[test]

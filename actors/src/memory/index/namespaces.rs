@@ -15,6 +15,8 @@ use crate::memory::store::ConversationId;
 const MAX_NB_CONNECTION: usize = 16;
 const MAX_LAYER: usize = 16;
 const EF_CONSTRUCTION: usize = 100;
+/// Most slots a search may leave out and still run unfiltered.
+const UNFILTERED_SLACK: usize = 64;
 
 #[derive(Clone, Copy)]
 pub(super) struct Slot {
@@ -214,16 +216,31 @@ impl VectorIndex {
         };
         match &space.graph {
             Some(graph) => {
-                let filter = |slot: &usize| wanted(*slot).is_some();
+                let hits = |found: Vec<hnsw_rs::prelude::Neighbour>| -> Vec<Hit> {
+                    found
+                        .into_iter()
+                        .filter_map(|n| {
+                            let s = wanted(n.d_id)?;
+                            Some(Hit { id: s.id, conversation_id: s.conv, score: 1.0 - n.distance })
+                        })
+                        .collect()
+                };
                 let ef = ef.max(k);
-                graph
-                    .search_filter(query, k, ef, Some(&filter))
-                    .into_iter()
-                    .filter_map(|n| {
-                        let s = wanted(n.d_id)?;
-                        Some(Hit { id: s.id, conversation_id: s.conv, score: 1.0 - n.distance })
-                    })
-                    .collect()
+                // hnsw_rs never ends a filtered search early (it walks every
+                // candidate left), so while few slots are left out (the
+                // recent window, tombstones) the search runs unfiltered for
+                // that many more hits, which are left out afterwards.
+                let slack = exclude.len() + space.dead;
+                if slack <= UNFILTERED_SLACK {
+                    let want = k + slack;
+                    let mut found = hits(graph.search(query, want, ef.max(want)));
+                    if found.len() >= k.min(space.live) {
+                        found.truncate(k);
+                        return found;
+                    }
+                }
+                let filter = |slot: &usize| wanted(*slot).is_some();
+                hits(graph.search_filter(query, k, ef, Some(&filter)))
             }
             None => {
                 let mut hits: Vec<Hit> = space
