@@ -9,7 +9,8 @@ use common::postgres::Postgres;
 use common::{embed_model_path, options, start};
 use modelpool_actors::memory::store::{self, SledStore, StoreError, StoreSpec};
 use modelpool_actors::{
-    ChatError, ChatHandle, ChatMessage, ChatOptions, Durability, EmbedderHandle, Role, SamplingParams, SendMessage,
+    ChatError, ChatHandle, ChatMessage, ChatOptions, Durability, EmbedderHandle, PoolError, Role, SamplingParams,
+    SendMessage,
 };
 
 fn chat_options(recent: usize, max_tokens: u32) -> ChatOptions {
@@ -263,7 +264,7 @@ async fn special_markers_typed_by_a_user_are_stored_and_replayed_verbatim(backin
 async fn bad_input_and_unknown_conversations_are_typed_errors(backing: Backing) {
     let chat = chat(&backing, chat_options(4, 6), 1024).await;
     let err = chat.say(None, "   ").await.unwrap_err();
-    assert_eq!(err.error_type(), "invalid_request");
+    assert!(matches!(err, ChatError::InvalidInput { .. }), "{err}");
     assert!(err.to_string().contains("message"), "{err}");
     let missing = uuid::Uuid::new_v4();
     let err = chat.say(Some(missing), "hi").await.unwrap_err();
@@ -278,7 +279,7 @@ async fn bad_input_and_unknown_conversations_are_typed_errors(backing: Backing) 
     assert!(err.to_string().contains("top_p"), "{err}");
     // PostgreSQL cannot store U+0000: a client's mistake, refused alike on both stores before anything runs.
     let err = chat.say(None, "before\u{0}after").await.unwrap_err();
-    assert_eq!(err.error_type(), "invalid_request", "{err}");
+    assert!(matches!(err, ChatError::InvalidInput { .. }), "{err}");
     assert!(err.to_string().contains("message") && err.to_string().contains("U+0000"), "{err}");
     assert!(chat.conversations().await.unwrap().is_empty(), "rejected turns leave nothing behind");
     chat.shutdown().await.unwrap();
@@ -299,7 +300,7 @@ async fn a_first_turn_refused_at_admission_leaves_no_conversation_behind(backing
     let chat = chat_on(&backing, chat_options(4, 4), options(1, 0)).await;
     let held = chat.pool().acquire().await.unwrap();
     let err = chat.say(None, "Hello there").await.unwrap_err();
-    assert_eq!(err.error_type(), "queue_full", "{err}");
+    assert!(matches!(err, ChatError::Pool(PoolError::QueueFull { .. })), "{err}");
     assert!(chat.conversations().await.unwrap().is_empty(), "a refused turn created a conversation");
     drop(held);
     let reply = chat.say(None, "Hello there").await.unwrap();

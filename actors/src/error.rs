@@ -72,24 +72,3 @@ pub enum PoolError {
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
-
-impl PoolError {
-    /// A stable name for the error, used in API bodies and as a metric label.
-    pub fn error_type(&self) -> &'static str {
-        match self {
-            PoolError::AcquireTimeout { .. } => "acquire_timeout",
-            PoolError::QueueFull { .. } => "queue_full",
-            PoolError::ShuttingDown => "shutting_down",
-            PoolError::InstanceFailed { .. } => "instance_failed",
-            PoolError::GenerationTimeout { .. } => "generation_timeout",
-            PoolError::Startup(_) => "startup",
-            PoolError::Engine(e) => match e {
-                EngineError::InvalidParam { .. } => "invalid_request",
-                EngineError::PromptTooLong { .. } => "context_length_exceeded",
-                EngineError::Template(_) | EngineError::InputTooLong { .. } => "invalid_request",
-                EngineError::RemoteRejected(_) => "remote_rejected",
-                _ => "engine_error",
-            },
-        }
-    }
-}

@@ -64,9 +64,6 @@ pub enum ChatError {
     /// The store could not read or write (I/O error, disk full).
     #[error("storage: {0}")]
     Store(String),
-    /// The caller may not use this namespace.
-    #[error("{0}")]
-    Forbidden(String),
     /// The chat layer has stopped (shutting down).
     #[error("the chat layer has stopped")]
     Stopped,
@@ -87,21 +84,6 @@ impl From<StoreError> for ChatError {
 impl From<EngineError> for ChatError {
     fn from(e: EngineError) -> Self {
         ChatError::Pool(PoolError::Engine(e))
-    }
-}
-
-impl ChatError {
-    pub fn error_type(&self) -> &'static str {
-        match self {
-            ChatError::NotFound(_) => "not_found",
-            ChatError::InvalidInput { .. } => "invalid_request",
-            ChatError::Pool(p) => p.error_type(),
-            ChatError::Embedding(_) => "embedding_error",
-            ChatError::Store(_) => "storage_unavailable",
-            ChatError::Forbidden(_) => "forbidden",
-            ChatError::Stopped => "shutting_down",
-            ChatError::Internal(_) => "internal",
-        }
     }
 }
 

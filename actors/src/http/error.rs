@@ -211,7 +211,6 @@ impl From<ChatError> for ApiError {
             ChatError::Pool(p) => p.into(),
             ChatError::Embedding(inner) => inner.into(),
             ChatError::Store(cause) => ApiError::StorageUnavailable { cause },
-            ChatError::Forbidden(m) => ApiError::Forbidden(m),
             ChatError::Stopped => ApiError::Draining { retry_after_secs: RETRY_AFTER_SECS },
             ChatError::Internal(s) => ApiError::Internal(s),
         }
