@@ -13,8 +13,8 @@ pub mod memory;
 pub mod params;
 pub mod pool;
 
-pub use chat::actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
 pub use chat::handle::ChatHandle;
+pub use chat::types::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
 pub use engine::llama::{LlamaEngine, PerRequestEngine};
 #[cfg(feature = "fault-injection")]
 pub use engine::Fault;

@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::chat::actor::{
-    ChatActor, ChatError, ChatOptions, ChatReply, ChatStream, DeleteConversation, SendMessage, StopChat,
-};
+use crate::chat::actor::{ChatActor, DeleteConversation, StopChat};
 use crate::chat::import::ImportMessage;
 use crate::chat::turn::{ChatCore, StoreClock};
+use crate::chat::types::{ChatError, ChatOptions, ChatReply, ChatStream, SendMessage};
 use crate::memory::index::{IndexOptions, IndexStats, VectorIndex};
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, Durability, StoredMessage};

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::chat::actor::ChatError;
 use crate::chat::turn::ChatCore;
+use crate::chat::types::ChatError;
 use crate::memory::store::{Conversation, NewMessage, StoredMessage};
 use crate::params::Role;
 

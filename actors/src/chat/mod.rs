@@ -6,3 +6,4 @@ pub mod handle;
 pub mod import;
 mod recall;
 pub mod turn;
+pub mod types;

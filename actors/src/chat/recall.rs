@@ -5,8 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::chat::actor::ChatError;
 use crate::chat::turn::{ChatCore, StoreClock};
+use crate::chat::types::ChatError;
 use crate::memory::index::{Hit, Scope};
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{Conversation, ConversationId, StoredMessage};

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::chat::actor::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
+use crate::chat::types::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
 use crate::engine::CacheKey;
 use crate::memory::index::VectorIndex;
 use crate::memory::prompt_builder::{build_prompt, BuiltPrompt, PromptBudget, Recalled};

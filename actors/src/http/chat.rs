@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::disconnect::unless_client_gone;
 use super::{sse_response, ApiError, ApiState, Authorized, SamplingOverrides};
-use crate::chat::actor::{ChatError, ChatEvent, ChatReply, SendMessage};
+use crate::chat::types::{ChatError, ChatEvent, ChatReply, SendMessage};
 use crate::memory::prompt_builder::Recalled;
 use crate::params::{FinishReason, Usage};
 

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::chat::{parse_conversation_id, visible_conversation};
 use super::{ApiError, ApiState, Authorized};
-use crate::chat::actor::ChatError;
 use crate::chat::import::ImportMessage;
+use crate::chat::types::ChatError;
 use crate::memory::store::StoredMessage;
 use crate::params::Role;
 

@@ -6,7 +6,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
-use crate::chat::actor::ChatError;
+use crate::chat::types::ChatError;
 use crate::error::{EngineError, PoolError};
 
 #[derive(Debug, Clone, thiserror::Error)]

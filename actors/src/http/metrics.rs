@@ -269,7 +269,7 @@ impl Metrics {
     }
 
     /// Records a completed chat turn's time on the store and on memory work.
-    pub fn chat_turn(&self, reply: &crate::chat::actor::ChatReply) {
+    pub fn chat_turn(&self, reply: &crate::chat::types::ChatReply) {
         self.chat_store.observe(reply.store_ms / 1e3);
         self.chat_memory.observe(reply.memory_ms / 1e3);
     }
