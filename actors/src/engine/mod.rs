@@ -150,10 +150,6 @@ pub trait Engine: Send + Sync + 'static {
     /// rendered with the chat template.
     fn request_prompt_tokens(&self, request: &crate::params::GenerateRequest) -> Result<u32, EngineError> {
         match &request.raw_prompt {
-            Some(RawPrompt::Tokens(ids)) => {
-                RawPrompt::checked_ids(ids, self.n_vocab())?;
-                Ok(ids.len() as u32)
-            }
             Some(prompt) => Ok(self.raw_prompt_ids(prompt)?.len() as u32),
             None => self.count_prompt_tokens(&request.messages),
         }
