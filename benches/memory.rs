@@ -3,7 +3,7 @@
 //!   scripts/bench.sh --bench memory [-- SECTION…]
 //!
 //! Sections (all by default): `semantic`, `embed`, `ann`, `conversation`,
-//! `startup`, `turn`.
+//! `startup`, `turn`, `quality`.
 //!
 //! The corpus is real text: Debian's `fortunes` package (scripts/setup.sh
 //! --with-test-tools installs it). Each fortune, then its sentences, its
@@ -31,6 +31,14 @@
 //! 6. `turn`: the memory share of a `/chat` turn on the default model
 //!    (`memory_ms` of each turn against its time at the client), with 2,000
 //!    other conversations in the store.
+//! 7. `quality`: the recall-quality set: each fact of tests/fixtures stated
+//!    once in a conversation of greetings, fortunes and filler replies, then
+//!    asked about in other words, up to five times (the earlier copies of the
+//!    question stored): how often the fact is recalled, how often the
+//!    question's own copies are, and the prompt tokens recall adds per turn,
+//!    for the index's plain top-k (what recall returned before its echo
+//!    filter and deduplication) and for the turn's recall
+//!    (`ChatHandle::recall`).
 
 #[path = "support/server.rs"]
 mod server;
@@ -375,7 +383,7 @@ fn ann(c: &Corpus) {
             .iter()
             .map(|q| {
                 let s = Instant::now();
-                let hits = index.search_namespace_exact(q, 10, "bench");
+                let hits = index.search_namespace_exact(q, 10, "bench", &HashSet::new());
                 exact_ms.push(s.elapsed().as_secs_f64() * 1e3);
                 hits.into_iter().map(|h| h.id).collect()
             })
@@ -548,7 +556,10 @@ async fn pool_json(base: &str) -> serde_json::Value {
 }
 
 async fn startup(c: &Corpus) {
-    println!("\n5. Start-up of `modelpool serve` with 100,000 stored vectors (2,000 conversations × 50), sled");
+    println!(
+        "\n5. Start-up of `modelpool serve` with 100,000 stored vectors (2,000 conversations × 50), sled; \
+         then a restart that loads the saved namespace graph"
+    );
     let (dir, _) = filled_dir(c, 2_000).await;
     let (empty_s, srv) = ready_after(tempfile::tempdir().unwrap().path(), &[]);
     drop(srv);
@@ -557,22 +568,40 @@ async fn startup(c: &Corpus) {
     println!("   per-conversation recall (the default): /health 200 after {s:.2} s");
     drop(srv);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (s, srv) = ready_after(dir.path(), &[("MODELPOOL_CHAT_CROSS_CONVERSATION_RECALL", "true")]);
-    let started = Instant::now();
-    let first = pool_json(&srv.1).await;
-    loop {
-        let v = pool_json(&srv.1).await;
-        if v["memory_index"]["building"].as_u64() == Some(0) {
-            println!(
-                "   cross-conversation recall: /health 200 after {s:.2} s (recall exact while building: {} build(s) \
-                 at the first /pool); namespace graph of {} vectors ready {:.1} s later",
-                first["memory_index"]["building"],
-                v["memory_index"]["namespace_vectors"],
-                started.elapsed().as_secs_f64()
-            );
-            break;
+    // The first start builds the namespace graph and saves it under
+    // <data_dir>/graphs; the restart loads it.
+    for restart in [false, true] {
+        let started = Instant::now();
+        let (s, srv) = ready_after(dir.path(), &[("MODELPOOL_CHAT_CROSS_CONVERSATION_RECALL", "true")]);
+        let first = pool_json(&srv.1).await;
+        loop {
+            let v = pool_json(&srv.1).await;
+            let index = &v["memory_index"];
+            if index["building"].as_u64() == Some(0) {
+                println!(
+                    "   cross-conversation recall{}: /health 200 after {s:.2} s (recall exact while the graph is not \
+                     ready: {} graph(s) pending at the first /pool); namespace graph of {} vectors ready {:.2} s after \
+                     the start ({} built, {} loaded from disk, {} saved files rejected)",
+                    if restart { ", restart" } else { "" },
+                    first["memory_index"]["building"],
+                    index["namespace_vectors"],
+                    started.elapsed().as_secs_f64(),
+                    index["graphs_built"],
+                    index["graphs_loaded"],
+                    index["graph_files_rejected"],
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The build's save runs right after the swap: wait for its files.
+        let meta = modelpool_actors::memory::index::graph_files(&dir.path().join("graphs"), "default")[3].clone();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !meta.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(srv);
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -624,6 +653,88 @@ async fn turn(c: &Corpus) {
     }
 }
 
+// ---------------------------------------------------------------- 7. quality
+
+async fn quality(c: &Corpus) {
+    const RECENT: usize = 4;
+    let pairs: Vec<(String, String)> = fixture("recall_pairs.tsv")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (a, b) = l.split_once('\t').expect("fact<TAB>question");
+            (a.to_string(), b.to_string())
+        })
+        .collect();
+    let k = ChatOptions::default().recall_k;
+    println!(
+        "\n7. Recall quality: {} facts, each stated once among greetings, fortunes and filler replies, then asked \
+         about in other words; recent window {RECENT}, k={k}, per-conversation recall",
+        pairs.len()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool().await;
+    let engine = pool.engine().clone();
+    let embedder = EmbedderHandle::start(&embed_model(), 1).await.unwrap();
+    let opts = ChatOptions { recent_messages: RECENT, ..ChatOptions::default() };
+    let chat = ChatHandle::start(pool, embedder, dir.path(), Durability::Async, opts).await.unwrap();
+    let min_score = chat.options().recall_min_score;
+    let msg = |role: Role, content: &str| modelpool_actors::chat::import::ImportMessage {
+        role,
+        content: content.to_string(),
+        created_at_ms: None,
+    };
+    println!(
+        "   {:>4}  {:>35}  {:>35}",
+        "ask", "index top-k: fact / echoes / tokens", "turn recall: fact / echoes / tokens"
+    );
+    let mut filler = c.texts.iter();
+    for asks in 1..=5usize {
+        let (mut before, mut after) = ([0usize; 3], [0usize; 3]);
+        for (fact, question) in &pairs {
+            let mut messages = vec![
+                msg(Role::User, "Hi!"),
+                msg(Role::Assistant, "Hello! How can I help you today?"),
+                msg(Role::User, fact),
+                msg(Role::Assistant, "Got it, I will remember that."),
+            ];
+            for _ in 0..6 {
+                messages.push(msg(Role::User, filler.next().unwrap()));
+                messages.push(msg(Role::Assistant, "Interesting, thanks for sharing."));
+            }
+            // The question's earlier copies, each with its answer.
+            for _ in 1..asks {
+                messages.push(msg(Role::User, question));
+                messages.push(msg(Role::Assistant, "I am not sure, could you remind me?"));
+            }
+            let (conv, stored) = chat.import("default", None, messages).await.unwrap();
+            let fact_id = stored[2].id;
+            let is_question = |text: &str| text == question;
+            let tokens = |texts: &[&str]| texts.iter().map(|t| engine.count_tokens(t) as usize).sum::<usize>();
+            // The turn's recall (it also loads the conversation's vectors).
+            let recalled = chat.recall(&conv.id, question).await.unwrap();
+            after[0] += recalled.iter().any(|r| r.id == fact_id) as usize;
+            after[1] += recalled.iter().filter(|r| is_question(&r.content)).count();
+            after[2] += tokens(&recalled.iter().map(|r| r.content.as_str()).collect::<Vec<_>>());
+            // The index's plain top-k over the same messages, recent window left out.
+            let q = chat.embedder().embed_one(question).await.unwrap();
+            let recent: HashSet<u64> = stored[stored.len() - RECENT..].iter().map(|m| m.id).collect();
+            let hits = chat.index().search(&q, k, &Scope::Conversation(conv.id), &recent).unwrap_or_default();
+            let hits: Vec<_> = hits.into_iter().filter(|h| h.score >= min_score).collect();
+            let text = |id: u64| stored.iter().find(|m| m.id == id).map(|m| m.content.as_str()).unwrap_or("");
+            before[0] += hits.iter().any(|h| h.id == fact_id) as usize;
+            before[1] += hits.iter().filter(|h| is_question(text(h.id))).count();
+            before[2] += tokens(&hits.iter().map(|h| text(h.id)).collect::<Vec<_>>());
+        }
+        let n = pairs.len() as f64;
+        let row =
+            |v: [usize; 3]| format!("{:.3} / {:>4.2} / {:>5.1}", v[0] as f64 / n, v[1] as f64 / n, v[2] as f64 / n);
+        println!("   {asks:>4}  {:>35}  {:>35}", row(before), row(after));
+    }
+    println!("   (fact: share of questions whose fact was recalled; echoes and tokens: per question)");
+    chat.pool().shutdown().await;
+    chat.shutdown().await.unwrap();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let on = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
@@ -635,7 +746,7 @@ fn main() {
         if on("embed") {
             embed(&corpus_texts()).await;
         }
-        if !["ann", "conversation", "startup", "turn"].iter().any(|s| on(s)) {
+        if !["ann", "conversation", "startup", "turn", "quality"].iter().any(|s| on(s)) {
             return;
         }
         let c = corpus().await;
@@ -650,6 +761,9 @@ fn main() {
         }
         if on("turn") {
             turn(&c).await;
+        }
+        if on("quality") {
+            quality(&c).await;
         }
     });
 }

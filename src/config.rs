@@ -589,6 +589,7 @@ impl Config {
                 namespaces: self.chat.cross_conversation_recall,
                 cache_vectors: self.chat.vector_cache,
                 ef_search: self.chat.recall_ef,
+                graph_dir: Some(self.data_dir.join("graphs")),
                 ..IndexOptions::default()
             },
         }

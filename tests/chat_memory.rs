@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use common::postgres::Postgres;
 use common::{embed_model_path, options, start};
+use futures::StreamExt;
+use modelpool_actors::chat::import::ImportMessage;
 use modelpool_actors::memory::store::{self, SledStore, StoreError, StoreSpec};
 use modelpool_actors::{
     ChatError, ChatHandle, ChatMessage, ChatOptions, Durability, EmbedderHandle, PoolError, Role, SamplingParams,
@@ -381,19 +383,43 @@ async fn namespace_recall_reads_other_replicas_writes_and_repairs_missing_vector
     b.shutdown().await.unwrap();
 }
 
-/// Users repeat themselves: a question asked five times recalls the fact it
-/// asks about every time, never its own earlier copies.
+/// Users repeat themselves. A fact is stated, twelve exchanges of real text
+/// push it out of the recent window, 1,000 other conversations (10,000
+/// fortunes) are imported into the namespace, and the question about the
+/// fact is asked five times with cross-conversation recall: the fact is
+/// recalled every time, never the question's own earlier copies, never one
+/// text twice.
 #[actix::test]
 async fn a_question_asked_five_times_recalls_the_fact_never_its_own_copies() {
     let dir = tempfile::tempdir().unwrap();
     let pool = start(options(1, 8)).await;
     let embedder = EmbedderHandle::start(&embed_model_path(), 1).await.unwrap();
-    let chat = ChatHandle::start(pool, embedder, dir.path(), Durability::Sync, chat_options(4, 4)).await.unwrap();
+    let mut opts = chat_options(4, 4);
+    opts.cross_conversation = true;
+    let chat = ChatHandle::start(pool, embedder, dir.path(), Durability::Async, opts).await.unwrap();
     let fact = chat.say(None, "My garden has three olive trees and a fig tree.").await.unwrap();
     let id = fact.conversation_id;
-    for t in SMALL_TALK.iter().chain(&SMALL_TALK[..4]) {
+    let texts = common::fortunes(10_012);
+    for t in &texts[..12] {
         chat.say(Some(id), t).await.unwrap();
     }
+    let imports = texts[12..].chunks(10).map(|chunk| {
+        let messages = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ImportMessage {
+                role: if i % 2 == 0 { Role::User } else { Role::Assistant },
+                content: t.clone(),
+                created_at_ms: None,
+            })
+            .collect();
+        chat.import("default", None, messages)
+    });
+    let imported = futures::stream::iter(imports).buffer_unordered(8).collect::<Vec<_>>().await;
+    assert!(imported.iter().all(|r| r.is_ok()), "{:?}", imported.iter().find(|r| r.is_err()));
+    assert!(chat.index().wait_built(Duration::from_secs(600)), "the namespace graph is built");
+    let stats = chat.index_stats();
+    assert!(stats.graphs == 1 && stats.namespace_vectors >= 10_000, "{stats:?}");
     const QUESTION: &str = "What did I say about my garden?";
     for i in 0..5 {
         let found = chat.recall(&id, QUESTION).await.unwrap();

@@ -236,10 +236,14 @@ async fn a_deleted_conversation_leaves_recall_at_once_and_memory_after_compactio
 }
 
 /// Acceptance 4: with 20,000 stored vectors a restart is ready within 5 s
-/// and recalls the same messages as before.
+/// and recalls the same messages as before. With cross-conversation recall
+/// the namespace graph is built once, saved, and loaded at the next start
+/// (never built again) answering the same recall; a damaged graph file is
+/// rebuilt, never used, and counted.
 #[actix::test]
 async fn a_restart_with_20000_vectors_is_ready_within_5_s_and_recalls_the_same() {
     let dir = tempfile::tempdir().unwrap();
+    let graphs = dir.path().join("graphs");
     let ids = {
         let store = open_sled(dir.path(), Durability::Async).unwrap();
         let embedder = EmbedderHandle::start(&embed_model_path(), 1).await.unwrap();
@@ -249,14 +253,25 @@ async fn a_restart_with_20000_vectors_is_ready_within_5_s_and_recalls_the_same()
     let queries: Vec<&str> = vec![QUESTION, "when does the train leave?", "what colour is the kitchen?"];
     let picks = [ids[3], ids[150], ids[399]];
     let mut runs = Vec::new();
-    // Cross-conversation runs keep the namespace exact (no graph), so that
-    // their results can be compared exactly; the last run is the default,
-    // with the graph building in the background.
-    for (run, cross) in [false, true, false, true, true].into_iter().enumerate() {
+    // (cross-conversation, namespace graph). Without a graph the namespace is
+    // searched exactly, so results compare exactly across restarts; with one,
+    // the first start builds it, the second loads it, the third finds its
+    // file damaged.
+    let plan = [(false, false), (true, false), (false, false), (true, false), (true, true), (true, true), (true, true)];
+    for (run, (cross, graph)) in plan.into_iter().enumerate() {
         let mut opts = chat_options(4);
         opts.cross_conversation = cross;
-        if run < 4 {
-            opts.index = IndexOptions { graph_from: usize::MAX, ..IndexOptions::default() };
+        opts.index = if graph {
+            IndexOptions { graph_dir: Some(graphs.clone()), ..IndexOptions::default() }
+        } else {
+            IndexOptions { graph_from: usize::MAX, ..IndexOptions::default() }
+        };
+        if run == 6 {
+            let [graph_file, ..] = modelpool_actors::memory::index::graph_files(&graphs, "default");
+            let mut bytes = std::fs::read(&graph_file).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x5a;
+            std::fs::write(&graph_file, bytes).unwrap();
         }
         let pool = start(options(1, 8)).await;
         let embedder = EmbedderHandle::start(&embed_model_path(), 1).await.unwrap();
@@ -273,7 +288,7 @@ async fn a_restart_with_20000_vectors_is_ready_within_5_s_and_recalls_the_same()
         let started = Instant::now();
         let chat = ChatHandle::start_on(pool, embedder, store, opts).await.unwrap();
         let ready_s = started.elapsed().as_secs_f64();
-        println!("cross-conversation {cross}: ready in {ready_s:.2} s, {:?}", chat.index_stats());
+        println!("run {run}, cross-conversation {cross}: ready in {ready_s:.2} s, {:?}", chat.index_stats());
         assert!(ready_s <= 5.0, "start-up took {ready_s:.1} s");
         if cross {
             assert_eq!(chat.index_stats().namespace_vectors, 20_000);
@@ -283,10 +298,18 @@ async fn a_restart_with_20000_vectors_is_ready_within_5_s_and_recalls_the_same()
             assert_eq!(chat.index_stats().building, 1);
             let hits = chat.recall(&picks[0], queries[1]).await.unwrap();
             assert!(hits.first().is_some_and(|r| r.content.contains("train")), "{hits:?}");
-            assert!(chat.index().wait_built(Duration::from_secs(300)), "the namespace graph is built");
-            chat.pool().shutdown().await;
-            chat.shutdown().await.unwrap();
-            break;
+        }
+        if graph {
+            assert!(chat.index().wait_built(Duration::from_secs(300)), "the namespace graph is ready");
+            let s = chat.index_stats();
+            println!("run {run}: graph ready {:.2} s after the start, {s:?}", started.elapsed().as_secs_f64());
+            assert_eq!(s.graphs, 1);
+            let expected = match run {
+                4 => (1, 0, 0),
+                5 => (0, 1, 0), // loaded: no rebuild
+                _ => (1, 0, 1), // damaged: rebuilt, counted
+            };
+            assert_eq!((s.graphs_built, s.graphs_loaded, s.graph_files_rejected), expected, "run {run}: {s:?}");
         }
         let mut results = Vec::new();
         for id in picks {
@@ -302,6 +325,7 @@ async fn a_restart_with_20000_vectors_is_ready_within_5_s_and_recalls_the_same()
     }
     assert_eq!(runs[0], runs[2], "per-conversation recall is the same after a restart");
     assert_eq!(runs[1], runs[3], "namespace recall is the same after a restart");
+    assert_eq!(runs[4], runs[5], "the loaded graph recalls what the saved one did");
 }
 
 /// Acceptance 5: an embedder that fails, hangs or whose queue is full gives a

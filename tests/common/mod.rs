@@ -120,3 +120,35 @@ pub async fn wait_for(pool: &PoolHandle, limit: Duration, cond: impl Fn(&PoolSta
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Where Debian's fortunes live (the test tools of `scripts/setup.sh` install them).
+pub const FORTUNES_DIR: &str = "/usr/share/games/fortunes";
+
+/// The first `n` distinct fortunes (20 to 400 characters, whitespace
+/// folded), in file order: real text that is not about any test's facts.
+pub fn fortunes(n: usize) -> Vec<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(FORTUNES_DIR)
+        .unwrap_or_else(|e| {
+            panic!("{FORTUNES_DIR}: {e} (scripts/setup.sh --with-test-tools installs Debian's fortunes)")
+        })
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_none())
+        .collect();
+    files.sort();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(n);
+    for f in files {
+        let Ok(bytes) = std::fs::read(&f) else { continue };
+        for t in String::from_utf8_lossy(&bytes).split("\n%\n") {
+            let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+            if (20..=400).contains(&t.len()) && seen.insert(t.clone()) {
+                out.push(t);
+                if out.len() == n {
+                    return out;
+                }
+            }
+        }
+    }
+    assert_eq!(out.len(), n, "{FORTUNES_DIR} holds only {} usable fortunes", out.len());
+    out
+}

@@ -28,6 +28,34 @@ fn normalized(text: &str) -> String {
         .join(" ")
 }
 
+/// The `wanted` best of `candidates` (best first; `true`: a message of the
+/// asking conversation). With namespace recall the conversation's own
+/// messages keep half of the places (rounded up) if they have that many
+/// candidates: "what did I say about my garden?" is about this
+/// conversation, and a namespace of thousands of conversations always holds
+/// other messages about gardens that score a little higher.
+fn pick(candidates: Vec<(bool, Recalled)>, wanted: usize) -> Vec<Recalled> {
+    let own_places = wanted.div_ceil(2);
+    let mut keep = vec![false; candidates.len()];
+    let mut kept = 0;
+    for (i, (own, _)) in candidates.iter().enumerate() {
+        if *own && kept < own_places {
+            keep[i] = true;
+            kept += 1;
+        }
+    }
+    for k in keep.iter_mut() {
+        if kept == wanted {
+            break;
+        }
+        if !*k {
+            *k = true;
+            kept += 1;
+        }
+    }
+    candidates.into_iter().zip(keep).filter(|(_, k)| *k).map(|((_, r), _)| r).take(wanted).collect()
+}
+
 /// Vectors are read again from this long before the last read: a write
 /// that was stamped before it but committed after is still found.
 const SYNC_OVERLAP_MS: u64 = 2_000;
@@ -72,14 +100,14 @@ impl ChatCore {
         }
         // Scoring is CPU work: a blocking thread does it, never an arbiter.
         // More candidates than are kept: echoes and repeats are left out below.
-        let (core, query) = (self.clone(), vector.to_vec());
+        let (core, query, asking) = (self.clone(), vector.to_vec(), conv.id);
         let wanted = self.opts.recall_k;
         let candidates = wanted.saturating_mul(RECALL_CANDIDATES).saturating_add(2);
         let hits: Vec<Hit> = actix_web::rt::task::spawn_blocking(move || {
-            // None only if the conversation was evicted since it was loaded:
-            // it then has nothing to recall from this turn on, which is rare
-            // enough (a cache of 256k vectors) not to load it twice.
-            core.index.search(&query, candidates, &scope, &exclude).unwrap_or_default()
+            // A conversation evicted since it was loaded has nothing to
+            // recall from this turn on, which is rare enough (a cache of
+            // 256k vectors) not to load it twice.
+            core.index.recall(&query, candidates, &scope, &asking, &exclude)
         })
         .await
         .map_err(|_| ChatError::Internal("searching the memory index panicked".into()))?;
@@ -96,19 +124,17 @@ impl ChatCore {
         // Best first; a message deleted meanwhile (by another replica) is
         // left out, and so is a repeat of a message already kept.
         let mut seen = HashSet::new();
-        Ok(hits
+        let candidates: Vec<(bool, Recalled)> = hits
             .into_iter()
             .filter_map(|h| {
                 let m = found.remove(&h.id)?;
-                seen.insert(normalized(&m.content)).then(|| Recalled {
-                    id: m.id,
-                    role: m.role,
-                    content: m.content,
-                    score: h.score,
+                seen.insert(normalized(&m.content)).then(|| {
+                    let own = h.conversation_id == conv.id;
+                    (own, Recalled { id: m.id, role: m.role, content: m.content, score: h.score })
                 })
             })
-            .take(wanted)
-            .collect())
+            .collect();
+        Ok(pick(candidates, wanted))
     }
 
     /// Loads a conversation's vectors from the store into the index's cache
@@ -221,5 +247,32 @@ impl ChatCore {
         if let Err(e) = result {
             tracing::warn!(conversation = %conv.id, message = id, error = %e, "a reply's embedding is missing; it is made when the conversation is next loaded");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::Role;
+
+    fn r(id: u64, score: f32) -> Recalled {
+        Recalled { id, role: Role::User, content: id.to_string(), score }
+    }
+
+    #[test]
+    fn the_asking_conversations_own_messages_keep_half_of_the_places() {
+        // Five better messages of other conversations, then two of its own.
+        let candidates: Vec<(bool, Recalled)> = (0..5)
+            .map(|i| (false, r(i, 0.9 - i as f32 * 0.01)))
+            .chain([(true, r(10, 0.5)), (true, r(11, 0.4))])
+            .collect();
+        let ids = |v: Vec<Recalled>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(pick(candidates.clone(), 3)), [0, 10, 11], "best first, two places of three its own");
+        assert_eq!(ids(pick(candidates.clone(), 4)), [0, 1, 10, 11]);
+        // Only its own: the best of them.
+        let own: Vec<_> = candidates.iter().filter(|(o, _)| *o).cloned().collect();
+        assert_eq!(ids(pick(own, 1)), [10]);
+        // None of its own: the best of the rest.
+        assert_eq!(ids(pick(candidates[..5].to_vec(), 3)), [0, 1, 2]);
     }
 }

@@ -10,21 +10,32 @@
 //!   Up to `graph_from` live vectors it is a flat matrix scored exactly;
 //!   past that an HNSW graph (hnsw_rs, cosine) is built on a background
 //!   thread, and the graph then holds the vectors (the flat copy is dropped).
+//!   A vector near-identical to a graph point (a repeated message) is its
+//!   twin rather than a point: found with it and scored exactly, so that
+//!   clusters of repeats never become islands the graph cannot reach.
 //!   hnsw_rs cannot delete: deleted messages are tombstoned (left out by the
 //!   search filter, which passes nearly everything, so hnsw_rs keeps its early
 //!   exit), and when tombstones reach a fifth of a graph it is rebuilt from
-//!   the live vectors in the background and swapped in. At start-up the
-//!   vectors are read from the store and graphs are built in the background;
-//!   until a namespace's graph is ready its recall is exact (slower, never
-//!   worse), and [`IndexStats::building`] says so.
+//!   the live vectors in the background and swapped in. Each graph is saved
+//!   to `graph_dir` after it is built and at shutdown (`persist.rs`). At
+//!   start-up the vectors are read from the store; each namespace's saved
+//!   graph is loaded, checked against them and caught up with what was
+//!   stored after the save, or (missing, damaged, foreign) built again, in
+//!   the background. Until a namespace's graph is ready its recall is exact
+//!   (slower, never worse), and [`IndexStats::building`] says so.
 //!
 //! The store stays the source of truth: everything here can be rebuilt from it.
 
 mod conversations;
 mod namespaces;
+mod persist;
+
+pub use persist::graph_files;
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 
 use hnsw_rs::prelude::Distance;
@@ -94,11 +105,24 @@ pub struct IndexOptions {
     pub graph_from: usize,
     /// Candidates examined by a graph search (`ef`); more is slower and closer to exact.
     pub ef_search: usize,
+    /// Where namespace graphs are saved, to be loaded at the next start
+    /// instead of built again (none: built at every start).
+    pub graph_dir: Option<PathBuf>,
+    /// The embedding model's name: a graph saved for another model is not loaded.
+    pub model: String,
 }
 
 impl Default for IndexOptions {
     fn default() -> Self {
-        Self { namespaces: false, cache_vectors: 262_144, cache_conversations: 65_536, graph_from: 4096, ef_search: 48 }
+        Self {
+            namespaces: false,
+            cache_vectors: 262_144,
+            cache_conversations: 65_536,
+            graph_from: 4096,
+            ef_search: 48,
+            graph_dir: None,
+            model: String::new(),
+        }
     }
 }
 
@@ -117,11 +141,23 @@ pub struct IndexStats {
     pub namespace_slots: usize,
     /// Deleted vectors still in a graph, waiting for compaction.
     pub tombstones: usize,
+    /// Vectors kept as twins of a near-identical graph point rather than
+    /// as points of their own (repeated messages).
+    pub twins: usize,
     /// Namespaces with a graph.
     pub graphs: usize,
     /// Graph builds in progress (start-up, growth past `graph_from`,
     /// compaction); those namespaces are searched exactly meanwhile.
     pub building: usize,
+    /// Graphs built from the vectors since start-up.
+    pub graphs_built: usize,
+    /// Graphs loaded from `graph_dir` since start-up.
+    pub graphs_loaded: usize,
+    /// Saved graph files found damaged, foreign or stale, and rebuilt instead.
+    pub graph_files_rejected: usize,
+    /// Namespace recalls scanned exactly because the graph's best hit scored
+    /// far below the asking conversation's own.
+    pub exact_fallbacks: usize,
 }
 
 pub struct VectorIndex {
@@ -129,6 +165,15 @@ pub struct VectorIndex {
     opts: IndexOptions,
     convs: Mutex<ConvCache>,
     spaces: RwLock<HashMap<String, NsIndex>>,
+    /// Held by every insert into a graph and by a save: hnsw_rs's dump must
+    /// not see an insert half done.
+    graph_writer: Mutex<()>,
+    /// Background threads building, loading or saving graphs.
+    workers: AtomicUsize,
+    built: AtomicUsize,
+    loaded: AtomicUsize,
+    rejected: AtomicUsize,
+    fallbacks: AtomicUsize,
 }
 
 impl VectorIndex {
@@ -139,16 +184,26 @@ impl VectorIndex {
             opts,
             convs: Mutex::new(ConvCache { lru: LruCache::new(cap), vectors: 0 }),
             spaces: RwLock::default(),
+            graph_writer: Mutex::default(),
+            workers: AtomicUsize::new(0),
+            built: AtomicUsize::new(0),
+            loaded: AtomicUsize::new(0),
+            rejected: AtomicUsize::new(0),
+            fallbacks: AtomicUsize::new(0),
         }
     }
 
     /// An index over `store`. With namespace indexes, every stored vector is
-    /// read now and graphs are built in the background; without, nothing is
-    /// read (conversations load on first use).
+    /// read now and graphs are loaded from `graph_dir` (and caught up with
+    /// what was stored after they were saved) or built, in the background;
+    /// without, nothing is read (conversations load on first use).
     pub async fn open(store: &ConversationStore, dim: usize, opts: IndexOptions) -> Result<Arc<Self>, StoreError> {
         let index = Arc::new(Self::new(dim, opts));
         if !index.opts.namespaces {
             return Ok(index);
+        }
+        if let Some(dir) = &index.opts.graph_dir {
+            persist::clean(dir);
         }
         let namespaces: HashMap<ConversationId, String> =
             store.list_conversations().await?.into_iter().map(|c| (c.id, c.namespace)).collect();
@@ -191,7 +246,15 @@ impl VectorIndex {
     }
 
     pub fn stats(&self) -> IndexStats {
-        let mut s = IndexStats { cache_limit: self.opts.cache_vectors, ..Default::default() };
+        let count = |c: &AtomicUsize| c.load(std::sync::atomic::Ordering::Relaxed);
+        let mut s = IndexStats {
+            cache_limit: self.opts.cache_vectors,
+            graphs_built: count(&self.built),
+            graphs_loaded: count(&self.loaded),
+            graph_files_rejected: count(&self.rejected),
+            exact_fallbacks: count(&self.fallbacks),
+            ..Default::default()
+        };
         {
             let convs = self.convs.lock().unwrap_or_else(|e| e.into_inner());
             s.cached_conversations = convs.lru.len();
@@ -207,6 +270,7 @@ impl VectorIndex {
             if space.graph.is_some() {
                 s.tombstones += space.dead;
             }
+            s.twins += space.twin_vecs.len();
         }
         s
     }
@@ -312,7 +376,50 @@ impl VectorIndex {
             Scope::Namespace(ns) => Some(self.search_namespace_ef(query, k, ns, exclude, self.opts.ef_search)),
         }
     }
+
+    /// Recall for a message of conversation `conv` in `scope`: the `k` best.
+    /// In a namespace, the graph's `k` best are merged with the `k` best of an
+    /// exact scan of the conversation's own vectors, best first (up to `2k`) (cached: the caller loaded them), and when
+    /// the conversation's best hit scores more than [`EXACT_FALLBACK_GAP`]
+    /// above the graph's best, the graph missed a region it holds (a cluster
+    /// of near-identical messages can be an island in an HNSW graph): the
+    /// namespace is then scanned exactly, and [`IndexStats::exact_fallbacks`]
+    /// counts it.
+    pub fn recall(
+        &self,
+        query: &[f32],
+        k: usize,
+        scope: &Scope,
+        conv: &ConversationId,
+        exclude: &HashSet<u64>,
+    ) -> Vec<Hit> {
+        let Scope::Namespace(ns) = scope else {
+            return self.search(query, k, scope, exclude).unwrap_or_default();
+        };
+        if query.len() != self.dim || k == 0 {
+            return Vec::new();
+        }
+        let query = &normalize(query)[..];
+        let mut hits = self.search_namespace_ef(query, k, ns, exclude, self.opts.ef_search);
+        let own = self.search(query, k, &Scope::Conversation(*conv), exclude).unwrap_or_default();
+        let graph_best = hits.first().map_or(f32::NEG_INFINITY, |h| h.score);
+        if own.first().is_some_and(|o| o.score > graph_best + EXACT_FALLBACK_GAP) && self.has_graph(ns) {
+            self.fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            hits = self.search_namespace_exact(query, k, ns, exclude);
+        }
+        // The conversation's own best stay among the candidates even when
+        // the namespace holds many better-scoring ones: the caller keeps a
+        // share of the recall for them.
+        let seen: HashSet<u64> = hits.iter().map(|h| h.id).collect();
+        hits.extend(own.into_iter().filter(|h| !seen.contains(&h.id)));
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+        hits
+    }
 }
+
+/// How far a conversation's own best hit may score above a namespace
+/// graph's best before the namespace is scanned exactly instead.
+pub const EXACT_FALLBACK_GAP: f32 = 0.05;
 
 /// Keeps the `k` best hits, best first.
 pub(super) fn top_k(hits: &mut Vec<Hit>, k: usize) {
@@ -466,7 +573,7 @@ mod tests {
         let hits = index.search(&target, 3, &Scope::Namespace("big".into()), &HashSet::new()).unwrap();
         assert_eq!(hits.first().map(|h| h.id), Some(1234), "{hits:?}");
         assert!(hits[0].score > 0.999);
-        let exact = index.search_namespace_exact(&target, 3, "big");
+        let exact = index.search_namespace_exact(&target, 3, "big", &HashSet::new());
         assert_eq!(exact.first().map(|h| h.id), Some(1234));
 
         let dropped = items_of(&index, "big", &drop_);
@@ -483,10 +590,142 @@ mod tests {
         assert_eq!(hits[0].id, 1234, "the compacted graph still finds it");
     }
 
+    #[test]
+    fn a_saved_graph_is_loaded_caught_up_with_the_store_and_rebuilt_when_damaged_or_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut next = rng(5);
+        let convs: Vec<_> = (0..20).map(|_| uuid::Uuid::new_v4()).collect();
+        let mut vector = || -> Vec<f32> { (0..8).map(|_| next()).collect() };
+        let items: Vec<(u64, ConversationId, Vec<f32>)> =
+            (0..2000u64).map(|i| (i, convs[i as usize % 20], vector())).collect();
+        // A start-up over a store holding `items`.
+        let open = |model: &str, items: &[(u64, ConversationId, Vec<f32>)]| {
+            let opts = IndexOptions {
+                namespaces: true,
+                graph_from: 500,
+                graph_dir: Some(dir.path().to_path_buf()),
+                model: model.into(),
+                ..Default::default()
+            };
+            let index = Arc::new(VectorIndex::new(8, opts));
+            index.insert_namespace(items.to_vec(), "ns");
+            assert!(index.wait_built(std::time::Duration::from_secs(60)));
+            let s = index.stats();
+            assert_eq!((s.graphs, s.namespace_vectors), (1, items.len()), "{s:?}");
+            index
+        };
+        let counts = |index: &VectorIndex| {
+            let s = index.stats();
+            (s.graphs_built, s.graphs_loaded, s.graph_files_rejected)
+        };
+        let answers = |index: &VectorIndex, items: &[(u64, ConversationId, Vec<f32>)]| -> Vec<Vec<u64>> {
+            items[..50]
+                .iter()
+                .map(|(_, _, q)| {
+                    let q = normalize(q);
+                    index.search_namespace_ef(&q, 5, "ns", &HashSet::new(), 48).into_iter().map(|h| h.id).collect()
+                })
+                .collect()
+        };
+
+        let first = open("model-a", &items);
+        assert_eq!(counts(&first), (1, 0, 0));
+        assert!(graph_files(dir.path(), "ns").iter().all(|f| f.exists()), "saved after the build");
+        let before = answers(&first, &items);
+        drop(first);
+
+        let second = open("model-a", &items);
+        assert_eq!(counts(&second), (0, 1, 0), "loaded, not built");
+        assert_eq!(answers(&second, &items), before, "the loaded graph answers as the saved one did");
+        drop(second);
+
+        // The store moved on: a conversation deleted, 100 messages added.
+        let mut later: Vec<_> = items.iter().filter(|(_, c, _)| *c != convs[3]).cloned().collect();
+        later.extend((2000..2100u64).map(|i| (i, convs[0], vector())));
+        let third = open("model-a", &later);
+        assert_eq!(counts(&third), (0, 1, 0));
+        let s = third.stats();
+        assert_eq!((s.namespace_vectors, s.tombstones), (2000, 100), "{s:?}");
+        for (id, _, v) in &later[later.len() - 100..] {
+            let hits = third.search_namespace_ef(&normalize(v), 1, "ns", &HashSet::new(), 48);
+            assert_eq!(hits.first().map(|h| h.id), Some(*id), "added after the save, found");
+        }
+        let deleted = &items[3];
+        let hits = third.search_namespace_ef(&normalize(&deleted.2), 10, "ns", &HashSet::new(), 48);
+        assert!(hits.iter().all(|h| h.conversation_id != convs[3]), "deleted after the save, left out: {hits:?}");
+        drop(third);
+
+        // A damaged file is not used: the graph is built again, and counted.
+        let [graph_file, ..] = graph_files(dir.path(), "ns");
+        let mut bytes = std::fs::read(&graph_file).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x5a;
+        std::fs::write(&graph_file, bytes).unwrap();
+        let fourth = open("model-a", &later);
+        assert_eq!(counts(&fourth), (1, 0, 1));
+        assert_eq!(answers(&fourth, &later).len(), 50);
+        drop(fourth);
+
+        // So is a graph saved for another embedding model.
+        let fifth = open("model-b", &later);
+        assert_eq!(counts(&fifth), (1, 0, 1));
+        drop(fifth);
+        // A store whose vectors differ from the saved graph's (another data directory).
+        let foreign: Vec<_> = later.iter().map(|(id, c, _)| (*id, *c, vector())).collect();
+        let sixth = open("model-b", &foreign);
+        assert_eq!(counts(&sixth), (1, 0, 1));
+    }
+
+    /// Clusters of near-identical messages (one message repeated many times
+    /// in one conversation, larger than the graph's construction beam): each
+    /// is found by namespace recall asked from its own conversation (the
+    /// graph, or the exact fallback when the graph missed it) and, from any
+    /// other conversation, by the graph itself.
+    #[test]
+    fn every_cluster_of_near_identical_messages_is_reachable_through_namespace_recall() {
+        let dim = 32;
+        let opts = IndexOptions { namespaces: true, graph_from: 1000, ..Default::default() };
+        let index = Arc::new(VectorIndex::new(dim, opts));
+        let mut next = rng(77);
+        let (clusters, size) = (40usize, 150usize);
+        let convs: Vec<_> = (0..clusters).map(|_| uuid::Uuid::new_v4()).collect();
+        let centers: Vec<Vec<f32>> =
+            (0..clusters).map(|_| normalize(&(0..dim).map(|_| next()).collect::<Vec<_>>())).collect();
+        let mut near = |c: &[f32], by: f32| -> Vec<f32> { c.iter().map(|x| x + by * next()).collect() };
+        let mut items = Vec::new();
+        for (c, center) in centers.iter().enumerate() {
+            let members: Vec<(u64, Vec<f32>)> =
+                (0..size).map(|j| ((c * size + j) as u64, near(center, 0.002))).collect();
+            index.load_conversation(convs[c], size, members.clone());
+            items.extend(members.into_iter().map(|(id, v)| (id, convs[c], v)));
+        }
+        index.insert_namespace(items, "ns");
+        assert!(index.wait_built(std::time::Duration::from_secs(120)));
+        assert_eq!(index.stats().graphs, 1);
+        let ns = Scope::Namespace("ns".into());
+        let stranger = uuid::Uuid::new_v4();
+        let mut graph_found = 0;
+        for (c, center) in centers.iter().enumerate() {
+            let query = near(center, 0.02);
+            let own = index.recall(&query, 3, &ns, &convs[c], &HashSet::new());
+            assert!(own.len() >= 3 && own.iter().all(|h| h.conversation_id == convs[c]), "cluster {c}: {own:?}");
+            let other = index.recall(&query, 3, &ns, &stranger, &HashSet::new());
+            graph_found += other.first().is_some_and(|h| h.conversation_id == convs[c]) as usize;
+        }
+        println!(
+            "graph alone reached {graph_found} of {clusters} clusters; exact fallbacks {}",
+            index.stats().exact_fallbacks
+        );
+        assert_eq!(graph_found, clusters, "every cluster is reachable from any conversation");
+    }
+
     fn items_of(index: &VectorIndex, ns: &str, conv: &ConversationId) -> Vec<f32> {
         let spaces = index.spaces.read().unwrap();
         let space = &spaces[ns];
         let slot = space.by_conv[conv][0] as usize;
+        if let Some(v) = space.twin_vecs.get(&(slot as u32)) {
+            return v.clone();
+        }
         let graph = space.graph.as_ref().unwrap();
         let point = graph.get_point_indexation().into_iter().find(|p| p.get_origin_id() == slot).unwrap();
         let v = point.get_v().to_vec();
