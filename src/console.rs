@@ -96,7 +96,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .await
                 .map(|s| {
                     println!("{s}");
-                    if let Some(line) = threads_line() {
+                    if let Some(line) = threads_line(&chat) {
                         println!("{line}");
                     }
                 })
@@ -194,8 +194,8 @@ async fn recall(chat: &ChatHandle, conversation: Option<ConversationId>, text: &
 
 /// A line for `/pool` while instances decode with fewer threads than set
 /// (other processes keep cores busy); nothing otherwise.
-fn threads_line() -> Option<String> {
-    let cpu = modelpool_actors::engine::cpu::status()?;
+fn threads_line(chat: &ChatHandle) -> Option<String> {
+    let cpu = chat.pool().engine().cpu_status()?;
     let lowered: Vec<String> = cpu
         .instances
         .iter()

@@ -173,3 +173,57 @@ async fn a_request_dropped_during_its_prompt_stops_within_a_chunk() {
     );
     pool.shutdown().await;
 }
+
+/// A reader that stops reading pauses its own sequence only: the other
+/// sequence runs to its end meanwhile, the stopped one holds no more than
+/// its channel's events (never the whole reply), and once read again it
+/// resumes and ends with every token, none lost.
+#[actix::test]
+async fn a_reader_that_stops_reading_pauses_its_own_sequence_only_and_loses_nothing() {
+    use futures::FutureExt;
+    use modelpool_actors::engine::SEQ_BUFFER;
+    let pool = start(slotted(1, 2, 2)).await;
+    // With log-probabilities: one event per token, never merged or held
+    // back by the text, so the events read count the tokens delivered.
+    let mut asked = request(PROMPTS[0], 400);
+    asked.sampling.logprobs = Some(1);
+    let mut idle = pool.generate(asked).await.expect("a slot");
+    let mut logprobs = 0;
+    // Its first token shows it runs; then nobody reads it.
+    while let Some(event) = idle.next().await {
+        if matches!(event, GenEvent::Logprob(_)) {
+            logprobs += 1;
+            break;
+        }
+    }
+    let busy = follow(&pool, PROMPTS[1], 64).await;
+    assert_eq!(busy.finish, Some(FinishReason::Length), "the other sequence ran to its end: {}", busy.text);
+    // Time enough for an unpaused sequence to run far past its channel.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // What waits for the idle reader is its channel's worth: it filled, then paused.
+    let mut ready = 0;
+    while let Some(Some(event)) = idle.next().now_or_never() {
+        assert!(!matches!(event, GenEvent::Done(_) | GenEvent::Error(_)), "still running: {event:?}");
+        logprobs += matches!(event, GenEvent::Logprob(_)) as u32;
+        ready += 1;
+    }
+    assert!(
+        (SEQ_BUFFER / 2..=SEQ_BUFFER).contains(&ready),
+        "{ready} events waited for the reader (channel: {SEQ_BUFFER})"
+    );
+    // Read again, it goes on to its end, every token delivered.
+    let mut text = String::new();
+    let mut done = None;
+    while let Some(event) = idle.next().await {
+        match event {
+            GenEvent::Token(t) => text.push_str(&t),
+            GenEvent::Done(c) => done = Some(c),
+            GenEvent::Error(e) => panic!("{e}"),
+            GenEvent::Logprob(_) => logprobs += 1,
+        }
+    }
+    let done = done.expect("a result");
+    assert!(done.usage.completion_tokens as usize > SEQ_BUFFER, "it ran past its channel: {done:?}");
+    assert_eq!(logprobs, done.usage.completion_tokens, "every token's event arrived: {text}");
+    wait_for(&pool, Duration::from_secs(10), |s| s.in_use == 0).await;
+}

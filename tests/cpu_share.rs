@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{slotted, start};
 use futures::StreamExt;
-use modelpool_actors::engine::cpu::{self, CpuStatus};
+use modelpool_actors::engine::cpu::CpuStatus;
 use modelpool_actors::{ChatMessage, GenEvent, GenerateRequest, InstanceOptions, PoolHandle, SamplingParams};
 
 /// A shell loop that never sleeps; killed on drop.
@@ -49,10 +49,11 @@ fn threads(status: &CpuStatus, adapts: bool) -> (u32, u32) {
 }
 
 /// Polls the monitor's status until `cond` holds; panics with the last one after `limit`.
-async fn wait_for_cpu(limit: Duration, cond: impl Fn(&CpuStatus) -> bool) -> CpuStatus {
+/// (Both pools of the test share one engine, and so its monitor.)
+async fn wait_for_cpu(pool: &PoolHandle, limit: Duration, cond: impl Fn(&CpuStatus) -> bool) -> CpuStatus {
     let started = Instant::now();
     loop {
-        let s = cpu::status().expect("local instances exist");
+        let s = pool.engine().cpu_status().expect("local instances exist");
         if cond(&s) {
             return s;
         }
@@ -79,7 +80,7 @@ async fn a_busy_neighbour_lowers_an_instances_threads_and_its_end_gives_them_bac
     greedy(&pool).await;
     greedy(&fixed_pool).await;
     let quiet_text = greedy(&pool).await;
-    let s = wait_for_cpu(Duration::from_secs(5), |s| s.others_busy < 0.3).await;
+    let s = wait_for_cpu(&pool, Duration::from_secs(5), |s| s.others_busy < 0.3).await;
     assert!(s.adaptive, "{s:#?}");
     assert_eq!(s.instances.len(), 2, "{s:#?}");
     assert_eq!(threads(&s, true), (cores, cores), "quiet: all threads; {s:#?}");
@@ -87,7 +88,7 @@ async fn a_busy_neighbour_lowers_an_instances_threads_and_its_end_gives_them_bac
 
     let neighbour = Neighbour(Command::new("sh").args(["-c", "while :; do :; done"]).spawn().expect("sh"));
     // The monitor reads once a second; it needs a reading or two to see the neighbour.
-    let s = wait_for_cpu(Duration::from_secs(10), |s| threads(s, true).1 < cores).await;
+    let s = wait_for_cpu(&pool, Duration::from_secs(10), |s| threads(s, true).1 < cores).await;
     assert!(s.others_busy > 0.45, "a busy loop takes most of a core: {s:#?}");
     assert_eq!(s.budget, cores - 1, "one core lost to the neighbour: {s:#?}");
     assert_eq!(threads(&s, true), (cores, cores - 1), "{s:#?}");
@@ -98,7 +99,7 @@ async fn a_busy_neighbour_lowers_an_instances_threads_and_its_end_gives_them_bac
     assert_eq!(greedy(&fixed_pool).await, quiet_text);
 
     drop(neighbour);
-    let s = wait_for_cpu(Duration::from_secs(10), |s| threads(s, true).1 == cores).await;
+    let s = wait_for_cpu(&pool, Duration::from_secs(10), |s| threads(s, true).1 == cores).await;
     assert_eq!(s.budget, cores, "{s:#?}");
     assert_eq!(greedy(&pool).await, quiet_text);
 }

@@ -47,21 +47,22 @@ impl InstanceBackend for FakeInstance {
         self.running.len()
     }
     /// One step finishes every sequence with "ok", or fails them all.
-    fn step(&mut self) -> Result<(), EngineError> {
+    fn step(&mut self) -> Result<bool, EngineError> {
         let failed = self.fault.take().is_some();
+        let worked = !self.running.is_empty();
         for (_, sink) in self.running.drain(..) {
             if failed {
-                let _ = sink.send(SeqEvent::Done(Err(EngineError::Decode("fake failure".into()))));
+                sink.done(Err(EngineError::Decode("fake failure".into())));
             } else {
-                let _ = sink.send(SeqEvent::Piece("ok".into()));
+                let _ = sink.offer(SeqEvent::Piece("ok".into()));
                 let usage = Usage { completion_tokens: 1, ..Usage::default() };
-                let _ = sink.send(SeqEvent::Done(Ok(Completion { usage, finish_reason: FinishReason::Stop })));
+                sink.done(Ok(Completion { usage, finish_reason: FinishReason::Stop }));
             }
         }
         if failed {
             return Err(EngineError::Decode("fake failure".into()));
         }
-        Ok(())
+        Ok(worked)
     }
     fn probe(&mut self) -> Result<(), EngineError> {
         Ok(())

@@ -14,7 +14,8 @@ pub mod params;
 pub mod pool;
 
 pub use chat::handle::ChatHandle;
-pub use chat::types::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
+pub use chat::turn::ChatStream;
+pub use chat::types::{ChatError, ChatEvent, ChatOptions, ChatReply, SendMessage};
 pub use engine::llama::{LlamaEngine, PerRequestEngine};
 #[cfg(feature = "fault-injection")]
 pub use engine::Fault;

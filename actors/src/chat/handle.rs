@@ -8,8 +8,8 @@ use actix::prelude::*;
 
 use crate::chat::actor::{ChatActor, DeleteConversation, StopChat};
 use crate::chat::import::ImportMessage;
-use crate::chat::turn::{ChatCore, StoreClock};
-use crate::chat::types::{ChatError, ChatOptions, ChatReply, ChatStream, SendMessage};
+use crate::chat::turn::{ChatCore, ChatStream, StoreClock};
+use crate::chat::types::{ChatError, ChatOptions, ChatReply, SendMessage};
 use crate::memory::index::{IndexOptions, IndexStats, VectorIndex};
 use crate::memory::prompt_builder::Recalled;
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, Durability, StoredMessage};
@@ -33,6 +33,8 @@ impl ChatHandle {
         opts: ChatOptions,
     ) -> Result<Self, ChatError> {
         let store = crate::memory::store::open_sled(data_dir, durability)?;
+        let mut opts = opts;
+        opts.index.graph_dir.get_or_insert_with(|| data_dir.join("graphs"));
         Self::start_on(pool, embedder, store, opts).await
     }
 
@@ -47,7 +49,11 @@ impl ChatHandle {
         let started = std::time::Instant::now();
         // What other replicas store from now on is read by later turns (namespace recall).
         let opened_at_ms = store.clock_ms().await?;
-        let index_opts = IndexOptions { namespaces: opts.cross_conversation, ..opts.index.clone() };
+        let index_opts = IndexOptions {
+            namespaces: opts.cross_conversation,
+            model: format!("{} ({} dimensions)", embedder.model_name(), embedder.dim()),
+            ..opts.index.clone()
+        };
         let index = VectorIndex::open(&store, embedder.dim(), index_opts).await?;
         let stats = index.stats();
         tracing::info!(
@@ -216,6 +222,8 @@ impl ChatHandle {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         self.flush().await?;
+        let index = self.core.index.clone();
+        let _ = actix_web::rt::task::spawn_blocking(move || index.save_graphs()).await;
         let _ = self.addr.send(StopChat).await;
         self.core.embedder.shutdown().await;
         Ok(())

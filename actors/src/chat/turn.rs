@@ -4,18 +4,18 @@
 //! Turns of one conversation are serialised by a per-conversation lock.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Instant;
 
 /// Without `max_tokens`, a turn's history leaves 1/this of the context to the reply.
 const REPLY_SHARE_OF_CONTEXT: u32 = 4;
 
-use futures::StreamExt;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use futures::{FutureExt, StreamExt};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::chat::types::{ChatError, ChatEvent, ChatOptions, ChatReply, ChatStream, SendMessage};
+use crate::chat::types::{ChatError, ChatEvent, ChatOptions, ChatReply, SendMessage};
 use crate::engine::CacheKey;
 use crate::memory::index::VectorIndex;
 use crate::memory::prompt_builder::{build_prompt, BuiltPrompt, PromptBudget, Recalled};
@@ -220,8 +220,6 @@ impl ChatCore {
         // Nothing is stored yet: the user message is stored with the reply,
         // once the client has seen some of it (a turn whose client left
         // before that, or that failed, leaves no trace).
-        let (tx, rx) = unbounded_channel();
-        let delivered = Arc::new(AtomicBool::new(false));
         let turn = Turn {
             core: self.clone(),
             conv: conv.clone(),
@@ -234,15 +232,11 @@ impl ChatCore {
             slot,
             clock,
             memory_ns,
-            delivered: delivered.clone(),
         };
         self.running.fetch_add(1, Ordering::SeqCst);
         let running = Running(self.running.clone());
-        actix::spawn(async move {
-            let _running = running;
-            turn.stream(generation, tx, guard).await
-        });
-        Ok(ChatStream { conversation_id: conv.id, rx, delivered })
+        let generating = Generating { turn, generation, text: String::new(), delivered: false, lock: guard, running };
+        Ok(ChatStream { conversation_id: conv.id, state: TurnState::Generating(Box::new(generating)) })
     }
 
     pub(crate) async fn delete(&self, id: ConversationId) -> Result<usize, ChatError> {
@@ -299,56 +293,144 @@ struct Turn {
     clock: StoreClock,
     /// Time spent on memory work on the answer's path so far.
     memory_ns: u64,
-    /// Set once the client has read a piece of the reply ([`ChatStream`]).
-    delivered: Arc<AtomicBool>,
+}
+
+/// A turn in progress: the reply as it is generated, read straight from the
+/// generation's own channel (no task relays it), then the stored turn.
+/// Dropping it stops the generation; a turn dropped before any piece of its
+/// reply was read stores nothing, its user message included; one dropped
+/// after stores what was read.
+pub struct ChatStream {
+    pub conversation_id: ConversationId,
+    state: TurnState,
+}
+
+enum TurnState {
+    Generating(Box<Generating>),
+    /// Storing the turn; yields its last event.
+    Settling(futures::future::LocalBoxFuture<'static, ChatEvent>),
+    Ended,
+}
+
+/// What a turn holds while its reply is generated.
+struct Generating {
+    turn: Turn,
+    generation: crate::pool::lease::GenerationStream,
+    text: String,
+    /// Whether the caller has read a piece of the reply.
+    delivered: bool,
+    lock: TurnLock,
+    running: Running,
+}
+
+impl Generating {
+    /// Stores the turn as it ended, then answers; the reply's embedding
+    /// follows off the answer's path, still under the conversation's lock
+    /// (the next turn of the conversation waits for it).
+    fn settle(self, outcome: Result<Completion, ChatError>) -> futures::future::LocalBoxFuture<'static, ChatEvent> {
+        let Generating { turn, generation, text, delivered, lock, running } = self;
+        drop(generation);
+        Box::pin(async move {
+            let (event, saved) = turn.settle(outcome, &text, delivered).await;
+            if let Some(id) = saved {
+                actix::spawn(async move {
+                    turn.core.embed_stored(&turn.conv, id, &text).await;
+                    drop((lock, running));
+                });
+            }
+            event
+        })
+    }
+}
+
+impl ChatStream {
+    pub async fn next_event(&mut self) -> Option<ChatEvent> {
+        self.next().await
+    }
+
+    /// Waits for the whole reply.
+    pub async fn finish(mut self) -> Result<ChatReply, ChatError> {
+        while let Some(ev) = self.next().await {
+            match ev {
+                ChatEvent::Token(_) => {}
+                ChatEvent::Done(r) => return Ok(*r),
+                ChatEvent::Error(e) => return Err(e),
+            }
+        }
+        Err(ChatError::Internal("the turn ended without a result".into()))
+    }
+}
+
+impl futures::Stream for ChatStream {
+    type Item = ChatEvent;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<ChatEvent>> {
+        loop {
+            match &mut self.state {
+                TurnState::Generating(g) => {
+                    let outcome = match g.generation.poll_next_unpin(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(GenEvent::Token(t))) => {
+                            g.text.push_str(&t);
+                            g.delivered = true;
+                            return Poll::Ready(Some(ChatEvent::Token(t)));
+                        }
+                        Poll::Ready(Some(GenEvent::Logprob(_))) => continue,
+                        Poll::Ready(Some(GenEvent::Done(c))) => Ok(c),
+                        Poll::Ready(Some(GenEvent::Error(e))) => Err(e.into()),
+                        Poll::Ready(None) => {
+                            Err(ChatError::Internal("the generation stream ended without a result".into()))
+                        }
+                    };
+                    let TurnState::Generating(g) = std::mem::replace(&mut self.state, TurnState::Ended) else {
+                        unreachable!()
+                    };
+                    self.state = TurnState::Settling(g.settle(outcome));
+                }
+                TurnState::Settling(future) => {
+                    let event = std::task::ready!(future.poll_unpin(cx));
+                    self.state = TurnState::Ended;
+                    return Poll::Ready(Some(event));
+                }
+                TurnState::Ended => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+impl Drop for ChatStream {
+    /// The caller left: the generation stops, and what it read is stored
+    /// (nothing, if it read nothing); a turn being stored is stored to the end.
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.state, TurnState::Ended) {
+            TurnState::Generating(g) => {
+                let cancelled = Completion { usage: Usage::default(), finish_reason: FinishReason::Cancelled };
+                let settle = g.settle(Ok(cancelled));
+                actix::spawn(async move {
+                    settle.await;
+                });
+            }
+            TurnState::Settling(settle) => {
+                actix::spawn(async move {
+                    settle.await;
+                });
+            }
+            TurnState::Ended => {}
+        }
+    }
 }
 
 impl Turn {
-    async fn stream(
-        self,
-        mut generation: crate::pool::lease::GenerationStream,
-        tx: UnboundedSender<ChatEvent>,
-        _lock: TurnLock,
-    ) {
-        let mut text = String::new();
-        let mut client_gone = false;
-        let mut outcome: Result<Completion, ChatError> =
-            Err(ChatError::Internal("the generation stream ended without a result".into()));
-        while let Some(ev) = generation.next().await {
-            match ev {
-                GenEvent::Token(t) => {
-                    text.push_str(&t);
-                    if !client_gone && tx.send(ChatEvent::Token(t)).is_err() {
-                        // The client left: stop generating, keep what was said.
-                        client_gone = true;
-                        break;
-                    }
-                }
-                GenEvent::Logprob(_) => {}
-                GenEvent::Done(c) => {
-                    outcome = Ok(c);
-                    break;
-                }
-                GenEvent::Error(e) => {
-                    outcome = Err(e.into());
-                    break;
-                }
+    /// Stores the turn as it ended: user message and reply together when the
+    /// caller saw some of the reply (a turn whose caller saw none of it, because
+    /// it left or the generation failed first, stores nothing: a retry would
+    /// store it twice). Returns the last event and the stored reply's id.
+    async fn settle(&self, outcome: Result<Completion, ChatError>, text: &str, seen: bool) -> (ChatEvent, Option<u64>) {
+        match outcome {
+            Ok(done) if done.finish_reason == FinishReason::Cancelled && !seen => {
+                (ChatEvent::Error(ChatError::Stopped), None)
             }
-        }
-        drop(generation);
-        if client_gone {
-            outcome = Ok(Completion { usage: Usage::default(), finish_reason: FinishReason::Cancelled });
-        }
-        // The turn is stored (user message and reply together), then
-        // answered; the reply's embedding follows, off the answer's path but
-        // before the conversation's next turn may start (this turn still
-        // holds the conversation's lock). A turn whose client saw none of
-        // the reply (it left, or the generation failed first) stores nothing:
-        // a retry would store it twice.
-        let seen = self.delivered.load(Ordering::SeqCst);
-        let (event, saved) = match outcome {
-            Ok(_) if client_gone && !seen => (ChatEvent::Error(ChatError::Stopped), None),
-            Ok(done) => match self.save(&text, &done).await {
+            Ok(done) => match self.save(text, &done).await {
                 Ok(reply) => {
                     let id = reply.message_id;
                     (ChatEvent::Done(Box::new(reply)), Some(id))
@@ -359,14 +441,10 @@ impl Turn {
                 let mut saved = None;
                 if seen {
                     let partial = Completion { usage: Usage::default(), finish_reason: FinishReason::Cancelled };
-                    saved = self.save(&text, &partial).await.ok().map(|r| r.message_id);
+                    saved = self.save(text, &partial).await.ok().map(|r| r.message_id);
                 }
                 (ChatEvent::Error(e), saved)
             }
-        };
-        let _ = tx.send(event);
-        if let Some(id) = saved {
-            self.core.embed_stored(&self.conv, id, &text).await;
         }
     }
 

@@ -1,11 +1,7 @@
 //! What a chat turn takes and gives: its options, its message, its reply,
 //! its stream of events and its errors.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use serde::Serialize;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::{EngineError, PoolError};
 use crate::memory::index::IndexOptions;
@@ -117,57 +113,6 @@ pub enum ChatEvent {
     Token(String),
     Done(Box<ChatReply>),
     Error(ChatError),
-}
-
-/// A turn in progress. Dropping it stops the generation; a turn dropped
-/// before any piece of its reply was read (by [`Self::next_event`] or as a
-/// stream) stores nothing, its user message included.
-pub struct ChatStream {
-    pub conversation_id: ConversationId,
-    pub(crate) rx: UnboundedReceiver<ChatEvent>,
-    /// Set when a piece of the reply was handed to the caller.
-    pub(crate) delivered: Arc<AtomicBool>,
-}
-
-impl ChatStream {
-    pub async fn next_event(&mut self) -> Option<ChatEvent> {
-        let ev = self.rx.recv().await;
-        self.note(&ev);
-        ev
-    }
-
-    fn note(&self, ev: &Option<ChatEvent>) {
-        if matches!(ev, Some(ChatEvent::Token(_))) {
-            self.delivered.store(true, Ordering::SeqCst);
-        }
-    }
-
-    /// Waits for the whole reply.
-    pub async fn finish(mut self) -> Result<ChatReply, ChatError> {
-        while let Some(ev) = self.rx.recv().await {
-            match ev {
-                ChatEvent::Token(_) => {}
-                ChatEvent::Done(r) => return Ok(*r),
-                ChatEvent::Error(e) => return Err(e),
-            }
-        }
-        Err(ChatError::Internal("the turn ended without a result".into()))
-    }
-}
-
-impl futures::Stream for ChatStream {
-    type Item = ChatEvent;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<ChatEvent>> {
-        let polled = self.rx.poll_recv(cx);
-        if let std::task::Poll::Ready(ev) = &polled {
-            self.note(ev);
-        }
-        polled
-    }
 }
 
 /// Sends a user message; starts a new conversation when `conversation_id` is none.

@@ -23,7 +23,7 @@ use super::sampling::{build_sampler, check_fits, grammar_sampler, sample_constra
 use super::text::TextStream;
 #[cfg(feature = "fault-injection")]
 use super::Fault;
-use super::{SeqEvent, SeqSink};
+use super::{SeqEvent, SeqSink, MAX_PAUSE};
 use crate::error::EngineError;
 use crate::params::{Completion, FinishReason, GenerateRequest, Usage};
 
@@ -34,6 +34,12 @@ fn kv_err(e: impl std::fmt::Display) -> EngineError {
 /// One sequence being generated in a slot.
 struct Running {
     sink: SeqSink,
+    /// Events its reader had no room for, oldest first: while any wait the
+    /// sequence is paused (left out of the batch).
+    held: Vec<SeqEvent>,
+    paused_at: Option<Instant>,
+    /// How it ended, while its reader has not taken its last pieces yet.
+    ending: Option<FinishReason>,
     prompt: Vec<LlamaToken>,
     sampler: LlamaSampler,
     /// The request's grammar, when it has one ([`sample_constrained`]).
@@ -54,6 +60,44 @@ struct Running {
 }
 
 impl Running {
+    /// Hands `event` to the reader, or keeps it (and pauses) when the reader
+    /// has no room. False when the reader is gone.
+    fn emit(&mut self, event: SeqEvent) -> bool {
+        if !self.held.is_empty() {
+            self.held.push(event);
+            return true;
+        }
+        match self.sink.offer(event) {
+            Ok(None) => true,
+            Ok(Some(back)) => {
+                self.held.push(back);
+                self.paused_at.get_or_insert_with(Instant::now);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Hands over what was kept, as far as there is room. False when the reader is gone.
+    fn flush(&mut self) -> bool {
+        while !self.held.is_empty() {
+            match self.sink.offer(self.held.remove(0)) {
+                Ok(None) => {}
+                Ok(Some(back)) => {
+                    self.held.insert(0, back);
+                    return true;
+                }
+                Err(_) => return false,
+            }
+        }
+        self.paused_at = None;
+        true
+    }
+
+    fn paused(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     fn usage(&self) -> Usage {
         let now = Instant::now();
         let first = self.first_token.unwrap_or(now);
@@ -178,11 +222,11 @@ impl<'m> Batcher<'m> {
     /// A request the engine refuses is answered on `sink` at once.
     pub fn start(&mut self, slot: usize, request: &GenerateRequest, key: CacheKey, started: Instant, sink: SeqSink) {
         if slot >= self.slots.len() {
-            let _ = sink.send(SeqEvent::Done(Err(EngineError::InvalidParam {
+            sink.done(Err(EngineError::InvalidParam {
                 field: "slot",
                 rule: "must name one of the instance's slots",
                 value: slot.to_string(),
-            })));
+            }));
             return;
         }
         self.finish(slot, FinishReason::Cancelled);
@@ -192,7 +236,7 @@ impl<'m> Batcher<'m> {
                 if e.is_instance_fault() {
                     self.fail_all(&e);
                 }
-                let _ = sink.send(SeqEvent::Done(Err(e)));
+                sink.done(Err(e));
             }
         }
     }
@@ -280,6 +324,9 @@ impl<'m> Batcher<'m> {
         self.tiers.record(tier, keep as u64, (prompt.len() - keep) as u64, restored.map(|(_, took)| took));
         Ok(Running {
             sink,
+            held: Vec::new(),
+            paused_at: None,
+            ending: None,
             sampler: build_sampler(self.model, &request.sampling, self.seq_ctx),
             grammar: request.sampling.grammar.as_deref().map(|g| grammar_sampler(self.model, g)).transpose()?,
             logprobs: request.sampling.logprobs,
@@ -331,48 +378,74 @@ impl<'m> Batcher<'m> {
         }
     }
 
-    /// Ends the sequence in `slot` (if any) and tells its sink.
+    /// Ends the sequence in `slot` (if any) and tells its sink. Its last
+    /// pieces are never dropped: while its reader has no room for them the
+    /// sequence stays in its slot, paused, and ends at the step that hands
+    /// them over. A cancelled sequence ends at once.
     pub fn finish(&mut self, slot: usize, reason: FinishReason) {
-        let Some(mut run) = self.slots[slot].run.take() else { return };
+        let Some(run) = self.slots[slot].run.as_mut() else { return };
+        let mut reason = reason;
         if reason != FinishReason::Cancelled {
-            let tail = run.text.finish();
-            if !tail.text.is_empty() {
-                let _ = run.sink.send(SeqEvent::Piece(tail.text));
+            if run.ending.is_none() {
+                let tail = run.text.finish();
+                if !tail.text.is_empty() {
+                    run.emit(SeqEvent::Piece(tail.text));
+                }
+                run.ending = Some(reason);
+                run.next = None;
+            }
+            if !run.flush() {
+                reason = FinishReason::Cancelled;
+            } else if run.paused() {
+                return;
             }
         }
-        let _ = run.sink.send(SeqEvent::Done(Ok(Completion { usage: run.usage(), finish_reason: reason })));
+        let Some(run) = self.slots[slot].run.take() else { return };
+        run.sink.done(Ok(Completion { usage: run.usage(), finish_reason: reason }));
     }
 
     /// The context is broken: every sequence ends with `e`, every cache is forgotten.
     fn fail_all(&mut self, e: &EngineError) {
         for s in &mut self.slots {
             if let Some(run) = s.run.take() {
-                let _ = run.sink.send(SeqEvent::Done(Err(e.clone())));
+                run.sink.done(Err(e.clone()));
             }
             s.cache.tokens.clear();
         }
         self.ctx.clear_kv_cache();
     }
 
-    /// One step: one decode for every sequence that has work. Returns an
-    /// error when the context is broken (every sequence has been told).
-    pub fn step(&mut self) -> Result<(), EngineError> {
-        // A sequence nobody listens to any more ends here, before its next
-        // token or prompt chunk costs anything.
+    /// One step: one decode for every sequence that has work and whose
+    /// reader has room. Returns whether anything was decoded, or an error
+    /// when the context is broken (every sequence has been told).
+    pub fn step(&mut self) -> Result<bool, EngineError> {
         for i in 0..self.slots.len() {
-            if self.slots[i].run.as_ref().is_some_and(|r| r.sink.is_closed()) {
+            let Some(run) = self.slots[i].run.as_mut() else { continue };
+            // A sequence nobody listens to any more ends here, before its
+            // next token or prompt chunk costs anything; a paused one goes
+            // on once its reader has taken what was kept.
+            if run.sink.is_closed() || !run.flush() {
+                self.finish(i, FinishReason::Cancelled);
+            } else if let Some(reason) = run.ending.filter(|_| !run.paused()) {
+                self.finish(i, reason);
+            } else if run.paused_at.is_some_and(|at| at.elapsed() > MAX_PAUSE) {
+                tracing::warn!(
+                    slot = i,
+                    limit_s = MAX_PAUSE.as_secs(),
+                    "a reader took nothing for too long; its sequence is cancelled"
+                );
                 self.finish(i, FinishReason::Cancelled);
             }
         }
         if !self.fill_batch()? {
-            return Ok(());
+            return Ok(false);
         }
         if let Err(e) = self.decode_batch() {
             self.fail_all(&e);
             return Err(e);
         }
         self.commit_and_sample();
-        Ok(())
+        Ok(true)
     }
 
     /// Puts every generating sequence's next token, then prompt chunks (oldest
@@ -383,6 +456,9 @@ impl<'m> Batcher<'m> {
         for (i, s) in self.slots.iter_mut().enumerate() {
             let Some(run) = s.run.as_mut() else { continue };
             run.logits_idx = None;
+            if run.paused() {
+                continue;
+            }
             if let Some(token) = run.next {
                 let pos = s.cache.tokens.len() as i32;
                 self.batch.add(token, pos, &[i as i32], true).map_err(kv_err)?;
@@ -393,7 +469,9 @@ impl<'m> Batcher<'m> {
         let mut budget = self.prefill_chunk;
         self.reading.clear();
         let slots = &self.slots;
-        self.reading.extend((0..slots.len()).filter(|&i| slots[i].run.as_ref().is_some_and(|r| r.next.is_none())));
+        self.reading.extend(
+            (0..slots.len()).filter(|&i| slots[i].run.as_ref().is_some_and(|r| r.next.is_none() && !r.paused())),
+        );
         self.reading.sort_by_key(|&i| slots[i].run.as_ref().map(|r| r.started));
         for k in 0..self.reading.len() {
             let i = self.reading[k];
@@ -450,7 +528,7 @@ impl<'m> Batcher<'m> {
                     Err(e) => {
                         // This sequence ends with the error; the others go on.
                         if let Some(run) = s.run.take() {
-                            let _ = run.sink.send(SeqEvent::Done(Err(e)));
+                            run.sink.done(Err(e));
                         }
                         continue;
                     }
@@ -465,15 +543,16 @@ impl<'m> Batcher<'m> {
             let end = if vocab.is_eog(token) {
                 Some(FinishReason::Stop)
             } else {
+                let mut gone = false;
                 if let Some(top) = run.logprobs {
                     let lp = token_logprobs(self.model, self.ctx.get_logits_ith(idx), token, top as usize);
-                    let _ = run.sink.send(SeqEvent::Logprob(lp));
+                    gone |= !run.emit(SeqEvent::Logprob(lp));
                 }
                 run.generated += 1;
                 self.piece.clear();
                 vocab.token_to_piece_into(token, &mut self.piece, false, None);
                 let pushed = run.text.push(&self.piece);
-                if !pushed.text.is_empty() && run.sink.send(SeqEvent::Piece(pushed.text)).is_err() {
+                if gone || (!pushed.text.is_empty() && !run.emit(SeqEvent::Piece(pushed.text))) {
                     Some(FinishReason::Cancelled)
                 } else if pushed.stopped {
                     Some(FinishReason::Stop)

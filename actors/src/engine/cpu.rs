@@ -162,11 +162,6 @@ fn others_busy(before: Ticks, after: Ticks, wall_ticks: f64) -> f64 {
     ((busy - own) / wall_ticks).max(0.0)
 }
 
-/// Every live local instance's share; the monitor updates those that adapt.
-static SHARES: Mutex<Vec<Weak<CpuShare>>> = Mutex::new(Vec::new());
-/// The monitor's findings; set when the first adapting instance starts it.
-static MONITOR: OnceLock<Mutex<Measured>> = OnceLock::new();
-
 /// What the monitor knows: whether it measures (and why not), and its last reading.
 #[derive(Clone, Debug)]
 struct Measured {
@@ -195,24 +190,124 @@ fn measurable() -> Result<Vec<usize>, String> {
     Ok(allowed)
 }
 
-fn monitor() -> &'static Mutex<Measured> {
-    MONITOR.get_or_init(|| {
-        let (cores, started) = match measurable() {
-            Ok(allowed) => {
-                let cores = allowed.len() as u32;
-                let spawned = std::thread::Builder::new().name("cpu-monitor".into()).spawn(move || run(allowed));
-                (cores, spawned.map(drop).map_err(|e| format!("the monitor thread did not start: {e}")))
-            }
-            Err(note) => (std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1), Err(note)),
-        };
-        if let Err(note) = &started {
-            tracing::warn!(%note, "decode threads will not follow the free cores");
-        }
-        Mutex::new(Measured { measuring: started.is_ok(), note: started.err(), cores, others_busy: 0.0, budget: cores })
-    })
+/// The CPU monitor of one engine: every live local instance's share, and
+/// what the monitor thread (started with the first instance) measured. The
+/// engine owns it; `/pool` and `/metrics` read it through the engine.
+#[derive(Default)]
+pub struct CpuMonitor {
+    shares: Mutex<Vec<Weak<CpuShare>>>,
+    measured: OnceLock<Mutex<Measured>>,
 }
 
-fn run(allowed: Vec<usize>) {
+impl CpuMonitor {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Its findings; the first call starts the thread that measures (it
+    /// ends with the monitor).
+    fn measured(self: &Arc<Self>) -> &Mutex<Measured> {
+        self.measured.get_or_init(|| {
+            let (cores, started) = match measurable() {
+                Ok(allowed) => {
+                    let cores = allowed.len() as u32;
+                    let monitor = Arc::downgrade(self);
+                    let spawned =
+                        std::thread::Builder::new().name("cpu-monitor".into()).spawn(move || run(monitor, allowed));
+                    (cores, spawned.map(drop).map_err(|e| format!("the monitor thread did not start: {e}")))
+                }
+                Err(note) => (std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1), Err(note)),
+            };
+            if let Err(note) = &started {
+                tracing::warn!(%note, "decode threads will not follow the free cores");
+            }
+            Mutex::new(Measured {
+                measuring: started.is_ok(),
+                note: started.err(),
+                cores,
+                others_busy: 0.0,
+                budget: cores,
+            })
+        })
+    }
+
+    fn live_shares(&self) -> Vec<Arc<CpuShare>> {
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        shares.retain(|w| w.strong_count() > 0);
+        shares.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Applies one measurement: a new budget, and each adapting instance's share of it.
+    fn update(self: &Arc<Self>, others: f64) {
+        let adapting: Vec<Arc<CpuShare>> = self.live_shares().into_iter().filter(|s| s.adapts).collect();
+        let mut m = self.measured().lock().unwrap_or_else(|e| e.into_inner());
+        let budget = next_budget(m.cores, m.budget, others);
+        if budget != m.budget {
+            tracing::info!(
+                others_busy = format!("{others:.2}"),
+                from = m.budget,
+                to = budget,
+                "other processes' CPU use changed: instances decode on {budget} of {} cores",
+                m.cores
+            );
+        }
+        m.others_busy = (others * 100.0).round() / 100.0;
+        m.budget = budget;
+        let demand: u32 = adapting.iter().map(|s| s.configured).sum();
+        for s in &adapting {
+            s.current.store(share(s.configured, demand, m.cores, budget), Ordering::Relaxed);
+        }
+    }
+
+    /// The share of a new local instance that wants `configured` threads. It
+    /// follows the free cores when `adapt` is set, the instance has more than
+    /// one thread (one thread has no barrier to wait at) and the monitor can
+    /// measure.
+    pub fn register(self: &Arc<Self>, instance: usize, configured: u32, adapt: bool) -> Arc<CpuShare> {
+        let configured = configured.max(1);
+        let adapts = adapt && configured > 1 && self.measured().lock().unwrap_or_else(|e| e.into_inner()).measuring;
+        let share = Arc::new(CpuShare { instance, configured, adapts, current: AtomicU32::new(configured) });
+        self.shares.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&share));
+        share
+    }
+
+    /// The local instances' threads, and the monitor's findings where one
+    /// runs; `None` before any local instance exists.
+    pub fn status(&self) -> Option<CpuStatus> {
+        let live = self.live_shares();
+        if live.is_empty() {
+            return None;
+        }
+        let instances = live
+            .iter()
+            .map(|s| InstanceThreads {
+                instance: s.instance,
+                configured: s.configured,
+                current: s.threads(),
+                adapts: s.adapts,
+            })
+            .collect();
+        let adaptive = live.iter().any(|s| s.adapts);
+        Some(match self.measured.get().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone()) {
+            Some(m) => CpuStatus {
+                adaptive,
+                note: m.note,
+                cores: m.cores,
+                others_busy: m.others_busy,
+                budget: m.budget,
+                instances,
+            },
+            None => CpuStatus {
+                adaptive,
+                note: Some("no instance adapts: adapt_threads is off, or each instance has one thread".into()),
+                instances,
+                ..CpuStatus::default()
+            },
+        })
+    }
+}
+
+fn run(monitor: Weak<CpuMonitor>, allowed: Vec<usize>) {
     // SAFETY: sysconf has no preconditions.
     let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
         n if n > 0 => n as f64,
@@ -222,86 +317,13 @@ fn run(allowed: Vec<usize>) {
     let mut at = std::time::Instant::now();
     loop {
         std::thread::sleep(INTERVAL);
+        let Some(monitor) = monitor.upgrade() else { return };
         let Some(after) = read_ticks(&allowed) else { continue };
         let now = std::time::Instant::now();
         let others = others_busy(before, after, now.duration_since(at).as_secs_f64() * hz);
         (before, at) = (after, now);
-        update(others);
+        monitor.update(others);
     }
-}
-
-fn live_shares() -> Vec<Arc<CpuShare>> {
-    let mut shares = SHARES.lock().unwrap_or_else(|e| e.into_inner());
-    shares.retain(|w| w.strong_count() > 0);
-    shares.iter().filter_map(Weak::upgrade).collect()
-}
-
-/// Applies one measurement: a new budget, and each adapting instance's share of it.
-fn update(others: f64) {
-    let adapting: Vec<Arc<CpuShare>> = live_shares().into_iter().filter(|s| s.adapts).collect();
-    let mut m = monitor().lock().unwrap_or_else(|e| e.into_inner());
-    let budget = next_budget(m.cores, m.budget, others);
-    if budget != m.budget {
-        tracing::info!(
-            others_busy = format!("{others:.2}"),
-            from = m.budget,
-            to = budget,
-            "other processes' CPU use changed: instances decode on {budget} of {} cores",
-            m.cores
-        );
-    }
-    m.others_busy = (others * 100.0).round() / 100.0;
-    m.budget = budget;
-    let demand: u32 = adapting.iter().map(|s| s.configured).sum();
-    for s in &adapting {
-        s.current.store(share(s.configured, demand, m.cores, budget), Ordering::Relaxed);
-    }
-}
-
-/// The share of a new local instance that wants `configured` threads. It
-/// follows the free cores when `adapt` is set, the instance has more than one
-/// thread (one thread has no barrier to wait at) and the monitor can measure.
-pub fn register(instance: usize, configured: u32, adapt: bool) -> Arc<CpuShare> {
-    let configured = configured.max(1);
-    let adapts = adapt && configured > 1 && monitor().lock().unwrap_or_else(|e| e.into_inner()).measuring;
-    let share = Arc::new(CpuShare { instance, configured, adapts, current: AtomicU32::new(configured) });
-    SHARES.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&share));
-    share
-}
-
-/// The local instances' threads, and the monitor's findings where one runs;
-/// `None` before any local instance exists.
-pub fn status() -> Option<CpuStatus> {
-    let live = live_shares();
-    if live.is_empty() {
-        return None;
-    }
-    let instances = live
-        .iter()
-        .map(|s| InstanceThreads {
-            instance: s.instance,
-            configured: s.configured,
-            current: s.threads(),
-            adapts: s.adapts,
-        })
-        .collect();
-    let adaptive = live.iter().any(|s| s.adapts);
-    Some(match MONITOR.get().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone()) {
-        Some(m) => CpuStatus {
-            adaptive,
-            note: m.note,
-            cores: m.cores,
-            others_busy: m.others_busy,
-            budget: m.budget,
-            instances,
-        },
-        None => CpuStatus {
-            adaptive,
-            note: Some("no instance adapts: adapt_threads is off, or each instance has one thread".into()),
-            instances,
-            ..CpuStatus::default()
-        },
-    })
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use super::kv_tiers::Fingerprint;
 use super::prompt::{tokenize_chat, ChatTemplate};
 #[cfg(feature = "fault-injection")]
 use super::Fault;
-use super::{CacheKey, Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, KvTiers, SeqEvent, SeqSink};
+use super::{CacheKey, Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, KvTiers, SeqSink};
 use crate::error::EngineError;
 use crate::params::{ChatMessage, FinishReason, GenerateRequest};
 
@@ -111,6 +111,8 @@ pub struct LlamaEngine {
     template: Arc<ChatTemplate>,
     /// Loaded as a tokenizer only: no instance can run on it.
     vocab_only: bool,
+    /// The instances' decode threads and the cores other processes leave free.
+    cpu: Arc<super::cpu::CpuMonitor>,
 }
 
 impl LlamaEngine {
@@ -138,7 +140,7 @@ impl LlamaEngine {
             chat_template = template.kind(),
             "model weights loaded once; instances will share them"
         );
-        Ok(Arc::new(Self { path, model, template, vocab_only }))
+        Ok(Arc::new(Self { path, model, template, vocab_only, cpu: super::cpu::CpuMonitor::new() }))
     }
 
     pub fn model(&self) -> &'static LlamaModel {
@@ -206,7 +208,7 @@ impl Engine for LlamaEngine {
             "instance context created"
         );
         let slots = opts.slots.max(1) as usize;
-        let cpu = super::cpu::register(id, opts.n_threads, opts.adapt_threads);
+        let cpu = self.cpu.register(id, opts.n_threads, opts.adapt_threads);
         let tiers = opts.kv_tiers();
         tiers.instance_started();
         let batcher = Batcher::new(
@@ -249,6 +251,10 @@ impl Engine for LlamaEngine {
     fn cpu_features(&self) -> Vec<String> {
         cpu_features()
     }
+
+    fn cpu_status(&self) -> Option<super::cpu::CpuStatus> {
+        self.cpu.status()
+    }
 }
 
 /// The CPU features llama.cpp's build uses, from its system info line
@@ -282,6 +288,21 @@ mod system_info_tests {
         let info = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 0 | OPENMP = 1 | REPACK = 1 | ";
         assert_eq!(super::parse_system_info(info), ["SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "OPENMP", "REPACK"]);
         assert!(super::cpu_features().iter().any(|f| f == "AVX2" || f == "NEON"), "{:?}", super::cpu_features());
+    }
+
+    /// scripts/env.sh asks llama.cpp's build for AVX-512 where the CPU has it
+    /// (GGML_AVX512=ON); llama.cpp then reports it as in use.
+    #[test]
+    fn a_build_for_an_avx512_cpu_uses_avx512() {
+        let asked = std::env::var("GGML_AVX512").is_ok_and(|v| v == "ON");
+        let features = super::cpu_features();
+        println!("GGML_AVX512 asked: {asked}; llama.cpp uses {features:?}");
+        if asked {
+            assert!(
+                features.iter().any(|f| f == "AVX512"),
+                "built with GGML_AVX512=ON but llama.cpp reports {features:?}"
+            );
+        }
     }
 }
 
@@ -332,7 +353,7 @@ impl InstanceBackend for LlamaInstance {
         self.batcher.active()
     }
 
-    fn step(&mut self) -> Result<(), EngineError> {
+    fn step(&mut self) -> Result<bool, EngineError> {
         self.batcher.step()
     }
 
@@ -421,7 +442,14 @@ impl PerRequestInstance {
         }
         batcher.start(0, request, CacheKey::default(), started, sink.clone());
         // A failed step has already told the sequence; nothing more to send.
-        while batcher.active() > 0 && batcher.step().is_ok() {}
+        while batcher.active() > 0 {
+            match batcher.step() {
+                Ok(true) => {}
+                // Its reader lags: wait for room.
+                Ok(false) => std::thread::sleep(std::time::Duration::from_millis(2)),
+                Err(_) => break,
+            }
+        }
         Ok(())
     }
 }
@@ -433,7 +461,7 @@ impl InstanceBackend for PerRequestInstance {
 
     fn start(&mut self, _slot: usize, request: GenerateRequest, _key: CacheKey, started: Instant, sink: SeqSink) {
         if let Err(e) = self.run(&request, started, &sink) {
-            let _ = sink.send(SeqEvent::Done(Err(e)));
+            sink.done(Err(e));
         }
     }
 
@@ -443,8 +471,8 @@ impl InstanceBackend for PerRequestInstance {
         0
     }
 
-    fn step(&mut self) -> Result<(), EngineError> {
-        Ok(())
+    fn step(&mut self) -> Result<bool, EngineError> {
+        Ok(false)
     }
 
     fn probe(&mut self) -> Result<(), EngineError> {

@@ -15,9 +15,10 @@ pub mod sampling;
 pub mod step_loop;
 pub mod text;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use crate::error::EngineError;
 use crate::params::{ChatMessage, Completion, GenerateRequest, RawPrompt};
@@ -34,9 +35,97 @@ pub enum SeqEvent {
     Done(Result<Completion, EngineError>),
 }
 
-/// Where a sequence's events go; a closed receiver cancels the sequence at
-/// the next step (between tokens and between prompt chunks).
-pub type SeqSink = UnboundedSender<SeqEvent>;
+/// Events one sequence may have waiting for its reader. A reader that falls
+/// this far behind pauses its own sequence (the step loop leaves it out of
+/// the batch until there is room again; the other sequences go on), so a
+/// slow client never grows memory and never slows anyone else.
+pub const SEQ_BUFFER: usize = 64;
+
+/// Longest a sequence stays paused for a reader that does not read; then it
+/// is cancelled and its slot freed.
+pub const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+/// Where a sequence's events go: one bounded channel from the producer (the
+/// step loop, or a remote instance's job) straight to the reader. A closed
+/// receiver cancels the sequence at the next step (between tokens and
+/// between prompt chunks). One place is always kept for the `Done` event.
+#[derive(Clone, Debug)]
+pub struct SeqSink(Sender<SeqEvent>);
+
+/// The reading half of a sequence's events.
+pub type SeqEvents = Receiver<SeqEvent>;
+
+/// The reader went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReaderGone;
+
+impl SeqSink {
+    /// A sequence's channel: [`SEQ_BUFFER`] events.
+    pub fn channel() -> (SeqSink, SeqEvents) {
+        Self::with_capacity(SEQ_BUFFER)
+    }
+
+    /// A channel of `events` places (tests use small ones).
+    pub fn with_capacity(events: usize) -> (SeqSink, SeqEvents) {
+        let (tx, rx) = channel(events.max(2));
+        (SeqSink(tx), rx)
+    }
+
+    /// Sends a piece or log-probabilities without waiting: `Ok(None)` sent,
+    /// `Ok(Some(event))` no room (the event is handed back: the caller keeps
+    /// it and pauses the sequence).
+    pub fn offer(&self, event: SeqEvent) -> Result<Option<SeqEvent>, ReaderGone> {
+        if self.0.is_closed() {
+            return Err(ReaderGone);
+        }
+        // The last place is the `Done` event's.
+        if self.0.capacity() <= 1 {
+            return Ok(Some(event));
+        }
+        match self.0.try_send(event) {
+            Ok(()) => Ok(None),
+            Err(TrySendError::Full(event)) => Ok(Some(event)),
+            Err(TrySendError::Closed(_)) => Err(ReaderGone),
+        }
+    }
+
+    /// Sends a piece, waiting for room (a remote instance's job, whose
+    /// reader's pace then paces the HTTP stream it reads); past
+    /// [`MAX_PAUSE`] without room the reader counts as gone.
+    pub async fn send(&self, event: SeqEvent) -> Result<(), ReaderGone> {
+        let deadline = tokio::time::Instant::now() + MAX_PAUSE;
+        let mut event = event;
+        loop {
+            match self.offer(event)? {
+                None => return Ok(()),
+                Some(back) => event = back,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ReaderGone);
+            }
+            // tokio's sender cannot wait for two places (one kept for
+            // `Done`): look again shortly, only while the reader lags.
+            tokio::select! {
+                _ = self.0.closed() => return Err(ReaderGone),
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+    }
+
+    /// The sequence's last event. Always fits: pieces leave it a place.
+    pub fn done(&self, result: Result<Completion, EngineError>) {
+        let _ = self.0.try_send(SeqEvent::Done(result));
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+
+    /// Resolves when the reader is gone.
+    pub async fn closed(&self) {
+        self.0.closed().await
+    }
+}
 
 /// Per-instance settings fixed when its context is created.
 #[derive(Clone, Debug)]
@@ -161,6 +250,12 @@ pub trait Engine: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The local instances' decode threads and the cores other processes
+    /// leave free ([`cpu::CpuMonitor`]); none without local instances.
+    fn cpu_status(&self) -> Option<cpu::CpuStatus> {
+        None
+    }
+
     /// Checks a GBNF grammar before a request takes an instance (a 400 for
     /// the client rather than an error on the step loop). An engine without
     /// the model here leaves it to the remote, which refuses it itself.
@@ -200,9 +295,11 @@ pub trait InstanceBackend: Send {
     /// Sequences started and not yet finished.
     fn active(&self) -> usize;
 
-    /// One step for every active sequence. An error means the context is
-    /// broken: every sequence has been told, and the instance must be replaced.
-    fn step(&mut self) -> Result<(), EngineError>;
+    /// One step for every active sequence that can go on (a sequence whose
+    /// reader lags is paused). Returns whether anything was decoded. An
+    /// error means the context is broken: every sequence has been told, and
+    /// the instance must be replaced.
+    fn step(&mut self) -> Result<bool, EngineError>;
 
     /// A cheap real check that the context still decodes, run between steps.
     fn probe(&mut self) -> Result<(), EngineError>;

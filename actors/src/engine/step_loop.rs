@@ -5,7 +5,7 @@
 //! is gone (the slots' caches are then saved) or the context breaks; `on_exit`
 //! runs however it ends (a panic too).
 
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -71,6 +71,10 @@ impl<F: FnOnce()> Drop for ExitGuard<F> {
     }
 }
 
+/// How long the loop waits while every sequence is paused before it looks
+/// at their readers again.
+const PAUSED_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+
 pub type CreateFn = Box<dyn FnOnce() -> Result<Box<dyn InstanceBackend>, EngineError> + Send>;
 
 /// Starts an instance's thread. `create` makes the backend on that thread;
@@ -107,13 +111,20 @@ fn run(backend: &mut dyn InstanceBackend, rx: &Receiver<Command>) {
         } else {
             match rx.try_recv() {
                 Ok(c) => c,
-                Err(TryRecvError::Empty) => {
-                    if let Err(e) = backend.step() {
+                Err(TryRecvError::Empty) => match backend.step() {
+                    Ok(true) => continue,
+                    // Every sequence is paused (its reader lags): wait for a
+                    // command or a moment, not spin.
+                    Ok(false) => match rx.recv_timeout(PAUSED_WAIT) {
+                        Ok(c) => c,
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Err(RecvTimeoutError::Disconnected) => return backend.close(),
+                    },
+                    Err(e) => {
                         tracing::error!(error = %e, "the context failed; the instance stops");
                         return;
                     }
-                    continue;
-                }
+                },
                 Err(TryRecvError::Disconnected) => return backend.close(),
             }
         };

@@ -275,7 +275,7 @@ impl Metrics {
     }
 
     /// Brings the pool series up to date and encodes everything.
-    pub fn render(&self, status: &PoolStatus) -> String {
+    pub fn render(&self, status: &PoolStatus, cpu: Option<crate::engine::cpu::CpuStatus>) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         for state in InstanceState::ALL {
             let n = status.instances.iter().filter(|i| i.state == state).count();
@@ -315,7 +315,7 @@ impl Metrics {
                     .set(v);
             }
         }
-        if let Some(cpu) = crate::engine::cpu::status() {
+        if let Some(cpu) = cpu {
             if cpu.adaptive {
                 self.cpu_others_busy.set(cpu.others_busy);
             }
@@ -360,7 +360,7 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 async fn metrics(state: web::Data<ApiState>, _access: MetricsAccess) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     let status = chat.pool().status().await?;
-    let mut text = state.metrics.render(&status);
+    let mut text = state.metrics.render(&status, chat.pool().engine().cpu_status());
     if let Some(tiers) = chat.pool().kv_tiers() {
         text.push_str(&super::metrics_kv::render(&tiers.status()));
     }
@@ -393,7 +393,7 @@ mod tests {
             pool.instance_ready(i, 0, 0);
         }
         pool.admit(None);
-        let text = m.render(&pool.status());
+        let text = m.render(&pool.status(), None);
         assert!(text.contains(&format!("{INSTANCE_SLOTS}{{instance=\"2\"}} 4")), "{text}");
         assert!(text.contains(&format!("{INSTANCE_SLOTS_BUSY}{{instance=\"0\"}} 1")), "{text}");
         for i in 0..3 {

@@ -39,7 +39,7 @@ async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpRespo
         "embedder": chat.embedder().health(),
         "memory_index": chat.index_stats(),
         // Local instances' threads, lowered while other processes keep cores busy.
-        "cpu": crate::engine::cpu::status(),
+        "cpu": chat.pool().engine().cpu_status(),
         // What llama.cpp's build uses on this machine (AVX2, AVX512, …).
         "llama_cpp_cpu_features": chat.pool().engine().cpu_features(),
         // Where conversations' KV caches wait outside the slots (memory, disk).

@@ -6,16 +6,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use actix::Addr;
-use futures::Stream;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-
-use crate::engine::{CacheKey, SeqEvent};
+use crate::engine::{CacheKey, SeqEvent, SeqEvents, SeqSink};
 use crate::error::{EngineError, PoolError};
 use crate::params::{Completion, GenerateRequest};
 use crate::pool::instance::{CancelSlot, Generate, ModelActor};
-use crate::pool::manager::{PoolManager, Release};
 use crate::pool::state::{LeaseId, Outcome};
+use actix::{Addr, Message, Recipient};
+use futures::{Future, Stream};
 
 /// What a generation stream yields: text pieces, then exactly one `Done` or `Error`.
 #[derive(Debug, Clone)]
@@ -31,6 +28,16 @@ pub enum GenEvent {
 /// cancelled before its instance counts as stuck and is replaced.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
+/// A lease ended (sent by the lease guard's `Drop` to the pool manager).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Release {
+    pub instance: usize,
+    pub slot: usize,
+    pub lease: LeaseId,
+    pub outcome: Outcome,
+}
+
 /// The right to use one sequence slot of one instance's context.
 /// Dropping it returns the slot to the pool: a lease cannot leak.
 pub struct Lease {
@@ -39,7 +46,8 @@ pub struct Lease {
     pub(crate) slot: usize,
     pub(crate) id: LeaseId,
     pub(crate) addr: Addr<ModelActor>,
-    pub(crate) pool: Addr<PoolManager>,
+    /// Where the lease's end goes (the pool manager).
+    pub(crate) pool: Recipient<Release>,
     pub(crate) outcome: Option<Outcome>,
     /// How long the request waited in the queue for this lease.
     pub(crate) waited: Duration,
@@ -67,60 +75,22 @@ impl Lease {
 
     /// [`Self::run`] for the conversation `key`: the prompt may reuse that
     /// conversation's parked cache and its namespace's slots, nothing else.
-    pub fn run_keyed(mut self, request: GenerateRequest, key: CacheKey, max_generation: Duration) -> GenerationStream {
-        let (tx, rx) = unbounded_channel();
-        let (sink, mut events) = unbounded_channel();
+    /// The stream reads the sequence's own bounded channel from the
+    /// instance's step loop: no task relays its tokens, and a reader that
+    /// lags pauses its own sequence only.
+    pub fn run_keyed(self, request: GenerateRequest, key: CacheKey, max_generation: Duration) -> GenerationStream {
+        let (sink, events) = SeqSink::channel();
         let (instance, slot) = (self.instance, self.slot);
-        let span = tracing::info_span!("generation", instance, slot, queue_wait_ms = self.waited.as_secs_f64() * 1e3);
         self.addr.do_send(Generate { slot, request, key, started: Instant::now(), sink });
-        let waited_ms = self.waited.as_secs_f64() * 1e3;
-        let task = async move {
-            let deadline = tokio::time::sleep(max_generation);
-            tokio::pin!(deadline);
-            let event = loop {
-                tokio::select! {
-                    event = events.recv() => match event {
-                        Some(SeqEvent::Piece(text)) => {
-                            // A client gone: `events` drops below and the loop cancels.
-                            if tx.send(GenEvent::Token(text)).is_err() {
-                                break None;
-                            }
-                        }
-                        Some(SeqEvent::Logprob(lp)) => {
-                            if tx.send(GenEvent::Logprob(lp)).is_err() {
-                                break None;
-                            }
-                        }
-                        Some(SeqEvent::Done(result)) => break Some(self.finished(result, waited_ms)),
-                        None => {
-                            let reason = "the instance's loop died during the request (panic or failed context)".to_string();
-                            self.outcome = Some(Outcome::InstanceFault { reason: reason.clone() });
-                            break Some(GenEvent::Error(PoolError::InstanceFailed { instance, reason }));
-                        }
-                    },
-                    _ = tx.closed() => break None,
-                    _ = &mut deadline => {
-                        // The client hears at the limit; the slot comes back
-                        // once the loop has stopped the sequence.
-                        let limit_ms = max_generation.as_millis() as u64;
-                        let _ = tx.send(GenEvent::Error(PoolError::GenerationTimeout { limit_ms }));
-                        tracing::warn!(instance, limit_ms, "generation ran past max_generation_ms; cancelling it");
-                        self.overran(&mut events, max_generation).await;
-                        break None;
-                    }
-                }
-            };
-            if let Some(event) = event {
-                if let GenEvent::Error(e) = &event {
-                    tracing::warn!(instance, error = %e, "generation failed");
-                }
-                let _ = tx.send(event);
-            }
-            drop(events);
-            drop(self);
-        };
-        actix::spawn(tracing::Instrument::instrument(task, span));
-        GenerationStream { rx, instance, slot }
+        GenerationStream {
+            events,
+            waited_ms: self.waited.as_secs_f64() * 1e3,
+            lease: Some(self),
+            deadline: Box::pin(tokio::time::sleep(max_generation)),
+            max_generation,
+            instance,
+            slot,
+        }
     }
 
     /// The sequence's result, as the stream's last event; notes the outcome.
@@ -140,8 +110,9 @@ impl Lease {
     }
 
     /// Past `max_generation`: cancel the sequence; an instance whose loop does
-    /// not end it within the grace period is stuck and gets replaced.
-    async fn overran(&mut self, events: &mut tokio::sync::mpsc::UnboundedReceiver<SeqEvent>, max_generation: Duration) {
+    /// not end it within the grace period is stuck and gets replaced (the
+    /// lease is released with that outcome).
+    async fn overran(mut self, mut events: SeqEvents, max_generation: Duration) {
         let limit_ms = max_generation.as_millis() as u64;
         self.addr.do_send(CancelSlot(self.slot));
         let stopped = tokio::time::timeout(CANCEL_GRACE, async {
@@ -172,9 +143,17 @@ impl Drop for Lease {
     }
 }
 
-/// The text of one generation as it is produced.
+/// The text of one generation as it is produced, read straight from the
+/// sequence's channel. It holds the lease: the slot goes back to the pool
+/// when the last event is read or the stream is dropped (which also cancels
+/// the sequence at the instance's next step). Past `max_generation` it ends
+/// with [`PoolError::GenerationTimeout`].
 pub struct GenerationStream {
-    rx: UnboundedReceiver<GenEvent>,
+    events: SeqEvents,
+    lease: Option<Lease>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    max_generation: Duration,
+    waited_ms: f64,
     instance: usize,
     slot: usize,
 }
@@ -198,8 +177,9 @@ impl GenerationStream {
     /// Waits for the whole text and each token's log-probabilities (when the
     /// request asked for them).
     pub async fn collect(mut self) -> Result<(String, Vec<crate::params::TokenLogprob>, Completion), PoolError> {
+        use futures::StreamExt;
         let (mut text, mut logprobs) = (String::new(), Vec::new());
-        while let Some(event) = self.rx.recv().await {
+        while let Some(event) = self.next().await {
             match event {
                 GenEvent::Token(t) => text.push_str(&t),
                 GenEvent::Logprob(lp) => logprobs.push(lp),
@@ -209,12 +189,49 @@ impl GenerationStream {
         }
         Err(PoolError::InstanceFailed { instance: self.instance, reason: "stream ended without a result".into() })
     }
+
+    /// The stream's last event; the lease goes back with its outcome.
+    fn end(&mut self, event: GenEvent) -> Poll<Option<GenEvent>> {
+        if let GenEvent::Error(e) = &event {
+            tracing::warn!(instance = self.instance, slot = self.slot, error = %e, "generation failed");
+        }
+        self.lease = None;
+        Poll::Ready(Some(event))
+    }
 }
 
 impl Stream for GenerationStream {
     type Item = GenEvent;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<GenEvent>> {
-        self.rx.poll_recv(cx)
+        let this = &mut *self;
+        let Some(lease) = this.lease.as_mut() else { return Poll::Ready(None) };
+        match this.events.poll_recv(cx) {
+            Poll::Ready(Some(SeqEvent::Piece(text))) => return Poll::Ready(Some(GenEvent::Token(text))),
+            Poll::Ready(Some(SeqEvent::Logprob(lp))) => return Poll::Ready(Some(GenEvent::Logprob(lp))),
+            Poll::Ready(Some(SeqEvent::Done(result))) => {
+                let event = lease.finished(result, this.waited_ms);
+                return this.end(event);
+            }
+            Poll::Ready(None) => {
+                let reason = "the instance's loop died during the request (panic or failed context)".to_string();
+                lease.outcome = Some(Outcome::InstanceFault { reason: reason.clone() });
+                let instance = this.instance;
+                return this.end(GenEvent::Error(PoolError::InstanceFailed { instance, reason }));
+            }
+            Poll::Pending => {}
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            // The reader hears at the limit; the slot comes back once the
+            // loop has stopped the sequence (watched off the reader's path).
+            let limit_ms = this.max_generation.as_millis() as u64;
+            tracing::warn!(instance = this.instance, limit_ms, "generation ran past max_generation_ms; cancelling it");
+            if let Some(lease) = this.lease.take() {
+                let events = std::mem::replace(&mut this.events, SeqSink::with_capacity(2).1);
+                actix::spawn(lease.overran(events, this.max_generation));
+            }
+            return Poll::Ready(Some(GenEvent::Error(PoolError::GenerationTimeout { limit_ms })));
+        }
+        Poll::Pending
     }
 }

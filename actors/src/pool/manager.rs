@@ -19,7 +19,7 @@ use crate::error::{EngineError, PoolError};
 #[cfg(feature = "fault-injection")]
 use crate::pool::instance::InjectFault;
 use crate::pool::instance::{Describe, InstanceStopped, ModelActor, Probe, Retire};
-use crate::pool::lease::Lease;
+use crate::pool::lease::{Lease, Release};
 use crate::pool::state::{Admission, InstanceState, LeaseId, Outcome, PoolState, PoolStatus, WaiterId};
 
 /// Settings of a pool.
@@ -219,7 +219,7 @@ impl PoolManager {
             }
             return Err(PoolError::InstanceFailed { instance, reason });
         };
-        Ok(Lease { instance, slot, id, addr, pool: ctx.address(), outcome: None, waited: Duration::ZERO })
+        Ok(Lease { instance, slot, id, addr, pool: ctx.address().recipient(), outcome: None, waited: Duration::ZERO })
     }
 
     fn health_tick(&mut self, ctx: &mut Context<Self>) {
@@ -414,16 +414,6 @@ impl Handler<CancelWait> for PoolManager {
         self.state.cancel_waiter(msg.0);
         self.waiters.remove(&msg.0);
     }
-}
-
-/// A lease ended (sent by the lease guard's `Drop`).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Release {
-    pub instance: usize,
-    pub slot: usize,
-    pub lease: LeaseId,
-    pub outcome: Outcome,
 }
 
 impl Handler<Release> for PoolManager {

@@ -109,7 +109,7 @@ impl Job {
             }
             Err(Interrupted::Failed(e)) => Err(e),
         };
-        let _ = sink.send(SeqEvent::Done(done));
+        sink.done(done);
     }
 
     async fn stream(
@@ -198,12 +198,12 @@ impl Job {
             usage.completion_tokens = chunk.tokens_predicted;
             if let Some(top) = s.logprobs {
                 for p in chunk.completion_probabilities {
-                    if sink.send(SeqEvent::Logprob(p.into_token(top as usize))).is_err() {
+                    if sink.send(SeqEvent::Logprob(p.into_token(top as usize))).await.is_err() {
                         return Err(Interrupted::Cancelled);
                     }
                 }
             }
-            if !chunk.content.is_empty() && sink.send(SeqEvent::Piece(chunk.content)).is_err() {
+            if !chunk.content.is_empty() && sink.send(SeqEvent::Piece(chunk.content)).await.is_err() {
                 return Err(Interrupted::Cancelled);
             }
             if chunk.stop {

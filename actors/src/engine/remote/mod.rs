@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use self::client::{Remote, RemoteProps};
 use self::job::Job;
 use super::step_loop::{Command, ExitGuard, LoopSender};
-use super::{Engine, InstanceInfo, SeqEvent};
+use super::{Engine, InstanceInfo};
 use crate::error::EngineError;
 
 /// How to reach one remote `llama-server`.
@@ -132,10 +132,10 @@ async fn serve(
         match command {
             Command::Start { slot, request, started, sink, .. } => {
                 if slot >= running.len() {
-                    let _ = sink.send(SeqEvent::Done(Err(EngineError::Remote(format!(
+                    sink.done(Err(EngineError::Remote(format!(
                         "slot {slot} is out of range ({} slots)",
                         running.len()
-                    )))));
+                    ))));
                     continue;
                 }
                 if let Some(mut old) = running[slot].take() {

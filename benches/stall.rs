@@ -1,0 +1,136 @@
+//! A client that stops reading: a real `modelpool serve` (1 instance, 4
+//! slots) serves three clients streaming from /v1/chat/completions, alone and
+//! then beside a fourth whose stream nobody reads for 30 s (its socket's
+//! receive buffer kept small, so the server feels it at once). Prints the
+//! three clients' tokens/s both ways with the ratio, the server's resident
+//! memory over the stalled run, and what the stalled stream did (paused, then
+//! read to its end). Asserts nothing.
+//!
+//!   scripts/bench.sh --bench stall
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "support/client.rs"]
+mod client;
+#[path = "support/server.rs"]
+mod server;
+
+const STALL: Duration = Duration::from_secs(30);
+
+/// The server's resident memory, MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// Opens a streaming completion of `max_tokens` on a socket whose receive
+/// buffer is 4 KiB, reads its first bytes, and returns the socket unread.
+async fn stalled_stream(addr: &str, max_tokens: u32) -> (tokio::net::TcpStream, usize) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let body = serde_json::json!({
+        "messages": [{ "role": "user", "content": "Tell me a very long story about a lighthouse keeper." }],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": true
+    })
+    .to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut first = vec![0u8; 1024];
+    let n = stream.read(&mut first).await.unwrap();
+    (stream, n)
+}
+
+fn main() {
+    let rt = actix::System::new();
+    rt.block_on(async {
+        let data = tempfile::tempdir().unwrap();
+        let env = [("MODELPOOL_SLOTS", "4"), ("MODELPOOL_ACQUIRE_TIMEOUT_MS", "600000")];
+        let srv = server::start(1, 4096, data.path(), &env);
+        let base = srv.1.clone();
+        let addr = base.trim_start_matches("http://").to_string();
+        let pid = srv.0.id();
+        println!("A reader that stops: 3 clients × 4 requests of 128 tokens, streaming, 1 instance with 4 slots");
+        // Warm-up, then the three clients alone.
+        client::throughput(&base, 3, 1).await;
+        let alone = client::throughput(&base, 3, 4).await;
+        let rss_before = rss_mib(pid);
+        // The same three beside a stream nobody reads.
+        let (mut stalled, first_bytes) = stalled_stream(&addr, 3000).await;
+        let started = Instant::now();
+        let sampler = {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let peak = std::sync::Arc::new(std::sync::Mutex::new(0f64));
+            let (s, p) = (stop.clone(), peak.clone());
+            let handle = std::thread::spawn(move || {
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = rss_mib(pid);
+                    let mut peak = p.lock().unwrap();
+                    *peak = peak.max(r);
+                    drop(peak);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+            (stop, peak, handle)
+        };
+        let beside = client::throughput(&base, 3, 4).await;
+        let left = STALL.saturating_sub(started.elapsed());
+        tokio::time::sleep(left).await;
+        let rss_end = rss_mib(pid);
+        sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.2.join().unwrap();
+        let peak = *sampler.1.lock().unwrap();
+        // Read the stalled stream to its end.
+        let read_from = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(300), stalled.read(&mut buf)).await {
+                Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => {
+                    got.extend_from_slice(&buf[..n]);
+                    if got.windows(12).any(|w| w == b"data: [DONE]") {
+                        break;
+                    }
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        let chunks = text.matches("\"delta\"").count();
+        let finish = text.split("\"finish_reason\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap_or("none");
+        println!("   {:<44} {:>9} {:>11} {:>11}", "", "tok/s", "TTFT p50", "total p50");
+        println!(
+            "   {:<44} {:>9.1} {:>8.0} ms {:>8.0} ms",
+            "3 clients alone", alone.tok_s, alone.ttft[0], alone.total[0]
+        );
+        println!(
+            "   {:<44} {:>9.1} {:>8.0} ms {:>8.0} ms",
+            "3 clients beside a reader stopped for 30 s", beside.tok_s, beside.ttft[0], beside.total[0]
+        );
+        println!("   ratio beside / alone: {:.3} (target ≥ 0.90)", beside.tok_s / alone.tok_s);
+        println!(
+            "   server RSS: {rss_before:.1} MiB before the stalled stream, peak {peak:.1} MiB during its 30 s, \
+             {rss_end:.1} MiB at its end ({:+.1} MiB)",
+            rss_end - rss_before
+        );
+        println!(
+            "   the stalled stream: {first_bytes} bytes read at first; read again after 30 s: {chunks} more chunks in \
+             {:.1} s, finish_reason {finish}",
+            read_from.elapsed().as_secs_f64()
+        );
+        srv.stop();
+    });
+}
