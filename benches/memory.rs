@@ -655,7 +655,7 @@ async fn turn(c: &Corpus) {
 
 // ---------------------------------------------------------------- 7. quality
 
-async fn quality(c: &Corpus) {
+async fn quality(texts: &[String]) {
     const RECENT: usize = 4;
     let pairs: Vec<(String, String)> = fixture("recall_pairs.tsv")
         .lines()
@@ -687,7 +687,7 @@ async fn quality(c: &Corpus) {
         "   {:>4}  {:>35}  {:>35}",
         "ask", "index top-k: fact / echoes / tokens", "turn recall: fact / echoes / tokens"
     );
-    let mut filler = c.texts.iter();
+    let mut filler = texts.iter();
     for asks in 1..=5usize {
         let (mut before, mut after) = ([0usize; 3], [0usize; 3]);
         for (fact, question) in &pairs {
@@ -746,7 +746,11 @@ fn main() {
         if on("embed") {
             embed(&corpus_texts()).await;
         }
-        if !["ann", "conversation", "startup", "turn", "quality"].iter().any(|s| on(s)) {
+        if on("quality") {
+            // Fortunes as filler: texts only, no corpus vectors needed.
+            quality(&corpus_texts()).await;
+        }
+        if !["ann", "conversation", "startup", "turn"].iter().any(|s| on(s)) {
             return;
         }
         let c = corpus().await;
@@ -761,9 +765,6 @@ fn main() {
         }
         if on("turn") {
             turn(&c).await;
-        }
-        if on("quality") {
-            quality(&c).await;
         }
     });
 }
