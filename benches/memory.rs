@@ -226,15 +226,20 @@ async fn corpus() -> Corpus {
 
 // ---------------------------------------------------------------- 1. semantic
 
-fn semantic() {
-    let pairs: Vec<(String, String)> = fixture("recall_pairs.tsv")
+/// tests/fixtures/recall_pairs.tsv: (a fact, a later question about it in other words).
+fn recall_pairs() -> Vec<(String, String)> {
+    fixture("recall_pairs.tsv")
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
             let (a, b) = l.split_once('\t').expect("fact<TAB>question");
             (a.to_string(), b.to_string())
         })
-        .collect();
+        .collect()
+}
+
+fn semantic() {
+    let pairs = recall_pairs();
     let distractors: Vec<String> = fixture("recall_distractors.txt")
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -657,14 +662,7 @@ async fn turn(c: &Corpus) {
 
 async fn quality(texts: &[String]) {
     const RECENT: usize = 4;
-    let pairs: Vec<(String, String)> = fixture("recall_pairs.tsv")
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (a, b) = l.split_once('\t').expect("fact<TAB>question");
-            (a.to_string(), b.to_string())
-        })
-        .collect();
+    let pairs = recall_pairs();
     let k = ChatOptions::default().recall_k;
     println!(
         "\n7. Recall quality: {} facts, each stated once among greetings, fortunes and filler replies, then asked \

@@ -9,5 +9,5 @@ cd "$ROOT"
 scripts/setup.sh --with-llama-server --with-test-tools
 MODELPOOL_LLAMA_SERVER="$(scripts/setup.sh --llama-server-path)"
 export MODELPOOL_LLAMA_SERVER
-echo "[bench] running the benchmarks; figures are printed as each finishes" >&2
+echo "[bench] running the benchmarks (llama.cpp for $MODELPOOL_LLAMA_BUILD); figures are printed as each finishes" >&2
 cargo bench --workspace "$@"

@@ -11,13 +11,18 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then . "$HOM
 # CPU has them (the Rust code stays generic x86-64). AMX is left off: VMs that
 # report it may not allow it (llama-server dies with SIGILL there). For a
 # binary to ship to other machines: MODELPOOL_PORTABLE=1 (AVX2, as upstream's
-# default build). LLAMA_LIB_PROFILE (the default, Release) is set so that a
-# target directory built before these options existed is rebuilt with them.
-export LLAMA_LIB_PROFILE="${LLAMA_LIB_PROFILE:-Release}"
+# default build). llama-cpp-sys-2 watches a GGML_ variable only if it was
+# set at its last build, so LLAMA_BUILD_SHARED_LIBS (which it always
+# watches) is set to its default, 0: a target directory built before these
+# options existed is rebuilt with them once, and every change after is seen.
+export LLAMA_BUILD_SHARED_LIBS="${LLAMA_BUILD_SHARED_LIBS:-0}"
+MODELPOOL_LLAMA_BUILD="generic x86-64 with AVX2"
+[ "${MODELPOOL_PORTABLE:-0}" = 1 ] && MODELPOOL_LLAMA_BUILD="generic x86-64 with AVX2 (MODELPOOL_PORTABLE=1)"
 if [ "${MODELPOOL_PORTABLE:-0}" != 1 ] && [ -r /proc/cpuinfo ] && grep -qw avx512f /proc/cpuinfo \
    && grep -qw avx512bw /proc/cpuinfo && grep -qw avx512vl /proc/cpuinfo && grep -qw avx512dq /proc/cpuinfo; then
   export GGML_AVX512=ON
   grep -qw avx512_vnni /proc/cpuinfo && export GGML_AVX512_VNNI=ON
   grep -qw avx512vbmi /proc/cpuinfo && export GGML_AVX512_VBMI=ON
   grep -qw avx512_bf16 /proc/cpuinfo && export GGML_AVX512_BF16=ON
+  MODELPOOL_LLAMA_BUILD="this CPU: AVX-512$({ env | grep -o '^GGML_AVX512_[A-Z0-9]*' || true; } | sed 's/GGML_AVX512_/, /' | tr -d '\n') (MODELPOOL_PORTABLE=1: AVX2 only)"
 fi

@@ -7,6 +7,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 . scripts/env.sh
 scripts/setup.sh
-echo "[serve] building modelpool (first build compiles llama.cpp: ~10 min on 2 cores)" >&2
+echo "[serve] building modelpool (first build compiles llama.cpp: ~10 min on 2 cores; llama.cpp for $MODELPOOL_LLAMA_BUILD)" >&2
 cargo build --release --bin modelpool
 exec "$CARGO_TARGET_DIR/release/modelpool" serve "$@"

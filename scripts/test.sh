@@ -13,7 +13,7 @@ cd "$ROOT"
 scripts/setup.sh --with-llama-server --with-test-tools
 MODELPOOL_LLAMA_SERVER="$(scripts/setup.sh --llama-server-path)"
 export MODELPOOL_LLAMA_SERVER
-echo "[test] building and running the tests (first build compiles llama.cpp: ~10 min on 2 cores)" >&2
+echo "[test] building and running the tests (first build compiles llama.cpp: ~10 min on 2 cores; llama.cpp for $MODELPOOL_LLAMA_BUILD)" >&2
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e

@@ -29,20 +29,17 @@ fn normalized(text: &str) -> String {
 }
 
 /// The `wanted` best of `candidates` (best first; `true`: a message of the
-/// asking conversation). With namespace recall the conversation's own
-/// messages keep half of the places (rounded up) if they have that many
-/// candidates: "what did I say about my garden?" is about this
-/// conversation, and a namespace of thousands of conversations always holds
-/// other messages about gardens that score a little higher.
+/// asking conversation), where the conversation's own best always keeps a
+/// place: with namespace recall, "what did I say about my garden?" is about
+/// this conversation, and a namespace of thousands of conversations always
+/// holds other messages about gardens that score a little higher. The other
+/// places go to the best, whoever's.
 fn pick(candidates: Vec<(bool, Recalled)>, wanted: usize) -> Vec<Recalled> {
-    let own_places = wanted.div_ceil(2);
     let mut keep = vec![false; candidates.len()];
     let mut kept = 0;
-    for (i, (own, _)) in candidates.iter().enumerate() {
-        if *own && kept < own_places {
-            keep[i] = true;
-            kept += 1;
-        }
+    if let Some(i) = candidates.iter().position(|(own, _)| *own).filter(|_| wanted > 0) {
+        keep[i] = true;
+        kept += 1;
     }
     for k in keep.iter_mut() {
         if kept == wanted {
@@ -53,7 +50,7 @@ fn pick(candidates: Vec<(bool, Recalled)>, wanted: usize) -> Vec<Recalled> {
             kept += 1;
         }
     }
-    candidates.into_iter().zip(keep).filter(|(_, k)| *k).map(|((_, r), _)| r).take(wanted).collect()
+    candidates.into_iter().zip(keep).filter(|(_, k)| *k).map(|((_, r), _)| r).collect()
 }
 
 /// Vectors are read again from this long before the last read: a write
@@ -260,19 +257,21 @@ mod tests {
     }
 
     #[test]
-    fn the_asking_conversations_own_messages_keep_half_of_the_places() {
+    fn the_asking_conversations_own_best_always_keeps_a_place() {
         // Five better messages of other conversations, then two of its own.
         let candidates: Vec<(bool, Recalled)> = (0..5)
             .map(|i| (false, r(i, 0.9 - i as f32 * 0.01)))
             .chain([(true, r(10, 0.5)), (true, r(11, 0.4))])
             .collect();
         let ids = |v: Vec<Recalled>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
-        assert_eq!(ids(pick(candidates.clone(), 3)), [0, 10, 11], "best first, two places of three its own");
-        assert_eq!(ids(pick(candidates.clone(), 4)), [0, 1, 10, 11]);
-        // Only its own: the best of them.
-        let own: Vec<_> = candidates.iter().filter(|(o, _)| *o).cloned().collect();
-        assert_eq!(ids(pick(own, 1)), [10]);
+        assert_eq!(ids(pick(candidates.clone(), 3)), [0, 1, 10], "best first, its own best kept");
+        assert_eq!(ids(pick(candidates.clone(), 1)), [10]);
+        // Its own already among the best: nothing moves.
+        let mixed: Vec<(bool, Recalled)> =
+            vec![(false, r(0, 0.9)), (true, r(1, 0.8)), (false, r(2, 0.7)), (true, r(3, 0.6))];
+        assert_eq!(ids(pick(mixed, 3)), [0, 1, 2]);
         // None of its own: the best of the rest.
         assert_eq!(ids(pick(candidates[..5].to_vec(), 3)), [0, 1, 2]);
+        assert!(pick(candidates, 0).is_empty());
     }
 }

@@ -236,7 +236,11 @@ impl ChatCore {
         self.running.fetch_add(1, Ordering::SeqCst);
         let running = Running(self.running.clone());
         let generating = Generating { turn, generation, text: String::new(), delivered: false, lock: guard, running };
-        Ok(ChatStream { conversation_id: conv.id, state: TurnState::Generating(Box::new(generating)) })
+        Ok(ChatStream {
+            conversation_id: conv.id,
+            state: TurnState::Generating(Box::new(generating)),
+            shows_pieces: true,
+        })
     }
 
     pub(crate) async fn delete(&self, id: ConversationId) -> Result<usize, ChatError> {
@@ -303,6 +307,10 @@ struct Turn {
 pub struct ChatStream {
     pub conversation_id: ConversationId,
     state: TurnState,
+    /// Whether a piece read counts as shown to the caller: not when the
+    /// caller waits for the whole reply ([`Self::finish`]), which it sees
+    /// only once the turn is stored.
+    shows_pieces: bool,
 }
 
 enum TurnState {
@@ -348,8 +356,9 @@ impl ChatStream {
         self.next().await
     }
 
-    /// Waits for the whole reply.
+    /// Waits for the whole reply (dropped before it is stored, it stores nothing).
     pub async fn finish(mut self) -> Result<ChatReply, ChatError> {
+        self.shows_pieces = false;
         while let Some(ev) = self.next().await {
             match ev {
                 ChatEvent::Token(_) => {}
@@ -365,6 +374,7 @@ impl futures::Stream for ChatStream {
     type Item = ChatEvent;
 
     fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<ChatEvent>> {
+        let shows_pieces = self.shows_pieces;
         loop {
             match &mut self.state {
                 TurnState::Generating(g) => {
@@ -372,7 +382,7 @@ impl futures::Stream for ChatStream {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Some(GenEvent::Token(t))) => {
                             g.text.push_str(&t);
-                            g.delivered = true;
+                            g.delivered |= shows_pieces;
                             return Poll::Ready(Some(ChatEvent::Token(t)));
                         }
                         Poll::Ready(Some(GenEvent::Logprob(_))) => continue,

@@ -382,6 +382,11 @@ impl VectorIndex {
         for (rep, twin, vector) in twins {
             space.add_twin(rep, twin, vector);
         }
+        // In slot order, whatever order a parallel build found them in: a
+        // built graph and the same graph loaded answer alike.
+        for list in space.twins.values_mut() {
+            list.sort_unstable();
+        }
         for (old, vector) in &pending {
             if renumber.contains_key(old) {
                 continue;
