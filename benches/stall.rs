@@ -1,10 +1,13 @@
 //! A client that stops reading: a real `modelpool serve` (1 instance, 4
-//! slots) serves three clients streaming from /v1/chat/completions, alone and
-//! then beside a fourth whose stream nobody reads for 30 s (its socket's
-//! receive buffer kept small, so the server feels it at once). Prints the
-//! three clients' tokens/s both ways with the ratio, the server's resident
-//! memory over the stalled run, and what the stalled stream did (paused, then
-//! read to its end). Asserts nothing.
+//! slots) serves three clients streaming from /v1/chat/completions: alone,
+//! beside a fourth streaming a long answer (`/v1/completions`, the model
+//! counting on) that it reads, and beside the
+//! same fourth request whose stream nobody reads for 30 s (its socket's
+//! receive buffer kept small; once the socket buffers and the sequence's
+//! channel are full, its sequence pauses). Prints the three clients'
+//! tokens/s each way with the ratios, the server's resident memory over the
+//! stalled run, and what the stalled stream did when read again. Asserts
+//! nothing.
 //!
 //!   scripts/bench.sh --bench stall
 
@@ -18,6 +21,8 @@ mod client;
 mod server;
 
 const STALL: Duration = Duration::from_secs(30);
+/// A raw prompt whose continuation is long: the model counts on and on.
+const LONG_PROMPT: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,";
 
 /// The server's resident memory, MiB.
 fn rss_mib(pid: u32) -> f64 {
@@ -38,14 +43,14 @@ async fn stalled_stream(addr: &str, max_tokens: u32) -> (tokio::net::TcpStream, 
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
     let body = serde_json::json!({
-        "messages": [{ "role": "user", "content": "Tell me a very long story about a lighthouse keeper." }],
+        "prompt": LONG_PROMPT,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": true
     })
     .to_string();
     let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -67,6 +72,24 @@ fn main() {
         // Warm-up, then the three clients alone.
         client::throughput(&base, 3, 1).await;
         let alone = client::throughput(&base, 3, 4).await;
+        // The same three beside a fourth that reads its long answer.
+        let reader = {
+            let base = base.clone();
+            actix::spawn(async move {
+                let body = serde_json::json!({
+                    "prompt": LONG_PROMPT, "max_tokens": 3000, "temperature": 0, "stream": true
+                });
+                let res = client::client().post(format!("{base}/v1/completions")).json(&body).send().await;
+                if let Ok(res) = res {
+                    use futures::StreamExt;
+                    let mut body = res.bytes_stream();
+                    while body.next().await.is_some() {}
+                }
+            })
+        };
+        let reading = client::throughput(&base, 3, 4).await;
+        reader.abort();
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let rss_before = rss_mib(pid);
         // The same three beside a stream nobody reads.
         let (mut stalled, first_bytes) = stalled_stream(&addr, 3000).await;
@@ -97,10 +120,16 @@ fn main() {
         let read_from = Instant::now();
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65536];
+        // Chunks waiting in the socket buffers when reading resumes: what it
+        // generated before it paused.
+        let mut buffered = None;
         loop {
             match tokio::time::timeout(Duration::from_secs(300), stalled.read(&mut buf)).await {
                 Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
                 Ok(Ok(n)) => {
+                    if buffered.is_none() && read_from.elapsed() > Duration::from_millis(300) {
+                        buffered = Some(String::from_utf8_lossy(&got).matches("data: {").count());
+                    }
                     got.extend_from_slice(&buf[..n]);
                     if got.windows(12).any(|w| w == b"data: [DONE]") {
                         break;
@@ -109,7 +138,7 @@ fn main() {
             }
         }
         let text = String::from_utf8_lossy(&got);
-        let chunks = text.matches("\"delta\"").count();
+        let chunks = text.matches("data: {").count();
         let finish = text.split("\"finish_reason\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap_or("none");
         println!("   {:<44} {:>9} {:>11} {:>11}", "", "tok/s", "TTFT p50", "total p50");
         println!(
@@ -118,17 +147,26 @@ fn main() {
         );
         println!(
             "   {:<44} {:>9.1} {:>8.0} ms {:>8.0} ms",
-            "3 clients beside a reader stopped for 30 s", beside.tok_s, beside.ttft[0], beside.total[0]
+            "3 clients beside a 4th that reads", reading.tok_s, reading.ttft[0], reading.total[0]
         );
-        println!("   ratio beside / alone: {:.3} (target ≥ 0.90)", beside.tok_s / alone.tok_s);
+        println!(
+            "   {:<44} {:>9.1} {:>8.0} ms {:>8.0} ms",
+            "3 clients beside a 4th stopped for 30 s", beside.tok_s, beside.ttft[0], beside.total[0]
+        );
+        println!(
+            "   ratios: beside the stopped reader / alone {:.3}, / beside the reading one {:.3}",
+            beside.tok_s / alone.tok_s,
+            beside.tok_s / reading.tok_s
+        );
         println!(
             "   server RSS: {rss_before:.1} MiB before the stalled stream, peak {peak:.1} MiB during its 30 s, \
              {rss_end:.1} MiB at its end ({:+.1} MiB)",
             rss_end - rss_before
         );
         println!(
-            "   the stalled stream: {first_bytes} bytes read at first; read again after 30 s: {chunks} more chunks in \
-             {:.1} s, finish_reason {finish}",
+            "   the stalled stream: {first_bytes} bytes read at first; read again after 30 s: {} chunks were waiting \
+             (generated before it paused), {chunks} in all in {:.1} s, finish_reason {finish}",
+            buffered.unwrap_or(chunks),
             read_from.elapsed().as_secs_f64()
         );
         srv.stop();
