@@ -27,7 +27,8 @@
 //!    conversations of 50 messages).
 //! 5. `startup`: `modelpool serve` on a store of 100k vectors: time to
 //!    /health 200, per-conversation and cross-conversation recall, and until
-//!    the namespace graph is built.
+//!    the namespace graph is built; then a restart, until the saved graph is
+//!    loaded.
 //! 6. `turn`: the memory share of a `/chat` turn on the default model
 //!    (`memory_ms` of each turn against its time at the client), with 2,000
 //!    other conversations in the store.
