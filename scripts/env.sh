@@ -26,3 +26,25 @@ if [ "${MODELPOOL_PORTABLE:-0}" != 1 ] && [ -r /proc/cpuinfo ] && grep -qw avx51
   grep -qw avx512_bf16 /proc/cpuinfo && export GGML_AVX512_BF16=ON
   MODELPOOL_LLAMA_BUILD="this CPU: AVX-512$({ env | grep -o '^GGML_AVX512_[A-Z0-9]*' || true; } | sed 's/GGML_AVX512_/, /' | tr -d '\n') (MODELPOOL_PORTABLE=1: AVX2 only)"
 fi
+
+# llama-cpp-sys-2 configures llama.cpp's CMake build once per target
+# directory unit and never again (its build does not re-run CMake's
+# configure step), so a unit configured before these options, or with other
+# ones, keeps its kernels whatever is asked now. Such a unit is removed here
+# (its build output and its fingerprint, nothing else) and built again with
+# the options asked: once, ~10 min on 2 cores.
+for cache in "$CARGO_TARGET_DIR"/*/build/llama-cpp-sys-2-*/out/build/CMakeCache.txt; do
+  [ -f "$cache" ] || continue
+  stale=""
+  for opt in AVX512 AVX512_VNNI AVX512_VBMI AVX512_BF16; do
+    have="$(sed -n "s/^GGML_${opt}:BOOL=//p" "$cache")"
+    want="$(eval "echo \${GGML_${opt}:-OFF}")"
+    [ -n "$have" ] && [ "$have" != "$want" ] && stale="$stale GGML_${opt}=$have (asked: $want)"
+  done
+  if [ -n "$stale" ]; then
+    unit="${cache%/out/build/CMakeCache.txt}"
+    profile_dir="${unit%/build/*}"
+    echo "[build] llama.cpp in $unit was configured with$stale; building it again for $MODELPOOL_LLAMA_BUILD (~10 min on 2 cores)" >&2
+    rm -rf "$unit" "$profile_dir/.fingerprint/${unit##*/}"
+  fi
+done
