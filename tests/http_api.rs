@@ -575,8 +575,14 @@ async fn a_queued_stream_starts_with_keep_alive_comments_and_then_generates() {
         ("/chat", json!({ "message": "Say hi.", "max_tokens": 4, "stream": true }), "event: done"),
     ];
     for (path, short, end) in queued_requests {
-        let long = json!({ "messages": [{ "role": "user", "content": "Write a very long story about the sea." }], "max_tokens": 400, "stream": true });
-        let running = http().post(server.url("/v1/chat/completions")).json(&long).send().await.unwrap();
+        // A raw prompt the model continues without end (it counts on), so
+        // the slot stays taken for the whole round however fast it decodes.
+        let counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,";
+        let long = json!({ "prompt": counting, "max_tokens": 440, "temperature": 0, "stream": true });
+        let running = http().post(server.url("/v1/completions")).json(&long).send().await.unwrap();
+        if running.status() != 200 {
+            panic!("{path}: {}", running.text().await.unwrap_or_default());
+        }
         let mut running = running.bytes_stream();
         assert!(running.next().await.is_some_and(|c| c.is_ok()));
         wait_pool(&server, Duration::from_secs(10), |s| s["in_use"] == 1).await;
