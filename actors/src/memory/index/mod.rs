@@ -360,21 +360,30 @@ impl VectorIndex {
         }
         let query = &normalize(query)[..];
         match scope {
-            Scope::Conversation(c) => {
-                let mut cache = self.convs.lock().unwrap_or_else(|e| e.into_inner());
-                let entry = cache.lru.get(c)?;
-                let mut hits: Vec<Hit> = entry
-                    .ids
-                    .iter()
-                    .zip(entry.data.chunks_exact(self.dim))
-                    .filter(|(id, _)| !exclude.contains(id))
-                    .map(|(id, v)| Hit { id: *id, conversation_id: *c, score: dot(query, v) })
-                    .collect();
-                top_k(&mut hits, k);
-                Some(hits)
-            }
+            Scope::Conversation(c) => self.search_conversation(query, k, c, exclude),
             Scope::Namespace(ns) => Some(self.search_namespace_ef(query, k, ns, exclude, self.opts.ef_search)),
         }
+    }
+
+    /// Exact top-k over a cached conversation; `query` must have unit length.
+    fn search_conversation(
+        &self,
+        query: &[f32],
+        k: usize,
+        c: &ConversationId,
+        exclude: &HashSet<u64>,
+    ) -> Option<Vec<Hit>> {
+        let mut cache = self.convs.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = cache.lru.get(c)?;
+        let mut hits: Vec<Hit> = entry
+            .ids
+            .iter()
+            .zip(entry.data.chunks_exact(self.dim))
+            .filter(|(id, _)| !exclude.contains(id))
+            .map(|(id, v)| Hit { id: *id, conversation_id: *c, score: dot(query, v) })
+            .collect();
+        top_k(&mut hits, k);
+        Some(hits)
     }
 
     /// Recall for a message of conversation `conv` in `scope`: the `k` best.
@@ -401,7 +410,7 @@ impl VectorIndex {
         }
         let query = &normalize(query)[..];
         let mut hits = self.search_namespace_ef(query, k, ns, exclude, self.opts.ef_search);
-        let own = self.search(query, k, &Scope::Conversation(*conv), exclude).unwrap_or_default();
+        let own = self.search_conversation(query, k, conv, exclude).unwrap_or_default();
         let graph_best = hits.first().map_or(f32::NEG_INFINITY, |h| h.score);
         if own.first().is_some_and(|o| o.score > graph_best + EXACT_FALLBACK_GAP) && self.has_graph(ns) {
             self.fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
