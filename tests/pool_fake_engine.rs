@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use modelpool_actors::engine::{CacheKey, InstanceBackend, SeqEvent, SeqSink};
 use modelpool_actors::{
     ChatMessage, Completion, Engine, EngineError, EngineInfo, Fault, FinishReason, GenerateRequest, InstanceInfo,
-    InstanceOptions, PoolError, PoolHandle, PoolOptions, Usage,
+    InstanceOptions, PoolError, PoolHandle, PoolOptions, PreparedRequest, Usage,
 };
 
 /// Creates instances until `fail_after`, then refuses; counts attempts and
@@ -37,7 +37,7 @@ impl InstanceBackend for FakeInstance {
     fn slots(&self) -> usize {
         1
     }
-    fn start(&mut self, slot: usize, _: GenerateRequest, _: CacheKey, _: Instant, sink: SeqSink) {
+    fn start(&mut self, slot: usize, _: PreparedRequest, _: CacheKey, _: Instant, sink: SeqSink) {
         self.running.push((slot, sink));
     }
     fn cancel(&mut self, slot: usize) {
@@ -86,11 +86,12 @@ impl Engine for FakeEngine {
         }
         Ok(Box::new(FakeInstance { fault: None, running: Vec::new() }))
     }
-    fn count_prompt_tokens(&self, m: &[ChatMessage]) -> Result<u32, EngineError> {
+    /// One token per message.
+    fn prompt_tokens(&self, m: &[ChatMessage]) -> Result<Vec<i32>, EngineError> {
         if let Some(wait) = self.slow_remote_tokenizer {
             std::thread::sleep(wait);
         }
-        Ok(m.len() as u32)
+        Ok(vec![0; m.len()])
     }
     fn count_tokens(&self, t: &str) -> u32 {
         t.len() as u32
@@ -121,7 +122,14 @@ async fn failing_replacements_back_off_instead_of_spinning() {
     let pool = PoolHandle::start(engine.clone(), opts(2), Arc::new(|_| {})).await.unwrap();
     let lease = pool.acquire().await.unwrap();
     pool.inject_fault(lease.instance(), Fault::FailNextDecode).await;
-    let err = lease.run(GenerateRequest::default(), Duration::from_secs(5)).collect_text().await.unwrap_err();
+    let err = lease
+        .run(
+            pool.prepare(GenerateRequest { messages: vec![ChatMessage::user("hi")], ..Default::default() }).unwrap(),
+            Duration::from_secs(5),
+        )
+        .collect_text()
+        .await
+        .unwrap_err();
     assert!(matches!(err, PoolError::InstanceFailed { .. }), "{err:?}");
     // Three failed replacements (the first at once), each after a wait
     // that doubles: 200, 400, 800 ms. A busy machine only makes the gaps longer.

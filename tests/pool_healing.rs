@@ -27,7 +27,8 @@ async fn fail_one(pool: &PoolHandle, fault: Fault) -> PoolError {
     let lease = pool.acquire().await.unwrap();
     let instance = lease.instance();
     assert!(pool.inject_fault(instance, fault).await);
-    let err = lease.run(request(16), pool.options().max_generation).collect_text().await.unwrap_err();
+    let err =
+        lease.run(pool.prepare(request(16)).unwrap(), pool.options().max_generation).collect_text().await.unwrap_err();
     let s = wait_for(pool, Duration::from_secs(10), |s| s.replaced >= 1 && s.available == s.total).await;
     assert_eq!(s.instances[instance].stats.replacements, 1, "{s:#?}");
     assert_eq!(s.instances[instance].stats.failures, 1);
@@ -71,7 +72,8 @@ async fn stuck_generation_is_cut_off_and_replaced() {
     let stall = Duration::from_secs(20);
     assert!(pool.inject_fault(lease.instance(), Fault::StallNextDecode(stall)).await);
     let t = Instant::now();
-    let err = lease.run(request(16), Duration::from_millis(600)).collect_text().await.unwrap_err();
+    let err =
+        lease.run(pool.prepare(request(16)).unwrap(), Duration::from_millis(600)).collect_text().await.unwrap_err();
     assert!(matches!(err, PoolError::GenerationTimeout { limit_ms: 600 }), "{err:?}");
     assert!(t.elapsed() < stall, "the client is answered at the limit, not after the stall");
     let s = wait_for(&pool, Duration::from_secs(10), |s| s.replaced == 1 && s.available == 2).await;

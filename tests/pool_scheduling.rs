@@ -51,8 +51,11 @@ async fn two_instances_four_requests_run_two_at_a_time_in_fifo_order() {
         actix::spawn(async move {
             let lease = pool.acquire().await.expect("queued request gets an instance");
             order.lock().unwrap().push(name);
-            let (text, done) =
-                lease.run(request("Say hello.", 8), Duration::from_secs(60)).collect_text().await.unwrap();
+            let (text, done) = lease
+                .run(pool.prepare(request("Say hello.", 8)).unwrap(), Duration::from_secs(60))
+                .collect_text()
+                .await
+                .unwrap();
             (text, done)
         })
     };

@@ -22,7 +22,9 @@ pub use engine::Fault;
 pub use engine::{Engine, EngineInfo, InstanceInfo, InstanceOptions};
 pub use error::{EngineError, PoolError};
 pub use memory::{Conversation, ConversationId, Durability, EmbedderHandle, Recalled, StoredMessage};
-pub use params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, SamplingParams, Usage};
+pub use params::{
+    ChatMessage, Completion, FinishReason, GenerateRequest, PreparedRequest, Role, SamplingParams, Usage,
+};
 pub use pool::handle::PoolHandle;
 pub use pool::lease::{GenEvent, GenerationStream, Lease};
 pub use pool::manager::{LoadEvent, PoolOptions, ProgressFn};

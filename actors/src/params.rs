@@ -236,6 +236,50 @@ pub struct GenerateRequest {
     pub raw_prompt: Option<RawPrompt>,
 }
 
+/// A request checked once and its prompt's token ids: what instances run.
+/// Made by [`crate::engine::Engine::prepare`] (which validates the
+/// sampling, checks the grammar, tokenizes the prompt and checks that it
+/// fits); the pool, the step loop and remote instances take it as it is,
+/// without validating or tokenizing again.
+#[derive(Clone, Debug)]
+pub struct PreparedRequest {
+    request: GenerateRequest,
+    prompt: Vec<i32>,
+    max_tokens: u32,
+    n_ctx: u32,
+}
+
+impl PreparedRequest {
+    /// Only [`crate::engine::Engine::prepare_tokens`] makes one, after its checks.
+    pub(crate) fn checked(request: GenerateRequest, prompt: Vec<i32>, max_tokens: u32, n_ctx: u32) -> Self {
+        Self { request, prompt, max_tokens, n_ctx }
+    }
+
+    pub fn request(&self) -> &GenerateRequest {
+        &self.request
+    }
+
+    pub fn sampling(&self) -> &SamplingParams {
+        &self.request.sampling
+    }
+
+    /// The prompt's token ids (the chat template applied, or the raw prompt's).
+    pub fn prompt(&self) -> &[i32] {
+        &self.prompt
+    }
+
+    /// Tokens it may generate: `max_tokens`, or the rest of the context.
+    pub fn max_tokens(&self) -> u32 {
+        self.max_tokens
+    }
+
+    /// The sequence length its prompt and reply were checked against: an
+    /// instance with a shorter one refuses it.
+    pub fn n_ctx(&self) -> u32 {
+        self.n_ctx
+    }
+}
+
 /// A prompt the client wrote whole.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RawPrompt {

@@ -127,9 +127,8 @@ impl ChatCore {
         let budget = PromptBudget { n_ctx, max_tokens: max_tokens.unwrap_or(n_ctx / REPLY_SHARE_OF_CONTEXT) };
         let (system, text) = (self.opts.system_prompt.clone(), text.to_string());
         actix_web::rt::task::spawn_blocking(move || {
-            let built = build_prompt(&system, recalled.clone(), &recent_turns, &text, budget, &|m| {
-                engine.count_prompt_tokens(m)
-            })?;
+            let built =
+                build_prompt(&system, recalled.clone(), &recent_turns, &text, budget, &|m| engine.prompt_tokens(m))?;
             let recalled = recalled.into_iter().filter(|r| built.recalled.contains(&r.id)).collect();
             Ok((recalled, built))
         })
@@ -187,7 +186,10 @@ impl ChatCore {
     pub(crate) async fn send(self: Arc<Self>, msg: SendMessage) -> Result<ChatStream, ChatError> {
         self.validate(&msg.text)?;
         let sampling = msg.sampling.unwrap_or_else(|| self.opts.sampling.clone());
-        sampling.validate()?;
+        // Before anything is embedded or stored (checked again, with the
+        // prompt, when the request is prepared).
+        let n_ctx = self.pool.options().instance.n_ctx;
+        sampling.validate_for(n_ctx, self.pool.engine().n_vocab())?;
         // A new conversation is stored with its first message, after admission.
         let clock = StoreClock::default();
         let memory_started = Instant::now();
@@ -213,8 +215,10 @@ impl ChatCore {
         // Its KV cache is kept by conversation, within its namespace.
         let key = Some(CacheKey::new(&conv.namespace, conv.id.as_bytes()));
         let request = GenerateRequest { messages: built.messages.clone(), sampling, raw_prompt: None };
+        // The prompt was tokenized while it was built: checked, not tokenized again.
+        let request = self.pool.engine().prepare_tokens(request, built.prompt, n_ctx)?;
         let memory_ns = memory_started.elapsed().as_nanos() as u64;
-        let generation = self.pool.generate_for(request, key).await?;
+        let generation = self.pool.run(request, key).await?;
         let (instance, slot) = (generation.instance(), generation.slot());
 
         // Nothing is stored yet: the user message is stored with the reply,

@@ -18,14 +18,13 @@ use super::cpu::CpuShare;
 use super::fault::FaultSlot;
 use super::kv_cache::{restore_source, SlotCache, Source};
 use super::kv_tiers::{CacheKey, KvTiers, Tier};
-use super::prompt::{tokenize_request, ChatTemplate};
-use super::sampling::{build_sampler, check_fits, grammar_sampler, sample_constrained, token_logprobs};
+use super::sampling::{build_sampler, grammar_sampler, sample_constrained, token_logprobs};
 use super::text::TextStream;
 #[cfg(feature = "fault-injection")]
 use super::Fault;
 use super::{SeqEvent, SeqSink, MAX_PAUSE};
 use crate::error::EngineError;
-use crate::params::{Completion, FinishReason, GenerateRequest, Usage};
+use crate::params::{Completion, FinishReason, PreparedRequest, Usage};
 
 fn kv_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Decode(e.to_string())
@@ -128,7 +127,6 @@ struct Slot {
 pub struct Batcher<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
-    template: std::sync::Arc<ChatTemplate>,
     slots: Vec<Slot>,
     /// Where caches wait outside the slots (memory and disk, by
     /// conversation): a conversation whose slot is given to another keeps
@@ -164,7 +162,6 @@ impl<'m> Batcher<'m> {
     pub fn new(
         model: &'m LlamaModel,
         ctx: LlamaContext<'m>,
-        template: std::sync::Arc<ChatTemplate>,
         slots: usize,
         seq_ctx: u32,
         prefill_chunk: usize,
@@ -175,7 +172,6 @@ impl<'m> Batcher<'m> {
         Self {
             model,
             ctx,
-            template,
             slots: (0..slots).map(|_| Slot { cache: SlotCache::default(), run: None }).collect(),
             tiers,
             batch: LlamaBatch::new(n_batch, 1),
@@ -220,7 +216,7 @@ impl<'m> Batcher<'m> {
 
     /// Starts `request` in `slot`; a sequence still there ends as cancelled.
     /// A request the engine refuses is answered on `sink` at once.
-    pub fn start(&mut self, slot: usize, request: &GenerateRequest, key: CacheKey, started: Instant, sink: SeqSink) {
+    pub fn start(&mut self, slot: usize, request: &PreparedRequest, key: CacheKey, started: Instant, sink: SeqSink) {
         if slot >= self.slots.len() {
             sink.done(Err(EngineError::InvalidParam {
                 field: "slot",
@@ -244,21 +240,23 @@ impl<'m> Batcher<'m> {
     fn prepare(
         &mut self,
         slot: usize,
-        request: &GenerateRequest,
+        request: &PreparedRequest,
         key: CacheKey,
         started: Instant,
         sink: SeqSink,
     ) -> Result<Running, EngineError> {
-        request.sampling.validate_for(self.seq_ctx, u32::try_from(self.model.n_vocab()).ok())?;
-        let prompt = tokenize_request(self.model, &self.template, request)?;
-        if prompt.is_empty() {
-            return Err(EngineError::InvalidParam {
-                field: "messages",
-                rule: "must render to a prompt",
-                value: "[]".into(),
+        // The request was checked once, for sequences of its n_ctx tokens
+        // (Engine::prepare); an instance with shorter ones refuses it.
+        if request.n_ctx() > self.seq_ctx {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: request.prompt().len() as u32,
+                max_tokens: request.max_tokens(),
+                total: request.prompt().len() as u32 + request.max_tokens(),
+                n_ctx: self.seq_ctx,
             });
         }
-        let max_tokens = check_fits(prompt.len() as u32, request.sampling.max_tokens, self.seq_ctx)?;
+        let prompt: Vec<LlamaToken> = request.prompt().iter().map(|id| LlamaToken(*id)).collect();
+        let max_tokens = request.max_tokens();
         let seq = slot as i32;
         // The slot holds another conversation: park its cache under that
         // conversation's key before it is overwritten, so that its next turn
@@ -327,10 +325,10 @@ impl<'m> Batcher<'m> {
             held: Vec::new(),
             paused_at: None,
             ending: None,
-            sampler: build_sampler(self.model, &request.sampling, self.seq_ctx),
-            grammar: request.sampling.grammar.as_deref().map(|g| grammar_sampler(self.model, g)).transpose()?,
-            logprobs: request.sampling.logprobs,
-            text: TextStream::new(&request.sampling.stop),
+            sampler: build_sampler(self.model, request.sampling(), self.seq_ctx),
+            grammar: request.sampling().grammar.as_deref().map(|g| grammar_sampler(self.model, g)).transpose()?,
+            logprobs: request.sampling().logprobs,
+            text: TextStream::new(&request.sampling().stop),
             generated: 0,
             max_tokens,
             started,

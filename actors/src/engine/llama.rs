@@ -19,7 +19,7 @@ use super::prompt::{tokenize_chat, ChatTemplate};
 use super::Fault;
 use super::{CacheKey, Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, KvTiers, SeqSink};
 use crate::error::EngineError;
-use crate::params::{ChatMessage, FinishReason, GenerateRequest};
+use crate::params::{ChatMessage, FinishReason, PreparedRequest};
 
 /// The llama-cpp-2 release this is built with (pinned in the workspace's
 /// Cargo.toml): it fixes the llama.cpp whose sequence-state format a cache file holds.
@@ -211,21 +211,9 @@ impl Engine for LlamaEngine {
         let cpu = self.cpu.register(id, opts.n_threads, opts.adapt_threads);
         let tiers = opts.kv_tiers();
         tiers.instance_started();
-        let batcher = Batcher::new(
-            self.model,
-            ctx,
-            self.template.clone(),
-            slots,
-            opts.n_ctx,
-            opts.prefill_chunk as usize,
-            tiers.clone(),
-        )
-        .with_cpu_share(cpu);
+        let batcher = Batcher::new(self.model, ctx, slots, opts.n_ctx, opts.prefill_chunk as usize, tiers.clone())
+            .with_cpu_share(cpu);
         Ok(Box::new(LlamaInstance { weights_addr: self.weights_addr(), batcher, kv_bytes: kv, tiers, closed: false }))
-    }
-
-    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
-        Ok(tokenize_chat(self.model, &self.template, messages)?.len() as u32)
     }
 
     fn count_tokens(&self, text: &str) -> u32 {
@@ -333,7 +321,7 @@ impl InstanceBackend for LlamaInstance {
         self.batcher.slots()
     }
 
-    fn start(&mut self, slot: usize, request: GenerateRequest, key: CacheKey, started: Instant, sink: SeqSink) {
+    fn start(&mut self, slot: usize, request: PreparedRequest, key: CacheKey, started: Instant, sink: SeqSink) {
         self.batcher.start(slot, &request, key, started, sink);
     }
 
@@ -398,8 +386,12 @@ impl Engine for PerRequestEngine {
         }))
     }
 
-    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
-        self.inner.count_prompt_tokens(messages)
+    fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<i32>, EngineError> {
+        self.inner.prompt_tokens(messages)
+    }
+
+    fn n_vocab(&self) -> Option<u32> {
+        self.inner.n_vocab()
     }
 
     fn count_tokens(&self, text: &str) -> u32 {
@@ -425,9 +417,8 @@ struct PerRequestInstance {
 impl PerRequestInstance {
     /// Loads the model, makes a context and runs the one sequence to its end.
     /// Its timings start at `started`, before the load: the client waited for it.
-    fn run(&mut self, request: &GenerateRequest, started: Instant, sink: &SeqSink) -> Result<(), EngineError> {
+    fn run(&mut self, request: &PreparedRequest, started: Instant, sink: &SeqSink) -> Result<(), EngineError> {
         let model = load_model(&self.path)?;
-        let template = Arc::new(ChatTemplate::from_model(&model));
         let opts = InstanceOptions { slots: 1, ..self.opts.clone() };
         let ctx = {
             let _one_at_a_time = CONTEXT_CREATION.lock().unwrap_or_else(|e| e.into_inner());
@@ -435,7 +426,7 @@ impl PerRequestInstance {
         };
         // Nothing outlives the request here: no tier to park in.
         let tiers = KvTiers::memory_only(0);
-        let mut batcher = Batcher::new(&model, ctx, template, 1, opts.n_ctx, opts.prefill_chunk as usize, tiers);
+        let mut batcher = Batcher::new(&model, ctx, 1, opts.n_ctx, opts.prefill_chunk as usize, tiers);
         #[cfg(feature = "fault-injection")]
         if let Some(f) = self.fault.take() {
             batcher.inject_fault(f);
@@ -459,7 +450,7 @@ impl InstanceBackend for PerRequestInstance {
         1
     }
 
-    fn start(&mut self, _slot: usize, request: GenerateRequest, _key: CacheKey, started: Instant, sink: SeqSink) {
+    fn start(&mut self, _slot: usize, request: PreparedRequest, _key: CacheKey, started: Instant, sink: SeqSink) {
         if let Err(e) = self.run(&request, started, &sink) {
             sink.done(Err(e));
         }

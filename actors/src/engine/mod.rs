@@ -21,7 +21,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use crate::error::EngineError;
-use crate::params::{ChatMessage, Completion, GenerateRequest, RawPrompt};
+use crate::params::{ChatMessage, Completion, GenerateRequest, PreparedRequest, RawPrompt};
 pub use kv_tiers::{CacheKey, KvTiers};
 
 /// What one sequence tells whoever started it: text pieces as they are
@@ -206,16 +206,16 @@ pub trait Engine: Send + Sync + 'static {
     fn create_instance(&self, id: usize, opts: &InstanceOptions) -> Result<Box<dyn InstanceBackend>, EngineError>;
 
     /// Number of prompt tokens `messages` take once the chat template is applied.
-    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError>;
+    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
+        Ok(self.prompt_tokens(messages)?.len() as u32)
+    }
 
     /// Number of tokens of plain text (no special-token parsing).
     fn count_tokens(&self, text: &str) -> u32;
 
     /// The prompt's token ids once the chat template is applied (message text
-    /// never parsed for special tokens): what a remote instance is sent.
-    fn prompt_tokens(&self, _messages: &[ChatMessage]) -> Result<Vec<i32>, EngineError> {
-        Err(EngineError::RemoteSetup("this engine cannot tokenize prompts for remote instances".into()))
-    }
+    /// never parsed for special tokens).
+    fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<i32>, EngineError>;
 
     /// A raw prompt's token ids ([`crate::params::GenerateRequest::raw_prompt`]):
     /// the vocabulary's BOS where it wants one, special tokens parsed.
@@ -223,25 +223,37 @@ pub trait Engine: Send + Sync + 'static {
         Err(EngineError::RemoteSetup("this engine cannot tokenize raw prompts".into()))
     }
 
-    /// A raw prompt's token ids: its text tokenized, or its ids checked
-    /// against the vocabulary.
-    fn raw_prompt_ids(&self, prompt: &RawPrompt) -> Result<Vec<i32>, EngineError> {
-        match prompt {
-            RawPrompt::Text(text) => self.raw_prompt_tokens(text),
-            RawPrompt::Tokens(ids) => {
-                RawPrompt::checked_ids(ids, self.n_vocab())?;
-                Ok(ids.clone())
+    /// The one check of a request, for sequences of `n_ctx` tokens: its
+    /// sampling, its grammar, its prompt tokenized once (messages with the
+    /// chat template, or the raw prompt; raw token ids are taken as they
+    /// are, within the vocabulary), and the prompt plus `max_tokens` within
+    /// `n_ctx`. Tokenizing is blocking work (a remote tokenizer is an HTTP
+    /// call): callers on an async executor run it on a blocking thread.
+    fn prepare(&self, request: GenerateRequest, n_ctx: u32) -> Result<PreparedRequest, EngineError> {
+        request.sampling.validate_for(n_ctx, self.n_vocab())?;
+        let prompt = match &request.raw_prompt {
+            None => self.prompt_tokens(&request.messages)?,
+            Some(RawPrompt::Text(text)) if text.is_empty() => {
+                let value = "\"\"".into();
+                return Err(EngineError::InvalidParam { field: "prompt", rule: "must not be empty", value });
             }
-        }
+            Some(RawPrompt::Text(text)) => self.raw_prompt_tokens(text)?,
+            Some(RawPrompt::Tokens(ids)) => ids.clone(),
+        };
+        checked_prompt(self, request, prompt, n_ctx)
     }
 
-    /// Tokens of a request's prompt: its raw prompt, or its messages
-    /// rendered with the chat template.
-    fn request_prompt_tokens(&self, request: &crate::params::GenerateRequest) -> Result<u32, EngineError> {
-        match &request.raw_prompt {
-            Some(prompt) => Ok(self.raw_prompt_ids(prompt)?.len() as u32),
-            None => self.count_prompt_tokens(&request.messages),
-        }
+    /// [`Self::prepare`] for a prompt its caller has tokenized already (the
+    /// chat layer counts its prompt while building it): the ids are checked
+    /// against the vocabulary, not tokenized again.
+    fn prepare_tokens(
+        &self,
+        request: GenerateRequest,
+        prompt: Vec<i32>,
+        n_ctx: u32,
+    ) -> Result<PreparedRequest, EngineError> {
+        request.sampling.validate_for(n_ctx, self.n_vocab())?;
+        checked_prompt(self, request, prompt, n_ctx)
     }
 
     /// The CPU features the llama.cpp build in this process uses (AVX2,
@@ -275,6 +287,27 @@ pub trait Engine: Send + Sync + 'static {
     }
 }
 
+/// The rest of [`Engine::prepare`] once the sampling is valid and the
+/// prompt tokenized: the grammar compiles, the ids are the vocabulary's
+/// (llama.cpp aborts the process on one outside it), and prompt plus reply fit.
+fn checked_prompt<E: Engine + ?Sized>(
+    engine: &E,
+    request: GenerateRequest,
+    prompt: Vec<i32>,
+    n_ctx: u32,
+) -> Result<PreparedRequest, EngineError> {
+    if let Some(gbnf) = &request.sampling.grammar {
+        engine.check_grammar(gbnf)?;
+    }
+    if prompt.is_empty() && request.raw_prompt.is_none() {
+        let value = "[]".into();
+        return Err(EngineError::InvalidParam { field: "messages", rule: "must render to a prompt", value });
+    }
+    RawPrompt::checked_ids(&prompt, engine.n_vocab())?;
+    let max_tokens = sampling::check_fits(prompt.len() as u32, request.sampling.max_tokens, n_ctx)?;
+    Ok(PreparedRequest::checked(request, prompt, max_tokens, n_ctx))
+}
+
 /// One instance: its own context and KV cache, with `slots()` sequences
 /// decoded together. Lives on its step-loop thread ([`step_loop`]).
 pub trait InstanceBackend: Send {
@@ -284,7 +317,7 @@ pub trait InstanceBackend: Send {
     /// Starts `request` in `slot`; a sequence still in that slot ends as
     /// cancelled first. `key` names whose cache the prompt may reuse (its
     /// conversation's, its namespace's). A refused request is answered on `sink` at once.
-    fn start(&mut self, slot: usize, request: GenerateRequest, key: CacheKey, started: Instant, sink: SeqSink);
+    fn start(&mut self, slot: usize, request: PreparedRequest, key: CacheKey, started: Instant, sink: SeqSink);
 
     /// The loop is ending (shutdown): save what the slots hold.
     fn close(&mut self) {}

@@ -11,7 +11,7 @@ use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
 use crate::error::EngineError;
-use crate::params::{ChatMessage, RawPrompt};
+use crate::params::ChatMessage;
 
 /// A private-use marker that stands in for message `i` while the template is
 /// applied; it cannot come from a tokenizer's special tokens.
@@ -135,26 +135,6 @@ pub fn split_rendered<'a>(rendered: &'a str, messages: &'a [ChatMessage]) -> Res
     }
     out.push((rest, true));
     Ok(out)
-}
-
-/// The prompt of a request: a raw prompt tokenized as it is (BOS where the
-/// vocabulary wants one, special tokens parsed), else [`tokenize_chat`].
-pub fn tokenize_request(
-    model: &LlamaModel,
-    template: &ChatTemplate,
-    request: &crate::params::GenerateRequest,
-) -> Result<Vec<LlamaToken>, EngineError> {
-    match &request.raw_prompt {
-        Some(RawPrompt::Text(text)) if text.is_empty() => {
-            Err(EngineError::InvalidParam { field: "prompt", rule: "must not be empty", value: "\"\"".into() })
-        }
-        Some(RawPrompt::Text(text)) => Ok(model.vocab().tokenize(text.as_bytes(), true, true)),
-        Some(RawPrompt::Tokens(ids)) => {
-            RawPrompt::checked_ids(ids, u32::try_from(model.n_vocab()).ok())?;
-            Ok(ids.iter().map(|id| LlamaToken(*id)).collect())
-        }
-        None => tokenize_chat(model, template, &request.messages),
-    }
 }
 
 /// Applies the chat template (with the assistant turn opened) and tokenizes the

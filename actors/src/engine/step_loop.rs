@@ -14,12 +14,12 @@ use tokio::sync::oneshot;
 use super::Fault;
 use super::{CacheKey, InstanceBackend, InstanceInfo, SeqSink};
 use crate::error::EngineError;
-use crate::params::GenerateRequest;
+use crate::params::PreparedRequest;
 
 /// What the instance's handle asks of its loop.
 pub enum Command {
     /// Starts a sequence in a slot; its events go to `sink`.
-    Start { slot: usize, request: GenerateRequest, key: CacheKey, started: Instant, sink: SeqSink },
+    Start { slot: usize, request: PreparedRequest, key: CacheKey, started: Instant, sink: SeqSink },
     /// Ends a slot's sequence as cancelled (the watchdog's first resort).
     Cancel(usize),
     /// Runs a health probe between two steps.

@@ -34,7 +34,9 @@ pub struct PromptBudget {
 #[derive(Clone, Debug)]
 pub struct BuiltPrompt {
     pub messages: Vec<ChatMessage>,
-    pub prompt_tokens: u32,
+    /// The prompt's token ids (the chat template applied): the request is
+    /// started with them, not tokenized again.
+    pub prompt: Vec<i32>,
     /// Ids of the recalled messages that made it into the prompt.
     pub recalled: Vec<u64>,
     /// How many recent turns made it into the prompt.
@@ -67,7 +69,7 @@ fn recall_message(recalled: &[Recalled]) -> Option<ChatMessage> {
     Some(ChatMessage::user(text))
 }
 
-/// Assembles the prompt; `count` gives the token count of a message list
+/// Assembles the prompt; `tokenize` gives the token ids of a message list
 /// with the chat template applied.
 pub fn build_prompt(
     system_prompt: &str,
@@ -75,30 +77,30 @@ pub fn build_prompt(
     recent: &[ChatMessage],
     user_text: &str,
     budget: PromptBudget,
-    count: &dyn Fn(&[ChatMessage]) -> Result<u32, EngineError>,
+    tokenize: &dyn Fn(&[ChatMessage]) -> Result<Vec<i32>, EngineError>,
 ) -> Result<BuiltPrompt, EngineError> {
     recalled.sort_by(|a, b| b.score.total_cmp(&a.score));
-    let assemble = |first_recent: usize, recalled: &[Recalled]| -> Result<(Vec<ChatMessage>, u32), EngineError> {
+    let assemble = |first_recent: usize, recalled: &[Recalled]| -> Result<(Vec<ChatMessage>, Vec<i32>), EngineError> {
         let system = system_prompt.trim();
         let mut messages: Vec<ChatMessage> =
             (!system.is_empty()).then(|| ChatMessage::system(system)).into_iter().collect();
         messages.extend_from_slice(&recent[first_recent..]);
         messages.extend(recall_message(recalled));
         messages.push(ChatMessage::user(user_text));
-        let tokens = count(&messages)?;
+        let tokens = tokenize(&messages)?;
         Ok((messages, tokens))
     };
-    let fits = |tokens: u32| check_fits(tokens, Some(budget.max_tokens), budget.n_ctx).is_ok();
+    let fits = |tokens: &[i32]| check_fits(tokens.len() as u32, Some(budget.max_tokens), budget.n_ctx).is_ok();
     let done = |messages, tokens, recalled: &[Recalled], first_recent| BuiltPrompt {
         messages,
-        prompt_tokens: tokens,
+        prompt: tokens,
         recalled: recalled.iter().map(|r| r.id).collect(),
         recent_kept: recent.len() - first_recent,
     };
 
     // Usually everything fits: one count (one tokenization of the prompt).
     let (messages, tokens) = assemble(0, &recalled)?;
-    if fits(tokens) {
+    if fits(&tokens) {
         return Ok(done(messages, tokens, &recalled, 0));
     }
     // Else keep as many of the newest turns as fit: the token count only falls
@@ -108,7 +110,7 @@ pub fn build_prompt(
     while lo <= hi {
         let mid = (lo + hi) / 2;
         let (messages, tokens) = assemble(mid, &recalled)?;
-        if fits(tokens) {
+        if fits(&tokens) {
             best = Some((mid, messages, tokens));
             hi = mid - 1;
         } else {
@@ -121,8 +123,8 @@ pub fn build_prompt(
     // No recent turn fits: drop recalled messages, weakest first.
     loop {
         let (messages, tokens) = assemble(recent.len(), &recalled)?;
-        if fits(tokens) || recalled.is_empty() {
-            check_fits(tokens, Some(budget.max_tokens), budget.n_ctx)?;
+        if fits(&tokens) || recalled.is_empty() {
+            check_fits(tokens.len() as u32, Some(budget.max_tokens), budget.n_ctx)?;
             return Ok(done(messages, tokens, &recalled, recent.len()));
         }
         recalled.pop();
@@ -134,8 +136,8 @@ mod tests {
     use super::*;
 
     /// One token per whitespace-separated word plus 3 per message.
-    fn words(messages: &[ChatMessage]) -> Result<u32, EngineError> {
-        Ok(messages.iter().map(|m| m.content.split_whitespace().count() as u32 + 3).sum())
+    fn words(messages: &[ChatMessage]) -> Result<Vec<i32>, EngineError> {
+        Ok(vec![0; messages.iter().map(|m| m.content.split_whitespace().count() + 3).sum()])
     }
 
     fn recall(id: u64, text: &str, score: f32) -> Recalled {
@@ -169,7 +171,7 @@ mod tests {
         let budget = PromptBudget { n_ctx: 60, max_tokens: 10 };
         let p =
             build_prompt("sys", vec![recall(1, "x", 0.9), recall(2, "y", 0.2)], &recent, "q", budget, &words).unwrap();
-        assert!(p.prompt_tokens + 10 <= 60);
+        assert!(p.prompt.len() + 10 <= 60);
         assert_eq!(p.recent_kept, 2);
         assert_eq!(p.messages.last().unwrap().content, "q");
         let kept: Vec<&str> = p.messages[1..p.messages.len() - 2].iter().map(|m| m.content.as_str()).collect();

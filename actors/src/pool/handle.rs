@@ -7,12 +7,11 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::engine::sampling::check_fits;
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
 use crate::engine::{CacheKey, Engine, EngineInfo, InstanceInfo, KvTiers, DEFAULT_INSTANCE_KV_RAM};
 use crate::error::{EngineError, PoolError};
-use crate::params::GenerateRequest;
+use crate::params::{GenerateRequest, PreparedRequest};
 use crate::pool::lease::{GenerationStream, Lease};
 #[cfg(feature = "fault-injection")]
 use crate::pool::manager::InjectInto;
@@ -117,30 +116,22 @@ impl PoolHandle {
             .map_err(|_| PoolError::AcquireTimeout { timeout_ms: self.opts.acquire_timeout.as_millis() as u64 })
     }
 
-    /// Checks a request before it takes an instance: valid sampling, and the
-    /// prompt plus `max_tokens` fit in the context.
-    pub fn check(&self, request: &GenerateRequest) -> Result<u32, EngineError> {
-        request.sampling.validate_for(self.opts.instance.n_ctx, self.engine.n_vocab())?;
-        if let Some(gbnf) = &request.sampling.grammar {
-            self.engine.check_grammar(gbnf)?;
-        }
-        let prompt_tokens = self.engine.request_prompt_tokens(request)?;
-        check_fits(prompt_tokens, request.sampling.max_tokens, self.opts.instance.n_ctx)?;
-        Ok(prompt_tokens)
+    /// The one check of a request before it takes an instance
+    /// ([`Engine::prepare`] for this pool's sequences): valid sampling and
+    /// grammar, the prompt tokenized, prompt plus `max_tokens` within the
+    /// context. Blocking: a tokenizer behind HTTP waits for its answer
+    /// ([`Self::prepared`] runs it where waiting is harmless).
+    pub fn prepare(&self, request: GenerateRequest) -> Result<PreparedRequest, EngineError> {
+        self.engine.prepare(request, self.opts.instance.n_ctx)
     }
 
-    /// [`Self::check`] where it may wait: a tokenizer behind HTTP (a
-    /// remote's `/tokenize`, up to its timeout) is asked from a blocking
-    /// thread, never from the caller's executor.
-    async fn checked(&self, request: GenerateRequest) -> Result<GenerateRequest, EngineError> {
-        if self.engine.tokenizer().0 != "remote" {
-            self.check(&request)?;
-            return Ok(request);
-        }
+    /// [`Self::prepare`] from async code: tokenizing runs on a blocking
+    /// thread, never on the caller's executor, whose other requests it would hold up.
+    pub async fn prepared(&self, request: GenerateRequest) -> Result<PreparedRequest, EngineError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.check(&request).map(|_| request))
+        tokio::task::spawn_blocking(move || this.prepare(request))
             .await
-            .map_err(|_| EngineError::Remote("the tokenizer's call panicked".into()))?
+            .map_err(|_| EngineError::Template("tokenizing the prompt panicked".into()))?
     }
 
     /// Checks the request, waits for an instance and starts generating.
@@ -148,19 +139,25 @@ impl PoolHandle {
         self.generate_for(request, None).await
     }
 
-    /// [`Self::generate`] for a conversation: its turns go back to the slot
-    /// whose KV cache holds its prefix when that slot is idle, and its prompt
-    /// may reuse its own parked cache (memory or disk) and its namespace's
-    /// slots, never another namespace's. Without a key the first two
-    /// messages name the conversation, in no namespace.
+    /// [`Self::generate`] for a conversation: see [`Self::run`].
     pub async fn generate_for(
         &self,
         request: GenerateRequest,
         key: Option<CacheKey>,
     ) -> Result<GenerationStream, PoolError> {
-        let request = self.checked(request).await?;
+        let request = self.prepared(request).await?;
+        self.run(request, key).await
+    }
+
+    /// Waits for an instance and starts a request checked once
+    /// ([`Self::prepared`]). A conversation's turns go back to the slot
+    /// whose KV cache holds its prefix when that slot is idle, and its
+    /// prompt may reuse its own parked cache (memory or disk) and its
+    /// namespace's slots, never another namespace's. Without a key the
+    /// first two messages name the conversation, in no namespace.
+    pub async fn run(&self, request: PreparedRequest, key: Option<CacheKey>) -> Result<GenerationStream, PoolError> {
         let lease = self.acquire_for(key.map(|k| k.affinity())).await?;
-        let key = key.unwrap_or_else(|| CacheKey::of_messages("", &request.messages));
+        let key = key.unwrap_or_else(|| CacheKey::of_messages("", &request.request().messages));
         // A cache on disk is read into memory here, off the instance's step loop.
         if let Some(tiers) = self.kv_tiers() {
             let _ = tokio::task::spawn_blocking(move || tiers.prefetch(key)).await;

@@ -13,14 +13,14 @@ use crate::engine::step_loop::{Command, LoopSender};
 use crate::engine::Fault;
 use crate::engine::{CacheKey, InstanceInfo, SeqSink};
 use crate::error::EngineError;
-use crate::params::GenerateRequest;
+use crate::params::PreparedRequest;
 
 /// Starts a sequence in one slot; its events go to `sink`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Generate {
     pub slot: usize,
-    pub request: GenerateRequest,
+    pub request: PreparedRequest,
     /// Whose cache the prompt may reuse.
     pub key: CacheKey,
     /// When the request arrived at the instance (its timings start here).

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{CacheKey, SeqEvent, SeqEvents, SeqSink};
 use crate::error::{EngineError, PoolError};
-use crate::params::{Completion, GenerateRequest};
+use crate::params::{Completion, PreparedRequest};
 use crate::pool::instance::{CancelSlot, Generate, ModelActor};
 use crate::pool::state::{LeaseId, Outcome};
 use actix::{Addr, Message, Recipient};
@@ -68,8 +68,8 @@ impl Lease {
     /// longer than `max_generation` is cancelled and answered with
     /// [`PoolError::GenerationTimeout`]; only an instance whose loop does not
     /// stop it within a grace period is replaced.
-    pub fn run(self, request: GenerateRequest, max_generation: Duration) -> GenerationStream {
-        let key = CacheKey::of_messages("", &request.messages);
+    pub fn run(self, request: PreparedRequest, max_generation: Duration) -> GenerationStream {
+        let key = CacheKey::of_messages("", &request.request().messages);
         self.run_keyed(request, key, max_generation)
     }
 
@@ -78,7 +78,7 @@ impl Lease {
     /// The stream reads the sequence's own bounded channel from the
     /// instance's step loop: no task relays its tokens, and a reader that
     /// lags pauses its own sequence only.
-    pub fn run_keyed(self, request: GenerateRequest, key: CacheKey, max_generation: Duration) -> GenerationStream {
+    pub fn run_keyed(self, request: PreparedRequest, key: CacheKey, max_generation: Duration) -> GenerationStream {
         let (sink, events) = SeqSink::channel();
         let (instance, slot) = (self.instance, self.slot);
         self.addr.do_send(Generate { slot, request, key, started: Instant::now(), sink });

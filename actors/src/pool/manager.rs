@@ -131,7 +131,7 @@ impl PoolManager {
             Some(spec) => {
                 let info = engine.info();
                 let expect = Expected { model_stem: info.model_name, n_vocab: engine.n_vocab() };
-                remote::spawn(id, spec, engine, expect, on_ready, on_exit)
+                remote::spawn(id, spec, expect, on_ready, on_exit)
             }
             None => {
                 let opts = self.opts.instance.clone();

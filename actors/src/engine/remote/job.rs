@@ -2,7 +2,6 @@
 //! slot, its events turned into the pool's text pieces and usage, ended by
 //! its last event, a cancellation, the client leaving or the remote failing.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use eventsource_stream::Eventsource;
@@ -12,9 +11,9 @@ use tokio::sync::oneshot;
 
 use super::client::{clip, error_chain, Remote};
 use crate::engine::sampling::check_fits;
-use crate::engine::{Engine, SeqEvent, SeqSink};
+use crate::engine::{SeqEvent, SeqSink};
 use crate::error::EngineError;
-use crate::params::{Completion, FinishReason, GenerateRequest, Usage};
+use crate::params::{Completion, FinishReason, PreparedRequest, Usage};
 
 /// One event of a streaming `/completion`.
 #[derive(Deserialize)]
@@ -78,7 +77,6 @@ pub(super) struct Job {
     pub remote: Remote,
     pub slot: usize,
     pub n_ctx: u32,
-    pub tokenizer: Arc<dyn Engine>,
 }
 
 /// How a stream ended before its last event.
@@ -90,7 +88,7 @@ enum Interrupted {
 impl Job {
     pub async fn run(
         self,
-        request: GenerateRequest,
+        request: PreparedRequest,
         started: Instant,
         sink: SeqSink,
         cancelled: oneshot::Receiver<()>,
@@ -114,20 +112,18 @@ impl Job {
 
     async fn stream(
         &self,
-        request: &GenerateRequest,
+        request: &PreparedRequest,
         started: Instant,
         sink: &SeqSink,
         usage: &mut Usage,
     ) -> Result<Completion, Interrupted> {
         let fail = Interrupted::Failed;
-        let tokens = match &request.raw_prompt {
-            Some(prompt) => self.tokenizer.raw_prompt_ids(prompt),
-            None => self.tokenizer.prompt_tokens(&request.messages),
-        }
-        .map_err(fail)?;
-        let s = &request.sampling;
+        // Tokenized and checked once, for the pool's sequences (Engine::prepare).
+        let tokens = request.prompt();
+        let s = request.sampling();
         // Without max_tokens: the rest of the context (-1 when the remote's
-        // context is unknown, which llama-server reads the same way).
+        // context is unknown, which llama-server reads the same way). A
+        // remote whose context is shorter than the pool's holds less.
         let n_predict = match self.n_ctx {
             0 => s.max_tokens.map_or(-1, i64::from),
             n_ctx => i64::from(check_fits(tokens.len() as u32, s.max_tokens, n_ctx).map_err(fail)?),

@@ -3,8 +3,9 @@
 //! tokio runtime; each sequence is one streaming `/completion` request pinned
 //! to the slot the pool leased (`id_slot`, `cache_prompt`), so the remote's
 //! own prefix cache serves a conversation's next turn. The prompt goes as
-//! token ids made by the local tokenizer: message text is never parsed for
-//! special tokens, exactly as for a local instance.
+//! the token ids the pool made when it checked the request
+//! ([`super::Engine::prepare`]): message text is never parsed for special
+//! tokens, exactly as for a local instance.
 //!
 //! `client` holds the HTTP side and the checks made when connecting, `job`
 //! one sequence's stream, `tokenizer` the tokenizer of a pool whose model
@@ -14,7 +15,6 @@ mod client;
 mod job;
 pub mod tokenizer;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use self::client::{Remote, RemoteProps};
 use self::job::Job;
 use super::step_loop::{Command, ExitGuard, LoopSender};
-use super::{Engine, InstanceInfo};
+use super::InstanceInfo;
 use crate::error::EngineError;
 
 /// How to reach one remote `llama-server`.
@@ -83,7 +83,6 @@ pub struct Expected {
 pub fn spawn(
     id: usize,
     spec: RemoteSpec,
-    tokenizer: Arc<dyn Engine>,
     expect: Expected,
     on_ready: impl FnOnce(Result<(LoopSender, InstanceInfo, usize), EngineError>) + Send + 'static,
     on_exit: impl FnOnce() + Send + 'static,
@@ -108,7 +107,7 @@ pub fn spawn(
             let (tx, rx) = mpsc::unbounded_channel();
             let info = InstanceInfo { weights_addr: 0, kv_bytes_estimate: 0, endpoint: Some(remote.shown.clone()) };
             on_ready(Ok((LoopSender::task(tx), info, props.slots)));
-            serve(remote, props, tokenizer, rx).await;
+            serve(remote, props, rx).await;
         });
     })?;
     Ok(())
@@ -121,12 +120,7 @@ struct Running {
 }
 
 /// Applies commands until the handle is gone; each sequence is a local task.
-async fn serve(
-    remote: Remote,
-    props: RemoteProps,
-    tokenizer: Arc<dyn Engine>,
-    mut rx: mpsc::UnboundedReceiver<Command>,
-) {
+async fn serve(remote: Remote, props: RemoteProps, mut rx: mpsc::UnboundedReceiver<Command>) {
     let mut running: Vec<Option<Running>> = (0..props.slots).map(|_| None).collect();
     while let Some(command) = rx.recv().await {
         match command {
@@ -144,7 +138,7 @@ async fn serve(
                     }
                 }
                 let (cancel, cancelled) = oneshot::channel();
-                let job = Job { remote: remote.clone(), slot, n_ctx: props.n_ctx, tokenizer: tokenizer.clone() };
+                let job = Job { remote: remote.clone(), slot, n_ctx: props.n_ctx };
                 let task = tokio::task::spawn_local(job.run(request, started, sink, cancelled));
                 running[slot] = Some(Running { cancel: Some(cancel), task });
             }

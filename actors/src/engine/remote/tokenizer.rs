@@ -196,10 +196,6 @@ impl Engine for RemoteTokenizer {
         Err(EngineError::Context("the model file is not here: only remote instances can serve (instances = 0)".into()))
     }
 
-    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
-        Ok(self.prompt_tokens(messages)?.len() as u32)
-    }
-
     fn count_tokens(&self, text: &str) -> u32 {
         match self.tokenize(text, false, false) {
             Ok(t) => t.len() as u32,
