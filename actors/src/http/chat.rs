@@ -4,10 +4,11 @@ use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
-use super::disconnect::unless_client_gone;
+use super::disconnect::{unless_client_gone, Waiting};
+use super::metrics::Meter;
 use super::{sse_response, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat::types::{ChatError, ChatEvent, ChatReply, SendMessage};
 use crate::memory::prompt_builder::Recalled;
@@ -130,7 +131,7 @@ async fn chat(
     http: HttpRequest,
     body: web::Json<ChatRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
+    let meter = Meter::new(state.metrics.clone(), "chat", Instant::now());
     let mut body = body.into_inner();
     // A proxy routes on the X-Conversation-Id header; the body field works too.
     if let Some(header) = http.headers().get(CONVERSATION_HEADER) {
@@ -141,19 +142,13 @@ async fn chat(
                     "conversation_id",
                     format!("the X-Conversation-Id header ({header:?}) and the body's conversation_id ({id:?}) differ"),
                 );
-                state.metrics.finished("chat", started, Err(&e));
-                return Err(e);
+                return meter.answer(Err(e));
             }
             _ => body.conversation_id = Some(header),
         }
     }
-    let result =
-        unless_client_gone(&http, chat_inner(&state, &auth, body, super::disconnect::peer_of(&http), started)).await;
-    // Every outcome but a started stream is counted here, once.
-    if let Err(e) = &result {
-        state.metrics.finished("chat", started, Err(e));
-    }
-    result
+    let inner = chat_inner(&state, &auth, body, super::disconnect::peer_of(&http), meter.clone());
+    meter.answer(unless_client_gone(&http, inner).await)
 }
 
 #[tracing::instrument(name = "request", skip_all, fields(endpoint = "chat"))]
@@ -162,7 +157,7 @@ async fn chat_inner(
     auth: &Authorized,
     req: ChatRequest,
     peer: Option<super::disconnect::PeerSocket>,
-    started: Instant,
+    meter: Meter,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     state.admit()?;
@@ -203,12 +198,12 @@ async fn chat_inner(
     let mut admission = Box::pin(async move { handle.send(msg).await });
     if !req.stream {
         let reply = admission.await?.finish().await?;
-        state.metrics.finished("chat", started, Ok(&reply.usage));
+        meter.ok(&reply.usage);
         state.metrics.chat_turn(&reply);
         return Ok(HttpResponse::Ok()
             .insert_header((CONVERSATION_HEADER, reply.conversation_id.to_string()))
             .insert_header((NODE_HEADER, state.settings.node.as_str()))
-            .json(response_body(&reply, started)));
+            .json(response_body(&reply, meter.started())));
     }
 
     // A turn still queued after a moment gets its answer's headers, then SSE
@@ -220,60 +215,60 @@ async fn chat_inner(
         _ = tokio::time::sleep(super::HEADERS_WHILE_QUEUED) => None,
     };
     let known = admitted.as_ref().map(|t| t.conversation_id).or(conversation_id);
-    let (tx, rx) = mpsc::channel::<sse::Event>(64);
-    let state = state.clone();
     let mut routing = vec![(NODE_HEADER, state.settings.node.clone())];
     routing.extend(known.map(|id| (CONVERSATION_HEADER, id.to_string())));
-    actix::spawn(async move {
+    let state = state.clone();
+    // The answer is a stream read straight from the turn: one event per
+    // token; a client that leaves drops it, and with it the turn.
+    let events = async_stream::stream! {
         let mut turn = match admitted {
             Some(turn) => turn,
             None => {
-                let Some(waited) = super::disconnect::admitted_unless_gone(admission, &tx, peer).await else {
-                    return;
-                };
+                let mut waiting = std::pin::pin!(super::disconnect::admitted_unless_gone(admission, peer));
+                let mut waited = None;
+                while let Some(w) = waiting.next().await {
+                    match w {
+                        Waiting::Look => yield sse::Event::Comment("waiting".into()),
+                        Waiting::Admitted(result) => waited = Some(result),
+                    }
+                }
                 match waited {
-                    Ok(turn) => turn,
-                    Err(e) => {
+                    // The client left while it waited.
+                    None => return,
+                    Some(Ok(turn)) => turn,
+                    Some(Err(e)) => {
                         let e = ApiError::from(e);
-                        state.metrics.finished("chat", started, Err(&e));
-                        let _ = tx.send(sse::Data::new(e.body_json()).event("error").into()).await;
+                        meter.fail(&e);
+                        yield sse::Data::new(e.body_json()).event("error").into();
                         return;
                     }
                 }
             }
         };
         let start = serde_json::json!({ "conversation_id": turn.conversation_id.to_string() });
-        if tx.send(sse::Data::new(start.to_string()).event("start").into()).await.is_err() {
-            return;
-        }
+        yield sse::Data::new(start.to_string()).event("start").into();
         while let Some(event) = turn.next_event().await {
-            let (out, last) = match event {
+            match event {
                 ChatEvent::Token(t) => {
-                    (sse::Data::new(serde_json::json!({ "text": t }).to_string()).event("token"), false)
+                    yield sse::Data::new(serde_json::json!({ "text": t }).to_string()).event("token").into();
                 }
                 ChatEvent::Done(reply) => {
-                    state.metrics.finished("chat", started, Ok(&reply.usage));
+                    meter.ok(&reply.usage);
                     state.metrics.chat_turn(&reply);
-                    let body = serde_json::to_string(&response_body(&reply, started)).expect("serialisable");
-                    (sse::Data::new(body).event("done"), true)
+                    let body = serde_json::to_string(&response_body(&reply, meter.started())).expect("serialisable");
+                    yield sse::Data::new(body).event("done").into();
+                    break;
                 }
                 ChatEvent::Error(e) => {
                     let e = ApiError::from(e);
-                    state.metrics.finished("chat", started, Err(&e));
-                    (sse::Data::new(e.body_json()).event("error"), true)
+                    meter.fail(&e);
+                    yield sse::Data::new(e.body_json()).event("error").into();
+                    break;
                 }
-            };
-            // A client that left drops the receiver: dropping `turn` then stops the generation.
-            if tx.send(out.into()).await.is_err() {
-                state.metrics.request("chat", "cancelled", Some(started.elapsed()));
-                break;
-            }
-            if last {
-                break;
             }
         }
-    });
-    let mut res = sse_response(rx);
+    };
+    let mut res = sse_response(events);
     for (name, value) in routing {
         if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&value) {
             res.headers_mut().insert(actix_web::http::header::HeaderName::from_static(name), v);

@@ -122,33 +122,48 @@ pub fn peer_of(req: &HttpRequest) -> Option<PeerSocket> {
 /// How often a stream waiting for a slot looks at its client's socket.
 const WAITING_LOOK: Duration = Duration::from_millis(100);
 
+/// What a streaming answer that started while its request waits for a slot
+/// sends meanwhile.
+pub(crate) enum Waiting<T> {
+    /// A comment to write: the client's socket showed its end of stream.
+    Look,
+    /// The request was admitted (or refused).
+    Admitted(T),
+}
+
 /// For a streaming answer that started while its request waits for a slot:
-/// waits for `admission`, or answers `None` once the client is gone, which
-/// drops `admission` and so gives its place in the queue up. actix notices a
-/// closed client only when it writes, and an idle stream writes a comment
-/// every few seconds; so once the client's socket shows its end of stream, a
-/// comment is written at each look (a closed client answers it with a reset,
-/// which ends the response; a half-closed one reads and skips it).
-pub(crate) async fn admitted_unless_gone<T>(
+/// the admission's result, or an end without it once the client is gone
+/// (which drops `admission` and so gives its place in the queue up). actix
+/// notices a closed client only when it writes, and an idle stream writes a
+/// comment every few seconds; so once the client's socket shows its end of
+/// stream, a [`Waiting::Look`] asks for a comment at each look (a closed
+/// client answers it with a reset, which ends the response; a half-closed
+/// one reads and skips it). Dropping the stream (the response ended) gives
+/// the place up too.
+pub(crate) fn admitted_unless_gone<T>(
     admission: impl std::future::Future<Output = T>,
-    tx: &tokio::sync::mpsc::Sender<actix_web_lab::sse::Event>,
     peer: Option<PeerSocket>,
-) -> Option<T> {
-    tokio::pin!(admission);
-    let mut looks = tokio::time::interval(WAITING_LOOK);
-    loop {
-        tokio::select! {
-            admitted = &mut admission => return Some(admitted),
-            _ = tx.closed() => return None,
-            _ = looks.tick() => match peer.map(|PeerSocket(fd)| look(fd)) {
-                Some(Peer::Gone) => return None,
-                Some(Peer::EndOfStream) => {
-                    if tx.send(actix_web_lab::sse::Event::Comment("waiting".into())).await.is_err() {
-                        return None;
-                    }
+) -> impl futures::Stream<Item = Waiting<T>> {
+    async_stream::stream! {
+        tokio::pin!(admission);
+        let mut looks = tokio::time::interval(WAITING_LOOK);
+        loop {
+            let next = tokio::select! {
+                admitted = &mut admission => Some(Waiting::Admitted(admitted)),
+                _ = looks.tick() => match peer.map(|PeerSocket(fd)| look(fd)) {
+                    Some(Peer::Gone) => return,
+                    Some(Peer::EndOfStream) => Some(Waiting::Look),
+                    Some(Peer::Open) | None => None,
+                },
+            };
+            match next {
+                Some(Waiting::Admitted(admitted)) => {
+                    yield Waiting::Admitted(admitted);
+                    return;
                 }
-                Some(Peer::Open) | None => {}
-            },
+                Some(Waiting::Look) => yield Waiting::Look,
+                None => {}
+            }
         }
     }
 }

@@ -371,6 +371,70 @@ pub fn register(cfg: &mut web::ServiceConfig) {
     cfg.route("/metrics", web::get().to(metrics));
 }
 
+/// One generation request's outcome, recorded exactly once: as it ended
+/// ([`Meter::ok`], [`Meter::fail`]), or as `cancelled` when every copy is
+/// dropped before that (the client left mid-stream, or its handler was
+/// dropped). The route's handler makes it; its answer, or the stream that
+/// carries the answer, holds a copy.
+#[derive(Clone)]
+pub(crate) struct Meter(std::sync::Arc<MeterInner>);
+
+struct MeterInner {
+    metrics: std::sync::Arc<Metrics>,
+    endpoint: &'static str,
+    started: Instant,
+    recorded: std::sync::atomic::AtomicBool,
+}
+
+impl Meter {
+    /// A request to `endpoint` that arrived at `started`.
+    pub(crate) fn new(metrics: std::sync::Arc<Metrics>, endpoint: &'static str, started: Instant) -> Self {
+        let recorded = std::sync::atomic::AtomicBool::new(false);
+        Self(std::sync::Arc::new(MeterInner { metrics, endpoint, started, recorded }))
+    }
+
+    /// When the request arrived (its time to first token counts from here).
+    pub(crate) fn started(&self) -> Instant {
+        self.0.started
+    }
+
+    /// True the first time only.
+    fn first(&self) -> bool {
+        !self.0.recorded.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// It generated: its tokens and timings.
+    pub(crate) fn ok(&self, usage: &Usage) {
+        if self.first() {
+            self.0.metrics.finished(self.0.endpoint, self.0.started, Ok(usage));
+        }
+    }
+
+    /// It failed: its error type is the outcome.
+    pub(crate) fn fail(&self, e: &ApiError) {
+        if self.first() {
+            self.0.metrics.finished(self.0.endpoint, self.0.started, Err(e));
+        }
+    }
+
+    /// A handler's answer: an error is recorded; a success recorded itself
+    /// (or its stream will).
+    pub(crate) fn answer(&self, result: Result<HttpResponse, ApiError>) -> Result<HttpResponse, ApiError> {
+        if let Err(e) = &result {
+            self.fail(e);
+        }
+        result
+    }
+}
+
+impl Drop for MeterInner {
+    fn drop(&mut self) {
+        if !*self.recorded.get_mut() {
+            self.metrics.request(self.endpoint, "cancelled", Some(self.started.elapsed()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

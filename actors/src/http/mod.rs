@@ -139,8 +139,8 @@ impl ApiState {
         self.chat.get().ok_or(ApiError::Loading { retry_after_secs: error::RETRY_AFTER_SECS })
     }
 
-    /// The configured sampling with a request's overrides, validated; the
-    /// error names the field, the rule and the value.
+    /// The configured sampling with a request's overrides; an override out
+    /// of its range is an error naming the field, the rule and the value.
     pub(crate) fn sampling(&self, o: SamplingOverrides) -> Result<SamplingParams, ApiError> {
         let chat = self.chat()?;
         let mut s = chat.options().sampling.clone();
@@ -173,7 +173,9 @@ impl ApiState {
         s.repeat_penalty = o.repeat_penalty.unwrap_or(s.repeat_penalty);
         s.frequency_penalty = o.frequency_penalty.unwrap_or(s.frequency_penalty);
         s.presence_penalty = o.presence_penalty.unwrap_or(s.presence_penalty);
-        s.validate_for(n_ctx, chat.pool().engine().n_vocab())?;
+        // The rest of the rules are checked once, with the prompt, when the
+        // request is prepared (Engine::prepare; a chat turn checks before it
+        // embeds anything).
         Ok(s)
     }
 
@@ -409,15 +411,15 @@ pub(crate) const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from
 /// (with SSE comments every [`SSE_KEEP_ALIVE`] while it waits on).
 pub(crate) const HEADERS_WHILE_QUEUED: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// A server-sent-events response fed by `rx`. Uncompressed and uncached, so
+/// A server-sent-events response written straight from `events`. Uncompressed and uncached, so
 /// every event reaches the client as soon as it is sent.
-pub(crate) fn sse_response(rx: tokio::sync::mpsc::Receiver<actix_web_lab::sse::Event>) -> HttpResponse {
+pub(crate) fn sse_response(events: impl futures::Stream<Item = actix_web_lab::sse::Event> + 'static) -> HttpResponse {
     use actix_web::http::header::{CacheControl, CacheDirective, ContentEncoding};
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(ContentEncoding::Identity)
         .insert_header(CacheControl(vec![CacheDirective::NoCache]))
-        .body(actix_web_lab::sse::Sse::from_infallible_receiver(rx).with_keep_alive(SSE_KEEP_ALIVE))
+        .body(actix_web_lab::sse::Sse::from_infallible_stream(events).with_keep_alive(SSE_KEEP_ALIVE))
 }
 
 /// Seconds since the Unix epoch (OpenAI's `created`).

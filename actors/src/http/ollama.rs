@@ -14,9 +14,9 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use super::disconnect::unless_client_gone;
+use super::metrics::Meter;
 use super::openai::{check_model, short_json};
 use super::{ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::engine::CacheKey;
@@ -47,15 +47,10 @@ async fn reply(work: impl std::future::Future<Output = Result<HttpResponse, ApiE
 /// A generation route's answer: an error is counted here, once (a
 /// generation counts itself when it ends), and given Ollama's shape.
 async fn counted(
-    state: &ApiState,
-    started: Instant,
+    meter: &Meter,
     work: impl std::future::Future<Output = Result<HttpResponse, ApiError>>,
 ) -> HttpResponse {
-    let result = work.await;
-    if let Err(e) = &result {
-        state.metrics.finished("ollama", started, Err(e));
-    }
-    result.unwrap_or_else(ollama_error)
+    meter.answer(work.await).unwrap_or_else(ollama_error)
 }
 
 /// `model` as Ollama clients write it: a name, maybe with `:latest`.
@@ -192,7 +187,6 @@ fn sampling_of(
         Some(schema @ Value::Object(_)) => Some(super::structured::schema_grammar(schema, "format")?),
         Some(other) => return Err(refuse("format", "must be \"json\" or a JSON schema object", other)),
     };
-    s.validate()?;
     Ok((s, to_the_end))
 }
 
@@ -269,8 +263,9 @@ async fn generate(
     http: &HttpRequest,
     namespace: &str,
     job: Job,
-    started: Instant,
+    meter: Meter,
 ) -> Result<HttpResponse, ApiError> {
+    let started = meter.started();
     let Job { messages, mut sampling, to_the_end, stream, shape, with_tools } = job;
     let chat = state.chat()?;
     state.admit()?;
@@ -309,38 +304,31 @@ async fn generate(
     }
     if !stream {
         let (text, done) = generation.collect_text().await?;
-        state.metrics.finished("ollama", started, Ok(&done.usage));
+        meter.ok(&done.usage);
         return Ok(HttpResponse::Ok().json(shape.last(&model, &text, &done, started)));
     }
-    let (tx, rx) = mpsc::channel::<web::Bytes>(64);
-    let state = state.clone();
-    actix::spawn(async move {
-        let line = |v: Value| web::Bytes::from(format!("{v}\n"));
+    // NDJSON lines read straight from the sequence's channel, one per token;
+    // a client that leaves drops the stream, and with it the generation.
+    let body = async_stream::stream! {
+        let line = |v: Value| Ok::<_, actix_web::Error>(web::Bytes::from(format!("{v}\n")));
         while let Some(event) = generation.next().await {
-            let (out, last) = match event {
-                GenEvent::Token(t) => (shape.piece(&model, &t), false),
-                GenEvent::Logprob(_) => continue,
+            match event {
+                GenEvent::Token(t) => yield line(shape.piece(&model, &t)),
+                GenEvent::Logprob(_) => {}
                 GenEvent::Done(done) => {
-                    state.metrics.finished("ollama", started, Ok(&done.usage));
-                    (shape.last(&model, "", &done, started), true)
+                    meter.ok(&done.usage);
+                    yield line(shape.last(&model, "", &done, started));
+                    break;
                 }
                 GenEvent::Error(e) => {
                     let e = ApiError::from(e);
-                    state.metrics.finished("ollama", started, Err(&e));
-                    (json!({ "error": e.to_string() }), true)
+                    meter.fail(&e);
+                    yield line(json!({ "error": e.to_string() }));
+                    break;
                 }
-            };
-            // A client that left drops the receiver: dropping `generation` stops it.
-            if tx.send(line(out)).await.is_err() || last {
-                break;
             }
         }
-    });
-    let body =
-        futures::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx)) },
-        );
+    };
     Ok(HttpResponse::Ok().content_type("application/x-ndjson").streaming(body))
 }
 
@@ -350,7 +338,7 @@ async fn api_chat(
     http: HttpRequest,
     body: web::Json<ChatBody>,
 ) -> HttpResponse {
-    let started = Instant::now();
+    let meter = Meter::new(state.metrics.clone(), "ollama", Instant::now());
     let work = async {
         let body = body.into_inner();
         let chat = state.chat()?;
@@ -412,7 +400,6 @@ async fn api_chat(
                 ));
             }
             sampling.grammar = Some(tools.grammar());
-            sampling.validate()?;
             messages = super::openai::with_tool_instructions(messages, tools);
         }
         let namespace = auth.namespace.clone().unwrap_or_default();
@@ -424,9 +411,9 @@ async fn api_chat(
             shape: Shape::Chat,
             with_tools: tools.is_some(),
         };
-        unless_client_gone(&http, generate(&state, &http, &namespace, job, started)).await
+        unless_client_gone(&http, generate(&state, &http, &namespace, job, meter.clone())).await
     };
-    counted(&state, started, work).await
+    counted(&meter, work).await
 }
 
 async fn api_generate(
@@ -435,7 +422,7 @@ async fn api_generate(
     http: HttpRequest,
     body: web::Json<GenerateBody>,
 ) -> HttpResponse {
-    let started = Instant::now();
+    let meter = Meter::new(state.metrics.clone(), "ollama", Instant::now());
     let work = async {
         let body = body.into_inner();
         let chat = state.chat()?;
@@ -477,9 +464,9 @@ async fn api_generate(
             shape: Shape::Generate,
             with_tools: false,
         };
-        unless_client_gone(&http, generate(&state, &http, &namespace, job, started)).await
+        unless_client_gone(&http, generate(&state, &http, &namespace, job, meter.clone())).await
     };
-    counted(&state, started, work).await
+    counted(&meter, work).await
 }
 
 #[derive(Deserialize)]

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::disconnect::{peer_of, unless_client_gone};
 use super::logprobs::logprobs_of;
+use super::metrics::Meter;
 use super::openai_reply::{generate, Delivery};
 use super::{ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::engine::CacheKey;
@@ -328,7 +329,6 @@ fn sampling_of(
     // Structured output: response_format, json_schema or grammar.
     sampling.grammar = super::structured::grammar_of(other)?;
     sampling.logprobs = logprobs;
-    sampling.validate()?;
     let include_usage = f.stream_options.map(|o| o.include_usage).unwrap_or(false);
     Ok((sampling, Delivery { stream: f.stream, include_usage }))
 }
@@ -409,7 +409,7 @@ async fn chat_completions(
     http: HttpRequest,
     body: web::Json<CompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
+    let meter = Meter::new(state.metrics.clone(), Route::Chat.endpoint(), Instant::now());
     let req = body.into_inner();
     let namespace = auth.namespace.unwrap_or_default();
     let work = async {
@@ -429,13 +429,12 @@ async fn chat_completions(
                 ));
             }
             sampling.grammar = Some(tools.grammar());
-            sampling.validate()?;
             messages = with_tool_instructions(messages, tools);
         }
         let request = GenerateRequest { messages, sampling, raw_prompt: None };
-        generate(&state, request, key, delivery, Route::Chat, tools.is_some(), peer_of(&http), started).await
+        generate(&state, request, key, delivery, Route::Chat, tools.is_some(), peer_of(&http), meter.clone()).await
     };
-    finish(&state, Route::Chat, started, unless_client_gone(&http, work).await)
+    meter.answer(unless_client_gone(&http, work).await)
 }
 
 async fn text_completions(
@@ -444,7 +443,7 @@ async fn text_completions(
     http: HttpRequest,
     body: web::Json<TextCompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
+    let meter = Meter::new(state.metrics.clone(), Route::Text.endpoint(), Instant::now());
     let req = body.into_inner();
     let namespace = auth.namespace.unwrap_or_default();
     let work = async {
@@ -463,22 +462,9 @@ async fn text_completions(
             (None, None) => CacheKey::new(&namespace, &opening),
         };
         let request = GenerateRequest { messages: Vec::new(), sampling, raw_prompt: Some(prompt) };
-        generate(&state, request, key, delivery, Route::Text, false, peer_of(&http), started).await
+        generate(&state, request, key, delivery, Route::Text, false, peer_of(&http), meter.clone()).await
     };
-    finish(&state, Route::Text, started, unless_client_gone(&http, work).await)
-}
-
-/// Counts every outcome but a started stream, once.
-fn finish(
-    state: &ApiState,
-    route: Route,
-    started: Instant,
-    result: Result<HttpResponse, ApiError>,
-) -> Result<HttpResponse, ApiError> {
-    if let Err(e) = &result {
-        state.metrics.finished(route.endpoint(), started, Err(e));
-    }
-    result
+    meter.answer(unless_client_gone(&http, work).await)
 }
 
 /// The request's `model`: the served chat model (the embedding model is named as such).

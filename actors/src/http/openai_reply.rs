@@ -1,16 +1,15 @@
 //! The answer of `/v1/chat/completions` and `/v1/completions`: one object,
 //! or server-sent `chat.completion.chunk` / `text_completion` chunks.
 
-use std::time::Instant;
-
 use actix_web::{web, HttpResponse};
 use actix_web_lab::sse;
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
+use super::disconnect::Waiting;
 use super::logprobs::{chat_logprobs, text_logprobs};
+use super::metrics::Meter;
 use super::openai::Route;
 use super::{sse_response, unix_now, ApiError, ApiState};
 use crate::engine::CacheKey;
@@ -78,7 +77,7 @@ pub(super) async fn generate(
     route: Route,
     with_tools: bool,
     peer: Option<super::disconnect::PeerSocket>,
-    started: Instant,
+    meter: Meter,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     state.admit()?;
@@ -88,9 +87,11 @@ pub(super) async fn generate(
     // A streaming request still waiting for a slot after a moment gets its
     // answer's headers, then SSE comments while it waits (clients and
     // proxies see it is alive); a refusal before that keeps its status.
+    // Checked and tokenized once, before any answer: a bad field keeps its 400.
     let pool = chat.pool().clone();
+    let request = pool.prepared(request).await?;
     let mut admission: std::pin::Pin<Box<dyn std::future::Future<Output = Result<GenerationStream, PoolError>>>> =
-        Box::pin(async move { pool.generate_for(request, Some(key)).await });
+        Box::pin(async move { pool.run(request, Some(key)).await });
     let admitted = if stream {
         tokio::select! {
             admitted = &mut admission => Some(admitted?),
@@ -110,7 +111,7 @@ pub(super) async fn generate(
         let generation = admitted.expect("a request that does not stream waits for its admission");
         // An error returns to the handler, which counts it once.
         let (text, lps, done) = generation.collect().await?;
-        state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
+        meter.ok(&done.usage);
         let choice = match route {
             Route::Chat => {
                 let (message, finish) = reply_message(text, done.finish_reason, with_tools);
@@ -138,9 +139,10 @@ pub(super) async fn generate(
         })));
     }
 
-    let (tx, rx) = mpsc::channel::<sse::Event>(64);
-    let state = state.clone();
-    actix::spawn(async move {
+    // The answer is a stream read straight from the sequence's channel: one
+    // event per token, written to the socket when actix polls it; a client
+    // that leaves drops it, and with it the generation.
+    let events = async_stream::stream! {
         let chunk_object = match route {
             Route::Chat => "chat.completion.chunk",
             Route::Text => "text_completion",
@@ -185,47 +187,44 @@ pub(super) async fn generate(
             }
             c
         };
-        let send = |v: Value| tx.send(sse::Data::new(v.to_string()).into());
+        let data = |v: Value| sse::Event::from(sse::Data::new(v.to_string()));
         let mut generation = match admitted {
             Some(generation) => generation,
             None => {
-                let Some(waited) = super::disconnect::admitted_unless_gone(admission, &tx, peer).await else {
-                    return;
-                };
+                let mut waiting = std::pin::pin!(super::disconnect::admitted_unless_gone(admission, peer));
+                let mut waited = None;
+                while let Some(w) = waiting.next().await {
+                    match w {
+                        Waiting::Look => yield sse::Event::Comment("waiting".into()),
+                        Waiting::Admitted(result) => waited = Some(result),
+                    }
+                }
                 match waited {
-                    Ok(generation) => generation,
-                    Err(e) => {
+                    // The client left while it waited.
+                    None => return,
+                    Some(Ok(generation)) => generation,
+                    Some(Err(e)) => {
                         let e = ApiError::from(e);
-                        state.metrics.finished(route.endpoint(), started, Err(&e));
-                        let _ = tx.send(sse::Data::new(e.body_json()).into()).await;
-                        let _ = tx.send(sse::Data::new("[DONE]").into()).await;
+                        meter.fail(&e);
+                        yield sse::Data::new(e.body_json()).into();
+                        yield sse::Data::new("[DONE]").into();
                         return;
                     }
                 }
             }
         };
-        if matches!(route, Route::Chat) && send(chunk(None, None, None, &mut pending)).await.is_err() {
-            return;
+        if matches!(route, Route::Chat) {
+            yield data(chunk(None, None, None, &mut pending));
         }
         while let Some(event) = generation.next().await {
             match event {
                 GenEvent::Logprob(lp) => pending.push(lp),
-                GenEvent::Token(t) => {
-                    let gone = match held.as_mut() {
-                        Some(held) => {
-                            held.push_str(&t);
-                            tx.is_closed()
-                        }
-                        None => send(chunk(Some(&t), None, None, &mut pending)).await.is_err(),
-                    };
-                    // The client left: dropping `generation` stops it within one token.
-                    if gone {
-                        state.metrics.request(route.endpoint(), "cancelled", Some(started.elapsed()));
-                        return;
-                    }
-                }
+                GenEvent::Token(t) => match held.as_mut() {
+                    Some(held) => held.push_str(&t),
+                    None => yield data(chunk(Some(&t), None, None, &mut pending)),
+                },
                 GenEvent::Done(done) => {
-                    state.metrics.finished(route.endpoint(), started, Ok(&done.usage));
+                    meter.ok(&done.usage);
                     let mut finish = finish_str(done.finish_reason);
                     if let Some(text) = held.take() {
                         let piece = match super::tools::parse_reply(&text) {
@@ -237,27 +236,27 @@ pub(super) async fn generate(
                             }
                             super::tools::Reply::Text(answer) => chunk(Some(&answer), None, None, &mut pending),
                         };
-                        let _ = send(piece).await;
+                        yield data(piece);
                     }
-                    let _ = send(chunk(None, None, Some(finish), &mut pending)).await;
+                    yield data(chunk(None, None, Some(finish), &mut pending));
                     if include_usage {
                         let last = json!({
                             "id": id, "object": chunk_object, "created": created, "model": model,
                             "choices": [], "usage": usage_body(&done.usage),
                         });
-                        let _ = send(last).await;
+                        yield data(last);
                     }
                     break;
                 }
                 GenEvent::Error(e) => {
                     let e = ApiError::from(e);
-                    state.metrics.finished(route.endpoint(), started, Err(&e));
-                    let _ = tx.send(sse::Data::new(e.body_json()).into()).await;
+                    meter.fail(&e);
+                    yield sse::Data::new(e.body_json()).into();
                     break;
                 }
             }
         }
-        let _ = tx.send(sse::Data::new("[DONE]").into()).await;
-    });
-    Ok(sse_response(rx))
+        yield sse::Data::new("[DONE]").into();
+    };
+    Ok(sse_response(events))
 }
