@@ -15,10 +15,14 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use common::http::{http_within, metrics, pool, wait_pool};
 use common::llama_server::LlamaServer;
 use common::model_path;
 use common::server::Server;
 use serde_json::{json, Value};
+
+/// Every request of these scenarios fails after two minutes instead of hanging.
+const REQUEST_LIMIT: Duration = Duration::from_secs(120);
 
 /// These scenarios each run several model processes on the machine's
 /// cores: one at a time.
@@ -26,27 +30,6 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
-}
-
-async fn pool(server: &Server) -> Value {
-    http().get(server.url("/pool")).send().await.unwrap().json().await.unwrap()
-}
-
-/// Polls /pool until `cond` holds; panics with the last status after `limit`.
-async fn wait_pool(server: &Server, limit: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        let p = pool(server).await;
-        if cond(&p) {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}: {p:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn instance_state(p: &Value, id: usize) -> String {
@@ -64,7 +47,7 @@ async fn chat(
     if let Some(id) = conversation {
         body["conversation_id"] = id.into();
     }
-    let res = http().post(server.url("/chat")).json(&body).send().await.unwrap();
+    let res = http_within(REQUEST_LIMIT).post(server.url("/chat")).json(&body).send().await.unwrap();
     let status = res.status().as_u16();
     let retry_after = res.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
     (status, res.json().await.unwrap_or(Value::Null), retry_after)
@@ -159,10 +142,11 @@ async fn a_local_instance_and_two_remotes_serve_conversations_alike() {
             served_by(r1)
         );
     }
-    let metrics = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = metrics(&server).await;
     let line = format!("modelpool_instance_info{{instance=\"2\",kind=\"remote\",endpoint=\"{}\"}} 1", remotes[1].url());
     assert!(metrics.contains(&line), "{line} missing from /metrics");
-    let capacity: Value = http().get(server.url("/pool/capacity")).send().await.unwrap().json().await.unwrap();
+    let capacity: Value =
+        http_within(REQUEST_LIMIT).get(server.url("/pool/capacity")).send().await.unwrap().json().await.unwrap();
     assert_eq!((capacity["free_slots"].as_u64(), capacity["total_slots"].as_u64()), (Some(6), Some(6)), "{capacity}");
     assert_eq!(capacity["instances"][1]["endpoint"], remotes[0].url());
 }
@@ -303,7 +287,8 @@ fn a_remote_with_another_model_stops_start_up_with_a_clear_error() {
 
 /// True while any of the remote's slots is generating (its `/slots`).
 async fn remote_busy(remote: &LlamaServer) -> bool {
-    let slots: Value = http().get(format!("{}/slots", remote.url())).send().await.unwrap().json().await.unwrap();
+    let slots: Value =
+        http_within(REQUEST_LIMIT).get(format!("{}/slots", remote.url())).send().await.unwrap().json().await.unwrap();
     slots.as_array().unwrap().iter().any(|s| s["is_processing"] == true)
 }
 
@@ -336,7 +321,7 @@ async fn a_deadline_or_a_client_leaving_stops_the_remote_slot() {
     wait_pool(&server, Duration::from_secs(3), "slot back after the deadline", |p| p["in_use"] == 0).await;
 
     // A streaming client that goes away after its first token.
-    let res = http()
+    let res = http_within(REQUEST_LIMIT)
         .post(server.url("/chat"))
         .json(&json!({ "message": long, "max_tokens": 400, "stream": true }))
         .send()
@@ -433,7 +418,7 @@ async fn a_remote_follows_the_requests_grammar_and_schema_and_reports_logprobs()
     let post = |body: Value| {
         let url = server.url("/v1/chat/completions");
         async move {
-            let r = http().post(url).json(&body).send().await.unwrap();
+            let r = http_within(REQUEST_LIMIT).post(url).json(&body).send().await.unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     };

@@ -15,6 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::http::pool;
 use common::server::Server;
 use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -132,10 +133,6 @@ fn output_dir() -> std::path::PathBuf {
     });
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-async fn pool(server: &Server) -> Value {
-    reqwest::get(server.url("/pool")).await.unwrap().json().await.unwrap()
 }
 
 #[actix::test]

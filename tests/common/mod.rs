@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod http;
 pub mod llama_server;
 pub mod postgres;
 pub mod server;
