@@ -12,6 +12,7 @@ use async_openai::types::chat::{
 use async_openai::types::embeddings::CreateEmbeddingRequestArgs;
 use async_openai::Client;
 use common::http::{expect_error, http, metrics, pool, request, wait_pool};
+use common::process::signal;
 use common::server::{sse_events, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -427,7 +428,7 @@ async fn sigterm_drains_the_running_request_refuses_new_ones_and_keeps_the_conve
             .unwrap()
     });
     wait_pool(&server, Duration::from_secs(5), "the instance busy", |s| s["in_use"] == 1).await;
-    super_kill(server.child.id());
+    signal(server.child.id(), "TERM");
     // Readiness turns 503 and new work is refused while the running request finishes.
     let mut refused = false;
     for _ in 0..50 {
@@ -459,10 +460,6 @@ async fn sigterm_drains_the_running_request_refuses_new_ones_and_keeps_the_conve
     let messages = store.messages(&id, None, 10).await.unwrap();
     assert_eq!(messages.len(), 2);
     assert_eq!(messages[1].content, reply["response"].as_str().unwrap());
-}
-
-fn super_kill(pid: u32) {
-    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
 }
 
 #[actix::test]

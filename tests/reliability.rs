@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::http::{http_within, pool, wait_pool};
+use common::process::signal;
 use common::server::Server;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -357,7 +358,7 @@ async fn kill_9_during_a_write_storm_loses_nothing_acknowledged() {
     });
     let killer = async {
         tokio::time::sleep(storm_for).await;
-        unsafe_kill_9(server.child.id());
+        signal(server.child.id(), "KILL");
     };
     futures::join!(futures::future::join_all(writers), killer);
     let acknowledged = acknowledged.into_inner().unwrap();
@@ -371,10 +372,6 @@ async fn kill_9_during_a_write_storm_loses_nothing_acknowledged() {
         assert_eq!(page["messages"][0]["content"].as_str(), Some(text.as_str()));
         assert_eq!(page["messages"][1]["role"], "assistant", "the acknowledged reply of {text:?} is missing");
     }
-}
-
-fn unsafe_kill_9(pid: u32) {
-    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
 }
 
 #[actix::test]

@@ -6,6 +6,7 @@ pub mod haproxy;
 pub mod http;
 pub mod llama_server;
 pub mod postgres;
+pub mod process;
 pub mod server;
 
 use std::path::PathBuf;
