@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::http::{get_json, http_within, metrics, sample};
 use common::server::Server;
-use common::slotted;
+use common::{greedy, slotted};
 use modelpool_actors::engine::kv_tiers::{Fingerprint, KvTierOptions, KvTiers};
-use modelpool_actors::{ChatMessage, GenerateRequest, LlamaEngine, PoolHandle, SamplingParams, Usage};
+use modelpool_actors::{ChatMessage, LlamaEngine, PoolHandle, Usage};
 use serde_json::{json, Value};
 
 /// Every request of these scenarios fails after two minutes instead of hanging.
@@ -303,11 +303,6 @@ async fn the_memory_tier_stays_within_its_budget_while_64_conversations_rotate()
     assert!(grew < budget + (48 << 20), "RSS grew by {} MiB with an 8 MiB tier", grew >> 20);
 }
 
-/// A greedy request of `messages` for the pool's one slot.
-fn request(messages: Vec<ChatMessage>) -> GenerateRequest {
-    GenerateRequest { messages, sampling: SamplingParams::greedy(16), ..Default::default() }
-}
-
 /// Conversation A's second turn, after `between` ran on the pool's one slot
 /// (nothing, or B's first turn, which parks A's cache). Returns A's second
 /// reply and its usage.
@@ -320,16 +315,16 @@ async fn second_turn(engine: Arc<LlamaEngine>, tiers: Arc<KvTiers>, between: boo
                  cut the island off for six weeks, and the keeper wrote down everything he ate and every sound he \
                  heard at night. Summarise the story in one sentence.";
     let a1 = vec![ChatMessage::user(story.repeat(repeats))];
-    let (reply, _) = pool.generate(request(a1.clone())).await.unwrap().collect_text().await.unwrap();
+    let (reply, _) = pool.generate(greedy(a1.clone(), 16)).await.unwrap().collect_text().await.unwrap();
     if between {
         let b1 = vec![ChatMessage::user("Name three birds that nest on cliffs.")];
-        pool.generate(request(b1)).await.unwrap().collect_text().await.unwrap();
+        pool.generate(greedy(b1, 16)).await.unwrap().collect_text().await.unwrap();
         tiers.flush();
     }
     let mut a2 = a1;
     a2.push(ChatMessage::assistant(reply));
     a2.push(ChatMessage::user("What did the keeper write down during the storm?"));
-    let (text, done) = pool.generate(request(a2)).await.unwrap().collect_text().await.unwrap();
+    let (text, done) = pool.generate(greedy(a2, 16)).await.unwrap().collect_text().await.unwrap();
     pool.shutdown().await;
     (text, done.usage)
 }

@@ -7,7 +7,8 @@
 //! remote with another model stops start-up with a clear error.
 
 // A std mutex held across awaits on purpose: each test has its own runtime
-// and thread; the lock only keeps the scenarios from running together.
+// and thread; the lock only keeps the scenarios from running together, as
+// each runs several model processes on the machine's cores.
 #![allow(clippy::await_holding_lock)]
 
 mod common;
@@ -17,20 +18,12 @@ use std::time::{Duration, Instant};
 
 use common::http::{http_within, metrics, pool, wait_pool};
 use common::llama_server::LlamaServer;
-use common::model_path;
 use common::server::Server;
+use common::{model_path, one_at_a_time};
 use serde_json::{json, Value};
 
 /// Every request of these scenarios fails after two minutes instead of hanging.
 const REQUEST_LIMIT: Duration = Duration::from_secs(120);
-
-/// These scenarios each run several model processes on the machine's
-/// cores: one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn instance_state(p: &Value, id: usize) -> String {
     p["instances"][id]["state"].as_str().unwrap_or_default().to_string()
@@ -59,7 +52,7 @@ fn served_by(r: &Value) -> (u64, u64) {
 
 #[actix::test]
 async fn a_local_instance_and_two_remotes_serve_conversations_alike() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let model = model_path();
     let remotes = [LlamaServer::start(&model, 2, 1, 1024), LlamaServer::start(&model, 2, 1, 1024)];
     let server = Server::start(
@@ -153,7 +146,7 @@ async fn a_local_instance_and_two_remotes_serve_conversations_alike() {
 
 #[actix::test]
 async fn a_remote_killed_mid_stream_gives_a_503_and_rejoins_after_a_restart() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let model = model_path();
     let mut remotes = [LlamaServer::start(&model, 1, 1, 1024), LlamaServer::start(&model, 1, 1, 1024)];
     // No local instance: a memory-and-routing front for two remotes.
@@ -202,7 +195,7 @@ async fn a_remote_killed_mid_stream_gives_a_503_and_rejoins_after_a_restart() {
 
 #[actix::test]
 async fn a_silent_remote_times_out_without_leaking_its_lease() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let model = model_path();
     // A listener that accepts connections, reads, and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -266,7 +259,7 @@ async fn a_silent_remote_times_out_without_leaking_its_lease() {
 
 #[test]
 fn a_remote_with_another_model_stops_start_up_with_a_clear_error() {
-    let _one = serial();
+    let _one = one_at_a_time();
     // The same weights under another name: llama-server reports that name.
     let dir = tempfile::tempdir().unwrap();
     let other = dir.path().join("other-model.gguf");
@@ -303,7 +296,7 @@ async fn wait_remote_idle(remote: &LlamaServer, limit: Duration, what: &str) -> 
 
 #[actix::test]
 async fn a_deadline_or_a_client_leaving_stops_the_remote_slot() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
     let server = Server::start(
         &["--instances", "0", "--remote", &remote.url()],
@@ -344,7 +337,7 @@ async fn a_deadline_or_a_client_leaving_stops_the_remote_slot() {
 
 #[actix::test]
 async fn without_the_model_file_a_remote_tokenizes_and_the_replies_stay_the_same() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
     let question = "Name three colours of the rainbow.";
     // Markup a user types stays text: it must tokenize the same both ways.
@@ -395,7 +388,7 @@ async fn two_turns(server: &Server, first: &str, second: &str) -> (Value, Value)
 /// `jsonschema`, and a `json_object` reply, as through a local instance.
 #[actix::test]
 async fn openais_python_client_gets_schema_valid_replies_through_a_remote() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
     let server = Server::start(&["--instances", "0", "--remote", &remote.url()], &[]);
     common::run_python_fixture("structured_output.py", &server.url("/v1"));
@@ -405,7 +398,7 @@ async fn openais_python_client_gets_schema_valid_replies_through_a_remote() {
 /// into one here) goes with the request, and llama-server's sampler follows it.
 #[actix::test]
 async fn a_remote_follows_the_requests_grammar_and_schema_and_reports_logprobs() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
     let server = Server::start(&["--instances", "0", "--remote", &remote.url()], &[]);
     let ask = |extra: Value| {

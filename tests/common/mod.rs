@@ -100,6 +100,14 @@ pub async fn start(opts: PoolOptions) -> PoolHandle {
     PoolHandle::start(engine(), opts, Arc::new(|_| {})).await.expect("pool starts")
 }
 
+/// The test binary's one lock, held until the guard drops: for scenarios
+/// that must not run beside each other while the harness runs tests in
+/// parallel. One that panicked holding it does not fail the others.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A greedy request of `messages`: the same reply on every run.
 pub fn greedy(messages: Vec<ChatMessage>, max_tokens: u32) -> GenerateRequest {
     GenerateRequest { messages, sampling: SamplingParams::greedy(max_tokens), ..Default::default() }
