@@ -41,6 +41,8 @@
 //!    filter and deduplication) and for the turn's recall
 //!    (`ChatHandle::recall`).
 
+#[path = "../tests/common/process.rs"]
+mod process;
 #[path = "support/server.rs"]
 mod server;
 

@@ -19,6 +19,8 @@ mod client;
 mod haproxy;
 #[path = "../tests/common/postgres.rs"]
 mod postgres;
+#[path = "../tests/common/process.rs"]
+mod process;
 #[path = "support/server.rs"]
 mod server;
 
@@ -190,7 +192,7 @@ async fn main() {
         let b = server::start(1, 4096, &data.path().join("b"), &env);
         let (_proxy, base) = haproxy::start(&a.1, &b.1, data.path());
         let started = Instant::now();
-        while !server::answers_200(base.trim_start_matches("http://"), "/health/ready") {
+        while process::http_status(base.trim_start_matches("http://"), "/health/ready", None) != Some(200) {
             assert!(started.elapsed() < Duration::from_secs(20), "the proxy does not answer");
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[path = "support/client.rs"]
 mod client;
+#[path = "../tests/common/process.rs"]
+mod process;
 #[path = "support/server.rs"]
 mod server;
 

@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 mod client;
 #[path = "support/llama_server.rs"]
 mod llama_server;
+#[path = "../tests/common/process.rs"]
+mod process;
 #[path = "support/server.rs"]
 mod server;
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+#[path = "../tests/common/process.rs"]
+mod process;
 #[path = "support/server.rs"]
 mod server;
 use server::start;

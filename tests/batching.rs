@@ -7,9 +7,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{slotted, start, wait_for};
+use common::{request, slotted, start, wait_for};
 use futures::StreamExt;
-use modelpool_actors::{ChatMessage, FinishReason, GenEvent, GenerateRequest, PoolHandle, SamplingParams};
+use modelpool_actors::{FinishReason, GenEvent, PoolHandle};
 
 const PROMPTS: [&str; 4] = [
     "Write a short poem about the sea.",
@@ -17,14 +17,6 @@ const PROMPTS: [&str; 4] = [
     "List three fruits and their colours.",
     "Describe a walk in the mountains.",
 ];
-
-fn request(text: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        messages: vec![ChatMessage::user(text)],
-        sampling: SamplingParams::greedy(max_tokens),
-        ..Default::default()
-    }
-}
 
 /// When each stream's first piece and its end arrived, and its text.
 struct Timeline {

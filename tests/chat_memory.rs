@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::postgres::Postgres;
-use common::{embed_model_path, options, start};
+use common::{chat_options, embed_model_path, options, start};
 use futures::StreamExt;
 use modelpool_actors::chat::import::ImportMessage;
 use modelpool_actors::memory::store::{self, SledStore, StoreError, StoreSpec};
@@ -14,10 +14,6 @@ use modelpool_actors::{
     ChatError, ChatHandle, ChatMessage, ChatOptions, Durability, EmbedderHandle, PoolError, Role, SamplingParams,
     SendMessage,
 };
-
-fn chat_options(recent: usize, max_tokens: u32) -> ChatOptions {
-    ChatOptions { recent_messages: recent, sampling: SamplingParams::greedy(max_tokens), ..ChatOptions::default() }
-}
 
 /// Where a test's conversations live.
 enum Backing {

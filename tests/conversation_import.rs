@@ -3,24 +3,9 @@
 
 mod common;
 
+use common::http::{expect_error, http};
 use common::server::Server;
 use serde_json::{json, Value};
-
-fn http() -> reqwest::Client {
-    reqwest::Client::new()
-}
-
-async fn expect_error(req: reqwest::RequestBuilder, status: u16, kind: &str, words: &[&str]) {
-    let r = req.send().await.unwrap();
-    assert_eq!(r.status().as_u16(), status, "{}", r.url().path());
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["type"], kind, "{v}");
-    let msg = v["error"]["message"].as_str().unwrap();
-    for w in words {
-        assert!(msg.contains(w), "message {msg:?} lacks {w:?}");
-    }
-    assert!(!msg.contains("/root") && !msg.contains(".rs:"), "internal detail leaked: {msg}");
-}
 
 #[actix::test]
 async fn conversations_import_and_export_round_trip_and_imported_facts_are_recalled() {

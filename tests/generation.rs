@@ -5,20 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{engine, model_path, options, start, wait_for};
+use common::{engine, model_path, options, request, start, wait_for};
 use futures::StreamExt;
 use modelpool_actors::engine::prompt::{tokenize_chat, ChatTemplate};
-use modelpool_actors::{
-    ChatMessage, Engine, EngineError, FinishReason, GenEvent, GenerateRequest, PoolError, SamplingParams,
-};
-
-fn request(text: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        messages: vec![ChatMessage::user(text)],
-        sampling: SamplingParams::greedy(max_tokens),
-        ..Default::default()
-    }
-}
+use modelpool_actors::{ChatMessage, Engine, EngineError, FinishReason, GenEvent, PoolError, SamplingParams};
 
 #[actix::test]
 async fn greedy_output_is_identical_on_every_instance_and_weights_are_loaded_once() {

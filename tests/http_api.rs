@@ -11,30 +11,11 @@ use async_openai::types::chat::{
 };
 use async_openai::types::embeddings::CreateEmbeddingRequestArgs;
 use async_openai::Client;
+use common::http::{expect_error, http, metrics, pool, request, wait_pool};
+use common::process::signal;
 use common::server::{sse_events, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
-
-fn http() -> reqwest::Client {
-    reqwest::Client::new()
-}
-
-async fn pool_status(server: &Server) -> Value {
-    http().get(server.url("/pool")).send().await.unwrap().json().await.unwrap()
-}
-
-/// Polls /pool until `cond` holds; returns how long it took.
-async fn wait_pool(server: &Server, limit: Duration, cond: impl Fn(&Value) -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        let s = pool_status(server).await;
-        if cond(&s) {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < limit, "pool never reached the condition: {s:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[actix::test]
 async fn an_unmodified_openai_client_chats_streams_and_embeds() {
@@ -196,7 +177,7 @@ async fn overload_two_instances_queue_of_two_eight_requests() {
         assert!(e["error"]["message"].as_str().unwrap().contains("queue is full"));
     }
 
-    let pool = pool_status(&server).await;
+    let pool = pool(&server).await;
     assert_eq!(
         (pool["available"].as_u64(), pool["in_use"].as_u64(), pool["queued"].as_u64()),
         (Some(2), Some(0), Some(0)),
@@ -206,7 +187,7 @@ async fn overload_two_instances_queue_of_two_eight_requests() {
     let per_instance: u64 = pool["instances"].as_array().unwrap().iter().map(|i| i["requests"].as_u64().unwrap()).sum();
     assert_eq!(per_instance, 4);
 
-    let metrics = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = metrics(&server).await;
     assert!(metrics.contains(r#"modelpool_requests_total{endpoint="chat_completions",outcome="ok"} 4"#), "{metrics}");
     assert!(
         metrics.contains(r#"modelpool_requests_total{endpoint="chat_completions",outcome="overloaded_error"} 4"#),
@@ -232,10 +213,13 @@ async fn a_dropped_stream_frees_its_instance_and_stops_generating() {
         let chunk = bytes.next().await.unwrap().unwrap();
         seen += String::from_utf8_lossy(&chunk).matches("data:").count();
     }
-    assert_eq!(pool_status(&server).await["in_use"], 1);
+    assert_eq!(pool(&server).await["in_use"], 1);
     drop(bytes);
-    wait_pool(&server, Duration::from_secs(5), |s| s["in_use"] == 0 && s["available"] == 1).await;
-    let tokens = pool_status(&server).await["totals"]["tokens"].as_u64().unwrap();
+    wait_pool(&server, Duration::from_secs(5), "instance freed by the dropped stream", |s| {
+        s["in_use"] == 0 && s["available"] == 1
+    })
+    .await;
+    let tokens = pool(&server).await["totals"]["tokens"].as_u64().unwrap();
     assert!(tokens < 100, "generation stopped early, not after all 400 tokens ({tokens})");
 }
 
@@ -249,7 +233,7 @@ async fn metrics_pass_promtool_with_one_series_per_instance() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let text = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = metrics(&server).await;
     for i in 0..3 {
         assert!(text.contains(&format!("modelpool_instance_tokens_total{{instance=\"{i}\"}}")), "{text}");
         assert!(text.contains(&format!("modelpool_instance_state{{instance=\"{i}\",state=\"idle\"}} 1")), "{text}");
@@ -280,29 +264,6 @@ fn which_promtool() -> String {
         }
     }
     panic!("promtool is missing: scripts/setup.sh installs it (Debian package prometheus)");
-}
-
-/// A request with an optional raw JSON body.
-fn request(server: &Server, method: &str, path: &str, body: Option<&str>) -> reqwest::RequestBuilder {
-    let req = http().request(method.parse().unwrap(), server.url(path));
-    match body {
-        Some(b) => req.header("content-type", "application/json").body(b.to_string()),
-        None => req,
-    }
-}
-
-/// Sends `req` and checks the status, the error type and words of the message.
-async fn expect_error(req: reqwest::RequestBuilder, status: u16, kind: &str, words: &[&str]) {
-    let r = req.send().await.unwrap();
-    let what = format!("{} {}", r.url().path(), status);
-    assert_eq!(r.status().as_u16(), status, "{what}");
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["type"], kind, "{v}");
-    let msg = v["error"]["message"].as_str().unwrap();
-    for w in words {
-        assert!(msg.contains(w), "{what}: message {msg:?} lacks {w:?}");
-    }
-    assert!(!msg.contains("/root") && !msg.contains(".rs:"), "internal detail leaked: {msg}");
 }
 
 #[actix::test]
@@ -410,7 +371,7 @@ async fn every_client_error_has_its_status_type_and_message() {
     )
     .await;
     // Nothing above took or leaked an instance.
-    let pool = pool_status(s).await;
+    let pool = pool(s).await;
     assert_eq!((pool["available"].as_u64(), pool["totals"]["requests"].as_u64()), (Some(1), Some(0)), "{pool:#}");
 }
 
@@ -437,12 +398,15 @@ async fn waiting_past_the_acquire_timeout_is_a_504() {
     let server = Server::start(&["--instances", "1"], &[("MODELPOOL_ACQUIRE_TIMEOUT_MS", "300")]);
     let long = json!({ "messages": [{ "role": "user", "content": "Write a long story." }], "max_tokens": 200, "stream": true });
     let running = http().post(server.url("/v1/chat/completions")).json(&long).send().await.unwrap();
-    wait_pool(&server, Duration::from_secs(5), |s| s["in_use"] == 1).await;
+    wait_pool(&server, Duration::from_secs(5), "the instance busy", |s| s["in_use"] == 1).await;
     let short = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
     expect_error(request(&server, "POST", "/v1/chat/completions", Some(short)), 504, "timeout_error", &["300 ms"])
         .await;
     drop(running);
-    wait_pool(&server, Duration::from_secs(3), |s| s["available"] == 1 && s["queued"] == 0).await;
+    wait_pool(&server, Duration::from_secs(3), "instance back, queue empty", |s| {
+        s["available"] == 1 && s["queued"] == 0
+    })
+    .await;
 }
 
 #[actix::test]
@@ -463,8 +427,8 @@ async fn sigterm_drains_the_running_request_refuses_new_ones_and_keeps_the_conve
             .await
             .unwrap()
     });
-    wait_pool(&server, Duration::from_secs(5), |s| s["in_use"] == 1).await;
-    super_kill(server.child.id());
+    wait_pool(&server, Duration::from_secs(5), "the instance busy", |s| s["in_use"] == 1).await;
+    signal(server.child.id(), "TERM");
     // Readiness turns 503 and new work is refused while the running request finishes.
     let mut refused = false;
     for _ in 0..50 {
@@ -496,10 +460,6 @@ async fn sigterm_drains_the_running_request_refuses_new_ones_and_keeps_the_conve
     let messages = store.messages(&id, None, 10).await.unwrap();
     assert_eq!(messages.len(), 2);
     assert_eq!(messages[1].content, reply["response"].as_str().unwrap());
-}
-
-fn super_kill(pid: u32) {
-    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
 }
 
 #[actix::test]
@@ -585,7 +545,7 @@ async fn a_queued_stream_starts_with_keep_alive_comments_and_then_generates() {
         }
         let mut running = running.bytes_stream();
         assert!(running.next().await.is_some_and(|c| c.is_ok()));
-        wait_pool(&server, Duration::from_secs(10), |s| s["in_use"] == 1).await;
+        wait_pool(&server, Duration::from_secs(10), "the only slot held", |s| s["in_use"] == 1).await;
 
         // A client that leaves while queued, after its answer started, gives
         // its place up: its closed socket is seen before an idle stream's
@@ -596,14 +556,14 @@ async fn a_queued_stream_starts_with_keep_alive_comments_and_then_generates() {
             .unwrap();
         assert_eq!(left.status(), 200, "{path}");
         drop(left);
-        wait_pool(&server, Duration::from_millis(2500), |s| s["queued"] == 0).await;
+        wait_pool(&server, Duration::from_millis(2500), "the queue empty", |s| s["queued"] == 0).await;
 
         let queued = tokio::time::timeout(Duration::from_secs(30), http().post(server.url(path)).json(&short).send())
             .await
             .expect("the queued request's headers came while it waited")
             .unwrap();
         assert_eq!(queued.status(), 200, "{path}");
-        assert_eq!(pool_status(&server).await["queued"], 1, "{path}: the answer started while the request was queued");
+        assert_eq!(pool(&server).await["queued"], 1, "{path}: the answer started while the request was queued");
         let mut body = queued.bytes_stream();
         let mut seen = String::new();
         while !seen.contains(": keep-alive") {
@@ -622,6 +582,6 @@ async fn a_queued_stream_starts_with_keep_alive_comments_and_then_generates() {
             "/chat" => assert!(seen.contains("event: start") && seen.contains("\"conversation_id\""), "{seen}"),
             _ => assert!(seen.contains("\"finish_reason\""), "{seen}"),
         }
-        wait_pool(&server, Duration::from_secs(30), |s| s["in_use"] == 0).await;
+        wait_pool(&server, Duration::from_secs(30), "the slot free", |s| s["in_use"] == 0).await;
     }
 }

@@ -6,18 +6,9 @@
 mod common;
 
 use base64::Engine as _;
+use common::http::{http, metrics, post, sample};
 use common::server::{sse_json, Server};
 use serde_json::{json, Value};
-
-fn http() -> reqwest::Client {
-    reqwest::Client::new()
-}
-
-async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
-    let r = http().post(server.url(path)).json(&body).send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
-}
 
 #[actix::test]
 async fn openais_python_client_embeds_in_base64_chats_streams_and_gets_404_for_unknown_models() {
@@ -185,11 +176,6 @@ async fn completions_answer_with_the_served_model_and_honour_penalties() {
     assert_eq!(status, 200, "options that do not apply are ignored: {r}");
 }
 
-/// The value of one sample line of /metrics (0 when absent).
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
-}
-
 #[actix::test]
 async fn a_request_that_fails_after_admission_is_counted_once() {
     // Every generation outlives max_generation_ms: admitted, then 504.
@@ -202,7 +188,7 @@ async fn a_request_that_fails_after_admission_is_counted_once() {
     let (status, _) = post(&server, "/chat", json!({ "message": "" })).await;
     assert_eq!(status, 400);
 
-    let metrics = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = metrics(&server).await;
     let count = |endpoint: &str, outcome: &str| {
         sample(&metrics, &format!("modelpool_requests_total{{endpoint=\"{endpoint}\",outcome=\"{outcome}\"}}"))
     };

@@ -4,14 +4,8 @@
 
 mod common;
 
-use common::{embed_model_path, engine, options, slotted, start};
-use modelpool_actors::{
-    ChatHandle, ChatMessage, ChatOptions, Durability, EmbedderHandle, Engine, GenerateRequest, SamplingParams,
-};
-
-fn request(messages: Vec<ChatMessage>, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest { messages, sampling: SamplingParams::greedy(max_tokens), ..Default::default() }
-}
+use common::{embed_model_path, engine, greedy, options, slotted, start};
+use modelpool_actors::{ChatHandle, ChatMessage, ChatOptions, Durability, EmbedderHandle, Engine, SamplingParams};
 
 #[actix::test]
 async fn a_second_turn_decodes_only_what_is_new_and_keeps_the_answer() {
@@ -19,13 +13,13 @@ async fn a_second_turn_decodes_only_what_is_new_and_keeps_the_answer() {
     // the prefix is copied from the slot that holds it.
     let pool = start(slotted(1, 4, 4)).await;
     let first = vec![ChatMessage::user("What is the capital of France?")];
-    let (text1, done1) = pool.generate(request(first.clone(), 24)).await.unwrap().collect_text().await.unwrap();
+    let (text1, done1) = pool.generate(greedy(first.clone(), 24)).await.unwrap().collect_text().await.unwrap();
     assert_eq!(done1.usage.cached_tokens, 0, "a fresh instance has nothing cached");
 
     let mut second = first.clone();
     second.push(ChatMessage::assistant(text1.clone()));
     second.push(ChatMessage::user("And what is the capital of Italy?"));
-    let (text2, done2) = pool.generate(request(second.clone(), 24)).await.unwrap().collect_text().await.unwrap();
+    let (text2, done2) = pool.generate(greedy(second.clone(), 24)).await.unwrap().collect_text().await.unwrap();
     let before = done1.usage.prompt_tokens + done1.usage.completion_tokens;
     assert!(
         done2.usage.cached_tokens + 3 >= before,
@@ -37,9 +31,9 @@ async fn a_second_turn_decodes_only_what_is_new_and_keeps_the_answer() {
     // A new conversation on the same instance takes another slot: the first
     // conversation's cache survives it.
     let other = vec![ChatMessage::system("You are terse."), ChatMessage::user("Name a colour.")];
-    let (_, done_other) = pool.generate(request(other, 4)).await.unwrap().collect_text().await.unwrap();
+    let (_, done_other) = pool.generate(greedy(other, 4)).await.unwrap().collect_text().await.unwrap();
     assert_eq!(done_other.usage.cached_tokens, 0);
-    let (again, done3) = pool.generate(request(second.clone(), 24)).await.unwrap().collect_text().await.unwrap();
+    let (again, done3) = pool.generate(greedy(second.clone(), 24)).await.unwrap().collect_text().await.unwrap();
     assert!(again.contains("Rome"), "{again:?}");
     assert!(done3.usage.cached_tokens + 1 >= done2.usage.prompt_tokens, "{:?}", done3.usage);
 
@@ -51,7 +45,7 @@ async fn a_second_turn_decodes_only_what_is_new_and_keeps_the_answer() {
     // cache_prompt documents the same. A wrong position or a stale cache entry
     // would lose the answer itself.
     let fresh = start(options(1, 4)).await;
-    let (cold, done4) = fresh.generate(request(second, 24)).await.unwrap().collect_text().await.unwrap();
+    let (cold, done4) = fresh.generate(greedy(second, 24)).await.unwrap().collect_text().await.unwrap();
     assert_eq!(done4.usage.cached_tokens, 0);
     assert!(text1.contains("Paris"), "{text1}");
     assert!(text2.contains("Rome") && cold.contains("Rome"), "reused: {text2:?}, from an empty cache: {cold:?}");
@@ -84,14 +78,14 @@ async fn a_conversation_whose_slot_was_taken_gets_its_parked_cache_back() {
     // One slot for two conversations: B's turn parks A's cache, A's next turn copies it back.
     let pool = start(slotted(1, 1, 4)).await;
     let a1 = vec![ChatMessage::user("What is the capital of France?")];
-    let (reply, done_a1) = pool.generate(request(a1.clone(), 16)).await.unwrap().collect_text().await.unwrap();
+    let (reply, done_a1) = pool.generate(greedy(a1.clone(), 16)).await.unwrap().collect_text().await.unwrap();
     let b1 = vec![ChatMessage::user("Name three colours of the rainbow, please.")];
-    let (_, done_b1) = pool.generate(request(b1, 16)).await.unwrap().collect_text().await.unwrap();
+    let (_, done_b1) = pool.generate(greedy(b1, 16)).await.unwrap().collect_text().await.unwrap();
     assert!(done_b1.usage.cached_tokens < done_a1.usage.prompt_tokens, "B shares only the template's opening");
     let mut a2 = a1;
     a2.push(ChatMessage::assistant(reply));
     a2.push(ChatMessage::user("And of Italy?"));
-    let (_, done_a2) = pool.generate(request(a2, 16)).await.unwrap().collect_text().await.unwrap();
+    let (_, done_a2) = pool.generate(greedy(a2, 16)).await.unwrap().collect_text().await.unwrap();
     let before = done_a1.usage.prompt_tokens + done_a1.usage.completion_tokens;
     assert!(done_a2.usage.cached_tokens + 3 >= before, "A's turn 2 reused {} of {before}", done_a2.usage.cached_tokens);
     pool.shutdown().await;
@@ -105,7 +99,7 @@ async fn health_probes_between_turns_leave_the_cache_as_it_was() {
     opts.health_interval = std::time::Duration::from_millis(1500);
     let pool = start(opts).await;
     let first = vec![ChatMessage::user("What is the capital of France?")];
-    let (reply, done1) = pool.generate(request(first.clone(), 16)).await.unwrap().collect_text().await.unwrap();
+    let (reply, done1) = pool.generate(greedy(first.clone(), 16)).await.unwrap().collect_text().await.unwrap();
     // Two probes after the turn (each reports how long it took), not a fixed sleep.
     let probed = |s: &modelpool_actors::PoolStatus| s.instances[0].probe_ms;
     let first_probe = common::wait_for(&pool, std::time::Duration::from_secs(20), |s| probed(s).is_some()).await;
@@ -116,7 +110,7 @@ async fn health_probes_between_turns_leave_the_cache_as_it_was() {
     let mut second = first;
     second.push(ChatMessage::assistant(reply));
     second.push(ChatMessage::user("And of Italy?"));
-    let (_, done2) = pool.generate(request(second, 16)).await.unwrap().collect_text().await.unwrap();
+    let (_, done2) = pool.generate(greedy(second, 16)).await.unwrap().collect_text().await.unwrap();
     let before = done1.usage.prompt_tokens + done1.usage.completion_tokens;
     assert!(
         done2.usage.cached_tokens + 3 >= before,

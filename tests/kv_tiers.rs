@@ -9,28 +9,15 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::http::{get_json, http_within, metrics, sample};
 use common::server::Server;
-use common::slotted;
+use common::{greedy, slotted};
 use modelpool_actors::engine::kv_tiers::{Fingerprint, KvTierOptions, KvTiers};
-use modelpool_actors::{ChatMessage, GenerateRequest, LlamaEngine, PoolHandle, SamplingParams, Usage};
+use modelpool_actors::{ChatMessage, LlamaEngine, PoolHandle, Usage};
 use serde_json::{json, Value};
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
-}
-
-async fn get_json(server: &Server, path: &str) -> Value {
-    http().get(server.url(path)).send().await.unwrap().json().await.unwrap()
-}
-
-async fn metrics(server: &Server) -> String {
-    http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap()
-}
-
-/// The value of one series of `/metrics` (0 when absent).
-fn series(text: &str, name: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
-}
+/// Every request of these scenarios fails after two minutes instead of hanging.
+const REQUEST_LIMIT: Duration = Duration::from_secs(120);
 
 /// One conversation over the stateless API: the whole history is resent each turn.
 struct Conversation {
@@ -49,7 +36,7 @@ impl Conversation {
     async fn turn(&mut self, server: &Server, text: &str) -> (u64, u64, String) {
         self.messages.push(json!({"role": "user", "content": text}));
         let body = json!({"messages": self.messages, "max_tokens": 8, "temperature": 0});
-        let res = http()
+        let res = http_within(REQUEST_LIMIT)
             .post(server.url("/v1/chat/completions"))
             .header("X-Conversation-Id", &self.id)
             .json(&body)
@@ -110,8 +97,8 @@ async fn twenty_four_conversations_on_four_slots_reuse_their_whole_history_every
     assert!(kv["parks"].as_u64().unwrap() >= 20, "{kv:#}");
     assert!(kv["memory"]["bytes"].as_u64().unwrap() <= kv["memory"]["budget_bytes"].as_u64().unwrap());
     let m = metrics(&server).await;
-    assert!(series(&m, "modelpool_kv_restores_total{tier=\"memory\"}") > 0.0, "{m}");
-    assert!(series(&m, "modelpool_kv_restored_tokens_total{tier=\"memory\"}") > 100.0, "{m}");
+    assert!(sample(&m, "modelpool_kv_restores_total{tier=\"memory\"}") > 0.0, "{m}");
+    assert!(sample(&m, "modelpool_kv_restored_tokens_total{tier=\"memory\"}") > 100.0, "{m}");
     assert!(m.contains("modelpool_kv_copy_seconds_bucket{op=\"restore\""), "{m}");
 }
 
@@ -194,8 +181,8 @@ async fn a_corrupted_file_and_a_file_of_another_model_are_removed_counted_and_th
     );
     assert_eq!(kv["restores"]["disk"], 0, "{kv:#}");
     let m = metrics(&server).await;
-    assert_eq!(series(&m, "modelpool_kv_disk_rejected_files_total{reason=\"corrupt\"}"), 1.0, "{m}");
-    assert_eq!(series(&m, "modelpool_kv_disk_rejected_files_total{reason=\"foreign\"}"), 1.0, "{m}");
+    assert_eq!(sample(&m, "modelpool_kv_disk_rejected_files_total{reason=\"corrupt\"}"), 1.0, "{m}");
+    assert_eq!(sample(&m, "modelpool_kv_disk_rejected_files_total{reason=\"foreign\"}"), 1.0, "{m}");
     assert!(std::fs::read_dir(&kv_dir).unwrap().all(|e| !files.contains(&e.unwrap().path())), "bad files deleted");
 }
 
@@ -205,7 +192,7 @@ async fn chat(server: &Server, namespace: &str, message: &str, conversation: Opt
     if let Some(id) = conversation {
         body["conversation_id"] = id.into();
     }
-    let res = http().post(server.url("/chat")).json(&body).send().await.unwrap();
+    let res = http_within(REQUEST_LIMIT).post(server.url("/chat")).json(&body).send().await.unwrap();
     assert_eq!(res.status(), 200);
     res.json().await.unwrap()
 }
@@ -278,7 +265,7 @@ async fn a_full_disk_stops_the_disk_tier_with_its_cause_and_turns_are_still_answ
     assert_eq!(disk["enabled"], false, "{disk:#}");
     let cause = disk["disabled_cause"].as_str().unwrap_or_default();
     assert!(cause.contains("No space left"), "{cause}");
-    assert_eq!(series(&metrics(&server).await, "modelpool_kv_disk_enabled"), 0.0);
+    assert_eq!(sample(&metrics(&server).await, "modelpool_kv_disk_enabled"), 0.0);
     let warnings = server.log_text().matches("no longer written to disk").count();
     assert_eq!(warnings, 1, "one warning:\n{}", server.log_text());
     // Still answering, and a shutdown on the full disk is clean.
@@ -316,11 +303,6 @@ async fn the_memory_tier_stays_within_its_budget_while_64_conversations_rotate()
     assert!(grew < budget + (48 << 20), "RSS grew by {} MiB with an 8 MiB tier", grew >> 20);
 }
 
-/// A greedy request of `messages` for the pool's one slot.
-fn request(messages: Vec<ChatMessage>) -> GenerateRequest {
-    GenerateRequest { messages, sampling: SamplingParams::greedy(16), ..Default::default() }
-}
-
 /// Conversation A's second turn, after `between` ran on the pool's one slot
 /// (nothing, or B's first turn, which parks A's cache). Returns A's second
 /// reply and its usage.
@@ -333,16 +315,16 @@ async fn second_turn(engine: Arc<LlamaEngine>, tiers: Arc<KvTiers>, between: boo
                  cut the island off for six weeks, and the keeper wrote down everything he ate and every sound he \
                  heard at night. Summarise the story in one sentence.";
     let a1 = vec![ChatMessage::user(story.repeat(repeats))];
-    let (reply, _) = pool.generate(request(a1.clone())).await.unwrap().collect_text().await.unwrap();
+    let (reply, _) = pool.generate(greedy(a1.clone(), 16)).await.unwrap().collect_text().await.unwrap();
     if between {
         let b1 = vec![ChatMessage::user("Name three birds that nest on cliffs.")];
-        pool.generate(request(b1)).await.unwrap().collect_text().await.unwrap();
+        pool.generate(greedy(b1, 16)).await.unwrap().collect_text().await.unwrap();
         tiers.flush();
     }
     let mut a2 = a1;
     a2.push(ChatMessage::assistant(reply));
     a2.push(ChatMessage::user("What did the keeper write down during the storm?"));
-    let (text, done) = pool.generate(request(a2)).await.unwrap().collect_text().await.unwrap();
+    let (text, done) = pool.generate(greedy(a2, 16)).await.unwrap().collect_text().await.unwrap();
     pool.shutdown().await;
     (text, done.usage)
 }

@@ -6,13 +6,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{embed_model_path, eventually, options, start};
+use common::{chat_options, embed_model_path, eventually, options, start};
 use modelpool_actors::chat::import::ImportMessage;
 use modelpool_actors::memory::store::{open_sled, ConversationStore, NewMessage, StoreError};
 use modelpool_actors::memory::{EmbedderOptions, IndexOptions, Priority};
 use modelpool_actors::{
     ChatHandle, ChatOptions, Conversation, ConversationId, Durability, EmbedderHandle, EngineError, Role,
-    SamplingParams,
 };
 
 const FACT: &str = "My cat is called Biscuit and she is ginger.";
@@ -33,10 +32,6 @@ const OTHER: [&str; 12] = [
     "The concert tickets sold out within an hour.",
     "Traffic on the bridge is heavy after five o'clock.",
 ];
-
-fn chat_options(recent: usize) -> ChatOptions {
-    ChatOptions { recent_messages: recent, sampling: SamplingParams::greedy(4), ..ChatOptions::default() }
-}
 
 async fn chat_on(store: ConversationStore, opts: ChatOptions) -> ChatHandle {
     let embedder = EmbedderHandle::start(&embed_model_path(), 1).await.unwrap();
@@ -121,7 +116,7 @@ async fn fact_and_recall_median(chat: &ChatHandle) -> (ConversationId, f64) {
 #[actix::test]
 async fn recall_with_2000_other_conversations_finds_the_fact_as_fast_as_on_an_empty_store() {
     let empty_dir = tempfile::tempdir().unwrap();
-    let chat = chat_on(open_sled(empty_dir.path(), Durability::Sync).unwrap(), chat_options(2)).await;
+    let chat = chat_on(open_sled(empty_dir.path(), Durability::Sync).unwrap(), chat_options(2, 4)).await;
     let (_, empty_ms) = fact_and_recall_median(&chat).await;
     chat.pool().shutdown().await;
     chat.shutdown().await.unwrap();
@@ -133,7 +128,7 @@ async fn recall_with_2000_other_conversations_finds_the_fact_as_fast_as_on_an_em
     let started = Instant::now();
     fill(&store, &vectors, 2000, 20).await;
     println!("2,000 conversations stored in {:.1} s", started.elapsed().as_secs_f64());
-    let chat = chat_on(store, chat_options(2)).await;
+    let chat = chat_on(store, chat_options(2, 4)).await;
     let (_, full_ms) = fact_and_recall_median(&chat).await;
     println!("recall path median: empty store {empty_ms:.3} ms, 40,000 other messages {full_ms:.3} ms");
     // Below a millisecond, scheduler noise is of the order of the figure itself.
@@ -149,7 +144,7 @@ async fn recall_with_2000_other_conversations_finds_the_fact_as_fast_as_on_an_em
 #[actix::test]
 async fn a_256_input_embeddings_request_delays_a_chat_turns_recall_by_at_most_one_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let chat = chat_on(open_sled(dir.path(), Durability::Sync).unwrap(), chat_options(2)).await;
+    let chat = chat_on(open_sled(dir.path(), Durability::Sync).unwrap(), chat_options(2, 4)).await;
     let (id, _) = fact_and_recall_median(&chat).await;
     let embedder = chat.embedder().clone();
     let bulk: Vec<String> = (0..256).map(|i| format!("{} (note {i})", OTHER[i % OTHER.len()])).collect();
@@ -202,7 +197,7 @@ async fn a_256_input_embeddings_request_delays_a_chat_turns_recall_by_at_most_on
 #[actix::test]
 async fn a_deleted_conversation_leaves_recall_at_once_and_memory_after_compaction() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = chat_options(2);
+    let mut opts = chat_options(2, 4);
     opts.cross_conversation = true;
     // A small namespace gets its graph early, so that compaction is exercised.
     opts.index = IndexOptions { graph_from: 32, ..IndexOptions::default() };
@@ -259,7 +254,7 @@ async fn a_restart_with_20000_vectors_is_ready_within_5_s_and_recalls_the_same()
     // file damaged.
     let plan = [(false, false), (true, false), (false, false), (true, false), (true, true), (true, true), (true, true)];
     for (run, (cross, graph)) in plan.into_iter().enumerate() {
-        let mut opts = chat_options(4);
+        let mut opts = chat_options(4, 4);
         opts.cross_conversation = cross;
         opts.index = if graph {
             IndexOptions { graph_dir: Some(graphs.clone()), ..IndexOptions::default() }
@@ -384,7 +379,7 @@ async fn a_failing_hanging_or_full_embedder_is_a_clear_error_within_its_timeout(
 async fn a_reply_embedded_after_the_answer_is_recalled_and_a_missing_vector_is_made_on_load() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_sled(dir.path(), Durability::Sync).unwrap();
-    let chat = chat_on(store.clone(), chat_options(2)).await;
+    let chat = chat_on(store.clone(), chat_options(2, 4)).await;
     let first = chat.say(None, "Hello!").await.unwrap();
     let id = first.conversation_id;
     let conv = chat.conversation(&id).await.unwrap();

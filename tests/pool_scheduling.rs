@@ -5,16 +5,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{options, start, wait_for};
-use modelpool_actors::{ChatMessage, GenerateRequest, PoolError, SamplingParams};
-
-fn request(text: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        messages: vec![ChatMessage::user(text)],
-        sampling: SamplingParams::greedy(max_tokens),
-        ..Default::default()
-    }
-}
+use common::{options, request, start, wait_for};
+use modelpool_actors::PoolError;
 
 #[actix::test]
 async fn two_instances_four_requests_run_two_at_a_time_in_fifo_order() {

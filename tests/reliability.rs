@@ -8,29 +8,21 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::http::{http_within, pool, wait_pool};
+use common::process::signal;
 use common::server::Server;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
-}
-
-async fn pool(server: &Server) -> Value {
-    http().get(server.url("/pool")).send().await.unwrap().json().await.unwrap()
-}
+/// Every request of these scenarios fails after a minute instead of hanging.
+const REQUEST_LIMIT: Duration = Duration::from_secs(60);
 
 /// Waits until no instance is leased and nothing is queued; returns how long that took.
 async fn all_idle(server: &Server, limit: Duration) -> Duration {
-    let started = Instant::now();
-    loop {
-        let p = pool(server).await;
-        if p["in_use"] == 0 && p["queued"] == 0 && p["available"] == p["total"] {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < limit, "instances still busy after {limit:?}: {p:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_pool(server, limit, "instances still busy", |p| {
+        p["in_use"] == 0 && p["queued"] == 0 && p["available"] == p["total"]
+    })
+    .await
 }
 
 /// One hostile request: method, path, extra header, body bytes.
@@ -155,7 +147,7 @@ async fn hostile_requests_get_json_errors_never_a_5xx_and_the_server_stays_healt
     assert!(cases.len() >= 40, "{} cases", cases.len());
     for case in &cases {
         let what = format!("{} {}", case.method, &case.path[..case.path.len().min(60)]);
-        let mut req = http().request(case.method.parse().unwrap(), server.url(&case.path));
+        let mut req = http_within(REQUEST_LIMIT).request(case.method.parse().unwrap(), server.url(&case.path));
         if let Some(body) = &case.body {
             req = req.header("content-type", "application/json").body(body.clone());
         }
@@ -183,7 +175,7 @@ async fn hostile_requests_get_json_errors_never_a_5xx_and_the_server_stays_healt
             assert!(v["error"]["type"].is_string() && v["error"]["message"].is_string(), "{what}: {v}");
         }
     }
-    assert_eq!(http().get(server.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(http_within(REQUEST_LIMIT).get(server.url("/health")).send().await.unwrap().status(), 200);
     all_idle(&server, Duration::from_secs(5)).await;
     // stderr is a pipe here: the log carries no terminal colour codes.
     let log = server.log_text();
@@ -231,7 +223,10 @@ async fn every_numeric_field_at_the_ends_of_i32_is_a_400_naming_it_and_memory_do
     let server = Server::start(&["--instances", "1"], &[]);
     // One ordinary turn first: buffers the later requests could reuse are there.
     let warm = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
-    assert_eq!(http().post(server.url("/v1/chat/completions")).json(&warm).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http_within(REQUEST_LIMIT).post(server.url("/v1/chat/completions")).json(&warm).send().await.unwrap().status(),
+        200
+    );
     let rss_before = server.rss_kib();
     for (route, field, make) in numeric_fields() {
         for n in [i32::MAX as i64, i32::MIN as i64] {
@@ -241,8 +236,8 @@ async fn every_numeric_field_at_the_ends_of_i32_is_a_400_naming_it_and_memory_do
             }
             let (path, body) = make(n);
             let req = match body {
-                Some(b) => http().post(server.url(&path)).json(&b),
-                None => http().get(server.url(&path)),
+                Some(b) => http_within(REQUEST_LIMIT).post(server.url(&path)).json(&b),
+                None => http_within(REQUEST_LIMIT).get(server.url(&path)),
             };
             let res = req.send().await.unwrap();
             let status = res.status().as_u16();
@@ -257,7 +252,7 @@ async fn every_numeric_field_at_the_ends_of_i32_is_a_400_naming_it_and_memory_do
     }
     let grew_kib = server.rss_kib().saturating_sub(rss_before);
     assert!(grew_kib < 16 * 1024, "RSS grew by {grew_kib} KiB on refused requests");
-    assert_eq!(http().get(server.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(http_within(REQUEST_LIMIT).get(server.url("/health")).send().await.unwrap().status(), 200);
 }
 
 #[actix::test]
@@ -277,9 +272,9 @@ async fn eight_times_more_clients_than_instances_get_only_200_503_504_with_flat_
             while started.elapsed() < run_for {
                 let res = if i % 2 == 0 {
                     let body = json!({ "messages": [{ "role": "user", "content": format!("Fact {c}-{i} about rivers?") }], "max_tokens": 16 });
-                    http().post(&url_v1).json(&body).send().await.unwrap()
+                    http_within(REQUEST_LIMIT).post(&url_v1).json(&body).send().await.unwrap()
                 } else {
-                    http().post(&url_chat).json(&json!({ "message": format!("Note {c}-{i}"), "max_tokens": 16 })).send().await.unwrap()
+                    http_within(REQUEST_LIMIT).post(&url_chat).json(&json!({ "message": format!("Note {c}-{i}"), "max_tokens": 16 })).send().await.unwrap()
                 };
                 let status = res.status().as_u16();
                 let retry_after = res.headers().contains_key("retry-after");
@@ -317,7 +312,7 @@ async fn thirty_streams_dropped_after_their_first_event_leave_every_instance_idl
             } else {
                 ("/v1/chat/completions", json!({ "messages": [{ "role": "user", "content": format!("Story {i}, long.") }], "max_tokens": 200, "stream": true }))
             };
-            let res = http().post(server.url(path)).json(&body).send().await.unwrap();
+            let res = http_within(REQUEST_LIMIT).post(server.url(path)).json(&body).send().await.unwrap();
             assert_eq!(res.status(), 200);
             let mut events = res.bytes_stream();
             let first = events.next().await;
@@ -342,7 +337,11 @@ async fn kill_9_during_a_write_storm_loses_nothing_acknowledged() {
             let mut i = 0;
             while started.elapsed() < storm_for + Duration::from_secs(2) {
                 let text = format!("writer {w} message {i}");
-                let res = http().post(&url).json(&json!({ "message": text, "max_tokens": 1 })).send().await;
+                let res = http_within(REQUEST_LIMIT)
+                    .post(&url)
+                    .json(&json!({ "message": text, "max_tokens": 1 }))
+                    .send()
+                    .await;
                 match res {
                     Ok(r) if r.status() == 200 => {
                         let v: Value = match r.json().await {
@@ -359,7 +358,7 @@ async fn kill_9_during_a_write_storm_loses_nothing_acknowledged() {
     });
     let killer = async {
         tokio::time::sleep(storm_for).await;
-        unsafe_kill_9(server.child.id());
+        signal(server.child.id(), "KILL");
     };
     futures::join!(futures::future::join_all(writers), killer);
     let acknowledged = acknowledged.into_inner().unwrap();
@@ -367,16 +366,12 @@ async fn kill_9_during_a_write_storm_loses_nothing_acknowledged() {
 
     server.kill_and_restart();
     for (conv, text) in &acknowledged {
-        let res = http().get(server.url(&format!("/conversations/{conv}"))).send().await.unwrap();
+        let res = http_within(REQUEST_LIMIT).get(server.url(&format!("/conversations/{conv}"))).send().await.unwrap();
         assert_eq!(res.status(), 200, "conversation of {text:?} lost");
         let page: Value = res.json().await.unwrap();
         assert_eq!(page["messages"][0]["content"].as_str(), Some(text.as_str()));
         assert_eq!(page["messages"][1]["role"], "assistant", "the acknowledged reply of {text:?} is missing");
     }
-}
-
-fn unsafe_kill_9(pid: u32) {
-    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
 }
 
 #[actix::test]
@@ -406,7 +401,8 @@ async fn non_streaming_clients_that_hang_up_queued_or_running_are_cancelled() {
 /// A new conversation's first `/chat` turn; its id.
 async fn first_turn(server: &Server, message: &str, max_tokens: u32) -> String {
     let body = json!({ "message": message, "max_tokens": max_tokens });
-    let first: Value = http().post(server.url("/chat")).json(&body).send().await.unwrap().json().await.unwrap();
+    let first: Value =
+        http_within(REQUEST_LIMIT).post(server.url("/chat")).json(&body).send().await.unwrap().json().await.unwrap();
     first["conversation_id"].as_str().unwrap().to_string()
 }
 
@@ -444,8 +440,14 @@ async fn thirty_chat_clients_of_one_conversation_leaving_after_a_second_store_on
     all_idle(&server, Duration::from_secs(2)).await;
     assert_eq!(pool(&server).await["waiting_for_conversation"], 0);
 
-    let history: Value =
-        http().get(server.url(&format!("/conversations/{id}?limit=1000"))).send().await.unwrap().json().await.unwrap();
+    let history: Value = http_within(REQUEST_LIMIT)
+        .get(server.url(&format!("/conversations/{id}?limit=1000")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let messages = history["messages"].as_array().unwrap();
     assert_eq!(
         messages.len(),
@@ -460,7 +462,7 @@ async fn thirty_chat_clients_of_one_conversation_leaving_after_a_second_store_on
         assert!(replies.contains(id), "answered reply {id} is not stored");
     }
     // The conversation goes on.
-    let next = http()
+    let next = http_within(REQUEST_LIMIT)
         .post(server.url("/chat"))
         .json(&json!({ "conversation_id": id, "message": "Which word did I ask you to remember?", "max_tokens": 8 }))
         .send()
@@ -478,7 +480,7 @@ async fn turns_waiting_for_their_conversation_count_as_queued_and_time_out() {
     let id = first_turn(&server, "Hi.", 2).await;
     // Greedy, so that the story does not end by chance before the second turn times out.
     let long = json!({ "conversation_id": id, "message": "Write a very long story about the sea.", "max_tokens": 400, "temperature": 0, "stream": true });
-    let running = http().post(server.url("/chat")).json(&long).send().await.unwrap();
+    let running = http_within(REQUEST_LIMIT).post(server.url("/chat")).json(&long).send().await.unwrap();
     assert_eq!(running.status(), 200);
     let mut events = running.bytes_stream();
     assert!(events.next().await.is_some_and(|c| c.is_ok()));
@@ -487,7 +489,7 @@ async fn turns_waiting_for_their_conversation_count_as_queued_and_time_out() {
         let (url, id) = (server.url("/chat"), id.clone());
         actix::spawn(async move {
             let body = json!({ "conversation_id": id, "message": "And another?", "max_tokens": 4 });
-            http().post(url).json(&body).send().await.unwrap()
+            http_within(REQUEST_LIMIT).post(url).json(&body).send().await.unwrap()
         })
     };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -497,7 +499,7 @@ async fn turns_waiting_for_their_conversation_count_as_queued_and_time_out() {
     }
     assert_eq!(pool(&server).await["queued"], 1, "a turn waiting for its conversation counts as queued");
     // The one queue place is taken: a third request is refused at once.
-    let third = http()
+    let third = http_within(REQUEST_LIMIT)
         .post(server.url("/v1/chat/completions"))
         .json(&json!({ "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 2 }))
         .send()

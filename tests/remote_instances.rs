@@ -7,7 +7,8 @@
 //! remote with another model stops start-up with a clear error.
 
 // A std mutex held across awaits on purpose: each test has its own runtime
-// and thread; the lock only keeps the scenarios from running together.
+// and thread; the lock only keeps the scenarios from running together, as
+// each runs several model processes on the machine's cores.
 #![allow(clippy::await_holding_lock)]
 
 mod common;
@@ -15,39 +16,14 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use common::http::{http_within, metrics, pool, wait_pool};
 use common::llama_server::LlamaServer;
-use common::model_path;
 use common::server::Server;
+use common::{model_path, one_at_a_time};
 use serde_json::{json, Value};
 
-/// These scenarios each run several model processes on the machine's
-/// cores: one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
-}
-
-async fn pool(server: &Server) -> Value {
-    http().get(server.url("/pool")).send().await.unwrap().json().await.unwrap()
-}
-
-/// Polls /pool until `cond` holds; panics with the last status after `limit`.
-async fn wait_pool(server: &Server, limit: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        let p = pool(server).await;
-        if cond(&p) {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}: {p:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+/// Every request of these scenarios fails after two minutes instead of hanging.
+const REQUEST_LIMIT: Duration = Duration::from_secs(120);
 
 fn instance_state(p: &Value, id: usize) -> String {
     p["instances"][id]["state"].as_str().unwrap_or_default().to_string()
@@ -64,7 +40,7 @@ async fn chat(
     if let Some(id) = conversation {
         body["conversation_id"] = id.into();
     }
-    let res = http().post(server.url("/chat")).json(&body).send().await.unwrap();
+    let res = http_within(REQUEST_LIMIT).post(server.url("/chat")).json(&body).send().await.unwrap();
     let status = res.status().as_u16();
     let retry_after = res.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
     (status, res.json().await.unwrap_or(Value::Null), retry_after)
@@ -76,7 +52,7 @@ fn served_by(r: &Value) -> (u64, u64) {
 
 #[actix::test]
 async fn a_local_instance_and_two_remotes_serve_conversations_alike() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let model = model_path();
     let remotes = [LlamaServer::start(&model, 2, 1, 1024), LlamaServer::start(&model, 2, 1, 1024)];
     let server = Server::start(
@@ -159,17 +135,18 @@ async fn a_local_instance_and_two_remotes_serve_conversations_alike() {
             served_by(r1)
         );
     }
-    let metrics = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = metrics(&server).await;
     let line = format!("modelpool_instance_info{{instance=\"2\",kind=\"remote\",endpoint=\"{}\"}} 1", remotes[1].url());
     assert!(metrics.contains(&line), "{line} missing from /metrics");
-    let capacity: Value = http().get(server.url("/pool/capacity")).send().await.unwrap().json().await.unwrap();
+    let capacity: Value =
+        http_within(REQUEST_LIMIT).get(server.url("/pool/capacity")).send().await.unwrap().json().await.unwrap();
     assert_eq!((capacity["free_slots"].as_u64(), capacity["total_slots"].as_u64()), (Some(6), Some(6)), "{capacity}");
     assert_eq!(capacity["instances"][1]["endpoint"], remotes[0].url());
 }
 
 #[actix::test]
 async fn a_remote_killed_mid_stream_gives_a_503_and_rejoins_after_a_restart() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let model = model_path();
     let mut remotes = [LlamaServer::start(&model, 1, 1, 1024), LlamaServer::start(&model, 1, 1, 1024)];
     // No local instance: a memory-and-routing front for two remotes.
@@ -218,7 +195,7 @@ async fn a_remote_killed_mid_stream_gives_a_503_and_rejoins_after_a_restart() {
 
 #[actix::test]
 async fn a_silent_remote_times_out_without_leaking_its_lease() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let model = model_path();
     // A listener that accepts connections, reads, and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -282,7 +259,7 @@ async fn a_silent_remote_times_out_without_leaking_its_lease() {
 
 #[test]
 fn a_remote_with_another_model_stops_start_up_with_a_clear_error() {
-    let _one = serial();
+    let _one = one_at_a_time();
     // The same weights under another name: llama-server reports that name.
     let dir = tempfile::tempdir().unwrap();
     let other = dir.path().join("other-model.gguf");
@@ -303,7 +280,8 @@ fn a_remote_with_another_model_stops_start_up_with_a_clear_error() {
 
 /// True while any of the remote's slots is generating (its `/slots`).
 async fn remote_busy(remote: &LlamaServer) -> bool {
-    let slots: Value = http().get(format!("{}/slots", remote.url())).send().await.unwrap().json().await.unwrap();
+    let slots: Value =
+        http_within(REQUEST_LIMIT).get(format!("{}/slots", remote.url())).send().await.unwrap().json().await.unwrap();
     slots.as_array().unwrap().iter().any(|s| s["is_processing"] == true)
 }
 
@@ -318,7 +296,7 @@ async fn wait_remote_idle(remote: &LlamaServer, limit: Duration, what: &str) -> 
 
 #[actix::test]
 async fn a_deadline_or_a_client_leaving_stops_the_remote_slot() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
     let server = Server::start(
         &["--instances", "0", "--remote", &remote.url()],
@@ -336,7 +314,7 @@ async fn a_deadline_or_a_client_leaving_stops_the_remote_slot() {
     wait_pool(&server, Duration::from_secs(3), "slot back after the deadline", |p| p["in_use"] == 0).await;
 
     // A streaming client that goes away after its first token.
-    let res = http()
+    let res = http_within(REQUEST_LIMIT)
         .post(server.url("/chat"))
         .json(&json!({ "message": long, "max_tokens": 400, "stream": true }))
         .send()
@@ -359,7 +337,7 @@ async fn a_deadline_or_a_client_leaving_stops_the_remote_slot() {
 
 #[actix::test]
 async fn without_the_model_file_a_remote_tokenizes_and_the_replies_stay_the_same() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
     let question = "Name three colours of the rainbow.";
     // Markup a user types stays text: it must tokenize the same both ways.
@@ -410,7 +388,7 @@ async fn two_turns(server: &Server, first: &str, second: &str) -> (Value, Value)
 /// `jsonschema`, and a `json_object` reply, as through a local instance.
 #[actix::test]
 async fn openais_python_client_gets_schema_valid_replies_through_a_remote() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
     let server = Server::start(&["--instances", "0", "--remote", &remote.url()], &[]);
     common::run_python_fixture("structured_output.py", &server.url("/v1"));
@@ -420,7 +398,7 @@ async fn openais_python_client_gets_schema_valid_replies_through_a_remote() {
 /// into one here) goes with the request, and llama-server's sampler follows it.
 #[actix::test]
 async fn a_remote_follows_the_requests_grammar_and_schema_and_reports_logprobs() {
-    let _one = serial();
+    let _one = one_at_a_time();
     let remote = LlamaServer::start(&model_path(), 1, 1, 1024);
     let server = Server::start(&["--instances", "0", "--remote", &remote.url()], &[]);
     let ask = |extra: Value| {
@@ -433,7 +411,7 @@ async fn a_remote_follows_the_requests_grammar_and_schema_and_reports_logprobs()
     let post = |body: Value| {
         let url = server.url("/v1/chat/completions");
         async move {
-            let r = http().post(url).json(&body).send().await.unwrap();
+            let r = http_within(REQUEST_LIMIT).post(url).json(&body).send().await.unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     };

@@ -5,14 +5,9 @@
 
 mod common;
 
+use common::http::post;
 use common::server::Server;
 use serde_json::{json, Value};
-
-async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new().post(server.url(path)).json(&body).send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
-}
 
 fn weather() -> Value {
     json!([{ "type": "function", "function": { "name": "get_weather", "description": "Current weather of a city",

@@ -6,7 +6,8 @@
 //! Screenshots (desktop and phone width) go to the test output directory.
 
 // A std mutex held across awaits on purpose: each test has its own runtime
-// and thread; the lock only keeps the browsers from running together.
+// and thread; the lock only keeps the browsers from running together (each
+// scenario starts its own server and browser).
 #![allow(clippy::await_holding_lock)]
 
 mod common;
@@ -15,13 +16,12 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::http::pool;
+use common::one_at_a_time;
 use common::server::Server;
 use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
-
-/// One browser at a time: each scenario starts its own server and browser.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// chromedriver in a process group of its own: dropping it ends the group,
 /// the browser it started included, also when a test fails mid-session
@@ -134,13 +134,9 @@ fn output_dir() -> std::path::PathBuf {
     dir
 }
 
-async fn pool(server: &Server) -> Value {
-    reqwest::get(server.url("/pool")).await.unwrap().json().await.unwrap()
-}
-
 #[actix::test]
 async fn the_page_chats_streams_remembers_stops_and_keeps_markup_as_text() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let server = Server::start(
         &[],
         &[
@@ -311,7 +307,7 @@ async fn the_page_chats_streams_remembers_stops_and_keeps_markup_as_text() {
 
 #[actix::test]
 async fn errors_show_with_a_retry_and_a_keyed_server_asks_for_the_key_once() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let server = Server::start(
         &[],
         &[

@@ -1,9 +1,10 @@
 //! A real `modelpool serve` process for the benchmarks, killed on drop.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::process::{follow_stderr, http_status, signal};
 
 pub struct Server(pub std::process::Child, pub String);
 
@@ -18,7 +19,7 @@ impl Server {
 /// SIGTERM to `child`, then waits up to 2 minutes for it to exit before
 /// killing it.
 pub fn terminate(child: &mut std::process::Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    signal(child.id(), "TERM");
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(120) {
         if let Ok(Some(_)) = child.try_wait() {
@@ -62,32 +63,13 @@ pub fn start(instances: usize, n_ctx: u32, data: &std::path::Path, env: &[(&str,
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("start {bin} (run scripts/setup.sh first): {e}"));
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
-            }
-        }
-    });
+    let (rx, _) = follow_stderr(&mut child, 0);
     let base = rx.recv_timeout(Duration::from_secs(60)).expect("server started");
     // Listening starts before the model is loaded: wait for /health to say 200.
     let addr = base.trim_start_matches("http://").to_string();
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(60) && !answers_200(&addr, "/health") {
+    while started.elapsed() < Duration::from_secs(60) && http_status(&addr, "/health", None) != Some(200) {
         std::thread::sleep(Duration::from_millis(20));
     }
     Server(child, base)
-}
-
-/// True when `GET path` on `addr` (host:port) answers 200: a tiny blocking
-/// probe that needs no runtime.
-pub fn answers_200(addr: &str, path: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let mut r = String::new();
-    let _ = s.read_to_string(&mut r);
-    r.starts_with("HTTP/1.1 200")
 }

@@ -4,28 +4,28 @@
 //! server never answers) and restarted on the same port.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::process::{follow_stderr, free_port, http_status, signal, Log};
+
 pub struct LlamaServer {
-    child: Child,
+    pub child: Child,
     pub port: u16,
     args: Vec<String>,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
 }
 
-/// The llama-server binary (scripts/test.sh sets MODELPOOL_LLAMA_SERVER).
+/// The llama-server binary (scripts/test.sh and scripts/bench.sh set
+/// MODELPOOL_LLAMA_SERVER).
 pub fn binary() -> String {
     std::env::var("MODELPOOL_LLAMA_SERVER").unwrap_or_else(|_| {
-        panic!("MODELPOOL_LLAMA_SERVER is not set: run the suite with scripts/test.sh (it builds llama-server once)")
+        panic!(
+            "MODELPOOL_LLAMA_SERVER is not set: run the suite with scripts/test.sh, the benchmarks with \
+             scripts/bench.sh (they build llama-server once)"
+        )
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl LlamaServer {
@@ -101,12 +101,16 @@ impl LlamaServer {
 
 impl Drop for LlamaServer {
     fn drop(&mut self) {
-        self.resume();
+        // Only one still running is signalled: the pid of one that ended
+        // and was reaped (e.g. by the benchmarks' stop) may be another's.
+        if let Ok(None) = self.child.try_wait() {
+            self.resume();
+        }
         self.kill_hard();
     }
 }
 
-fn spawn(args: &[String], port: u16) -> (Child, Arc<Mutex<Vec<String>>>) {
+fn spawn(args: &[String], port: u16) -> (Child, Log) {
     let bin = binary();
     let mut child = Command::new(&bin)
         .args(args)
@@ -116,34 +120,11 @@ fn spawn(args: &[String], port: u16) -> (Child, Arc<Mutex<Vec<String>>>) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("start {bin}: {e}"));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let lines = log.clone();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let mut l = lines.lock().unwrap();
-            if l.len() > 200 {
-                l.remove(0);
-            }
-            l.push(line);
-        }
-    });
+    let (_, log) = follow_stderr(&mut child, 200);
     (child, log)
-}
-
-fn signal(pid: u32, name: &str) {
-    let _ = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status();
 }
 
 /// GET /health answers 200 within a second.
 fn health_ok(addr: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    if write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = s.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
+    http_status(addr, "/health", Some(Duration::from_secs(1))) == Some(200)
 }

@@ -3,15 +3,20 @@
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod http;
 pub mod llama_server;
 pub mod postgres;
+pub mod process;
 pub mod server;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use modelpool_actors::{InstanceOptions, LlamaEngine, PoolHandle, PoolOptions, PoolStatus};
+use modelpool_actors::{
+    ChatMessage, ChatOptions, GenerateRequest, InstanceOptions, LlamaEngine, PoolHandle, PoolOptions, PoolStatus,
+    SamplingParams,
+};
 
 /// The default chat model, fetched by scripts/setup.sh.
 pub fn model_path() -> PathBuf {
@@ -93,6 +98,29 @@ pub fn slotted(instances: usize, slots: u32, max_queue: usize) -> PoolOptions {
 
 pub async fn start(opts: PoolOptions) -> PoolHandle {
     PoolHandle::start(engine(), opts, Arc::new(|_| {})).await.expect("pool starts")
+}
+
+/// The test binary's one lock, held until the guard drops: for scenarios
+/// that must not run beside each other while the harness runs tests in
+/// parallel. One that panicked holding it does not fail the others.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A greedy request of `messages`: the same reply on every run.
+pub fn greedy(messages: Vec<ChatMessage>, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest { messages, sampling: SamplingParams::greedy(max_tokens), ..Default::default() }
+}
+
+/// A greedy request of one user message.
+pub fn request(text: &str, max_tokens: u32) -> GenerateRequest {
+    greedy(vec![ChatMessage::user(text)], max_tokens)
+}
+
+/// Chat settings keeping `recent` messages in the prompt, replying greedily.
+pub fn chat_options(recent: usize, max_tokens: u32) -> ChatOptions {
+    ChatOptions { recent_messages: recent, sampling: SamplingParams::greedy(max_tokens), ..ChatOptions::default() }
 }
 
 /// Polls `cond` until it holds; panics naming `what` after `limit`.

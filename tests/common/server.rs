@@ -1,18 +1,17 @@
 //! A real `modelpool serve` process on an ephemeral port, killed on drop.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use super::modelpool_command;
+use super::process::{follow_stderr, http_status, signal, Log};
 
 pub struct Server {
     pub child: Child,
     pub base: String,
     pub data_dir: tempfile::TempDir,
-    pub log: Arc<Mutex<Vec<String>>>,
+    pub log: Log,
     flags: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -55,11 +54,7 @@ impl Server {
 }
 
 /// Starts `modelpool serve` on `data_dir`; returns once it listens.
-fn spawn(
-    data_dir: &std::path::Path,
-    flags: &[String],
-    env: &[(String, String)],
-) -> (Child, String, Arc<Mutex<Vec<String>>>) {
+fn spawn(data_dir: &std::path::Path, flags: &[String], env: &[(String, String)]) -> (Child, String, Log) {
     let mut cmd = modelpool_command();
     cmd.args(["--data-dir", data_dir.to_str().unwrap(), "--threads", "1", "--n-ctx", "512"])
         .args(flags)
@@ -75,18 +70,7 @@ fn spawn(
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("start modelpool serve");
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let lines = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
-            }
-            lines.lock().unwrap().push(line);
-        }
-    });
+    let (rx, log) = follow_stderr(&mut child, usize::MAX);
     let base = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(b) => b,
         Err(_) => {
@@ -123,25 +107,14 @@ impl Server {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        unsafe_kill(self.child.id(), "TERM");
+        signal(self.child.id(), "TERM");
         self.child.wait().unwrap()
     }
 }
 
-/// The status code of GET /health, with a plain blocking HTTP/1.1 request.
+/// The status code of GET /health.
 pub fn health_status(base: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let addr = base.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn unsafe_kill(pid: u32, signal: &str) {
-    Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
+    http_status(base.trim_start_matches("http://"), "/health", Some(Duration::from_secs(5)))
 }
 
 impl Drop for Server {
