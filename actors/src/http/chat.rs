@@ -4,10 +4,9 @@ use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::disconnect::{unless_client_gone, Waiting};
+use super::disconnect::{after_admission, unless_client_gone};
 use super::metrics::Meter;
 use super::{sse_response, ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat::types::{ChatError, ChatEvent, ChatReply, SendMessage};
@@ -220,54 +219,41 @@ async fn chat_inner(
     let state = state.clone();
     // The answer is a stream read straight from the turn: one event per
     // token; a client that leaves drops it, and with it the turn.
-    let events = async_stream::stream! {
-        let mut turn = match admitted {
-            Some(turn) => turn,
-            None => {
-                let mut waiting = std::pin::pin!(super::disconnect::admitted_unless_gone(admission, peer));
-                let mut waited = None;
-                while let Some(w) = waiting.next().await {
-                    match w {
-                        Waiting::Look => yield sse::Event::Comment("waiting".into()),
-                        Waiting::Admitted(result) => waited = Some(result),
-                    }
-                }
-                match waited {
-                    // The client left while it waited.
-                    None => return,
-                    Some(Ok(turn)) => turn,
-                    Some(Err(e)) => {
-                        let e = ApiError::from(e);
-                        meter.fail(&e);
-                        yield sse::Data::new(e.body_json()).event("error").into();
-                        return;
-                    }
-                }
-            }
-        };
-        let start = serde_json::json!({ "conversation_id": turn.conversation_id.to_string() });
-        yield sse::Data::new(start.to_string()).event("start").into();
-        while let Some(event) = turn.next_event().await {
-            match event {
-                ChatEvent::Token(t) => {
-                    yield sse::Data::new(serde_json::json!({ "text": t }).to_string()).event("token").into();
-                }
-                ChatEvent::Done(reply) => {
-                    meter.ok(&reply.usage);
-                    state.metrics.chat_turn(&reply);
-                    let body = serde_json::to_string(&response_body(&reply, meter.started())).expect("serialisable");
-                    yield sse::Data::new(body).event("done").into();
-                    break;
-                }
-                ChatEvent::Error(e) => {
+    let events = after_admission(admitted.map(Ok), admission, peer, move |admitted| {
+        async_stream::stream! {
+            let mut turn = match admitted {
+                Ok(turn) => turn,
+                Err(e) => {
                     let e = ApiError::from(e);
                     meter.fail(&e);
                     yield sse::Data::new(e.body_json()).event("error").into();
-                    break;
+                    return;
+                }
+            };
+            let start = serde_json::json!({ "conversation_id": turn.conversation_id.to_string() });
+            yield sse::Data::new(start.to_string()).event("start").into();
+            while let Some(event) = turn.next_event().await {
+                match event {
+                    ChatEvent::Token(t) => {
+                        yield sse::Data::new(serde_json::json!({ "text": t }).to_string()).event("token").into();
+                    }
+                    ChatEvent::Done(reply) => {
+                        meter.ok(&reply.usage);
+                        state.metrics.chat_turn(&reply);
+                        let body = serde_json::to_string(&response_body(&reply, meter.started())).expect("serialisable");
+                        yield sse::Data::new(body).event("done").into();
+                        break;
+                    }
+                    ChatEvent::Error(e) => {
+                        let e = ApiError::from(e);
+                        meter.fail(&e);
+                        yield sse::Data::new(e.body_json()).event("error").into();
+                        break;
+                    }
                 }
             }
         }
-    };
+    });
     let mut res = sse_response(events);
     for (name, value) in routing {
         if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&value) {

@@ -122,48 +122,50 @@ pub fn peer_of(req: &HttpRequest) -> Option<PeerSocket> {
 /// How often a stream waiting for a slot looks at its client's socket.
 const WAITING_LOOK: Duration = Duration::from_millis(100);
 
-/// What a streaming answer that started while its request waits for a slot
-/// sends meanwhile.
-pub(crate) enum Waiting<T> {
-    /// A comment to write: the client's socket showed its end of stream.
-    Look,
-    /// The request was admitted (or refused).
-    Admitted(T),
-}
-
-/// For a streaming answer that started while its request waits for a slot:
-/// the admission's result, or an end without it once the client is gone
-/// (which drops `admission` and so gives its place in the queue up). actix
+/// The events of a streaming answer whose request may still wait for its
+/// slot: `admitted` when it was admitted before the answer started, else
+/// SSE comments while `admission` waits, then the events `answer` makes of
+/// its result. The stream ends without an answer once the client is gone,
+/// which drops `admission` and so gives its place in the queue up. actix
 /// notices a closed client only when it writes, and an idle stream writes a
 /// comment every few seconds; so once the client's socket shows its end of
-/// stream, a [`Waiting::Look`] asks for a comment at each look (a closed
-/// client answers it with a reset, which ends the response; a half-closed
-/// one reads and skips it). Dropping the stream (the response ended) gives
-/// the place up too.
-pub(crate) fn admitted_unless_gone<T>(
+/// stream, a comment is written at each look (a closed client answers it
+/// with a reset, which ends the response; a half-closed one reads and skips
+/// it). Dropping the stream (the response ended) gives the place up too.
+pub(crate) fn after_admission<T, S>(
+    admitted: Option<T>,
     admission: impl std::future::Future<Output = T>,
     peer: Option<PeerSocket>,
-) -> impl futures::Stream<Item = Waiting<T>> {
+    answer: impl FnOnce(T) -> S,
+) -> impl futures::Stream<Item = actix_web_lab::sse::Event>
+where
+    S: futures::Stream<Item = actix_web_lab::sse::Event>,
+{
+    use futures::StreamExt;
     async_stream::stream! {
-        tokio::pin!(admission);
-        let mut looks = tokio::time::interval(WAITING_LOOK);
-        loop {
-            let next = tokio::select! {
-                admitted = &mut admission => Some(Waiting::Admitted(admitted)),
-                _ = looks.tick() => match peer.map(|PeerSocket(fd)| look(fd)) {
-                    Some(Peer::Gone) => return,
-                    Some(Peer::EndOfStream) => Some(Waiting::Look),
-                    Some(Peer::Open) | None => None,
-                },
-            };
-            match next {
-                Some(Waiting::Admitted(admitted)) => {
-                    yield Waiting::Admitted(admitted);
-                    return;
+        let result = match admitted {
+            Some(result) => result,
+            None => {
+                tokio::pin!(admission);
+                let mut looks = tokio::time::interval(WAITING_LOOK);
+                loop {
+                    let comment = tokio::select! {
+                        result = &mut admission => break result,
+                        _ = looks.tick() => match peer.map(|PeerSocket(fd)| look(fd)) {
+                            Some(Peer::Gone) => return,
+                            Some(Peer::EndOfStream) => true,
+                            Some(Peer::Open) | None => false,
+                        },
+                    };
+                    if comment {
+                        yield actix_web_lab::sse::Event::Comment("waiting".into());
+                    }
                 }
-                Some(Waiting::Look) => yield Waiting::Look,
-                None => {}
             }
+        };
+        let mut events = std::pin::pin!(answer(result));
+        while let Some(event) = events.next().await {
+            yield event;
         }
     }
 }

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::disconnect::Waiting;
+use super::disconnect::after_admission;
 use super::logprobs::{chat_logprobs, text_logprobs};
 use super::metrics::Meter;
 use super::openai::Route;
@@ -142,121 +142,108 @@ pub(super) async fn generate(
     // The answer is a stream read straight from the sequence's channel: one
     // event per token, written to the socket when actix polls it; a client
     // that leaves drops it, and with it the generation.
-    let events = async_stream::stream! {
-        let chunk_object = match route {
-            Route::Chat => "chat.completion.chunk",
-            Route::Text => "text_completion",
-        };
-        // With `include_usage`, every chunk but the last carries `"usage": null`, as OpenAI's do.
-        // The log-probabilities of the tokens since the last chunk go with the next one.
-        let mut pending: Vec<crate::params::TokenLogprob> = Vec::new();
-        let mut offset = 0usize;
-        // Under tools the reply is read whole before it is sent: a call is
-        // not known to be one until it parses.
-        let mut held = with_tools.then(String::new);
-        let mut chunk = |text: Option<&str>,
-                         calls: Option<Value>,
-                         finish: Option<&str>,
-                         pending: &mut Vec<crate::params::TokenLogprob>| {
-            let logprobs = match (with_logprobs, route) {
-                (false, _) => Value::Null,
-                (true, Route::Chat) => chat_logprobs(pending),
-                (true, Route::Text) => text_logprobs(pending, offset),
+    let events = after_admission(admitted.map(Ok), admission, peer, move |admitted| {
+        async_stream::stream! {
+            let chunk_object = match route {
+                Route::Chat => "chat.completion.chunk",
+                Route::Text => "text_completion",
             };
-            offset += pending.iter().map(|lp| lp.token.text.len()).sum::<usize>();
-            pending.clear();
-            let choice = match route {
-                Route::Chat => {
-                    let delta = match (text, calls) {
-                        (_, Some(calls)) => json!({ "tool_calls": calls }),
-                        (Some(t), None) => json!({ "content": t }),
-                        (None, None) if finish.is_none() => json!({ "role": "assistant", "content": "" }),
-                        (None, None) => json!({}),
-                    };
-                    json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
-                }
-                Route::Text => {
-                    json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
-                }
-            };
-            let mut c = json!({
-                "id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice],
-            });
-            if include_usage {
-                c["usage"] = Value::Null;
-            }
-            c
-        };
-        let data = |v: Value| sse::Event::from(sse::Data::new(v.to_string()));
-        let mut generation = match admitted {
-            Some(generation) => generation,
-            None => {
-                let mut waiting = std::pin::pin!(super::disconnect::admitted_unless_gone(admission, peer));
-                let mut waited = None;
-                while let Some(w) = waiting.next().await {
-                    match w {
-                        Waiting::Look => yield sse::Event::Comment("waiting".into()),
-                        Waiting::Admitted(result) => waited = Some(result),
-                    }
-                }
-                match waited {
-                    // The client left while it waited.
-                    None => return,
-                    Some(Ok(generation)) => generation,
-                    Some(Err(e)) => {
-                        let e = ApiError::from(e);
-                        meter.fail(&e);
-                        yield sse::Data::new(e.body_json()).into();
-                        yield sse::Data::new("[DONE]").into();
-                        return;
-                    }
-                }
-            }
-        };
-        if matches!(route, Route::Chat) {
-            yield data(chunk(None, None, None, &mut pending));
-        }
-        while let Some(event) = generation.next().await {
-            match event {
-                GenEvent::Logprob(lp) => pending.push(lp),
-                GenEvent::Token(t) => match held.as_mut() {
-                    Some(held) => held.push_str(&t),
-                    None => yield data(chunk(Some(&t), None, None, &mut pending)),
-                },
-                GenEvent::Done(done) => {
-                    meter.ok(&done.usage);
-                    let mut finish = finish_str(done.finish_reason);
-                    if let Some(text) = held.take() {
-                        let piece = match super::tools::parse_reply(&text) {
-                            super::tools::Reply::Calls(calls) => {
-                                finish = "tool_calls";
-                                let indexed: Vec<Value> =
-                                    calls.iter().enumerate().map(|(i, c)| c.openai(Some(i))).collect();
-                                chunk(None, Some(Value::from(indexed)), None, &mut pending)
-                            }
-                            super::tools::Reply::Text(answer) => chunk(Some(&answer), None, None, &mut pending),
+            // With `include_usage`, every chunk but the last carries `"usage": null`, as OpenAI's do.
+            // The log-probabilities of the tokens since the last chunk go with the next one.
+            let mut pending: Vec<crate::params::TokenLogprob> = Vec::new();
+            let mut offset = 0usize;
+            // Under tools the reply is read whole before it is sent: a call is
+            // not known to be one until it parses.
+            let mut held = with_tools.then(String::new);
+            let mut chunk = |text: Option<&str>,
+                             calls: Option<Value>,
+                             finish: Option<&str>,
+                             pending: &mut Vec<crate::params::TokenLogprob>| {
+                let logprobs = match (with_logprobs, route) {
+                    (false, _) => Value::Null,
+                    (true, Route::Chat) => chat_logprobs(pending),
+                    (true, Route::Text) => text_logprobs(pending, offset),
+                };
+                offset += pending.iter().map(|lp| lp.token.text.len()).sum::<usize>();
+                pending.clear();
+                let choice = match route {
+                    Route::Chat => {
+                        let delta = match (text, calls) {
+                            (_, Some(calls)) => json!({ "tool_calls": calls }),
+                            (Some(t), None) => json!({ "content": t }),
+                            (None, None) if finish.is_none() => json!({ "role": "assistant", "content": "" }),
+                            (None, None) => json!({}),
                         };
-                        yield data(piece);
+                        json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
                     }
-                    yield data(chunk(None, None, Some(finish), &mut pending));
-                    if include_usage {
-                        let last = json!({
-                            "id": id, "object": chunk_object, "created": created, "model": model,
-                            "choices": [], "usage": usage_body(&done.usage),
-                        });
-                        yield data(last);
+                    Route::Text => {
+                        json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
                     }
-                    break;
+                };
+                let mut c = json!({
+                    "id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice],
+                });
+                if include_usage {
+                    c["usage"] = Value::Null;
                 }
-                GenEvent::Error(e) => {
+                c
+            };
+            let data = |v: Value| sse::Event::from(sse::Data::new(v.to_string()));
+            let mut generation = match admitted {
+                Ok(generation) => generation,
+                Err(e) => {
                     let e = ApiError::from(e);
                     meter.fail(&e);
                     yield sse::Data::new(e.body_json()).into();
-                    break;
+                    yield sse::Data::new("[DONE]").into();
+                    return;
+                }
+            };
+            if matches!(route, Route::Chat) {
+                yield data(chunk(None, None, None, &mut pending));
+            }
+            while let Some(event) = generation.next().await {
+                match event {
+                    GenEvent::Logprob(lp) => pending.push(lp),
+                    GenEvent::Token(t) => match held.as_mut() {
+                        Some(held) => held.push_str(&t),
+                        None => yield data(chunk(Some(&t), None, None, &mut pending)),
+                    },
+                    GenEvent::Done(done) => {
+                        meter.ok(&done.usage);
+                        let mut finish = finish_str(done.finish_reason);
+                        if let Some(text) = held.take() {
+                            let piece = match super::tools::parse_reply(&text) {
+                                super::tools::Reply::Calls(calls) => {
+                                    finish = "tool_calls";
+                                    let indexed: Vec<Value> =
+                                        calls.iter().enumerate().map(|(i, c)| c.openai(Some(i))).collect();
+                                    chunk(None, Some(Value::from(indexed)), None, &mut pending)
+                                }
+                                super::tools::Reply::Text(answer) => chunk(Some(&answer), None, None, &mut pending),
+                            };
+                            yield data(piece);
+                        }
+                        yield data(chunk(None, None, Some(finish), &mut pending));
+                        if include_usage {
+                            let last = json!({
+                                "id": id, "object": chunk_object, "created": created, "model": model,
+                                "choices": [], "usage": usage_body(&done.usage),
+                            });
+                            yield data(last);
+                        }
+                        break;
+                    }
+                    GenEvent::Error(e) => {
+                        let e = ApiError::from(e);
+                        meter.fail(&e);
+                        yield sse::Data::new(e.body_json()).into();
+                        break;
+                    }
                 }
             }
+            yield sse::Data::new("[DONE]").into();
         }
-        yield sse::Data::new("[DONE]").into();
-    };
+    });
     Ok(sse_response(events))
 }
