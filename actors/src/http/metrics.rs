@@ -410,6 +410,11 @@ impl Meter {
         }
     }
 
+    /// It generated nothing and failed nothing (Ollama's model load): not counted.
+    pub(crate) fn skip(&self) {
+        self.first();
+    }
+
     /// It failed: its error type is the outcome.
     pub(crate) fn fail(&self, e: &ApiError) {
         if self.first() {

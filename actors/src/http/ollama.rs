@@ -284,7 +284,7 @@ async fn generate(
         // A call is known to be one only once it parses: the reply is read
         // whole, then sent as one object, or as its message and the last line.
         let (text, done) = generation.collect_text().await?;
-        state.metrics.finished("ollama", started, Ok(&done.usage));
+        meter.ok(&done.usage);
         let mut message = json!({ "role": "assistant", "content": "" });
         let mut last = shape.last(&model, "", &done, started);
         match super::tools::parse_reply(&text) {
@@ -351,7 +351,8 @@ async fn api_chat(
         refuse_set("think", body.think.as_ref(), "this model does not think")?;
         let _ = body.keep_alive;
         if body.messages.is_empty() {
-            // Ollama's way to load a model: it is loaded.
+            // Ollama's way to load a model: it is loaded (no generation to count).
+            meter.skip();
             let model = chat.pool().engine_info().model_name;
             return Ok(HttpResponse::Ok().json(json!({
                 "model": model, "created_at": now_rfc3339(),
@@ -445,6 +446,7 @@ async fn api_generate(
         refuse_set("think", body.think.as_ref(), "this model does not think")?;
         let _ = body.keep_alive;
         if body.prompt.is_empty() {
+            meter.skip();
             return Ok(HttpResponse::Ok().json(json!({
                 "model": model, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load",
             })));

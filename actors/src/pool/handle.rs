@@ -131,7 +131,7 @@ impl PoolHandle {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.prepare(request))
             .await
-            .map_err(|_| EngineError::Template("tokenizing the prompt panicked".into()))?
+            .map_err(|_| EngineError::Backend("tokenizing the prompt panicked".into()))?
     }
 
     /// Checks the request, waits for an instance and starts generating.
