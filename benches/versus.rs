@@ -9,6 +9,7 @@
 //!
 //!   scripts/bench.sh --bench versus
 //!   scripts/bench.sh --bench versus -- neighbour   (only the busy-neighbour table)
+//!   scripts/bench.sh --bench versus -- turns       (only multi-turn, each server twice)
 //!
 //! `MODELPOOL_LLAMA_SERVER` names the llama-server binary (scripts/env.sh
 //! sets it; scripts/setup.sh --with-llama-server builds it).
@@ -179,6 +180,48 @@ async fn multi_turn(base: &str, conversations: usize, through_chat: bool) -> Vec
         .collect()
 }
 
+/// The multi-turn table alone, each server twice in the order modelpool,
+/// llama-server, llama-server, modelpool (a slow drift of the machine
+/// weighs on both alike); each figure the mean of a server's two runs.
+async fn turns_table(model: &str, threads: usize, data: &std::path::Path) {
+    let mut runs: [Vec<Vec<(f64, f64)>>; 2] = [Vec::new(), Vec::new()];
+    for target in ["modelpool", "llama-server", "llama-server", "modelpool"] {
+        let (_mp, _ls, base);
+        if target == "modelpool" {
+            let env = [("MODELPOOL_SLOTS", "4"), ("MODELPOOL_THREADS", "0"), ("MODELPOOL_ACQUIRE_TIMEOUT_MS", "600000")];
+            let server = server::start(1, N_CTX, data, &env);
+            base = server.1.clone();
+            _mp = Some(server);
+        } else {
+            let server = llama_server::start(model, SLOTS, N_CTX, threads);
+            base = server.1.clone();
+            _ls = Some(server);
+        }
+        throughput(&base, 1, 1).await;
+        let side = usize::from(target != "modelpool");
+        for conversations in [4, 8] {
+            eprintln!("[versus] {target}: {conversations} conversations × {TURNS} turns, history resent");
+            let run = multi_turn(&base, conversations, false).await;
+            eprintln!("[versus]   turn {TURNS} TTFT p50 {:.0} ms", run[TURNS - 1].0);
+            runs[side].push(run);
+        }
+    }
+    println!("multi-turn, history resent each turn, max_tokens 64: TTFT p50 ms, mean of two runs (cached prompt tokens p50)");
+    for (k, conversations) in [4, 8].iter().enumerate() {
+        println!("{conversations} conversations at once");
+        println!("{:>6} {:>20} {:>20} {:>8}", "turn", "modelpool /v1", "llama-server", "ratio");
+        for t in 0..TURNS {
+            let mean = |side: usize| {
+                let (a, b) = (runs[side][k][t], runs[side][k + 2][t]);
+                ((a.0 + b.0) / 2.0, (a.1 + b.1) / 2.0)
+            };
+            let ((a, ac), (b, bc)) = (mean(0), mean(1));
+            println!("{:>6} {a:>12.0} ({ac:>5.0}) {b:>12.0} ({bc:>5.0}) {:>7.2}×", t + 1, a / b);
+        }
+    }
+    println!("(ratio: modelpool /v1 TTFT / llama-server TTFT)");
+}
+
 /// Mean TTFT and total of 5 requests sent one after the other, 32 tokens each.
 async fn five_in_a_row(base: &str) -> (f64, f64) {
     let client = client();
@@ -205,6 +248,9 @@ async fn main() {
     println!("(one server runs at a time; temperature 0, repeat penalty off, streaming, times at the client)\n");
     if std::env::args().skip(1).any(|a| a == "neighbour") {
         return neighbour_table(&model, threads, data.path()).await;
+    }
+    if std::env::args().skip(1).any(|a| a == "turns") {
+        return turns_table(&model, threads, data.path()).await;
     }
 
     let targets = ["modelpool", "llama-server"];

@@ -438,10 +438,18 @@ impl<'m> Batcher<'m> {
         if !self.fill_batch()? {
             return Ok(false);
         }
+        let decode_started = Instant::now();
         if let Err(e) = self.decode_batch() {
             self.fail_all(&e);
             return Err(e);
         }
+        tracing::trace!(
+            tokens = self.batch.n_tokens(),
+            sequences = self.planned.len(),
+            threads = self.n_threads,
+            decode_us = decode_started.elapsed().as_micros() as u64,
+            "step"
+        );
         self.commit_and_sample();
         Ok(true)
     }
