@@ -525,7 +525,9 @@ async fn conversations_are_listed_newest_first_in_pages_with_titles_and_only_to_
 /// and on a `/chat` turn, whose `start` event then names its conversation.
 #[actix::test]
 async fn a_queued_stream_starts_with_keep_alive_comments_and_then_generates() {
-    let server = Server::start(&["--instances", "1"], &[("MODELPOOL_SLOTS", "1")]);
+    // Room for a long answer: the slot must stay taken for the whole round
+    // however fast this machine decodes (see `long` below).
+    let server = Server::start(&["--instances", "1", "--n-ctx", "4096"], &[("MODELPOOL_SLOTS", "1")]);
     let queued_requests = [
         (
             "/v1/chat/completions",
@@ -535,10 +537,13 @@ async fn a_queued_stream_starts_with_keep_alive_comments_and_then_generates() {
         ("/chat", json!({ "message": "Say hi.", "max_tokens": 4, "stream": true }), "event: done"),
     ];
     for (path, short, end) in queued_requests {
-        // A raw prompt the model continues without end (it counts on), so
-        // the slot stays taken for the whole round however fast it decodes.
+        // A raw prompt the model continues without end (it counts on), read
+        // no further than its first chunk: its sequence runs until the
+        // socket buffers and its channel are full, then pauses holding the
+        // slot, so the slot stays taken for the whole round however fast
+        // this machine decodes (440 tokens took under 3 s on a fast one).
         let counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,";
-        let long = json!({ "prompt": counting, "max_tokens": 440, "temperature": 0, "stream": true });
+        let long = json!({ "prompt": counting, "max_tokens": 4000, "temperature": 0, "stream": true });
         let running = http().post(server.url("/v1/completions")).json(&long).send().await.unwrap();
         if running.status() != 200 {
             panic!("{path}: {}", running.text().await.unwrap_or_default());

@@ -56,8 +56,14 @@ impl Server {
 /// Starts `modelpool serve` on `data_dir`; returns once it listens.
 fn spawn(data_dir: &std::path::Path, flags: &[String], env: &[(String, String)]) -> (Child, String, Log) {
     let mut cmd = modelpool_command();
-    cmd.args(["--data-dir", data_dir.to_str().unwrap(), "--threads", "1", "--n-ctx", "512"])
-        .args(flags)
+    cmd.args(["--data-dir", data_dir.to_str().unwrap()]);
+    // One thread and 512 tokens of context unless the test names its own.
+    for (flag, value) in [("--threads", "1"), ("--n-ctx", "512")] {
+        if !flags.iter().any(|f| f == flag) {
+            cmd.args([flag, value]);
+        }
+    }
+    cmd.args(flags)
         .args(["serve", "--bind", "127.0.0.1:0"])
         .env("MODELPOOL_HEALTH_INTERVAL_MS", "0")
         // One sequence per instance unless a test asks for more: these tests
