@@ -3,12 +3,12 @@
 use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_lab::sse;
 use serde::{Deserialize, Serialize};
 
 use super::disconnect::{after_admission, unless_client_gone};
 use super::metrics::Meter;
-use super::{sse_response, ApiError, ApiState, Authorized, SamplingOverrides};
+use super::sse::{self, Frame};
+use super::{ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat::types::{ChatError, ChatEvent, ChatReply, SendMessage};
 use crate::memory::prompt_builder::Recalled;
 use crate::params::{FinishReason, Usage};
@@ -226,35 +226,39 @@ async fn chat_inner(
                 Err(e) => {
                     let e = ApiError::from(e);
                     meter.fail(&e);
-                    yield sse::Data::new(e.body_json()).event("error").into();
+                    yield Frame::named("error", &e.body_json());
                     return;
                 }
             };
             let start = serde_json::json!({ "conversation_id": turn.conversation_id.to_string() });
-            yield sse::Data::new(start.to_string()).event("start").into();
+            yield Frame::named("start", &start.to_string());
             while let Some(event) = turn.next_event().await {
                 match event {
                     ChatEvent::Token(t) => {
-                        yield sse::Data::new(serde_json::json!({ "text": t }).to_string()).event("token").into();
+                        yield Frame::build(Some("token"), t.len() + 12, |b| {
+                            b.extend_from_slice(b"{\"text\":");
+                            sse::json_str(b, &t);
+                            b.push(b'}');
+                        });
                     }
                     ChatEvent::Done(reply) => {
                         meter.ok(&reply.usage);
                         state.metrics.chat_turn(&reply);
                         let body = serde_json::to_string(&response_body(&reply, meter.started())).expect("serialisable");
-                        yield sse::Data::new(body).event("done").into();
+                        yield Frame::named("done", &body);
                         break;
                     }
                     ChatEvent::Error(e) => {
                         let e = ApiError::from(e);
                         meter.fail(&e);
-                        yield sse::Data::new(e.body_json()).event("error").into();
+                        yield Frame::named("error", &e.body_json());
                         break;
                     }
                 }
             }
         }
     });
-    let mut res = sse_response(events);
+    let mut res = sse::response(events);
     for (name, value) in routing {
         if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&value) {
             res.headers_mut().insert(actix_web::http::header::HeaderName::from_static(name), v);

@@ -137,9 +137,9 @@ pub(crate) fn after_admission<T, S>(
     admission: impl std::future::Future<Output = T>,
     peer: Option<PeerSocket>,
     answer: impl FnOnce(T) -> S,
-) -> impl futures::Stream<Item = actix_web_lab::sse::Event>
+) -> impl futures::Stream<Item = super::sse::Frame>
 where
-    S: futures::Stream<Item = actix_web_lab::sse::Event>,
+    S: futures::Stream<Item = super::sse::Frame>,
 {
     use futures::StreamExt;
     async_stream::stream! {
@@ -158,7 +158,7 @@ where
                         },
                     };
                     if comment {
-                        yield actix_web_lab::sse::Event::Comment("waiting".into());
+                        yield super::sse::Frame::comment("waiting");
                     }
                 }
             }

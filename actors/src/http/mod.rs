@@ -20,6 +20,7 @@ pub mod ollama;
 pub mod openai;
 mod openai_reply;
 pub mod page;
+mod sse;
 pub mod status;
 pub mod structured;
 pub mod tools;
@@ -403,24 +404,9 @@ pub fn default_service() -> actix_web::Route {
     web::to(not_found)
 }
 
-/// An idle event stream sends a comment this often: a request waiting for a
-/// slot, or a long prompt being read, shows clients and proxies it is alive.
-pub(crate) const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(3);
-
 /// How long a streaming request waits for a slot before its answer starts
-/// (with SSE comments every [`SSE_KEEP_ALIVE`] while it waits on).
+/// (with SSE comments every [`sse::KEEP_ALIVE`] while it waits on).
 pub(crate) const HEADERS_WHILE_QUEUED: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// A server-sent-events response written straight from `events`. Uncompressed and uncached, so
-/// every event reaches the client as soon as it is sent.
-pub(crate) fn sse_response(events: impl futures::Stream<Item = actix_web_lab::sse::Event> + 'static) -> HttpResponse {
-    use actix_web::http::header::{CacheControl, CacheDirective, ContentEncoding};
-    HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header(ContentEncoding::Identity)
-        .insert_header(CacheControl(vec![CacheDirective::NoCache]))
-        .body(actix_web_lab::sse::Sse::from_infallible_stream(events).with_keep_alive(SSE_KEEP_ALIVE))
-}
 
 /// Seconds since the Unix epoch (OpenAI's `created`).
 pub(crate) fn unix_now() -> u64 {

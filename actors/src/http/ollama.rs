@@ -233,6 +233,28 @@ impl Shape {
         }
     }
 
+    /// [`Self::piece`] as its NDJSON line, written straight into one buffer
+    /// (a streamed token's only allocation here).
+    fn piece_line(self, model: &str, text: &str) -> web::Bytes {
+        use super::sse::json_str;
+        let mut b = Vec::with_capacity(model.len() + text.len() + 112);
+        b.extend_from_slice(b"{\"model\":");
+        json_str(&mut b, model);
+        b.extend_from_slice(b",\"created_at\":\"");
+        // Formatting a date into a Vec cannot fail.
+        let _ = time::OffsetDateTime::now_utc().format_into(&mut b, &time::format_description::well_known::Rfc3339);
+        b.extend_from_slice(match self {
+            Shape::Chat => b"\",\"message\":{\"role\":\"assistant\",\"content\":" as &[u8],
+            Shape::Generate => b"\",\"response\":",
+        });
+        json_str(&mut b, text);
+        b.extend_from_slice(match self {
+            Shape::Chat => b"},\"done\":false}\n" as &[u8],
+            Shape::Generate => b",\"done\":false}\n",
+        });
+        web::Bytes::from(b)
+    }
+
     fn last(self, model: &str, text: &str, done: &Completion, started: Instant) -> Value {
         let mut v = self.piece(model, text);
         v["done"] = json!(true);
@@ -313,7 +335,7 @@ async fn generate(
         let line = |v: Value| Ok::<_, actix_web::Error>(web::Bytes::from(format!("{v}\n")));
         while let Some(event) = generation.next().await {
             match event {
-                GenEvent::Token(t) => yield line(shape.piece(&model, &t)),
+                GenEvent::Token(t) => yield Ok(shape.piece_line(&model, &t)),
                 GenEvent::Logprob(_) => {}
                 GenEvent::Done(done) => {
                     meter.ok(&done.usage);
@@ -659,5 +681,27 @@ pub fn register(cfg: &mut web::ServiceConfig) {
         .route("/api/version", web::get().to(api_version));
     for route in ["/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/{digest}"] {
         cfg.route(route, web::route().to(api_manage));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streamed_line_is_the_piece_it_stands_for() {
+        for shape in [Shape::Chat, Shape::Generate] {
+            let text = "a \"quoted\"\nline é";
+            let line = shape.piece_line("m\"odel", text);
+            assert_eq!(line.last(), Some(&b'\n'));
+            assert_eq!(line.iter().filter(|&&c| c == b'\n').count(), 1, "one line");
+            let mut got: Value = serde_json::from_slice(&line).unwrap();
+            let mut want = shape.piece("m\"odel", text);
+            let at = got["created_at"].as_str().unwrap().to_string();
+            assert!(at.len() >= 20 && at.as_bytes()[10] == b'T' && at.ends_with('Z'), "{at}");
+            got["created_at"] = Value::Null;
+            want["created_at"] = Value::Null;
+            assert_eq!(got, want);
+        }
     }
 }

@@ -2,7 +2,6 @@
 //! or server-sent `chat.completion.chunk` / `text_completion` chunks.
 
 use actix_web::{web, HttpResponse};
-use actix_web_lab::sse;
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -11,7 +10,8 @@ use super::disconnect::after_admission;
 use super::logprobs::{chat_logprobs, text_logprobs};
 use super::metrics::Meter;
 use super::openai::Route;
-use super::{sse_response, unix_now, ApiError, ApiState};
+use super::sse::{self, json_str, Frame};
+use super::{unix_now, ApiError, ApiState};
 use crate::engine::CacheKey;
 use crate::error::PoolError;
 use crate::params::{FinishReason, GenerateRequest, Usage};
@@ -188,14 +188,45 @@ pub(super) async fn generate(
                 }
                 c
             };
-            let data = |v: Value| sse::Event::from(sse::Data::new(v.to_string()));
+            let data = |v: Value| Frame::data(&v.to_string());
+            // A token's chunk without log-probabilities is written straight
+            // into its frame: what every chunk shares, encoded once here,
+            // then the token's text.
+            let (head, tail) = {
+                let mut head = Vec::with_capacity(160);
+                head.extend_from_slice(b"{\"id\":");
+                json_str(&mut head, &id);
+                head.extend_from_slice(format!(",\"object\":\"{chunk_object}\",\"created\":{created},\"model\":").as_bytes());
+                json_str(&mut head, &model);
+                head.extend_from_slice(match route {
+                    Route::Chat => b",\"choices\":[{\"index\":0,\"delta\":{\"content\":" as &[u8],
+                    Route::Text => b",\"choices\":[{\"index\":0,\"text\":",
+                });
+                let mut tail = Vec::with_capacity(64);
+                if matches!(route, Route::Chat) {
+                    tail.push(b'}');
+                }
+                tail.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}]");
+                if include_usage {
+                    tail.extend_from_slice(b",\"usage\":null");
+                }
+                tail.push(b'}');
+                (head, tail)
+            };
+            let token_frame = |t: &str| {
+                Frame::build(None, head.len() + t.len() + tail.len() + 8, |b| {
+                    b.extend_from_slice(&head);
+                    json_str(b, t);
+                    b.extend_from_slice(&tail);
+                })
+            };
             let mut generation = match admitted {
                 Ok(generation) => generation,
                 Err(e) => {
                     let e = ApiError::from(e);
                     meter.fail(&e);
-                    yield sse::Data::new(e.body_json()).into();
-                    yield sse::Data::new("[DONE]").into();
+                    yield Frame::data(&e.body_json());
+                    yield Frame::data("[DONE]");
                     return;
                 }
             };
@@ -207,6 +238,7 @@ pub(super) async fn generate(
                     GenEvent::Logprob(lp) => pending.push(lp),
                     GenEvent::Token(t) => match held.as_mut() {
                         Some(held) => held.push_str(&t),
+                        None if !with_logprobs => yield token_frame(&t),
                         None => yield data(chunk(Some(&t), None, None, &mut pending)),
                     },
                     GenEvent::Done(done) => {
@@ -237,13 +269,13 @@ pub(super) async fn generate(
                     GenEvent::Error(e) => {
                         let e = ApiError::from(e);
                         meter.fail(&e);
-                        yield sse::Data::new(e.body_json()).into();
+                        yield Frame::data(&e.body_json());
                         break;
                     }
                 }
             }
-            yield sse::Data::new("[DONE]").into();
+            yield Frame::data("[DONE]");
         }
     });
-    Ok(sse_response(events))
+    Ok(sse::response(events))
 }
