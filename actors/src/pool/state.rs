@@ -72,6 +72,16 @@ impl Instance {
         self.slots.iter().filter(|s| s.lease.is_some()).count()
     }
 
+    /// How many runs of neighbouring leased slots there would be with `slot`
+    /// leased too. A local instance keeps one KV stream per slot, and
+    /// llama.cpp decodes together only sequences whose ids follow each
+    /// other: each gap (a free slot between busy ones) splits a step into
+    /// one more pass over the weights.
+    fn runs_with(&self, slot: usize) -> usize {
+        let busy = |k: usize| k == slot || self.slots[k].lease.is_some();
+        (0..self.slots.len()).filter(|&k| busy(k) && (k == 0 || !busy(k - 1))).count()
+    }
+
     fn state(&self) -> InstanceState {
         match self.health {
             Health::Loading => InstanceState::Loading,
@@ -202,8 +212,10 @@ impl PoolState {
     /// The free slot for a request: the one that last served the same
     /// affinity key (its KV cache holds that conversation's prefix); else, on
     /// the instance with the fewest leased slots (spreading load over
-    /// contexts), the slot idle longest (the coldest cache). Affinity never
-    /// makes a request wait: any free slot is better than a queue.
+    /// contexts), a slot next to the busy ones (no gap: see
+    /// [`Instance::runs_with`]) and of those the one idle longest (the
+    /// coldest cache; a cache given away is parked, not lost). Affinity
+    /// never makes a request wait: any free slot is better than a queue.
     fn pick(&self, affinity: Option<u64>) -> Option<(usize, usize)> {
         let free = || {
             self.instances.iter().enumerate().filter(|(_, inst)| inst.health == Health::Ready).flat_map(|(i, inst)| {
@@ -215,7 +227,9 @@ impl PoolState {
                 return Some((i, j));
             }
         }
-        free().min_by_key(|&(i, _, s)| (self.instances[i].leased(), s.idle_since)).map(|(i, j, _)| (i, j))
+        free()
+            .min_by_key(|&(i, j, s)| (self.instances[i].leased(), self.instances[i].runs_with(j), s.idle_since))
+            .map(|(i, j, _)| (i, j))
     }
 
     fn lease(&mut self, instance: usize, slot: usize, lease: LeaseId, affinity: Option<u64>) {

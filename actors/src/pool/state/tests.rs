@@ -262,3 +262,30 @@ fn a_remote_reports_its_slots_when_it_connects_and_a_down_one_serves_nothing() {
     let firsts: Vec<usize> = (0..3).map(|_| grant3(p.admit(None)).0).collect();
     assert_eq!(firsts, vec![0, 1, 0]);
 }
+
+#[test]
+fn fresh_requests_take_neighbouring_slots_so_a_step_stays_one_pass() {
+    let mut p = PoolState::new(1, 8, 0);
+    assert!(p.instance_ready(0, 0, 0));
+    let leases: Vec<(usize, LeaseId)> = (0..8)
+        .map(|k| match p.admit(Some(k)) {
+            Admission::Granted { slot, lease, .. } => (slot, lease),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    // Released so that the coldest caches lie apart: 0, 2, 4, 6, then the rest.
+    for &k in &[0usize, 2, 4, 6, 1, 3, 5, 7] {
+        let (slot, lease) = leases.iter().copied().find(|(s, _)| *s == k).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        p.release(0, slot, lease, Outcome::Ok { tokens: 1 });
+    }
+    let mut slots: Vec<usize> = (0..4)
+        .map(|k| match p.admit(Some(100 + k)) {
+            Admission::Granted { slot, .. } => slot,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(slots[0], 0, "the coldest cache goes first");
+    slots.sort();
+    assert!(slots.windows(2).all(|w| w[1] == w[0] + 1), "four fresh requests in neighbouring slots: {slots:?}");
+}
