@@ -189,37 +189,7 @@ pub(super) async fn generate(
                 c
             };
             let data = |v: Value| Frame::data(&v.to_string());
-            // A token's chunk without log-probabilities is written straight
-            // into its frame: what every chunk shares, encoded once here,
-            // then the token's text.
-            let (head, tail) = {
-                let mut head = Vec::with_capacity(160);
-                head.extend_from_slice(b"{\"id\":");
-                json_str(&mut head, &id);
-                head.extend_from_slice(format!(",\"object\":\"{chunk_object}\",\"created\":{created},\"model\":").as_bytes());
-                json_str(&mut head, &model);
-                head.extend_from_slice(match route {
-                    Route::Chat => b",\"choices\":[{\"index\":0,\"delta\":{\"content\":" as &[u8],
-                    Route::Text => b",\"choices\":[{\"index\":0,\"text\":",
-                });
-                let mut tail = Vec::with_capacity(64);
-                if matches!(route, Route::Chat) {
-                    tail.push(b'}');
-                }
-                tail.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}]");
-                if include_usage {
-                    tail.extend_from_slice(b",\"usage\":null");
-                }
-                tail.push(b'}');
-                (head, tail)
-            };
-            let token_frame = |t: &str| {
-                Frame::build(None, head.len() + t.len() + tail.len() + 8, |b| {
-                    b.extend_from_slice(&head);
-                    json_str(b, t);
-                    b.extend_from_slice(&tail);
-                })
-            };
+            let tokens = TokenChunks::new(route, &id, chunk_object, created, &model, include_usage);
             let mut generation = match admitted {
                 Ok(generation) => generation,
                 Err(e) => {
@@ -238,7 +208,7 @@ pub(super) async fn generate(
                     GenEvent::Logprob(lp) => pending.push(lp),
                     GenEvent::Token(t) => match held.as_mut() {
                         Some(held) => held.push_str(&t),
-                        None if !with_logprobs => yield token_frame(&t),
+                        None if !with_logprobs => yield tokens.frame(&t),
                         None => yield data(chunk(Some(&t), None, None, &mut pending)),
                     },
                     GenEvent::Done(done) => {
@@ -278,4 +248,76 @@ pub(super) async fn generate(
         }
     });
     Ok(sse::response(events))
+}
+
+/// A token's chunk without log-probabilities, written straight into its
+/// frame: what every such chunk of a stream shares is encoded once, then
+/// each token's text goes between. The same JSON as the stream's other
+/// chunks (`{"id", "object", "created", "model", "choices": [{"index": 0,
+/// "delta": {"content"} | "text", "logprobs": null, "finish_reason": null}]}`).
+struct TokenChunks {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+impl TokenChunks {
+    fn new(route: Route, id: &str, object: &str, created: u64, model: &str, include_usage: bool) -> Self {
+        let mut head = Vec::with_capacity(160);
+        head.extend_from_slice(b"{\"id\":");
+        json_str(&mut head, id);
+        head.extend_from_slice(b",\"object\":");
+        json_str(&mut head, object);
+        head.extend_from_slice(format!(",\"created\":{created},\"model\":").as_bytes());
+        json_str(&mut head, model);
+        head.extend_from_slice(match route {
+            Route::Chat => b",\"choices\":[{\"index\":0,\"delta\":{\"content\":" as &[u8],
+            Route::Text => b",\"choices\":[{\"index\":0,\"text\":",
+        });
+        let mut tail = Vec::with_capacity(64);
+        if matches!(route, Route::Chat) {
+            tail.push(b'}');
+        }
+        tail.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}]");
+        if include_usage {
+            tail.extend_from_slice(b",\"usage\":null");
+        }
+        tail.push(b'}');
+        Self { head, tail }
+    }
+
+    fn write(&self, buf: &mut Vec<u8>, text: &str) {
+        buf.extend_from_slice(&self.head);
+        json_str(buf, text);
+        buf.extend_from_slice(&self.tail);
+    }
+
+    fn frame(&self, text: &str) -> Frame {
+        Frame::build(None, self.head.len() + text.len() + self.tail.len() + 8, |b| self.write(b, text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_chunk_is_the_json_of_the_streams_other_chunks() {
+        let text = "a \"quoted\"\nline é";
+        for (route, object, include_usage) in
+            [(Route::Chat, "chat.completion.chunk", true), (Route::Text, "text_completion", false)]
+        {
+            let mut buf = Vec::new();
+            TokenChunks::new(route, "id-1", object, 7, "m\"odel", include_usage).write(&mut buf, text);
+            let got: Value = serde_json::from_slice(&buf).unwrap();
+            let choice = match route {
+                Route::Chat => json!({ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null }),
+                Route::Text => json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": null }),
+            };
+            let mut want = json!({ "id": "id-1", "object": object, "created": 7, "model": "m\"odel", "choices": [choice] });
+            if include_usage {
+                want["usage"] = Value::Null;
+            }
+            assert_eq!(got, want);
+        }
+    }
 }
