@@ -1,0 +1,307 @@
+//! Ollama's API at `/api/*`, for the clients written against it: `chat` and
+//! `generate` (NDJSON streaming by default), `embed` and the older
+//! `embeddings`, `tags`, `show`, `ps`, `version`. The same pool, KV caches
+//! and sampling as `/v1`; `options` map onto the same parameters, `format`
+//! onto structured output. What would change the answer and cannot be
+//! honoured (tools, images, raw prompts, templates, mirostat…) is a 400 that
+//! names it; routes that manage models say this server serves the models it
+//! was started with. Errors have Ollama's shape, `{"error": "…"}`.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use super::disconnect::unless_client_gone;
+use super::metrics::Meter;
+use super::openai::check_model;
+use super::{ApiError, ApiState, Authorized};
+use crate::engine::CacheKey;
+use crate::params::{ChatMessage, GenerateRequest, Role, SamplingParams};
+use crate::pool::lease::GenEvent;
+
+pub mod embed;
+pub mod models;
+mod reply;
+pub mod request;
+
+use reply::{now_rfc3339, Shape};
+use request::{refuse, refuse_set, sampling_of, ChatBody, GenerateBody};
+
+/// An Ollama error: its status, and `{"error": message}`.
+fn ollama_error(e: ApiError) -> HttpResponse {
+    let message = match &e {
+        ApiError::Internal(_) => "internal server error".to_string(),
+        other => other.to_string(),
+    };
+    let mut res = e.error_response();
+    let status = res.status();
+    let headers = std::mem::take(res.headers_mut());
+    let mut out = HttpResponse::build(status).json(json!({ "error": message }));
+    for (name, value) in headers.iter().filter(|(n, _)| n.as_str() == "retry-after") {
+        out.headers_mut().insert(name.clone(), value.clone());
+    }
+    out
+}
+
+/// Runs a handler and gives its error Ollama's shape.
+async fn reply(work: impl std::future::Future<Output = Result<HttpResponse, ApiError>>) -> HttpResponse {
+    work.await.unwrap_or_else(ollama_error)
+}
+
+/// A generation route's answer: an error is counted here, once (a
+/// generation counts itself when it ends), and given Ollama's shape.
+async fn counted(
+    meter: &Meter,
+    work: impl std::future::Future<Output = Result<HttpResponse, ApiError>>,
+) -> HttpResponse {
+    meter.answer(work.await).unwrap_or_else(ollama_error)
+}
+
+/// `model` as Ollama clients write it: a name, maybe with `:latest`.
+fn check_name(asked: Option<&str>, served: &str) -> Result<(), ApiError> {
+    check_model(asked.map(|m| m.strip_suffix(":latest").unwrap_or(m)), served)
+}
+
+/// One generation as an Ollama route asks for it.
+struct Job {
+    messages: Vec<ChatMessage>,
+    sampling: SamplingParams,
+    /// `num_predict` < 0: up to the end of the context.
+    to_the_end: bool,
+    stream: bool,
+    shape: Shape,
+    /// The reply is read as tool calls or an answer ([`super::tools`]).
+    with_tools: bool,
+}
+
+/// Generates and answers in the job's shape: NDJSON lines while it
+/// streams, or one object.
+async fn generate(
+    state: &web::Data<ApiState>,
+    http: &HttpRequest,
+    namespace: &str,
+    job: Job,
+    meter: Meter,
+) -> Result<HttpResponse, ApiError> {
+    let started = meter.started();
+    let Job { messages, mut sampling, to_the_end, stream, shape, with_tools } = job;
+    let chat = state.chat()?;
+    state.admit()?;
+    let model = chat.pool().engine_info().model_name;
+    if to_the_end {
+        // num_predict < 0: up to the end of the context, as Ollama does.
+        sampling.max_tokens = None;
+    }
+    let key = match http.headers().get("x-conversation-id") {
+        Some(id) => CacheKey::new(namespace, id.as_bytes()),
+        None => CacheKey::of_messages(namespace, &messages),
+    };
+    let mut generation =
+        chat.pool().generate_for(GenerateRequest { messages, sampling, raw_prompt: None }, Some(key)).await?;
+    if with_tools {
+        // A call is known to be one only once it parses: the reply is read
+        // whole, then sent as one object, or as its message and the last line.
+        let (text, done) = generation.collect_text().await?;
+        meter.ok(&done.usage);
+        let mut message = json!({ "role": "assistant", "content": "" });
+        let mut last = shape.last(&model, "", &done, started);
+        match super::tools::parse_reply(&text) {
+            super::tools::Reply::Calls(calls) => {
+                message["tool_calls"] = calls.iter().map(super::tools::ToolCall::ollama).collect();
+            }
+            super::tools::Reply::Text(answer) => message["content"] = Value::from(answer),
+        }
+        if !stream {
+            last["message"] = message;
+            return Ok(HttpResponse::Ok().json(last));
+        }
+        let mut piece = shape.piece(&model, "");
+        piece["message"] = message;
+        let body = format!("{piece}\n{last}\n");
+        return Ok(HttpResponse::Ok().content_type("application/x-ndjson").body(body));
+    }
+    if !stream {
+        let (text, done) = generation.collect_text().await?;
+        meter.ok(&done.usage);
+        return Ok(HttpResponse::Ok().json(shape.last(&model, &text, &done, started)));
+    }
+    // NDJSON lines read straight from the sequence's channel, one per token;
+    // a client that leaves drops the stream, and with it the generation.
+    let body = async_stream::stream! {
+        let line = |v: Value| Ok::<_, actix_web::Error>(web::Bytes::from(format!("{v}\n")));
+        while let Some(event) = generation.next().await {
+            match event {
+                GenEvent::Token(t) => yield Ok(shape.piece_line(&model, &t)),
+                GenEvent::Logprob(_) => {}
+                GenEvent::Done(done) => {
+                    meter.ok(&done.usage);
+                    yield line(shape.last(&model, "", &done, started));
+                    break;
+                }
+                GenEvent::Error(e) => {
+                    let e = ApiError::from(e);
+                    meter.fail(&e);
+                    yield line(json!({ "error": e.to_string() }));
+                    break;
+                }
+            }
+        }
+    };
+    Ok(HttpResponse::Ok().content_type("application/x-ndjson").streaming(body))
+}
+
+async fn api_chat(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    http: HttpRequest,
+    body: web::Json<ChatBody>,
+) -> HttpResponse {
+    let meter = Meter::new(state.metrics.clone(), "ollama", Instant::now());
+    let work = async {
+        let body = body.into_inner();
+        let chat = state.chat()?;
+        check_name(body.model.as_deref(), &chat.pool().engine_info().model_name)?;
+        // Ollama has no tool_choice: the model calls a tool or answers.
+        let tools = match &body.tools {
+            Some(t) => super::tools::tools_of(&HashMap::from([("tools".to_string(), t.clone())]))?,
+            None => None,
+        };
+        refuse_set("think", body.think.as_ref(), "this model does not think")?;
+        let _ = body.keep_alive;
+        if body.messages.is_empty() {
+            // Ollama's way to load a model: it is loaded (no generation to count).
+            meter.skip();
+            let model = chat.pool().engine_info().model_name;
+            return Ok(HttpResponse::Ok().json(json!({
+                "model": model, "created_at": now_rfc3339(),
+                "message": { "role": "assistant", "content": "" }, "done": true, "done_reason": "load",
+            })));
+        }
+        let mut messages = Vec::with_capacity(body.messages.len());
+        let mut call_names = HashMap::new();
+        for (i, m) in body.messages.into_iter().enumerate() {
+            let role = match m.role.as_str() {
+                "system" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                // A tool's result is data the client fetched: a user turn.
+                "tool" => Role::User,
+                other => {
+                    return Err(ApiError::bad(
+                        &format!("messages[{i}].role"),
+                        format!("invalid messages[{i}].role: must be system, user, assistant or tool, got {other:?}"),
+                    ))
+                }
+            };
+            let images = m.images.map(Value::from);
+            refuse_set(&format!("messages[{i}].images"), images.as_ref(), "images are not supported by this model")?;
+            let content = match (m.role.as_str(), m.tool_calls.as_ref().filter(|c| !c.is_null())) {
+                ("assistant", Some(calls)) => super::tools::assistant_text(i, m.content, calls, &mut call_names)?,
+                (_, Some(calls)) => {
+                    return Err(refuse(
+                        &format!("messages[{i}].tool_calls"),
+                        "only an assistant message makes calls",
+                        calls,
+                    ))
+                }
+                ("tool", None) => super::tools::tool_result_text(m.content, None, m.tool_name.as_deref(), &call_names),
+                _ => m.content,
+            };
+            messages.push(ChatMessage::new(role, content));
+        }
+        let (mut sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
+        if let Some(tools) = &tools {
+            if sampling.grammar.is_some() {
+                return Err(refuse(
+                    "format",
+                    "a reply cannot both call tools and follow a format",
+                    body.format.as_ref().unwrap_or(&Value::Null),
+                ));
+            }
+            sampling.grammar = Some(tools.grammar());
+            messages = super::openai::with_tool_instructions(messages, tools);
+        }
+        let namespace = auth.namespace.clone().unwrap_or_default();
+        let job = Job {
+            messages,
+            sampling,
+            to_the_end,
+            stream: body.stream.unwrap_or(true),
+            shape: Shape::Chat,
+            with_tools: tools.is_some(),
+        };
+        unless_client_gone(&http, generate(&state, &http, &namespace, job, meter.clone())).await
+    };
+    counted(&meter, work).await
+}
+
+async fn api_generate(
+    state: web::Data<ApiState>,
+    auth: Authorized,
+    http: HttpRequest,
+    body: web::Json<GenerateBody>,
+) -> HttpResponse {
+    let meter = Meter::new(state.metrics.clone(), "ollama", Instant::now());
+    let work = async {
+        let body = body.into_inner();
+        let chat = state.chat()?;
+        let model = chat.pool().engine_info().model_name;
+        check_name(body.model.as_deref(), &model)?;
+        let raw = body.raw.map(Value::from);
+        refuse_set(
+            "raw",
+            raw.as_ref(),
+            "raw prompts are not supported: the prompt goes through the model's chat template",
+        )?;
+        refuse_set("template", body.template.map(Value::from).as_ref(), "this server uses the model's own template")?;
+        refuse_set("suffix", body.suffix.map(Value::from).as_ref(), "this model does not fill in the middle")?;
+        refuse_set(
+            "context",
+            body.context.map(Value::from).as_ref(),
+            "context is not supported: send the conversation to /api/chat",
+        )?;
+        refuse_set("images", body.images.map(Value::from).as_ref(), "images are not supported by this model")?;
+        refuse_set("think", body.think.as_ref(), "this model does not think")?;
+        let _ = body.keep_alive;
+        if body.prompt.is_empty() {
+            meter.skip();
+            return Ok(HttpResponse::Ok().json(json!({
+                "model": model, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load",
+            })));
+        }
+        let mut messages = Vec::new();
+        if let Some(system) = body.system.filter(|s| !s.is_empty()) {
+            messages.push(ChatMessage::new(Role::System, system));
+        }
+        messages.push(ChatMessage::user(body.prompt));
+        let (sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
+        let namespace = auth.namespace.clone().unwrap_or_default();
+        let job = Job {
+            messages,
+            sampling,
+            to_the_end,
+            stream: body.stream.unwrap_or(true),
+            shape: Shape::Generate,
+            with_tools: false,
+        };
+        unless_client_gone(&http, generate(&state, &http, &namespace, job, meter.clone())).await
+    };
+    counted(&meter, work).await
+}
+
+pub fn register(cfg: &mut web::ServiceConfig) {
+    cfg.route("/api/chat", web::post().to(api_chat))
+        .route("/api/generate", web::post().to(api_generate))
+        .route("/api/embed", web::post().to(embed::api_embed))
+        .route("/api/embeddings", web::post().to(embed::api_embeddings))
+        .route("/api/tags", web::get().to(models::api_tags))
+        .route("/api/ps", web::get().to(models::api_ps))
+        .route("/api/show", web::post().to(models::api_show))
+        .route("/api/version", web::get().to(models::api_version));
+    for route in ["/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/{digest}"] {
+        cfg.route(route, web::route().to(models::api_manage));
+    }
+}

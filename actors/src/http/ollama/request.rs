@@ -1,0 +1,140 @@
+//! Ollama's request bodies, and their `options` and `format` turned into
+//! this server's sampling parameters; fields that would change the answer
+//! and are not honoured are refused here, by name.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::http::openai::short_json;
+use crate::http::{ApiError, ApiState, SamplingOverrides};
+use crate::params::SamplingParams;
+
+#[derive(Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default)]
+    pub content: String,
+    pub images: Option<Vec<Value>>,
+    pub tool_calls: Option<Value>,
+    /// A `tool` message's tool.
+    pub tool_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct ChatBody {
+    pub model: Option<String>,
+    #[serde(default)]
+    pub messages: Vec<Message>,
+    pub tools: Option<Value>,
+    pub format: Option<Value>,
+    pub options: Option<HashMap<String, Value>>,
+    pub stream: Option<bool>,
+    /// The model stays loaded whatever it says: accepted.
+    pub keep_alive: Option<Value>,
+    pub think: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub struct GenerateBody {
+    pub model: Option<String>,
+    #[serde(default)]
+    pub prompt: String,
+    pub system: Option<String>,
+    pub suffix: Option<String>,
+    pub template: Option<String>,
+    pub context: Option<Vec<Value>>,
+    pub images: Option<Vec<Value>>,
+    pub format: Option<Value>,
+    pub options: Option<HashMap<String, Value>>,
+    pub stream: Option<bool>,
+    pub raw: Option<bool>,
+    pub keep_alive: Option<Value>,
+    pub think: Option<Value>,
+}
+
+pub(super) fn refuse(field: &str, rule: &str, got: &Value) -> ApiError {
+    ApiError::bad(field, format!("invalid {field}: {rule}, got {}", short_json(got)))
+}
+
+/// Fields that would change the answer and are not honoured: present and
+/// not empty or false is a 400 naming them.
+pub(super) fn refuse_set(field: &str, v: Option<&Value>, rule: &str) -> Result<(), ApiError> {
+    match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(Value::Array(a)) if a.is_empty() => Ok(()),
+        Some(other) => Err(refuse(field, rule, other)),
+    }
+}
+
+/// `options` and `format` onto the sampling parameters; the flag says
+/// `num_predict` < 0 (to the end of the context).
+pub(super) fn sampling_of(
+    state: &ApiState,
+    options: Option<&HashMap<String, Value>>,
+    format: Option<&Value>,
+) -> Result<(SamplingParams, bool), ApiError> {
+    let empty = HashMap::new();
+    let o = options.unwrap_or(&empty);
+    let number = |key: &str| -> Result<Option<f64>, ApiError> {
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| refuse(&format!("options.{key}"), "must be a number", v)),
+        }
+    };
+    let whole = |key: &str| -> Result<Option<i64>, ApiError> {
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => {
+                v.as_i64().map(Some).ok_or_else(|| refuse(&format!("options.{key}"), "must be a whole number", v))
+            }
+        }
+    };
+    // Samplers this server does not run: only their neutral values pass.
+    for (key, neutral) in [("mirostat", 0.0), ("tfs_z", 1.0), ("typical_p", 1.0)] {
+        if let Some(v) = number(key)?.filter(|v| *v != neutral) {
+            return Err(ApiError::bad(
+                &format!("options.{key}"),
+                format!("invalid options.{key}: not supported by this server (only {neutral}), got {v}"),
+            ));
+        }
+    }
+    let n_ctx = state.chat()?.pool().options().instance.n_ctx;
+    if let Some(n) = whole("num_ctx")?.filter(|n| *n > n_ctx as i64) {
+        return Err(ApiError::bad(
+            "options.num_ctx",
+            format!("invalid options.num_ctx: at most this server's context of n_ctx={n_ctx} tokens, got {n}"),
+        ));
+    }
+    let num_predict = whole("num_predict")?;
+    let to_the_end = num_predict.is_some_and(|n| n < 0);
+    let mut s = state.sampling(SamplingOverrides {
+        max_tokens: num_predict.filter(|n| *n >= 0),
+        max_tokens_field: Some("options.num_predict"),
+        temperature: number("temperature")?.map(|v| v as f32),
+        top_p: number("top_p")?.map(|v| v as f32),
+        seed: whole("seed")?,
+        top_k: whole("top_k")?,
+        min_p: number("min_p")?.map(|v| v as f32),
+        repeat_penalty: number("repeat_penalty")?.map(|v| v as f32),
+        repeat_last_n: whole("repeat_last_n")?,
+        frequency_penalty: number("frequency_penalty")?.map(|v| v as f32),
+        presence_penalty: number("presence_penalty")?.map(|v| v as f32),
+    })?;
+    s.stop = match o.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(one)) => vec![one.clone()],
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|_| refuse("options.stop", "must be a string or an array of strings", v))?,
+    };
+    s.grammar = match format {
+        None | Some(Value::Null) => None,
+        Some(Value::String(f)) if f.is_empty() => None,
+        Some(Value::String(f)) if f == "json" => crate::http::structured::response_format(&json!({ "type": "json_object" }))?,
+        Some(schema @ Value::Object(_)) => Some(crate::http::structured::schema_grammar(schema, "format")?),
+        Some(other) => return Err(refuse("format", "must be \"json\" or a JSON schema object", other)),
+    };
+    Ok((s, to_the_end))
+}
