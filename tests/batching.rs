@@ -219,3 +219,65 @@ async fn a_reader_that_stops_reading_pauses_its_own_sequence_only_and_loses_noth
     assert_eq!(logprobs, done.usage.completion_tokens, "every token's event arrived: {text}");
     wait_for(&pool, Duration::from_secs(10), |s| s.in_use == 0).await;
 }
+
+/// A sequence whose reader stopped, between two that decode, would split
+/// every step into two passes over the weights: the instance moves its KV
+/// to the edge stream (trading places with an edge sequence's), and all
+/// three go on from where they were. llama.cpp refuses a token whose
+/// position does not follow its sequence's cache, so a cache left behind or
+/// swapped wrongly would end the run with an error, not a reply.
+#[actix::test]
+async fn a_paused_sequence_between_decoding_ones_moves_to_the_edge_and_all_go_on() {
+    let mut opts = slotted(1, 3, 3);
+    let tiers = opts.instance.kv_tiers();
+    opts.instance.kv = Some(tiers.clone());
+    let pool = start(opts).await;
+    let with_logprobs = |text: &str, max_tokens: u32| {
+        let mut r = request(text, max_tokens);
+        r.sampling.logprobs = Some(1);
+        r
+    };
+    // Fresh requests take neighbouring slots in arrival order: the second
+    // one sits between the other two.
+    let first = pool.generate(with_logprobs(PROMPTS[0], 300)).await.expect("a slot");
+    let mut stopped = pool.generate(with_logprobs(PROMPTS[1], 300)).await.expect("a slot");
+    let third = pool.generate(with_logprobs(PROMPTS[2], 300)).await.expect("a slot");
+    let read = |mut s: modelpool_actors::GenerationStream| async move {
+        let (mut text, mut done, mut logprobs) = (String::new(), None, 0u32);
+        while let Some(event) = s.next().await {
+            match event {
+                GenEvent::Token(t) => text.push_str(&t),
+                GenEvent::Done(c) => done = Some(c),
+                GenEvent::Error(e) => panic!("{e}"),
+                GenEvent::Logprob(_) => logprobs += 1,
+            }
+        }
+        (text, done.expect("a result"), logprobs)
+    };
+    let outer = [actix::spawn(read(first)), actix::spawn(read(third))];
+    // The middle one's first event shows it runs; then nobody reads it.
+    let first_event = stopped.next().await.expect("it runs");
+    let read_first = u32::from(matches!(first_event, GenEvent::Logprob(_)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tiers.status().moves == 0 {
+        assert!(Instant::now() < deadline, "the paused sequence was never moved out of the way");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for reader in outer {
+        let (text, done, logprobs) = reader.await.expect("reader");
+        assert_ne!(done.finish_reason, FinishReason::Cancelled, "it ran on to its end after the move: {text}");
+        assert_eq!(logprobs, done.usage.completion_tokens, "every token's event arrived: {text}");
+    }
+    let (text, done, logprobs) = read(stopped).await;
+    assert_eq!(logprobs + read_first, done.usage.completion_tokens, "every token's event arrived: {text}");
+    assert_ne!(done.finish_reason, FinishReason::Cancelled, "the moved one resumed and ran to its end: {text}");
+    // Its channel holds SEQ_BUFFER events, two per token here: past that it
+    // decoded in the stream it was moved to.
+    assert!(
+        done.usage.completion_tokens as usize > modelpool_actors::engine::SEQ_BUFFER,
+        "it went on after the move: {done:?}"
+    );
+    let s = pool.status().await.unwrap();
+    assert_eq!((s.replaced, s.instances[0].stats.failures), (0, 0), "no decode failed: {s:?}");
+    pool.shutdown().await;
+}

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use modelpool_actors::engine::{CacheKey, InstanceBackend, SeqEvent, SeqSink};
+use modelpool_actors::engine::{CacheKey, InstanceBackend, SeqEvent, SeqSink, SlotStreams};
 use modelpool_actors::{
     ChatMessage, Completion, Engine, EngineError, EngineInfo, Fault, FinishReason, GenerateRequest, InstanceInfo,
     InstanceOptions, PoolError, PoolHandle, PoolOptions, PreparedRequest, Usage,
@@ -34,8 +34,8 @@ struct FakeInstance {
 }
 
 impl InstanceBackend for FakeInstance {
-    fn slots(&self) -> usize {
-        1
+    fn streams(&self) -> Arc<SlotStreams> {
+        Arc::new(SlotStreams::new(1))
     }
     fn start(&mut self, slot: usize, _: PreparedRequest, _: CacheKey, _: Instant, sink: SeqSink) {
         self.running.push((slot, sink));

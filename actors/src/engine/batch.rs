@@ -18,6 +18,7 @@ use super::cpu::CpuShare;
 use super::fault::FaultSlot;
 use super::kv_cache::{restore_source, SlotCache, Source};
 use super::kv_tiers::{CacheKey, KvTiers, Tier};
+use super::streams::{move_out, passes, SlotStreams, Use, MOVE_PAUSED_AFTER};
 use super::sampling::{build_sampler, grammar_sampler, sample_constrained, token_logprobs};
 use super::text::TextStream;
 #[cfg(feature = "fault-injection")]
@@ -128,6 +129,8 @@ pub struct Batcher<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
     slots: Vec<Slot>,
+    /// The KV stream (llama.cpp sequence id) of each slot.
+    streams: Arc<SlotStreams>,
     /// Where caches wait outside the slots (memory and disk, by
     /// conversation): a conversation whose slot is given to another keeps
     /// its KV there, and its next turn restores it instead of reading its
@@ -173,6 +176,7 @@ impl<'m> Batcher<'m> {
             model,
             ctx,
             slots: (0..slots).map(|_| Slot { cache: SlotCache::default(), run: None }).collect(),
+            streams: Arc::new(SlotStreams::new(slots)),
             tiers,
             batch: LlamaBatch::new(n_batch, 1),
             prefill_chunk: prefill_chunk.clamp(1, n_batch.saturating_sub(slots).max(1)),
@@ -203,6 +207,15 @@ impl<'m> Batcher<'m> {
 
     pub fn slots(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Where each slot's sequence lives (the pool reads it to place requests).
+    pub fn streams(&self) -> Arc<SlotStreams> {
+        self.streams.clone()
+    }
+
+    fn seq(&self, slot: usize) -> i32 {
+        self.streams.of(slot) as i32
     }
 
     pub fn active(&self) -> usize {
@@ -257,7 +270,7 @@ impl<'m> Batcher<'m> {
         }
         let prompt: Vec<LlamaToken> = request.prompt().iter().map(|id| LlamaToken(*id)).collect();
         let max_tokens = request.max_tokens();
-        let seq = slot as i32;
+        let seq = self.seq(slot);
         // The slot holds another conversation: park its cache under that
         // conversation's key before it is overwritten, so that its next turn
         // can have it back. Another namespace's tokens are never kept.
@@ -279,7 +292,7 @@ impl<'m> Batcher<'m> {
         if let Some((src, _)) = restore_source(&held, slot, key.namespace, parked.as_deref(), &prompt) {
             let copy = Instant::now();
             let (state, tokens, tier) = match src {
-                Source::Slot(i) => (self.seq_state(i as i32)?, self.slots[i].cache.tokens.clone(), Tier::Slot),
+                Source::Slot(i) => (self.seq_state(self.seq(i))?, self.slots[i].cache.tokens.clone(), Tier::Slot),
                 Source::Parked => match self.tiers.take(key) {
                     Some(p) => (p.state, p.tokens, src.tier(p.tier)),
                     None => (Vec::new(), Vec::new(), Tier::Memory),
@@ -356,7 +369,7 @@ impl<'m> Batcher<'m> {
     /// key (the least recently used caches move on to disk when it is full).
     fn park(&mut self, slot: usize) -> Result<(), EngineError> {
         let copy = Instant::now();
-        let state = self.seq_state(slot as i32)?;
+        let state = self.seq_state(self.seq(slot))?;
         let from = &self.slots[slot].cache;
         self.tiers.note_bytes_per_token(state.len() as u64 / from.tokens.len().max(1) as u64);
         self.tiers.park(from.key, from.tokens.clone(), state, copy.elapsed());
@@ -435,6 +448,10 @@ impl<'m> Batcher<'m> {
                 self.finish(i, FinishReason::Cancelled);
             }
         }
+        if let Err(e) = self.move_paused_out() {
+            self.fail_all(&e);
+            return Err(e);
+        }
         if !self.fill_batch()? {
             return Ok(false);
         }
@@ -446,12 +463,69 @@ impl<'m> Batcher<'m> {
         tracing::trace!(
             tokens = self.batch.n_tokens(),
             sequences = self.planned.len(),
+            passes = passes(self.planned.iter().map(|&(i, _)| self.streams.of(i))),
             threads = self.n_threads,
             decode_us = decode_started.elapsed().as_micros() as u64,
             "step"
         );
         self.commit_and_sample();
         Ok(true)
+    }
+
+    /// What slot `i` does this step, as far as its stream's place matters.
+    fn use_of(&self, i: usize) -> Use {
+        match &self.slots[i].run {
+            Some(r) if r.paused() && r.paused_at.is_some_and(|at| at.elapsed() >= MOVE_PAUSED_AFTER) => Use::Paused,
+            Some(r) if r.paused() => Use::Other,
+            Some(_) => Use::Decoding,
+            None => Use::Other,
+        }
+    }
+
+    /// A sequence paused for a while between sequences that decode splits
+    /// every step into two passes over the weights (see [`super::streams`]):
+    /// it trades KV streams with the sequence at the edge, through host
+    /// memory, once. Nothing is copied while no sequence is paused.
+    fn move_paused_out(&mut self) -> Result<(), EngineError> {
+        if !(0..self.slots.len()).any(|i| self.use_of(i) == Use::Paused) {
+            return Ok(());
+        }
+        for _ in 0..self.slots.len() {
+            let Some((paused, edge)) =
+                move_out(&self.streams, |i| self.use_of(i), |i| self.slots[i].cache.tokens.len())
+            else {
+                break;
+            };
+            let took = Instant::now();
+            self.trade_streams(paused, edge)?;
+            self.tiers.record_move();
+            tracing::debug!(
+                slot = paused,
+                with = edge,
+                tokens = self.slots[paused].cache.tokens.len() + self.slots[edge].cache.tokens.len(),
+                copy_ms = took.elapsed().as_secs_f64() * 1e3,
+                "a paused sequence moved out from between decoding ones"
+            );
+        }
+        Ok(())
+    }
+
+    /// Slots `a` and `b` trade KV streams: each one's cells are saved, both
+    /// streams cleared, and each restored into the other's.
+    fn trade_streams(&mut self, a: usize, b: usize) -> Result<(), EngineError> {
+        let (sa, sb) = (self.seq(a), self.seq(b));
+        let (state_a, state_b) = (self.seq_state(sa)?, self.seq_state(sb)?);
+        for seq in [sa, sb] {
+            self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None).map_err(kv_err)?;
+        }
+        for (state, seq, had) in [(&state_a, sb, &self.slots[a].cache), (&state_b, sa, &self.slots[b].cache)] {
+            // SAFETY: `state` came from llama.cpp's state_seq_get_data on this context.
+            if !had.tokens.is_empty() && !unsafe { self.ctx.state_seq_set_data_ext(state, seq, LlamaStateSeqFlags::empty()) } {
+                return Err(EngineError::Decode(format!("could not move a sequence's cache to stream {seq}")));
+            }
+        }
+        self.streams.swap(a, b);
+        Ok(())
     }
 
     /// Puts every generating sequence's next token, then prompt chunks (oldest
@@ -467,7 +541,7 @@ impl<'m> Batcher<'m> {
             }
             if let Some(token) = run.next {
                 let pos = s.cache.tokens.len() as i32;
-                self.batch.add(token, pos, &[i as i32], true).map_err(kv_err)?;
+                self.batch.add(token, pos, &[self.streams.of(i) as i32], true).map_err(kv_err)?;
                 run.logits_idx = Some(self.batch.n_tokens() - 1);
                 self.planned.push((i, 1));
             }
@@ -484,13 +558,14 @@ impl<'m> Batcher<'m> {
             if budget == 0 {
                 break;
             }
+            let seq = self.streams.of(i) as i32;
             let s = &mut self.slots[i];
             let run = s.run.as_mut().expect("reading sequences run");
             let from = s.cache.tokens.len();
             let take = (run.prompt.len() - from).min(budget);
             for (j, &token) in run.prompt[from..from + take].iter().enumerate() {
                 let last = from + j + 1 == run.prompt.len();
-                self.batch.add(token, (from + j) as i32, &[i as i32], last).map_err(kv_err)?;
+                self.batch.add(token, (from + j) as i32, &[seq], last).map_err(kv_err)?;
                 if last {
                     run.logits_idx = Some(self.batch.n_tokens() - 1);
                 }
@@ -586,7 +661,7 @@ impl<'m> Batcher<'m> {
         else {
             return Ok(());
         };
-        let (seq, pos) = (slot as i32, self.slots[slot].cache.tokens.len());
+        let (seq, pos) = (self.seq(slot), self.slots[slot].cache.tokens.len());
         let mut batch = LlamaBatch::new(1, 1);
         let token = self.model.vocab().bos();
         let token = if token.0 < 0 { LlamaToken(0) } else { token };

@@ -17,7 +17,7 @@ use super::kv_tiers::Fingerprint;
 use super::prompt::{tokenize_chat, ChatTemplate};
 #[cfg(feature = "fault-injection")]
 use super::Fault;
-use super::{CacheKey, Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, KvTiers, SeqSink};
+use super::{CacheKey, Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, KvTiers, SeqSink, SlotStreams};
 use crate::error::EngineError;
 use crate::params::{ChatMessage, FinishReason, PreparedRequest};
 
@@ -317,8 +317,8 @@ impl Drop for LlamaInstance {
 }
 
 impl InstanceBackend for LlamaInstance {
-    fn slots(&self) -> usize {
-        self.batcher.slots()
+    fn streams(&self) -> Arc<SlotStreams> {
+        self.batcher.streams()
     }
 
     fn start(&mut self, slot: usize, request: PreparedRequest, key: CacheKey, started: Instant, sink: SeqSink) {
@@ -446,8 +446,8 @@ impl PerRequestInstance {
 }
 
 impl InstanceBackend for PerRequestInstance {
-    fn slots(&self) -> usize {
-        1
+    fn streams(&self) -> Arc<SlotStreams> {
+        Arc::new(SlotStreams::new(1))
     }
 
     fn start(&mut self, _slot: usize, request: PreparedRequest, _key: CacheKey, started: Instant, sink: SeqSink) {

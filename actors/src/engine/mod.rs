@@ -13,8 +13,10 @@ pub mod prompt;
 pub mod remote;
 pub mod sampling;
 pub mod step_loop;
+pub mod streams;
 pub mod text;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TrySendError;
@@ -23,6 +25,7 @@ use tokio::sync::mpsc::{channel, Receiver, Sender};
 use crate::error::EngineError;
 use crate::params::{ChatMessage, Completion, GenerateRequest, PreparedRequest, RawPrompt};
 pub use kv_tiers::{CacheKey, KvTiers};
+pub use streams::SlotStreams;
 
 /// What one sequence tells whoever started it: text pieces as they are
 /// produced, then exactly one `Done`.
@@ -311,8 +314,8 @@ fn checked_prompt<E: Engine + ?Sized>(
 /// One instance: its own context and KV cache, with `slots()` sequences
 /// decoded together. Lives on its step-loop thread ([`step_loop`]).
 pub trait InstanceBackend: Send {
-    /// Sequences it runs at once.
-    fn slots(&self) -> usize;
+    /// Sequences it runs at once, and the KV stream each lives in.
+    fn streams(&self) -> Arc<SlotStreams>;
 
     /// Starts `request` in `slot`; a sequence still in that slot ends as
     /// cancelled first. `key` names whose cache the prompt may reuse (its

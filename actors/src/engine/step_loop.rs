@@ -6,13 +6,14 @@
 //! runs however it ends (a panic too).
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 #[cfg(feature = "fault-injection")]
 use super::Fault;
-use super::{CacheKey, InstanceBackend, InstanceInfo, SeqSink};
+use super::{CacheKey, InstanceBackend, InstanceInfo, SeqSink, SlotStreams};
 use crate::error::EngineError;
 use crate::params::PreparedRequest;
 
@@ -83,7 +84,7 @@ pub type CreateFn = Box<dyn FnOnce() -> Result<Box<dyn InstanceBackend>, EngineE
 pub fn spawn(
     name: String,
     create: CreateFn,
-    on_ready: impl FnOnce(Result<(LoopSender, InstanceInfo, usize), EngineError>) + Send + 'static,
+    on_ready: impl FnOnce(Result<(LoopSender, InstanceInfo, Arc<SlotStreams>), EngineError>) + Send + 'static,
     on_exit: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name(name).spawn(move || {
@@ -93,7 +94,7 @@ pub fn spawn(
         };
         let _exit = ExitGuard(Some(on_exit));
         let (tx, rx) = channel();
-        on_ready(Ok((LoopSender(Channel::Thread(tx)), backend.info(), backend.slots())));
+        on_ready(Ok((LoopSender(Channel::Thread(tx)), backend.info(), backend.streams())));
         run(backend.as_mut(), &rx);
     })?;
     Ok(())

@@ -11,6 +11,7 @@ pub const KV_DECODED_TOKENS: &str = "modelpool_kv_decoded_prompt_tokens";
 pub const KV_MISSES: &str = "modelpool_kv_misses";
 pub const KV_EVICTIONS: &str = "modelpool_kv_evictions";
 pub const KV_PARKS: &str = "modelpool_kv_parks";
+pub const KV_MOVES: &str = "modelpool_kv_stream_moves";
 pub const KV_BYTES: &str = "modelpool_kv_bytes";
 pub const KV_ENTRIES: &str = "modelpool_kv_entries";
 pub const KV_BUDGET: &str = "modelpool_kv_budget_bytes";
@@ -71,6 +72,12 @@ pub fn render(kv: &KvStatus) -> String {
     counter(&mut out, KV_DECODED_TOKENS, "Prompt tokens decoded because no cache held them", kv.decoded_tokens);
     counter(&mut out, KV_MISSES, "Prompts that reused nothing from any cache", kv.misses);
     counter(&mut out, KV_PARKS, "Slot caches moved to the memory tier to make room for another conversation", kv.parks);
+    counter(
+        &mut out,
+        KV_MOVES,
+        "Sequences paused for their reader moved out from between decoding ones (their KV traded streams with an edge sequence's), so that a step stays one pass",
+        kv.moves,
+    );
     counter(&mut out, KV_DISK_WRITTEN, "Bytes of KV cache files written", kv.disk.bytes_written);
     counter(&mut out, KV_DISK_READ, "Bytes of KV cache files read back", kv.disk.bytes_read);
     head(

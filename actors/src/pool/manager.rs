@@ -14,7 +14,7 @@ use crate::engine::remote::{self, Expected, RemoteSpec};
 use crate::engine::step_loop::{self, LoopSender};
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
-use crate::engine::{Engine, InstanceInfo, InstanceOptions};
+use crate::engine::{Engine, InstanceInfo, InstanceOptions, SlotStreams};
 use crate::error::{EngineError, PoolError};
 #[cfg(feature = "fault-injection")]
 use crate::pool::instance::InjectFault;
@@ -276,7 +276,7 @@ impl Actor for PoolManager {
 struct InstanceUp {
     id: usize,
     generation: u64,
-    result: Result<(LoopSender, InstanceInfo, usize), EngineError>,
+    result: Result<(LoopSender, InstanceInfo, Arc<SlotStreams>), EngineError>,
 }
 
 impl Handler<InstanceUp> for PoolManager {
@@ -288,13 +288,14 @@ impl Handler<InstanceUp> for PoolManager {
         }
         let starting = self.startup.is_some();
         match msg.result {
-            Ok((commands, info, slots)) => {
+            Ok((commands, info, streams)) => {
                 let handle = ModelActor::new(msg.id, commands, info.clone()).start();
                 if let Some(old) = self.members[msg.id].replace(handle) {
                     old.do_send(Retire);
                 }
                 self.backoff[msg.id] = MIN_BACKOFF;
-                self.state.instance_ready(msg.id, msg.generation, slots);
+                self.state.instance_ready(msg.id, msg.generation, streams.len());
+                self.state.set_streams(msg.id, streams);
                 let millis = self.load_started.elapsed().as_millis() as u64;
                 if starting {
                     let total = self.opts.members();

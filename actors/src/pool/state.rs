@@ -5,9 +5,12 @@
 //! [`crate::pool::manager::PoolManager`] actor drives it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
+
+use crate::engine::SlotStreams;
 
 pub use super::status::{InstanceState, InstanceStats, InstanceStatus, PoolStatus};
 
@@ -53,6 +56,9 @@ struct SeqSlot {
 struct Instance {
     health: Health,
     slots: Vec<SeqSlot>,
+    /// The KV stream of each slot, when the instance moves sequences
+    /// between them (a local one); else slot i is stream i.
+    streams: Option<Arc<SlotStreams>>,
     /// A probe is out; none other is sent until it answers.
     probing: bool,
     busy_since: Option<Instant>,
@@ -72,14 +78,24 @@ impl Instance {
         self.slots.iter().filter(|s| s.lease.is_some()).count()
     }
 
-    /// How many runs of neighbouring leased slots there would be with `slot`
-    /// leased too. A local instance keeps one KV stream per slot, and
+    /// How many runs of neighbouring busy KV streams there would be with
+    /// `slot` leased too. A local instance keeps one KV stream per slot, and
     /// llama.cpp decodes together only sequences whose ids follow each
-    /// other: each gap (a free slot between busy ones) splits a step into
-    /// one more pass over the weights.
+    /// other: each gap (a free stream between busy ones) splits a step into
+    /// one more pass over the weights. Streams, not slot numbers: the
+    /// instance moves a paused sequence's stream to the edge
+    /// ([`crate::engine::streams`]).
     fn runs_with(&self, slot: usize) -> usize {
-        let busy = |k: usize| k == slot || self.slots[k].lease.is_some();
-        (0..self.slots.len()).filter(|&k| busy(k) && (k == 0 || !busy(k - 1))).count()
+        let stream = |k: usize| match &self.streams {
+            Some(s) if s.len() == self.slots.len() => s.of(k),
+            _ => k,
+        };
+        let n = self.slots.len();
+        let mut busy = vec![false; n];
+        for k in (0..n).filter(|&k| k == slot || self.slots[k].lease.is_some()) {
+            busy[stream(k).min(n - 1)] = true;
+        }
+        (0..n).filter(|&s| busy[s] && (s == 0 || !busy[s - 1])).count()
     }
 
     fn state(&self) -> InstanceState {
@@ -152,6 +168,7 @@ impl PoolState {
             .map(|n| Instance {
                 health: Health::Loading,
                 slots: (0..n.max(1)).map(|_| SeqSlot { lease: None, affinity: None, idle_since: now }).collect(),
+                streams: None,
                 probing: false,
                 busy_since: None,
                 generation: 0,
@@ -375,6 +392,11 @@ impl PoolState {
         inst.health = Health::Ready;
         inst.started_at = Instant::now();
         true
+    }
+
+    /// Where the slots of `instance`'s (new) context keep their sequences.
+    pub fn set_streams(&mut self, instance: usize, streams: Arc<SlotStreams>) {
+        self.instances[instance].streams = Some(streams);
     }
 
     /// Serving instances to probe now (busy ones too: the probe runs between

@@ -165,6 +165,7 @@ struct Counters {
     misses: AtomicU64,
     decoded_tokens: AtomicU64,
     parks: AtomicU64,
+    moves: AtomicU64,
 }
 
 /// The process's KV tiers, shared by every local instance.
@@ -225,6 +226,12 @@ impl KvTiers {
         if bytes > 0 {
             self.bytes_per_token.store(bytes, Relaxed);
         }
+    }
+
+    /// A paused sequence's KV traded streams with another's (see
+    /// [`crate::engine::streams`]).
+    pub fn record_move(&self) {
+        self.counters.moves.fetch_add(1, Relaxed);
     }
 
     /// Keeps `key`'s cache in memory (replacing an older one of the same
@@ -443,6 +450,7 @@ impl KvTiers {
             },
             misses: c.misses.load(Relaxed),
             parks: c.parks.load(Relaxed),
+            moves: c.moves.load(Relaxed),
             copy_seconds: CopyTimes {
                 bounds: COPY_BOUNDS.to_vec(),
                 park: times.0.snapshot(),

@@ -26,6 +26,9 @@ pub struct KvStatus {
     pub misses: u64,
     /// Caches moved out of a slot to make room for another conversation.
     pub parks: u64,
+    /// Paused sequences moved out from between sequences that decode (their
+    /// KV traded streams with an edge sequence's).
+    pub moves: u64,
     /// Time one park or restore took (the copy), in seconds.
     pub copy_seconds: CopyTimes,
 }

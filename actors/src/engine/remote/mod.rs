@@ -15,6 +15,7 @@ mod client;
 mod job;
 pub mod tokenizer;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -22,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use self::client::{Remote, RemoteProps};
 use self::job::Job;
 use super::step_loop::{Command, ExitGuard, LoopSender};
-use super::InstanceInfo;
+use super::{InstanceInfo, SlotStreams};
 use crate::error::EngineError;
 
 /// How to reach one remote `llama-server`.
@@ -84,7 +85,7 @@ pub fn spawn(
     id: usize,
     spec: RemoteSpec,
     expect: Expected,
-    on_ready: impl FnOnce(Result<(LoopSender, InstanceInfo, usize), EngineError>) + Send + 'static,
+    on_ready: impl FnOnce(Result<(LoopSender, InstanceInfo, Arc<SlotStreams>), EngineError>) + Send + 'static,
     on_exit: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name(format!("remote-{id}")).spawn(move || {
@@ -106,7 +107,7 @@ pub fn spawn(
             let _exit = ExitGuard::new(on_exit);
             let (tx, rx) = mpsc::unbounded_channel();
             let info = InstanceInfo { weights_addr: 0, kv_bytes_estimate: 0, endpoint: Some(remote.shown.clone()) };
-            on_ready(Ok((LoopSender::task(tx), info, props.slots)));
+            on_ready(Ok((LoopSender::task(tx), info, Arc::new(SlotStreams::new(props.slots)))));
             serve(remote, props, rx).await;
         });
     })?;

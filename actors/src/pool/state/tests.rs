@@ -289,3 +289,24 @@ fn fresh_requests_take_neighbouring_slots_so_a_step_stays_one_pass() {
     slots.sort();
     assert!(slots.windows(2).all(|w| w[1] == w[0] + 1), "four fresh requests in neighbouring slots: {slots:?}");
 }
+
+#[test]
+fn with_moved_streams_a_fresh_request_takes_the_slot_whose_stream_is_next_to_the_busy_ones() {
+    let mut p = PoolState::new(1, 6, 0);
+    assert!(p.instance_ready(0, 0, 0));
+    let streams = std::sync::Arc::new(crate::engine::SlotStreams::new(6));
+    p.set_streams(0, streams.clone());
+    // Slots 0 and 1 busy; slot 1's sequence now lives in stream 5 and slot
+    // 5's cache in stream 1. Streams 0 and 5 are busy: by slot number slot 2
+    // would be next to them, by stream only slot 5 (stream 1) or slot 4
+    // (stream 4) is.
+    let slot_of = |a: Admission| match a {
+        Admission::Granted { slot, .. } => slot,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(slot_of(p.admit(Some(1))), 0);
+    assert_eq!(slot_of(p.admit(Some(2))), 1);
+    streams.swap(1, 5);
+    let next = slot_of(p.admit(Some(3)));
+    assert!(next == 5 || next == 4, "a slot whose stream is next to stream 0 or 5, got slot {next}");
+}
