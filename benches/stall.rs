@@ -33,6 +33,11 @@ const N_CTX: u32 = 8192;
 const LONG_TOKENS: u32 = 8000;
 /// A raw prompt whose continuation is long: the model counts on and on.
 const LONG_PROMPT: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,";
+/// The stopped stream's prompt: another conversation than the reader's, so
+/// that it is not sent back to the slot the reader had (the pool's affinity)
+/// but takes a free slot as any new request does, between busy ones or not
+/// (the last line of figures says whether it had to be moved).
+const STALLED_PROMPT: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,";
 
 /// The server's resident memory, MiB.
 fn rss_mib(pid: u32) -> f64 {
@@ -73,8 +78,8 @@ async fn until_idle(pid: u32, deadline: Duration) -> Option<Duration> {
 }
 
 /// The fourth client's request: the model counting on, with log-probabilities.
-fn long_request(max_tokens: u32) -> serde_json::Value {
-    serde_json::json!({ "prompt": LONG_PROMPT, "max_tokens": max_tokens, "temperature": 0, "logprobs": 20, "stream": true })
+fn long_request(prompt: &str, max_tokens: u32) -> serde_json::Value {
+    serde_json::json!({ "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 20, "stream": true })
 }
 
 /// Opens a streaming completion of `max_tokens` on a socket whose receive
@@ -83,7 +88,7 @@ async fn stalled_stream(addr: &str, max_tokens: u32) -> (tokio::net::TcpStream, 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
-    let body = long_request(max_tokens).to_string();
+    let body = long_request(STALLED_PROMPT, max_tokens).to_string();
     let request = format!(
         "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
@@ -117,7 +122,7 @@ fn main() {
         let reader = {
             let base = base.clone();
             actix::spawn(async move {
-                let body = long_request(LONG_TOKENS);
+                let body = long_request(LONG_PROMPT, LONG_TOKENS);
                 let res = client::client().post(format!("{base}/v1/completions")).json(&body).send().await;
                 if let Ok(res) = res {
                     use futures::StreamExt;
@@ -218,6 +223,16 @@ fn main() {
             Some(t) => println!("   the stopped stream's sequence paused {:.1} s after its client stopped reading", t.as_secs_f64()),
             None => println!("   the stopped stream's sequence did not pause within 120 s (the server stayed busy)"),
         }
+        // Whether the paused sequence had to be moved out from between busy ones.
+        let metrics = match client::client().get(format!("{base}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let moves = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("modelpool_kv_stream_moves_total "))
+            .unwrap_or("-");
+        println!("   paused sequences moved out from between busy ones (modelpool_kv_stream_moves_total): {moves}");
         let stall = stalled_for.as_secs_f64();
         println!(
             "   server RSS: {rss_before:.1} MiB before the stalled stream, peak {peak:.1} MiB during its {stall:.0} s, \
