@@ -202,21 +202,7 @@ fn convert_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "system" | "developer" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                // A tool's result is data the client fetched: a user turn.
-                "tool" => Role::User,
-                other => {
-                    return Err(ApiError::bad(
-                        &format!("messages[{i}].role"),
-                        format!(
-                            "invalid messages[{i}].role: must be system, developer, user, assistant or tool, got {other:?}"
-                        ),
-                    ))
-                }
-            };
+            let role = super::tools::message_role(i, &m.role, true)?;
             if m.tool_calls.as_ref().is_some_and(|c| !c.is_null()) && m.role != "assistant" {
                 return Err(ApiError::bad(
                     &format!("messages[{i}].tool_calls"),

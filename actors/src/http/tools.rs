@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::openai::short_json;
 use super::structured::schema_grammar;
 use super::ApiError;
+use crate::params::Role;
 
 /// Most tools one request may describe (OpenAI's bound).
 pub const MAX_TOOLS: usize = 128;
@@ -372,6 +373,25 @@ pub fn assistant_text(
     Ok(if text.is_empty() { json.to_string() } else { format!("{text}\n{json}") })
 }
 
+/// A message's role as the model reads it: a tool's result is data the
+/// client fetched, a user turn. `developer` (OpenAI's newer name for system)
+/// where the API has it.
+pub fn message_role(i: usize, role: &str, with_developer: bool) -> Result<Role, ApiError> {
+    match role {
+        "system" => Ok(Role::System),
+        "developer" if with_developer => Ok(Role::System),
+        "user" | "tool" => Ok(Role::User),
+        "assistant" => Ok(Role::Assistant),
+        other => Err(ApiError::bad(
+            &format!("messages[{i}].role"),
+            format!(
+                "invalid messages[{i}].role: must be system, {}user, assistant or tool, got {other:?}",
+                if with_developer { "developer, " } else { "" }
+            ),
+        )),
+    }
+}
+
 /// A `tool` message's result, written as the user turn that carries it; the
 /// tool is named by the call it answers (OpenAI) or by itself (Ollama's `tool_name`).
 pub fn tool_result_text(
@@ -393,6 +413,16 @@ pub fn tool_result_text(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_are_read_as_each_api_names_them() {
+        assert_eq!(message_role(0, "tool", false).unwrap(), Role::User, "a tool's result is a user turn");
+        assert_eq!(message_role(0, "developer", true).unwrap(), Role::System);
+        let e = message_role(3, "developer", false).unwrap_err().to_string();
+        assert!(e.contains("messages[3].role") && e.contains("system, user, assistant or tool") && e.contains("\"developer\""), "{e}");
+        let e = message_role(1, "robot", true).unwrap_err().to_string();
+        assert!(e.contains("system, developer, user, assistant or tool, got \"robot\""), "{e}");
+    }
 
     fn fields(v: Value) -> HashMap<String, Value> {
         serde_json::from_value(v).unwrap()

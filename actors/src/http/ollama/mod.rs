@@ -183,19 +183,7 @@ async fn api_chat(
         let mut messages = Vec::with_capacity(body.messages.len());
         let mut call_names = HashMap::new();
         for (i, m) in body.messages.into_iter().enumerate() {
-            let role = match m.role.as_str() {
-                "system" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                // A tool's result is data the client fetched: a user turn.
-                "tool" => Role::User,
-                other => {
-                    return Err(ApiError::bad(
-                        &format!("messages[{i}].role"),
-                        format!("invalid messages[{i}].role: must be system, user, assistant or tool, got {other:?}"),
-                    ))
-                }
-            };
+            let role = super::tools::message_role(i, &m.role, false)?;
             let images = m.images.map(Value::from);
             refuse_set(&format!("messages[{i}].images"), images.as_ref(), "images are not supported by this model")?;
             let content = match (m.role.as_str(), m.tool_calls.as_ref().filter(|c| !c.is_null())) {
