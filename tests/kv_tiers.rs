@@ -2,7 +2,9 @@
 //! gets its KV cache back from the host-memory tier, after a restart from the
 //! disk tier, by its own identity and never from another namespace; broken
 //! or foreign cache files are never restored; a full disk stops only the
-//! disk tier; the memory tier keeps to its budget. Real model, real server.
+//! disk tier; the memory tier keeps to its budget; a stateless client's
+//! cache is deleted by its id, or once unused past its lifetime. Real model,
+//! real server.
 
 mod common;
 
@@ -25,24 +27,35 @@ struct Conversation {
     messages: Vec<Value>,
     /// Prompt plus reply tokens of the last turn: what its cache held after it.
     held: u64,
+    /// The API key it is sent with, if any.
+    key: Option<&'static str>,
 }
 
 impl Conversation {
     fn new(id: String) -> Self {
-        Self { id, messages: vec![json!({"role": "system", "content": "You are a helpful assistant."})], held: 0 }
+        Self {
+            id,
+            messages: vec![json!({"role": "system", "content": "You are a helpful assistant."})],
+            held: 0,
+            key: None,
+        }
+    }
+
+    /// Sent with API key `key` (in its namespace).
+    fn keyed(id: &str, key: &'static str) -> Self {
+        Self { key: Some(key), ..Self::new(id.into()) }
     }
 
     /// One greedy turn; returns (cached, prompt) tokens and the reply.
     async fn turn(&mut self, server: &Server, text: &str) -> (u64, u64, String) {
         self.messages.push(json!({"role": "user", "content": text}));
         let body = json!({"messages": self.messages, "max_tokens": 8, "temperature": 0});
-        let res = http_within(REQUEST_LIMIT)
-            .post(server.url("/v1/chat/completions"))
-            .header("X-Conversation-Id", &self.id)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let mut req =
+            http_within(REQUEST_LIMIT).post(server.url("/v1/chat/completions")).header("X-Conversation-Id", &self.id);
+        if let Some(key) = self.key {
+            req = req.bearer_auth(key);
+        }
+        let res = req.json(&body).send().await.unwrap();
         assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
         let r: Value = res.json().await.unwrap();
         let reply = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
@@ -184,6 +197,109 @@ async fn a_corrupted_file_and_a_file_of_another_model_are_removed_counted_and_th
     assert_eq!(sample(&m, "modelpool_kv_disk_rejected_files_total{reason=\"corrupt\"}"), 1.0, "{m}");
     assert_eq!(sample(&m, "modelpool_kv_disk_rejected_files_total{reason=\"foreign\"}"), 1.0, "{m}");
     assert!(std::fs::read_dir(&kv_dir).unwrap().all(|e| !files.contains(&e.unwrap().path())), "bad files deleted");
+}
+
+fn kv_files(server: &Server) -> usize {
+    std::fs::read_dir(server.data_dir.path().join("kv")).unwrap().count()
+}
+
+/// `DELETE /conversations/{id}`, with API key `key` if any; returns the status.
+async fn delete_as(server: &Server, id: &str, key: Option<&str>) -> u16 {
+    let mut req = http_within(REQUEST_LIMIT).delete(server.url(&format!("/conversations/{id}")));
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+async fn delete(server: &Server, id: &str) -> u16 {
+    delete_as(server, id, None).await
+}
+
+#[actix::test]
+async fn deleting_a_stateless_conversation_id_deletes_its_cache_and_a_restart_does_not_bring_it_back() {
+    let mut server = Server::start(&[], &[("MODELPOOL_SLOTS", "1")]);
+    let mut a = Conversation::new("my-chat-1".into());
+    let mut b = Conversation::new("my-chat-2".into());
+    a.turn(&server, "My name is Ada. Say hello.").await;
+    b.turn(&server, "My name is Bob. Say hello.").await;
+    // SIGTERM writes both caches; after the restart they are on disk only.
+    assert!(server.terminate().success(), "{}", server.log_text());
+    assert_eq!(kv_files(&server), 2);
+    server.kill_and_restart();
+    assert_eq!(delete(&server, "my-chat-1").await, 204, "{}", server.log_text());
+    assert_eq!(kv_files(&server), 1, "my-chat-1's file is gone, my-chat-2's kept");
+    assert_eq!(delete(&server, "my-chat-1").await, 404, "deleted already");
+    assert_eq!(delete(&server, "never-used").await, 404);
+
+    // A cache that is only in a slot: not written at shutdown once deleted.
+    let mut c = Conversation::new("my-chat-3".into());
+    c.turn(&server, "My name is Cy. Say hello.").await;
+    assert_eq!(delete(&server, "my-chat-3").await, 204);
+    assert!(server.terminate().success(), "{}", server.log_text());
+    assert_eq!(kv_files(&server), 1, "a deleted cache was written at shutdown");
+    server.kill_and_restart();
+    let (cached, prompt, _) = c.turn(&server, "What is my name?").await;
+    assert_eq!(cached, 0, "{cached} of {prompt} tokens restored from a deleted cache");
+    // At most the system prompt and "My name is", shared with c's slot.
+    let expected = a.expected();
+    let (cached, prompt, _) = a.turn(&server, "What is my name?").await;
+    assert!(cached < expected, "{cached} of {prompt} tokens restored from a deleted cache");
+    assert_eq!(get_json(&server, "/pool").await["kv"]["restores"]["disk"], 0);
+    let expected = b.expected();
+    let (cached, prompt, _) = b.turn(&server, "What is my name?").await;
+    assert!(cached >= expected, "my-chat-2 resumes from disk: {cached} of {prompt} cached, expected {expected}");
+}
+
+#[actix::test]
+async fn deleting_a_conversation_id_removes_only_the_callers_own_cache_of_it() {
+    let keys = [("MODELPOOL_SERVER_API_KEYS", "ka,kb"), ("MODELPOOL_SERVER_KEY_NAMESPACES", "ka=team-a,kb=team-b")];
+    let mut server = Server::start(&[], &[&keys[..], &[("MODELPOOL_SLOTS", "1")]].concat());
+    // Two tenants happen to use the same id.
+    let mut a = Conversation::keyed("shared-id", "ka");
+    let mut b = Conversation::keyed("shared-id", "kb");
+    a.turn(&server, "My name is Ada. Say hello.").await;
+    b.turn(&server, "My name is Bob. Say hello.").await;
+    assert!(server.terminate().success(), "{}", server.log_text());
+    assert_eq!(kv_files(&server), 2);
+    server.kill_and_restart();
+    assert_eq!(delete_as(&server, "shared-id", Some("kb")).await, 204);
+    assert_eq!(kv_files(&server), 1);
+    assert_eq!(delete_as(&server, "shared-id", Some("kb")).await, 404, "team-a's cache is not team-b's to delete");
+    // Team A's cache of the id is still there.
+    let expected = a.expected();
+    let (cached, prompt, _) = a.turn(&server, "What is my name?").await;
+    assert!(cached >= expected, "team-a's cache was deleted: {cached} of {prompt} cached, expected {expected}");
+}
+
+#[actix::test]
+async fn a_stateless_cache_unused_past_kv_disk_ttl_s_is_deleted_while_running_and_at_start_up() {
+    // No memory tier: a cache that leaves its slot goes straight to disk.
+    let env = [("MODELPOOL_SLOTS", "1"), ("MODELPOOL_KV_RAM_MIB", "0"), ("MODELPOOL_KV_DISK_TTL_S", "1")];
+    let mut server = Server::start(&[], &env);
+    let mut a = Conversation::new("ttl-a".into());
+    let mut b = Conversation::new("ttl-b".into());
+    a.turn(&server, "Say hello.").await;
+    b.turn(&server, "Say hello.").await;
+    // a's cache went to disk when b took the slot; a second later it is gone.
+    let started = Instant::now();
+    let disk = loop {
+        let disk = get_json(&server, "/pool").await["kv"]["disk"].clone();
+        if disk["expired"].as_u64() >= Some(1) || started.elapsed() > Duration::from_secs(20) {
+            break disk;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((disk["expired"].as_u64(), disk["entries"].as_u64()), (Some(1), Some(0)), "{disk:#}");
+    assert_eq!(kv_files(&server), 0);
+    // Written at shutdown, b's cache is past its lifetime at the next start.
+    assert!(server.terminate().success(), "{}", server.log_text());
+    assert_eq!(kv_files(&server), 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    server.kill_and_restart();
+    let disk = get_json(&server, "/pool").await["kv"]["disk"].clone();
+    assert_eq!((disk["expired"].as_u64(), disk["entries"].as_u64()), (Some(1), Some(0)), "{disk:#}");
+    assert_eq!(kv_files(&server), 0);
 }
 
 /// One greedy /chat turn in `namespace`; returns the reply.
@@ -341,7 +457,7 @@ async fn restores_are_exact(engine: Arc<LlamaEngine>, repeats: usize, min_cached
     let memory = KvTiers::memory_only(256 << 20);
     let (from_memory, memory_usage) = second_turn(engine.clone(), memory.clone(), true, repeats).await;
     assert_eq!(memory.status().restores.memory, 1, "{:?}", memory.status());
-    let disk_only = KvTierOptions { ram_bytes: 0, disk_bytes: 1 << 30, dir: Some(dir.path().to_path_buf()) };
+    let disk_only = KvTierOptions { ram_bytes: 0, disk_bytes: 1 << 30, dir: Some(dir.path().to_path_buf()), ttl: None };
     let disk = KvTiers::open(&disk_only, Fingerprint(1));
     let (from_disk, disk_usage) = second_turn(engine.clone(), disk.clone(), true, repeats).await;
     assert_eq!(disk.status().restores.disk, 1, "{:?}", disk.status());

@@ -1,6 +1,9 @@
 //! The stored conversations: `GET /conversations` (newest first, paged),
 //! `GET`/`DELETE /conversations/{id}`, and import/export in one JSON format
 //! (`POST /conversations/import`, `GET /conversations/{id}/export`).
+//! `DELETE` also takes the id a stateless client gave its requests
+//! (`X-Conversation-Id`, `prompt_cache_key`, `user`): their KV cache is kept
+//! under it, and has no other way to be deleted.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
@@ -9,6 +12,7 @@ use super::chat::{parse_conversation_id, visible_conversation};
 use super::{ApiError, ApiState, Authorized};
 use crate::chat::import::ImportMessage;
 use crate::chat::types::ChatError;
+use crate::engine::CacheKey;
 use crate::memory::store::StoredMessage;
 use crate::params::Role;
 
@@ -56,13 +60,47 @@ async fn get_conversation(
     }))
 }
 
+/// `DELETE /conversations/{id}`: the KV cache that stateless requests keyed
+/// by `id` left in the caller's namespace (the key `X-Conversation-Id: id` or
+/// `prompt_cache_key: id` gives them: memory and disk, and a write of it
+/// still queued never lands), then the stored conversation `id` names, if
+/// any, with its messages, vectors and cache. A stored conversation deleted:
+/// 200 with what was deleted; only a cache: 204; neither: 404, as for any
+/// unknown id. The cache goes first and whatever else happens: it may exist
+/// only on disk, and under an id that is no UUID.
 async fn delete_conversation(
     state: web::Data<ApiState>,
     auth: Authorized,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
-    let id = visible_conversation(&state, &auth, parse_conversation_id(&id)?).await?.id;
+    let raw = id.into_inner();
+    let cache_removed = match chat.pool().kv_tiers() {
+        Some(tiers) => {
+            // The namespace the /v1 routes key the caller's requests in:
+            // never another tenant's cache.
+            let key = CacheKey::new(auth.namespace.as_deref().unwrap_or_default(), raw.as_bytes());
+            web::block(move || tiers.forget_key(key)).await.unwrap_or(false)
+        }
+        None => false,
+    };
+    let stored = match uuid::Uuid::parse_str(&raw) {
+        Ok(id) => match visible_conversation(&state, &auth, id).await {
+            Ok(conv) => Some(conv.id),
+            Err(ApiError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        },
+        Err(_) => None,
+    };
+    let Some(id) = stored else {
+        return if cache_removed {
+            Ok(HttpResponse::NoContent().finish())
+        } else {
+            Err(ApiError::NotFound(format!(
+                "conversation {raw:?} not found: no stored conversation and no KV cache of this id in your namespace"
+            )))
+        };
+    };
     let removed = chat.delete(id).await?;
     Ok(HttpResponse::Ok()
         .json(serde_json::json!({ "conversation_id": id.to_string(), "deleted": true, "messages": removed })))

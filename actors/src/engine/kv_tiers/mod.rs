@@ -5,11 +5,17 @@
 //! [`CacheKey`] (a namespace and a conversation), one per conversation: a
 //! request can only ever be given the cache of its own conversation, and the
 //! batcher still keeps only the part whose tokens the new prompt starts with.
+//!
+//! A stateless client's caches (keyed by its `X-Conversation-Id`,
+//! `prompt_cache_key` or `user`) have no delete of their own but a lifetime
+//! ([`KvTierOptions::ttl`]: a cache unused that long is dropped from memory
+//! and disk) and [`KvTiers::forget_key`], which `DELETE /conversations/{id}`
+//! calls with the key that id gives in the caller's namespace.
 
 mod disk;
 mod status;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
@@ -102,12 +108,16 @@ pub struct KvTierOptions {
     pub disk_bytes: u64,
     /// The disk tier's directory (`<data_dir>/kv`); none: no disk tier.
     pub dir: Option<PathBuf>,
+    /// A cache neither parked, written nor read for this long is dropped,
+    /// in memory and on disk (`kv_disk_ttl_s`); none: caches live until their
+    /// tier's budget evicts them.
+    pub ttl: Option<Duration>,
 }
 
 impl KvTierOptions {
     /// Memory only, with `ram_bytes` (library users and tests that set nothing).
     pub fn memory(ram_bytes: u64) -> Self {
-        Self { ram_bytes, disk_bytes: 0, dir: None }
+        Self { ram_bytes, disk_bytes: 0, dir: None, ttl: None }
     }
 }
 
@@ -139,6 +149,8 @@ struct MemEntry {
     tokens: Vec<LlamaToken>,
     state: Vec<u8>,
     last_used: u64,
+    /// When it was parked or read from disk (for the lifetime).
+    used_at: Instant,
     /// Read back from disk (a restore from it counts as a disk restore).
     from_disk: bool,
 }
@@ -149,7 +161,15 @@ struct MemTier {
     bytes: u64,
     clock: u64,
     /// Conversations deleted while their caches may still sit in a slot.
-    deleted: std::collections::HashSet<u64>,
+    deleted: HashSet<u64>,
+    /// Keys forgotten ([`KvTiers::forget_key`]) while a slot may still hold
+    /// their cache: not parked again until a request of the key starts.
+    forgotten: HashSet<CacheKey>,
+    /// Keys a slot took ([`KvTiers::tokens_of`]) and has not parked since:
+    /// their cache is in a slot, as far as the tiers can tell.
+    in_slots: HashSet<CacheKey>,
+    /// The last sweep for expired entries.
+    swept_at: Option<Instant>,
 }
 
 /// Deleted conversations remembered (ids are never reused; the set is only
@@ -166,11 +186,15 @@ struct Counters {
     decoded_tokens: AtomicU64,
     parks: AtomicU64,
     moves: AtomicU64,
+    /// Memory entries dropped unused past the lifetime.
+    expired: AtomicU64,
 }
 
 /// The process's KV tiers, shared by every local instance.
 pub struct KvTiers {
     ram_budget: u64,
+    /// The lifetime of an unused cache, and how often memory is swept for it.
+    ttl: Option<(Duration, Duration)>,
     mem: Mutex<MemTier>,
     disk: Option<disk::DiskTier>,
     counters: Counters,
@@ -190,14 +214,19 @@ impl std::fmt::Debug for KvTiers {
 
 impl KvTiers {
     /// Opens the tiers: the disk tier's directory is created and scanned
-    /// (files of another model or format, and unfinished writes, are removed).
+    /// (files of another model or format, and unfinished writes, are removed
+    /// unless another process uses the directory too; files unused past the
+    /// lifetime are removed in any case).
     pub fn open(opts: &KvTierOptions, fingerprint: Fingerprint) -> Arc<Self> {
         let disk = match &opts.dir {
-            Some(dir) if opts.disk_bytes > 0 => Some(disk::DiskTier::open(dir.clone(), opts.disk_bytes, fingerprint)),
+            Some(dir) if opts.disk_bytes > 0 => {
+                Some(disk::DiskTier::open(dir.clone(), opts.disk_bytes, opts.ttl, fingerprint))
+            }
             _ => None,
         };
         Arc::new(Self {
             ram_budget: opts.ram_bytes,
+            ttl: opts.ttl.map(|ttl| (ttl, disk::sweep_interval(ttl))),
             mem: Mutex::new(MemTier::default()),
             disk,
             counters: Counters::default(),
@@ -244,20 +273,28 @@ impl KvTiers {
         self.times.lock().unwrap_or_else(|e| e.into_inner()).0.observe(took.as_secs_f64());
         let size = state.len() as u64;
         let mut mem = self.mem();
-        if mem.deleted.contains(&key.conversation) {
+        mem.in_slots.remove(&key);
+        self.expire_memory(&mut mem, false);
+        if mem.deleted.contains(&key.conversation) || mem.forgotten.contains(&key) {
             return;
         }
         if size > self.ram_budget {
-            // Too big for memory (or no memory tier): straight to disk.
-            drop(mem);
+            // Too big for memory (or no memory tier): straight to disk. An
+            // older entry of the key leaves memory: evicted later it would
+            // overwrite the newer file, taken it would be restored instead.
             if let Some(d) = &self.disk {
+                if let Some(old) = mem.entries.remove(&key) {
+                    mem.bytes -= old.state.len() as u64;
+                }
+                drop(mem);
                 d.write(key, tokens, state);
             }
             return;
         }
         mem.clock += 1;
         let last_used = mem.clock;
-        if let Some(old) = mem.entries.insert(key, MemEntry { tokens, state, last_used, from_disk: false }) {
+        let entry = MemEntry { tokens, state, last_used, used_at: Instant::now(), from_disk: false };
+        if let Some(old) = mem.entries.insert(key, entry) {
             mem.bytes -= old.state.len() as u64;
         }
         mem.bytes += size;
@@ -287,7 +324,19 @@ impl KvTiers {
     /// The tokens `key`'s parked cache holds, from memory, else (read into
     /// memory first) from disk. Reading a file blocks: callers on a step
     /// loop find it in memory when [`Self::prefetch`] ran before.
+    ///
+    /// A slot calls it as it takes `key`'s request: the key is in a slot
+    /// until the slot parks it, and a key forgotten before may be parked
+    /// again (what the slot holds of it from now on is this request's).
     pub fn tokens_of(&self, key: CacheKey) -> Option<Vec<LlamaToken>> {
+        {
+            let mut mem = self.mem();
+            mem.forgotten.remove(&key);
+            if mem.in_slots.len() >= MAX_DELETED {
+                mem.in_slots.clear();
+            }
+            mem.in_slots.insert(key);
+        }
         if !self.prefetch(key) {
             return None;
         }
@@ -299,8 +348,19 @@ impl KvTiers {
     /// memory. It stays there even past the budget (a memory tier of 0
     /// included) until its request takes it, moments later.
     pub fn prefetch(&self, key: CacheKey) -> bool {
-        if self.mem().entries.contains_key(&key) {
-            return true;
+        {
+            let mut guard = self.mem();
+            let mem = &mut *guard;
+            self.expire_memory(mem, false);
+            if let Some(e) = mem.entries.get(&key) {
+                if !self.outlived(e.used_at) {
+                    return true;
+                }
+                // Past its lifetime since the last sweep.
+                mem.bytes -= e.state.len() as u64;
+                mem.entries.remove(&key);
+                self.counters.expired.fetch_add(1, Relaxed);
+            }
         }
         let Some(d) = &self.disk else { return false };
         let reading = Instant::now();
@@ -313,7 +373,7 @@ impl KvTiers {
         mem.clock += 1;
         let last_used = mem.clock;
         mem.bytes += state.len() as u64;
-        mem.entries.insert(key, MemEntry { tokens, state, last_used, from_disk: true });
+        mem.entries.insert(key, MemEntry { tokens, state, last_used, used_at: Instant::now(), from_disk: true });
         self.evict_over_budget(mem, Some(key));
         true
     }
@@ -348,6 +408,59 @@ impl KvTiers {
         if let Some(d) = &self.disk {
             d.remove_conversation(conversation);
         }
+    }
+
+    /// Forgets `key`'s cache (a stateless conversation deleted by its id):
+    /// from memory and disk, and a write of it queued before this call never
+    /// lands. A slot may still hold it: the slot does not park it again,
+    /// unless a request of the key starts first (whose cache it then is).
+    /// Other keys of the conversation (other namespaces) are kept. Returns
+    /// whether there was a cache of the key (in memory, on disk, or, as far
+    /// as the tiers know, in a slot).
+    pub fn forget_key(&self, key: CacheKey) -> bool {
+        let mut found = {
+            let mut mem = self.mem();
+            let mut found = mem.in_slots.remove(&key);
+            if let Some(e) = mem.entries.remove(&key) {
+                mem.bytes -= e.state.len() as u64;
+                found = true;
+            }
+            if mem.forgotten.len() >= MAX_DELETED {
+                mem.forgotten.clear();
+            }
+            mem.forgotten.insert(key);
+            found
+        };
+        if let Some(d) = &self.disk {
+            found |= d.remove_key(key);
+        }
+        found
+    }
+
+    /// Whether an entry last used at `at` has outlived the lifetime.
+    fn outlived(&self, at: Instant) -> bool {
+        self.ttl.is_some_and(|(ttl, _)| at.elapsed() > ttl)
+    }
+
+    /// Drops the memory entries unused past the lifetime (not written to
+    /// disk): once per sweep interval, checked as caches are parked and
+    /// asked for, and (`now`) at shutdown before anything is written.
+    fn expire_memory(&self, mem: &mut MemTier, now: bool) {
+        let Some((_, every)) = self.ttl else { return };
+        if !now && mem.swept_at.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        mem.swept_at = Some(Instant::now());
+        let (before, mut freed) = (mem.entries.len(), 0);
+        mem.entries.retain(|_, e| {
+            let keep = !self.outlived(e.used_at);
+            if !keep {
+                freed += e.state.len() as u64;
+            }
+            keep
+        });
+        mem.bytes -= freed;
+        self.counters.expired.fetch_add((before - mem.entries.len()) as u64, Relaxed);
     }
 
     /// Counts a request's prompt: `cached` tokens from `tier` (none: a
@@ -398,6 +511,7 @@ impl KvTiers {
         let Some(d) = &self.disk else { return 0 };
         let entries: Vec<(CacheKey, MemEntry)> = {
             let mut mem = self.mem();
+            self.expire_memory(&mut mem, true);
             mem.bytes = 0;
             mem.entries.drain().collect()
         };
@@ -435,6 +549,7 @@ impl KvTiers {
                 bytes,
                 budget_bytes: self.ram_budget,
                 hits: c.restores[Tier::Memory.index()].load(Relaxed),
+                expired: c.expired.load(Relaxed),
             },
             disk: match &self.disk {
                 Some(d) => d.status(c.restores[Tier::Disk.index()].load(Relaxed)),

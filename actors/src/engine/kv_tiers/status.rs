@@ -60,6 +60,9 @@ pub struct MemoryStatus {
     pub bytes: u64,
     pub budget_bytes: u64,
     pub hits: u64,
+    /// Entries dropped because they were not used within the lifetime
+    /// (`kv_disk_ttl_s`).
+    pub expired: u64,
 }
 
 /// Park and restore durations: a histogram's buckets (upper bounds in

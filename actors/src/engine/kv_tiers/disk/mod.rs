@@ -1,17 +1,38 @@
 //! The disk tier: one file per conversation under `<data_dir>/kv/`, written
 //! by a thread of its own (a decode step never waits for the disk), to a
-//! temporary name and then renamed. Each file carries a fingerprint of what
-//! produced it (the model file, the KV layout, llama.cpp's state format) and
-//! a checksum; a file that is torn, corrupted or foreign is never restored:
-//! it is deleted, logged once and counted. When the disk is full or cannot
-//! be written, writing stops with one warning and the service goes on.
+//! temporary name, flushed to the disk and then renamed. Each file carries a
+//! fingerprint of what produced it (the model file, the KV layout, the
+//! llama.cpp build) in its name and header, and a checksum; a file that is
+//! torn, corrupted or foreign is never restored: it is deleted, logged once
+//! and counted. The directory and its files are the service user's only
+//! (0700, 0600): a cache holds conversations.
+//!
+//! A failed write (a disk full for a moment) drops that cache, is logged and
+//! counted, and writing goes on; writes that keep failing pause writing for
+//! [`PAUSE`], then it is tried again. The service goes on either way.
+//!
+//! Several processes may share the directory (replicas on one data
+//! directory): each holds a shared lock on it while it runs, and only a
+//! process that finds the directory unlocked at start-up deletes what is not
+//! its own (another model's files, unfinished writes of any age).
+//!
+//! With a lifetime (`kv_disk_ttl_s`), a file neither written nor read for
+//! longer than it is deleted: at start-up, by the writer thread every
+//! [`sweep_interval`], and when it is asked for. A file's modification time
+//! is its last use (a read touches it), so the lifetime holds across restarts
+//! and for files another process on the directory uses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
@@ -23,6 +44,28 @@ const MAGIC: &[u8; 8] = b"MPKVv001";
 const HEADER: usize = 8 + 8 + 8 + 8 + 4 + 8 + 4;
 /// Bytes of writes waiting for the writer thread; beyond it a write is skipped.
 const MAX_PENDING: u64 = 512 << 20;
+/// Failed writes in a row after which writing pauses (one or two, a disk
+/// full for a moment, only drop their caches).
+const FAILURES_BEFORE_PAUSE: u32 = 3;
+/// How long writing pauses then; the first write after it is tried again.
+const PAUSE: Duration = Duration::from_secs(30);
+/// A temporary file this old is a crashed write's, whichever process made
+/// it: a write in progress changes its file far more often.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
+/// The llama-cpp-sys-2 release linked (pinned in actors/Cargo.toml; a test
+/// checks it against Cargo.lock). It fixes the llama.cpp sources, whose
+/// sequence-state format a file holds. Named here because Cargo tells a
+/// crate no versions of its dependencies, and llama.cpp built from the
+/// crate's sources (no git history) reports its commit as "unknown".
+const LLAMA_CPP_SYS_2: &str = "0.1.161";
+/// Longest time between two sweeps for expired caches.
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often caches are checked against a lifetime of `ttl`: a quarter of it
+/// (a tiny lifetime in a test is seen to), at most every minute.
+pub(super) fn sweep_interval(ttl: Duration) -> Duration {
+    (ttl / 4).clamp(Duration::from_millis(1), MAX_SWEEP_INTERVAL)
+}
 
 /// What produced a KV state: a file restores only into the same.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,8 +73,9 @@ pub struct Fingerprint(pub u64);
 
 impl Fingerprint {
     /// From the model file (its size and its first 8 MiB: the GGUF header,
-    /// metadata and tokenizer) and a description of the KV layout and state
-    /// format (cache types, sequence layout, llama.cpp's version).
+    /// metadata and tokenizer), a description of the KV layout and state
+    /// format (cache types, sequence layout) and the llama.cpp build that is
+    /// linked ([`linked_llama_cpp`]: callers need not name it).
     pub fn of(model: &Path, layout: &str) -> std::io::Result<Self> {
         use sha2::Digest;
         let mut file = std::fs::File::open(model)?;
@@ -42,16 +86,39 @@ impl Fingerprint {
         h.update(len.to_le_bytes());
         h.update(&head);
         h.update(layout.as_bytes());
+        h.update([0]);
+        h.update(linked_llama_cpp().as_bytes());
         let d = h.finalize();
         Ok(Self(u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))))
     }
 }
 
+/// The llama.cpp build that is linked, as the fingerprint names it: the
+/// llama-cpp-sys-2 release that vendors it, and what the library itself
+/// reports (ggml's version and commit).
+pub(super) fn linked_llama_cpp() -> String {
+    // SAFETY: both return static, NUL-terminated strings.
+    let (version, commit) = unsafe {
+        (
+            std::ffi::CStr::from_ptr(llama_cpp_sys_2::ggml_version()),
+            std::ffi::CStr::from_ptr(llama_cpp_sys_2::ggml_commit()),
+        )
+    };
+    format!(
+        "llama-cpp-sys-2 {LLAMA_CPP_SYS_2}, ggml {} (commit {})",
+        version.to_string_lossy(),
+        commit.to_string_lossy()
+    )
+}
+
 /// What `/pool` shows of the disk tier.
 #[derive(Clone, Debug, Serialize)]
 pub struct DiskStatus {
+    /// Whether caches are written: not after the directory could not be
+    /// made (until a restart), nor while writing pauses after failed writes.
     pub enabled: bool,
-    /// Why writing stopped (disk full, not writable), if it did.
+    /// Why not: the directory's error, or the last write error and when
+    /// writing is tried again.
     pub disabled_cause: Option<String>,
     pub dir: Option<String>,
     pub entries: usize,
@@ -64,8 +131,13 @@ pub struct DiskStatus {
     /// whose checksum or length did not match (corrupt).
     pub rejected_foreign: u64,
     pub rejected_corrupt: u64,
-    /// Writes skipped while the writer was behind.
+    /// Writes skipped while the writer was behind or writing paused.
     pub skipped_writes: u64,
+    /// Writes that failed (each cache dropped, its temporary file removed).
+    pub write_errors: u64,
+    /// Files deleted because they were not used within the lifetime
+    /// (`kv_disk_ttl_s`), at start-up or while running.
+    pub expired: u64,
 }
 
 impl DiskStatus {
@@ -83,6 +155,8 @@ impl DiskStatus {
             rejected_foreign: 0,
             rejected_corrupt: 0,
             skipped_writes: 0,
+            write_errors: 0,
+            expired: 0,
         }
     }
 }
@@ -90,6 +164,8 @@ impl DiskStatus {
 struct FileMeta {
     bytes: u64,
     last_used: u64,
+    /// When it was last written or read (its modification time).
+    used_at: SystemTime,
 }
 
 #[derive(Default)]
@@ -97,7 +173,41 @@ struct Index {
     files: HashMap<CacheKey, FileMeta>,
     bytes: u64,
     clock: u64,
+    /// Why writing stopped until a restart (no directory, no writer thread).
     disabled: Option<String>,
+    /// Failed writes since the last one that landed, and the last error.
+    failures: u32,
+    last_error: Option<String>,
+    /// After [`FAILURES_BEFORE_PAUSE`] failures in a row: when writing resumes.
+    retry_at: Option<Instant>,
+    /// Conversations deleted in this process: a write of theirs still in the
+    /// writer's queue (or in progress) never lands.
+    deleted: HashSet<u64>,
+    /// Writes asked for so far: each write takes the next number.
+    tickets: u64,
+    /// Keys forgotten in this process ([`DiskTier::remove_key`]), with the
+    /// last ticket given out then: a write of the key with that ticket or an
+    /// earlier one (queued before) never lands; a later one does (a stateless
+    /// id may be used again after it was deleted).
+    forgotten: HashMap<CacheKey, u64>,
+}
+
+impl Index {
+    fn paused(&self) -> bool {
+        self.retry_at.is_some_and(|at| Instant::now() < at)
+    }
+
+    /// The next write's ticket.
+    fn ticket(&mut self) -> u64 {
+        self.tickets += 1;
+        self.tickets
+    }
+
+    /// Whether the write of `key` with `ticket` was asked for before its
+    /// conversation was deleted or its key forgotten.
+    fn refused(&self, key: CacheKey, ticket: u64) -> bool {
+        self.deleted.contains(&key.conversation) || self.forgotten.get(&key).is_some_and(|&t| ticket <= t)
+    }
 }
 
 #[derive(Default)]
@@ -108,20 +218,39 @@ struct Stats {
     corrupt: AtomicU64,
     evictions: AtomicU64,
     skipped: AtomicU64,
+    write_errors: AtomicU64,
+    expired: AtomicU64,
     pending: AtomicU64,
+    /// Temporary files named so far (a part of their names).
+    temps: AtomicU64,
     warned_foreign: AtomicBool,
     warned_corrupt: AtomicBool,
 }
 
 enum Job {
-    Write { key: CacheKey, tokens: Vec<LlamaToken>, state: Vec<u8> },
+    Write {
+        key: CacheKey,
+        tokens: Vec<LlamaToken>,
+        state: Vec<u8>,
+        ticket: u64,
+    },
     Flush(Sender<()>),
+    /// Tests: the writer waits until the sender of this is dropped.
+    #[cfg(test)]
+    Hold(std::sync::mpsc::Receiver<()>),
 }
 
 struct Shared {
     dir: PathBuf,
     budget: u64,
+    /// A file unused this long is deleted (none: files live until evicted).
+    ttl: Option<Duration>,
     fingerprint: Fingerprint,
+    /// Tells this process's temporary files from those of another process
+    /// with the same id (process ids repeat in containers and after restarts).
+    nonce: u64,
+    /// The directory, locked (shared) while the tier runs.
+    lock: Option<File>,
     index: Mutex<Index>,
     stats: Stats,
 }
@@ -129,16 +258,39 @@ struct Shared {
 pub(super) struct DiskTier {
     shared: Arc<Shared>,
     jobs: Mutex<Sender<Job>>,
+    writer: Option<JoinHandle<()>>,
 }
 
-fn file_name(key: CacheKey) -> String {
-    format!("{:016x}-{:016x}.kv", key.namespace, key.conversation)
+fn file_name(fingerprint: Fingerprint, key: CacheKey) -> String {
+    format!("{:016x}-{:016x}-{:016x}.kv", fingerprint.0, key.namespace, key.conversation)
 }
 
-fn parse_name(name: &str) -> Option<CacheKey> {
-    let stem = name.strip_suffix(".kv")?;
-    let (ns, conv) = stem.split_once('-')?;
-    Some(CacheKey { namespace: u64::from_str_radix(ns, 16).ok()?, conversation: u64::from_str_radix(conv, 16).ok()? })
+/// What a name in the directory is, to the start-up scan.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// A cache file of this fingerprint.
+    Ours(CacheKey),
+    /// Another fingerprint's, or named as before fingerprints were in names.
+    Foreign,
+    /// A write in progress, or one a crash left.
+    Temp,
+    /// Not the tier's: left alone.
+    Other,
+}
+
+fn classify(name: &str, fingerprint: Fingerprint) -> Found {
+    if name.starts_with(".tmp-") {
+        return Found::Temp;
+    }
+    let Some(stem) = name.strip_suffix(".kv") else { return Found::Other };
+    let parts: Option<Vec<u64>> = stem.split('-').map(|p| u64::from_str_radix(p, 16).ok()).collect();
+    match parts.as_deref() {
+        Some(&[fp, namespace, conversation]) if fp == fingerprint.0 => {
+            Found::Ours(CacheKey { namespace, conversation })
+        }
+        Some([_, _, _]) | Some([_, _]) => Found::Foreign,
+        _ => Found::Other,
+    }
 }
 
 /// A file's whole content: header, tokens (i32 LE), state.
@@ -209,56 +361,165 @@ pub(super) fn decode(b: &[u8], fingerprint: Fingerprint, key: CacheKey) -> Resul
     Ok((tokens, body[n_tokens * 4..].to_vec()))
 }
 
+/// Makes the directory (its parents as usual, itself for the service user
+/// only, an existing one too) and opens it, to lock it.
+fn open_dir(dir: &Path) -> std::io::Result<File> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        made => made?,
+    }
+    let file = File::open(dir)?;
+    let meta = file.metadata()?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"));
+    }
+    if meta.permissions().mode() & 0o777 != 0o700 {
+        if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(0o700)) {
+            // Its files are 0600 all the same.
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot make the KV cache directory private (0700)");
+        }
+    }
+    Ok(file)
+}
+
+/// `flock(2)` on a file this process opened; whether it was granted.
+fn flock(file: &File, op: libc::c_int) -> bool {
+    // SAFETY: a descriptor `file` owns; no memory is passed.
+    unsafe { libc::flock(file.as_raw_fd(), op) == 0 }
+}
+
+/// Writes `bytes` to `tmp` (a new file, the service user's only), flushes
+/// it to the disk, renames it to `path`, then syncs the directory (best
+/// effort) so that the rename lasts too: a crash leaves the old file or the
+/// whole new one, never a renamed file whose data never reached the disk.
+fn write_file(dir: &Path, tmp: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(tmp, path)?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
 impl DiskTier {
-    pub(super) fn open(dir: PathBuf, budget: u64, fingerprint: Fingerprint) -> Self {
-        let shared =
-            Arc::new(Shared { dir, budget, fingerprint, index: Mutex::new(Index::default()), stats: Stats::default() });
-        shared.scan();
+    /// Opens the tier on `dir`; with a `ttl`, files unused that long are
+    /// deleted (at this scan too).
+    pub(super) fn open(dir: PathBuf, budget: u64, ttl: Option<Duration>, fingerprint: Fingerprint) -> Self {
+        let (lock, problem) = match open_dir(&dir) {
+            Ok(f) => (Some(f), None),
+            Err(e) => (None, Some(format!("cannot create {}: {e}", dir.display()))),
+        };
+        // Exclusive: no other process uses the directory, this one may clean
+        // up. Else shared, once a process cleaning up is done.
+        let alone = lock.as_ref().is_some_and(|f| flock(f, libc::LOCK_EX | libc::LOCK_NB));
+        if let (Some(f), false) = (&lock, alone) {
+            flock(f, libc::LOCK_SH);
+        }
+        let shared = Arc::new(Shared {
+            dir,
+            budget,
+            ttl,
+            fingerprint,
+            nonce: uuid::Uuid::new_v4().as_u64_pair().0,
+            lock,
+            index: Mutex::new(Index::default()),
+            stats: Stats::default(),
+        });
+        match problem {
+            Some(cause) => shared.disable(cause),
+            None => shared.scan(alone),
+        }
+        if let (Some(f), true) = (&shared.lock, alone) {
+            flock(f, libc::LOCK_SH);
+        }
         let (tx, rx) = channel::<Job>();
         let worker = shared.clone();
         let spawned = std::thread::Builder::new().name("kv-disk".into()).spawn(move || {
-            for job in rx {
+            // With a lifetime, the writer also sweeps: between jobs once the
+            // interval has passed, and while the queue is idle.
+            let sweep = worker.ttl.map(sweep_interval);
+            let mut swept = Instant::now();
+            loop {
+                let job = match sweep {
+                    Some(every) => match rx.recv_timeout(every.saturating_sub(swept.elapsed())) {
+                        Ok(job) => Some(job),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    },
+                    None => match rx.recv() {
+                        Ok(job) => Some(job),
+                        Err(_) => break,
+                    },
+                };
                 match job {
-                    Job::Write { key, tokens, state } => {
+                    Some(Job::Write { key, tokens, state, ticket }) => {
                         let size = state.len() as u64;
-                        worker.write_now(key, &tokens, &state);
+                        worker.write_now(key, &tokens, &state, ticket);
                         worker.stats.pending.fetch_sub(size, Relaxed);
                     }
-                    Job::Flush(done) => {
+                    Some(Job::Flush(done)) => {
                         let _ = done.send(());
                     }
+                    #[cfg(test)]
+                    Some(Job::Hold(until)) => {
+                        let _ = until.recv();
+                    }
+                    None => {}
+                }
+                if sweep.is_some_and(|every| swept.elapsed() >= every) {
+                    worker.expire();
+                    swept = Instant::now();
                 }
             }
         });
-        if let Err(e) = spawned {
-            shared.disable(format!("could not start its writer thread: {e}"));
-        }
-        Self { shared, jobs: Mutex::new(tx) }
+        let writer = match spawned {
+            Ok(w) => Some(w),
+            Err(e) => {
+                shared.disable(format!("could not start its writer thread: {e}"));
+                None
+            }
+        };
+        Self { shared, jobs: Mutex::new(tx), writer }
     }
 
-    /// Queues a write (skipped while writing is disabled or far behind).
+    /// Queues a write (skipped while writing is off, paused or far behind,
+    /// and for a deleted conversation).
     pub(super) fn write(&self, key: CacheKey, tokens: Vec<LlamaToken>, state: Vec<u8>) {
         let s = &self.shared;
-        if s.index().disabled.is_some() {
-            return;
-        }
+        let ticket = {
+            let mut index = s.index();
+            if index.disabled.is_some() || index.deleted.contains(&key.conversation) {
+                return;
+            }
+            if index.paused() {
+                s.stats.skipped.fetch_add(1, Relaxed);
+                return;
+            }
+            index.ticket()
+        };
         let size = state.len() as u64;
         if s.stats.pending.load(Relaxed) + size > MAX_PENDING {
             s.stats.skipped.fetch_add(1, Relaxed);
             return;
         }
         s.stats.pending.fetch_add(size, Relaxed);
-        let sent = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).send(Job::Write { key, tokens, state });
+        let sent = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).send(Job::Write { key, tokens, state, ticket });
         if sent.is_err() {
             s.stats.pending.fetch_sub(size, Relaxed);
         }
     }
 
     /// Writes now, on the calling thread (shutdown: nothing is skipped for
-    /// lack of room in the writer's queue).
+    /// lack of room in the writer's queue). Returns whether it landed.
     pub(super) fn write_sync(&self, key: CacheKey, tokens: &[LlamaToken], state: &[u8]) -> bool {
-        self.shared.write_now(key, tokens, state);
-        self.shared.index().files.contains_key(&key)
+        let ticket = self.shared.index().ticket();
+        self.shared.write_now(key, tokens, state, ticket)
     }
 
     /// Waits for the writes queued before this call.
@@ -269,29 +530,55 @@ impl DiskTier {
         }
     }
 
-    /// Reads and checks `key`'s file; a bad one is deleted and counted.
+    /// Tests: the writer waits (and what is queued after) until the returned
+    /// sender is dropped.
+    #[cfg(test)]
+    fn hold_writer(&self) -> Sender<()> {
+        let (tx, rx) = channel();
+        let _ = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).send(Job::Hold(rx));
+        tx
+    }
+
+    /// Reads and checks `key`'s file; a bad one is deleted and counted, an
+    /// expired one deleted. A file read counts as used: its modification
+    /// time is set to now.
     pub(super) fn read(&self, key: CacheKey) -> Option<(Vec<LlamaToken>, Vec<u8>)> {
         let s = &self.shared;
-        if !s.index().files.contains_key(&key) {
-            return None;
-        }
-        let path = s.dir.join(file_name(key));
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        let seen = s.index().files.get(&key).map(|m| m.last_used)?;
+        let path = s.dir.join(file_name(s.fingerprint, key));
+        let gone = |e: std::io::Error| {
+            tracing::debug!(file = %path.display(), error = %e, "KV cache file gone");
+            s.forget(key);
+        };
+        let (mut file, modified) = match File::open(&path).and_then(|f| Ok((f.metadata()?.modified()?, f))) {
+            Ok((modified, f)) => (f, modified),
             Err(e) => {
-                tracing::debug!(file = %path.display(), error = %e, "KV cache file gone");
-                s.forget(key);
+                gone(e);
                 return None;
             }
         };
+        if s.expired(modified) {
+            s.expire_file(key, seen);
+            return None;
+        }
+        let mut bytes = Vec::new();
+        if let Err(e) = file.read_to_end(&mut bytes) {
+            gone(e);
+            return None;
+        }
         match decode(&bytes, s.fingerprint, key) {
             Ok(found) => {
                 s.stats.read.fetch_add(bytes.len() as u64, Relaxed);
+                let now = SystemTime::now();
+                if let Err(e) = file.set_modified(now) {
+                    tracing::debug!(file = %path.display(), error = %e, "cannot touch a KV cache file");
+                }
                 let mut index = s.index();
                 index.clock += 1;
-                let now = index.clock;
+                let clock = index.clock;
                 if let Some(m) = index.files.get_mut(&key) {
-                    m.last_used = now;
+                    m.last_used = clock;
+                    m.used_at = now;
                 }
                 Some(found)
             }
@@ -303,15 +590,48 @@ impl DiskTier {
         }
     }
 
-    /// Deletes the files of `conversation` (in any namespace).
+    /// Deletes the files of `conversation` (in any namespace), and writes
+    /// none of it again: a write already queued is dropped by the writer.
     pub(super) fn remove_conversation(&self, conversation: u64) {
         let s = &self.shared;
-        let keys: Vec<CacheKey> = s.index().files.keys().filter(|k| k.conversation == conversation).copied().collect();
+        let keys: Vec<CacheKey> = {
+            let mut index = s.index();
+            if index.deleted.len() >= super::MAX_DELETED {
+                index.deleted.clear();
+            }
+            index.deleted.insert(conversation);
+            index.files.keys().filter(|k| k.conversation == conversation).copied().collect()
+        };
         for key in keys {
             if s.forget(key) {
-                let _ = std::fs::remove_file(s.dir.join(file_name(key)));
+                let _ = std::fs::remove_file(s.dir.join(file_name(s.fingerprint, key)));
             }
         }
+    }
+
+    /// Deletes `key`'s file (whether or not this process wrote it: another
+    /// on the directory may have), and a write of it queued before this
+    /// call never lands; one asked for after it does. Returns whether there
+    /// was a file.
+    pub(super) fn remove_key(&self, key: CacheKey) -> bool {
+        let s = &self.shared;
+        let indexed = {
+            let mut index = s.index();
+            if index.forgotten.len() >= super::MAX_DELETED {
+                index.forgotten.clear();
+            }
+            let last = index.tickets;
+            index.forgotten.insert(key, last);
+            match index.files.remove(&key) {
+                Some(m) => {
+                    index.bytes -= m.bytes;
+                    true
+                }
+                None => false,
+            }
+        };
+        let removed = std::fs::remove_file(s.dir.join(file_name(s.fingerprint, key))).is_ok();
+        indexed || removed
     }
 
     pub(super) fn evictions(&self) -> u64 {
@@ -321,9 +641,17 @@ impl DiskTier {
     pub(super) fn status(&self, hits: u64) -> DiskStatus {
         let s = &self.shared;
         let index = s.index();
+        let paused = index.paused().then(|| {
+            let left = index.retry_at.map_or(0, |at| at.saturating_duration_since(Instant::now()).as_secs());
+            format!(
+                "{} writes in a row failed (last: {}); retrying in {left} s",
+                index.failures,
+                index.last_error.as_deref().unwrap_or("?")
+            )
+        });
         DiskStatus {
-            enabled: index.disabled.is_none(),
-            disabled_cause: index.disabled.clone(),
+            enabled: index.disabled.is_none() && paused.is_none(),
+            disabled_cause: index.disabled.clone().or(paused),
             dir: Some(s.dir.display().to_string()),
             entries: index.files.len(),
             bytes: index.bytes,
@@ -334,6 +662,21 @@ impl DiskTier {
             rejected_foreign: s.stats.foreign.load(Relaxed),
             rejected_corrupt: s.stats.corrupt.load(Relaxed),
             skipped_writes: s.stats.skipped.load(Relaxed),
+            write_errors: s.stats.write_errors.load(Relaxed),
+            expired: s.stats.expired.load(Relaxed),
+        }
+    }
+}
+
+impl Drop for DiskTier {
+    /// Closes the queue and waits for the writer to finish what it holds, so
+    /// that the directory's lock is released when the tier is gone (a tier
+    /// opened next, in this process or another, may clean up).
+    fn drop(&mut self) {
+        let (closed, _) = channel();
+        drop(std::mem::replace(self.jobs.get_mut().unwrap_or_else(|e| e.into_inner()), closed));
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
         }
     }
 }
@@ -349,6 +692,56 @@ impl Shared {
             tracing::warn!(dir = %self.dir.display(), %cause, "KV caches are no longer written to disk; the service goes on");
             index.disabled = Some(cause);
         }
+    }
+
+    /// Whether a file last used at `used` has outlived the lifetime.
+    fn expired(&self, used: SystemTime) -> bool {
+        self.ttl.is_some_and(|ttl| used.elapsed().is_ok_and(|age| age > ttl))
+    }
+
+    /// Deletes the files unused for longer than the lifetime. The index
+    /// names the candidates; a candidate's modification time decides
+    /// (another process on the directory may have used it since).
+    fn expire(&self) {
+        if self.ttl.is_none() {
+            return;
+        }
+        let candidates: Vec<(CacheKey, u64)> = self
+            .index()
+            .files
+            .iter()
+            .filter(|(_, m)| self.expired(m.used_at))
+            .map(|(k, m)| (*k, m.last_used))
+            .collect();
+        for (key, seen) in candidates {
+            match std::fs::metadata(self.dir.join(file_name(self.fingerprint, key))).and_then(|m| m.modified()) {
+                Ok(modified) if !self.expired(modified) => {
+                    if let Some(m) = self.index().files.get_mut(&key) {
+                        m.used_at = m.used_at.max(modified);
+                    }
+                }
+                Ok(_) => self.expire_file(key, seen),
+                Err(_) => {
+                    self.forget(key);
+                }
+            }
+        }
+    }
+
+    /// Deletes `key`'s expired file and counts it, unless it was written or
+    /// read since its index entry was seen (`seen`: its `last_used` then).
+    /// All under the index's lock: what `/pool` shows agrees with the
+    /// directory, and a write of the key lands after it or not at all.
+    fn expire_file(&self, key: CacheKey, seen: u64) {
+        let mut index = self.index();
+        let Some(m) = index.files.get(&key).filter(|m| m.last_used == seen) else { return };
+        index.bytes -= m.bytes;
+        index.files.remove(&key);
+        let path = self.dir.join(file_name(self.fingerprint, key));
+        let _ = std::fs::remove_file(&path);
+        self.stats.expired.fetch_add(1, Relaxed);
+        drop(index);
+        tracing::debug!(file = %path.display(), "KV cache file unused past its lifetime: deleted");
     }
 
     /// Removes `key` from the index; returns whether it was there.
@@ -380,30 +773,43 @@ impl Shared {
         }
     }
 
-    /// Start-up: the directory is created; unfinished writes are removed,
-    /// files of another model or format deleted, the rest indexed (the most
-    /// recently written are the most recently used).
-    fn scan(&self) {
-        if let Err(e) = std::fs::create_dir_all(&self.dir) {
-            self.disable(format!("cannot create {}: {e}", self.dir.display()));
-            return;
-        }
+    /// Start-up: this fingerprint's files are indexed (the most recently
+    /// written are the most recently used), torn or corrupted ones deleted,
+    /// and those unused for longer than the lifetime deleted and counted.
+    /// What is not this process's is deleted only when it is `alone` on the
+    /// directory: another fingerprint's files (another model's or build's)
+    /// and unfinished writes. With other processes on it, they may be
+    /// theirs: only temporary files older than [`STALE_TEMP`] go.
+    fn scan(&self, alone: bool) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         let mut found = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".tmp-") {
-                // A write that never finished (a crash); one younger than a
-                // minute may be another process's, in progress.
-                let stale = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
-                if stale.is_none_or(|age| age > std::time::Duration::from_secs(60)) {
-                    let _ = std::fs::remove_file(&path);
+            let key = match classify(&name, self.fingerprint) {
+                Found::Ours(key) => key,
+                Found::Temp => {
+                    let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                    if alone || age.is_some_and(|age| age > STALE_TEMP) {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    continue;
+                }
+                Found::Foreign => {
+                    if alone {
+                        self.reject(&path, Refused::Foreign);
+                    }
+                    continue;
+                }
+                Found::Other => continue,
+            };
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.modified().is_ok_and(|t| self.expired(t)) {
+                if std::fs::remove_file(&path).is_ok() {
+                    self.stats.expired.fetch_add(1, Relaxed);
                 }
                 continue;
             }
-            let Some(key) = parse_name(&name) else { continue };
-            let Ok(meta) = entry.metadata() else { continue };
             let mut head = [0u8; HEADER];
             let header_ok = std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut head)).is_ok();
             match if header_ok { check_header(&head, self.fingerprint, key) } else { Err(Refused::Corrupt) } {
@@ -413,47 +819,104 @@ impl Shared {
         }
         found.sort_by_key(|(modified, _, _)| *modified);
         let mut index = self.index();
-        for (_, key, bytes) in found {
+        for (modified, key, bytes) in found {
             index.clock += 1;
             let last_used = index.clock;
-            index.files.insert(key, FileMeta { bytes, last_used });
+            let used_at = modified.unwrap_or_else(SystemTime::now);
+            index.files.insert(key, FileMeta { bytes, last_used, used_at });
             index.bytes += bytes;
         }
         drop(index);
         self.evict_over_budget(None);
     }
 
-    /// On the writer thread: the file under a temporary name, then renamed.
-    fn write_now(&self, key: CacheKey, tokens: &[LlamaToken], state: &[u8]) {
-        if self.index().disabled.is_some() {
-            return;
+    /// A temporary name unique to this process and write.
+    fn temp_name(&self, key: CacheKey) -> String {
+        let n = self.stats.temps.fetch_add(1, Relaxed);
+        format!(".tmp-{}-{:016x}-{n}-{}", std::process::id(), self.nonce, file_name(self.fingerprint, key))
+    }
+
+    /// Writes `key`'s file unless writing is off or paused or its
+    /// conversation was deleted or its key forgotten after the write was
+    /// asked for (`ticket`; also while it was written). Returns whether it
+    /// landed.
+    fn write_now(&self, key: CacheKey, tokens: &[LlamaToken], state: &[u8], ticket: u64) -> bool {
+        {
+            let index = self.index();
+            if index.disabled.is_some() || index.paused() || index.refused(key, ticket) {
+                return false;
+            }
         }
         let bytes = encode(self.fingerprint, key, tokens, state);
         let size = bytes.len() as u64;
         if size > self.budget {
-            return;
+            return false;
         }
-        let path = self.dir.join(file_name(key));
-        let tmp = self.dir.join(format!(".tmp-{}-{}", std::process::id(), file_name(key)));
-        let written = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(&bytes))
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
+        let path = self.dir.join(file_name(self.fingerprint, key));
+        let tmp = self.dir.join(self.temp_name(key));
+        if let Err(e) = write_file(&self.dir, &tmp, &path, &bytes) {
             let _ = std::fs::remove_file(&tmp);
-            self.disable(format!("writing {} failed: {e}", path.display()));
-            return;
+            self.write_failed(&path, e);
+            return false;
         }
         self.stats.written.fetch_add(size, Relaxed);
-        {
+        let deleted = {
             let mut index = self.index();
-            index.clock += 1;
-            let last_used = index.clock;
-            if let Some(old) = index.files.insert(key, FileMeta { bytes: size, last_used }) {
-                index.bytes -= old.bytes;
+            self.write_landed(&mut index);
+            // Checked under the lock `remove_conversation` and `remove_key`
+            // mark deletions under: either they see this file in the index,
+            // or this sees the mark.
+            let deleted = index.refused(key, ticket);
+            if !deleted {
+                index.clock += 1;
+                let last_used = index.clock;
+                let used_at = SystemTime::now();
+                if let Some(old) = index.files.insert(key, FileMeta { bytes: size, last_used, used_at }) {
+                    index.bytes -= old.bytes;
+                }
+                index.bytes += size;
             }
-            index.bytes += size;
+            deleted
+        };
+        if deleted {
+            let _ = std::fs::remove_file(&path);
+            return false;
         }
         self.evict_over_budget(Some(key));
+        true
+    }
+
+    /// A write failed: its cache is dropped, the failure counted and logged,
+    /// and writing goes on; after [`FAILURES_BEFORE_PAUSE`] in a row it
+    /// pauses for [`PAUSE`] (again after each failed retry).
+    fn write_failed(&self, path: &Path, e: std::io::Error) {
+        self.stats.write_errors.fetch_add(1, Relaxed);
+        let failures = {
+            let mut index = self.index();
+            index.failures += 1;
+            index.last_error = Some(e.to_string());
+            if index.failures >= FAILURES_BEFORE_PAUSE {
+                index.retry_at = Some(Instant::now() + PAUSE);
+            }
+            index.failures
+        };
+        if failures == FAILURES_BEFORE_PAUSE {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "KV caches are no longer written to disk for {} s after {failures} failed writes in a row; the service goes on", PAUSE.as_secs());
+        } else if failures == 1 {
+            tracing::warn!(file = %path.display(), error = %e, "a KV cache could not be written to disk: that cache is dropped, writing goes on");
+        } else {
+            tracing::debug!(file = %path.display(), error = %e, failures, "a KV cache could not be written to disk");
+        }
+    }
+
+    /// A write landed: failures before it are over.
+    fn write_landed(&self, index: &mut Index) {
+        if index.failures >= FAILURES_BEFORE_PAUSE {
+            tracing::info!(dir = %self.dir.display(), "KV caches are written to disk again");
+        }
+        index.failures = 0;
+        index.last_error = None;
+        index.retry_at = None;
     }
 
     /// Deletes the least recently used files beyond the budget (never `keep`).
@@ -477,7 +940,7 @@ impl Shared {
                 index.bytes -= m.bytes;
                 oldest
             };
-            let _ = std::fs::remove_file(self.dir.join(file_name(victim)));
+            let _ = std::fs::remove_file(self.dir.join(file_name(self.fingerprint, victim)));
             self.stats.evictions.fetch_add(1, Relaxed);
         }
     }
