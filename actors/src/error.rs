@@ -15,6 +15,13 @@ pub enum EngineError {
     Context(String),
     #[error("invalid {field}: {rule}, got {value}")]
     InvalidParam { field: &'static str, rule: &'static str, value: String },
+    /// A request field outside a bound whose name, rule or value is only
+    /// known at run time (`tools[3].function.parameters`); `message` names all three.
+    #[error("{message}")]
+    Refused { field: String, message: String },
+    /// Every grammar parser thread is busy (some may be past their budget).
+    #[error("every grammar parser thread is busy ({limit} at once); retry shortly")]
+    ParserBusy { limit: usize },
     #[error("prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: together {total} exceed the context size n_ctx={n_ctx}")]
     PromptTooLong { prompt_tokens: u32, max_tokens: u32, total: u32, n_ctx: u32 },
     #[error("chat template: {0}")]
@@ -63,6 +70,9 @@ pub enum PoolError {
     QueueFull { max_queue: usize },
     #[error("the pool is shutting down")]
     ShuttingDown,
+    /// One client's share of the slots and queue places is taken.
+    #[error("this client already has {limit} requests running or queued, its share of the pool (max_concurrent_per_key); retry when one ends")]
+    ClientLimit { limit: usize },
     #[error("model instance {instance} failed during the request: {reason}")]
     InstanceFailed { instance: usize, reason: String },
     #[error("generation exceeded max_generation_ms ({limit_ms} ms) and was stopped")]

@@ -76,8 +76,13 @@ pub struct SamplingParams {
     /// Generation ends before any of these strings; they are not emitted.
     pub stop: Vec<String>,
     /// A GBNF grammar (root rule `root`) the reply must follow: structured
-    /// output. A JSON schema is turned into one at the API.
+    /// output.
     pub grammar: Option<String>,
+    /// A JSON schema the reply must follow (checked against the bounds of
+    /// [`crate::engine::grammar`] at the API); it becomes `grammar` when the
+    /// request is prepared, on a parser thread.
+    #[serde(skip)]
+    pub json_schema: Option<crate::engine::grammar::JsonSchema>,
     /// Log-probabilities of each generated token and of this many
     /// alternatives (0 to [`MAX_TOP_LOGPROBS`]), from the distribution
     /// before sampling; none: not computed.
@@ -125,15 +130,21 @@ impl Default for SamplingParams {
             max_tokens: None,
             stop: Vec::new(),
             grammar: None,
+            json_schema: None,
             logprobs: None,
         }
     }
 }
 
 /// Longest grammar a request may carry (a JSON schema's is a few KiB).
-pub const MAX_GRAMMAR_BYTES: usize = 65_536;
+pub use crate::engine::grammar::MAX_GRAMMAR_BYTES;
 
 impl SamplingParams {
+    /// Whether the reply is constrained (a grammar or a JSON schema).
+    pub fn is_constrained(&self) -> bool {
+        self.grammar.is_some() || self.json_schema.is_some()
+    }
+
     /// Greedy decoding with the given token budget: deterministic output.
     pub fn greedy(max_tokens: u32) -> Self {
         Self { temperature: 0.0, max_tokens: Some(max_tokens), ..Self::default() }
@@ -175,9 +186,11 @@ impl SamplingParams {
         if self.max_tokens == Some(0) {
             return bad("max_tokens", "must be at least 1", "0".into());
         }
-        if self.grammar.as_ref().is_some_and(|g| g.trim().is_empty() || g.len() > MAX_GRAMMAR_BYTES) {
-            let len = self.grammar.as_ref().map_or(0, String::len);
-            return bad("grammar", "must be a non-empty GBNF grammar of at most 65536 bytes", format!("{len} bytes"));
+        if let Some(g) = &self.grammar {
+            crate::engine::grammar::check_gbnf(g, "grammar", MAX_GRAMMAR_BYTES)?;
+        }
+        if self.grammar.is_some() && self.json_schema.is_some() {
+            return bad("grammar", "give a grammar or a JSON schema, not both", "both".into());
         }
         if let Some(n) = self.logprobs.filter(|n| *n > MAX_TOP_LOGPROBS) {
             return bad("top_logprobs", "must be between 0 and 20", n.to_string());
@@ -317,6 +330,8 @@ pub enum FinishReason {
     Length,
     /// The receiver of the token stream went away.
     Cancelled,
+    /// The reader took nothing for the pause limit: the reply was cut.
+    Stalled,
 }
 
 /// Token counts and timings of one generation.

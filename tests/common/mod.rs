@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod hostile;
 pub mod http;
 pub mod llama_server;
 pub mod postgres;
@@ -84,6 +85,7 @@ pub fn options(instances: usize, max_queue: usize) -> PoolOptions {
         health_interval: Duration::ZERO,
         instance: InstanceOptions::single(512, 1),
         remotes: Vec::new(),
+        max_per_client: 0,
     }
 }
 
@@ -92,6 +94,7 @@ pub fn slotted(instances: usize, slots: u32, max_queue: usize) -> PoolOptions {
     PoolOptions {
         instance: InstanceOptions { slots, ..InstanceOptions::single(1024, 2) },
         remotes: Vec::new(),
+        max_per_client: 0,
         ..options(instances, max_queue)
     }
 }

@@ -216,9 +216,9 @@ impl ChatCore {
         let key = Some(CacheKey::new(&conv.namespace, conv.id.as_bytes()));
         let request = GenerateRequest { messages: built.messages.clone(), sampling, raw_prompt: None };
         // The prompt was tokenized while it was built: checked, not tokenized again.
-        let request = self.pool.engine().prepare_tokens(request, built.prompt, n_ctx)?;
+        let request = self.pool.prepared_tokens(request, built.prompt).await?;
         let memory_ns = memory_started.elapsed().as_nanos() as u64;
-        let generation = self.pool.run(request, key).await?;
+        let generation = self.pool.run_as(request, key, msg.client).await?;
         let (instance, slot) = (generation.instance(), generation.slot());
 
         // Nothing is stored yet: the user message is stored with the reply,
@@ -444,6 +444,9 @@ impl Turn {
             Ok(done) if done.finish_reason == FinishReason::Cancelled && !seen => {
                 (ChatEvent::Error(ChatError::Stopped), None)
             }
+            // A reply cut because its reader took nothing for the pause
+            // limit is not a turn: nothing of it is stored.
+            Ok(done) if done.finish_reason == FinishReason::Stalled => (ChatEvent::Error(ChatError::ReplyCut), None),
             Ok(done) => match self.save(text, &done).await {
                 Ok(reply) => {
                     let id = reply.message_id;

@@ -17,7 +17,9 @@ use super::kv_tiers::Fingerprint;
 use super::prompt::{tokenize_chat, ChatTemplate};
 #[cfg(feature = "fault-injection")]
 use super::Fault;
-use super::{CacheKey, Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, KvTiers, SeqSink, SlotStreams};
+use super::{
+    CacheKey, Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, KvTiers, SeqSink, SlotStreams,
+};
 use crate::error::EngineError;
 use crate::params::{ChatMessage, FinishReason, PreparedRequest};
 
@@ -212,7 +214,8 @@ impl Engine for LlamaEngine {
         let tiers = opts.kv_tiers();
         tiers.instance_started();
         let batcher = Batcher::new(self.model, ctx, slots, opts.n_ctx, opts.prefill_chunk as usize, tiers.clone())
-            .with_cpu_share(cpu);
+            .with_cpu_share(cpu)
+            .with_max_pause(opts.max_pause);
         Ok(Box::new(LlamaInstance { weights_addr: self.weights_addr(), batcher, kv_bytes: kv, tiers, closed: false }))
     }
 
@@ -229,7 +232,9 @@ impl Engine for LlamaEngine {
     }
 
     fn check_grammar(&self, gbnf: &str) -> Result<(), EngineError> {
-        super::sampling::grammar_sampler(self.model, gbnf).map(drop)
+        // llama.cpp's parser recurses: on a thread whose stack the bounds fit.
+        let (model, gbnf) = (self.model, gbnf.to_string());
+        super::grammar::on_parser_thread("grammar", move || super::sampling::grammar_sampler(model, &gbnf).map(drop))?
     }
 
     fn raw_prompt_tokens(&self, text: &str) -> Result<Vec<i32>, EngineError> {

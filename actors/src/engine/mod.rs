@@ -6,6 +6,7 @@ pub mod batch;
 pub mod cpu;
 pub mod embed;
 pub mod fault;
+pub mod grammar;
 pub mod kv_cache;
 pub mod kv_tiers;
 pub mod llama;
@@ -44,8 +45,8 @@ pub enum SeqEvent {
 /// slow client never grows memory and never slows anyone else.
 pub const SEQ_BUFFER: usize = 64;
 
-/// Longest a sequence stays paused for a reader that does not read; then it
-/// is cancelled and its slot freed.
+/// Longest a sequence stays paused for a reader that does not read, by
+/// default ([`InstanceOptions::max_pause`]); then it is cut and its slot freed.
 pub const MAX_PAUSE: Duration = Duration::from_secs(60);
 
 /// Where a sequence's events go: one bounded channel from the producer (the
@@ -53,7 +54,21 @@ pub const MAX_PAUSE: Duration = Duration::from_secs(60);
 /// receiver cancels the sequence at the next step (between tokens and
 /// between prompt chunks). One place is always kept for the `Done` event.
 #[derive(Clone, Debug)]
-pub struct SeqSink(Sender<SeqEvent>);
+pub struct SeqSink(Sender<SeqEvent>, Arc<tokio::sync::watch::Sender<Option<SeqEnd>>>);
+
+/// How a sequence ended, told apart from its events: whoever holds the
+/// sequence's slot hears it even while nobody reads the events (a client
+/// that stopped reading must not keep the slot).
+#[derive(Clone, Debug)]
+pub enum SeqEnd {
+    /// Finished or cancelled; the instance is fine. Tokens generated.
+    Ok(u32),
+    /// Refused or failed; `instance_fault` when the instance is broken.
+    Failed { instance_fault: bool, reason: String },
+}
+
+/// Watches a sequence's end ([`SeqSink::ended`]).
+pub type SeqEndWatch = tokio::sync::watch::Receiver<Option<SeqEnd>>;
 
 /// The reading half of a sequence's events.
 pub type SeqEvents = Receiver<SeqEvent>;
@@ -71,7 +86,15 @@ impl SeqSink {
     /// A channel of `events` places (tests use small ones).
     pub fn with_capacity(events: usize) -> (SeqSink, SeqEvents) {
         let (tx, rx) = channel(events.max(2));
-        (SeqSink(tx), rx)
+        let (end, _) = tokio::sync::watch::channel(None);
+        (SeqSink(tx, Arc::new(end)), rx)
+    }
+
+    /// The sequence's end as it happens, whether or not its events are
+    /// read; closed without a value when every sink is dropped unended (the
+    /// instance's loop died).
+    pub fn ended(&self) -> SeqEndWatch {
+        self.1.subscribe()
     }
 
     /// Sends a piece or log-probabilities without waiting: `Ok(None)` sent,
@@ -117,7 +140,12 @@ impl SeqSink {
 
     /// The sequence's last event. Always fits: pieces leave it a place.
     pub fn done(&self, result: Result<Completion, EngineError>) {
+        let end = match &result {
+            Ok(c) => SeqEnd::Ok(c.usage.completion_tokens),
+            Err(e) => SeqEnd::Failed { instance_fault: e.is_instance_fault(), reason: e.to_string() },
+        };
         let _ = self.0.try_send(SeqEvent::Done(result));
+        self.1.send_if_modified(|v| v.is_none() && v.replace(end).is_none());
     }
 
     pub fn is_closed(&self) -> bool {
@@ -145,6 +173,9 @@ pub struct InstanceOptions {
     /// Lower the threads while other processes keep cores busy, and raise
     /// them again when the cores are free ([`cpu`]).
     pub adapt_threads: bool,
+    /// Longest a sequence stays paused for a reader that takes nothing;
+    /// then it ends as [`crate::params::FinishReason::Stalled`].
+    pub max_pause: Duration,
     /// Where conversations' caches wait outside the slots (memory and disk),
     /// shared by every instance; none: each instance keeps a memory tier of
     /// [`DEFAULT_INSTANCE_KV_RAM`] bytes of its own.
@@ -155,7 +186,15 @@ impl InstanceOptions {
     /// One sequence of `n_ctx` tokens on `n_threads` threads (lowered while
     /// other processes keep cores busy).
     pub fn single(n_ctx: u32, n_threads: u32) -> Self {
-        Self { n_ctx, n_threads, slots: 1, prefill_chunk: DEFAULT_PREFILL_CHUNK, adapt_threads: true, kv: None }
+        Self {
+            n_ctx,
+            n_threads,
+            slots: 1,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            adapt_threads: true,
+            max_pause: MAX_PAUSE,
+            kv: None,
+        }
     }
 
     /// The KV tiers its instances use.
@@ -295,10 +334,14 @@ pub trait Engine: Send + Sync + 'static {
 /// (llama.cpp aborts the process on one outside it), and prompt plus reply fit.
 fn checked_prompt<E: Engine + ?Sized>(
     engine: &E,
-    request: GenerateRequest,
+    mut request: GenerateRequest,
     prompt: Vec<i32>,
     n_ctx: u32,
 ) -> Result<PreparedRequest, EngineError> {
+    // A JSON schema becomes a grammar here, on a parser thread (checked first).
+    if let Some(schema) = request.sampling.json_schema.take() {
+        request.sampling.grammar = Some(grammar::schema_to_gbnf(&schema)?);
+    }
     if let Some(gbnf) = &request.sampling.grammar {
         engine.check_grammar(gbnf)?;
     }

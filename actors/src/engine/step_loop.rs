@@ -87,7 +87,9 @@ pub fn spawn(
     on_ready: impl FnOnce(Result<(LoopSender, InstanceInfo, Arc<SlotStreams>), EngineError>) + Send + 'static,
     on_exit: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
-    std::thread::Builder::new().name(name).spawn(move || {
+    // The loop compiles each request's grammar and samples under it:
+    // llama.cpp recurses over its rules, within the bounds of [`super::grammar`].
+    std::thread::Builder::new().name(name).stack_size(super::grammar::PARSER_STACK_BYTES).spawn(move || {
         let mut backend = match create() {
             Ok(b) => b,
             Err(e) => return on_ready(Err(e)),

@@ -177,8 +177,8 @@ async fn chat_inner(
         presence_penalty: req.presence_penalty,
         ..Default::default()
     })?;
-    if let Some(format) = &req.response_format {
-        sampling.grammar = super::structured::response_format(format)?;
+    if let Some(c) = req.response_format.as_ref().map(super::structured::response_format).transpose()?.flatten() {
+        c.apply(&mut sampling);
     }
     for (field, v) in [("tools", &req.tools), ("tool_choice", &req.tool_choice)] {
         if let Some(v) = v.as_ref().filter(|v| !v.is_null()) {
@@ -192,7 +192,8 @@ async fn chat_inner(
             ));
         }
     }
-    let msg = SendMessage { conversation_id, namespace, text: req.message, sampling: Some(sampling) };
+    let msg =
+        SendMessage { conversation_id, namespace, text: req.message, sampling: Some(sampling), client: auth.client };
     let handle = chat.clone();
     let mut admission = Box::pin(async move { handle.send(msg).await });
     if !req.stream {

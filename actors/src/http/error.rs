@@ -29,6 +29,9 @@ pub enum ApiError {
     ContextLength(String),
     #[error("{message}")]
     Overloaded { message: String, retry_after_secs: u64 },
+    /// The client holds its share of the pool: 429.
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after_secs: u64 },
     #[error("the server is shutting down and accepts no new requests")]
     Draining { retry_after_secs: u64 },
     #[error("the model is still loading; retry shortly")]
@@ -82,6 +85,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "request_too_large",
             ApiError::ContextLength(_) => "context_length_exceeded",
             ApiError::Overloaded { .. } => "overloaded_error",
+            ApiError::TooManyRequests { .. } => "rate_limit_error",
             ApiError::Draining { .. } => "shutting_down",
             ApiError::Loading { .. } => "loading",
             ApiError::StorageUnavailable { .. } => "storage_unavailable",
@@ -128,6 +132,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ContextLength(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded { .. }
             | ApiError::Draining { .. }
             | ApiError::Loading { .. }
@@ -148,6 +153,7 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(self.status_code());
         match self {
             ApiError::Overloaded { retry_after_secs, .. }
+            | ApiError::TooManyRequests { retry_after_secs, .. }
             | ApiError::Draining { retry_after_secs }
             | ApiError::Loading { retry_after_secs } => {
                 res.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
@@ -171,6 +177,10 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::InvalidParam { field, .. } => ApiError::bad(field, e.to_string()),
+            EngineError::Refused { field, message } => ApiError::bad(&field, message),
+            EngineError::ParserBusy { .. } => {
+                ApiError::Overloaded { message: e.to_string(), retry_after_secs: RETRY_AFTER_SECS }
+            }
             EngineError::PromptTooLong { .. } => ApiError::ContextLength(e.to_string()),
             // Only the messages a client sent can make the template fail.
             EngineError::Template(_) => ApiError::bad("messages", format!("invalid messages: {e}")),
@@ -192,6 +202,9 @@ impl From<PoolError> for ApiError {
                 ApiError::Overloaded { message: e.to_string(), retry_after_secs: RETRY_AFTER_SECS }
             }
             PoolError::ShuttingDown => ApiError::Draining { retry_after_secs: RETRY_AFTER_SECS },
+            PoolError::ClientLimit { .. } => {
+                ApiError::TooManyRequests { message: e.to_string(), retry_after_secs: RETRY_AFTER_SECS }
+            }
             PoolError::AcquireTimeout { .. } | PoolError::GenerationTimeout { .. } => ApiError::Timeout(e.to_string()),
             PoolError::Engine(inner) => inner.into(),
             PoolError::InstanceFailed { .. } => {
@@ -212,6 +225,7 @@ impl From<ChatError> for ApiError {
             ChatError::Embedding(inner) => inner.into(),
             ChatError::Store(cause) => ApiError::StorageUnavailable { cause },
             ChatError::Stopped => ApiError::Draining { retry_after_secs: RETRY_AFTER_SECS },
+            ChatError::ReplyCut => ApiError::Timeout(e.to_string()),
             ChatError::Internal(s) => ApiError::Internal(s),
         }
     }

@@ -313,7 +313,9 @@ fn sampling_of(
         Some(Stop::Many(v)) => v,
     };
     // Structured output: response_format, json_schema or grammar.
-    sampling.grammar = super::structured::grammar_of(other)?;
+    if let Some(constraint) = super::structured::grammar_of(other)? {
+        constraint.apply(&mut sampling);
+    }
     sampling.logprobs = logprobs;
     let include_usage = f.stream_options.map(|o| o.include_usage).unwrap_or(false);
     Ok((sampling, Delivery { stream: f.stream, include_usage }))
@@ -397,7 +399,7 @@ async fn chat_completions(
 ) -> Result<HttpResponse, ApiError> {
     let meter = Meter::new(state.metrics.clone(), Route::Chat.endpoint(), Instant::now());
     let req = body.into_inner();
-    let namespace = auth.namespace.unwrap_or_default();
+    let (namespace, client) = (auth.namespace.unwrap_or_default(), auth.client);
     let work = async {
         check_models(&state, req.model.as_deref())?;
         let (mut sampling, delivery) = sampling_of(&state, req.sampling, &req.other, Route::Chat)?;
@@ -407,18 +409,19 @@ async fn chat_completions(
         // conversation keeps its key whichever tools a turn offers.
         let key = cache_key(&http, &namespace, &req.other, &messages);
         if let Some(tools) = &tools {
-            if sampling.grammar.is_some() {
+            if sampling.is_constrained() {
                 return Err(ApiError::bad(
                     "tool_choice",
                     "invalid tool_choice: a reply cannot both call tools and follow response_format, json_schema or \
                      grammar; send tool_choice \"none\" or drop the format",
                 ));
             }
-            sampling.grammar = Some(tools.grammar());
+            tools.grammar().apply(&mut sampling);
             messages = with_tool_instructions(messages, tools);
         }
         let request = GenerateRequest { messages, sampling, raw_prompt: None };
-        generate(&state, request, key, delivery, Route::Chat, tools.is_some(), peer_of(&http), meter.clone()).await
+        generate(&state, request, key, delivery, Route::Chat, tools.is_some(), peer_of(&http), client, meter.clone())
+            .await
     };
     meter.answer(unless_client_gone(&http, work).await)
 }
@@ -431,7 +434,7 @@ async fn text_completions(
 ) -> Result<HttpResponse, ApiError> {
     let meter = Meter::new(state.metrics.clone(), Route::Text.endpoint(), Instant::now());
     let req = body.into_inner();
-    let namespace = auth.namespace.unwrap_or_default();
+    let (namespace, client) = (auth.namespace.unwrap_or_default(), auth.client);
     let work = async {
         check_models(&state, req.model.as_deref())?;
         let (sampling, delivery) = sampling_of(&state, req.sampling, &req.other, Route::Text)?;
@@ -448,7 +451,7 @@ async fn text_completions(
             (None, None) => CacheKey::new(&namespace, &opening),
         };
         let request = GenerateRequest { messages: Vec::new(), sampling, raw_prompt: Some(prompt) };
-        generate(&state, request, key, delivery, Route::Text, false, peer_of(&http), meter.clone()).await
+        generate(&state, request, key, delivery, Route::Text, false, peer_of(&http), client, meter.clone()).await
     };
     meter.answer(unless_client_gone(&http, work).await)
 }

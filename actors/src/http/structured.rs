@@ -1,7 +1,9 @@
 //! Structured output: the request fields that constrain a reply to a JSON
-//! schema or a grammar, turned into one GBNF grammar for the sampler.
-//! OpenAI's `response_format` (`json_object`, `json_schema`), llama-server's
-//! `json_schema` and `grammar`; `/chat` takes `response_format` too.
+//! schema or a grammar. OpenAI's `response_format` (`json_object`,
+//! `json_schema`), llama-server's `json_schema` and `grammar`; `/chat` takes
+//! `response_format` too. Each is checked here against the bounds of
+//! [`crate::engine::grammar`] (cheap, no parser runs); llama.cpp converts
+//! and parses it later, off the HTTP workers.
 
 use std::collections::HashMap;
 
@@ -9,11 +11,36 @@ use serde_json::{json, Value};
 
 use super::openai::short_json;
 use super::ApiError;
+use crate::engine::grammar::{check_gbnf, check_schema, JsonSchema, MAX_GRAMMAR_BYTES};
+use crate::params::SamplingParams;
 
-/// The grammar the fields in `fields` ask for (none: free text). Each is
+/// What a reply must follow: a GBNF grammar, or a JSON schema.
+#[derive(Clone, Debug)]
+pub enum Constraint {
+    Grammar(String),
+    Schema(JsonSchema),
+}
+
+impl Constraint {
+    /// Puts the constraint on `sampling` (replacing any other).
+    pub fn apply(self, sampling: &mut SamplingParams) {
+        match self {
+            Constraint::Grammar(g) => {
+                sampling.grammar = Some(g);
+                sampling.json_schema = None;
+            }
+            Constraint::Schema(s) => {
+                sampling.grammar = None;
+                sampling.json_schema = Some(s);
+            }
+        }
+    }
+}
+
+/// The constraint the fields in `fields` ask for (none: free text). Each is
 /// named in its error; giving more than one is refused.
-pub fn grammar_of(fields: &HashMap<String, Value>) -> Result<Option<String>, ApiError> {
-    let mut asked: Vec<(&str, String)> = Vec::new();
+pub fn grammar_of(fields: &HashMap<String, Value>) -> Result<Option<Constraint>, ApiError> {
+    let mut asked: Vec<(&str, Constraint)> = Vec::new();
     if let Some(format) = fields.get("response_format").filter(|v| !v.is_null()) {
         if let Some(g) = response_format(format)? {
             asked.push(("response_format", g));
@@ -29,7 +56,8 @@ pub fn grammar_of(fields: &HashMap<String, Value>) -> Result<Option<String>, Api
                 format!("invalid grammar: must be a GBNF string, got {}", short_json(g)),
             ));
         };
-        asked.push(("grammar", text.to_string()));
+        check_gbnf(text, "grammar", MAX_GRAMMAR_BYTES)?;
+        asked.push(("grammar", Constraint::Grammar(text.to_string())));
     }
     if asked.len() > 1 {
         let names: Vec<&str> = asked.iter().map(|(n, _)| *n).collect();
@@ -57,7 +85,7 @@ fn is_empty(v: &Value) -> bool {
 /// OpenAI's `response_format`: `{"type": "text"}`, `{"type": "json_object"}`
 /// (any object; llama-server's `schema` beside it is honoured), or
 /// `{"type": "json_schema", "json_schema": {"name": …, "schema": {…}, "strict": …}}`.
-pub fn response_format(format: &Value) -> Result<Option<String>, ApiError> {
+pub fn response_format(format: &Value) -> Result<Option<Constraint>, ApiError> {
     let bad = |rule: &str| {
         ApiError::bad("response_format", format!("invalid response_format: {rule}, got {}", short_json(format)))
     };
@@ -79,23 +107,16 @@ pub fn response_format(format: &Value) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// The GBNF grammar of a JSON schema (llama.cpp's own converter, as
-/// llama-server uses); a schema it cannot convert is the client's error.
-pub fn schema_grammar(schema: &Value, field: &str) -> Result<String, ApiError> {
+/// A JSON schema as a constraint, once it is within the bounds (llama.cpp's
+/// converter, as llama-server uses, turns it into a grammar later); a
+/// schema outside them is the client's error.
+pub fn schema_grammar(schema: &Value, field: &str) -> Result<Constraint, ApiError> {
     if !(schema.is_object() || schema.is_boolean()) {
         return Err(ApiError::bad(
             field,
             format!("invalid {field}: must be a JSON schema object, got {}", short_json(schema)),
         ));
     }
-    llama_cpp_2::json_schema_to_grammar(&schema.to_string()).map_err(|_| {
-        ApiError::bad(
-            field,
-            format!(
-                "invalid {field}: llama.cpp cannot turn this JSON schema into a grammar (an unsupported keyword, \
-                 a $ref it cannot resolve, or an invalid schema), got {}",
-                short_json(schema)
-            ),
-        )
-    })
+    check_schema(schema, field)?;
+    Ok(Constraint::Schema(JsonSchema { field: field.to_string(), schema: schema.clone(), parts: Vec::new() }))
 }

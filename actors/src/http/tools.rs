@@ -48,8 +48,8 @@ pub struct Tools {
     pub choice: Choice,
     /// Several calls in one reply (`{"tool_calls": [...]}`); off by default, as in llama-server.
     pub parallel: bool,
-    /// The GBNF grammar of [`Self::schema`], converted once.
-    grammar: String,
+    /// [`Self::schema`] as a constraint, checked once.
+    grammar: super::structured::Constraint,
 }
 
 /// One parsed call.
@@ -174,19 +174,25 @@ pub fn tools_of(fields: &HashMap<String, Value>) -> Result<Option<Tools>, ApiErr
     if choice == Choice::None {
         return Ok(None);
     }
-    let mut tools = Tools { defs, choice, parallel, grammar: String::new() };
-    tools.grammar = match llama_cpp_2::json_schema_to_grammar(&tools.schema()) {
-        Ok(grammar) => grammar,
-        Err(_) => {
-            // Only now each tool's schema on its own, so that the error names the tool.
-            for (i, d) in tools.defs.iter().enumerate() {
-                schema_grammar(&d.parameters, &format!("tools[{i}].function.parameters"))?;
-            }
-            return Err(ApiError::bad(
-                "tools",
-                "invalid tools: llama.cpp cannot turn the tools' parameter schemas into one grammar",
-            ));
+    // Each tool's schema within the bounds (the error names the tool), then
+    // all of them together, as the one schema of a reply.
+    for (i, d) in defs.iter().enumerate() {
+        schema_grammar(&d.parameters, &format!("tools[{i}].function.parameters"))?;
+    }
+    let mut tools = Tools { defs, choice, parallel, grammar: super::structured::Constraint::Grammar(String::new()) };
+    let schema: Value = serde_json::from_str(&tools.schema())
+        .map_err(|e| ApiError::Internal(format!("the tools' schema is not JSON: {e}")))?;
+    tools.grammar = match schema_grammar(&schema, "tools")? {
+        super::structured::Constraint::Schema(mut s) => {
+            s.parts = tools
+                .defs
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (format!("tools[{i}].function.parameters"), d.parameters.clone()))
+                .collect();
+            super::structured::Constraint::Schema(s)
         }
+        grammar => grammar,
     };
     Ok(Some(tools))
 }
@@ -258,8 +264,8 @@ impl Tools {
         }
     }
 
-    /// The grammar of [`Self::schema`] that holds the reply to a call.
-    pub fn grammar(&self) -> String {
+    /// The constraint ([`Self::schema`]) that holds the reply to a call.
+    pub fn grammar(&self) -> super::structured::Constraint {
         self.grammar.clone()
     }
 
@@ -419,7 +425,12 @@ mod tests {
         assert_eq!(message_role(0, "tool", false).unwrap(), Role::User, "a tool's result is a user turn");
         assert_eq!(message_role(0, "developer", true).unwrap(), Role::System);
         let e = message_role(3, "developer", false).unwrap_err().to_string();
-        assert!(e.contains("messages[3].role") && e.contains("system, user, assistant or tool") && e.contains("\"developer\""), "{e}");
+        assert!(
+            e.contains("messages[3].role")
+                && e.contains("system, user, assistant or tool")
+                && e.contains("\"developer\""),
+            "{e}"
+        );
         let e = message_role(1, "robot", true).unwrap_err().to_string();
         assert!(e.contains("system, developer, user, assistant or tool, got \"robot\""), "{e}");
     }
@@ -445,7 +456,7 @@ mod tests {
         let named =
             json!({ "tools": weather(), "tool_choice": { "type": "function", "function": { "name": "get_time" } } });
         assert_eq!(tools_of(&fields(named)).unwrap().unwrap().choice, Choice::Named("get_time".into()));
-        let cases: [(Value, &str); 7] = [
+        let cases: [(Value, &str); 6] = [
             (
                 json!({ "tools": weather(), "tool_choice": { "type": "function", "function": { "name": "nope" } } }),
                 "tool_choice",
@@ -455,16 +466,21 @@ mod tests {
             (json!({ "tools": [{ "type": "retrieval" }] }), "tools[0].type"),
             (json!({ "tools": weather(), "parallel_tool_calls": "yes" }), "parallel_tool_calls"),
             (json!({ "functions": [] }), "functions"),
-            (
-                json!({ "tools": [{ "type": "function", "function": { "name": "x", "parameters": { "$ref": "#/nowhere" } } }] }),
-                "tools[0].function.parameters",
-            ),
         ];
         for (body, param) in cases {
             match tools_of(&fields(body.clone())) {
                 Err(ApiError::BadRequest { param: got, .. }) => assert_eq!(got.as_deref(), Some(param), "{body}"),
                 other => panic!("{body}: expected a 400 naming {param}, got {other:?}"),
             }
+        }
+        // A schema llama.cpp cannot convert is found when the request is
+        // prepared (off the HTTP workers), and the tool is named.
+        let unresolved = json!({ "tools": [weather()[0].clone(), { "type": "function", "function": { "name": "x", "parameters": { "$ref": "#/nowhere" } } }] });
+        let tools = tools_of(&fields(unresolved)).unwrap().unwrap();
+        let super::super::structured::Constraint::Schema(schema) = tools.grammar() else { panic!("a schema") };
+        match crate::engine::grammar::schema_to_gbnf(&schema) {
+            Err(crate::error::EngineError::Refused { field, .. }) => assert_eq!(field, "tools[1].function.parameters"),
+            other => panic!("expected a refusal naming the tool, got {other:?}"),
         }
     }
 
@@ -474,7 +490,16 @@ mod tests {
         let schema = t.schema();
         assert!(schema.find("\"name\"").unwrap() < schema.find("\"arguments\"").unwrap());
         assert!(!schema.contains("response"));
-        assert!(t.grammar().contains("get_weather"));
+        match t.grammar() {
+            super::super::structured::Constraint::Schema(s) => assert!(s.schema.to_string().contains("get_weather")),
+            other => panic!("expected the tools' schema, got {other:?}"),
+        }
+        let gbnf = crate::engine::grammar::schema_to_gbnf(&match t.grammar() {
+            super::super::structured::Constraint::Schema(s) => s,
+            _ => unreachable!(),
+        })
+        .unwrap();
+        assert!(gbnf.contains("get_weather"));
         let auto = tools_of(&fields(json!({ "tools": weather() }))).unwrap().unwrap();
         assert!(auto.schema().contains("\"response\""));
         assert!(auto.instructions().contains("Weather of a city"));

@@ -68,14 +68,21 @@ impl PoolHandle {
     /// Like [`Self::acquire`], preferring the idle instance that last served
     /// `affinity` (a conversation): its KV cache holds that prefix.
     pub async fn acquire_for(&self, affinity: Option<u64>) -> Result<Lease, PoolError> {
+        self.acquire_as(affinity, None).await
+    }
+
+    /// [`Self::acquire_for`] on behalf of `client` (a hash of its API key or
+    /// address), who may hold at most its share of slots and queue places
+    /// ([`PoolError::ClientLimit`]).
+    pub async fn acquire_as(&self, affinity: Option<u64>, client: Option<u64>) -> Result<Lease, PoolError> {
         let started = std::time::Instant::now();
-        let mut lease = self.wait_for_lease(affinity).await?;
+        let mut lease = self.wait_for_lease(affinity, client).await?;
         lease.waited = started.elapsed();
         Ok(lease)
     }
 
-    async fn wait_for_lease(&self, affinity: Option<u64>) -> Result<Lease, PoolError> {
-        let reply = self.addr.send(Acquire(affinity)).await.map_err(|_| PoolError::ShuttingDown)?;
+    async fn wait_for_lease(&self, affinity: Option<u64>, client: Option<u64>) -> Result<Lease, PoolError> {
+        let reply = self.addr.send(Acquire { affinity, client }).await.map_err(|_| PoolError::ShuttingDown)?;
         let (waiter, rx) = match reply {
             AcquireReply::Granted(lease) => return Ok(lease),
             AcquireReply::Rejected => return Err(PoolError::QueueFull { max_queue: self.opts.max_queue }),
@@ -134,6 +141,19 @@ impl PoolHandle {
             .map_err(|_| EngineError::Backend("tokenizing the prompt panicked".into()))?
     }
 
+    /// [`Engine::prepare_tokens`] for a prompt the caller tokenized, on a
+    /// blocking thread: a JSON schema is converted and a grammar parsed there.
+    pub async fn prepared_tokens(
+        &self,
+        request: GenerateRequest,
+        prompt: Vec<i32>,
+    ) -> Result<PreparedRequest, EngineError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.engine.prepare_tokens(request, prompt, this.opts.instance.n_ctx))
+            .await
+            .map_err(|_| EngineError::Backend("checking the request panicked".into()))?
+    }
+
     /// Checks the request, waits for an instance and starts generating.
     pub async fn generate(&self, request: GenerateRequest) -> Result<GenerationStream, PoolError> {
         self.generate_for(request, None).await
@@ -145,8 +165,18 @@ impl PoolHandle {
         request: GenerateRequest,
         key: Option<CacheKey>,
     ) -> Result<GenerationStream, PoolError> {
+        self.generate_as(request, key, None).await
+    }
+
+    /// [`Self::generate_for`] on behalf of `client` ([`Self::acquire_as`]).
+    pub async fn generate_as(
+        &self,
+        request: GenerateRequest,
+        key: Option<CacheKey>,
+        client: Option<u64>,
+    ) -> Result<GenerationStream, PoolError> {
         let request = self.prepared(request).await?;
-        self.run(request, key).await
+        self.run_as(request, key, client).await
     }
 
     /// Waits for an instance and starts a request checked once
@@ -156,7 +186,17 @@ impl PoolHandle {
     /// namespace's slots, never another namespace's. Without a key the
     /// first two messages name the conversation, in no namespace.
     pub async fn run(&self, request: PreparedRequest, key: Option<CacheKey>) -> Result<GenerationStream, PoolError> {
-        let lease = self.acquire_for(key.map(|k| k.affinity())).await?;
+        self.run_as(request, key, None).await
+    }
+
+    /// [`Self::run`] on behalf of `client` ([`Self::acquire_as`]).
+    pub async fn run_as(
+        &self,
+        request: PreparedRequest,
+        key: Option<CacheKey>,
+        client: Option<u64>,
+    ) -> Result<GenerationStream, PoolError> {
+        let lease = self.acquire_as(key.map(|k| k.affinity()), client).await?;
         let key = key.unwrap_or_else(|| CacheKey::of_messages("", &request.request().messages));
         // A cache on disk is read into memory here, off the instance's step loop.
         if let Some(tiers) = self.kv_tiers() {

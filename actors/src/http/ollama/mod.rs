@@ -75,6 +75,8 @@ struct Job {
     shape: Shape,
     /// The reply is read as tool calls or an answer ([`super::tools`]).
     with_tools: bool,
+    /// Who asks ([`super::Authorized::client`]).
+    client: Option<u64>,
 }
 
 /// Generates and answers in the job's shape: NDJSON lines while it
@@ -87,7 +89,7 @@ async fn generate(
     meter: Meter,
 ) -> Result<HttpResponse, ApiError> {
     let started = meter.started();
-    let Job { messages, mut sampling, to_the_end, stream, shape, with_tools } = job;
+    let Job { messages, mut sampling, to_the_end, stream, shape, with_tools, client } = job;
     let chat = state.chat()?;
     state.admit()?;
     let model = chat.pool().engine_info().model_name;
@@ -100,7 +102,7 @@ async fn generate(
         None => CacheKey::of_messages(namespace, &messages),
     };
     let mut generation =
-        chat.pool().generate_for(GenerateRequest { messages, sampling, raw_prompt: None }, Some(key)).await?;
+        chat.pool().generate_as(GenerateRequest { messages, sampling, raw_prompt: None }, Some(key), client).await?;
     if with_tools {
         // A call is known to be one only once it parses: the reply is read
         // whole, then sent as one object, or as its message and the last line.
@@ -202,14 +204,14 @@ async fn api_chat(
         }
         let (mut sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
         if let Some(tools) = &tools {
-            if sampling.grammar.is_some() {
+            if sampling.is_constrained() {
                 return Err(refuse(
                     "format",
                     "a reply cannot both call tools and follow a format",
                     body.format.as_ref().unwrap_or(&Value::Null),
                 ));
             }
-            sampling.grammar = Some(tools.grammar());
+            tools.grammar().apply(&mut sampling);
             messages = super::openai::with_tool_instructions(messages, tools);
         }
         let namespace = auth.namespace.clone().unwrap_or_default();
@@ -220,6 +222,7 @@ async fn api_chat(
             stream: body.stream.unwrap_or(true),
             shape: Shape::Chat,
             with_tools: tools.is_some(),
+            client: auth.client,
         };
         unless_client_gone(&http, generate(&state, &http, &namespace, job, meter.clone())).await
     };
@@ -274,6 +277,7 @@ async fn api_generate(
             stream: body.stream.unwrap_or(true),
             shape: Shape::Generate,
             with_tools: false,
+            client: auth.client,
         };
         unless_client_gone(&http, generate(&state, &http, &namespace, job, meter.clone())).await
     };

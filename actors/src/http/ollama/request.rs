@@ -129,12 +129,17 @@ pub(super) fn sampling_of(
         Some(v) => serde_json::from_value(v.clone())
             .map_err(|_| refuse("options.stop", "must be a string or an array of strings", v))?,
     };
-    s.grammar = match format {
+    let constraint = match format {
         None | Some(Value::Null) => None,
         Some(Value::String(f)) if f.is_empty() => None,
-        Some(Value::String(f)) if f == "json" => crate::http::structured::response_format(&json!({ "type": "json_object" }))?,
+        Some(Value::String(f)) if f == "json" => {
+            crate::http::structured::response_format(&json!({ "type": "json_object" }))?
+        }
         Some(schema @ Value::Object(_)) => Some(crate::http::structured::schema_grammar(schema, "format")?),
         Some(other) => return Err(refuse("format", "must be \"json\" or a JSON schema object", other)),
     };
+    if let Some(c) = constraint {
+        c.apply(&mut s);
+    }
     Ok((s, to_the_end))
 }
