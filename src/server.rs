@@ -39,6 +39,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let drain = Duration::from_millis(cfg.server.drain_timeout_ms);
     let app_state = state.clone();
     let origins = cfg.server.cors_origins.clone();
+    let sockets = http::disconnect::SocketOptions {
+        write_timeout: Duration::from_millis(cfg.server.write_timeout_ms),
+        send_buffer_bytes: cfg.server.send_buffer_bytes,
+    };
     let server = HttpServer::new(move || {
         App::new()
             .wrap(actix_web::middleware::Condition::new(!origins.is_empty(), cors(&origins)))
@@ -47,7 +51,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             .default_service(http::default_service())
     })
     // Each connection's socket, so that a non-streaming request notices a client that hung up.
-    .on_connect(http::disconnect::record_peer)
+    // and a send timeout, so that a client that reads nothing is let go.
+    .on_connect(move |conn, ext| http::disconnect::record_peer(conn, ext, sockets))
     .disable_signals()
     .shutdown_timeout(drain.as_secs().max(1))
     .bind(&cfg.server.bind)

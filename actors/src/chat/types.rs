@@ -56,6 +56,10 @@ pub enum ChatError {
     /// The store could not read or write (I/O error, disk full).
     #[error("storage: {0}")]
     Store(String),
+    /// The reader took nothing for the pause limit: the reply was cut and
+    /// nothing of the turn was stored.
+    #[error("the reply was cut: the client read nothing for the pause limit (max_pause_ms); nothing of this turn was stored")]
+    ReplyCut,
     /// The chat layer has stopped (shutting down).
     #[error("the chat layer has stopped")]
     Stopped,
@@ -124,4 +128,6 @@ pub struct SendMessage {
     pub text: String,
     /// Sampling for this turn; none uses the configured defaults.
     pub sampling: Option<SamplingParams>,
+    /// Who asks, for the pool's per-client share; none: not counted.
+    pub client: Option<u64>,
 }

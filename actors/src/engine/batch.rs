@@ -5,7 +5,7 @@
 //! holds, so a request keeps the longest common prefix and decodes the rest.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -152,6 +152,8 @@ pub struct Batcher<'m> {
     /// context uses now.
     cpu: Option<Arc<CpuShare>>,
     n_threads: u32,
+    /// Longest a sequence stays paused for its reader.
+    max_pause: Duration,
 }
 
 impl<'m> Batcher<'m> {
@@ -187,7 +189,14 @@ impl<'m> Batcher<'m> {
             reading: Vec::with_capacity(slots),
             cpu: None,
             n_threads,
+            max_pause: MAX_PAUSE,
         }
+    }
+
+    /// Cuts a sequence paused longer than `limit` for its reader.
+    pub fn with_max_pause(mut self, limit: Duration) -> Self {
+        self.max_pause = limit;
+        self
     }
 
     /// Decodes with `share`'s threads, read before every decode.
@@ -415,6 +424,14 @@ impl<'m> Batcher<'m> {
         run.sink.done(Ok(Completion { usage: run.usage(), finish_reason: reason }));
     }
 
+    /// Ends a sequence whose reader took nothing for [`Self::with_max_pause`]:
+    /// what it holds back is dropped (the reader is not reading), and its
+    /// end says the reply was cut.
+    fn finish_stalled(&mut self, slot: usize) {
+        let Some(run) = self.slots[slot].run.take() else { return };
+        run.sink.done(Ok(Completion { usage: run.usage(), finish_reason: FinishReason::Stalled }));
+    }
+
     /// The context is broken: every sequence ends with `e`, every cache is forgotten.
     fn fail_all(&mut self, e: &EngineError) {
         for s in &mut self.slots {
@@ -439,13 +456,13 @@ impl<'m> Batcher<'m> {
                 self.finish(i, FinishReason::Cancelled);
             } else if let Some(reason) = run.ending.filter(|_| !run.paused()) {
                 self.finish(i, reason);
-            } else if run.paused_at.is_some_and(|at| at.elapsed() > MAX_PAUSE) {
+            } else if run.paused_at.is_some_and(|at| at.elapsed() > self.max_pause) {
                 tracing::warn!(
                     slot = i,
-                    limit_s = MAX_PAUSE.as_secs(),
-                    "a reader took nothing for too long; its sequence is cancelled"
+                    limit_ms = self.max_pause.as_millis() as u64,
+                    "a reader took nothing for too long; its reply is cut"
                 );
-                self.finish(i, FinishReason::Cancelled);
+                self.finish_stalled(i);
             }
         }
         if let Err(e) = self.move_paused_out() {

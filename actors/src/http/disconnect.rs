@@ -24,11 +24,50 @@ use super::ApiError;
 #[derive(Clone, Copy)]
 pub struct PeerSocket(RawFd);
 
+/// How each connection's socket is set up ([`record_peer`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketOptions {
+    /// `TCP_USER_TIMEOUT`: data the peer does not take for this long (a
+    /// shut window included) closes the connection; zero: never.
+    pub write_timeout: std::time::Duration,
+    /// `SO_SNDBUF`; zero: the kernel's own sizing (up to several MiB).
+    pub send_buffer_bytes: usize,
+}
+
 /// For `HttpServer::on_connect`: records the connection's socket so that
-/// handlers can notice a client that went away.
-pub fn record_peer(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
+/// handlers can notice a client that went away, and applies `options`.
+/// actix stops polling a body whose socket does not drain, so nothing above
+/// the socket could end the response of a client that reads nothing: the
+/// send timeout does, and a bounded send buffer makes its sequence pause
+/// after little work instead of megabytes.
+pub fn record_peer(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions, options: SocketOptions) {
     if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        ext.insert(PeerSocket(tcp.as_raw_fd()));
+        let fd = tcp.as_raw_fd();
+        if !options.write_timeout.is_zero() {
+            let ms = libc::c_uint::try_from(options.write_timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+            set_option(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms as libc::c_int, "TCP_USER_TIMEOUT");
+        }
+        if options.send_buffer_bytes > 0 {
+            let bytes = libc::c_int::try_from(options.send_buffer_bytes).unwrap_or(libc::c_int::MAX);
+            set_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes, "SO_SNDBUF");
+        }
+        ext.insert(PeerSocket(fd));
+    }
+}
+
+fn set_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int, what: &str) {
+    // SAFETY: a valid socket of this connection, an option of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), option = what, "could not set a socket option");
     }
 }
 

@@ -49,7 +49,8 @@ fn usage_body(u: &Usage) -> UsageBody {
 
 fn finish_str(f: FinishReason) -> &'static str {
     match f {
-        FinishReason::Length => "length",
+        // A cut reply says so: it did not reach its end.
+        FinishReason::Length | FinishReason::Stalled => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
     }
 }
@@ -77,6 +78,7 @@ pub(super) async fn generate(
     route: Route,
     with_tools: bool,
     peer: Option<super::disconnect::PeerSocket>,
+    client: Option<u64>,
     meter: Meter,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
@@ -91,7 +93,7 @@ pub(super) async fn generate(
     let pool = chat.pool().clone();
     let request = pool.prepared(request).await?;
     let mut admission: std::pin::Pin<Box<dyn std::future::Future<Output = Result<GenerationStream, PoolError>>>> =
-        Box::pin(async move { pool.run(request, Some(key)).await });
+        Box::pin(async move { pool.run_as(request, Some(key), client).await });
     let admitted = if stream {
         tokio::select! {
             admitted = &mut admission => Some(admitted?),

@@ -3,11 +3,13 @@
 //! stream a generation produces.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::engine::{CacheKey, SeqEvent, SeqEvents, SeqSink};
-use crate::error::{EngineError, PoolError};
+use crate::engine::{CacheKey, SeqEnd, SeqEndWatch, SeqEvent, SeqEvents, SeqSink};
+use crate::error::PoolError;
 use crate::params::{Completion, PreparedRequest};
 use crate::pool::instance::{CancelSlot, Generate, ModelActor};
 use crate::pool::state::{LeaseId, Outcome};
@@ -77,15 +79,25 @@ impl Lease {
     /// conversation's parked cache and its namespace's slots, nothing else.
     /// The stream reads the sequence's own bounded channel from the
     /// instance's step loop: no task relays its tokens, and a reader that
-    /// lags pauses its own sequence only.
+    /// lags pauses its own sequence only. The lease itself is watched apart
+    /// from the stream ([`watch_end`]): it comes back when the sequence ends,
+    /// however it ends, even while nobody polls the stream (actix stops
+    /// polling a response body whose socket does not drain).
     pub fn run_keyed(self, request: PreparedRequest, key: CacheKey, max_generation: Duration) -> GenerationStream {
         let (sink, events) = SeqSink::channel();
+        let ended = sink.ended();
         let (instance, slot) = (self.instance, self.slot);
         self.addr.do_send(Generate { slot, request, key, started: Instant::now(), sink });
+        let waited_ms = self.waited.as_secs_f64() * 1e3;
+        let held = Arc::new(Held { lease: Mutex::new(Some(self)), overran: AtomicBool::new(false) });
+        // A task of the runtime, not of an actix arbiter: an embedding
+        // application may run the pool from plain tokio.
+        tokio::spawn(watch_end(held.clone(), ended, max_generation));
         GenerationStream {
             events,
-            waited_ms: self.waited.as_secs_f64() * 1e3,
-            lease: Some(self),
+            held,
+            finished: false,
+            waited_ms,
             deadline: Box::pin(tokio::time::sleep(max_generation)),
             max_generation,
             instance,
@@ -93,39 +105,15 @@ impl Lease {
         }
     }
 
-    /// The sequence's result, as the stream's last event; notes the outcome.
-    fn finished(&mut self, result: Result<Completion, EngineError>, waited_ms: f64) -> GenEvent {
-        match result {
-            Ok(mut done) => {
-                done.usage.queue_wait_ms = waited_ms;
-                self.outcome = Some(Outcome::Ok { tokens: done.usage.completion_tokens as u64 });
-                GenEvent::Done(done)
-            }
-            Err(e) if e.is_instance_fault() => {
-                self.outcome = Some(Outcome::InstanceFault { reason: e.to_string() });
-                GenEvent::Error(PoolError::InstanceFailed { instance: self.instance, reason: e.to_string() })
-            }
-            Err(e) => GenEvent::Error(e.into()),
-        }
-    }
-
     /// Past `max_generation`: cancel the sequence; an instance whose loop does
     /// not end it within the grace period is stuck and gets replaced (the
     /// lease is released with that outcome).
-    async fn overran(mut self, mut events: SeqEvents, max_generation: Duration) {
+    async fn overran(mut self, mut ended: SeqEndWatch, max_generation: Duration) {
         let limit_ms = max_generation.as_millis() as u64;
         self.addr.do_send(CancelSlot(self.slot));
-        let stopped = tokio::time::timeout(CANCEL_GRACE, async {
-            while let Some(event) = events.recv().await {
-                if let SeqEvent::Done(_) = event {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
+        let stopped = tokio::time::timeout(CANCEL_GRACE, ended.wait_for(Option::is_some)).await;
         self.outcome = Some(match stopped {
-            Ok(true) => Outcome::Ok { tokens: 0 },
+            Ok(Ok(_)) => Outcome::Ok { tokens: 0 },
             _ => Outcome::InstanceFault {
                 reason: format!(
                     "generation ran past max_generation_ms ({limit_ms} ms) and did not stop within {} ms",
@@ -133,6 +121,65 @@ impl Lease {
                 ),
             },
         });
+    }
+}
+
+/// The lease of a running sequence, shared by its stream and its watcher:
+/// whichever sees the end first gives the slot back (once).
+struct Held {
+    lease: Mutex<Option<Lease>>,
+    /// The generation ran past `max_generation`: the watcher cancels it
+    /// and keeps the lease until the loop has stopped it.
+    overran: AtomicBool,
+}
+
+impl Held {
+    fn take(&self) -> Option<Lease> {
+        self.lease.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+}
+
+/// The outcome a sequence's end gives its lease.
+fn outcome_of(end: &SeqEnd) -> Outcome {
+    match end {
+        SeqEnd::Ok(tokens) => Outcome::Ok { tokens: u64::from(*tokens) },
+        SeqEnd::Failed { instance_fault: true, reason } => Outcome::InstanceFault { reason: reason.clone() },
+        SeqEnd::Failed { .. } => Outcome::Ok { tokens: 0 },
+    }
+}
+
+/// Gives the lease back when its sequence ends (finished, cancelled,
+/// paused past its limit, refused, failed), or cancels the sequence at
+/// `max_generation`; the stream's reader plays no part.
+async fn watch_end(held: Arc<Held>, mut ended: SeqEndWatch, max_generation: Duration) {
+    let end = tokio::time::timeout(max_generation, async {
+        ended.wait_for(Option::is_some).await.map(|end| end.clone().expect("waited for a value"))
+    })
+    .await;
+    match end {
+        Ok(Ok(end)) => {
+            if let Some(mut lease) = held.take() {
+                lease.outcome = Some(outcome_of(&end));
+            }
+        }
+        Ok(Err(_)) => {
+            if let Some(mut lease) = held.take() {
+                let reason = "the instance's loop died during the request (panic or failed context)".to_string();
+                lease.outcome = Some(Outcome::InstanceFault { reason });
+            }
+        }
+        Err(_) => {
+            held.overran.store(true, Ordering::SeqCst);
+            let limit_ms = max_generation.as_millis() as u64;
+            if let Some(lease) = held.take() {
+                tracing::warn!(
+                    instance = lease.instance,
+                    limit_ms,
+                    "generation ran past max_generation_ms; cancelling it"
+                );
+                lease.overran(ended, max_generation).await;
+            }
+        }
     }
 }
 
@@ -144,13 +191,14 @@ impl Drop for Lease {
 }
 
 /// The text of one generation as it is produced, read straight from the
-/// sequence's channel. It holds the lease: the slot goes back to the pool
-/// when the last event is read or the stream is dropped (which also cancels
-/// the sequence at the instance's next step). Past `max_generation` it ends
-/// with [`PoolError::GenerationTimeout`].
+/// sequence's channel. Its lease goes back when the sequence ends (whether
+/// or not this stream is polled) or when the stream is dropped (which also
+/// cancels the sequence at the instance's next step). Past `max_generation`
+/// it ends with [`PoolError::GenerationTimeout`].
 pub struct GenerationStream {
     events: SeqEvents,
-    lease: Option<Lease>,
+    held: Arc<Held>,
+    finished: bool,
     deadline: Pin<Box<tokio::time::Sleep>>,
     max_generation: Duration,
     waited_ms: f64,
@@ -190,13 +238,32 @@ impl GenerationStream {
         Err(PoolError::InstanceFailed { instance: self.instance, reason: "stream ended without a result".into() })
     }
 
-    /// The stream's last event; the lease goes back with its outcome.
-    fn end(&mut self, event: GenEvent) -> Poll<Option<GenEvent>> {
+    /// The stream's last event (the lease, if still here, goes back with `outcome`).
+    fn end(&mut self, event: GenEvent, outcome: Option<Outcome>) -> Poll<Option<GenEvent>> {
+        self.finished = true;
+        let event = if self.held.overran.load(Ordering::SeqCst) {
+            GenEvent::Error(PoolError::GenerationTimeout { limit_ms: self.max_generation.as_millis() as u64 })
+        } else {
+            if let Some(mut lease) = self.held.take() {
+                lease.outcome = outcome;
+            }
+            event
+        };
         if let GenEvent::Error(e) = &event {
             tracing::warn!(instance = self.instance, slot = self.slot, error = %e, "generation failed");
         }
-        self.lease = None;
         Poll::Ready(Some(event))
+    }
+}
+
+impl Drop for GenerationStream {
+    /// The reader left: the slot goes back now (the loop cancels the
+    /// sequence at its next step), unless the watcher holds it to see an
+    /// overrun sequence stop.
+    fn drop(&mut self) {
+        if !self.held.overran.load(Ordering::SeqCst) {
+            drop(self.held.take());
+        }
     }
 }
 
@@ -205,32 +272,41 @@ impl Stream for GenerationStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<GenEvent>> {
         let this = &mut *self;
-        let Some(lease) = this.lease.as_mut() else { return Poll::Ready(None) };
+        if this.finished {
+            return Poll::Ready(None);
+        }
         match this.events.poll_recv(cx) {
             Poll::Ready(Some(SeqEvent::Piece(text))) => return Poll::Ready(Some(GenEvent::Token(text))),
             Poll::Ready(Some(SeqEvent::Logprob(lp))) => return Poll::Ready(Some(GenEvent::Logprob(lp))),
             Poll::Ready(Some(SeqEvent::Done(result))) => {
-                let event = lease.finished(result, this.waited_ms);
-                return this.end(event);
+                return match result {
+                    Ok(mut done) => {
+                        done.usage.queue_wait_ms = this.waited_ms;
+                        let outcome = Outcome::Ok { tokens: done.usage.completion_tokens as u64 };
+                        this.end(GenEvent::Done(done), Some(outcome))
+                    }
+                    Err(e) if e.is_instance_fault() => {
+                        let outcome = Outcome::InstanceFault { reason: e.to_string() };
+                        let error = PoolError::InstanceFailed { instance: this.instance, reason: e.to_string() };
+                        this.end(GenEvent::Error(error), Some(outcome))
+                    }
+                    Err(e) => this.end(GenEvent::Error(e.into()), None),
+                };
             }
             Poll::Ready(None) => {
                 let reason = "the instance's loop died during the request (panic or failed context)".to_string();
-                lease.outcome = Some(Outcome::InstanceFault { reason: reason.clone() });
+                let outcome = Outcome::InstanceFault { reason: reason.clone() };
                 let instance = this.instance;
-                return this.end(GenEvent::Error(PoolError::InstanceFailed { instance, reason }));
+                return this.end(GenEvent::Error(PoolError::InstanceFailed { instance, reason }), Some(outcome));
             }
             Poll::Pending => {}
         }
         if this.deadline.as_mut().poll(cx).is_ready() {
-            // The reader hears at the limit; the slot comes back once the
-            // loop has stopped the sequence (watched off the reader's path).
+            // The reader hears at the limit; the watcher cancels the
+            // sequence and gives the slot back once the loop has stopped it.
+            this.held.overran.store(true, Ordering::SeqCst);
             let limit_ms = this.max_generation.as_millis() as u64;
-            tracing::warn!(instance = this.instance, limit_ms, "generation ran past max_generation_ms; cancelling it");
-            if let Some(lease) = this.lease.take() {
-                let events = std::mem::replace(&mut this.events, SeqSink::with_capacity(2).1);
-                actix::spawn(lease.overran(events, this.max_generation));
-            }
-            return Poll::Ready(Some(GenEvent::Error(PoolError::GenerationTimeout { limit_ms })));
+            return this.end(GenEvent::Error(PoolError::GenerationTimeout { limit_ms }), None);
         }
         Poll::Pending
     }

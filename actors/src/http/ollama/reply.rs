@@ -32,7 +32,8 @@ fn stats(usage: &Usage, started: Instant) -> Value {
 
 fn done_reason(f: FinishReason) -> &'static str {
     match f {
-        FinishReason::Length => "length",
+        // A cut reply says so: it did not reach its end.
+        FinishReason::Length | FinishReason::Stalled => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
     }
 }
