@@ -471,6 +471,7 @@ async fn pool() -> PoolHandle {
         health_interval: Duration::ZERO,
         instance: InstanceOptions::single(2048, 2),
         remotes: Vec::new(),
+        max_per_client: 0,
     };
     PoolHandle::start(engine, opts, Arc::new(|_| {})).await.unwrap()
 }

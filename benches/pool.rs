@@ -39,6 +39,7 @@ fn opts(instances: usize, threads: u32) -> PoolOptions {
         health_interval: Duration::ZERO,
         instance: InstanceOptions::single(1024, threads),
         remotes: Vec::new(),
+        max_per_client: 0,
     }
 }
 

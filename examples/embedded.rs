@@ -67,6 +67,8 @@ async fn main() -> anyhow::Result<()> {
         health_interval: Duration::from_secs(30),
         instance: InstanceOptions { slots: 4, ..InstanceOptions::single(2048, 2) },
         remotes: Vec::new(),
+        // One application, one client: no per-client share.
+        max_per_client: 0,
     };
     let pool = PoolHandle::start(engine, opts, Arc::new(|e: LoadEvent| eprintln!("{e:?}"))).await?;
     let embedder = EmbedderHandle::start(&embed, 1).await?;

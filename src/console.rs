@@ -125,7 +125,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 async fn turn(chat: &ChatHandle, conversation: &mut Option<ConversationId>, text: &str) -> anyhow::Result<()> {
-    let msg = SendMessage { conversation_id: *conversation, namespace: None, text: text.to_string(), sampling: None };
+    let msg = SendMessage {
+        conversation_id: *conversation,
+        namespace: None,
+        text: text.to_string(),
+        sampling: None,
+        client: None,
+    };
     let mut stream = chat.send(msg).await?;
     *conversation = Some(stream.conversation_id);
     loop {

@@ -272,6 +272,7 @@ async fn bad_input_and_unknown_conversations_are_typed_errors(backing: Backing) 
         namespace: None,
         text: "hi".into(),
         sampling: Some(SamplingParams { top_p: 0.0, ..SamplingParams::default() }),
+        client: None,
     };
     let err = chat.send(msg).await.map(|_| ()).unwrap_err();
     assert!(err.to_string().contains("top_p"), "{err}");
@@ -356,6 +357,7 @@ async fn namespace_recall_reads_other_replicas_writes_and_repairs_missing_vector
         namespace: Some("default".into()),
         text: text.into(),
         sampling: None,
+        client: None,
     };
     let told =
         a.send(send("My sister Margot lives in Lisbon and teaches the violin.")).await.unwrap().finish().await.unwrap();

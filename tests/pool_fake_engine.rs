@@ -113,6 +113,7 @@ fn opts(n: usize) -> PoolOptions {
         health_interval: Duration::ZERO,
         instance: InstanceOptions::single(1024, 1),
         remotes: Vec::new(),
+        max_per_client: 0,
     }
 }
 

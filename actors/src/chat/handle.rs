@@ -97,7 +97,8 @@ impl ChatHandle {
 
     /// A whole turn with the default sampling.
     pub async fn say(&self, conversation_id: Option<ConversationId>, text: &str) -> Result<ChatReply, ChatError> {
-        let msg = SendMessage { conversation_id, namespace: None, text: text.to_string(), sampling: None };
+        let msg =
+            SendMessage { conversation_id, namespace: None, text: text.to_string(), sampling: None, client: None };
         self.send(msg).await?.finish().await
     }
 

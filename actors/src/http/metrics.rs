@@ -461,7 +461,7 @@ mod tests {
         for i in 0..3 {
             pool.instance_ready(i, 0, 0);
         }
-        pool.admit(None);
+        pool.admit(None, None);
         let text = m.render(&pool.status(), None);
         assert!(text.contains(&format!("{INSTANCE_SLOTS}{{instance=\"2\"}} 4")), "{text}");
         assert!(text.contains(&format!("{INSTANCE_SLOTS_BUSY}{{instance=\"0\"}} 1")), "{text}");

@@ -235,6 +235,9 @@ fn state_of(req: &HttpRequest) -> Result<&ApiState, ApiError> {
 /// with the namespace that key is bound to, if any.
 pub struct Authorized {
     pub namespace: Option<String>,
+    /// Who asks, for the per-client share of the pool: the API key, or
+    /// without keys the peer address (a hash of it).
+    pub client: Option<u64>,
 }
 
 impl Authorized {
@@ -287,9 +290,19 @@ impl FromRequest for Authorized {
         ready(state_of(req).and_then(|s| {
             check_host(req, s.settings.allowed_hosts.as_deref())?;
             let key = check_key(req, &s.settings.api_keys)?;
-            Ok(Authorized { namespace: key.and_then(|k| s.settings.key_namespaces.get(k).cloned()) })
+            let client = match key {
+                Some(k) => Some(client_id(("key", k))),
+                None => req.peer_addr().map(|a| client_id(("peer", a.ip()))),
+            };
+            Ok(Authorized { namespace: key.and_then(|k| s.settings.key_namespaces.get(k).cloned()), client })
         }))
     }
+}
+
+/// A client's id for the pool's per-client share.
+fn client_id(who: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(who)
 }
 
 /// The names a server bound to a loopback address answers for by default.

@@ -40,6 +40,9 @@ pub struct PoolOptions {
     /// Remote `llama-server` processes, pool members after the local
     /// instances (their ids follow the local ones).
     pub remotes: Vec<RemoteSpec>,
+    /// Most slots and queue places one client (API key, else peer address)
+    /// may hold at once; 0: no limit.
+    pub max_per_client: usize,
 }
 
 impl PoolOptions {
@@ -98,7 +101,7 @@ impl PoolManager {
         let n = opts.members();
         let mut slots = vec![opts.instance.slots.max(1) as usize; opts.instances];
         slots.extend(opts.remotes.iter().map(|r| r.slots.unwrap_or(1)));
-        let mut state = PoolState::with_slots(slots, opts.max_queue);
+        let mut state = PoolState::with_slots(slots, opts.max_queue).with_client_limit(opts.max_per_client);
         for (i, r) in opts.remotes.iter().enumerate() {
             state.set_endpoint(opts.instances + i, r.display_url());
         }
@@ -330,7 +333,11 @@ impl Handler<InstanceUp> for PoolManager {
 /// instance whose KV cache holds its prefix.
 #[derive(Message)]
 #[rtype(result = "AcquireReply")]
-pub(crate) struct Acquire(pub Option<u64>);
+pub(crate) struct Acquire {
+    pub affinity: Option<u64>,
+    /// Who asks ([`PoolState::admit`]).
+    pub client: Option<u64>,
+}
 
 pub(crate) enum AcquireReply {
     Granted(Lease),
@@ -354,7 +361,15 @@ impl Handler<Acquire> for PoolManager {
             }
             !gone
         });
-        MessageResult(match self.state.admit(msg.0) {
+        let admission = self.state.admit(msg.affinity, msg.client);
+        // Queue places given to a client within its share: their owners hear why.
+        for w in self.state.take_evicted() {
+            if let Some(tx) = self.waiters.remove(&w) {
+                let limit = self.opts.max_per_client;
+                let _ = tx.send(Err(PoolError::ClientLimit { limit }));
+            }
+        }
+        MessageResult(match admission {
             Admission::Granted { instance, slot, lease } => match self.lease_for(instance, slot, lease, ctx) {
                 Ok(lease) => AcquireReply::Granted(lease),
                 Err(e) => AcquireReply::Failed(e),
@@ -365,6 +380,7 @@ impl Handler<Acquire> for PoolManager {
                 AcquireReply::Queued(w, rx)
             }
             Admission::Rejected => AcquireReply::Rejected,
+            Admission::ClientLimit { limit } => AcquireReply::Failed(PoolError::ClientLimit { limit }),
             Admission::ShuttingDown => AcquireReply::ShuttingDown,
         })
     }

@@ -4,7 +4,7 @@
 //! happens when a lease ends or an instance breaks. The
 //! [`crate::pool::manager::PoolManager`] actor drives it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -124,9 +124,17 @@ impl Instance {
 /// The answer to a request for a slot.
 #[derive(Debug, PartialEq)]
 pub enum Admission {
-    Granted { instance: usize, slot: usize, lease: LeaseId },
+    Granted {
+        instance: usize,
+        slot: usize,
+        lease: LeaseId,
+    },
     Queued(WaiterId),
     Rejected,
+    /// The client already holds its share of slots and queue places.
+    ClientLimit {
+        limit: usize,
+    },
     ShuttingDown,
 }
 
@@ -152,6 +160,15 @@ pub struct PoolState {
     next_id: u64,
     replaced: u64,
     accepting: bool,
+    /// Most slots and queue places one client may hold at once (0: no limit).
+    max_per_client: usize,
+    /// Slots and queue places each client holds, and whose each lease and
+    /// queue place is.
+    per_client: HashMap<u64, usize>,
+    lease_client: HashMap<LeaseId, u64>,
+    waiter_client: HashMap<WaiterId, u64>,
+    /// Queue places taken back from a client over its share, to be told so.
+    evicted: Vec<WaiterId>,
 }
 
 impl PoolState {
@@ -179,7 +196,58 @@ impl PoolState {
                 probe_ms: None,
             })
             .collect();
-        Self { instances, waiters: VecDeque::new(), max_queue, outside: 0, next_id: 1, replaced: 0, accepting: true }
+        Self {
+            instances,
+            waiters: VecDeque::new(),
+            max_queue,
+            outside: 0,
+            next_id: 1,
+            replaced: 0,
+            accepting: true,
+            max_per_client: 0,
+            per_client: HashMap::new(),
+            lease_client: HashMap::new(),
+            waiter_client: HashMap::new(),
+            evicted: Vec::new(),
+        }
+    }
+
+    /// One client may hold at most `limit` slots and queue places at once (0: no limit).
+    pub fn with_client_limit(mut self, limit: usize) -> Self {
+        self.max_per_client = limit;
+        self
+    }
+
+    /// Slots and queue places `client` holds now.
+    pub fn held_by(&self, client: u64) -> usize {
+        self.per_client.get(&client).copied().unwrap_or(0)
+    }
+
+    fn claim(&mut self, client: Option<u64>) {
+        if let Some(c) = client {
+            *self.per_client.entry(c).or_insert(0) += 1;
+        }
+    }
+
+    fn unclaim(&mut self, client: Option<u64>) {
+        if let Some(c) = client {
+            if let Some(n) = self.per_client.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_client.remove(&c);
+                }
+            }
+        }
+    }
+
+    /// The leases of `instance` end without a release (it broke, is
+    /// replaced or resized): their clients hold them no more.
+    fn forget_leases(&mut self, instance: usize) {
+        let leases: Vec<LeaseId> = self.instances[instance].slots.iter().filter_map(|s| s.lease).collect();
+        for lease in leases {
+            let client = self.lease_client.remove(&lease);
+            self.unclaim(client);
+        }
     }
 
     fn fresh_id(&mut self) -> u64 {
@@ -207,22 +275,45 @@ impl PoolState {
     /// A request asks for a slot: a free one if nobody waits before it, else
     /// a place in the queue, else rejection. `affinity` names what the
     /// request continues (a conversation): see [`Self::pick`].
-    pub fn admit(&mut self, affinity: Option<u64>) -> Admission {
+    ///
+    /// `client` names who asks (an API key, a peer address): one client
+    /// holds at most its share of slots and queue places
+    /// ([`Self::with_client_limit`]) while another client waits: past it,
+    /// [`Admission::ClientLimit`]. Alone, a client may use every slot and
+    /// queue place (nothing is left idle), but a full queue then gives the
+    /// newest place of the client furthest over its share to a client within
+    /// it ([`Self::take_evicted`]), and freed slots go to the waiting client
+    /// that holds the fewest ([`Self::dispatch`]).
+    pub fn admit(&mut self, affinity: Option<u64>, client: Option<u64>) -> Admission {
         if !self.accepting {
             return Admission::ShuttingDown;
+        }
+        if let Some(c) = client.filter(|_| self.max_per_client > 0) {
+            let others_wait = self.waiters.iter().any(|(w, _)| self.waiter_client.get(w) != Some(&c));
+            if others_wait && self.held_by(c) >= self.max_per_client {
+                return Admission::ClientLimit { limit: self.max_per_client };
+            }
         }
         if self.waiters.is_empty() {
             if let Some((instance, slot)) = self.pick(affinity) {
                 let lease = LeaseId(self.fresh_id());
                 self.lease(instance, slot, lease, affinity);
+                if let Some(c) = client {
+                    self.lease_client.insert(lease, c);
+                }
+                self.claim(client);
                 return Admission::Granted { instance, slot, lease };
             }
         }
-        if self.queued() >= self.max_queue {
+        if self.queued() >= self.max_queue && !self.evict_for(client) {
             return Admission::Rejected;
         }
         let waiter = WaiterId(self.fresh_id());
         self.waiters.push_back((waiter, affinity));
+        if let Some(c) = client {
+            self.waiter_client.insert(waiter, c);
+        }
+        self.claim(client);
         Admission::Queued(waiter)
     }
 
@@ -261,6 +352,37 @@ impl PoolState {
         s.affinity = affinity;
     }
 
+    /// The queue is full and `client` asks: the newest queue place of the
+    /// client furthest over its share (not `client`) is taken back
+    /// ([`Self::take_evicted`]), when `client` itself is within its share.
+    fn evict_for(&mut self, client: Option<u64>) -> bool {
+        let (Some(c), share) = (client, self.max_per_client) else { return false };
+        if share == 0 || self.held_by(c) >= share {
+            return false;
+        }
+        let over = self
+            .per_client
+            .iter()
+            .filter(|&(&other, &n)| other != c && n > share && self.waiter_client.values().any(|w| *w == other))
+            .max_by_key(|&(_, &n)| n)
+            .map(|(&other, _)| other);
+        let Some(over) = over else { return false };
+        let Some(at) = self.waiters.iter().rposition(|(w, _)| self.waiter_client.get(w) == Some(&over)) else {
+            return false;
+        };
+        let (waiter, _) = self.waiters.remove(at).expect("a waiter at that place");
+        let client = self.waiter_client.remove(&waiter);
+        self.unclaim(client);
+        self.evicted.push(waiter);
+        true
+    }
+
+    /// Waiters whose queue place was given to a client within its share:
+    /// answer each with the client limit.
+    pub fn take_evicted(&mut self) -> Vec<WaiterId> {
+        std::mem::take(&mut self.evicted)
+    }
+
     /// Requests waiting: in this queue and outside it.
     pub fn queued(&self) -> usize {
         self.waiters.len() + self.outside
@@ -286,18 +408,35 @@ impl PoolState {
     pub fn cancel_waiter(&mut self, waiter: WaiterId) -> bool {
         let before = self.waiters.len();
         self.waiters.retain(|(w, _)| *w != waiter);
-        self.waiters.len() != before
+        let removed = self.waiters.len() != before;
+        if removed {
+            let client = self.waiter_client.remove(&waiter);
+            self.unclaim(client);
+        }
+        removed
     }
 
-    /// Pairs free slots with waiters, oldest waiter first (each gets the free
-    /// slot that matches its affinity, if one does).
+    /// Pairs free slots with waiters: the oldest waiter of the client that
+    /// holds the fewest slots and queue places first (one client's flood
+    /// does not starve the others; alone it is plain FIFO). Each gets the
+    /// free slot that matches its affinity, if one does.
     pub fn dispatch(&mut self) -> Vec<Grant> {
         let mut grants = Vec::new();
-        while let Some(&(waiter, affinity)) = self.waiters.front() {
+        loop {
+            let held = |w: &WaiterId| self.waiter_client.get(w).map_or(0, |c| self.held_by(*c));
+            let Some(at) = self.waiters.iter().enumerate().min_by_key(|(i, (w, _))| (held(w), *i)).map(|(i, _)| i)
+            else {
+                break;
+            };
+            let (waiter, affinity) = self.waiters[at];
             let Some((instance, slot)) = self.pick(affinity) else { break };
-            self.waiters.pop_front();
+            self.waiters.remove(at);
             let lease = LeaseId(self.fresh_id());
             self.lease(instance, slot, lease, affinity);
+            // The client's queue place becomes its slot: its count stays.
+            if let Some(c) = self.waiter_client.remove(&waiter) {
+                self.lease_client.insert(lease, c);
+            }
             grants.push(Grant { waiter, instance, slot, lease });
         }
         grants
@@ -305,6 +444,10 @@ impl PoolState {
 
     /// A grant could not be delivered (the waiter is gone): undo it.
     pub fn undo_grant(&mut self, grant: &Grant) {
+        if self.instances[grant.instance].slots[grant.slot].lease == Some(grant.lease) {
+            let client = self.lease_client.remove(&grant.lease);
+            self.unclaim(client);
+        }
         let inst = &mut self.instances[grant.instance];
         if inst.slots[grant.slot].lease == Some(grant.lease) {
             inst.slots[grant.slot].lease = None;
@@ -322,6 +465,9 @@ impl PoolState {
         if inst.slots.get(slot).and_then(|s| s.lease) != Some(lease) {
             return false;
         }
+        let client = self.lease_client.remove(&lease);
+        self.unclaim(client);
+        let inst = &mut self.instances[instance];
         match outcome {
             Outcome::Ok { tokens } => {
                 inst.stats.tokens += tokens;
@@ -345,10 +491,11 @@ impl PoolState {
     /// Marks an instance broken (failed lease or probe, dead loop); every
     /// slot's lease ends with it. Returns false when it already was.
     pub fn mark_unhealthy(&mut self, instance: usize, reason: String) -> bool {
-        let inst = &mut self.instances[instance];
-        if inst.health == Health::Unhealthy {
+        if self.instances[instance].health == Health::Unhealthy {
             return false;
         }
+        self.forget_leases(instance);
+        let inst = &mut self.instances[instance];
         inst.stats.failures += 1;
         inst.last_error = Some(reason);
         inst.health = Health::Unhealthy;
@@ -359,6 +506,7 @@ impl PoolState {
 
     /// Starts replacing an instance; returns the new generation.
     pub fn begin_replace(&mut self, instance: usize) -> u64 {
+        self.forget_leases(instance);
         let inst = &mut self.instances[instance];
         inst.health = Health::Replacing;
         inst.probing = false;
@@ -376,10 +524,13 @@ impl PoolState {
     /// slots (a remote says how many it has): they are all free. Returns
     /// false for a stale report.
     pub fn instance_ready(&mut self, instance: usize, generation: u64, slots: usize) -> bool {
-        let inst = &mut self.instances[instance];
-        if inst.generation != generation {
+        if self.instances[instance].generation != generation {
             return false;
         }
+        if slots > 0 && slots != self.instances[instance].slots.len() {
+            self.forget_leases(instance);
+        }
+        let inst = &mut self.instances[instance];
         if slots > 0 && slots != inst.slots.len() {
             let now = Instant::now();
             inst.drop_leases();
@@ -439,6 +590,14 @@ impl PoolState {
     /// Stops admitting; returns the waiters to turn away.
     pub fn stop_accepting(&mut self) -> Vec<WaiterId> {
         self.accepting = false;
+        for (w, _) in &self.waiters {
+            if let Some(c) = self.waiter_client.remove(w) {
+                if let Some(n) = self.per_client.get_mut(&c) {
+                    *n -= 1;
+                }
+            }
+        }
+        self.per_client.retain(|_, n| *n > 0);
         self.waiters.drain(..).map(|(w, _)| w).collect()
     }
 

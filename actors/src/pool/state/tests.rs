@@ -20,10 +20,10 @@ fn granted(a: Admission) -> (usize, LeaseId) {
 #[test]
 fn grants_idle_then_queues_then_rejects() {
     let mut p = ready_pool(2, 1);
-    granted(p.admit(None));
-    granted(p.admit(None));
-    assert!(matches!(p.admit(None), Admission::Queued(_)));
-    assert_eq!(p.admit(None), Admission::Rejected);
+    granted(p.admit(None, None));
+    granted(p.admit(None, None));
+    assert!(matches!(p.admit(None, None), Admission::Queued(_)));
+    assert_eq!(p.admit(None, None), Admission::Rejected);
     let s = p.status();
     assert_eq!((s.available, s.in_use, s.queued), (0, 2, 1));
 }
@@ -31,9 +31,9 @@ fn grants_idle_then_queues_then_rejects() {
 #[test]
 fn waiters_are_served_in_fifo_order() {
     let mut p = ready_pool(1, 3);
-    let (i, l) = granted(p.admit(None));
+    let (i, l) = granted(p.admit(None, None));
     let w: Vec<WaiterId> = (0..3)
-        .map(|_| match p.admit(None) {
+        .map(|_| match p.admit(None, None) {
             Admission::Queued(w) => w,
             other => panic!("{other:?}"),
         })
@@ -54,22 +54,22 @@ fn waiters_are_served_in_fifo_order() {
 #[test]
 fn new_request_does_not_jump_the_queue() {
     let mut p = ready_pool(1, 2);
-    let (i, l) = granted(p.admit(None));
-    let Admission::Queued(first) = p.admit(None) else { panic!() };
+    let (i, l) = granted(p.admit(None, None));
+    let Admission::Queued(first) = p.admit(None, None) else { panic!() };
     p.release(i, 0, l, Outcome::Ok { tokens: 0 });
     // Released but not yet dispatched: a newcomer must queue behind `first`.
-    assert!(matches!(p.admit(None), Admission::Queued(_)));
+    assert!(matches!(p.admit(None, None), Admission::Queued(_)));
     assert_eq!(p.dispatch()[0].waiter, first);
 }
 
 #[test]
 fn cancelled_waiter_and_undone_grant_leak_nothing() {
     let mut p = ready_pool(1, 2);
-    let (i, l) = granted(p.admit(None));
-    let Admission::Queued(w) = p.admit(None) else { panic!() };
+    let (i, l) = granted(p.admit(None, None));
+    let Admission::Queued(w) = p.admit(None, None) else { panic!() };
     assert!(p.cancel_waiter(w));
     assert!(!p.cancel_waiter(w));
-    let Admission::Queued(_) = p.admit(None) else { panic!() };
+    let Admission::Queued(_) = p.admit(None, None) else { panic!() };
     p.release(i, 0, l, Outcome::Ok { tokens: 0 });
     let g = p.dispatch();
     p.undo_grant(&g[0]);
@@ -81,7 +81,7 @@ fn cancelled_waiter_and_undone_grant_leak_nothing() {
 #[test]
 fn fault_replaces_and_stale_release_is_ignored() {
     let mut p = ready_pool(2, 0);
-    let (i, l) = granted(p.admit(None));
+    let (i, l) = granted(p.admit(None, None));
     assert!(p.release(i, 0, l, Outcome::InstanceFault { reason: "decode".into() }));
     assert_eq!(p.status().unhealthy, 1);
     let gen = p.begin_replace(i);
@@ -95,12 +95,12 @@ fn fault_replaces_and_stale_release_is_ignored() {
 #[test]
 fn probes_go_to_busy_instances_too_and_a_failed_probe_asks_replacement() {
     let mut p = ready_pool(2, 0);
-    let (busy, lease) = granted(p.admit(None));
+    let (busy, lease) = granted(p.admit(None, None));
     // The probe runs between steps, on an idle slot's sequence: busy or not, and
     // without taking a slot away from requests.
     assert_eq!(p.begin_probes(), vec![0, 1]);
     assert!(p.begin_probes().is_empty(), "one probe out per instance");
-    granted(p.admit(None));
+    granted(p.admit(None, None));
     assert!(!p.probe_done(1 - busy, 0, Ok(()), None));
     assert!(p.probe_done(busy, 0, Err("nan".into()), None));
     assert_eq!(p.state(busy), InstanceState::Unhealthy);
@@ -112,16 +112,16 @@ fn probes_go_to_busy_instances_too_and_a_failed_probe_asks_replacement() {
 #[test]
 fn stop_accepting_turns_waiters_away() {
     let mut p = ready_pool(1, 2);
-    granted(p.admit(None));
-    let Admission::Queued(w) = p.admit(None) else { panic!() };
+    granted(p.admit(None, None));
+    let Admission::Queued(w) = p.admit(None, None) else { panic!() };
     assert_eq!(p.stop_accepting(), vec![w]);
-    assert_eq!(p.admit(None), Admission::ShuttingDown);
+    assert_eq!(p.admit(None, None), Admission::ShuttingDown);
 }
 
 #[test]
 fn display_matches_console_format() {
     let mut p = ready_pool(3, 0);
-    granted(p.admit(None));
+    granted(p.admit(None, None));
     let text = p.status().to_string();
     assert!(text.contains("Available: 2/3"), "{text}");
     assert!(text.contains("In Use: 1"), "{text}");
@@ -130,40 +130,40 @@ fn display_matches_console_format() {
 #[test]
 fn a_request_goes_back_to_the_instance_that_served_its_conversation() {
     let mut p = ready_pool(3, 4);
-    let Admission::Granted { instance: a, lease: la, .. } = p.admit(Some(7)) else { panic!() };
-    let Admission::Granted { instance: b, lease: lb, .. } = p.admit(Some(9)) else { panic!() };
+    let Admission::Granted { instance: a, lease: la, .. } = p.admit(Some(7), None) else { panic!() };
+    let Admission::Granted { instance: b, lease: lb, .. } = p.admit(Some(9), None) else { panic!() };
     assert!(!p.release(a, 0, la, Outcome::Ok { tokens: 1 }));
     assert!(!p.release(b, 0, lb, Outcome::Ok { tokens: 1 }));
     // Three idle: each conversation finds its own instance again.
-    let Admission::Granted { instance, lease, .. } = p.admit(Some(9)) else { panic!() };
+    let Admission::Granted { instance, lease, .. } = p.admit(Some(9), None) else { panic!() };
     assert_eq!(instance, b);
     p.release(instance, 0, lease, Outcome::Ok { tokens: 1 });
-    let Admission::Granted { instance, .. } = p.admit(Some(7)) else { panic!() };
+    let Admission::Granted { instance, .. } = p.admit(Some(7), None) else { panic!() };
     assert_eq!(instance, a);
 }
 
 #[test]
 fn without_a_match_the_least_recently_used_instance_is_taken() {
     let mut p = ready_pool(3, 4);
-    let leases: Vec<_> = (0..3).map(|k| p.admit(Some(k))).collect();
+    let leases: Vec<_> = (0..3).map(|k| p.admit(Some(k), None)).collect();
     for adm in &leases {
         let Admission::Granted { instance, lease, .. } = adm else { panic!() };
         std::thread::sleep(std::time::Duration::from_millis(2));
         p.release(*instance, 0, *lease, Outcome::Ok { tokens: 1 });
     }
     let Admission::Granted { instance: first_released, .. } = &leases[0] else { panic!() };
-    let Admission::Granted { instance, .. } = p.admit(Some(99)) else { panic!() };
+    let Admission::Granted { instance, .. } = p.admit(Some(99), None) else { panic!() };
     assert_eq!(instance, *first_released, "the coldest cache is the one given away");
 }
 
 #[test]
 fn affinity_never_makes_a_request_wait_or_jump_the_queue() {
     let mut p = ready_pool(2, 4);
-    let Admission::Granted { instance: a, lease: la, .. } = p.admit(Some(1)) else { panic!() };
-    let Admission::Granted { instance: b, lease: lb, .. } = p.admit(Some(2)) else { panic!() };
+    let Admission::Granted { instance: a, lease: la, .. } = p.admit(Some(1), None) else { panic!() };
+    let Admission::Granted { instance: b, lease: lb, .. } = p.admit(Some(2), None) else { panic!() };
     // Both busy: a request for conversation 1 and then one for 3 queue in order.
-    let Admission::Queued(w1) = p.admit(Some(3)) else { panic!() };
-    let Admission::Queued(w2) = p.admit(Some(1)) else { panic!() };
+    let Admission::Queued(w1) = p.admit(Some(3), None) else { panic!() };
+    let Admission::Queued(w2) = p.admit(Some(1), None) else { panic!() };
     // Instance b frees first: the oldest waiter takes it (FIFO), match or not.
     p.release(b, 0, lb, Outcome::Ok { tokens: 1 });
     assert_eq!(p.dispatch(), vec![Grant { waiter: w1, instance: b, slot: 0, lease: p_lease(&p, b) }]);
@@ -198,7 +198,7 @@ fn slots_are_leased_spread_over_instances_and_counted() {
     let s = p.status();
     assert_eq!((s.total, s.available, s.in_use), (8, 8, 0));
     assert!(s.to_string().contains("Available: 8/8 slots on 2 instances"), "{s}");
-    let grants: Vec<_> = (0..8).map(|_| grant3(p.admit(None))).collect();
+    let grants: Vec<_> = (0..8).map(|_| grant3(p.admit(None, None))).collect();
     // Least loaded first: the instances alternate.
     let firsts: Vec<usize> = grants.iter().take(4).map(|g| g.0).collect();
     assert_eq!(firsts, vec![0, 1, 0, 1]);
@@ -208,7 +208,7 @@ fn slots_are_leased_spread_over_instances_and_counted() {
     assert_eq!(pairs.len(), 8, "every slot leased once");
     let s = p.status();
     assert_eq!((s.available, s.in_use, s.instances[0].slots_busy), (0, 8, 4));
-    assert!(matches!(p.admit(None), Admission::Queued(_)));
+    assert!(matches!(p.admit(None, None), Admission::Queued(_)));
     let (i, j, l) = grants[5];
     assert!(!p.release(i, j, l, Outcome::Ok { tokens: 5 }));
     let g = p.dispatch();
@@ -219,11 +219,11 @@ fn slots_are_leased_spread_over_instances_and_counted() {
 #[test]
 fn a_conversation_goes_back_to_its_own_slot_even_on_a_busier_instance() {
     let mut p = slotted_pool(2, 4, 2);
-    let (i7, s7, l7) = grant3(p.admit(Some(7)));
-    let others: Vec<_> = (0..3).map(|k| grant3(p.admit(Some(100 + k)))).collect();
+    let (i7, s7, l7) = grant3(p.admit(Some(7), None));
+    let others: Vec<_> = (0..3).map(|k| grant3(p.admit(Some(100 + k), None))).collect();
     p.release(i7, s7, l7, Outcome::Ok { tokens: 1 });
     // Instance i7 is busier than the other now, but its slot holds conversation 7.
-    let (i, s, _) = grant3(p.admit(Some(7)));
+    let (i, s, _) = grant3(p.admit(Some(7), None));
     assert_eq!((i, s), (i7, s7));
     drop(others);
 }
@@ -231,8 +231,8 @@ fn a_conversation_goes_back_to_its_own_slot_even_on_a_busier_instance() {
 #[test]
 fn a_broken_instance_frees_its_slots_and_stale_releases_are_ignored() {
     let mut p = slotted_pool(1, 3, 0);
-    let a = grant3(p.admit(None));
-    let b = grant3(p.admit(None));
+    let a = grant3(p.admit(None, None));
+    let b = grant3(p.admit(None, None));
     assert!(p.release(a.0, a.1, a.2, Outcome::InstanceFault { reason: "decode".into() }));
     assert!(!p.release(b.0, b.1, b.2, Outcome::InstanceFault { reason: "decode".into() }), "replaced once");
     let s = p.status();
@@ -259,7 +259,7 @@ fn a_remote_reports_its_slots_when_it_connects_and_a_down_one_serves_nothing() {
     assert_eq!((s.available, s.total, s.instances[1].slots), (5, 5, 3));
     assert_eq!(s.instances[0].kind, "local");
     // Three requests at once: the least loaded member takes each.
-    let firsts: Vec<usize> = (0..3).map(|_| grant3(p.admit(None)).0).collect();
+    let firsts: Vec<usize> = (0..3).map(|_| grant3(p.admit(None, None)).0).collect();
     assert_eq!(firsts, vec![0, 1, 0]);
 }
 
@@ -268,7 +268,7 @@ fn fresh_requests_take_neighbouring_slots_so_a_step_stays_one_pass() {
     let mut p = PoolState::new(1, 8, 0);
     assert!(p.instance_ready(0, 0, 0));
     let leases: Vec<(usize, LeaseId)> = (0..8)
-        .map(|k| match p.admit(Some(k)) {
+        .map(|k| match p.admit(Some(k), None) {
             Admission::Granted { slot, lease, .. } => (slot, lease),
             other => panic!("{other:?}"),
         })
@@ -280,7 +280,7 @@ fn fresh_requests_take_neighbouring_slots_so_a_step_stays_one_pass() {
         p.release(0, slot, lease, Outcome::Ok { tokens: 1 });
     }
     let mut slots: Vec<usize> = (0..4)
-        .map(|k| match p.admit(Some(100 + k)) {
+        .map(|k| match p.admit(Some(100 + k), None) {
             Admission::Granted { slot, .. } => slot,
             other => panic!("{other:?}"),
         })
@@ -304,9 +304,71 @@ fn with_moved_streams_a_fresh_request_takes_the_slot_whose_stream_is_next_to_the
         Admission::Granted { slot, .. } => slot,
         other => panic!("{other:?}"),
     };
-    assert_eq!(slot_of(p.admit(Some(1))), 0);
-    assert_eq!(slot_of(p.admit(Some(2))), 1);
+    assert_eq!(slot_of(p.admit(Some(1), None)), 0);
+    assert_eq!(slot_of(p.admit(Some(2), None)), 1);
     streams.swap(1, 5);
-    let next = slot_of(p.admit(Some(3)));
+    let next = slot_of(p.admit(Some(3), None));
     assert!(next == 5 || next == 4, "a slot whose stream is next to stream 0 or 5, got slot {next}");
+}
+
+fn queued(a: Admission) -> WaiterId {
+    match a {
+        Admission::Queued(w) => w,
+        other => panic!("expected a queue place, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_client_alone_uses_every_slot_but_not_beyond_its_share_while_another_waits() {
+    const A: Option<u64> = Some(1);
+    const B: Option<u64> = Some(2);
+    let mut p = ready_pool(4, 8).with_client_limit(3);
+    // Alone, A takes all four slots and queues: nothing is left idle.
+    let leases: Vec<(usize, LeaseId)> = (0..4).map(|_| granted(p.admit(None, A))).collect();
+    queued(p.admit(None, A));
+    assert_eq!(p.held_by(1), 5);
+    // B waits; now A, over its share of 3, is refused more.
+    let b = queued(p.admit(None, B));
+    assert_eq!(p.admit(None, A), Admission::ClientLimit { limit: 3 });
+    assert_eq!(p.held_by(1), 5, "a refusal holds nothing");
+    // The first freed slot goes to B, although A queued first.
+    let (i, l) = leases[0];
+    p.release(i, 0, l, Outcome::Ok { tokens: 1 });
+    let g = p.dispatch();
+    assert_eq!(g.iter().map(|g| g.waiter).collect::<Vec<_>>(), vec![b]);
+    assert_eq!((p.held_by(1), p.held_by(2)), (4, 1));
+    // Leases and queue places are all counted back.
+    for &(i, l) in &leases[1..] {
+        p.release(i, 0, l, Outcome::Ok { tokens: 1 });
+    }
+    let g = p.dispatch();
+    assert_eq!(g.len(), 1);
+    p.release(g[0].instance, 0, g[0].lease, Outcome::Ok { tokens: 1 });
+    assert_eq!(p.held_by(1), 0);
+}
+
+#[test]
+fn a_full_queue_gives_the_flooding_clients_newest_place_to_a_client_within_its_share() {
+    const A: Option<u64> = Some(1);
+    const B: Option<u64> = Some(2);
+    let mut p = ready_pool(1, 3).with_client_limit(1);
+    granted(p.admit(None, A));
+    let first = queued(p.admit(None, A));
+    let _second = queued(p.admit(None, A));
+    let newest = queued(p.admit(None, A));
+    // The queue is full of A's places; B still gets one: A's newest.
+    let b = queued(p.admit(None, B));
+    assert_eq!(p.take_evicted(), vec![newest]);
+    assert_eq!((p.held_by(1), p.held_by(2)), (3, 1));
+    // Without a share, a full queue is full for everyone.
+    let mut open = ready_pool(1, 1);
+    granted(open.admit(None, A));
+    queued(open.admit(None, A));
+    assert_eq!(open.admit(None, B), Admission::Rejected);
+    assert!(open.take_evicted().is_empty());
+    // An instance that breaks gives its clients' slots back.
+    p.mark_unhealthy(0, "test".into());
+    assert_eq!(p.held_by(1), 2, "A's lease went with the instance, its queue places stay");
+    assert!(p.cancel_waiter(first) && p.cancel_waiter(b));
+    assert_eq!((p.held_by(1), p.held_by(2)), (1, 0));
 }
