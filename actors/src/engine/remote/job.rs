@@ -77,6 +77,11 @@ pub(super) struct Job {
     pub remote: Remote,
     pub slot: usize,
     pub n_ctx: u32,
+    /// Whether the remote may reuse its slot's tokens (`cache_prompt`):
+    /// only its own namespace's ([`super::may_reuse`]).
+    pub reuse: bool,
+    /// Tokens generated, told to the slot's record when the job ends.
+    pub generated: std::rc::Rc<std::cell::Cell<u32>>,
 }
 
 /// How a stream ended before its last event.
@@ -107,6 +112,11 @@ impl Job {
             }
             Err(Interrupted::Failed(e)) => Err(e),
         };
+        self.generated.set(match &done {
+            Ok(c) => c.usage.completion_tokens,
+            // Unknown: as much as the context holds, so that nothing is reused.
+            Err(_) => u32::MAX / 4,
+        });
         sink.done(done);
     }
 
@@ -133,7 +143,7 @@ impl Job {
             "prompt": tokens,
             "n_predict": n_predict,
             "stream": true,
-            "cache_prompt": true,
+            "cache_prompt": self.reuse,
             "id_slot": self.slot,
             "temperature": s.temperature,
             "top_k": s.top_k,

@@ -120,12 +120,42 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What a remote slot holds, as far as this pool sent it: whose prompt,
+/// its tokens, and how many tokens were generated after them (set by the
+/// sequence's job when it ends).
+struct SlotContent {
+    namespace: u64,
+    prompt: Vec<i32>,
+    generated: std::rc::Rc<std::cell::Cell<u32>>,
+}
+
+/// Whether a request of `namespace` may reuse what the remote slot holds
+/// (`cache_prompt`). llama-server keeps a slot's tokens for the next
+/// request only when the common prefix is more than a tenth of the new
+/// prompt (`--slot-prompt-similarity`, 0.1 by default) and at least half of
+/// the slot; otherwise it saves the slot to its host-memory prompt cache and
+/// loads the best match of every slot's earlier prompts, any tenant's. So
+/// reuse is asked only when the slot holds this namespace's tokens (sent by
+/// this pool: what a remote held before is nobody's to reuse) and the prefix
+/// of what was sent that the new prompt repeats (a lower bound of what
+/// llama-server finds) passes both tests: then nothing but this namespace's
+/// own tokens can be reused, and `cached_tokens` tells no tenant of
+/// another's prompts. (A remote run with a higher similarity threshold
+/// needs that threshold here.)
+fn may_reuse(held: Option<&SlotContent>, namespace: u64, prompt: &[i32]) -> bool {
+    let Some(held) = held.filter(|h| h.namespace == namespace) else { return false };
+    let common = held.prompt.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    let slot_len = held.prompt.len() + held.generated.get() as usize;
+    common > 0 && 2 * common >= slot_len && 10 * common > prompt.len()
+}
+
 /// Applies commands until the handle is gone; each sequence is a local task.
 async fn serve(remote: Remote, props: RemoteProps, mut rx: mpsc::UnboundedReceiver<Command>) {
     let mut running: Vec<Option<Running>> = (0..props.slots).map(|_| None).collect();
+    let mut held: Vec<Option<SlotContent>> = (0..props.slots).map(|_| None).collect();
     while let Some(command) = rx.recv().await {
         match command {
-            Command::Start { slot, request, started, sink, .. } => {
+            Command::Start { slot, request, key, started, sink } => {
                 if slot >= running.len() {
                     sink.done(Err(EngineError::Remote(format!(
                         "slot {slot} is out of range ({} slots)",
@@ -139,7 +169,14 @@ async fn serve(remote: Remote, props: RemoteProps, mut rx: mpsc::UnboundedReceiv
                     }
                 }
                 let (cancel, cancelled) = oneshot::channel();
-                let job = Job { remote: remote.clone(), slot, n_ctx: props.n_ctx };
+                let reuse = may_reuse(held[slot].as_ref(), key.namespace, request.prompt());
+                let generated = std::rc::Rc::new(std::cell::Cell::new(0));
+                held[slot] = Some(SlotContent {
+                    namespace: key.namespace,
+                    prompt: request.prompt().to_vec(),
+                    generated: generated.clone(),
+                });
+                let job = Job { remote: remote.clone(), slot, n_ctx: props.n_ctx, reuse, generated };
                 let task = tokio::task::spawn_local(job.run(request, started, sink, cancelled));
                 running[slot] = Some(Running { cancel: Some(cancel), task });
             }
@@ -176,6 +213,30 @@ async fn serve(remote: Remote, props: RemoteProps, mut rx: mpsc::UnboundedReceiv
 mod tests {
     use super::client::model_stem;
     use super::*;
+
+    fn held(namespace: u64, prompt: &[i32], generated: u32) -> SlotContent {
+        SlotContent { namespace, prompt: prompt.to_vec(), generated: std::rc::Rc::new(std::cell::Cell::new(generated)) }
+    }
+
+    #[test]
+    fn a_remote_slot_is_reused_only_by_its_own_namespace_and_only_when_llama_server_keeps_it() {
+        let turn1: Vec<i32> = (0..100).collect();
+        let turn2: Vec<i32> = (0..160).collect();
+        // The same namespace's next turn: reused.
+        assert!(may_reuse(Some(&held(1, &turn1, 40)), 1, &turn2));
+        // Another namespace's, even with the same tokens: never.
+        assert!(!may_reuse(Some(&held(1, &turn1, 40)), 2, &turn2));
+        // An empty slot, or one whose tokens llama-server would swap for its
+        // prompt cache (little in common): not asked.
+        assert!(!may_reuse(None, 1, &turn2));
+        assert!(!may_reuse(Some(&held(1, &turn1, 400)), 1, &turn2));
+        let other: Vec<i32> = (0..10).chain(1000..1200).collect();
+        assert!(!may_reuse(Some(&held(1, &turn1, 0)), 1, &other));
+        // A long new prompt that starts with the slot's: kept by llama-server.
+        let long: Vec<i32> = (0..900).collect();
+        assert!(may_reuse(Some(&held(1, &turn1, 20)), 1, &long));
+        assert!(!may_reuse(Some(&held(1, &turn1, 20)), 1, &(0..1100).collect::<Vec<i32>>()));
+    }
 
     #[test]
     fn urls_are_shown_without_credentials() {
