@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub metrics_require_key: bool,
     pub max_body_bytes: usize,
     pub drain_timeout_ms: u64,
+    /// A connection whose answer makes no progress this long is closed (0: never).
+    pub write_timeout_ms: u64,
+    /// Kernel send buffer of each connection, bytes (0: the kernel's sizing).
+    pub send_buffer_bytes: usize,
     /// This replica's name (X-Modelpool-Node); empty: the host name.
     pub node: String,
     /// Host names requests may carry in `Host` (besides the loopback names
@@ -156,14 +160,22 @@ pub struct Config {
     pub slots: u32,
     pub prefill_chunk: u32,
     pub max_queue: usize,
+    /// Most slots and queue places one API key (without keys: one peer
+    /// address) holds at once; -1: every slot but one; 0: no limit.
+    pub max_concurrent_per_key: i64,
     pub acquire_timeout_ms: u64,
     pub max_generation_ms: u64,
+    /// Longest a sequence stays paused for a client that reads nothing.
+    pub max_pause_ms: u64,
     pub health_interval_ms: u64,
     pub n_ctx: u32,
     /// Host memory for parked KV caches, MiB (-1: an eighth of the machine's, at most 8192; 0: off).
     pub kv_ram_mib: i64,
     /// Disk for KV cache files under `<data_dir>/kv`, MiB (0: off).
     pub kv_disk_mib: u64,
+    /// Seconds a KV cache may go unused before it is deleted, on disk and in
+    /// memory (0: no lifetime, only the budgets evict).
+    pub kv_disk_ttl_s: u64,
     pub threads: u32,
     /// Lower each instance's threads while other processes keep cores busy.
     pub adapt_threads: bool,
@@ -404,6 +416,28 @@ impl Config {
         if self.acquire_timeout_ms == 0 {
             return invalid("acquire_timeout_ms", "must be at least 1, got 0".into());
         }
+        if self.max_concurrent_per_key < -1 {
+            return invalid(
+                "max_concurrent_per_key",
+                format!(
+                    "must be -1 (every slot but one), 0 (no limit) or a count, got {}",
+                    self.max_concurrent_per_key
+                ),
+            );
+        }
+        if self.max_pause_ms < 100 {
+            return invalid("max_pause_ms", format!("must be at least 100, got {}", self.max_pause_ms));
+        }
+        if self.server.write_timeout_ms != 0 && self.server.write_timeout_ms < self.max_pause_ms {
+            return invalid(
+                "server.write_timeout_ms",
+                format!(
+                    "must be 0 (never) or at least max_pause_ms ({}), so that a client that reads again sees how its \
+                     reply ended, got {}",
+                    self.max_pause_ms, self.server.write_timeout_ms
+                ),
+            );
+        }
         if self.max_generation_ms == 0 {
             return invalid("max_generation_ms", "must be at least 1, got 0".into());
         }
@@ -539,13 +573,18 @@ impl Config {
         (cores / self.instances.max(1)).max(1) as u32
     }
 
-    /// The KV tiers' budgets and directory.
+    /// The KV tiers' budgets, directory and lifetime.
     pub fn kv_tier_options(&self) -> KvTierOptions {
         let ram_bytes = match self.kv_ram_mib {
             -1 => modelpool_actors::engine::kv_tiers::default_ram_bytes(),
             mib => (mib.max(0) as u64) << 20,
         };
-        KvTierOptions { ram_bytes, disk_bytes: self.kv_disk_mib << 20, dir: Some(self.data_dir.join("kv")) }
+        KvTierOptions {
+            ram_bytes,
+            disk_bytes: self.kv_disk_mib << 20,
+            dir: Some(self.data_dir.join("kv")),
+            ttl: (self.kv_disk_ttl_s > 0).then(|| Duration::from_secs(self.kv_disk_ttl_s)),
+        }
     }
 
     /// The `Host` names the API answers for: `server.allowed_hosts` ("*":
@@ -609,6 +648,7 @@ impl Config {
                 slots: if self.per_request { 1 } else { self.slots },
                 prefill_chunk: self.prefill_chunk,
                 adapt_threads: self.adapt_threads,
+                max_pause: Duration::from_millis(self.max_pause_ms),
                 // The binary opens the shared tiers once the model is loaded.
                 kv: None,
             },
@@ -623,6 +663,20 @@ impl Config {
                     model: r.model.clone(),
                 })
                 .collect(),
+            max_per_client: self.max_per_client(),
+        }
+    }
+
+    /// `max_concurrent_per_key` as a number (0: no limit); -1 is every slot
+    /// but one (at least one), so that one client alone never holds them all.
+    pub fn max_per_client(&self) -> usize {
+        match self.max_concurrent_per_key {
+            -1 => {
+                let local = if self.per_request { self.instances } else { self.instances * self.slots as usize };
+                let remote: usize = self.remote.iter().map(|r| r.slots.unwrap_or(1)).sum();
+                (local + remote).saturating_sub(1).max(1)
+            }
+            n => n.max(0) as usize,
         }
     }
 }
