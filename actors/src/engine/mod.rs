@@ -77,6 +77,15 @@ pub type SeqEvents = Receiver<SeqEvent>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReaderGone;
 
+/// Why [`SeqSink::send`] could not deliver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undelivered {
+    /// The reader went away.
+    ReaderGone,
+    /// The reader took nothing for [`MAX_PAUSE`]: the reply is cut.
+    Stalled,
+}
+
 impl SeqSink {
     /// A sequence's channel: [`SEQ_BUFFER`] events.
     pub fn channel() -> (SeqSink, SeqEvents) {
@@ -117,22 +126,22 @@ impl SeqSink {
 
     /// Sends a piece, waiting for room (a remote instance's job, whose
     /// reader's pace then paces the HTTP stream it reads); past
-    /// [`MAX_PAUSE`] without room the reader counts as gone.
-    pub async fn send(&self, event: SeqEvent) -> Result<(), ReaderGone> {
+    /// [`MAX_PAUSE`] without room the reply is cut ([`Undelivered::Stalled`]).
+    pub async fn send(&self, event: SeqEvent) -> Result<(), Undelivered> {
         let deadline = tokio::time::Instant::now() + MAX_PAUSE;
         let mut event = event;
         loop {
-            match self.offer(event)? {
+            match self.offer(event).map_err(|_| Undelivered::ReaderGone)? {
                 None => return Ok(()),
                 Some(back) => event = back,
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(ReaderGone);
+                return Err(Undelivered::Stalled);
             }
             // tokio's sender cannot wait for two places (one kept for
             // `Done`): look again shortly, only while the reader lags.
             tokio::select! {
-                _ = self.0.closed() => return Err(ReaderGone),
+                _ = self.0.closed() => return Err(Undelivered::ReaderGone),
                 _ = tokio::time::sleep(Duration::from_millis(5)) => {}
             }
         }
@@ -388,4 +397,21 @@ pub trait InstanceBackend: Send {
     /// Test hook: makes the next decode misbehave.
     #[cfg(feature = "fault-injection")]
     fn inject_fault(&mut self, fault: Fault);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_takes_nothing_for_the_pause_limit_has_its_reply_cut_not_cancelled() {
+        // Two places: one for a piece, one kept for the `Done` event.
+        let (sink, events) = SeqSink::with_capacity(2);
+        sink.send(SeqEvent::Piece("a".into())).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(sink.send(SeqEvent::Piece("b".into())).await, Err(Undelivered::Stalled));
+        assert!(started.elapsed() >= MAX_PAUSE);
+        drop(events);
+        assert_eq!(sink.send(SeqEvent::Piece("c".into())).await, Err(Undelivered::ReaderGone));
+    }
 }

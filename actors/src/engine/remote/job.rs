@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::client::{clip, error_chain, Remote};
 use crate::engine::sampling::check_fits;
-use crate::engine::{SeqEvent, SeqSink};
+use crate::engine::{SeqEvent, SeqSink, Undelivered};
 use crate::error::EngineError;
 use crate::params::{Completion, FinishReason, PreparedRequest, Usage};
 
@@ -87,7 +87,18 @@ pub(super) struct Job {
 /// How a stream ended before its last event.
 enum Interrupted {
     Cancelled,
+    /// Its reader took nothing for the pause limit.
+    Stalled,
     Failed(EngineError),
+}
+
+impl From<Undelivered> for Interrupted {
+    fn from(u: Undelivered) -> Self {
+        match u {
+            Undelivered::ReaderGone => Interrupted::Cancelled,
+            Undelivered::Stalled => Interrupted::Stalled,
+        }
+    }
 }
 
 impl Job {
@@ -109,6 +120,11 @@ impl Job {
             Err(Interrupted::Cancelled) => {
                 usage.total_ms = started.elapsed().as_secs_f64() * 1e3;
                 Ok(Completion { usage, finish_reason: FinishReason::Cancelled })
+            }
+            // The reader took nothing for the pause limit: the reply is cut, and says so.
+            Err(Interrupted::Stalled) => {
+                usage.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                Ok(Completion { usage, finish_reason: FinishReason::Stalled })
             }
             Err(Interrupted::Failed(e)) => Err(e),
         };
@@ -204,13 +220,11 @@ impl Job {
             usage.completion_tokens = chunk.tokens_predicted;
             if let Some(top) = s.logprobs {
                 for p in chunk.completion_probabilities {
-                    if sink.send(SeqEvent::Logprob(p.into_token(top as usize))).await.is_err() {
-                        return Err(Interrupted::Cancelled);
-                    }
+                    sink.send(SeqEvent::Logprob(p.into_token(top as usize))).await.map_err(Interrupted::from)?;
                 }
             }
-            if !chunk.content.is_empty() && sink.send(SeqEvent::Piece(chunk.content)).await.is_err() {
-                return Err(Interrupted::Cancelled);
+            if !chunk.content.is_empty() {
+                sink.send(SeqEvent::Piece(chunk.content)).await.map_err(Interrupted::from)?;
             }
             if chunk.stop {
                 if chunk.tokens_evaluated > 0 {
