@@ -24,7 +24,9 @@ use crate::error::EngineError;
 use crate::params::{ChatMessage, FinishReason, PreparedRequest};
 
 /// The llama-cpp-2 release this is built with (pinned in the workspace's
-/// Cargo.toml): it fixes the llama.cpp whose sequence-state format a cache file holds.
+/// Cargo.toml; the Rust wrapper, patched in vendor/). The llama.cpp it
+/// links, whose sequence-state format a cache file holds, comes from
+/// llama-cpp-sys-2 and is named by [`Fingerprint::of`] itself.
 const LLAMA_CPP_2_VERSION: &str = "0.1.160";
 
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
