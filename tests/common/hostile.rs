@@ -118,6 +118,16 @@ pub fn fixed() -> Vec<Case> {
         "root ::= root \"a\" | \"a\"".into(),
         Expect::Refused("grammar"),
     ));
+    let doubled = |n: usize| -> String {
+        let chain: String = (0..n).map(|i| format!("r{i} ::= r{} | r{}\n", i + 1, i + 1)).collect();
+        format!("root ::= r0\n{chain}r{n} ::= \"a\"\n")
+    };
+    cases.push(grammar(
+        "grammar whose alternatives double 40 times (2^40 parse stacks)",
+        doubled(40),
+        Expect::Refused("grammar"),
+    ));
+    cases.push(grammar("grammar whose alternatives double 13 times", doubled(13), Expect::Answered));
     cases.push(Case {
         name: "Ollama format with a 20,000-character property name".into(),
         path: OLLAMA_CHAT,

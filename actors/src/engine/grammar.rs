@@ -14,6 +14,7 @@
 //! The bounds were chosen by measurement on a 2-core VM (README, "Bounds"):
 //! at each limit the conversion and the parse take well under the budget.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -44,6 +45,11 @@ pub const MAX_GRAMMAR_NESTING: usize = 256;
 pub const MAX_GRAMMAR_ELEMENTS: u64 = 200_000;
 /// Most rules (named, groups and the rules repetitions make).
 pub const MAX_GRAMMAR_RULES: u64 = 20_000;
+/// Most parse stacks one rule may start (llama.cpp follows every
+/// alternative whose first symbols are rules, down to a character, each time
+/// the grammar enters the rule: `r0 ::= r1 | r1`, `r1 ::= r2 | r2`, … is 2ⁿ
+/// stacks, 2 s at n = 26 on the step loop, and exponential per token).
+pub const MAX_GRAMMAR_STACKS: u64 = 10_000;
 
 /// Longest JSON schema (serialized) a request may carry.
 pub const MAX_SCHEMA_BYTES: usize = 524_288;
@@ -215,6 +221,9 @@ pub struct GrammarSize {
     pub nesting: usize,
     pub elements: u64,
     pub rules: u64,
+    /// The most parse stacks entering one rule starts ([`MAX_GRAMMAR_STACKS`];
+    /// `u64::MAX`: a rule reaches itself before any character, left recursion).
+    pub stacks: u64,
 }
 
 /// Measures a GBNF grammar as llama.cpp's parser would build it, in one
@@ -336,6 +345,235 @@ pub fn measure_gbnf(text: &str) -> GrammarSize {
     size
 }
 
+/// One symbol of an alternative, as [`stacks_of`] needs it.
+#[derive(Clone, Copy, Debug)]
+enum Sym {
+    /// Characters (a literal, a class, `.`, a token): one stack.
+    Chars { empty: bool },
+    /// A rule, named or a group; `optional` after `*`, `?` or `{0,…}`.
+    Rule { id: usize, optional: bool },
+}
+
+/// The most parse stacks that entering any one rule of `text` starts, as
+/// llama.cpp's `advance_stack` builds them: each alternative contributes
+/// the stacks of its leading symbols up to the first one that cannot be
+/// empty (an upper bound: a repetition counts as its symbol). Parsed and
+/// counted without recursion; `u64::MAX` for a rule that reaches itself
+/// before any character (left recursion, which llama.cpp refuses too).
+pub fn stacks_of(text: &str) -> u64 {
+    let b = text.as_bytes();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    // rules[id] = its alternatives.
+    let mut rules: Vec<Vec<Vec<Sym>>> = Vec::new();
+    let new_rule = |rules: &mut Vec<Vec<Vec<Sym>>>| -> usize {
+        rules.push(Vec::new());
+        rules.len() - 1
+    };
+    // Open rules: (id, alternatives so far); the outermost is a named rule.
+    let mut open: Vec<(usize, Vec<Vec<Sym>>)> = Vec::new();
+    let close_all = |open: &mut Vec<(usize, Vec<Vec<Sym>>)>, rules: &mut Vec<Vec<Vec<Sym>>>| {
+        while let Some((id, alts)) = open.pop() {
+            rules[id].extend(alts);
+            if let Some(parent) = open.last_mut() {
+                parent.1.last_mut().expect("an alternative").push(Sym::Rule { id, optional: false });
+            }
+        }
+    };
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let push = |open: &mut Vec<(usize, Vec<Vec<Sym>>)>, sym: Sym| {
+            if let Some((_, alts)) = open.last_mut() {
+                alts.last_mut().expect("an alternative").push(sym);
+            }
+        };
+        match c {
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' => {
+                let start = i;
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    if b[i] == b'\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                push(&mut open, Sym::Chars { empty: i == start + 1 });
+            }
+            b'[' => {
+                i += 1;
+                while i < b.len() && b[i] != b']' {
+                    if b[i] == b'\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                push(&mut open, Sym::Chars { empty: false });
+            }
+            b'<' => {
+                while i < b.len() && b[i] != b'>' {
+                    i += 1;
+                }
+                push(&mut open, Sym::Chars { empty: false });
+            }
+            b'.' => push(&mut open, Sym::Chars { empty: false }),
+            b'(' => {
+                let id = new_rule(&mut rules);
+                open.push((id, vec![Vec::new()]));
+            }
+            b')' => {
+                if open.len() > 1 {
+                    let (id, alts) = open.pop().expect("a group");
+                    rules[id].extend(alts);
+                    push(&mut open, Sym::Rule { id, optional: false });
+                }
+            }
+            b'|' => {
+                if let Some((_, alts)) = open.last_mut() {
+                    alts.push(Vec::new());
+                }
+            }
+            b'*' | b'?' | b'{' | b'+' => {
+                let optional = match c {
+                    b'{' => {
+                        let end = b[i..].iter().position(|c| *c == b'}').map_or(b.len(), |p| i + p);
+                        let min = std::str::from_utf8(&b[i + 1..end]).unwrap_or("").split(',').next().unwrap_or("");
+                        i = end;
+                        min.trim().parse::<u64>().map_or(false, |m| m == 0)
+                    }
+                    b'+' => false,
+                    _ => true,
+                };
+                if let Some(last) = open.last_mut().and_then(|(_, alts)| alts.last_mut()).and_then(|a| a.last_mut()) {
+                    *last = match *last {
+                        Sym::Rule { id, optional: o } => Sym::Rule { id, optional: o || optional },
+                        Sym::Chars { empty } if optional => {
+                            // A repeated character: a rule of its own that may be empty.
+                            let id = new_rule(&mut rules);
+                            rules[id].push(vec![Sym::Chars { empty }]);
+                            Sym::Rule { id, optional: true }
+                        }
+                        chars => chars,
+                    };
+                }
+            }
+            c if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' => {
+                let start = i;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'-' || b[i] == b'_') {
+                    i += 1;
+                }
+                let name = &text[start..i];
+                let rest = &b[i..];
+                let skipped = rest.iter().take_while(|c| **c == b' ' || **c == b'\t').count();
+                let id = match names.get(name) {
+                    Some(&id) => id,
+                    None => {
+                        let id = new_rule(&mut rules);
+                        names.insert(name, id);
+                        id
+                    }
+                };
+                if rest[skipped..].starts_with(b"::=") {
+                    // A new rule: whatever was open ends here.
+                    close_all(&mut open, &mut rules);
+                    open.push((id, vec![Vec::new()]));
+                    i += skipped + 3;
+                } else {
+                    push(&mut open, Sym::Rule { id, optional: false });
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    close_all(&mut open, &mut rules);
+
+    // Which rules can match nothing (to a fixed point).
+    let mut empty = vec![false; rules.len()];
+    let sym_empty = |s: &Sym, empty: &[bool]| match *s {
+        Sym::Chars { empty: e } => e,
+        Sym::Rule { id, optional } => optional || empty[id],
+    };
+    loop {
+        let mut changed = false;
+        for id in 0..rules.len() {
+            if !empty[id] && rules[id].iter().any(|alt| alt.iter().all(|s| sym_empty(s, &empty))) {
+                empty[id] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    // The leading rules of each rule, then the stacks bottom-up, without recursion.
+    let leading = |id: usize| -> (u64, Vec<usize>) {
+        let (mut chars, mut refs) = (0u64, Vec::new());
+        for alt in &rules[id] {
+            let mut all_empty = true;
+            for s in alt {
+                match *s {
+                    Sym::Chars { .. } => chars += 1,
+                    Sym::Rule { id, .. } => refs.push(id),
+                }
+                if !sym_empty(s, &empty) {
+                    all_empty = false;
+                    break;
+                }
+            }
+            if all_empty {
+                chars += 1;
+            }
+        }
+        (chars, refs)
+    };
+    const UNSEEN: u8 = 0;
+    const OPEN: u8 = 1;
+    const DONE: u8 = 2;
+    let mut state = vec![UNSEEN; rules.len()];
+    let mut stacks = vec![0u64; rules.len()];
+    let mut most = 0u64;
+    for root in 0..rules.len() {
+        if state[root] == DONE {
+            continue;
+        }
+        // (rule, its leading rules not yet looked at)
+        let mut walk: Vec<(usize, Vec<usize>, u64)> = Vec::new();
+        let (chars, refs) = leading(root);
+        state[root] = OPEN;
+        walk.push((root, refs, chars));
+        while let Some(top) = walk.last_mut() {
+            match top.1.pop() {
+                Some(next) => match state[next] {
+                    DONE => top.2 = top.2.saturating_add(stacks[next]),
+                    OPEN => return u64::MAX,
+                    _ => {
+                        let (chars, refs) = leading(next);
+                        state[next] = OPEN;
+                        walk.push((next, refs, chars));
+                    }
+                },
+                None => {
+                    let (id, _, total) = walk.pop().expect("the top");
+                    state[id] = DONE;
+                    stacks[id] = total;
+                    most = most.max(total);
+                    if let Some(parent) = walk.last_mut() {
+                        parent.2 = parent.2.saturating_add(total);
+                    }
+                }
+            }
+        }
+    }
+    most
+}
+
 /// Checks a GBNF grammar against the bounds; `field` names what carried it
 /// (`grammar`, or the schema it was converted from).
 pub fn check_gbnf(text: &str, field: &str, max_bytes: usize) -> Result<GrammarSize, EngineError> {
@@ -349,12 +587,23 @@ pub fn check_gbnf(text: &str, field: &str, max_bytes: usize) -> Result<GrammarSi
             format!("{} bytes", text.len()),
         ));
     }
-    let size = measure_gbnf(text);
+    let mut size = measure_gbnf(text);
     if size.nesting > MAX_GRAMMAR_NESTING {
         return Err(refused(
             field,
             format_args!("must nest ( … ) groups at most {MAX_GRAMMAR_NESTING} deep"),
             format!("{} levels", size.nesting),
+        ));
+    }
+    size.stacks = stacks_of(text);
+    if size.stacks > MAX_GRAMMAR_STACKS {
+        return Err(refused(
+            field,
+            format_args!(
+                "must start at most {MAX_GRAMMAR_STACKS} parse stacks from any rule (alternatives that begin with \
+                 rules multiply)"
+            ),
+            if size.stacks == u64::MAX { "left recursion".to_string() } else { format!("{} stacks", size.stacks) },
         ));
     }
     if size.elements > MAX_GRAMMAR_ELEMENTS || size.rules > MAX_GRAMMAR_RULES {
@@ -473,6 +722,28 @@ mod tests {
         let nested = measure_gbnf("root ::= ((\"a\"{100}){100}){100}");
         assert!(nested.elements < 1_000, "{nested:?}");
         assert!(check_gbnf("root ::= \"a\"{4294967296}", "grammar", MAX_GRAMMAR_BYTES).is_err());
+    }
+
+    #[test]
+    fn alternatives_that_begin_with_rules_are_counted_as_llama_cpp_follows_them() {
+        let doubled = |n: usize| {
+            let chain: String = (0..n).map(|i| format!("r{i} ::= r{} | r{}\n", i + 1, i + 1)).collect();
+            format!("root ::= r0\n{chain}r{n} ::= \"a\"\n")
+        };
+        assert_eq!(stacks_of(&doubled(10)), 1024);
+        let e = check_gbnf(&doubled(26), "grammar", MAX_GRAMMAR_BYTES).unwrap_err().to_string();
+        assert!(e.contains("parse stacks") && e.contains("67108864 stacks"), "{e}");
+        // A chain of single references is one stack; characters first stop the count.
+        let chain: String = (0..4000).map(|i| format!("r{i} ::= r{}\n", i + 1)).collect();
+        assert_eq!(stacks_of(&format!("root ::= r0\n{chain}r4000 ::= \"a\"\n")), 1);
+        assert_eq!(stacks_of("root ::= \"x\" r1 | \"y\" r1\nr1 ::= \"a\" | \"b\""), 2);
+        // What may be empty lets the next symbols lead too.
+        assert_eq!(stacks_of("root ::= [a-z]* (\"b\" | \"c\")? \"d\""), 4);
+        // Left recursion, directly or through an empty symbol, is refused.
+        assert_eq!(stacks_of("root ::= root \"a\" | \"a\""), u64::MAX);
+        assert_eq!(stacks_of("root ::= x? root \"a\" | \"a\"\nx ::= \"b\""), u64::MAX);
+        // Right recursion is fine.
+        assert_eq!(stacks_of("root ::= \"a\" root | \"a\""), 2);
     }
 
     #[test]
