@@ -288,9 +288,28 @@ pub fn random(seed: u64, n: usize) -> Vec<Case> {
         .map(|i| {
             let kind = r.next() % 4;
             if kind == 3 {
-                let depth = r.below(1000) as usize;
-                let reps = r.below(1_000_000);
-                let g = format!("root ::= {}[a-z]{{0,{reps}}}{} \"x\"*", "(".repeat(depth), ")".repeat(depth));
+                let g = if r.next() % 2 == 0 {
+                    let depth = r.below(1000) as usize;
+                    let reps = r.below(1_000_000);
+                    format!("root ::= {}[a-z]{{0,{reps}}}{} \"x\"*", "(".repeat(depth), ")".repeat(depth))
+                } else {
+                    // Rules whose alternatives begin with the next rule, some
+                    // optional: the parse stacks multiply per level.
+                    let (levels, width) = (1 + r.below(40) as usize, 1 + r.below(4) as usize);
+                    let rules: String = (0..levels)
+                        .map(|l| {
+                            let alt = |k: usize| {
+                                if k % 2 == 1 {
+                                    format!("r{}? \"{k}\"", l + 1)
+                                } else {
+                                    format!("r{}", l + 1)
+                                }
+                            };
+                            format!("r{l} ::= {}\n", (0..width).map(alt).collect::<Vec<_>>().join(" | "))
+                        })
+                        .collect();
+                    format!("root ::= r0\n{rules}r{levels} ::= [a-z]\n")
+                };
                 return Case {
                     name: format!("random grammar {i}"),
                     path: CHAT,
