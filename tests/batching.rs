@@ -7,7 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{request, slotted, start, wait_for};
+use common::{one_at_a_time, request, slotted, start, wait_for};
 use futures::StreamExt;
 use modelpool_actors::{FinishReason, GenEvent, PoolHandle};
 
@@ -46,8 +46,11 @@ async fn follow(pool: &PoolHandle, text: &str, max_tokens: u32) -> Timeline {
     t
 }
 
+// These scenarios compare times measured on the machine's two cores:
+// they run one at a time, so that another one's decoding is not counted.
 #[actix::test]
 async fn four_sequences_on_one_instance_stream_at_once_and_slots_are_counted_at_every_step() {
+    let _one = one_at_a_time();
     let pool = start(slotted(1, 4, 4)).await;
     let s = pool.status().await.unwrap();
     assert_eq!((s.total, s.available, s.in_use), (4, 4, 0));
@@ -81,6 +84,7 @@ async fn four_sequences_on_one_instance_stream_at_once_and_slots_are_counted_at_
 
 #[actix::test]
 async fn greedy_text_batched_with_three_others_equals_the_text_alone() {
+    let _one = one_at_a_time();
     let alone_pool = start(slotted(1, 4, 4)).await;
     let mut alone = Vec::new();
     for p in PROMPTS {
@@ -103,6 +107,7 @@ async fn greedy_text_batched_with_three_others_equals_the_text_alone() {
 
 #[actix::test]
 async fn a_cancelled_sequence_leaves_the_others_streaming_and_its_slot_serves_the_next() {
+    let _one = one_at_a_time();
     let pool = start(slotted(1, 4, 4)).await;
     let mut streams = Vec::new();
     for p in PROMPTS {
@@ -142,6 +147,7 @@ async fn a_cancelled_sequence_leaves_the_others_streaming_and_its_slot_serves_th
 
 #[actix::test]
 async fn a_request_dropped_during_its_prompt_stops_within_a_chunk() {
+    let _one = one_at_a_time();
     // One slot: whatever comes next waits for the loop to let go of the long prompt.
     let pool = start(slotted(1, 1, 4)).await;
     let long = "Tell me about rivers, lakes and the sea. ".repeat(80);
@@ -172,6 +178,7 @@ async fn a_request_dropped_during_its_prompt_stops_within_a_chunk() {
 /// resumes and ends with every token, none lost.
 #[actix::test]
 async fn a_reader_that_stops_reading_pauses_its_own_sequence_only_and_loses_nothing() {
+    let _one = one_at_a_time();
     use futures::FutureExt;
     use modelpool_actors::engine::SEQ_BUFFER;
     let pool = start(slotted(1, 2, 2)).await;
@@ -228,6 +235,7 @@ async fn a_reader_that_stops_reading_pauses_its_own_sequence_only_and_loses_noth
 /// swapped wrongly would end the run with an error, not a reply.
 #[actix::test]
 async fn a_paused_sequence_between_decoding_ones_moves_to_the_edge_and_all_go_on() {
+    let _one = one_at_a_time();
     let mut opts = slotted(1, 3, 3);
     let tiers = opts.instance.kv_tiers();
     opts.instance.kv = Some(tiers.clone());
