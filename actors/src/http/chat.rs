@@ -13,7 +13,7 @@ use crate::chat::types::{ChatError, ChatEvent, ChatReply, SendMessage};
 use crate::memory::prompt_builder::Recalled;
 use crate::params::{FinishReason, Usage};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
     pub message: String,
@@ -41,7 +41,8 @@ pub struct ChatRequest {
     pub tool_choice: Option<serde_json::Value>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ChatUsage)]
 pub struct UsageBody {
     pub prompt_tokens: u32,
     /// Prompt tokens served from the instance's KV cache (earlier turns).
@@ -72,7 +73,7 @@ impl UsageBody {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ChatResponse<'a> {
     pub response: &'a str,
     pub conversation_id: String,
@@ -124,6 +125,18 @@ pub(crate) fn parse_conversation_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
         .map_err(|_| ApiError::bad("conversation_id", format!("invalid conversation_id: must be a UUID, got {raw:?}")))
 }
 
+/// One turn of a stored conversation: the message is stored, earlier
+/// messages are recalled by meaning, and the reply is stored with it.
+#[utoipa::path(
+    post, path = "/chat", tag = "chat",
+    params(("X-Conversation-Id" = Option<String>, Header, description = "The conversation to continue (as `conversation_id`)")),
+    request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The reply (`stream: false`), or server-sent events `start` {conversation_id}, `token` {text}…, then `done` (this object) or `error`",
+            content((ChatResponse = "application/json"), (String = "text/event-stream"))),
+        (status = "default", description = "An error", body = super::error::ErrorBody),
+    )
+)]
 async fn chat(
     state: web::Data<ApiState>,
     auth: Authorized,

@@ -16,14 +16,18 @@ use crate::engine::CacheKey;
 use crate::memory::store::StoredMessage;
 use crate::params::Role;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// The `next_after` of the previous page.
     pub after: Option<u64>,
+    /// 1–1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ConversationBody {
     conversation_id: String,
     namespace: String,
@@ -33,6 +37,10 @@ struct ConversationBody {
     next_after: Option<u64>,
 }
 
+/// A conversation's messages in order, paged.
+#[utoipa::path(get, path = "/conversations/{id}", tag = "conversations", operation_id = "get_conversation",
+    params(("id" = String, Path, description = "The conversation's id (a UUID)"), PageQuery),
+    responses((status = 200, body = ConversationBody), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn get_conversation(
     state: web::Data<ApiState>,
     auth: Authorized,
@@ -68,6 +76,10 @@ async fn get_conversation(
 /// 200 with what was deleted; only a cache: 204; neither: 404, as for any
 /// unknown id. The cache goes first and whatever else happens: it may exist
 /// only on disk, and under an id that is no UUID.
+#[utoipa::path(delete, path = "/conversations/{id}", tag = "conversations", operation_id = "delete_conversation",
+    params(("id" = String, Path, description = "A conversation's id, or the id stateless requests keyed their cache by")),
+    responses((status = 200, description = "The stored conversation was deleted", body = Deleted),
+        (status = 204, description = "Only a KV cache of that id was deleted"), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn delete_conversation(
     state: web::Data<ApiState>,
     auth: Authorized,
@@ -102,19 +114,38 @@ async fn delete_conversation(
         };
     };
     let removed = chat.delete(id).await?;
-    Ok(HttpResponse::Ok()
-        .json(serde_json::json!({ "conversation_id": id.to_string(), "deleted": true, "messages": removed })))
+    Ok(HttpResponse::Ok().json(Deleted { conversation_id: id.to_string(), deleted: true, messages: removed }))
 }
 
-#[derive(Deserialize)]
+/// What `DELETE /conversations/{id}` deleted.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Deleted {
+    conversation_id: String,
+    deleted: bool,
+    /// How many messages were deleted.
+    messages: usize,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// The `next_before` of the previous page.
     pub before: Option<String>,
+    /// 1–100, default 20.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+/// One page of conversations, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+struct ConversationPage {
+    conversations: Vec<ConversationItem>,
+    /// Pass as `before` for the next page; null at the end.
+    next_before: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
 struct ConversationItem {
     conversation_id: String,
     /// The first message, on one line, cut at 60 characters.
@@ -145,6 +176,8 @@ fn parse_cursor(raw: &str) -> Result<(u64, uuid::Uuid), ApiError> {
 }
 
 /// `GET /conversations`: the caller's conversations, newest first, paged.
+#[utoipa::path(get, path = "/conversations", tag = "conversations", params(ListQuery),
+    responses((status = 200, body = ConversationPage), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn list_conversations(
     state: web::Data<ApiState>,
     auth: Authorized,
@@ -181,11 +214,11 @@ async fn list_conversations(
             created_at_ms: c.created_at_ms,
         });
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "conversations": items, "next_before": next_before })))
+    Ok(HttpResponse::Ok().json(ConversationPage { conversations: items, next_before }))
 }
 
 /// One conversation in the import/export format.
-#[derive(Deserialize, Serialize)]
+#[derive(Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConversationDocument {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -195,7 +228,7 @@ pub struct ConversationDocument {
     pub messages: Vec<DocumentMessage>,
 }
 
-#[derive(Deserialize, Serialize)]
+#[derive(Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DocumentMessage {
     /// "user" or "assistant".
@@ -223,6 +256,11 @@ fn is_ndjson(http: &HttpRequest) -> bool {
 /// `POST /conversations/import`: one conversation as JSON, or many as NDJSON
 /// (one conversation a line). Each is stored all or nothing, with its
 /// messages' embeddings; the answer names each new conversation.
+#[utoipa::path(post, path = "/conversations/import", tag = "conversations",
+    request_body(description = "One conversation as JSON, or many as NDJSON (one such object a line)",
+        content((ConversationDocument = "application/json"), (ConversationDocument = "application/x-ndjson"))),
+    responses((status = 200, description = "The new conversation (an array of them for NDJSON)",
+        body = ImportAnswer), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn import_conversations(
     state: web::Data<ApiState>,
     auth: Authorized,
@@ -288,16 +326,35 @@ async fn import_conversations(
     let mut answers = Vec::with_capacity(documents.len());
     for (namespace, title, messages) in documents {
         let (conv, stored) = chat.import(&namespace, title, messages).await?;
-        answers.push(serde_json::json!({ "conversation_id": conv.id.to_string(), "messages": stored.len() }));
+        answers.push(Imported { conversation_id: conv.id.to_string(), messages: stored.len() });
     }
-    Ok(if ndjson {
-        HttpResponse::Ok().json(answers)
+    Ok(HttpResponse::Ok().json(if ndjson {
+        ImportAnswer::Many(answers)
     } else {
-        HttpResponse::Ok().json(answers.pop().expect("one conversation"))
-    })
+        ImportAnswer::One(answers.pop().expect("one conversation"))
+    }))
+}
+
+/// A conversation `POST /conversations/import` stored.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Imported {
+    conversation_id: String,
+    /// How many messages were stored.
+    messages: usize,
+}
+
+/// One conversation for a JSON body, an array of them for NDJSON.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum ImportAnswer {
+    One(Imported),
+    Many(Vec<Imported>),
 }
 
 /// `GET /conversations/{id}/export`: the conversation in the import format.
+#[utoipa::path(get, path = "/conversations/{id}/export", tag = "conversations", operation_id = "export_conversation",
+    params(("id" = String, Path, description = "The conversation's id (a UUID)")),
+    responses((status = 200, body = ConversationDocument), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn export_conversation(
     state: web::Data<ApiState>,
     auth: Authorized,

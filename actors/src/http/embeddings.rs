@@ -15,8 +15,9 @@ use crate::error::EngineError;
 /// Most inputs in one request.
 const MAX_INPUTS: usize = 256;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
+#[schema(as = EmbeddingInput)]
 pub enum Input {
     One(String),
     Many(Vec<String>),
@@ -27,13 +28,17 @@ pub enum Input {
 
 /// OpenAI's fields: `input`, `model`, `encoding_format` (`float` or
 /// `base64`), `dimensions` (only the model's own), `user` (ignored).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct EmbeddingRequest {
+    /// Up to 256 texts of at most 512 tokens each, or token ids of `cl100k_base`.
+    #[schema(value_type = Input)]
     pub input: Value,
     pub model: Option<String>,
     pub encoding_format: Option<String>,
     pub dimensions: Option<i64>,
+    /// `user` and the rest: ignored, they cannot change the vectors.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub _other: HashMap<String, Value>,
 }
 
@@ -134,6 +139,10 @@ fn encode(v: Vec<f32>, enc: Encoding) -> Value {
     }
 }
 
+/// OpenAI's embeddings, on the embedding model (unit-length vectors).
+#[utoipa::path(post, path = "/v1/embeddings", tag = "openai", request_body = EmbeddingRequest,
+    responses((status = 200, body = super::openapi::bodies::EmbeddingList),
+        (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn embeddings(
     state: web::Data<ApiState>,
     _auth: Authorized,

@@ -55,17 +55,26 @@ pub enum ApiError {
     Internal(String),
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Detail<'a>,
+/// The body of every error (but Ollama's routes'), also the `error` event of a stream.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
-struct Detail<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorDetail<'a> {
+    /// `invalid_request_error`, `authentication_error`, `permission_error`,
+    /// `not_found_error`, `request_too_large`, `context_length_exceeded`,
+    /// `overloaded_error`, `rate_limit_error`, `shutting_down`, `loading`,
+    /// `storage_unavailable`, `embedder_unavailable`, `timeout_error`,
+    /// `upstream_error`, `cancelled` or `server_error`.
     #[serde(rename = "type")]
     kind: &'static str,
+    /// What was wrong: the field, the rule and the value sent.
     message: String,
+    /// The request field at fault, if one is.
     param: Option<&'a str>,
+    /// `context_length_exceeded`, `model_not_found` or `storage_unavailable`.
     code: Option<&'static str>,
 }
 
@@ -118,7 +127,7 @@ impl ApiError {
             ApiError::StorageUnavailable { .. } => Some("storage_unavailable"),
             _ => None,
         };
-        serde_json::to_string(&Body { error: Detail { kind: self.error_type(), message, param: self.param(), code } })
+        serde_json::to_string(&ErrorBody { error: ErrorDetail { kind: self.error_type(), message, param: self.param(), code } })
             .expect("serialisable")
     }
 }

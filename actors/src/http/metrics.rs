@@ -357,6 +357,10 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
+/// Prometheus text format, prefix `modelpool_`.
+#[utoipa::path(get, path = "/metrics", tag = "status",
+    responses((status = 200, content((String = "text/plain"))),
+        (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn metrics(state: web::Data<ApiState>, _access: MetricsAccess) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     let status = chat.pool().status().await?;

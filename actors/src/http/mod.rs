@@ -6,7 +6,8 @@
 //!
 //! One file per area: `chat` (/chat), `conversations` (/conversations, import, export), `openai`
 //! (/v1/chat/completions, /v1/models), `embeddings` (/v1/embeddings),
-//! `status` (/pool, /health*), `metrics` (/metrics), `page` (the chat page at /).
+//! `status` (/pool, /health*), `metrics` (/metrics), `page` (the chat page at /),
+//! `openapi` (/openapi.json, the document of all of them).
 
 pub mod chat;
 pub mod conversations;
@@ -19,6 +20,7 @@ pub mod metrics_kv;
 pub mod ollama;
 pub mod openai;
 mod openai_reply;
+pub mod openapi;
 pub mod page;
 mod sse;
 pub mod status;
@@ -408,7 +410,8 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(ollama::register)
             .configure(status::register)
             .configure(metrics::register)
-            .configure(page::register);
+            .configure(page::register)
+            .configure(openapi::register);
     }
 }
 

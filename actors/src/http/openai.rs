@@ -18,21 +18,21 @@ use crate::engine::CacheKey;
 use crate::params::{ChatMessage, GenerateRequest, RawPrompt, Role};
 
 /// `content` as a string or as an array of `{"type": "text", "text": ...}` parts.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct Part {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
@@ -42,21 +42,21 @@ pub struct Message {
     pub tool_call_id: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// The sampling fields `/v1/chat/completions` and `/v1/completions` share.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -77,30 +77,30 @@ pub struct SamplingFields {
     pub repeat_last_n: Option<i64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct CompletionRequest {
     pub model: Option<String>,
     pub messages: Vec<Message>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
-    /// Options that would change the answer in ways this server cannot honour
-    /// are refused (`tools`, `logprobs`, a non-empty `logit_bias`);
-    /// `response_format`, `json_schema` and `grammar` constrain the reply
-    /// ([`super::structured`]); the rest (`user`, `metadata`, `store`,
-    /// `service_tier`, …) are accepted and ignored, as OpenAI-compatible servers do.
+    // OpenAI's other fields and llama-server's, read by name: each honoured,
+    // refused unless neutral, or ignored (the document's `ChatExtras`);
+    // a field no documentation lists is ignored.
     #[serde(flatten)]
+    #[schema(value_type = super::openapi::extras::ChatExtras)]
     pub other: HashMap<String, Value>,
 }
 
 /// `POST /v1/completions`: a prompt the client wrote whole (no chat template).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct TextCompletionRequest {
     pub model: Option<String>,
-    /// A string, or an array holding one string.
+    /// A string, or token ids, or an array holding one of those.
     pub prompt: Value,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     #[serde(flatten)]
+    #[schema(value_type = super::openapi::extras::TextExtras)]
     pub other: HashMap<String, Value>,
 }
 
@@ -391,6 +391,14 @@ impl Route {
     }
 }
 
+/// OpenAI's chat completions, stateless: the client sends the conversation.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
+    params(("X-Conversation-Id" = Option<String>, Header, description = "Keys the conversation's KV cache")),
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or with `stream: true` server-sent `chat.completion.chunk` events ending `data: [DONE]`",
+            content((super::openapi::bodies::ChatCompletion = "application/json"), (String = "text/event-stream"))),
+        (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn chat_completions(
     state: web::Data<ApiState>,
     auth: Authorized,
@@ -426,6 +434,14 @@ async fn chat_completions(
     meter.answer(unless_client_gone(&http, work).await)
 }
 
+/// OpenAI's completions: a prompt the client wrote whole (no chat template).
+#[utoipa::path(post, path = "/v1/completions", tag = "openai",
+    params(("X-Conversation-Id" = Option<String>, Header, description = "Keys the prompt's KV cache")),
+    request_body = TextCompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or with `stream: true` server-sent `text_completion` events ending `data: [DONE]`",
+            content((super::openapi::bodies::TextCompletion = "application/json"), (String = "text/event-stream"))),
+        (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn text_completions(
     state: web::Data<ApiState>,
     auth: Authorized,
@@ -470,26 +486,49 @@ fn check_models(state: &ApiState, asked: Option<&str>) -> Result<(), ApiError> {
     check_model(asked, &model)
 }
 
+/// A served model, as OpenAI lists one.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ModelEntry {
+    /// The GGUF file's stem.
+    id: String,
+    /// Always `model`.
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    /// `chat`, or `embeddings` (`/v1/embeddings` only).
+    purpose: &'static str,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ModelList {
+    /// Always `list`.
+    object: &'static str,
+    data: [ModelEntry; 2],
+}
+
 /// The served models: the chat model and the embedding model, told apart by `purpose`.
-fn model_entries(state: &ApiState) -> Result<[Value; 2], ApiError> {
+fn model_entries(state: &ApiState) -> Result<[ModelEntry; 2], ApiError> {
     let chat = state.chat()?;
     let chat_model = chat.pool().engine_info().model_name;
     let embed_model = chat.embedder().model_name().to_string();
-    // `purpose` tells the chat model from the embedding model (`/v1/embeddings` only).
-    let entry = |id: String, purpose: &str| json!({ "id": id, "object": "model", "created": 0, "owned_by": "modelpool", "purpose": purpose });
+    let entry = |id: String, purpose| ModelEntry { id, object: "model", created: 0, owned_by: "modelpool", purpose };
     Ok([entry(chat_model, "chat"), entry(embed_model, "embeddings")])
 }
 
+/// The chat model and the embedding model.
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, body = ModelList), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn models(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(json!({ "object": "list", "data": model_entries(&state)? })))
+    Ok(HttpResponse::Ok().json(ModelList { object: "list", data: model_entries(&state)? }))
 }
 
-/// `GET /v1/models/{id}`: one served model (its id, or its id without the
-/// last `.suffix`), else 404 `model_not_found`.
+/// One served model (its id, or its id without the last `.suffix`), else 404 `model_not_found`.
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai",
+    params(("id" = String, Path, description = "A model id from GET /v1/models")),
+    responses((status = 200, body = ModelEntry), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn model(state: web::Data<ApiState>, _auth: Authorized, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let [chat, embed] = model_entries(&state)?;
-    let name = |e: &Value| e["id"].as_str().unwrap_or_default().to_string();
-    match [chat, embed].into_iter().find(|e| check_model(Some(id.as_str()), &name(e)).is_ok()) {
+    match [chat, embed].into_iter().find(|e| check_model(Some(id.as_str()), &e.id).is_ok()) {
         Some(entry) => Ok(HttpResponse::Ok().json(entry)),
         None => Err(ApiError::ModelNotFound(id.chars().take(200).collect())),
     }

@@ -24,16 +24,17 @@ pub(super) struct Delivery {
     pub include_usage: bool,
 }
 
-#[derive(Serialize)]
-struct UsageBody {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = CompletionUsage)]
+pub(super) struct UsageBody {
     prompt_tokens: u32,
     completion_tokens: u32,
     total_tokens: u32,
     prompt_tokens_details: PromptDetails,
 }
 
-#[derive(Serialize)]
-struct PromptDetails {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct PromptDetails {
     /// Prompt tokens served from the instance's KV cache.
     cached_tokens: u32,
 }

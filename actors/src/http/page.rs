@@ -21,14 +21,18 @@ fn file(content_type: &'static str, body: &'static str) -> HttpResponse {
         .body(body)
 }
 
+/// The chat page.
+#[utoipa::path(get, path = "/", tag = "page", responses((status = 200, content((String = "text/html")))))]
 async fn index() -> HttpResponse {
     file("text/html; charset=utf-8", INDEX)
 }
 
+#[utoipa::path(get, path = "/ui/app.js", tag = "page", responses((status = 200, content((String = "text/javascript")))))]
 async fn script() -> HttpResponse {
     file("text/javascript; charset=utf-8", SCRIPT)
 }
 
+#[utoipa::path(get, path = "/ui/app.css", tag = "page", responses((status = 200, content((String = "text/css")))))]
 async fn style() -> HttpResponse {
     file("text/css; charset=utf-8", STYLE)
 }

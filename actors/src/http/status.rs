@@ -5,6 +5,9 @@ use serde_json::json;
 
 use super::{ApiError, ApiState, Authorized};
 
+/// The pool, its instances, the embedder, the memory index, the CPU, the KV tiers.
+#[utoipa::path(get, path = "/pool", tag = "status",
+    responses((status = 200, body = super::openapi::bodies::PoolBody), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn pool(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     let status = chat.pool().status().await?;
@@ -71,6 +74,8 @@ fn auth_summary(settings: &super::ApiSettings) -> serde_json::Value {
 }
 
 /// `GET /pool/capacity`: what a load balancer or autoscaler needs, cheaply.
+#[utoipa::path(get, path = "/pool/capacity", tag = "status",
+    responses((status = 200, body = super::openapi::bodies::CapacityBody), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn capacity(state: web::Data<ApiState>, _auth: Authorized) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     let status = chat.pool().status().await?;
@@ -102,6 +107,9 @@ fn unavailable(body: serde_json::Value) -> HttpResponse {
 /// 200 when everything a request needs works: an instance can serve, the
 /// store can write, the embedder answers, and the server is not draining.
 /// 503 otherwise, with the reason as `status` and, where known, its `cause`.
+#[utoipa::path(get, path = "/health", tag = "status", operation_id = "health",
+    responses((status = 200, body = super::openapi::bodies::HealthBody),
+        (status = 503, description = "Not ready: `status` says why", body = super::openapi::bodies::HealthBody)))]
 async fn ready(state: web::Data<ApiState>) -> HttpResponse {
     if state.is_draining() {
         return unavailable(json!({ "status": "draining" }));
@@ -132,6 +140,9 @@ async fn ready(state: web::Data<ApiState>) -> HttpResponse {
 /// error until reopened), so liveness fails too: a supervisor restarts it.
 /// A PostgreSQL store that is down is not a reason to restart: the replica
 /// reconnects by itself, and readiness keeps traffic away meanwhile.
+#[utoipa::path(get, path = "/health/live", tag = "status",
+    responses((status = 200, body = super::openapi::bodies::HealthBody),
+        (status = 503, description = "Only a restart helps: `storage_unavailable`", body = super::openapi::bodies::HealthBody)))]
 async fn live(state: web::Data<ApiState>) -> HttpResponse {
     let permanent = state.chat().ok().filter(|c| !c.store().shared()).and_then(|c| c.storage_error());
     match permanent {

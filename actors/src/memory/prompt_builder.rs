@@ -15,7 +15,7 @@ use crate::params::{ChatMessage, Role};
 const RECALL_EXCERPT_CHARS: usize = 600;
 
 /// An earlier message found by meaning.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Recalled {
     pub id: u64,
     pub role: Role,

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use super::{check_name, refuse, reply};
 use crate::http::{ApiError, ApiState, Authorized};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = OllamaEmbedRequest)]
 pub struct EmbedBody {
     pub model: Option<String>,
     /// `/api/embed`: a string or an array of strings.
@@ -21,6 +22,7 @@ pub struct EmbedBody {
     pub prompt: Option<String>,
     pub truncate: Option<bool>,
     pub dimensions: Option<i64>,
+    /// Ignored: nothing of them changes an embedding.
     pub options: Option<HashMap<String, Value>>,
     pub keep_alive: Option<Value>,
 }
@@ -57,6 +59,9 @@ async fn embed_texts(
     Ok((embedder.embed(texts).await?, tokens))
 }
 
+/// Ollama's embeddings of `input` (a string or an array of strings).
+#[utoipa::path(post, path = "/api/embed", tag = "ollama", request_body = EmbedBody,
+    responses((status = 200, body = crate::http::openapi::bodies::OllamaEmbed), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
 pub(super) async fn api_embed(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<EmbedBody>) -> HttpResponse {
     let started = Instant::now();
     reply(async {
@@ -80,6 +85,9 @@ pub(super) async fn api_embed(state: web::Data<ApiState>, _auth: Authorized, bod
     .await
 }
 
+/// Ollama's older embeddings route: one `prompt`.
+#[utoipa::path(post, path = "/api/embeddings", tag = "ollama", request_body = EmbedBody,
+    responses((status = 200, body = crate::http::openapi::bodies::OllamaEmbedding), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
 pub(super) async fn api_embeddings(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<EmbedBody>) -> HttpResponse {
     reply(async {
         let text =

@@ -24,6 +24,8 @@ fn described(state: &ApiState) -> Result<Vec<Value>, ApiError> {
     ])
 }
 
+/// The served models as Ollama lists them.
+#[utoipa::path(get, path = "/api/tags", tag = "ollama", responses((status = 200, body = crate::http::openapi::bodies::OllamaModels), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
 pub(super) async fn api_tags(state: web::Data<ApiState>, _auth: Authorized) -> HttpResponse {
     reply(async {
         let now = now_rfc3339();
@@ -40,6 +42,7 @@ pub(super) async fn api_tags(state: web::Data<ApiState>, _auth: Authorized) -> H
 }
 
 /// Loaded models: both stay loaded for the life of the process.
+#[utoipa::path(get, path = "/api/ps", tag = "ollama", responses((status = 200, body = crate::http::openapi::bodies::OllamaModels), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
 pub(super) async fn api_ps(state: web::Data<ApiState>, _auth: Authorized) -> HttpResponse {
     reply(async {
         let n_ctx = state.chat()?.pool().options().instance.n_ctx;
@@ -57,13 +60,17 @@ pub(super) async fn api_ps(state: web::Data<ApiState>, _auth: Authorized) -> Htt
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = OllamaShowRequest)]
 pub struct ShowBody {
     pub model: Option<String>,
     pub name: Option<String>,
     pub verbose: Option<bool>,
 }
 
+/// One served model, as Ollama describes it.
+#[utoipa::path(post, path = "/api/show", tag = "ollama", request_body = ShowBody,
+    responses((status = 200, body = crate::http::openapi::bodies::OllamaShow), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
 pub(super) async fn api_show(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<ShowBody>) -> HttpResponse {
     reply(async {
         let asked = body.model.as_deref().or(body.name.as_deref()).unwrap_or("");
@@ -92,6 +99,7 @@ pub(super) async fn api_show(state: web::Data<ApiState>, _auth: Authorized, body
     .await
 }
 
+#[utoipa::path(get, path = "/api/version", tag = "ollama", responses((status = 200, body = crate::http::openapi::bodies::OllamaVersion)))]
 pub(super) async fn api_version() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }

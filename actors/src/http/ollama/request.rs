@@ -11,7 +11,8 @@ use crate::http::openai::short_json;
 use crate::http::{ApiError, ApiState, SamplingOverrides};
 use crate::params::SamplingParams;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = OllamaChatMessage)]
 pub struct Message {
     pub role: String,
     #[serde(default)]
@@ -22,13 +23,16 @@ pub struct Message {
     pub tool_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = OllamaChatRequest)]
 pub struct ChatBody {
     pub model: Option<String>,
     #[serde(default)]
     pub messages: Vec<Message>,
     pub tools: Option<Value>,
+    /// `"json"`, or a JSON schema the reply follows.
     pub format: Option<Value>,
+    #[schema(value_type = Option<crate::http::openapi::extras::OllamaOptions>)]
     pub options: Option<HashMap<String, Value>>,
     pub stream: Option<bool>,
     /// The model stays loaded whatever it says: accepted.
@@ -36,7 +40,8 @@ pub struct ChatBody {
     pub think: Option<Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = OllamaGenerateRequest)]
 pub struct GenerateBody {
     pub model: Option<String>,
     #[serde(default)]
@@ -46,7 +51,9 @@ pub struct GenerateBody {
     pub template: Option<String>,
     pub context: Option<Vec<Value>>,
     pub images: Option<Vec<Value>>,
+    /// `"json"`, or a JSON schema the reply follows.
     pub format: Option<Value>,
+    #[schema(value_type = Option<crate::http::openapi::extras::OllamaOptions>)]
     pub options: Option<HashMap<String, Value>>,
     pub stream: Option<bool>,
     pub raw: Option<bool>,

@@ -76,9 +76,10 @@ impl Conversation {
 
 /// One stored message. `id` is unique in the store (and the payload of the
 /// vector index); within a conversation, ids grow in the conversation's order.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoredMessage {
     pub id: u64,
+    #[schema(value_type = String, format = Uuid)]
     pub conversation_id: ConversationId,
     pub role: Role,
     pub content: String,
