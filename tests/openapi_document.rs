@@ -5,7 +5,6 @@
 //! `openapi-spec-validator` that the set-up installs). The fuzzer
 //! (`tests/api_fuzz.rs`) checks the server's answers against it.
 
-
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
@@ -71,10 +70,7 @@ fn property<'a>(doc: &'a Value, schema: &'a Value, name: &str) -> Option<&'a Val
 
 /// A nullable `$ref` is `oneOf: [null, $ref]` in 3.1: the `$ref` of it.
 fn unwrap_nullable(schema: &Value) -> &Value {
-    schema["oneOf"]
-        .as_array()
-        .and_then(|alts| alts.iter().find(|a| a.get("$ref").is_some()))
-        .unwrap_or(schema)
+    schema["oneOf"].as_array().and_then(|alts| alts.iter().find(|a| a.get("$ref").is_some())).unwrap_or(schema)
 }
 
 #[test]
@@ -88,6 +84,30 @@ fn every_route_the_readme_documents_is_in_the_document() {
         }
     }
     assert!(missing.is_empty(), "routes in the README but not in /openapi.json: {missing:?}");
+}
+
+/// Every link (what the fuzzer's stateful phase follows: a new conversation's
+/// id into the routes that read it) names an operation of the document.
+#[test]
+fn links_name_operations_that_exist() {
+    let doc = document();
+    let mut ids = BTreeSet::new();
+    for item in doc["paths"].as_object().unwrap().values() {
+        ids.extend(item.as_object().unwrap().values().filter_map(|op| op["operationId"].as_str().map(String::from)));
+    }
+    let mut links = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for op in item.as_object().unwrap().values() {
+            for response in op["responses"].as_object().into_iter().flat_map(|r| r.values()) {
+                for (name, link) in response["links"].as_object().into_iter().flatten() {
+                    let target = link["operationId"].as_str();
+                    assert!(target.is_some_and(|t| ids.contains(t)), "{path}: link {name} names no operation: {link}");
+                    links += 1;
+                }
+            }
+        }
+    }
+    assert!(links >= 9, "the conversation routes' links are missing ({links})");
 }
 
 #[test]

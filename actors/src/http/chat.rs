@@ -16,18 +16,29 @@ use crate::params::{FinishReason, Usage};
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
+    #[schema(min_length = 1)]
     pub message: String,
     pub conversation_id: Option<String>,
     /// Namespace (user or tenant) of a new conversation.
+    #[schema(pattern = "^[A-Za-z0-9_.@:-]{1,64}$")]
     pub namespace: Option<String>,
+    #[schema(minimum = 1)]
     pub max_tokens: Option<i64>,
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
+    #[schema(minimum = -1, maximum = 4294967295_i64)]
     pub seed: Option<i64>,
+    #[schema(minimum = 0)]
     pub top_k: Option<i64>,
+    #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f32>,
+    #[schema(exclusive_minimum = 0)]
     pub repeat_penalty: Option<f32>,
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f32>,
     /// Structured output, as on `/v1/chat/completions`: `{"type": "json_object"}`
     /// or `{"type": "json_schema", "json_schema": {"schema": {…}}}`.
@@ -133,7 +144,7 @@ pub(crate) fn parse_conversation_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
     request_body = ChatRequest,
     responses(
         (status = 200, description = "The reply (`stream: false`), or server-sent events `start` {conversation_id}, `token` {text}…, then `done` (this object) or `error`",
-            content((ChatResponse = "application/json"), (String = "text/event-stream"))),
+            content((ChatResponse = "application/json"), (String = "text/event-stream")), links(("get_conversation" = (operation_id = "get_conversation", parameters(("id" = "$response.body#/conversation_id")))), ("export_conversation" = (operation_id = "export_conversation", parameters(("id" = "$response.body#/conversation_id")))), ("delete_conversation" = (operation_id = "delete_conversation", parameters(("id" = "$response.body#/conversation_id")))))),
         (status = "default", description = "An error", body = super::error::ErrorBody),
     )
 )]
@@ -287,5 +298,5 @@ pub const CONVERSATION_HEADER: &str = "x-conversation-id";
 pub const NODE_HEADER: &str = "x-modelpool-node";
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/chat", web::post().to(chat));
+    cfg.service(super::resource("/chat", "POST").route(web::post().to(chat)));
 }

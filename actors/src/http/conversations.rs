@@ -177,7 +177,7 @@ fn parse_cursor(raw: &str) -> Result<(u64, uuid::Uuid), ApiError> {
 
 /// `GET /conversations`: the caller's conversations, newest first, paged.
 #[utoipa::path(get, path = "/conversations", tag = "conversations", params(ListQuery),
-    responses((status = 200, body = ConversationPage), (status = "default", description = "An error", body = super::error::ErrorBody)))]
+    responses((status = 200, body = ConversationPage, links(("get_conversation" = (operation_id = "get_conversation", parameters(("id" = "$response.body#/conversations/0/conversation_id")))), ("export_conversation" = (operation_id = "export_conversation", parameters(("id" = "$response.body#/conversations/0/conversation_id")))), ("delete_conversation" = (operation_id = "delete_conversation", parameters(("id" = "$response.body#/conversations/0/conversation_id")))))), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn list_conversations(
     state: web::Data<ApiState>,
     auth: Authorized,
@@ -260,7 +260,7 @@ fn is_ndjson(http: &HttpRequest) -> bool {
     request_body(description = "One conversation as JSON, or many as NDJSON (one such object a line)",
         content((ConversationDocument = "application/json"), (ConversationDocument = "application/x-ndjson"))),
     responses((status = 200, description = "The new conversation (an array of them for NDJSON)",
-        body = ImportAnswer), (status = "default", description = "An error", body = super::error::ErrorBody)))]
+        body = ImportAnswer, links(("get_conversation" = (operation_id = "get_conversation", parameters(("id" = "$response.body#/conversation_id")))), ("export_conversation" = (operation_id = "export_conversation", parameters(("id" = "$response.body#/conversation_id")))), ("delete_conversation" = (operation_id = "delete_conversation", parameters(("id" = "$response.body#/conversation_id")))))), (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn import_conversations(
     state: web::Data<ApiState>,
     auth: Authorized,
@@ -385,9 +385,13 @@ async fn export_conversation(
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/conversations/import", web::post().to(import_conversations))
-        .route("/conversations/{id}/export", web::get().to(export_conversation))
-        .route("/conversations", web::get().to(list_conversations))
-        .route("/conversations/{id}", web::get().to(get_conversation))
-        .route("/conversations/{id}", web::delete().to(delete_conversation));
+    use super::resource;
+    cfg.service(resource("/conversations/import", "POST").route(web::post().to(import_conversations)))
+        .service(resource("/conversations/{id}/export", "GET").route(web::get().to(export_conversation)))
+        .service(resource("/conversations", "GET").route(web::get().to(list_conversations)))
+        .service(
+            resource("/conversations/{id}", "GET, DELETE")
+                .route(web::get().to(get_conversation))
+                .route(web::delete().to(delete_conversation)),
+        );
 }

@@ -197,5 +197,5 @@ async fn embeddings_inner(state: &ApiState, req: EmbeddingRequest) -> Result<Htt
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/embeddings", web::post().to(embeddings));
+    cfg.service(super::resource("/v1/embeddings", "POST").route(web::post().to(embeddings)));
 }

@@ -20,6 +20,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    /// The path exists, the method does not: 405 with `Allow`.
+    #[error("{method} is not served on {path}; it serves {allow}")]
+    MethodNotAllowed { method: String, path: String, allow: &'static str },
     /// The request names a model this server does not serve.
     #[error("the model {0:?} does not exist on this server; GET /v1/models lists the served ones")]
     ModelNotFound(String),
@@ -90,6 +93,7 @@ impl ApiError {
             ApiError::Unauthorized => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",
+            ApiError::MethodNotAllowed { .. } => "invalid_request_error",
             ApiError::ModelNotFound(_) => "invalid_request_error",
             ApiError::PayloadTooLarge { .. } => "request_too_large",
             ApiError::ContextLength(_) => "context_length_exceeded",
@@ -127,8 +131,10 @@ impl ApiError {
             ApiError::StorageUnavailable { .. } => Some("storage_unavailable"),
             _ => None,
         };
-        serde_json::to_string(&ErrorBody { error: ErrorDetail { kind: self.error_type(), message, param: self.param(), code } })
-            .expect("serialisable")
+        serde_json::to_string(&ErrorBody {
+            error: ErrorDetail { kind: self.error_type(), message, param: self.param(), code },
+        })
+        .expect("serialisable")
     }
 }
 
@@ -139,6 +145,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ContextLength(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -172,6 +179,9 @@ impl ResponseError for ApiError {
             }
             ApiError::Unauthorized => {
                 res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            ApiError::MethodNotAllowed { allow, .. } => {
+                res.insert_header((header::ALLOW, *allow));
             }
             _ => {}
         }

@@ -372,7 +372,7 @@ async fn metrics(state: web::Data<ApiState>, _access: MetricsAccess) -> Result<H
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/metrics", web::get().to(metrics));
+    cfg.service(super::resource("/metrics", "GET").route(web::get().to(metrics)));
 }
 
 /// One generation request's outcome, recorded exactly once: as it ended

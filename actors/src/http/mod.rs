@@ -362,21 +362,23 @@ impl FromRequest for MetricsAccess {
 
 /// JSON bodies: size limit → 413, anything malformed → 400 naming the problem.
 fn json_config(limit: usize) -> web::JsonConfig {
-    web::JsonConfig::default().limit(limit).error_handler(move |err, _| {
-        let api = match &err {
-            JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
-                ApiError::PayloadTooLarge { limit }
-            }
-            JsonPayloadError::ContentType => {
-                ApiError::bad("Content-Type", "the body must be JSON with Content-Type: application/json")
-            }
-            JsonPayloadError::Deserialize(e) => {
-                ApiError::BadRequest { param: None, message: format!("invalid JSON body: {e}") }
-            }
-            other => ApiError::BadRequest { param: None, message: format!("could not read the body: {other}") },
-        };
-        api.into()
-    })
+    web::JsonConfig::default().limit(limit).error_handler(move |err, _| body_error(err, limit).into())
+}
+
+/// What was wrong with a JSON body.
+pub(crate) fn body_error(err: JsonPayloadError, limit: usize) -> ApiError {
+    match &err {
+        JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
+            ApiError::PayloadTooLarge { limit }
+        }
+        JsonPayloadError::ContentType => {
+            ApiError::bad("Content-Type", "the body must be JSON with Content-Type: application/json")
+        }
+        JsonPayloadError::Deserialize(e) => {
+            ApiError::BadRequest { param: None, message: format!("invalid JSON body: {e}") }
+        }
+        other => ApiError::BadRequest { param: None, message: format!("could not read the body: {other}") },
+    }
 }
 
 fn query_config() -> web::QueryConfig {
@@ -407,12 +409,24 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(conversations::register)
             .configure(openai::register)
             .configure(embeddings::register)
-            .configure(ollama::register)
+            .configure(ollama::register(limit))
             .configure(status::register)
             .configure(metrics::register)
             .configure(page::register)
             .configure(openapi::register);
     }
+}
+
+/// The resource at `path`: a method it does not serve (`allow` lists those
+/// it does) is a 405 saying so, not a 404 as if the path did not exist.
+pub(crate) fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move |req: HttpRequest| async move {
+        Err::<HttpResponse, _>(ApiError::MethodNotAllowed {
+            method: req.method().to_string(),
+            path: req.path().chars().take(200).collect(),
+            allow,
+        })
+    }))
 }
 
 /// A JSON 404 for paths no route matches; give it to `App::default_service`.

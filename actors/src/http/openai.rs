@@ -58,22 +58,33 @@ pub struct StreamOptions {
 /// The sampling fields `/v1/chat/completions` and `/v1/completions` share.
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct SamplingFields {
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
+    #[schema(minimum = 1)]
     pub max_tokens: Option<i64>,
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<i64>,
     pub stop: Option<Stop>,
+    #[schema(minimum = -1, maximum = 4294967295_i64)]
     pub seed: Option<i64>,
     pub n: Option<i64>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f32>,
     /// llama.cpp extensions that llama-server users send.
+    #[schema(minimum = 0)]
     pub top_k: Option<i64>,
+    #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f32>,
+    #[schema(exclusive_minimum = 0)]
     pub repeat_penalty: Option<f32>,
+    #[schema(minimum = -1)]
     pub repeat_last_n: Option<i64>,
 }
 
@@ -535,8 +546,9 @@ async fn model(state: web::Data<ApiState>, _auth: Authorized, id: web::Path<Stri
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/chat/completions", web::post().to(chat_completions))
-        .route("/v1/completions", web::post().to(text_completions))
-        .route("/v1/models", web::get().to(models))
-        .route("/v1/models/{id:.+}", web::get().to(model));
+    use super::resource;
+    cfg.service(resource("/v1/chat/completions", "POST").route(web::post().to(chat_completions)))
+        .service(resource("/v1/completions", "POST").route(web::post().to(text_completions)))
+        .service(resource("/v1/models", "GET").route(web::get().to(models)))
+        .service(resource("/v1/models/{id:.+}", "GET").route(web::get().to(model)));
 }

@@ -313,10 +313,13 @@ mod tests {
             TokenChunks::new(route, "id-1", object, 7, "m\"odel", include_usage).write(&mut buf, text);
             let got: Value = serde_json::from_slice(&buf).unwrap();
             let choice = match route {
-                Route::Chat => json!({ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null }),
+                Route::Chat => {
+                    json!({ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null })
+                }
                 Route::Text => json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": null }),
             };
-            let mut want = json!({ "id": "id-1", "object": object, "created": 7, "model": "m\"odel", "choices": [choice] });
+            let mut want =
+                json!({ "id": "id-1", "object": object, "created": 7, "model": "m\"odel", "choices": [choice] });
             if include_usage {
                 want["usage"] = Value::Null;
             }

@@ -38,7 +38,8 @@ async fn style() -> HttpResponse {
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(index))
-        .route("/ui/app.js", web::get().to(script))
-        .route("/ui/app.css", web::get().to(style));
+    use super::resource;
+    cfg.service(resource("/", "GET").route(web::get().to(index)))
+        .service(resource("/ui/app.js", "GET").route(web::get().to(script)))
+        .service(resource("/ui/app.css", "GET").route(web::get().to(style)));
 }

@@ -152,11 +152,12 @@ async fn live(state: web::Data<ApiState>) -> HttpResponse {
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/pool", web::get().to(pool))
-        .route("/pool/capacity", web::get().to(capacity))
-        .route("/health", web::get().to(ready))
-        .route("/health/ready", web::get().to(ready))
-        .route("/health/live", web::get().to(live));
+    use super::resource;
+    cfg.service(resource("/pool", "GET").route(web::get().to(pool)))
+        .service(resource("/pool/capacity", "GET").route(web::get().to(capacity)))
+        .service(resource("/health", "GET").route(web::get().to(ready)))
+        .service(resource("/health/ready", "GET").route(web::get().to(ready)))
+        .service(resource("/health/live", "GET").route(web::get().to(live)));
 }
 
 #[cfg(test)]

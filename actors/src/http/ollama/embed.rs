@@ -62,7 +62,11 @@ async fn embed_texts(
 /// Ollama's embeddings of `input` (a string or an array of strings).
 #[utoipa::path(post, path = "/api/embed", tag = "ollama", request_body = EmbedBody,
     responses((status = 200, body = crate::http::openapi::bodies::OllamaEmbed), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
-pub(super) async fn api_embed(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<EmbedBody>) -> HttpResponse {
+pub(super) async fn api_embed(
+    state: web::Data<ApiState>,
+    _auth: Authorized,
+    body: web::Json<EmbedBody>,
+) -> HttpResponse {
     let started = Instant::now();
     reply(async {
         let texts: Vec<String> = match &body.input {
@@ -88,7 +92,11 @@ pub(super) async fn api_embed(state: web::Data<ApiState>, _auth: Authorized, bod
 /// Ollama's older embeddings route: one `prompt`.
 #[utoipa::path(post, path = "/api/embeddings", tag = "ollama", request_body = EmbedBody,
     responses((status = 200, body = crate::http::openapi::bodies::OllamaEmbedding), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
-pub(super) async fn api_embeddings(state: web::Data<ApiState>, _auth: Authorized, body: web::Json<EmbedBody>) -> HttpResponse {
+pub(super) async fn api_embeddings(
+    state: web::Data<ApiState>,
+    _auth: Authorized,
+    body: web::Json<EmbedBody>,
+) -> HttpResponse {
     reply(async {
         let text =
             body.prompt.clone().ok_or_else(|| ApiError::bad("prompt", "invalid prompt: required, got nothing"))?;

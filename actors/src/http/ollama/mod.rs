@@ -177,6 +177,8 @@ async fn api_chat(
         };
         refuse_set("think", body.think.as_ref(), "this model does not think")?;
         let _ = body.keep_alive;
+        // Checked before anything is answered, a load request's too.
+        let (mut sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
         if body.messages.is_empty() {
             // Ollama's way to load a model: it is loaded (no generation to count).
             meter.skip();
@@ -206,7 +208,6 @@ async fn api_chat(
             };
             messages.push(ChatMessage::new(role, content));
         }
-        let (mut sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
         if let Some(tools) = &tools {
             if sampling.is_constrained() {
                 return Err(refuse(
@@ -265,6 +266,7 @@ async fn api_generate(
         refuse_set("images", body.images.map(Value::from).as_ref(), "images are not supported by this model")?;
         refuse_set("think", body.think.as_ref(), "this model does not think")?;
         let _ = body.keep_alive;
+        let (sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
         if body.prompt.is_empty() {
             meter.skip();
             return Ok(HttpResponse::Ok().json(json!({
@@ -276,7 +278,6 @@ async fn api_generate(
             messages.push(ChatMessage::new(Role::System, system));
         }
         messages.push(ChatMessage::user(body.prompt));
-        let (sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
         let namespace = auth.namespace.clone().unwrap_or_default();
         let job = Job {
             messages,
@@ -292,16 +293,42 @@ async fn api_generate(
     counted(&meter, work).await
 }
 
-pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/api/chat", web::post().to(api_chat))
-        .route("/api/generate", web::post().to(api_generate))
-        .route("/api/embed", web::post().to(embed::api_embed))
-        .route("/api/embeddings", web::post().to(embed::api_embeddings))
-        .route("/api/tags", web::get().to(models::api_tags))
-        .route("/api/ps", web::get().to(models::api_ps))
-        .route("/api/show", web::post().to(models::api_show))
-        .route("/api/version", web::get().to(models::api_version));
-    for route in ["/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/{digest}"] {
-        cfg.route(route, web::route().to(models::api_manage));
+/// Ollama's routes; `limit`: the largest body, in bytes.
+pub fn register(limit: usize) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        // Ollama reads a body as JSON whatever its Content-Type says, and
+        // clients rely on it (litellm sends none); errors in Ollama's shape.
+        let json =
+            web::JsonConfig::default().limit(limit).content_type_required(false).content_type(|_| true).error_handler(
+                move |err, _| {
+                    let e = crate::http::body_error(err, limit);
+                    actix_web::error::InternalError::from_response(e.clone(), ollama_error(e)).into()
+                },
+            );
+        let at = |path, allow| crate::http::resource(path, allow).app_data(json.clone());
+        cfg.service(at("/api/chat", "POST").route(web::post().to(api_chat)))
+            .service(at("/api/generate", "POST").route(web::post().to(api_generate)))
+            .service(at("/api/embed", "POST").route(web::post().to(embed::api_embed)))
+            .service(at("/api/embeddings", "POST").route(web::post().to(embed::api_embeddings)))
+            .service(at("/api/tags", "GET").route(web::get().to(models::api_tags)))
+            .service(at("/api/ps", "GET").route(web::get().to(models::api_ps)))
+            .service(at("/api/show", "POST").route(web::post().to(models::api_show)))
+            .service(at("/api/version", "GET").route(web::get().to(models::api_version)));
+        // Ollama's methods for managing models: each answers that this server does not.
+        for (route, allow) in [
+            ("/api/pull", "POST"),
+            ("/api/push", "POST"),
+            ("/api/create", "POST"),
+            ("/api/copy", "POST"),
+            ("/api/delete", "DELETE"),
+            ("/api/blobs/{digest}", "HEAD, POST"),
+        ] {
+            let mut r = at(route, allow);
+            for method in allow.split(", ") {
+                let method = actix_web::http::Method::from_bytes(method.as_bytes()).expect("a method");
+                r = r.route(web::method(method).to(models::api_manage));
+            }
+            cfg.service(r);
+        }
     }
 }

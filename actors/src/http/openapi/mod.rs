@@ -113,9 +113,10 @@ impl Modify for Completed {
                             .name("digest")
                             .parameter_in(utoipa::openapi::path::ParameterIn::Path)
                             .required(utoipa::openapi::Required::True)
-                            .schema(Some(utoipa::openapi::ObjectBuilder::new().schema_type(
-                                utoipa::openapi::schema::Type::String,
-                            ))),
+                            .schema(Some(
+                                utoipa::openapi::ObjectBuilder::new()
+                                    .schema_type(utoipa::openapi::schema::Type::String),
+                            )),
                     );
                 }
                 doc.paths.add_path_operation(path, vec![method.clone()], op.build());
@@ -132,7 +133,36 @@ impl Modify for Completed {
 /// The document, built once.
 pub fn document() -> &'static str {
     static DOC: OnceLock<String> = OnceLock::new();
-    DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().expect("the document serialises"))
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serialises");
+        camel_case_links(&mut doc);
+        serde_json::to_string_pretty(&doc).expect("the document serialises")
+    })
+}
+
+/// utoipa 5 writes a Link object's `operationId` and `requestBody` in
+/// snake case; OpenAPI (and every client that follows links) reads camel case.
+fn camel_case_links(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Object(links)) = map.get_mut("links") {
+                for link in links.values_mut().filter_map(|l| l.as_object_mut()) {
+                    for (from, to) in [
+                        ("operation_id", "operationId"),
+                        ("operation_ref", "operationRef"),
+                        ("request_body", "requestBody"),
+                    ] {
+                        if let Some(x) = link.remove(from) {
+                            link.insert(to.to_string(), x);
+                        }
+                    }
+                }
+            }
+            map.values_mut().for_each(camel_case_links);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(camel_case_links),
+        _ => {}
+    }
 }
 
 /// This document.
@@ -143,5 +173,5 @@ async fn openapi_json() -> HttpResponse {
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.route("/openapi.json", web::get().to(openapi_json));
+    cfg.service(super::resource("/openapi.json", "GET").route(web::get().to(openapi_json)));
 }
