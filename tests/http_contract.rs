@@ -465,3 +465,48 @@ async fn logprobs_list_each_token_and_its_sorted_alternatives() {
         assert_eq!((status, r["error"]["param"].as_str()), (400, Some(param)), "{body}: {r}");
     }
 }
+
+/// What the fuzzer over the OpenAPI document found, each answered as the
+/// document says: a method a path does not serve is a 405 naming those it
+/// does; Ollama's routes read a body without Content-Type (litellm sends
+/// none) and answer a bad body in Ollama's shape; a load request checks its
+/// options; a whole number written `8.0` is one; a field of the wrong type
+/// is refused by name instead of being ignored.
+#[actix::test]
+async fn answers_are_what_the_openapi_document_says() {
+    let server = Server::start(&["--instances", "1"], &[]);
+    let r = http().request(reqwest::Method::TRACE, server.url("/chat")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    let r = http().delete(server.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+
+    // Ollama: no Content-Type at all, then a body that is not JSON.
+    let r = http().post(server.url("/api/chat")).body(r#"{"messages": []}"#).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["done_reason"], "load", "{v}");
+    let r = http().post(server.url("/api/generate")).body("{not json").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().is_some_and(|m| m.contains("JSON")), "not Ollama's error shape: {v}");
+    let (status, v) = post(&server, "/api/chat", json!({ "messages": [], "options": { "tfs_z": {} } })).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("options.tfs_z"), "{v}");
+
+    let chat = |extra: Value| {
+        let mut body = json!({ "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 4.0 });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (status, v) = post(&server, "/v1/chat/completions", chat(json!({ "seed": 7.0 }))).await;
+    assert_eq!(status, 200, "{v}");
+    for (field, value) in
+        [("logit_bias", json!("x")), ("user", json!(5)), ("prompt_cache_key", json!([])), ("grammar", json!({}))]
+    {
+        let (status, v) = post(&server, "/v1/chat/completions", chat(json!({ field: value }))).await;
+        assert_eq!((status, v["error"]["param"].as_str()), (400, Some(field)), "{field}={value}: {v}");
+    }
+    let (status, v) = post(&server, "/v1/chat/completions", chat(json!({ "max_tokens": 4.5 }))).await;
+    assert_eq!(status, 400, "{v}");
+}

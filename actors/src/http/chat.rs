@@ -18,19 +18,23 @@ use crate::params::{FinishReason, Usage};
 pub struct ChatRequest {
     #[schema(min_length = 1)]
     pub message: String,
+    #[schema(format = Uuid)]
     pub conversation_id: Option<String>,
     /// Namespace (user or tenant) of a new conversation.
     #[schema(pattern = "^[A-Za-z0-9_.@:-]{1,64}$")]
     pub namespace: Option<String>,
     #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "super::de_whole")]
     pub max_tokens: Option<i64>,
     #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
     #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
     #[schema(minimum = -1, maximum = 4294967295_i64)]
+    #[serde(default, deserialize_with = "super::de_whole")]
     pub seed: Option<i64>,
     #[schema(minimum = 0)]
+    #[serde(default, deserialize_with = "super::de_whole")]
     pub top_k: Option<i64>,
     #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f32>,
@@ -42,13 +46,16 @@ pub struct ChatRequest {
     pub presence_penalty: Option<f32>,
     /// Structured output, as on `/v1/chat/completions`: `{"type": "json_object"}`
     /// or `{"type": "json_schema", "json_schema": {"schema": {…}}}`.
+    #[schema(value_type = Option<super::openapi::extras::ResponseFormat>)]
     pub response_format: Option<serde_json::Value>,
     #[serde(default)]
     pub stream: bool,
     /// Refused: a conversation here stores text turns, and a tool call's
     /// result comes from the client in a later request; tools are offered on
     /// `/v1/chat/completions` (with `X-Conversation-Id` to keep its cache warm).
+    #[schema(schema_with = super::openapi::extras::null_only)]
     pub tools: Option<serde_json::Value>,
+    #[schema(schema_with = super::openapi::extras::null_only)]
     pub tool_choice: Option<serde_json::Value>,
 }
 

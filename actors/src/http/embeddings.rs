@@ -35,6 +35,7 @@ pub struct EmbeddingRequest {
     pub input: Value,
     pub model: Option<String>,
     pub encoding_format: Option<String>,
+    #[serde(default, deserialize_with = "super::de_whole")]
     pub dimensions: Option<i64>,
     /// `user` and the rest: ignored, they cannot change the vectors.
     #[serde(flatten)]

@@ -15,7 +15,7 @@ use super::ApiError;
 pub(super) fn logprobs_of(other: &HashMap<String, Value>, route: Route) -> Result<Option<u32>, ApiError> {
     let logprobs = other.get("logprobs").filter(|v| !v.is_null());
     let top = other.get("top_logprobs").filter(|v| !v.is_null());
-    let count = |field: &str, v: &Value| match v.as_i64() {
+    let count = |field: &str, v: &Value| match super::whole(v) {
         Some(n) if (0..=crate::params::MAX_TOP_LOGPROBS as i64).contains(&n) => Ok(n as u32),
         _ => Err(ApiError::bad(field, format!("invalid {field}: must be between 0 and 20, got {}", short_json(v)))),
     };
@@ -28,7 +28,7 @@ pub(super) fn logprobs_of(other: &HashMap<String, Value>, route: Route) -> Resul
                 })?,
             };
             match (on, top) {
-                (false, Some(v)) if v.as_i64() != Some(0) => Err(ApiError::bad(
+                (false, Some(v)) if super::whole(v) != Some(0) => Err(ApiError::bad(
                     "top_logprobs",
                     format!("invalid top_logprobs: needs logprobs: true, got {}", short_json(v)),
                 )),

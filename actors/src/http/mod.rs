@@ -75,6 +75,22 @@ impl Default for ApiSettings {
     }
 }
 
+/// A whole number as JSON may write it: `3`, or `3.0` (JSON Schema's
+/// `integer` holds both, and clients that compute a count send either).
+pub(crate) fn whole(v: &serde_json::Value) -> Option<i64> {
+    v.as_i64().or_else(|| v.as_f64().filter(|x| x.fract() == 0.0 && x.abs() < 9.0e15).map(|x| x as i64))
+}
+
+/// Deserializes an optional whole number written either way ([`whole`]).
+pub(crate) fn de_whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    let v: Option<serde_json::Value> = serde::Deserialize::deserialize(d)?;
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => whole(&v).map(Some).ok_or_else(|| D::Error::custom(format!("expected a whole number, got {v}"))),
+    }
+}
+
 /// Sampling fields a request may set; the rest are the configured defaults.
 #[derive(Default)]
 pub(crate) struct SamplingOverrides {

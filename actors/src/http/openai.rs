@@ -27,13 +27,18 @@ pub enum Content {
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct Part {
+    /// Only `text` parts are read (others are refused).
     #[serde(rename = "type")]
+    #[schema(pattern = "^text$")]
     pub kind: String,
+    #[schema(required = true, value_type = String)]
     pub text: Option<String>,
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct Message {
+    /// `system`, `developer` (as system), `user`, `assistant` or `tool`.
+    #[schema(pattern = "^(system|developer|user|assistant|tool)$")]
     pub role: String,
     pub content: Option<Content>,
     /// An assistant message's calls ([`super::tools`]).
@@ -63,12 +68,17 @@ pub struct SamplingFields {
     #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
     #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "super::de_whole")]
     pub max_tokens: Option<i64>,
     #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "super::de_whole")]
     pub max_completion_tokens: Option<i64>,
     pub stop: Option<Stop>,
     #[schema(minimum = -1, maximum = 4294967295_i64)]
+    #[serde(default, deserialize_with = "super::de_whole")]
     pub seed: Option<i64>,
+    #[serde(default, deserialize_with = "super::de_whole")]
+    #[schema(schema_with = super::openapi::extras::one)]
     pub n: Option<i64>,
     #[serde(default)]
     pub stream: bool,
@@ -79,18 +89,21 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f32>,
     /// llama.cpp extensions that llama-server users send.
     #[schema(minimum = 0)]
+    #[serde(default, deserialize_with = "super::de_whole")]
     pub top_k: Option<i64>,
     #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f32>,
     #[schema(exclusive_minimum = 0)]
     pub repeat_penalty: Option<f32>,
     #[schema(minimum = -1)]
+    #[serde(default, deserialize_with = "super::de_whole")]
     pub repeat_last_n: Option<i64>,
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct CompletionRequest {
     pub model: Option<String>,
+    #[schema(min_items = 1)]
     pub messages: Vec<Message>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -106,7 +119,7 @@ pub struct CompletionRequest {
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct TextCompletionRequest {
     pub model: Option<String>,
-    /// A string, or token ids, or an array holding one of those.
+    #[schema(value_type = super::openapi::extras::Prompt)]
     pub prompt: Value,
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -136,8 +149,17 @@ fn refuse_unsupported(other: &HashMap<String, Value>, route: Route) -> Result<()
             "suffix" if v.as_str().is_some_and(|s| !s.is_empty()) || !(v.is_null() || v.is_string()) => {
                 return unsupported(field, v)
             }
-            "best_of" if !v.is_null() && v.as_i64() != Some(1) => return unsupported(field, v),
-            "logit_bias" if v.as_object().is_some_and(|o| !o.is_empty()) => return unsupported(field, v),
+            "best_of" if !v.is_null() && super::whole(v) != Some(1) => return unsupported(field, v),
+            "logit_bias" if !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty()) => {
+                return unsupported(field, v)
+            }
+            // Cache keys: text, or nothing.
+            "user" | "prompt_cache_key" if !(v.is_null() || v.is_string()) => {
+                return Err(ApiError::bad(
+                    field,
+                    format!("invalid {field}: must be a string, got {}", short_json(v)),
+                ))
+            }
             // llama-server's own fields that would change the answer: refused
             // unless they carry the value that changes nothing.
             f if changes_the_answer(f, v) => return unsupported(field, v),
@@ -286,7 +308,7 @@ fn sampling_of(
     // llama-server's n_predict: max_tokens by another name; -1 to the end of the context.
     let n_predict = match other.get("n_predict") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_i64().filter(|n| *n >= -1).ok_or_else(|| {
+        Some(v) => Some(super::whole(v).filter(|n| *n == -1 || *n >= 1).ok_or_else(|| {
             ApiError::bad(
                 "n_predict",
                 format!(
@@ -338,7 +360,7 @@ fn raw_prompt(prompt: Value) -> Result<RawPrompt, ApiError> {
     let bad =
         |rule: &str, got: &Value| ApiError::bad("prompt", format!("invalid prompt: {rule}, got {}", short_json(got)));
     let ids = |a: &[Value]| -> Option<Vec<i32>> {
-        a.iter().map(|v| v.as_i64().and_then(|n| i32::try_from(n).ok())).collect()
+        a.iter().map(|v| super::whole(v).and_then(|n| i32::try_from(n).ok())).collect()
     };
     let one = match &prompt {
         Value::Array(a) if a.len() == 1 && (a[0].is_string() || a[0].is_array()) => &a[0],

@@ -46,10 +46,12 @@ pub fn grammar_of(fields: &HashMap<String, Value>) -> Result<Option<Constraint>,
             asked.push(("response_format", g));
         }
     }
-    if let Some(schema) = fields.get("json_schema").filter(|v| !is_empty(v)) {
+    // `{}` and "" ask for nothing; any other value is checked (a JSON schema
+    // is an object or a boolean; a grammar is GBNF text).
+    if let Some(schema) = fields.get("json_schema").filter(|v| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty())) {
         asked.push(("json_schema", schema_grammar(schema, "json_schema")?));
     }
-    if let Some(g) = fields.get("grammar").filter(|v| !is_empty(v)) {
+    if let Some(g) = fields.get("grammar").filter(|v| !v.is_null() && *v != "") {
         let Some(text) = g.as_str() else {
             return Err(ApiError::bad(
                 "grammar",

@@ -21,6 +21,7 @@ pub struct EmbedBody {
     /// `/api/embeddings` (the older route): one string.
     pub prompt: Option<String>,
     pub truncate: Option<bool>,
+    #[serde(default, deserialize_with = "crate::http::de_whole")]
     pub dimensions: Option<i64>,
     /// Ignored: nothing of them changes an embedding.
     pub options: Option<HashMap<String, Value>>,

@@ -14,9 +14,11 @@ use crate::params::SamplingParams;
 #[derive(Deserialize, utoipa::ToSchema)]
 #[schema(as = OllamaChatMessage)]
 pub struct Message {
+    #[schema(pattern = "^(system|user|assistant|tool)$")]
     pub role: String,
     #[serde(default)]
     pub content: String,
+    #[schema(schema_with = crate::http::openapi::extras::empty_list)]
     pub images: Option<Vec<Value>>,
     pub tool_calls: Option<Value>,
     /// A `tool` message's tool.
@@ -37,6 +39,7 @@ pub struct ChatBody {
     pub stream: Option<bool>,
     /// The model stays loaded whatever it says: accepted.
     pub keep_alive: Option<Value>,
+    #[schema(schema_with = crate::http::openapi::extras::no_thinking)]
     pub think: Option<Value>,
 }
 
@@ -47,17 +50,23 @@ pub struct GenerateBody {
     #[serde(default)]
     pub prompt: String,
     pub system: Option<String>,
+    #[schema(schema_with = crate::http::openapi::extras::empty_string)]
     pub suffix: Option<String>,
+    #[schema(schema_with = crate::http::openapi::extras::empty_string)]
     pub template: Option<String>,
+    #[schema(schema_with = crate::http::openapi::extras::empty_list)]
     pub context: Option<Vec<Value>>,
+    #[schema(schema_with = crate::http::openapi::extras::empty_list)]
     pub images: Option<Vec<Value>>,
     /// `"json"`, or a JSON schema the reply follows.
     pub format: Option<Value>,
     #[schema(value_type = Option<crate::http::openapi::extras::OllamaOptions>)]
     pub options: Option<HashMap<String, Value>>,
     pub stream: Option<bool>,
+    #[schema(schema_with = crate::http::openapi::extras::no)]
     pub raw: Option<bool>,
     pub keep_alive: Option<Value>,
+    #[schema(schema_with = crate::http::openapi::extras::no_thinking)]
     pub think: Option<Value>,
 }
 
@@ -95,7 +104,9 @@ pub(super) fn sampling_of(
         match o.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => {
-                v.as_i64().map(Some).ok_or_else(|| refuse(&format!("options.{key}"), "must be a whole number", v))
+                crate::http::whole(v)
+                    .map(Some)
+                    .ok_or_else(|| refuse(&format!("options.{key}"), "must be a whole number", v))
             }
         }
     };

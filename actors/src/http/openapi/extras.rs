@@ -9,15 +9,125 @@
 #![allow(dead_code)]
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
+
+/// A field refused unless it carries one of `neutral` (values that change
+/// nothing) or is null: exactly what the server accepts of it.
+fn only(neutral: &[Value]) -> RefOr<Schema> {
+    let shown: Vec<String> = neutral.iter().map(Value::to_string).collect();
+    let mut values = vec![Value::Null];
+    values.extend_from_slice(neutral);
+    // Any type: the values say which.
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::AnyValue)
+        .enum_values(Some(values))
+        .description(Some(format!("Refused unless {} (or null): not supported by this server", shown.join(" or "))))
+        .into()
+}
+
+/// A JSON schema: an object or a boolean.
+pub(crate) fn json_schema_value() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([Type::Object, Type::Boolean, Type::Null]))
+        .description(Some("A JSON schema the reply follows (an object, or a boolean)"))
+        .into()
+}
+
+/// llama-server's `max_tokens`: −1 (to the end of the context) or at least 1.
+fn n_predict() -> RefOr<Schema> {
+    use utoipa::openapi::schema::SchemaType;
+    let int = |b: ObjectBuilder| b.schema_type(SchemaType::from_iter([Type::Integer]));
+    utoipa::openapi::OneOfBuilder::new()
+        .item(int(ObjectBuilder::new()).minimum(Some(-1)).maximum(Some(-1)))
+        .item(int(ObjectBuilder::new()).minimum(Some(1)))
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .description(Some("llama-server's `max_tokens`: -1 (to the end of the context) or at least 1"))
+        .into()
+}
+
+pub(crate) fn null_only() -> RefOr<Schema> {
+    ObjectBuilder::new().schema_type(Type::Null).description(Some("Refused: not supported by this server")).into()
+}
+pub(crate) fn zero() -> RefOr<Schema> {
+    only(&[json!(0)])
+}
+pub(crate) fn one() -> RefOr<Schema> {
+    only(&[json!(1)])
+}
+pub(crate) fn no() -> RefOr<Schema> {
+    only(&[json!(false)])
+}
+pub(crate) fn sigma_off() -> RefOr<Schema> {
+    only(&[json!(-1), json!(0)])
+}
+pub(crate) fn empty_string() -> RefOr<Schema> {
+    only(&[json!("")])
+}
+pub(crate) fn empty_list() -> RefOr<Schema> {
+    only(&[json!([])])
+}
+pub(crate) fn empty_object() -> RefOr<Schema> {
+    only(&[json!({})])
+}
+/// llama-server's fields that ask for something when set: empty or false passes.
+pub(crate) fn unset() -> RefOr<Schema> {
+    only(&[json!(false), json!(""), json!([]), json!({})])
+}
+/// Ollama's `think`: refused unless false, empty or null.
+pub(crate) fn no_thinking() -> RefOr<Schema> {
+    only(&[json!(false), json!(""), json!([])])
+}
+pub(crate) fn only_text() -> RefOr<Schema> {
+    only(&[json!(["text"])])
+}
+pub(crate) fn only_medium() -> RefOr<Schema> {
+    only(&[json!("medium")])
+}
+pub(crate) fn only_none() -> RefOr<Schema> {
+    only(&[json!("none")])
+}
+
+/// Structured output: the reply is JSON (`json_object`; llama-server's
+/// `schema` beside it is honoured), JSON that follows `json_schema.schema`,
+/// or free `text`.
+#[derive(Deserialize, ToSchema)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: ResponseFormatType,
+    /// With `json_object`: a JSON schema the object follows (llama-server's).
+    #[schema(schema_with = json_schema_value)]
+    schema: Option<Value>,
+    /// Required with `json_schema`.
+    json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormatType {
+    Text,
+    JsonObject,
+    JsonSchema,
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct JsonSchemaFormat {
+    name: Option<String>,
+    description: Option<String>,
+    /// The JSON schema (README, "Bounds": its size, nesting and names are bounded).
+    #[schema(schema_with = json_schema_value)]
+    schema: Value,
+    strict: Option<bool>,
+}
 
 /// OpenAI's fields of `/v1/chat/completions` beyond the sampling ones.
 #[derive(Deserialize, ToSchema)]
 pub struct ChatExtras {
     /// Structured output: `{"type": "text" | "json_object"}` or
     /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
-    response_format: Option<Map<String, Value>>,
+    response_format: Option<ResponseFormat>,
     /// Whether to return each token's log-probability.
     logprobs: Option<bool>,
     /// How many of the most likely alternatives to return with each token (0–20; needs `logprobs`).
@@ -30,8 +140,10 @@ pub struct ChatExtras {
     /// Whether the model may call several tools in one reply.
     parallel_tool_calls: Option<bool>,
     /// Refused: OpenAI's deprecated form of `tools` (unless absent or empty).
+    #[schema(schema_with = null_only)]
     functions: Option<Value>,
     /// Refused: OpenAI's deprecated form of `tool_choice` (unless `none` or `auto`).
+    #[schema(schema_with = null_only)]
     function_call: Option<Value>,
     /// Ignored: stored nowhere.
     metadata: Option<Value>,
@@ -46,15 +158,31 @@ pub struct ChatExtras {
     /// Ignored: the served model does not reason before it answers.
     reasoning_effort: Option<Value>,
     /// Refused: text only.
+    #[schema(schema_with = null_only)]
     audio: Option<Value>,
     /// Refused unless `["text"]`.
-    modalities: Option<Vec<String>>,
+    #[schema(schema_with = only_text)]
+    modalities: Option<Value>,
     /// Refused unless `"medium"`.
-    verbosity: Option<String>,
+    #[schema(schema_with = only_medium)]
+    verbosity: Option<Value>,
     /// Refused: no web search.
+    #[schema(schema_with = null_only)]
     web_search_options: Option<Value>,
     #[serde(flatten)]
     shared: SharedExtras,
+}
+
+/// A `/v1/completions` prompt: text written whole (its special tokens
+/// parsed), or token ids of the served model's vocabulary, or an array
+/// holding one of those (several prompts are refused: send several requests).
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+    OneText(Vec<String>),
+    OneTokens(Vec<Vec<u32>>),
 }
 
 /// OpenAI's fields of `/v1/completions` beyond the sampling ones.
@@ -64,12 +192,16 @@ pub struct TextExtras {
     #[schema(minimum = 0, maximum = 20)]
     logprobs: Option<i64>,
     /// Refused unless 1.
-    best_of: Option<i64>,
+    #[schema(schema_with = one)]
+    best_of: Option<Value>,
     /// Refused unless false.
-    echo: Option<bool>,
+    #[schema(schema_with = no)]
+    echo: Option<Value>,
     /// Refused unless empty: the served model has no infill.
-    suffix: Option<String>,
+    #[schema(schema_with = empty_string)]
+    suffix: Option<Value>,
     /// Refused unless absent or empty: a text completion calls no tools.
+    #[schema(schema_with = empty_list)]
     tools: Option<Value>,
     #[serde(flatten)]
     shared: SharedExtras,
@@ -84,28 +216,33 @@ pub struct SharedExtras {
     /// Keys the conversation's KV cache after `prompt_cache_key`; the answer does not depend on it.
     user: Option<String>,
     /// Refused unless empty.
-    logit_bias: Option<Map<String, Value>>,
-    /// llama-server's `max_tokens` (−1: to the end of the context).
-    #[schema(minimum = -1)]
-    n_predict: Option<i64>,
+    #[schema(schema_with = empty_object)]
+    logit_bias: Option<Value>,
+    #[schema(schema_with = n_predict)]
+    n_predict: Option<Value>,
     /// A GBNF grammar the reply follows (README, "Bounds").
     grammar: Option<String>,
-    /// A JSON schema the reply follows.
-    json_schema: Option<Map<String, Value>>,
+    /// A JSON schema the reply follows (an object, or a boolean).
+    #[schema(schema_with = json_schema_value)]
+    json_schema: Option<Value>,
     /// Refused unless 1.
-    typical_p: Option<f64>,
+    #[schema(schema_with = one)]
+    typical_p: Option<Value>,
     /// Refused unless 0.
-    mirostat: Option<f64>,
+    #[schema(schema_with = zero)]
+    mirostat: Option<Value>,
     /// Ignored: used only with `mirostat`.
     mirostat_tau: Option<Value>,
     /// Ignored: used only with `mirostat`.
     mirostat_eta: Option<Value>,
     /// Refused unless 0.
-    dynatemp_range: Option<f64>,
+    #[schema(schema_with = zero)]
+    dynatemp_range: Option<Value>,
     /// Ignored: used only with `dynatemp_range`.
     dynatemp_exponent: Option<Value>,
     /// Refused unless 0.
-    dry_multiplier: Option<f64>,
+    #[schema(schema_with = zero)]
+    dry_multiplier: Option<Value>,
     /// Ignored: used only with `dry_multiplier`.
     dry_base: Option<Value>,
     /// Ignored: used only with `dry_multiplier`.
@@ -115,23 +252,31 @@ pub struct SharedExtras {
     /// Ignored: used only with `dry_multiplier`.
     dry_sequence_breakers: Option<Value>,
     /// Refused unless 0.
-    xtc_probability: Option<f64>,
+    #[schema(schema_with = zero)]
+    xtc_probability: Option<Value>,
     /// Ignored: used only with `xtc_probability`.
     xtc_threshold: Option<Value>,
     /// Refused unless −1 or 0.
-    top_n_sigma: Option<f64>,
+    #[schema(schema_with = sigma_off)]
+    top_n_sigma: Option<Value>,
     /// Refused unless empty.
-    samplers: Option<Vec<String>>,
+    #[schema(schema_with = unset)]
+    samplers: Option<Value>,
     /// Refused unless false.
-    ignore_eos: Option<bool>,
+    #[schema(schema_with = no)]
+    ignore_eos: Option<Value>,
     /// Refused unless 0 (`logprobs` gives the same).
-    n_probs: Option<i64>,
+    #[schema(schema_with = zero)]
+    n_probs: Option<Value>,
     /// Refused unless 0.
-    min_keep: Option<i64>,
+    #[schema(schema_with = zero)]
+    min_keep: Option<Value>,
     /// Refused unless 0.
-    n_indent: Option<i64>,
+    #[schema(schema_with = zero)]
+    n_indent: Option<Value>,
     /// Refused unless 0 (`max_generation_ms` bounds every generation).
-    t_max_predict_ms: Option<i64>,
+    #[schema(schema_with = zero)]
+    t_max_predict_ms: Option<Value>,
     /// Ignored: a full context never shifts here.
     n_keep: Option<Value>,
     /// Ignored: the pool picks the slot that holds the conversation's cache.
@@ -139,47 +284,67 @@ pub struct SharedExtras {
     /// Ignored: prompts are always cached.
     cache_prompt: Option<Value>,
     /// Refused unless false.
-    return_tokens: Option<bool>,
+    #[schema(schema_with = unset)]
+    return_tokens: Option<Value>,
     /// Refused unless false.
-    timings_per_token: Option<bool>,
+    #[schema(schema_with = unset)]
+    timings_per_token: Option<Value>,
     /// Refused unless false.
-    return_progress: Option<bool>,
+    #[schema(schema_with = unset)]
+    return_progress: Option<Value>,
     /// Refused unless false.
-    post_sampling_probs: Option<bool>,
+    #[schema(schema_with = unset)]
+    post_sampling_probs: Option<Value>,
     /// Refused unless empty.
-    response_fields: Option<Vec<String>>,
+    #[schema(schema_with = unset)]
+    response_fields: Option<Value>,
     /// Refused unless empty: no adapters are loaded.
-    lora: Option<Vec<Value>>,
+    #[schema(schema_with = unset)]
+    lora: Option<Value>,
     /// Refused unless empty: the model's template is used as it is.
-    chat_template_kwargs: Option<Map<String, Value>>,
+    #[schema(schema_with = unset)]
+    chat_template_kwargs: Option<Value>,
     /// Refused unless `"none"`.
-    reasoning_format: Option<String>,
+    #[schema(schema_with = only_none)]
+    reasoning_format: Option<Value>,
 }
 
 /// Ollama's `options` on `/api/chat` and `/api/generate`.
 #[derive(Deserialize, ToSchema)]
 pub struct OllamaOptions {
+    #[schema(minimum = -1, maximum = 4294967295_i64)]
     seed: Option<i64>,
     /// Tokens to generate; < 0: to the end of the context.
     num_predict: Option<i64>,
+    #[schema(minimum = 0)]
     top_k: Option<i64>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     top_p: Option<f64>,
+    #[schema(minimum = 0, maximum = 1)]
     min_p: Option<f64>,
+    #[schema(minimum = 0, maximum = 2)]
     temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0)]
     repeat_penalty: Option<f64>,
+    #[schema(minimum = -1)]
     repeat_last_n: Option<i64>,
+    #[schema(minimum = -2, maximum = 2)]
     presence_penalty: Option<f64>,
+    #[schema(minimum = -2, maximum = 2)]
     frequency_penalty: Option<f64>,
     /// A string or an array of strings.
     stop: Option<Value>,
     /// Honoured up to the instance's `n_ctx`; above it refused.
     num_ctx: Option<i64>,
     /// Refused unless 1.
-    typical_p: Option<f64>,
+    #[schema(schema_with = one)]
+    typical_p: Option<Value>,
     /// Refused unless 0.
-    mirostat: Option<f64>,
+    #[schema(schema_with = zero)]
+    mirostat: Option<Value>,
     /// Refused unless 1.
-    tfs_z: Option<f64>,
+    #[schema(schema_with = one)]
+    tfs_z: Option<Value>,
     /// Ignored: used only with `mirostat`.
     mirostat_tau: Option<Value>,
     /// Ignored: used only with `mirostat`.
