@@ -158,7 +158,7 @@ async fn generate(
 /// Ollama's chat: NDJSON lines by default, one object with `stream: false`.
 #[utoipa::path(post, path = "/api/chat", tag = "ollama", request_body = ChatBody,
     responses((status = 200, description = "The reply, or its NDJSON stream (one such object a line, the last with `done: true`)",
-        content((crate::http::openapi::bodies::OllamaChatReply = "application/json"), (crate::http::openapi::bodies::OllamaChatReply = "application/x-ndjson"))), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
+        content((crate::http::openapi::bodies::OllamaChatReply = "application/json"), (crate::http::openapi::bodies::OllamaChatLine = "application/x-ndjson"))), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
 async fn api_chat(
     state: web::Data<ApiState>,
     auth: Authorized,
@@ -237,7 +237,7 @@ async fn api_chat(
 /// Ollama's completion of a prompt.
 #[utoipa::path(post, path = "/api/generate", tag = "ollama", request_body = GenerateBody,
     responses((status = 200, description = "The reply, or its NDJSON stream (one such object a line, the last with `done: true`)",
-        content((crate::http::openapi::bodies::OllamaGenerateReply = "application/json"), (crate::http::openapi::bodies::OllamaGenerateReply = "application/x-ndjson"))), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
+        content((crate::http::openapi::bodies::OllamaGenerateReply = "application/json"), (crate::http::openapi::bodies::OllamaGenerateLine = "application/x-ndjson"))), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
 async fn api_generate(
     state: web::Data<ApiState>,
     auth: Authorized,

@@ -191,6 +191,23 @@ pub struct OllamaMessage {
     tool_calls: Option<Vec<Map<String, Value>>>,
 }
 
+/// A line of `/api/chat`'s NDJSON stream: a piece of the reply (the last
+/// with `done: true` and the counts), or an error that ends the stream.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum OllamaChatLine {
+    Reply(OllamaChatReply),
+    Error(OllamaError),
+}
+
+/// A line of `/api/generate`'s NDJSON stream.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum OllamaGenerateLine {
+    Reply(OllamaGenerateReply),
+    Error(OllamaError),
+}
+
 /// `/api/generate`: the answer (`stream: false`), or each line of the NDJSON stream.
 #[derive(Serialize, ToSchema)]
 pub struct OllamaGenerateReply {
