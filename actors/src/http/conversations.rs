@@ -222,9 +222,13 @@ async fn list_conversations(
 #[serde(deny_unknown_fields)]
 pub struct ConversationDocument {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z0-9_.@:-]{1,64}$")]
     pub namespace: Option<String>,
+    /// At most 200 characters; default: the first message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 200, pattern = "^[^\\u0000]*$")]
     pub title: Option<String>,
+    #[schema(min_items = 1, max_items = 10000)]
     pub messages: Vec<DocumentMessage>,
 }
 
@@ -232,7 +236,10 @@ pub struct ConversationDocument {
 #[serde(deny_unknown_fields)]
 pub struct DocumentMessage {
     /// "user" or "assistant".
+    #[schema(pattern = "^(user|assistant)$")]
     pub role: String,
+    /// Not blank, no U+0000, at most `max_message_chars` characters.
+    #[schema(pattern = "^[^\\u0000]*\\S[^\\u0000]*$")]
     pub content: String,
     /// Milliseconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -34,6 +34,7 @@ pub struct EmbeddingRequest {
     #[schema(value_type = Input)]
     pub input: Value,
     pub model: Option<String>,
+    #[schema(pattern = "^(float|base64)$")]
     pub encoding_format: Option<String>,
     #[serde(default, deserialize_with = "super::de_whole")]
     pub dimensions: Option<i64>,

@@ -17,6 +17,7 @@ use crate::http::{ApiError, ApiState, Authorized};
 pub struct EmbedBody {
     pub model: Option<String>,
     /// `/api/embed`: a string or an array of strings.
+    #[schema(value_type = Option<crate::http::openapi::extras::OllamaEmbedInput>)]
     pub input: Option<Value>,
     /// `/api/embeddings` (the older route): one string.
     pub prompt: Option<String>,

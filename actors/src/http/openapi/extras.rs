@@ -309,6 +309,14 @@ pub struct SharedExtras {
     reasoning_format: Option<Value>,
 }
 
+/// `/api/embed`'s `input`.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum OllamaEmbedInput {
+    One(String),
+    Many(Vec<String>),
+}
+
 /// Ollama's `options` on `/api/chat` and `/api/generate`.
 #[derive(Deserialize, ToSchema)]
 pub struct OllamaOptions {
