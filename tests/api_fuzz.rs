@@ -53,7 +53,9 @@ fn env_number(name: &str, default: u64) -> u64 {
 /// seed sends the same requests in the same order.
 fn schemathesis_run(bin: &Path, base: &str, seed: u64, examples: u64) -> Command {
     let mut cmd = Command::new(bin);
-    cmd.args(["--no-color", "run", &format!("{base}/openapi.json")])
+    // Per-route settings: tests/fixtures/schemathesis.toml.
+    cmd.args(["--config-file", concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schemathesis.toml")])
+        .args(["--no-color", "run", &format!("{base}/openapi.json")])
         // The document's own `servers` (if any) name no port of this run.
         .args(["--url", base])
         // One request at a time: the same order on every run of a seed, and

@@ -509,4 +509,9 @@ async fn answers_are_what_the_openapi_document_says() {
     }
     let (status, v) = post(&server, "/v1/chat/completions", chat(json!({ "max_tokens": 4.5 }))).await;
     assert_eq!(status, 400, "{v}");
+    // A date past the year 9999 (2⁶³ ms would not fit PostgreSQL's bigint).
+    let doc = json!({ "messages": [{ "role": "user", "content": "hi", "created_at": 9223372036854775808u64 }] });
+    let (status, v) = post(&server, "/conversations/import", doc).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("created_at"), "{v}");
 }

@@ -21,6 +21,9 @@ pub struct ImportMessage {
 pub const MAX_IMPORT_MESSAGES: usize = 10_000;
 /// Longest title, in characters.
 pub const MAX_TITLE_CHARS: usize = 200;
+/// The latest `created_at` an imported message may have: the last
+/// millisecond of the year 9999 (a store keeps it as a signed 64-bit number).
+pub const MAX_CREATED_AT_MS: u64 = 253_402_300_799_999;
 /// Texts embedded together while importing.
 const IMPORT_EMBED_BATCH: usize = 64;
 
@@ -49,6 +52,13 @@ impl ChatCore {
             }
         }
         for (i, m) in messages.iter().enumerate() {
+            if let Some(at) = m.created_at_ms.filter(|at| *at > MAX_CREATED_AT_MS) {
+                return invalid(
+                    "messages",
+                    "created_at must be at most 253402300799999 (milliseconds since the epoch: the year 9999)",
+                    format!("message {i} has created_at {at}"),
+                );
+            }
             if m.role == Role::System {
                 return invalid("messages", "roles must be user or assistant", format!("message {i} has role system"));
             }

@@ -241,8 +241,9 @@ pub struct DocumentMessage {
     /// Not blank, no U+0000, at most `max_message_chars` characters.
     #[schema(pattern = "^[^\\u0000]*\\S[^\\u0000]*$")]
     pub content: String,
-    /// Milliseconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch (at most the year 9999).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 253402300799999_u64)]
     pub created_at: Option<u64>,
 }
 

@@ -92,7 +92,7 @@ pub(super) async fn api_embed(
 }
 
 /// Ollama's older embeddings route: one `prompt`.
-#[utoipa::path(post, path = "/api/embeddings", tag = "ollama", request_body = EmbedBody,
+#[utoipa::path(post, path = "/api/embeddings", tag = "ollama", request_body = crate::http::openapi::extras::OllamaEmbeddingsRequest,
     responses((status = 200, body = crate::http::openapi::bodies::OllamaEmbedding), (status = "default", description = "An error", body = crate::http::openapi::bodies::OllamaError)))]
 pub(super) async fn api_embeddings(
     state: web::Data<ApiState>,

@@ -309,6 +309,22 @@ pub struct SharedExtras {
     reasoning_format: Option<Value>,
 }
 
+/// `/api/embeddings` (Ollama's older route): one `prompt`; `input` is
+/// `/api/embed`'s and is not read here.
+#[derive(Deserialize, ToSchema)]
+pub struct OllamaEmbeddingsRequest {
+    model: Option<String>,
+    prompt: String,
+    /// Cut a text past the model's 512 tokens (default), or refuse it.
+    truncate: Option<bool>,
+    /// Only the model's own.
+    dimensions: Option<i64>,
+    /// Ignored: nothing of them changes an embedding.
+    options: Option<Map<String, Value>>,
+    /// Ignored: the model stays loaded.
+    keep_alive: Option<Value>,
+}
+
 /// `/api/embed`'s `input`.
 #[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
