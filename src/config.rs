@@ -19,7 +19,13 @@ pub const PROFILES: &[(&str, &str)] = &[
     ("large", include_str!("../config/large.toml")),
 ];
 /// Environment variables with the prefix that are not config keys.
+/// Variables of the scripts, tests and benchmarks (`MODELPOOL_TEST_*`,
+/// `MODELPOOL_BENCH_*`, `MODELPOOL_FUZZ_*`), not settings: never warned about.
+const NOT_KEY_PREFIXES: &[&str] = &["TEST_", "BENCH_", "FUZZ_", "SCHEMATHESIS_"];
+
 const NOT_KEYS: &[&str] = &[
+    "PORTABLE",
+    "LLAMA_BUILD",
     "CONFIG",
     "PROFILE",
     "MODELS_DIR",
@@ -240,7 +246,7 @@ fn typed(var: &str, raw: &str, like: &toml::Value) -> Result<toml::Value, Config
 fn apply_env(table: &mut toml::Table, vars: impl Iterator<Item = (String, String)>) -> Result<(), ConfigError> {
     for (var, raw) in vars {
         let Some(rest) = var.strip_prefix("MODELPOOL_") else { continue };
-        if NOT_KEYS.contains(&rest) {
+        if NOT_KEYS.contains(&rest) || NOT_KEY_PREFIXES.iter().any(|p| rest.starts_with(p)) {
             continue;
         }
         let key = rest.to_ascii_lowercase();

@@ -140,3 +140,30 @@ fn a_store_that_is_not_a_postgres_url_is_refused_by_name() {
     assert!(stderr.contains("invalid setting store") && stderr.contains("postgres://"), "{stderr}");
     assert!(!stderr.contains(":pw@"), "{stderr}");
 }
+
+/// The scripts', tests' and benchmarks' own variables (`scripts/env.sh`
+/// exports some into every command) are not settings and are not warned
+/// about; a misspelt setting still is.
+#[test]
+fn only_unknown_settings_are_warned_about_not_the_scripts_variables() {
+    let data = tempfile::tempdir().unwrap();
+    let scripts = [
+        "MODELPOOL_TEST_SWA_MODEL",
+        "MODELPOOL_FUZZ_SEED",
+        "MODELPOOL_SCHEMATHESIS_EXAMPLES",
+        "MODELPOOL_BENCH_MEMORY",
+        "MODELPOOL_PORTABLE",
+        "MODELPOOL_LLAMA_BUILD",
+    ];
+    let mut cmd = modelpool(&["--instances", "0", "chat"]);
+    cmd.env("MODELPOOL_DATA_DIR", data.path()).env("MODELPOOL_INSTANCSE", "2");
+    for var in scripts {
+        cmd.env(var, "1");
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("MODELPOOL_INSTANCSE") && stderr.contains("ignoring unknown"), "{stderr}");
+    for var in scripts {
+        assert!(!stderr.contains(var), "{var} is warned about:\n{stderr}");
+    }
+}

@@ -170,7 +170,13 @@ struct Measured {
     cores: u32,
     others_busy: f64,
     budget: u32,
+    /// When a change of the budget was last logged at INFO (at most one a
+    /// minute: a busy neighbour moves it every second or two; the rest go to DEBUG).
+    logged_at: Option<std::time::Instant>,
 }
+
+/// The least time between two INFO lines about the decode-thread budget.
+const BUDGET_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether the monitor can measure here, and on which CPUs. Off where
 /// `/proc` is missing, or where a CPU quota (cgroup) lets this process use
@@ -227,6 +233,7 @@ impl CpuMonitor {
                 cores,
                 others_busy: 0.0,
                 budget: cores,
+                logged_at: None,
             })
         })
     }
@@ -243,13 +250,15 @@ impl CpuMonitor {
         let mut m = self.measured().lock().unwrap_or_else(|e| e.into_inner());
         let budget = next_budget(m.cores, m.budget, others);
         if budget != m.budget {
-            tracing::info!(
-                others_busy = format!("{others:.2}"),
-                from = m.budget,
-                to = budget,
-                "other processes' CPU use changed: instances decode on {budget} of {} cores",
-                m.cores
-            );
+            let cores = m.cores;
+            let message = format!("other processes' CPU use changed: instances decode on {budget} of {cores} cores");
+            let (others_busy, from) = (format!("{others:.2}"), m.budget);
+            if m.logged_at.is_none_or(|at| at.elapsed() >= BUDGET_LOG_EVERY) {
+                m.logged_at = Some(std::time::Instant::now());
+                tracing::info!(others_busy, from, to = budget, "{message} (further changes within a minute: DEBUG)");
+            } else {
+                tracing::debug!(others_busy, from, to = budget, "{message}");
+            }
         }
         m.others_busy = (others * 100.0).round() / 100.0;
         m.budget = budget;

@@ -41,7 +41,7 @@ pub struct Message {
     #[schema(pattern = "^(system|developer|user|assistant|tool)$")]
     pub role: String,
     pub content: Option<Content>,
-    /// An assistant message's calls ([`super::tools`]).
+    /// An assistant message's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
     pub tool_calls: Option<Value>,
     /// A `tool` message's answer to this call.
     pub tool_call_id: Option<String>,
