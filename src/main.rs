@@ -66,7 +66,7 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         bind: Option<String>,
     },
-    /// Chat in the terminal (commands: /pool, /new, /help, /quit).
+    /// Chat in the terminal (commands: /new, /history, /recall <text>, /pool, /help, /quit).
     Chat,
 }
 

@@ -100,6 +100,14 @@ async fn conversations_import_and_export_round_trip_and_imported_facts_are_recal
         &["line 2", "content"],
     )
     .await;
+    let bad_role = "{\"messages\":[{\"role\":\"user\",\"content\":\"fine\"}]}\n{\"messages\":[{\"role\":\"system\",\"content\":\"x\"}]}\n";
+    expect_error(
+        c.post(server.url("/conversations/import")).header("Content-Type", "application/x-ndjson").body(bad_role),
+        400,
+        "invalid_request_error",
+        &["line 2", "role"],
+    )
+    .await;
     // A cross-site "simple" POST (text/plain needs no preflight): refused, nothing stored.
     expect_error(
         c.post(server.url("/conversations/import"))

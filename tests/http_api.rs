@@ -370,6 +370,19 @@ async fn every_client_error_has_its_status_type_and_message() {
         &["512", "16"],
     )
     .await;
+    // The error names the field that holds the prompt on each route.
+    let long_message = format!(r#"{{"message":"{}","max_tokens":16}}"#, "word ".repeat(700));
+    let long_prompt = format!(r#"{{"prompt":"{}","max_tokens":16}}"#, "word ".repeat(700));
+    for (path, body, field) in [
+        ("/v1/chat/completions", &long, "messages"),
+        ("/chat", &long_message, "message"),
+        ("/v1/completions", &long_prompt, "prompt"),
+    ] {
+        let r = request(s, "POST", path, Some(body)).send().await.unwrap();
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!((status, v["error"]["param"].as_str()), (422, Some(field)), "{path}: {v}");
+    }
     // Nothing above took or leaked an instance.
     let pool = pool(s).await;
     assert_eq!((pool["available"].as_u64(), pool["totals"]["requests"].as_u64()), (Some(1), Some(0)), "{pool:#}");
@@ -518,6 +531,9 @@ async fn conversations_are_listed_newest_first_in_pages_with_titles_and_only_to_
     assert_eq!((status, err["error"]["param"].as_str()), (400, Some("limit")), "{err}");
     let (status, err) = list("ka", "?before=yesterday".into()).await;
     assert_eq!((status, err["error"]["param"].as_str()), (400, Some("before")), "{err}");
+    // Empty values are absent, as the README writes the route (`?before=&limit=`).
+    let (status, all) = list("ka", "?before=&limit=".into()).await;
+    assert_eq!((status, all["conversations"].as_array().map(Vec::len)), (200, Some(3)), "{all}");
 }
 
 /// A streaming request that waits for a slot gets its answer's headers and

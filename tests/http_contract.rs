@@ -509,6 +509,14 @@ async fn answers_are_what_the_openapi_document_says() {
     }
     let (status, v) = post(&server, "/v1/chat/completions", chat(json!({ "max_tokens": 4.5 }))).await;
     assert_eq!(status, 400, "{v}");
+    // A load request's options are held to their bounds too.
+    let (status, v) =
+        post(&server, "/api/chat", json!({ "messages": [], "options": { "presence_penalty": -1e308 } })).await;
+    assert_eq!(status, 400, "{v}");
+    // An import over the body limit: a 413 in the API's shape (was actix's plain text).
+    let huge = json!({ "messages": [{ "role": "user", "content": "x".repeat(1 << 20) }] });
+    let (status, v) = post(&server, "/conversations/import", huge).await;
+    assert_eq!((status, v["error"]["type"].as_str()), (413, Some("request_too_large")), "{v}");
     // A date past the year 9999 (2⁶³ ms would not fit PostgreSQL's bigint).
     let doc = json!({ "messages": [{ "role": "user", "content": "hi", "created_at": 9223372036854775808u64 }] });
     let (status, v) = post(&server, "/conversations/import", doc).await;

@@ -152,7 +152,7 @@ pub(crate) fn parse_conversation_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
     request_body = ChatRequest,
     responses(
         (status = 200, description = "The reply (`stream: false`), or server-sent events `start` {conversation_id}, `token` {text}…, then `done` (this object) or `error`",
-            content((ChatResponse = "application/json"), (String = "text/event-stream")), links(("get_conversation" = (operation_id = "get_conversation", parameters(("id" = "$response.body#/conversation_id")))), ("export_conversation" = (operation_id = "export_conversation", parameters(("id" = "$response.body#/conversation_id")))), ("delete_conversation" = (operation_id = "delete_conversation", parameters(("id" = "$response.body#/conversation_id")))))),
+            content((ChatResponse = "application/json"), (super::openapi::bodies::SseEvent = "text/event-stream")), links(("get_conversation" = (operation_id = "get_conversation", parameters(("id" = "$response.body#/conversation_id")))), ("export_conversation" = (operation_id = "export_conversation", parameters(("id" = "$response.body#/conversation_id")))), ("delete_conversation" = (operation_id = "delete_conversation", parameters(("id" = "$response.body#/conversation_id")))))),
         (status = "default", description = "An error", body = super::error::ErrorBody),
     )
 )]
@@ -179,7 +179,7 @@ async fn chat(
         }
     }
     let inner = chat_inner(&state, &auth, body, super::disconnect::peer_of(&http), meter.clone());
-    meter.answer(unless_client_gone(&http, inner).await)
+    meter.answer(unless_client_gone(&http, inner).await.map_err(|e| e.prompt_in("message")))
 }
 
 #[tracing::instrument(name = "request", skip_all, fields(endpoint = "chat"))]

@@ -21,9 +21,11 @@ use crate::params::Role;
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// The `next_after` of the previous page.
+    #[serde(default, deserialize_with = "super::de_query")]
     pub after: Option<u64>,
     /// 1–1000, default 100.
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "super::de_query")]
     pub limit: Option<i64>,
 }
 
@@ -131,9 +133,11 @@ struct Deleted {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// The `next_before` of the previous page.
+    #[serde(default, deserialize_with = "super::de_query")]
     pub before: Option<String>,
     /// 1–100, default 20.
     #[param(minimum = 1, maximum = 100)]
+    #[serde(default, deserialize_with = "super::de_query")]
     pub limit: Option<i64>,
 }
 
@@ -273,7 +277,7 @@ async fn import_conversations(
     state: web::Data<ApiState>,
     auth: Authorized,
     http: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
     let ndjson = is_ndjson(&http);
@@ -285,6 +289,7 @@ async fn import_conversations(
             "the body must be JSON (Content-Type: application/json) or NDJSON (application/x-ndjson)",
         ));
     }
+    let body = super::read_body(payload, state.settings.max_body_bytes).await?;
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad("body", format!("the body is not UTF-8: {e}")))?;
     // Every line is parsed and checked before anything is stored.
     let mut documents = Vec::new();
@@ -313,10 +318,14 @@ async fn import_conversations(
                 "user" => Role::User,
                 "assistant" => Role::Assistant,
                 other => {
+                    let at = if ndjson { format!("line {line}: ") } else { String::new() };
                     return Err(ApiError::bad(
                         "messages",
-                        format!("invalid role of message {i}: must be \"user\" or \"assistant\", got {other:?}"),
-                    ))
+                        format!(
+                            "{at}invalid role of message {i}: must be \"user\" or \"assistant\", got {other:?}; \
+                             nothing was stored"
+                        ),
+                    ));
                 }
             };
             messages.push(ImportMessage { role, content: m.content, created_at_ms: m.created_at });

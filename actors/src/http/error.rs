@@ -28,8 +28,10 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("{0}")]
-    ContextLength(String),
+    /// The prompt and `max_tokens` do not fit the context: 422 naming the
+    /// field that holds the prompt (`messages`, `message`, `prompt`).
+    #[error("{message}")]
+    ContextLength { message: String, param: &'static str },
     #[error("{message}")]
     Overloaded { message: String, retry_after_secs: u64 },
     /// The client holds its share of the pool: 429.
@@ -82,6 +84,14 @@ pub(crate) struct ErrorDetail<'a> {
 }
 
 impl ApiError {
+    /// A context-length error names `field` as the one that holds the prompt.
+    pub(crate) fn prompt_in(self, field: &'static str) -> Self {
+        match self {
+            ApiError::ContextLength { message, .. } => ApiError::ContextLength { message, param: field },
+            other => other,
+        }
+    }
+
     pub fn bad(param: &str, message: impl Into<String>) -> Self {
         ApiError::BadRequest { param: Some(param.to_string()), message: message.into() }
     }
@@ -96,7 +106,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "invalid_request_error",
             ApiError::ModelNotFound(_) => "invalid_request_error",
             ApiError::PayloadTooLarge { .. } => "request_too_large",
-            ApiError::ContextLength(_) => "context_length_exceeded",
+            ApiError::ContextLength { .. } => "context_length_exceeded",
             ApiError::Overloaded { .. } => "overloaded_error",
             ApiError::TooManyRequests { .. } => "rate_limit_error",
             ApiError::Draining { .. } => "shutting_down",
@@ -113,7 +123,7 @@ impl ApiError {
     fn param(&self) -> Option<&str> {
         match self {
             ApiError::BadRequest { param, .. } => param.as_deref(),
-            ApiError::ContextLength(_) => Some("messages"),
+            ApiError::ContextLength { param, .. } => Some(param),
             ApiError::ModelNotFound(_) => Some("model"),
             _ => None,
         }
@@ -126,7 +136,7 @@ impl ApiError {
             other => other.to_string(),
         };
         let code = match self {
-            ApiError::ContextLength(_) => Some("context_length_exceeded"),
+            ApiError::ContextLength { .. } => Some("context_length_exceeded"),
             ApiError::ModelNotFound(_) => Some("model_not_found"),
             ApiError::StorageUnavailable { .. } => Some("storage_unavailable"),
             _ => None,
@@ -147,7 +157,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::ContextLength(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::ContextLength { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded { .. }
             | ApiError::Draining { .. }
@@ -200,7 +210,7 @@ impl From<EngineError> for ApiError {
             EngineError::ParserBusy { .. } => {
                 ApiError::Overloaded { message: e.to_string(), retry_after_secs: RETRY_AFTER_SECS }
             }
-            EngineError::PromptTooLong { .. } => ApiError::ContextLength(e.to_string()),
+            EngineError::PromptTooLong { .. } => ApiError::ContextLength { message: e.to_string(), param: "messages" },
             // Only the messages a client sent can make the template fail.
             EngineError::Template(_) => ApiError::bad("messages", format!("invalid messages: {e}")),
             EngineError::InputTooLong { .. } => ApiError::bad("input", e.to_string()),

@@ -91,6 +91,38 @@ pub(crate) fn de_whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<
     }
 }
 
+/// A whole body of at most `limit` bytes; past it, a 413 in this API's shape
+/// (actix's own answer to an oversized `Bytes` body is plain text).
+pub(crate) async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    use futures::StreamExt;
+    let mut buf = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::BadRequest { param: None, message: format!("could not read the body: {e}") })?;
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// A query parameter: absent or empty (`?limit=`, as forms and the README's
+/// `?before=&limit=` write it) is none; otherwise it must parse.
+pub(crate) fn de_query<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    use serde::de::Error;
+    let raw: Option<String> = serde::Deserialize::deserialize(d)?;
+    match raw.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|e| D::Error::custom(format!("{e}: {v:?}"))),
+    }
+}
+
 /// Sampling fields a request may set; the rest are the configured defaults.
 #[derive(Default)]
 pub(crate) struct SamplingOverrides {

@@ -155,10 +155,7 @@ fn refuse_unsupported(other: &HashMap<String, Value>, route: Route) -> Result<()
             }
             // Cache keys: text, or nothing.
             "user" | "prompt_cache_key" if !(v.is_null() || v.is_string()) => {
-                return Err(ApiError::bad(
-                    field,
-                    format!("invalid {field}: must be a string, got {}", short_json(v)),
-                ))
+                return Err(ApiError::bad(field, format!("invalid {field}: must be a string, got {}", short_json(v))))
             }
             // llama-server's own fields that would change the answer: refused
             // unless they carry the value that changes nothing.
@@ -430,7 +427,7 @@ impl Route {
     request_body = CompletionRequest,
     responses(
         (status = 200, description = "The completion, or with `stream: true` server-sent `chat.completion.chunk` events ending `data: [DONE]`",
-            content((super::openapi::bodies::ChatCompletion = "application/json"), (String = "text/event-stream"))),
+            content((super::openapi::bodies::ChatCompletion = "application/json"), (super::openapi::bodies::SseEvent = "text/event-stream"))),
         (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn chat_completions(
     state: web::Data<ApiState>,
@@ -473,7 +470,7 @@ async fn chat_completions(
     request_body = TextCompletionRequest,
     responses(
         (status = 200, description = "The completion, or with `stream: true` server-sent `text_completion` events ending `data: [DONE]`",
-            content((super::openapi::bodies::TextCompletion = "application/json"), (String = "text/event-stream"))),
+            content((super::openapi::bodies::TextCompletion = "application/json"), (super::openapi::bodies::SseEvent = "text/event-stream"))),
         (status = "default", description = "An error", body = super::error::ErrorBody)))]
 async fn text_completions(
     state: web::Data<ApiState>,
@@ -502,7 +499,7 @@ async fn text_completions(
         let request = GenerateRequest { messages: Vec::new(), sampling, raw_prompt: Some(prompt) };
         generate(&state, request, key, delivery, Route::Text, false, peer_of(&http), client, meter.clone()).await
     };
-    meter.answer(unless_client_gone(&http, work).await)
+    meter.answer(unless_client_gone(&http, work).await.map_err(|e| e.prompt_in("prompt")))
 }
 
 /// The request's `model`: the served chat model (the embedding model is named as such).

@@ -48,7 +48,9 @@ pub fn grammar_of(fields: &HashMap<String, Value>) -> Result<Option<Constraint>,
     }
     // `{}` and "" ask for nothing; any other value is checked (a JSON schema
     // is an object or a boolean; a grammar is GBNF text).
-    if let Some(schema) = fields.get("json_schema").filter(|v| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty())) {
+    if let Some(schema) =
+        fields.get("json_schema").filter(|v| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty()))
+    {
         asked.push(("json_schema", schema_grammar(schema, "json_schema")?));
     }
     if let Some(g) = fields.get("grammar").filter(|v| !v.is_null() && *v != "") {

@@ -180,7 +180,9 @@ async fn api_chat(
         // Checked before anything is answered, a load request's too.
         let (mut sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
         if body.messages.is_empty() {
-            // Ollama's way to load a model: it is loaded (no generation to count).
+            // Ollama's way to load a model: it is loaded (no generation to
+            // count), once the request's options are within their bounds.
+            sampling.validate()?;
             meter.skip();
             let model = chat.pool().engine_info().model_name;
             return Ok(HttpResponse::Ok().json(json!({
@@ -268,6 +270,7 @@ async fn api_generate(
         let _ = body.keep_alive;
         let (sampling, to_the_end) = sampling_of(&state, body.options.as_ref(), body.format.as_ref())?;
         if body.prompt.is_empty() {
+            sampling.validate()?;
             meter.skip();
             return Ok(HttpResponse::Ok().json(json!({
                 "model": model, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load",

@@ -103,11 +103,9 @@ pub(super) fn sampling_of(
     let whole = |key: &str| -> Result<Option<i64>, ApiError> {
         match o.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => {
-                crate::http::whole(v)
-                    .map(Some)
-                    .ok_or_else(|| refuse(&format!("options.{key}"), "must be a whole number", v))
-            }
+            Some(v) => crate::http::whole(v)
+                .map(Some)
+                .ok_or_else(|| refuse(&format!("options.{key}"), "must be a whole number", v)),
         }
     };
     // Samplers this server does not run: only their neutral values pass.

@@ -75,6 +75,18 @@ pub struct TextChoice {
     finish_reason: FinishReason,
 }
 
+/// One server-sent event of a streamed answer, as a client's SSE reader
+/// gives it. `/v1`: unnamed events (`message`) whose `data` is a chunk's
+/// JSON, then `[DONE]`. `/chat`: `start` (`{"conversation_id"}`), `token`
+/// (`{"text"}`) each, then `done` (the whole answer's JSON) or `error`.
+#[derive(Serialize, ToSchema)]
+pub struct SseEvent {
+    event: String,
+    data: String,
+    id: Option<String>,
+    retry: Option<u64>,
+}
+
 /// `/v1/embeddings`.
 #[derive(Serialize, ToSchema)]
 pub struct EmbeddingList {
