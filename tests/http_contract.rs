@@ -509,6 +509,10 @@ async fn answers_are_what_the_openapi_document_says() {
     }
     let (status, v) = post(&server, "/v1/chat/completions", chat(json!({ "max_tokens": 4.5 }))).await;
     assert_eq!(status, 400, "{v}");
+    // What the reply does not depend on still has its type.
+    let named = json!({ "message": "hi", "response_format": { "type": "json_schema", "json_schema": { "name": [1], "schema": {} } } });
+    let (status, v) = post(&server, "/chat", named).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("response_format")), "{v}");
     // A load request's options are held to their bounds too.
     let (status, v) =
         post(&server, "/api/chat", json!({ "messages": [], "options": { "presence_penalty": -1e308 } })).await;

@@ -20,11 +20,12 @@ use crate::params::Role;
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
-    /// The `next_after` of the previous page.
+    /// The `next_after` of the previous page; empty: from the start.
     #[serde(default, deserialize_with = "super::de_query")]
+    #[param(schema_with = super::openapi::extras::message_id_or_empty)]
     pub after: Option<u64>,
-    /// 1–1000, default 100.
-    #[param(minimum = 1, maximum = 1000)]
+    /// 1–1000, default 100; empty: the default.
+    #[param(schema_with = super::openapi::extras::limit_1000)]
     #[serde(default, deserialize_with = "super::de_query")]
     pub limit: Option<i64>,
 }
@@ -135,8 +136,8 @@ pub struct ListQuery {
     /// The `next_before` of the previous page.
     #[serde(default, deserialize_with = "super::de_query")]
     pub before: Option<String>,
-    /// 1–100, default 20.
-    #[param(minimum = 1, maximum = 100)]
+    /// 1–100, default 20; empty: the default.
+    #[param(schema_with = super::openapi::extras::limit_100)]
     #[serde(default, deserialize_with = "super::de_query")]
     pub limit: Option<i64>,
 }

@@ -100,8 +100,18 @@ pub fn response_format(format: &Value) -> Result<Option<Constraint>, ApiError> {
             schema_grammar(&schema, "response_format.schema").map(Some)
         }
         Some("json_schema") => {
-            let schema = format
-                .get("json_schema")
+            let spec = format.get("json_schema");
+            // What the reply does not depend on still has its type.
+            for (key, is_type, rule) in [
+                ("name", Value::is_string as fn(&Value) -> bool, "json_schema.name must be a string"),
+                ("description", Value::is_string, "json_schema.description must be a string"),
+                ("strict", Value::is_boolean, "json_schema.strict must be true or false"),
+            ] {
+                if spec.and_then(|j| j.get(key)).is_some_and(|v| !v.is_null() && !is_type(v)) {
+                    return Err(bad(rule));
+                }
+            }
+            let schema = spec
                 .and_then(|j| j.get("schema"))
                 .filter(|v| v.is_object() || v.is_boolean())
                 .ok_or_else(|| bad("json_schema.schema must be a JSON schema object"))?;

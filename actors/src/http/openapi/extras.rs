@@ -48,6 +48,34 @@ fn n_predict() -> RefOr<Schema> {
         .into()
 }
 
+/// A page size, `1 ..= max`; an empty value (`?limit=`) is the default.
+fn limit(max: f64) -> RefOr<Schema> {
+    use utoipa::openapi::schema::SchemaType;
+    utoipa::openapi::OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::from_iter([Type::Integer]))
+                .minimum(Some(1))
+                .maximum(Some(max)),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::String).max_length(Some(0)))
+        .into()
+}
+/// A message id, or empty (absent).
+pub(crate) fn message_id_or_empty() -> RefOr<Schema> {
+    use utoipa::openapi::schema::SchemaType;
+    utoipa::openapi::OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(SchemaType::from_iter([Type::Integer])).minimum(Some(0)))
+        .item(ObjectBuilder::new().schema_type(Type::String).max_length(Some(0)))
+        .into()
+}
+pub(crate) fn limit_100() -> RefOr<Schema> {
+    limit(100.0)
+}
+pub(crate) fn limit_1000() -> RefOr<Schema> {
+    limit(1000.0)
+}
+
 pub(crate) fn null_only() -> RefOr<Schema> {
     ObjectBuilder::new().schema_type(Type::Null).description(Some("Refused: not supported by this server")).into()
 }
