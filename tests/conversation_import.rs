@@ -92,22 +92,22 @@ async fn conversations_import_and_export_round_trip_and_imported_facts_are_recal
         v["conversations"].as_array().unwrap().len()
     };
     let before = listed(c.clone(), server.url("/conversations?limit=100")).await;
-    let bad = "{\"messages\":[{\"role\":\"user\",\"content\":\"fine\"}]}\n{\"messages\":[{\"role\":\"user\"}]}\n";
-    expect_error(
-        c.post(server.url("/conversations/import")).header("Content-Type", "application/x-ndjson").body(bad),
-        400,
-        "invalid_request_error",
-        &["line 2", "content"],
-    )
-    .await;
-    let bad_role = "{\"messages\":[{\"role\":\"user\",\"content\":\"fine\"}]}\n{\"messages\":[{\"role\":\"system\",\"content\":\"x\"}]}\n";
-    expect_error(
-        c.post(server.url("/conversations/import")).header("Content-Type", "application/x-ndjson").body(bad_role),
-        400,
-        "invalid_request_error",
-        &["line 2", "role"],
-    )
-    .await;
+    // A line without content, then one with a role a conversation cannot import.
+    let fine = "{\"messages\":[{\"role\":\"user\",\"content\":\"fine\"}]}";
+    for (second, words) in [
+        ("{\"messages\":[{\"role\":\"user\"}]}", ["line 2", "content"]),
+        ("{\"messages\":[{\"role\":\"system\",\"content\":\"x\"}]}", ["line 2", "role"]),
+    ] {
+        expect_error(
+            c.post(server.url("/conversations/import"))
+                .header("Content-Type", "application/x-ndjson")
+                .body(format!("{fine}\n{second}\n")),
+            400,
+            "invalid_request_error",
+            &words,
+        )
+        .await;
+    }
     // A cross-site "simple" POST (text/plain needs no preflight): refused, nothing stored.
     expect_error(
         c.post(server.url("/conversations/import"))

@@ -122,11 +122,6 @@ impl Modify for Completed {
                 doc.paths.add_path_operation(path, vec![method.clone()], op.build());
             }
         }
-        let error_schemas: [(&str, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>); 1] =
-            [("OllamaError", <bodies::OllamaError as utoipa::PartialSchema>::schema())];
-        for (name, schema) in error_schemas {
-            components.schemas.entry(name.to_string()).or_insert(schema);
-        }
     }
 }
 
