@@ -1,6 +1,6 @@
 //! The ceiling and what the service costs on top of it. The bare loop: one
-//! instance's backend (the batcher over its context, as its step-loop
-//! thread runs it) driven directly by this thread, no HTTP, no pool, no
+//! instance's backend (the batcher over its context, as its model actor
+//! runs it) driven directly by this thread, no HTTP, no pool, no
 //! actor: 1, 4 and 8 clients, each sending 4 requests of 128 greedy tokens
 //! one after the other. Then the same workload through
 //! `/v1/chat/completions` (streaming) on a real `modelpool serve` with the

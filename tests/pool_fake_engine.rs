@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use modelpool_actors::engine::{CacheKey, InstanceBackend, SeqEvent, SeqSink, SlotStreams};
+use modelpool_actors::engine::{CacheKey, InstanceBackend, ProbeReply, SeqEvent, SeqSink, SlotStreams};
 use modelpool_actors::{
     ChatMessage, Completion, Engine, EngineError, EngineInfo, Fault, FinishReason, GenerateRequest, InstanceInfo,
     InstanceOptions, PoolError, PoolHandle, PoolOptions, PreparedRequest, Usage,
@@ -64,8 +64,8 @@ impl InstanceBackend for FakeInstance {
         }
         Ok(worked)
     }
-    fn probe(&mut self) -> Result<(), EngineError> {
-        Ok(())
+    fn probe(&mut self) -> ProbeReply {
+        Ok(()).into()
     }
     fn info(&self) -> InstanceInfo {
         InstanceInfo { weights_addr: 1, kv_bytes_estimate: 0, endpoint: None }

@@ -11,7 +11,7 @@
 //! then handed to llama.cpp, on a thread of [`PARSER_STACK_BYTES`] under a
 //! time budget of [`PARSE_BUDGET`].
 //!
-//! The bounds were chosen by measurement on a 2-core VM (README, "Bounds"):
+//! The bounds were chosen by measurement on a 2-core VM (docs/http-api.md, "Bounds"):
 //! at each limit the conversion and the parse take well under the budget.
 
 use std::collections::HashMap;

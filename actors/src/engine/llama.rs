@@ -18,7 +18,8 @@ use super::prompt::{tokenize_chat, ChatTemplate};
 #[cfg(feature = "fault-injection")]
 use super::Fault;
 use super::{
-    CacheKey, Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, KvTiers, SeqSink, SlotStreams,
+    CacheKey, Engine, EngineInfo, InstanceBackend, InstanceInfo, InstanceOptions, KvTiers, ProbeReply, SeqSink,
+    SlotStreams,
 };
 use crate::error::EngineError;
 use crate::params::{ChatMessage, FinishReason, PreparedRequest};
@@ -352,8 +353,8 @@ impl InstanceBackend for LlamaInstance {
         self.batcher.step()
     }
 
-    fn probe(&mut self) -> Result<(), EngineError> {
-        self.batcher.probe()
+    fn probe(&mut self) -> ProbeReply {
+        self.batcher.probe().into()
     }
 
     fn info(&self) -> InstanceInfo {
@@ -473,8 +474,8 @@ impl InstanceBackend for PerRequestInstance {
         Ok(false)
     }
 
-    fn probe(&mut self) -> Result<(), EngineError> {
-        check_model_file(&self.path)
+    fn probe(&mut self) -> ProbeReply {
+        check_model_file(&self.path).into()
     }
 
     fn info(&self) -> InstanceInfo {

@@ -1,6 +1,8 @@
-//! The seam between scheduling and inference. The pool only talks to
-//! [`Engine`] and [`InstanceBackend`]; the real implementation is llama.cpp
-//! ([`llama::LlamaEngine`]), and unit tests of the pool use a fake.
+//! The seam between scheduling and inference. The pool makes its instances
+//! from an [`InstanceSource`] (a context on an [`Engine`]'s weights, or a
+//! remote llama-server) and then only talks to each one's [`InstanceBackend`];
+//! the real engine is llama.cpp ([`llama::LlamaEngine`]), and tests of the
+//! pool use a fake. Nothing here knows the pool.
 
 pub mod batch;
 pub mod cpu;
@@ -13,19 +15,21 @@ pub mod llama;
 pub mod prompt;
 pub mod remote;
 pub mod sampling;
-pub mod step_loop;
+mod source;
 pub mod streams;
 pub mod text;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::LocalBoxFuture;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use crate::error::EngineError;
 use crate::params::{ChatMessage, Completion, GenerateRequest, PreparedRequest, RawPrompt};
 pub use kv_tiers::{CacheKey, KvTiers};
+pub use source::InstanceSource;
 pub use streams::SlotStreams;
 
 /// What one sequence tells whoever started it: text pieces as they are
@@ -291,6 +295,9 @@ pub trait Engine: Send + Sync + 'static {
             Some(RawPrompt::Text(text)) => self.raw_prompt_tokens(text)?,
             Some(RawPrompt::Tokens(ids)) => ids.clone(),
         };
+        if !matches!(request.raw_prompt, Some(RawPrompt::Tokens(_))) {
+            crate::params::tokenized(prompt.len());
+        }
         checked_prompt(self, request, prompt, n_ctx)
     }
 
@@ -363,9 +370,25 @@ fn checked_prompt<E: Engine + ?Sized>(
     Ok(PreparedRequest::checked(request, prompt, max_tokens, n_ctx))
 }
 
+/// A health probe's answer ([`InstanceBackend::probe`]).
+pub enum ProbeReply {
+    /// Checked at once (a local context decodes one token between steps).
+    Now(Result<(), EngineError>),
+    /// Answered later, on the instance's thread (a remote's `/health`).
+    Later(LocalBoxFuture<'static, Result<(), EngineError>>),
+}
+
+impl From<Result<(), EngineError>> for ProbeReply {
+    fn from(result: Result<(), EngineError>) -> Self {
+        Self::Now(result)
+    }
+}
+
 /// One instance: its own context and KV cache, with `slots()` sequences
-/// decoded together. Lives on its step-loop thread ([`step_loop`]).
-pub trait InstanceBackend: Send {
+/// decoded together, or a remote's slots. Created, used and dropped on its
+/// instance's own thread, by the pool's model actor that owns it, so it
+/// need not be `Send`.
+pub trait InstanceBackend {
     /// Sequences it runs at once, and the KV stream each lives in.
     fn streams(&self) -> Arc<SlotStreams>;
 
@@ -374,13 +397,15 @@ pub trait InstanceBackend: Send {
     /// conversation's, its namespace's). A refused request is answered on `sink` at once.
     fn start(&mut self, slot: usize, request: PreparedRequest, key: CacheKey, started: Instant, sink: SeqSink);
 
-    /// The loop is ending (shutdown): save what the slots hold.
+    /// The instance is retired or its owner is gone (not after a failure):
+    /// save what the slots hold.
     fn close(&mut self) {}
 
     /// Ends the sequence in `slot`, if any, as cancelled.
     fn cancel(&mut self, slot: usize);
 
-    /// Sequences started and not yet finished.
+    /// Sequences started and not yet finished that need [`Self::step`] to
+    /// go on (a remote's run on their own: none).
     fn active(&self) -> usize;
 
     /// One step for every active sequence that can go on (a sequence whose
@@ -389,8 +414,8 @@ pub trait InstanceBackend: Send {
     /// the instance must be replaced.
     fn step(&mut self) -> Result<bool, EngineError>;
 
-    /// A cheap real check that the context still decodes, run between steps.
-    fn probe(&mut self) -> Result<(), EngineError>;
+    /// A cheap real check that the instance still works, run between steps.
+    fn probe(&mut self) -> ProbeReply;
 
     fn info(&self) -> InstanceInfo;
 

@@ -1,7 +1,7 @@
-//! The pool manager actor: preloads N instances (each a step-loop thread with
-//! its handle actor), leases their sequence slots in FIFO order, takes them
-//! back, probes instances and replaces broken ones. Its decisions live in
-//! [`PoolState`]; this file wires them to actors and threads.
+//! The pool manager actor: preloads N instances (each a model actor on its
+//! own thread, owning its context), leases their sequence slots in FIFO
+//! order, takes them back, probes instances and replaces broken ones. Its
+//! decisions live in [`PoolState`]; this file wires them to actors.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,15 +10,14 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::engine::remote::{self, Expected, RemoteSpec};
-use crate::engine::step_loop::{self, LoopSender};
+use crate::engine::remote::RemoteSpec;
 #[cfg(feature = "fault-injection")]
 use crate::engine::Fault;
-use crate::engine::{Engine, InstanceInfo, InstanceOptions, SlotStreams};
+use crate::engine::{Engine, InstanceInfo, InstanceOptions, InstanceSource};
 use crate::error::{EngineError, PoolError};
 #[cfg(feature = "fault-injection")]
 use crate::pool::instance::InjectFault;
-use crate::pool::instance::{Describe, InstanceStopped, ModelActor, Probe, Retire};
+use crate::pool::instance::{self, Describe, InstanceStopped, InstanceUp, ModelActor, Probe, Retire};
 use crate::pool::lease::{Lease, Release};
 use crate::pool::state::{Admission, InstanceState, LeaseId, Outcome, PoolState, PoolStatus, WaiterId};
 
@@ -118,35 +117,22 @@ impl PoolManager {
         }
     }
 
-    /// Starts instance `id`'s thread, which creates its context and then
-    /// runs its step loop; it reports back with [`InstanceUp`], and with
-    /// [`InstanceStopped`] when the loop ends.
+    /// Starts instance `id`'s thread, which creates its context (or
+    /// connects to its remote) and then runs its model actor; it reports
+    /// back with [`InstanceUp`], and with [`InstanceStopped`] when the actor
+    /// is gone.
     fn spawn_instance(&mut self, id: usize, generation: u64, ctx: &mut Context<Self>) {
         if self.startup.is_some() {
             (self.progress)(LoadEvent::Loading { index: id + 1, total: self.opts.members() });
         }
         self.load_started = std::time::Instant::now();
         let engine = self.engine.clone();
-        let (ready, stopped) = (ctx.address(), ctx.address());
-        let on_ready = move |result| ready.do_send(InstanceUp { id, generation, result });
-        let on_exit = move || stopped.do_send(InstanceStopped { id, generation });
-        let spawned = match self.remote_spec(id) {
-            Some(spec) => {
-                let info = engine.info();
-                let expect = Expected { model_stem: info.model_name, n_vocab: engine.n_vocab() };
-                remote::spawn(id, spec, expect, on_ready, on_exit)
-            }
-            None => {
-                let opts = self.opts.instance.clone();
-                step_loop::spawn(
-                    format!("instance-{id}"),
-                    Box::new(move || engine.create_instance(id, &opts)),
-                    on_ready,
-                    on_exit,
-                )
-            }
+        let source = match self.remote_spec(id) {
+            Some(spec) => InstanceSource::Remote { engine, spec },
+            None => InstanceSource::Local { engine, opts: self.opts.instance.clone() },
         };
-        if let Err(e) = spawned {
+        let pool = ctx.address();
+        if let Err(e) = instance::spawn(id, generation, source, pool.clone().recipient(), pool.recipient()) {
             let result = Err(EngineError::Context(format!("could not start the instance's thread: {e}")));
             ctx.notify(InstanceUp { id, generation, result });
         }
@@ -185,7 +171,7 @@ impl PoolManager {
         let generation = self.state.begin_replace(id);
         tracing::warn!(instance = id, generation, "replacing model instance");
         if let Some(old) = self.members[id].take() {
-            // Its loop ends once its current step returns, and frees the context.
+            // It stops once its current step returns, and frees the context.
             old.do_send(Retire);
         }
         self.spawn_instance(id, generation, ctx);
@@ -230,7 +216,7 @@ impl PoolManager {
             let Some(addr) = self.members[id].clone() else { continue };
             let generation = self.state.generation(id);
             // A probe that has not answered by the next probe time is stalled
-            // (the loop is stuck in a step): the instance is replaced.
+            // (the actor is stuck in a step): the instance is replaced.
             let limit = self.opts.health_interval.min(self.opts.max_generation);
             let probe = addr.send(Probe).timeout(limit);
             let sent = std::time::Instant::now();
@@ -273,26 +259,20 @@ impl Actor for PoolManager {
     }
 }
 
-/// An instance finished loading (or failed to).
-#[derive(Message)]
-#[rtype(result = "()")]
-struct InstanceUp {
-    id: usize,
-    generation: u64,
-    result: Result<(LoopSender, InstanceInfo, Arc<SlotStreams>), EngineError>,
-}
-
 impl Handler<InstanceUp> for PoolManager {
     type Result = ();
 
     fn handle(&mut self, msg: InstanceUp, ctx: &mut Self::Context) {
         if msg.generation != self.state.generation(msg.id) {
+            // A replacement that came up too late: it goes again at once.
+            if let Ok((stale, ..)) = msg.result {
+                stale.do_send(Retire);
+            }
             return;
         }
         let starting = self.startup.is_some();
         match msg.result {
-            Ok((commands, info, streams)) => {
-                let handle = ModelActor::new(msg.id, commands, info.clone()).start();
+            Ok((handle, info, streams)) => {
                 if let Some(old) = self.members[msg.id].replace(handle) {
                     old.do_send(Retire);
                 }
@@ -448,13 +428,13 @@ impl Handler<InstanceStopped> for PoolManager {
     type Result = ();
 
     fn handle(&mut self, msg: InstanceStopped, ctx: &mut Self::Context) {
-        // The loop of a current instance ended (a broken context or a panic);
+        // A current instance's actor is gone (a broken context or a panic);
         // a replaced instance's report is stale.
         if msg.generation != self.state.generation(msg.id) || self.startup.is_some() {
             return;
         }
         if matches!(self.state.state(msg.id), InstanceState::Idle | InstanceState::Busy) {
-            self.state.mark_unhealthy(msg.id, "the instance's loop ended (its context failed or panicked)".into());
+            self.state.mark_unhealthy(msg.id, "the instance stopped (its context failed or panicked)".into());
             self.replace(msg.id, ctx);
         }
     }

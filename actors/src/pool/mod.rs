@@ -1,5 +1,5 @@
 //! The pool: its decisions as a plain struct (`state`), what it reports (`status`), the manager actor that
-//! drives them, one actor per instance (the handle of its step-loop thread),
+//! drives them, one model actor per instance (on its own thread, owning its context),
 //! the lease guard, and the handle callers use.
 
 pub mod handle;

@@ -13,6 +13,7 @@
 //! calls with the key that id gives in the caller's namespace.
 
 mod disk;
+mod key;
 mod status;
 
 use std::collections::{HashMap, HashSet};
@@ -22,82 +23,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::token::LlamaToken;
-use serde::Serialize;
 
-use crate::params::ChatMessage;
 pub use disk::{DiskStatus, Fingerprint};
-pub use status::{CopyTimes, Histo, KvStatus, MemoryStatus, TierCounts};
+use key::MAX_DELETED;
+pub use key::{fnv1a, CacheKey};
+pub use status::{CopyTimes, Histo, KvStatus, MemoryStatus, Tier, TierCounts};
 use status::{Histogram, COPY_BOUNDS};
-
-/// Whose cache an entry is: a namespace and a conversation, both hashed.
-/// Requests of one namespace never see another namespace's caches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct CacheKey {
-    pub namespace: u64,
-    pub conversation: u64,
-}
-
-/// A stable 64-bit hash for keys and routing: FNV-1a of `bytes`.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
-}
-
-impl CacheKey {
-    /// The key of `conversation` (an id, a header value, a user name) in `namespace` ("" for none).
-    pub fn new(namespace: &str, conversation: &[u8]) -> Self {
-        Self {
-            namespace: if namespace.is_empty() { 0 } else { fnv1a(namespace.as_bytes()) },
-            conversation: fnv1a(conversation),
-        }
-    }
-
-    /// A request that names no conversation: its opening (the messages up
-    /// to and including the first user message: the system prompt and the
-    /// first question stay the same for a whole conversation) stands for it.
-    pub fn of_messages(namespace: &str, messages: &[ChatMessage]) -> Self {
-        let opening =
-            messages.iter().position(|m| m.role == crate::params::Role::User).map_or(messages.len(), |i| i + 1);
-        let mut bytes = Vec::new();
-        for m in &messages[..opening] {
-            bytes.extend_from_slice(m.role.as_str().as_bytes());
-            bytes.push(0);
-            bytes.extend_from_slice(m.content.as_bytes());
-            bytes.push(0);
-        }
-        Self::new(namespace, &bytes)
-    }
-
-    /// The pool's routing key: prefer the slot that served this key last.
-    pub fn affinity(&self) -> u64 {
-        self.conversation ^ self.namespace.rotate_left(32)
-    }
-}
-
-/// Where a restored cache came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    /// Another slot of the same instance held the prefix (copied).
-    Slot,
-    Memory,
-    Disk,
-}
-
-impl Tier {
-    pub const ALL: [Tier; 3] = [Tier::Slot, Tier::Memory, Tier::Disk];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Slot => "slot",
-            Tier::Memory => "memory",
-            Tier::Disk => "disk",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
 
 /// The tiers' settings.
 #[derive(Clone, Debug)]
@@ -171,10 +102,6 @@ struct MemTier {
     /// The last sweep for expired entries.
     swept_at: Option<Instant>,
 }
-
-/// Deleted conversations remembered (ids are never reused; the set is only
-/// a guard against a slot parking a conversation deleted moments before).
-const MAX_DELETED: usize = 65_536;
 
 /// Counters by tier.
 #[derive(Default)]

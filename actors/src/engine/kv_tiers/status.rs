@@ -1,11 +1,37 @@
-//! What `/pool` and `/metrics` show of the KV tiers: counters by tier and
-//! the park, restore and disk-read durations.
+//! What `/pool` and `/metrics` show of the KV tiers: the tiers by name,
+//! counters by tier and the park, restore and disk-read durations.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::Serialize;
 
-use super::{DiskStatus, Tier};
+use super::disk::DiskStatus;
+
+/// Where a restored cache came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Another slot of the same instance held the prefix (copied).
+    Slot,
+    Memory,
+    Disk,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Slot, Tier::Memory, Tier::Disk];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Slot => "slot",
+            Tier::Memory => "memory",
+            Tier::Disk => "disk",
+        }
+    }
+
+    pub(super) fn index(self) -> usize {
+        self as usize
+    }
+}
 
 /// What `/pool` and `/metrics` show of the tiers.
 #[derive(Clone, Debug, Serialize)]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::params::ChatMessage;
 
 fn toks(n: i32) -> Vec<LlamaToken> {
     (0..n).map(LlamaToken).collect()

@@ -22,6 +22,8 @@
 //! is its last use (a read touches it), so the lifetime holds across restarts
 //! and for files another process on the directory uses.
 
+mod format;
+
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -37,11 +39,10 @@ use std::time::{Duration, Instant, SystemTime};
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
-use super::CacheKey;
+use super::key::{CacheKey, MAX_DELETED};
+pub use format::Fingerprint;
+use format::{check_header, classify, decode, encode, file_name, Found, Refused, HEADER};
 
-const MAGIC: &[u8; 8] = b"MPKVv001";
-/// magic, fingerprint, namespace, conversation, token count, state length, checksum.
-const HEADER: usize = 8 + 8 + 8 + 8 + 4 + 8 + 4;
 /// Bytes of writes waiting for the writer thread; beyond it a write is skipped.
 const MAX_PENDING: u64 = 512 << 20;
 /// Failed writes in a row after which writing pauses (one or two, a disk
@@ -52,12 +53,6 @@ const PAUSE: Duration = Duration::from_secs(30);
 /// A temporary file this old is a crashed write's, whichever process made
 /// it: a write in progress changes its file far more often.
 const STALE_TEMP: Duration = Duration::from_secs(3600);
-/// The llama-cpp-sys-2 release linked (pinned in actors/Cargo.toml; a test
-/// checks it against Cargo.lock). It fixes the llama.cpp sources, whose
-/// sequence-state format a file holds. Named here because Cargo tells a
-/// crate no versions of its dependencies, and llama.cpp built from the
-/// crate's sources (no git history) reports its commit as "unknown".
-const LLAMA_CPP_SYS_2: &str = "0.1.161";
 /// Longest time between two sweeps for expired caches.
 const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -65,50 +60,6 @@ const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// (a tiny lifetime in a test is seen to), at most every minute.
 pub(super) fn sweep_interval(ttl: Duration) -> Duration {
     (ttl / 4).clamp(Duration::from_millis(1), MAX_SWEEP_INTERVAL)
-}
-
-/// What produced a KV state: a file restores only into the same.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Fingerprint(pub u64);
-
-impl Fingerprint {
-    /// From the model file (its size and its first 8 MiB: the GGUF header,
-    /// metadata and tokenizer), a description of the KV layout and state
-    /// format (cache types, sequence layout) and the llama.cpp build that is
-    /// linked ([`linked_llama_cpp`]: callers need not name it).
-    pub fn of(model: &Path, layout: &str) -> std::io::Result<Self> {
-        use sha2::Digest;
-        let mut file = std::fs::File::open(model)?;
-        let len = file.metadata()?.len();
-        let mut head = Vec::with_capacity(8 << 20);
-        (&mut file).take(8 << 20).read_to_end(&mut head)?;
-        let mut h = sha2::Sha256::new();
-        h.update(len.to_le_bytes());
-        h.update(&head);
-        h.update(layout.as_bytes());
-        h.update([0]);
-        h.update(linked_llama_cpp().as_bytes());
-        let d = h.finalize();
-        Ok(Self(u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))))
-    }
-}
-
-/// The llama.cpp build that is linked, as the fingerprint names it: the
-/// llama-cpp-sys-2 release that vendors it, and what the library itself
-/// reports (ggml's version and commit).
-pub(super) fn linked_llama_cpp() -> String {
-    // SAFETY: both return static, NUL-terminated strings.
-    let (version, commit) = unsafe {
-        (
-            std::ffi::CStr::from_ptr(llama_cpp_sys_2::ggml_version()),
-            std::ffi::CStr::from_ptr(llama_cpp_sys_2::ggml_commit()),
-        )
-    };
-    format!(
-        "llama-cpp-sys-2 {LLAMA_CPP_SYS_2}, ggml {} (commit {})",
-        version.to_string_lossy(),
-        commit.to_string_lossy()
-    )
 }
 
 /// What `/pool` shows of the disk tier.
@@ -259,106 +210,6 @@ pub(super) struct DiskTier {
     shared: Arc<Shared>,
     jobs: Mutex<Sender<Job>>,
     writer: Option<JoinHandle<()>>,
-}
-
-fn file_name(fingerprint: Fingerprint, key: CacheKey) -> String {
-    format!("{:016x}-{:016x}-{:016x}.kv", fingerprint.0, key.namespace, key.conversation)
-}
-
-/// What a name in the directory is, to the start-up scan.
-#[derive(Debug, PartialEq, Eq)]
-enum Found {
-    /// A cache file of this fingerprint.
-    Ours(CacheKey),
-    /// Another fingerprint's, or named as before fingerprints were in names.
-    Foreign,
-    /// A write in progress, or one a crash left.
-    Temp,
-    /// Not the tier's: left alone.
-    Other,
-}
-
-fn classify(name: &str, fingerprint: Fingerprint) -> Found {
-    if name.starts_with(".tmp-") {
-        return Found::Temp;
-    }
-    let Some(stem) = name.strip_suffix(".kv") else { return Found::Other };
-    let parts: Option<Vec<u64>> = stem.split('-').map(|p| u64::from_str_radix(p, 16).ok()).collect();
-    match parts.as_deref() {
-        Some(&[fp, namespace, conversation]) if fp == fingerprint.0 => {
-            Found::Ours(CacheKey { namespace, conversation })
-        }
-        Some([_, _, _]) | Some([_, _]) => Found::Foreign,
-        _ => Found::Other,
-    }
-}
-
-/// A file's whole content: header, tokens (i32 LE), state.
-pub(super) fn encode(fingerprint: Fingerprint, key: CacheKey, tokens: &[LlamaToken], state: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(tokens.len() * 4 + state.len());
-    for t in tokens {
-        body.extend_from_slice(&t.0.to_le_bytes());
-    }
-    body.extend_from_slice(state);
-    let mut out = Vec::with_capacity(HEADER + body.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&fingerprint.0.to_le_bytes());
-    out.extend_from_slice(&key.namespace.to_le_bytes());
-    out.extend_from_slice(&key.conversation.to_le_bytes());
-    out.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(state.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
-}
-
-/// Why a file was refused.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum Refused {
-    Foreign,
-    Corrupt,
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-/// Checks the header (magic, fingerprint, key) of a file's first bytes.
-fn check_header(b: &[u8], fingerprint: Fingerprint, key: CacheKey) -> Result<(), Refused> {
-    if b.len() < HEADER {
-        return Err(Refused::Corrupt);
-    }
-    if &b[..8] != MAGIC || u64_at(b, 8) != fingerprint.0 {
-        return Err(Refused::Foreign);
-    }
-    if u64_at(b, 16) != key.namespace || u64_at(b, 24) != key.conversation {
-        return Err(Refused::Corrupt);
-    }
-    Ok(())
-}
-
-/// The tokens and state of a whole file, checked.
-pub(super) fn decode(b: &[u8], fingerprint: Fingerprint, key: CacheKey) -> Result<(Vec<LlamaToken>, Vec<u8>), Refused> {
-    check_header(b, fingerprint, key)?;
-    let n_tokens = u32_at(b, 32) as usize;
-    let state_len = u64_at(b, 36) as usize;
-    let crc = u32_at(b, 44);
-    let body = &b[HEADER..];
-    if n_tokens.checked_mul(4).and_then(|t| t.checked_add(state_len)) != Some(body.len()) {
-        return Err(Refused::Corrupt);
-    }
-    if crc32fast::hash(body) != crc {
-        return Err(Refused::Corrupt);
-    }
-    let tokens = body[..n_tokens * 4]
-        .chunks_exact(4)
-        .map(|c| LlamaToken(i32::from_le_bytes(c.try_into().expect("4 bytes"))))
-        .collect();
-    Ok((tokens, body[n_tokens * 4..].to_vec()))
 }
 
 /// Makes the directory (its parents as usual, itself for the service user
@@ -596,7 +447,7 @@ impl DiskTier {
         let s = &self.shared;
         let keys: Vec<CacheKey> = {
             let mut index = s.index();
-            if index.deleted.len() >= super::MAX_DELETED {
+            if index.deleted.len() >= MAX_DELETED {
                 index.deleted.clear();
             }
             index.deleted.insert(conversation);
@@ -617,7 +468,7 @@ impl DiskTier {
         let s = &self.shared;
         let indexed = {
             let mut index = s.index();
-            if index.forgotten.len() >= super::MAX_DELETED {
+            if index.forgotten.len() >= MAX_DELETED {
                 index.forgotten.clear();
             }
             let last = index.tickets;

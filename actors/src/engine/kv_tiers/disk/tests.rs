@@ -1,3 +1,4 @@
+use super::format::linked_llama_cpp;
 use super::*;
 
 fn key() -> CacheKey {
