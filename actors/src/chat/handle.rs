@@ -1,14 +1,18 @@
 //! The chat layer as callers see it: a cloneable handle over the chat actor.
+//! Turns, deletes and recalls go through the chat actor to their
+//! conversation's actor; reads (history, listings) and imports go to the
+//! store directly, as they need no order.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
+use tokio::sync::oneshot;
 
-use crate::chat::actor::{ChatActor, DeleteConversation, StopChat};
+use crate::chat::actor::{ChatActor, DeleteConversation, RecallIn, StartTurn, StopChat};
 use crate::chat::import::ImportMessage;
-use crate::chat::turn::{ChatCore, ChatStream, StoreClock};
+use crate::chat::turn::{ChatCore, ChatParts, ChatStream, TurnRequest};
 use crate::chat::types::{ChatError, ChatOptions, ChatReply, SendMessage};
 use crate::memory::index::{IndexOptions, IndexStats, VectorIndex};
 use crate::memory::prompt_builder::Recalled;
@@ -62,10 +66,16 @@ impl ChatHandle {
             millis = started.elapsed().as_millis() as u64,
             "vector index opened"
         );
-        let core = Arc::new(ChatCore::new(store, index, embedder, pool, opts, opened_at_ms));
-        // Turns run on an arbiter of their own: whatever a turn does between
-        // its awaits never delays the pool manager's thread.
+        // The chat actor and the conversations' actors run on an arbiter of
+        // their own: the first half of every turn (reading the conversation,
+        // embedding, recall, the prompt, the wait for an instance) runs on
+        // that one thread, between awaits, never on the pool manager's or
+        // the HTTP workers'; its blocking parts run on blocking threads. The
+        // second half (the reply's tokens, storing it) runs where the
+        // caller reads the stream. The arbiter stops with the last turn.
         let arbiter = Arbiter::new();
+        let parts = ChatParts { store, index, embedder, pool, opts };
+        let core = Arc::new(ChatCore::new(parts, opened_at_ms, arbiter.handle()));
         let actor_core = core.clone();
         let addr = ChatActor::start_in_arbiter(&arbiter.handle(), move |_| ChatActor::new(actor_core));
         Ok(Self { addr, core })
@@ -85,14 +95,28 @@ impl ChatHandle {
 
     /// Starts a turn; the stream yields the reply as it is generated. The
     /// turn's first half (waiting for the conversation's earlier turn,
-    /// recall, prompt, waiting for an instance) runs in this future:
-    /// dropping it before it resolves (a client that left) gives up the
-    /// turn, and nothing is stored.
+    /// recall, prompt, waiting for an instance) runs in the conversation's
+    /// actor while this future waits: dropping it before it resolves (a
+    /// client that left) gives up the turn, and nothing is stored. A wait
+    /// for the conversation's earlier turn counts as a queued request
+    /// (against the pool's `max_queue`) and times out like one.
     pub async fn send(&self, msg: SendMessage) -> Result<ChatStream, ChatError> {
+        let arrived = Instant::now();
         if !self.addr.connected() {
             return Err(ChatError::Stopped);
         }
-        self.core.clone().send(msg).await
+        let sampling = self.core.check_turn(&msg)?;
+        let (started, began) = oneshot::channel();
+        let (reply, begun) = oneshot::channel();
+        let turn = TurnRequest { msg, sampling, new: None, arrived };
+        let queued = self.addr.send(StartTurn { turn, started, reply }).await.map_err(|_| ChatError::Stopped)?;
+        if queued {
+            // Given up (full queue, timeout, this future dropped): the
+            // actor finds `begun` closed and skips the turn.
+            let _ = self.core.pool.wait_outside(began).await?;
+        }
+        let generating = begun.await.map_err(|_| ChatError::Stopped)??;
+        Ok(ChatStream::new(generating))
     }
 
     /// A whole turn with the default sampling.
@@ -173,12 +197,8 @@ impl ChatHandle {
     /// embedding included) to finish.
     pub async fn recall_vector(&self, id: &ConversationId, vector: &[f32]) -> Result<Vec<Recalled>, ChatError> {
         let conv = self.core.store.conversation(id).await?;
-        let _turns = self.core.lock(*id).await;
-        let clock = StoreClock::default();
-        let stored = self.core.store.count(id).await?;
-        let recent = self.core.recent_window(id, stored, &clock).await?;
-        let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
-        self.core.recall(&conv, vector, exclude, stored, &clock).await
+        let recall = RecallIn { conv, vector: vector.to_vec() };
+        self.addr.send(recall).await.map_err(|_| ChatError::Stopped)?
     }
 
     /// Why the conversation store cannot serve, as last seen (no I/O).
@@ -211,8 +231,9 @@ impl ChatHandle {
         Ok(self.core.store.flush().await?)
     }
 
-    /// Flushes the store and stops the actor; the data directory is released
-    /// once every clone of this handle is dropped.
+    /// Flushes the store and stops the chat actor; the data directory is
+    /// released (and the chat arbiter stopped) once every clone of this
+    /// handle is dropped and the last turn is over.
     /// Turns still running (their replies' embeddings are made after the
     /// answer) are waited for, up to the embedder's timeout; then the store
     /// is flushed, the chat actor stops and so do the embedder's threads (a

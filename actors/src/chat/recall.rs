@@ -76,6 +76,22 @@ impl ChatCore {
         }
     }
 
+    /// What memory recalls for `vector` in `conv` now, as a turn would: the
+    /// store's count, the recent window left out, the search. Runs in the
+    /// conversation's actor, after its earlier turns (their replies'
+    /// embeddings included).
+    pub(crate) async fn recall_now(
+        self: &Arc<Self>,
+        conv: &Conversation,
+        vector: &[f32],
+    ) -> Result<Vec<Recalled>, ChatError> {
+        let clock = StoreClock::default();
+        let stored = self.store.count(&conv.id).await?;
+        let recent = self.recent_window(&conv.id, stored, &clock).await?;
+        let exclude: HashSet<u64> = recent.iter().map(|m| m.id).collect();
+        self.recall(conv, vector, exclude, stored, &clock).await
+    }
+
     /// Messages related to `vector`, best first, leaving out `exclude`. The
     /// conversation has `stored` messages in the store.
     pub(crate) async fn recall(

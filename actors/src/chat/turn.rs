@@ -1,7 +1,9 @@
-//! The work of one chat turn, behind the chat actor: store the user message,
-//! recall related earlier messages by meaning, build the prompt within the
-//! context budget, generate on a leased instance (streaming), store the reply.
-//! Turns of one conversation are serialised by a per-conversation lock.
+//! The work of one chat turn: store the user message, recall related earlier
+//! messages by meaning, build the prompt within the context budget, generate
+//! on a leased instance (streaming), store the reply. The first half runs in
+//! the conversation's actor ([`super::conversation`]), whose mailbox orders
+//! the turns of one conversation; the second half is driven by whoever reads
+//! the [`ChatStream`], and the actor waits for it ([`TurnOver`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -12,8 +14,9 @@ use std::time::Instant;
 /// Without `max_tokens`, a turn's history leaves 1/this of the context to the reply.
 const REPLY_SHARE_OF_CONTEXT: u32 = 4;
 
+use actix::ArbiterHandle;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::oneshot;
 
 use crate::chat::types::{ChatError, ChatEvent, ChatOptions, ChatReply, SendMessage};
 use crate::engine::CacheKey;
@@ -21,7 +24,7 @@ use crate::memory::index::VectorIndex;
 use crate::memory::prompt_builder::{build_prompt, BuiltPrompt, PromptBudget, Recalled};
 use crate::memory::store::{Conversation, ConversationId, ConversationStore, NewMessage, StoredMessage};
 use crate::memory::EmbedderHandle;
-use crate::params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, Usage};
+use crate::params::{ChatMessage, Completion, FinishReason, GenerateRequest, Role, SamplingParams, Usage};
 use crate::pool::handle::PoolHandle;
 use crate::pool::lease::GenEvent;
 
@@ -42,14 +45,18 @@ impl StoreClock {
     }
 }
 
-/// Shared state of the chat layer, used by the actor's futures.
+/// Shared state of the chat layer, used by the actors' futures.
 pub(crate) struct ChatCore {
     pub(crate) store: ConversationStore,
     pub(crate) index: Arc<VectorIndex>,
     pub(crate) embedder: EmbedderHandle,
     pub(crate) pool: PoolHandle,
     pub(crate) opts: ChatOptions,
-    locks: Arc<ConversationLocks>,
+    /// The chat arbiter, where the chat actor and the conversations' actors
+    /// run. A generation started there keeps its deadline timer and its
+    /// lease's watcher on that arbiter's runtime, so the arbiter stops only
+    /// when this core goes, with the last turn that holds it ([`Drop`]).
+    arbiter: ArbiterHandle,
     /// Turns whose second half (streaming, storing, embedding the reply) runs.
     pub(crate) running: Arc<AtomicUsize>,
     /// With namespace recall on a shared store: per namespace, the store's
@@ -57,6 +64,49 @@ pub(crate) struct ChatCore {
     pub(super) synced: Mutex<HashMap<String, u64>>,
     /// The store's clock just before the index was loaded at start-up.
     pub(super) opened_at_ms: u64,
+}
+
+/// What the chat layer is made of.
+pub(crate) struct ChatParts {
+    pub(crate) store: ConversationStore,
+    pub(crate) index: Arc<VectorIndex>,
+    pub(crate) embedder: EmbedderHandle,
+    pub(crate) pool: PoolHandle,
+    pub(crate) opts: ChatOptions,
+}
+
+impl Drop for ChatCore {
+    fn drop(&mut self) {
+        self.arbiter.stop();
+    }
+}
+
+/// A turn as the conversation's actor receives it: checked at the edge
+/// ([`ChatCore::check_turn`]), not begun.
+pub(crate) struct TurnRequest {
+    pub(crate) msg: SendMessage,
+    pub(crate) sampling: SamplingParams,
+    /// The conversation this turn starts (not stored yet); none for a
+    /// stored one, read when the turn begins.
+    pub(crate) new: Option<Conversation>,
+    /// When the caller asked: a wait for the conversation's earlier turn
+    /// counts as memory time.
+    pub(crate) arrived: Instant,
+}
+
+/// Held by a turn until it is over: its reply stored and embedded, or the
+/// turn given up (failed, or its stream dropped before anything was read).
+/// Dropping it lets the conversation's actor go on to the next turn.
+pub(crate) struct TurnOver {
+    _over: oneshot::Sender<()>,
+}
+
+impl TurnOver {
+    /// A turn's guard, and what resolves when it is dropped.
+    pub(crate) fn new() -> (Self, oneshot::Receiver<()>) {
+        let (over, rx) = oneshot::channel();
+        (Self { _over: over }, rx)
+    }
 }
 
 /// Counts a running turn for as long as it lives.
@@ -69,45 +119,19 @@ impl Drop for Running {
 }
 
 impl ChatCore {
-    pub(crate) fn new(
-        store: ConversationStore,
-        index: Arc<VectorIndex>,
-        embedder: EmbedderHandle,
-        pool: PoolHandle,
-        opts: ChatOptions,
-        opened_at_ms: u64,
-    ) -> Self {
+    pub(crate) fn new(parts: ChatParts, opened_at_ms: u64, arbiter: ArbiterHandle) -> Self {
+        let ChatParts { store, index, embedder, pool, opts } = parts;
         Self {
             store,
             index,
             embedder,
             pool,
             opts,
-            locks: Arc::default(),
+            arbiter,
             running: Arc::default(),
             synced: Mutex::default(),
             opened_at_ms,
         }
-    }
-
-    pub(crate) async fn lock(&self, id: ConversationId) -> TurnLock {
-        let m = self.locks.0.lock().unwrap_or_else(|e| e.into_inner()).entry(id).or_default().clone();
-        TurnLock { guard: Some(m.lock_owned().await), locks: self.locks.clone(), id }
-    }
-
-    /// The lock of a turn: when an earlier turn of the conversation holds
-    /// it, the wait counts as a queued request (against the pool's
-    /// `max_queue`) and times out like one.
-    async fn lock_turn(&self, id: ConversationId) -> Result<TurnLock, ChatError> {
-        let m = self.locks.0.lock().unwrap_or_else(|e| e.into_inner()).entry(id).or_default().clone();
-        // Made before the wait: a wait given up (timeout, client gone) still
-        // forgets the conversation's mutex when nobody else holds it.
-        let mut lock = TurnLock { guard: None, locks: self.locks.clone(), id };
-        lock.guard = Some(match m.clone().try_lock_owned() {
-            Ok(guard) => guard,
-            Err(_) => self.pool.wait_outside(m.lock_owned()).await?,
-        });
-        Ok(lock)
     }
 
     /// The prompt for a turn: tokenizing is blocking work, done on a blocking thread.
@@ -183,21 +207,35 @@ impl ChatCore {
         Ok(())
     }
 
-    pub(crate) async fn send(self: Arc<Self>, msg: SendMessage) -> Result<ChatStream, ChatError> {
+    /// The checks of a turn at the edge, before it is queued or anything is
+    /// embedded or stored: the message, and the sampling for this context
+    /// (checked again, with the prompt, when the request is prepared).
+    /// Returns the sampling the turn uses.
+    pub(crate) fn check_turn(&self, msg: &SendMessage) -> Result<SamplingParams, ChatError> {
         self.validate(&msg.text)?;
-        let sampling = msg.sampling.unwrap_or_else(|| self.opts.sampling.clone());
-        // Before anything is embedded or stored (checked again, with the
-        // prompt, when the request is prepared).
+        let sampling = msg.sampling.clone().unwrap_or_else(|| self.opts.sampling.clone());
         let n_ctx = self.pool.options().instance.n_ctx;
         sampling.validate_for(n_ctx, self.pool.engine().n_vocab())?;
+        Ok(sampling)
+    }
+
+    /// The first half of a turn, once the conversation's earlier turns are
+    /// over: read the conversation, embed the message, recall, build the
+    /// prompt, wait for an instance and start generating. Nothing is stored
+    /// yet. The turn holds `over` until it is over ([`Generating::settle`]).
+    pub(crate) async fn begin_turn(
+        self: Arc<Self>,
+        id: ConversationId,
+        turn: TurnRequest,
+        over: TurnOver,
+    ) -> Result<Box<Generating>, ChatError> {
+        let TurnRequest { msg, sampling, new, arrived } = turn;
         // A new conversation is stored with its first message, after admission.
         let clock = StoreClock::default();
-        let memory_started = Instant::now();
-        let (conv, is_new) = match msg.conversation_id {
-            Some(id) => (clock.time(self.store.conversation(&id)).await?, false),
-            None => (Conversation::new(msg.namespace.as_deref().unwrap_or("default")), true),
+        let (conv, is_new) = match new {
+            Some(conv) => (conv, true),
+            None => (clock.time(self.store.conversation(&id)).await?, false),
         };
-        let guard = self.lock_turn(conv.id).await?;
 
         let vector = self.embedder.embed_one(&msg.text).await.map_err(ChatError::Embedding)?;
         let stored = if is_new { 0 } else { clock.time(self.store.count(&conv.id)).await? };
@@ -217,7 +255,7 @@ impl ChatCore {
         let request = GenerateRequest { messages: built.messages.clone(), sampling, raw_prompt: None };
         // The prompt was tokenized while it was built: checked, not tokenized again.
         let request = self.pool.prepared_tokens(request, built.prompt).await?;
-        let memory_ns = memory_started.elapsed().as_nanos() as u64;
+        let memory_ns = arrived.elapsed().as_nanos() as u64;
         let generation = self.pool.run_as(request, key, msg.client).await?;
         let (instance, slot) = (generation.instance(), generation.slot());
 
@@ -226,7 +264,7 @@ impl ChatCore {
         // before that, or that failed, leaves no trace).
         let turn = Turn {
             core: self.clone(),
-            conv: conv.clone(),
+            conv,
             is_new,
             user_text: msg.text,
             user_vector: vector,
@@ -239,16 +277,11 @@ impl ChatCore {
         };
         self.running.fetch_add(1, Ordering::SeqCst);
         let running = Running(self.running.clone());
-        let generating = Generating { turn, generation, text: String::new(), delivered: false, lock: guard, running };
-        Ok(ChatStream {
-            conversation_id: conv.id,
-            state: TurnState::Generating(Box::new(generating)),
-            shows_pieces: true,
-        })
+        Ok(Box::new(Generating { turn, generation, text: String::new(), delivered: false, over, running }))
     }
 
+    /// Deletes a conversation (in its actor, after its earlier turns).
     pub(crate) async fn delete(&self, id: ConversationId) -> Result<usize, ChatError> {
-        let _guard = self.lock(id).await;
         let ids = self.store.delete_conversation(&id).await?;
         let index = self.index.clone();
         let _ = actix_web::rt::task::spawn_blocking(move || index.remove_conversation(&id)).await;
@@ -258,31 +291,6 @@ impl ChatCore {
             let _ = actix_web::rt::task::spawn_blocking(move || tiers.forget_conversation(conversation)).await;
         }
         Ok(ids.len())
-    }
-}
-
-type ConversationMutex = Arc<tokio::sync::Mutex<()>>;
-
-/// One mutex per conversation with a turn running or waiting.
-#[derive(Default)]
-struct ConversationLocks(Mutex<HashMap<ConversationId, ConversationMutex>>);
-
-/// Holds a conversation's turn lock; on drop, forgets the mutex when no other
-/// turn holds or waits for it, so the map does not grow with every conversation.
-pub(crate) struct TurnLock {
-    guard: Option<OwnedMutexGuard<()>>,
-    locks: Arc<ConversationLocks>,
-    id: ConversationId,
-}
-
-impl Drop for TurnLock {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        let mut map = self.locks.0.lock().unwrap_or_else(|e| e.into_inner());
-        // Clones are only made under this lock: a count of 1 is the map's own.
-        if map.get(&self.id).is_some_and(|m| Arc::strong_count(m) == 1) {
-            map.remove(&self.id);
-        }
     }
 }
 
@@ -324,30 +332,33 @@ enum TurnState {
     Ended,
 }
 
-/// What a turn holds while its reply is generated.
-struct Generating {
+/// What a turn holds while its reply is generated. Made in the
+/// conversation's actor and sent to the caller, which reads it as a
+/// [`ChatStream`]; dropped unread (the caller left), it stops the generation
+/// and stores nothing.
+pub(crate) struct Generating {
     turn: Turn,
     generation: crate::pool::lease::GenerationStream,
     text: String,
     /// Whether the caller has read a piece of the reply.
     delivered: bool,
-    lock: TurnLock,
+    over: TurnOver,
     running: Running,
 }
 
 impl Generating {
     /// Stores the turn as it ended, then answers; the reply's embedding
-    /// follows off the answer's path, still under the conversation's lock
-    /// (the next turn of the conversation waits for it).
+    /// follows off the answer's path, and the turn is over once it is made
+    /// (the conversation's next turn waits for it).
     fn settle(self, outcome: Result<Completion, ChatError>) -> futures::future::LocalBoxFuture<'static, ChatEvent> {
-        let Generating { turn, generation, text, delivered, lock, running } = self;
+        let Generating { turn, generation, text, delivered, over, running } = self;
         drop(generation);
         Box::pin(async move {
             let (event, saved) = turn.settle(outcome, &text, delivered).await;
             if let Some(id) = saved {
                 actix::spawn(async move {
                     turn.core.embed_stored(&turn.conv, id, &text).await;
-                    drop((lock, running));
+                    drop((over, running));
                 });
             }
             event
@@ -356,6 +367,11 @@ impl Generating {
 }
 
 impl ChatStream {
+    /// The stream of a turn its conversation's actor began.
+    pub(crate) fn new(generating: Box<Generating>) -> Self {
+        Self { conversation_id: generating.turn.conv.id, state: TurnState::Generating(generating), shows_pieces: true }
+    }
+
     pub async fn next_event(&mut self) -> Option<ChatEvent> {
         self.next().await
     }
