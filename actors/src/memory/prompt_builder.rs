@@ -88,6 +88,7 @@ pub fn build_prompt(
         messages.extend(recall_message(recalled));
         messages.push(ChatMessage::user(user_text));
         let tokens = tokenize(&messages)?;
+        crate::params::tokenized(tokens.len());
         Ok((messages, tokens))
     };
     let fits = |tokens: &[i32]| check_fits(tokens.len() as u32, Some(budget.max_tokens), budget.n_ctx).is_ok();

@@ -1,127 +1,129 @@
-//! The per-namespace part of the vector index (cross-conversation recall):
-//! a flat matrix scored exactly while small, an HNSW graph built in the
-//! background past `graph_from` (near-identical vectors kept as twins of
-//! one point), tombstones for deletions and a background rebuild
-//! (compaction) when they are a fifth of the graph; graphs saved and loaded
-//! by `persist.rs`.
+//! The namespace indexes (cross-conversation recall): one index per
+//! namespace (`space.rs`), a flat matrix scored exactly while small, an HNSW
+//! graph built in the background past `graph_from`, and a background rebuild
+//! (compaction) when tombstones are a fifth of the graph; graphs saved and
+//! loaded by `persist.rs`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-use hnsw_rs::prelude::Hnsw;
 use rayon::prelude::*;
 
-use std::sync::atomic::Ordering;
-
 use super::persist::{self, LoadError, SavedGraph};
-use super::{dot, top_k, Hit, UnitCosine, VectorIndex};
+use super::score::{dot, Hit, UnitCosine};
+use super::space::{place, Graph, NsIndex, Slot};
 use crate::engine::embed::normalize;
 use crate::memory::store::ConversationId;
 
 const MAX_NB_CONNECTION: usize = 16;
 const MAX_LAYER: usize = 16;
 const EF_CONSTRUCTION: usize = 100;
-/// Most slots a search may leave out and still run unfiltered.
-const UNFILTERED_SLACK: usize = 64;
-/// Cosine similarity from which a vector is a twin of the graph point it
-/// is nearest to (the same message repeated, up to a word): it hangs on
-/// that point instead of joining the graph. HNSW links near-identical points
-/// only to each other, so a cluster of repeats became an island that
-/// searches from elsewhere never reached; as one point with twins it is
-/// reached like any other.
-const TWIN_SCORE: f32 = 0.98;
-/// Candidates of the search that looks for a vector's twin.
-const TWIN_EF: usize = 16;
-/// Most twins of one found point scored by a search (a message repeated
-/// thousands of times is found through any of its copies).
-const TWIN_SCAN: usize = 512;
 
-#[derive(Clone, Copy)]
-pub(super) struct Slot {
-    pub(super) id: u64,
-    pub(super) conv: ConversationId,
-    pub(super) alive: bool,
+/// Every namespace's index, and the background threads that build, load
+/// and save their graphs.
+pub(super) struct Namespaces {
+    dim: usize,
+    /// A namespace gets a graph from this many live vectors.
+    graph_from: usize,
+    /// Where graphs are saved and loaded from.
+    graph_dir: Option<PathBuf>,
+    /// The embedding model's name, written with each saved graph.
+    model: String,
+    pub(super) spaces: RwLock<HashMap<String, NsIndex>>,
+    /// Held by every insert into a graph and by a save: hnsw_rs's dump must
+    /// not see an insert half done.
+    graph_writer: Mutex<()>,
+    /// Background threads building, loading or saving graphs.
+    workers: AtomicUsize,
+    pub(super) built: AtomicUsize,
+    pub(super) loaded: AtomicUsize,
+    pub(super) rejected: AtomicUsize,
 }
 
-pub(super) type Graph = Hnsw<'static, f32, UnitCosine>;
-
-/// One namespace's index: slots (graph data ids) and where their vectors are.
-#[derive(Default)]
-pub(super) struct NsIndex {
-    pub(super) slots: Vec<Slot>,
-    pub(super) by_id: HashMap<u64, u32>,
-    pub(super) by_conv: HashMap<ConversationId, Vec<u32>>,
-    pub(super) live: usize,
-    pub(super) dead: usize,
-    /// The vectors of every slot, row by row, while there is no graph.
-    pub(super) flat: Vec<f32>,
-    pub(super) graph: Option<Arc<Graph>>,
-    /// A build in progress: vectors added meanwhile, to add to the new graph.
-    pub(super) building: Option<Vec<(u32, Vec<f32>)>>,
-    /// Vectors added to the graph since it was last saved.
-    pub(super) unsaved: usize,
-    /// Graph point → the slots that are its twins (near-identical vectors,
-    /// not graph points themselves; [`TWIN_SCORE`]).
-    pub(super) twins: HashMap<u32, Vec<u32>>,
-    /// Each twin's own vector, to score it exactly.
-    pub(super) twin_vecs: HashMap<u32, Vec<f32>>,
-}
-
-/// Adds `vector` as slot `slot` to `graph`, or finds the graph point it is a
-/// twin of and returns it (the caller records the twin).
-pub(super) fn place(graph: &Graph, slot: u32, vector: &[f32]) -> Option<u32> {
-    if graph.get_nb_point() > 0 {
-        let nearest = graph.search(vector, 1, TWIN_EF);
-        if let Some(n) = nearest.first().filter(|n| 1.0 - n.distance >= TWIN_SCORE) {
-            return Some(n.d_id as u32);
+impl Namespaces {
+    pub(super) fn new(dim: usize, graph_from: usize, graph_dir: Option<PathBuf>, model: String) -> Self {
+        Self {
+            dim,
+            graph_from,
+            graph_dir,
+            model,
+            spaces: RwLock::default(),
+            graph_writer: Mutex::default(),
+            workers: AtomicUsize::new(0),
+            built: AtomicUsize::new(0),
+            loaded: AtomicUsize::new(0),
+            rejected: AtomicUsize::new(0),
         }
     }
-    graph.insert((vector, slot as usize));
-    None
-}
 
-impl NsIndex {
-    fn add_twin(&mut self, rep: u32, slot: u32, vector: Vec<f32>) {
-        self.twins.entry(rep).or_default().push(slot);
-        self.twin_vecs.insert(slot, vector);
+    /// The namespaces that have an index.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.spaces.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
     }
 
-    /// For each slot, the graph point it is a twin of (`u32::MAX`: none), for saving.
-    fn reps(&self) -> Vec<u32> {
-        let mut reps = vec![u32::MAX; self.slots.len()];
-        for (rep, twins) in &self.twins {
-            for t in twins {
-                reps[*t as usize] = *rep;
+    /// Fills the indexes with the store's vectors at start-up (no graph is
+    /// built yet: [`Self::maybe_build`] each namespace next).
+    pub(super) fn fill(
+        &self,
+        vectors: Vec<(u64, ConversationId, Vec<f32>)>,
+        namespaces: &HashMap<ConversationId, String>,
+    ) {
+        let mut spaces = self.spaces.write().unwrap_or_else(|e| e.into_inner());
+        for (id, conv, vector) in vectors {
+            if vector.len() != self.dim {
+                continue;
             }
-        }
-        reps
-    }
-}
-
-impl NsIndex {
-    pub(super) fn wants_build(&self, graph_from: usize) -> bool {
-        if self.building.is_some() {
-            return false;
-        }
-        match &self.graph {
-            None => self.live >= graph_from,
-            // Compaction: tombstones are a fifth of the graph.
-            Some(_) => self.dead * 5 >= self.slots.len() && self.dead > 0,
+            let ns = namespaces.get(&conv).cloned().unwrap_or_default();
+            let space = spaces.entry(ns).or_default();
+            if space.by_id.contains_key(&id) {
+                continue;
+            }
+            let slot = space.slots.len() as u32;
+            space.slots.push(Slot { id, conv, alive: true });
+            space.by_id.insert(id, slot);
+            space.by_conv.entry(conv).or_default().push(slot);
+            space.live += 1;
+            space.flat.extend(normalize(&vector));
         }
     }
-}
 
-impl VectorIndex {
+    /// Tombstones a conversation's vectors (a namespace without a graph
+    /// drops them at once).
+    pub(super) fn remove_conversation(self: &Arc<Self>, conv: &ConversationId) {
+        let mut touched = Vec::new();
+        {
+            let mut spaces = self.spaces.write().unwrap_or_else(|e| e.into_inner());
+            for (name, space) in spaces.iter_mut() {
+                let Some(slots) = space.by_conv.remove(conv) else { continue };
+                for slot in &slots {
+                    let s = &mut space.slots[*slot as usize];
+                    if s.alive {
+                        s.alive = false;
+                        space.live -= 1;
+                        space.dead += 1;
+                        space.by_id.remove(&s.id);
+                    }
+                }
+                if space.graph.is_none() && space.building.is_none() {
+                    space.compact_flat(self.dim);
+                }
+                touched.push(name.clone());
+            }
+            spaces.retain(|_, s| !s.slots.is_empty() || s.building.is_some());
+        }
+        for ns in touched {
+            self.maybe_build(&ns);
+        }
+    }
     /// Whether message `id` is in the namespace index of `namespace`.
-    pub fn contains(&self, namespace: &str, id: u64) -> bool {
+    pub(super) fn contains(&self, namespace: &str, id: u64) -> bool {
         self.spaces.read().unwrap_or_else(|e| e.into_inner()).get(namespace).is_some_and(|s| s.by_id.contains_key(&id))
     }
 
     /// Adds vectors of one namespace to its index (not to the conversation cache).
-    pub fn insert_namespace(self: &Arc<Self>, items: Vec<(u64, ConversationId, Vec<f32>)>, namespace: &str) {
-        if !self.opts.namespaces {
-            return;
-        }
+    pub(super) fn insert(self: &Arc<Self>, items: Vec<(u64, ConversationId, Vec<f32>)>, namespace: &str) {
         let mut to_graph = Vec::new();
         let graph = {
             let mut spaces = self.spaces.write().unwrap_or_else(|e| e.into_inner());
@@ -180,7 +182,7 @@ impl VectorIndex {
         let (snapshot, first) = {
             let mut spaces = self.spaces.write().unwrap_or_else(|e| e.into_inner());
             let Some(space) = spaces.get_mut(namespace) else { return };
-            if !space.wants_build(self.opts.graph_from) {
+            if !space.wants_build(self.graph_from) {
                 return;
             }
             let mut live: Vec<(u32, Slot, Vec<f32>)> = Vec::with_capacity(space.live);
@@ -222,7 +224,7 @@ impl VectorIndex {
             }
             let _done = Done(&index.workers);
             if first {
-                if let Some(dir) = index.opts.graph_dir.clone() {
+                if let Some(dir) = index.graph_dir.clone() {
                     match index.load_saved(&name, &dir, &snapshot) {
                         Ok(()) => return,
                         Err(LoadError::Missing) => {}
@@ -276,7 +278,7 @@ impl VectorIndex {
         snapshot: &[(u32, Slot, Vec<f32>)],
     ) -> Result<(), LoadError> {
         let started = std::time::Instant::now();
-        let SavedGraph { graph, mut slots, reps } = persist::load(dir, namespace, &self.opts.model, self.dim)?;
+        let SavedGraph { graph, mut slots, reps } = persist::load(dir, namespace, &self.model, self.dim)?;
         let by_id: HashMap<u64, usize> = snapshot.iter().enumerate().map(|(i, (_, s, _))| (s.id, i)).collect();
         // Every point of the graph is a slot, once, not a twin, and holds
         // the vector the store holds; every twin hangs on a graph point.
@@ -419,7 +421,7 @@ impl VectorIndex {
             millis = started.elapsed().as_millis() as u64,
             "{what}"
         );
-        let again = space.wants_build(self.opts.graph_from);
+        let again = space.wants_build(self.graph_from);
         drop(spaces);
         self.save_namespace(namespace);
         if again {
@@ -430,7 +432,7 @@ impl VectorIndex {
     /// Saves `namespace`'s graph to `graph_dir` if it changed since its
     /// last save. Inserts into it wait meanwhile; searches do not.
     pub(super) fn save_namespace(&self, namespace: &str) {
-        let Some(dir) = &self.opts.graph_dir else { return };
+        let Some(dir) = &self.graph_dir else { return };
         let _writer = self.graph_writer.lock().unwrap_or_else(|e| e.into_inner());
         let (graph, slots, reps) = {
             let mut spaces = self.spaces.write().unwrap_or_else(|e| e.into_inner());
@@ -443,7 +445,7 @@ impl VectorIndex {
             (graph, space.slots.clone(), space.reps())
         };
         let started = std::time::Instant::now();
-        match persist::save(dir, namespace, &self.opts.model, self.dim, &graph, &slots, &reps) {
+        match persist::save(dir, namespace, &self.model, self.dim, &graph, &slots, &reps) {
             Ok(()) => tracing::info!(
                 namespace,
                 vectors = graph.get_nb_point(),
@@ -461,91 +463,17 @@ impl VectorIndex {
 
     /// Saves every namespace graph that changed since its last save (at
     /// shutdown: the next start loads them and adds only what came later).
-    pub fn save_graphs(&self) {
-        let names: Vec<String> = self.spaces.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-        for name in names {
+    pub(super) fn save_graphs(&self) {
+        for name in self.names() {
             self.save_namespace(&name);
         }
     }
 
-    /// A namespace search with `ef` candidates (what [`Self::search`] does
-    /// with the configured `ef_search`; benchmarks compare values). `query`
-    /// must have unit length.
-    pub fn search_namespace_ef(
-        &self,
-        query: &[f32],
-        k: usize,
-        ns: &str,
-        exclude: &HashSet<u64>,
-        ef: usize,
-    ) -> Vec<Hit> {
+    /// A namespace search with `ef` candidates; `query` must have unit length.
+    pub(super) fn search(&self, query: &[f32], k: usize, ns: &str, exclude: &HashSet<u64>, ef: usize) -> Vec<Hit> {
         let spaces = self.spaces.read().unwrap_or_else(|e| e.into_inner());
         let Some(space) = spaces.get(ns) else { return Vec::new() };
-        let wanted = |slot: usize| -> Option<&Slot> {
-            let s = space.slots.get(slot)?;
-            (s.alive && !exclude.contains(&s.id)).then_some(s)
-        };
-        match &space.graph {
-            Some(graph) => {
-                // A graph point found, and its twins (scored exactly, up to
-                // TWIN_SCAN of them), left out or not.
-                let hits = |found: Vec<hnsw_rs::prelude::Neighbour>, want: usize| -> Vec<Hit> {
-                    let mut out = Vec::with_capacity(found.len());
-                    for n in found {
-                        if let Some(s) = wanted(n.d_id) {
-                            out.push(Hit { id: s.id, conversation_id: s.conv, score: 1.0 - n.distance });
-                        }
-                        let Some(twins) = space.twins.get(&(n.d_id as u32)) else { continue };
-                        let live =
-                            twins.iter().filter_map(|t| Some((wanted(*t as usize)?, *t))).take(TWIN_SCAN.max(want));
-                        for (s, t) in live {
-                            let score = space.twin_vecs.get(&t).map_or(0.0, |v| dot(query, v));
-                            out.push(Hit { id: s.id, conversation_id: s.conv, score });
-                        }
-                    }
-                    top_k(&mut out, want);
-                    out
-                };
-                let ef = ef.max(k);
-                // hnsw_rs never ends a filtered search early (it walks every
-                // candidate left), so while few slots are left out (the
-                // recent window, tombstones) the search runs unfiltered for
-                // that many more hits, which are left out afterwards.
-                let slack = exclude.len() + space.dead;
-                if slack <= UNFILTERED_SLACK {
-                    let want = k + slack;
-                    let mut found = hits(graph.search(query, want, ef.max(want)), want);
-                    if found.len() >= k.min(space.live) {
-                        found.truncate(k);
-                        return found;
-                    }
-                }
-                // A point left out still leads to its twins that are not.
-                let filter = |slot: &usize| {
-                    wanted(*slot).is_some()
-                        || space
-                            .twins
-                            .get(&(*slot as u32))
-                            .is_some_and(|t| t.iter().any(|t| wanted(*t as usize).is_some()))
-                };
-                let mut found = hits(graph.search_filter(query, k, ef, Some(&filter)), k);
-                found.truncate(k);
-                found
-            }
-            None => {
-                let mut hits: Vec<Hit> = space
-                    .flat
-                    .chunks_exact(self.dim)
-                    .enumerate()
-                    .filter_map(|(i, v)| {
-                        let s = wanted(i)?;
-                        Some(Hit { id: s.id, conversation_id: s.conv, score: dot(query, v) })
-                    })
-                    .collect();
-                top_k(&mut hits, k);
-                hits
-            }
-        }
+        space.search(query, k, exclude, ef, self.dim)
     }
 
     /// Whether `ns` is searched through a graph.
@@ -554,41 +482,16 @@ impl VectorIndex {
     }
 
     /// Exact top-k over a namespace, whatever its index, leaving out `exclude`.
-    pub fn search_namespace_exact(&self, query: &[f32], k: usize, ns: &str, exclude: &HashSet<u64>) -> Vec<Hit> {
+    pub(super) fn search_exact(&self, query: &[f32], k: usize, ns: &str, exclude: &HashSet<u64>) -> Vec<Hit> {
         let spaces = self.spaces.read().unwrap_or_else(|e| e.into_inner());
         let Some(space) = spaces.get(ns) else { return Vec::new() };
-        let query = normalize(query);
-        let wanted = |s: &&Slot| s.alive && !exclude.contains(&s.id);
-        let mut hits: Vec<Hit> = match &space.graph {
-            Some(graph) if graph.get_nb_point() > 0 => graph
-                .get_point_indexation()
-                .into_iter()
-                .filter_map(|p| {
-                    let s = space.slots.get(p.get_origin_id()).filter(wanted)?;
-                    Some(Hit { id: s.id, conversation_id: s.conv, score: dot(&query, p.get_v()) })
-                })
-                .chain(space.twin_vecs.iter().filter_map(|(t, v)| {
-                    let s = space.slots.get(*t as usize).filter(wanted)?;
-                    Some(Hit { id: s.id, conversation_id: s.conv, score: dot(&query, v) })
-                }))
-                .collect(),
-            Some(_) => Vec::new(),
-            None => space
-                .flat
-                .chunks_exact(self.dim)
-                .zip(&space.slots)
-                .filter(|(_, s)| wanted(s))
-                .map(|(v, s)| Hit { id: s.id, conversation_id: s.conv, score: dot(&query, v) })
-                .collect(),
-        };
-        top_k(&mut hits, k);
-        hits
+        space.search_exact(query, k, exclude, self.dim)
     }
 
     /// Waits until no graph build, load or save is running (tests and benchmarks).
-    pub fn wait_built(&self, timeout: std::time::Duration) -> bool {
+    pub(super) fn wait_built(&self, timeout: std::time::Duration) -> bool {
         let started = std::time::Instant::now();
-        while self.workers.load(Ordering::SeqCst) > 0 || self.stats().building > 0 {
+        while self.workers.load(Ordering::SeqCst) > 0 || self.building() > 0 {
             if started.elapsed() > timeout {
                 return false;
             }
@@ -596,27 +499,9 @@ impl VectorIndex {
         }
         true
     }
-}
 
-/// Drops dead rows of a namespace without a graph.
-pub(super) fn compact_flat(space: &mut NsIndex, dim: usize) {
-    if space.dead == 0 {
-        return;
+    /// Namespaces with a graph build in progress.
+    pub(super) fn building(&self) -> usize {
+        self.spaces.read().unwrap_or_else(|e| e.into_inner()).values().filter(|s| s.building.is_some()).count()
     }
-    let mut slots = Vec::with_capacity(space.live);
-    let mut flat = Vec::with_capacity(space.live * dim);
-    for (s, v) in space.slots.iter().zip(space.flat.chunks_exact(dim)) {
-        if s.alive {
-            slots.push(*s);
-            flat.extend_from_slice(v);
-        }
-    }
-    space.by_id = slots.iter().enumerate().map(|(i, s)| (s.id, i as u32)).collect();
-    space.by_conv.clear();
-    for (i, s) in slots.iter().enumerate() {
-        space.by_conv.entry(s.conv).or_default().push(i as u32);
-    }
-    space.slots = slots;
-    space.flat = flat;
-    space.dead = 0;
 }

@@ -25,8 +25,8 @@ use hnsw_rs::hnswio::HnswIo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::namespaces::{Graph, Slot};
-use super::UnitCosine;
+use super::score::UnitCosine;
+use super::space::{Graph, Slot};
 
 const FORMAT: u32 = 1;
 const BASENAME: &str = "graph";
@@ -94,7 +94,7 @@ fn encode_slots(slots: &[Slot], reps: &[u32]) -> Vec<u8> {
 }
 
 fn decode_slots(bytes: &[u8]) -> Option<(Vec<Slot>, Vec<u32>)> {
-    if bytes.len() % SLOT_BYTES != 0 {
+    if !bytes.len().is_multiple_of(SLOT_BYTES) {
         return None;
     }
     bytes

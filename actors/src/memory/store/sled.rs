@@ -287,7 +287,7 @@ impl SledStore {
 }
 
 fn decode_vector(k: &[u8], v: &[u8]) -> Result<StoredVector, StoreError> {
-    if k.len() != 24 || v.len() % 4 != 0 {
+    if k.len() != 24 || !v.len().is_multiple_of(4) {
         return Err(StoreError::Corrupt("vector record".into()));
     }
     let conv = Uuid::from_slice(&k[..16]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -298,7 +298,7 @@ fn decode_vector(k: &[u8], v: &[u8]) -> Result<StoredVector, StoreError> {
 
 /// A vector record of the earlier layout: message id key, conversation id + floats value.
 fn decode_old_vector(k: &[u8], v: &[u8]) -> Result<StoredVector, StoreError> {
-    if k.len() != 8 || v.len() < 16 || (v.len() - 16) % 4 != 0 {
+    if k.len() != 8 || v.len() < 16 || !(v.len() - 16).is_multiple_of(4) {
         return Err(StoreError::Corrupt("vector record".into()));
     }
     let id = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
