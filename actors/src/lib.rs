@@ -3,7 +3,8 @@
 //! the pool) the chat layer with memory.
 //!
 //! Start a pool inside an actix system with [`PoolHandle::start`], then call
-//! [`PoolHandle::generate`]; see the repository README for a full example.
+//! [`PoolHandle::generate`]; see `docs/library.md` and `examples/embedded.rs`
+//! for a full example.
 
 pub mod chat;
 pub mod engine;

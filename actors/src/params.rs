@@ -265,6 +265,17 @@ pub struct PreparedRequest {
 impl PreparedRequest {
     /// Only [`crate::engine::Engine::prepare_tokens`] makes one, after its checks.
     pub(crate) fn checked(request: GenerateRequest, prompt: Vec<i32>, max_tokens: u32, n_ctx: u32) -> Self {
+        // What every route's request became, whatever its dialect: one line
+        // per request (`MODELPOOL_LOG=modelpool::prepared=debug`).
+        tracing::debug!(
+            target: "modelpool::prepared",
+            prompt_tokens = prompt.len(),
+            max_tokens,
+            n_ctx,
+            raw = request.raw_prompt.is_some(),
+            sampling = %serde_json::to_string(&request.sampling).unwrap_or_default(),
+            "request prepared"
+        );
         Self { request, prompt, max_tokens, n_ctx }
     }
 
@@ -291,6 +302,13 @@ impl PreparedRequest {
     pub fn n_ctx(&self) -> u32 {
         self.n_ctx
     }
+}
+
+/// Says that a whole prompt was tokenized (`MODELPOOL_LOG=modelpool::tokenized=debug`):
+/// once per request, where it is prepared or, for a chat turn, where its
+/// prompt is built.
+pub(crate) fn tokenized(tokens: usize) {
+    tracing::debug!(target: "modelpool::tokenized", tokens, "prompt tokenized");
 }
 
 /// A prompt the client wrote whole.

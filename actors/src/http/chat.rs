@@ -5,10 +5,12 @@ use std::time::Instant;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use super::disconnect::{after_admission, unless_client_gone};
+use super::disconnect::after_admission;
+use super::error::ApiError;
+use super::kit::{resource, short_json, ApiState, Authorized, HEADERS_WHILE_QUEUED};
 use super::metrics::Meter;
+use super::pipeline::{self, Sampling};
 use super::sse::{self, Frame};
-use super::{ApiError, ApiState, Authorized, SamplingOverrides};
 use crate::chat::types::{ChatError, ChatEvent, ChatReply, SendMessage};
 use crate::memory::prompt_builder::Recalled;
 use crate::params::{FinishReason, Usage};
@@ -24,27 +26,9 @@ pub struct ChatRequest {
     /// Namespace (user or tenant) of a new conversation.
     #[schema(pattern = "^[A-Za-z0-9_.@:-]{1,64}$")]
     pub namespace: Option<String>,
-    #[schema(minimum = 1)]
-    #[serde(default, deserialize_with = "super::de_whole")]
-    pub max_tokens: Option<i64>,
-    #[schema(minimum = 0, maximum = 2)]
-    pub temperature: Option<f32>,
-    #[schema(exclusive_minimum = 0, maximum = 1)]
-    pub top_p: Option<f32>,
-    #[schema(minimum = -1, maximum = 4294967295_i64)]
-    #[serde(default, deserialize_with = "super::de_whole")]
-    pub seed: Option<i64>,
-    #[schema(minimum = 0)]
-    #[serde(default, deserialize_with = "super::de_whole")]
-    pub top_k: Option<i64>,
-    #[schema(minimum = 0, maximum = 1)]
-    pub min_p: Option<f32>,
-    #[schema(exclusive_minimum = 0)]
-    pub repeat_penalty: Option<f32>,
-    #[schema(minimum = -2, maximum = 2)]
-    pub frequency_penalty: Option<f32>,
-    #[schema(minimum = -2, maximum = 2)]
-    pub presence_penalty: Option<f32>,
+    /// The one set of sampling fields, as every route takes them.
+    #[serde(flatten)]
+    pub sampling: Sampling,
     /// Structured output, as on `/v1/chat/completions`: `{"type": "json_object"}`
     /// or `{"type": "json_schema", "json_schema": {"schema": {…}}}`.
     #[schema(value_type = Option<super::openapi::extras::ResponseFormat>)]
@@ -162,7 +146,6 @@ async fn chat(
     http: HttpRequest,
     body: web::Json<ChatRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let meter = Meter::new(state.metrics.clone(), "chat", Instant::now());
     let mut body = body.into_inner();
     // A proxy routes on the X-Conversation-Id header; the body field works too.
     if let Some(header) = http.headers().get(CONVERSATION_HEADER) {
@@ -173,13 +156,14 @@ async fn chat(
                     "conversation_id",
                     format!("the X-Conversation-Id header ({header:?}) and the body's conversation_id ({id:?}) differ"),
                 );
-                return meter.answer(Err(e));
+                return pipeline::metered(&state, &http, "chat", None, |_| async { Err(e) }).await;
             }
             _ => body.conversation_id = Some(header),
         }
     }
-    let inner = chat_inner(&state, &auth, body, super::disconnect::peer_of(&http), meter.clone());
-    meter.answer(unless_client_gone(&http, inner).await.map_err(|e| e.prompt_in("message")))
+    let peer = super::disconnect::peer_of(&http);
+    pipeline::metered(&state, &http, "chat", Some("message"), |meter| chat_inner(&state, &auth, body, peer, meter))
+        .await
 }
 
 #[tracing::instrument(name = "request", skip_all, fields(endpoint = "chat"))]
@@ -197,18 +181,7 @@ async fn chat_inner(
         Some(raw) => Some(visible_conversation(state, auth, parse_conversation_id(raw)?).await?.id),
         None => None,
     };
-    let mut sampling = state.sampling(SamplingOverrides {
-        max_tokens: req.max_tokens,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        seed: req.seed,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        repeat_penalty: req.repeat_penalty,
-        frequency_penalty: req.frequency_penalty,
-        presence_penalty: req.presence_penalty,
-        ..Default::default()
-    })?;
+    let mut sampling = pipeline::sampling(state, req.sampling, "max_tokens")?;
     if let Some(c) = req.response_format.as_ref().map(super::structured::response_format).transpose()?.flatten() {
         c.apply(&mut sampling);
     }
@@ -219,7 +192,7 @@ async fn chat_inner(
                 format!(
                     "invalid {field}: /chat does not call tools (it stores text turns); offer tools on \
                      POST /v1/chat/completions, got {}",
-                    super::openai::short_json(v)
+                    short_json(v)
                 ),
             ));
         }
@@ -244,7 +217,7 @@ async fn chat_inner(
     // conversation; so does the header when it is known before the answer starts.
     let admitted = tokio::select! {
         admitted = &mut admission => Some(admitted?),
-        _ = tokio::time::sleep(super::HEADERS_WHILE_QUEUED) => None,
+        _ = tokio::time::sleep(HEADERS_WHILE_QUEUED) => None,
     };
     let known = admitted.as_ref().map(|t| t.conversation_id).or(conversation_id);
     let mut routing = vec![(NODE_HEADER, state.settings.node.clone())];
@@ -306,5 +279,5 @@ pub const CONVERSATION_HEADER: &str = "x-conversation-id";
 pub const NODE_HEADER: &str = "x-modelpool-node";
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.service(super::resource("/chat", "POST").route(web::post().to(chat)));
+    cfg.service(resource("/chat", "POST").route(web::post().to(chat)));
 }

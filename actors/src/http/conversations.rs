@@ -9,7 +9,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::chat::{parse_conversation_id, visible_conversation};
-use super::{ApiError, ApiState, Authorized};
+use super::error::ApiError;
+use super::kit::{ApiState, Authorized};
 use crate::chat::import::ImportMessage;
 use crate::chat::types::ChatError;
 use crate::engine::CacheKey;
@@ -21,12 +22,12 @@ use crate::params::Role;
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// The `next_after` of the previous page; empty: from the start.
-    #[serde(default, deserialize_with = "super::de_query")]
+    #[serde(default, deserialize_with = "super::kit::de_query")]
     #[param(schema_with = super::openapi::extras::message_id_or_empty)]
     pub after: Option<u64>,
     /// 1–1000, default 100; empty: the default.
     #[param(schema_with = super::openapi::extras::limit_1000)]
-    #[serde(default, deserialize_with = "super::de_query")]
+    #[serde(default, deserialize_with = "super::kit::de_query")]
     pub limit: Option<i64>,
 }
 
@@ -134,11 +135,11 @@ struct Deleted {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// The `next_before` of the previous page.
-    #[serde(default, deserialize_with = "super::de_query")]
+    #[serde(default, deserialize_with = "super::kit::de_query")]
     pub before: Option<String>,
     /// 1–100, default 20; empty: the default.
     #[param(schema_with = super::openapi::extras::limit_100)]
-    #[serde(default, deserialize_with = "super::de_query")]
+    #[serde(default, deserialize_with = "super::kit::de_query")]
     pub limit: Option<i64>,
 }
 
@@ -290,7 +291,7 @@ async fn import_conversations(
             "the body must be JSON (Content-Type: application/json) or NDJSON (application/x-ndjson)",
         ));
     }
-    let body = super::read_body(payload, state.settings.max_body_bytes).await?;
+    let body = super::kit::read_body(payload, state.settings.max_body_bytes).await?;
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad("body", format!("the body is not UTF-8: {e}")))?;
     // Every line is parsed and checked before anything is stored.
     let mut documents = Vec::new();
@@ -403,7 +404,7 @@ async fn export_conversation(
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    use super::resource;
+    use super::kit::resource;
     cfg.service(resource("/conversations/import", "POST").route(web::post().to(import_conversations)))
         .service(resource("/conversations/{id}/export", "GET").route(web::get().to(export_conversation)))
         .service(resource("/conversations", "GET").route(web::get().to(list_conversations)))

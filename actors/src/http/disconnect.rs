@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use actix_web::HttpRequest;
 
-use super::ApiError;
+use super::error::ApiError;
 
 /// The socket of the connection a request came on.
 #[derive(Clone, Copy)]

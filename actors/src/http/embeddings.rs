@@ -8,8 +8,8 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::openai::{check_model, short_json};
-use super::{ApiError, ApiState, Authorized};
+use super::error::ApiError;
+use super::kit::{check_model, short_json, ApiState, Authorized};
 use crate::error::EngineError;
 
 /// Most inputs in one request.
@@ -36,7 +36,7 @@ pub struct EmbeddingRequest {
     pub model: Option<String>,
     #[schema(pattern = "^(float|base64)$")]
     pub encoding_format: Option<String>,
-    #[serde(default, deserialize_with = "super::de_whole")]
+    #[serde(default, deserialize_with = "super::kit::de_whole")]
     pub dimensions: Option<i64>,
     /// `user` and the rest: ignored, they cannot change the vectors.
     #[serde(flatten)]
@@ -199,5 +199,5 @@ async fn embeddings_inner(state: &ApiState, req: EmbeddingRequest) -> Result<Htt
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.service(super::resource("/v1/embeddings", "POST").route(web::post().to(embeddings)));
+    cfg.service(super::kit::resource("/v1/embeddings", "POST").route(web::post().to(embeddings)));
 }

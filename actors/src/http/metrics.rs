@@ -1,47 +1,23 @@
 //! Prometheus metrics. Every name is a constant here, prefixed `modelpool_`;
-//! labels carry the endpoint, the outcome and the instance id.
+//! labels carry the endpoint, the outcome, the instance id and the KV tier.
+//!
+//! prometheus-client encodes all of `/metrics`, in the Prometheus text
+//! format: the series the routes record as requests pass ([`Metrics`]), and
+//! those read at each scrape from the pool, the CPU watch and the KV tiers
+//! ([`super::metrics_scrape`]).
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use actix_web::{web, HttpResponse};
-use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
+use actix_web::HttpResponse;
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
 
-use super::{ApiError, ApiState, MetricsAccess};
+use super::error::ApiError;
+use super::metric_names::*;
 use crate::params::Usage;
-use crate::pool::state::{InstanceState, PoolStatus};
-
-pub const REQUESTS: &str = "modelpool_requests";
-pub const PROMPT_TOKENS: &str = "modelpool_prompt_tokens";
-pub const PROMPT_TOKENS_CACHED: &str = "modelpool_prompt_tokens_cached";
-pub const GENERATED_TOKENS: &str = "modelpool_generated_tokens";
-pub const QUEUE_WAIT: &str = "modelpool_queue_wait_seconds";
-pub const TIME_TO_FIRST_TOKEN: &str = "modelpool_time_to_first_token_seconds";
-pub const REQUEST_DURATION: &str = "modelpool_request_duration_seconds";
-pub const INSTANCES: &str = "modelpool_instances";
-pub const QUEUE_DEPTH: &str = "modelpool_queue_depth";
-pub const INSTANCE_REQUESTS: &str = "modelpool_instance_requests";
-pub const INSTANCE_TOKENS: &str = "modelpool_instance_tokens";
-pub const INSTANCE_BUSY: &str = "modelpool_instance_busy_seconds";
-pub const INSTANCE_FAILURES: &str = "modelpool_instance_failures";
-pub const INSTANCE_REPLACEMENTS: &str = "modelpool_instance_replacements";
-pub const INSTANCE_STATE: &str = "modelpool_instance_state";
-pub const INSTANCE_SLOTS: &str = "modelpool_instance_slots";
-pub const INSTANCE_SLOTS_BUSY: &str = "modelpool_instance_slots_busy";
-pub const INSTANCE_INFO: &str = "modelpool_instance_info";
-pub const INSTANCE_PROBE: &str = "modelpool_instance_probe_seconds";
-pub const REQUESTS_RUNNING: &str = "modelpool_requests_running";
-pub const CHAT_STORE: &str = "modelpool_chat_store_seconds";
-pub const CHAT_MEMORY: &str = "modelpool_chat_memory_seconds";
-pub const INSTANCE_THREADS: &str = "modelpool_instance_threads";
-pub const CPU_OTHERS_BUSY: &str = "modelpool_cpu_others_busy_cores";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -54,35 +30,8 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabels {
-    pub state: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct InstanceLabels {
-    pub instance: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct InstanceInfoLabels {
-    pub instance: String,
-    /// "local" or "remote".
-    pub kind: String,
-    /// A remote's URL without credentials; empty for a local instance.
-    pub endpoint: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct InstanceStateLabels {
-    pub instance: String,
-    pub state: String,
-}
-
-type FloatCounter = Counter<f64, AtomicU64>;
-type FloatGauge = Gauge<f64, AtomicU64>;
-
-/// The metrics of one server.
+/// The series the routes record as requests pass; a scrape ([`super::metrics_scrape::render`]) adds
+/// those a scrape reads.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -92,25 +41,8 @@ pub struct Metrics {
     queue_wait: Histogram,
     ttft: Histogram,
     duration: Family<EndpointLabels, Histogram>,
-    instances: Family<StateLabels, Gauge>,
-    queue_depth: Gauge,
-    instance_requests: Family<InstanceLabels, Counter>,
-    instance_tokens: Family<InstanceLabels, Counter>,
-    instance_busy: Family<InstanceLabels, FloatCounter>,
-    instance_failures: Family<InstanceLabels, Counter>,
-    instance_replacements: Family<InstanceLabels, Counter>,
-    instance_state: Family<InstanceStateLabels, FloatGauge>,
-    instance_slots: Family<InstanceLabels, Gauge>,
-    instance_slots_busy: Family<InstanceLabels, Gauge>,
-    instance_info: Family<InstanceInfoLabels, Gauge>,
-    instance_probe: Family<InstanceLabels, FloatGauge>,
-    requests_running: Gauge,
-    instance_threads: Family<InstanceLabels, Gauge>,
-    cpu_others_busy: FloatGauge,
     chat_store: Histogram,
     chat_memory: Histogram,
-    /// Serialises scrapes: pool counters are copied in by difference.
-    scrape: Mutex<()>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -125,6 +57,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        // The registry ends each help text with a full stop.
         let mut registry = Registry::default();
         let m = Self {
             requests: Family::default(),
@@ -134,27 +67,16 @@ impl Metrics {
             queue_wait: seconds_histogram(),
             ttft: seconds_histogram(),
             duration: Family::new_with_constructor(seconds_histogram),
-            instances: Family::default(),
-            queue_depth: Gauge::default(),
-            instance_requests: Family::default(),
-            instance_tokens: Family::default(),
-            instance_busy: Family::default(),
-            instance_failures: Family::default(),
-            instance_replacements: Family::default(),
-            instance_state: Family::default(),
-            instance_slots: Family::default(),
-            instance_slots_busy: Family::default(),
-            instance_info: Family::default(),
-            instance_probe: Family::default(),
-            requests_running: Gauge::default(),
-            instance_threads: Family::default(),
-            cpu_others_busy: FloatGauge::default(),
             chat_store: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             chat_memory: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
-            scrape: Mutex::new(()),
             registry: Registry::default(),
         };
-        registry.register(REQUESTS, "HTTP requests by endpoint and outcome", m.requests.clone());
+        registry.register(
+            REQUESTS,
+            "Requests to the generation routes and /v1/embeddings, by endpoint and outcome \
+             (ok, the error's type, or cancelled: the client left first)",
+            m.requests.clone(),
+        );
         registry.register(
             CHAT_STORE,
             "Time each completed /chat turn waited on the conversation store before its answer (reads and both appends)",
@@ -168,69 +90,35 @@ impl Metrics {
         );
         registry.register(
             PROMPT_TOKENS,
-            "Prompt tokens of finished generations, cached and decoded",
+            "Prompt tokens of completed generations, cached and decoded",
             m.prompt_tokens.clone(),
         );
         registry.register(
             PROMPT_TOKENS_CACHED,
-            "Prompt tokens served from an instance's KV cache instead of being decoded",
+            "Prompt tokens of completed generations served from an instance's KV cache instead of being decoded",
             m.prompt_tokens_cached.clone(),
         );
-        registry.register(GENERATED_TOKENS, "Tokens generated", m.generated_tokens.clone());
-        registry.register(QUEUE_WAIT, "Time requests waited for a sequence slot", m.queue_wait.clone());
+        registry.register(
+            GENERATED_TOKENS,
+            "Tokens generated by completed generations (a failed or cancelled one's are not counted)",
+            m.generated_tokens.clone(),
+        );
+        registry.register(
+            QUEUE_WAIT,
+            "Time each completed generation waited for a sequence slot",
+            m.queue_wait.clone(),
+        );
         registry.register(
             TIME_TO_FIRST_TOKEN,
-            "Time from the request's arrival to its first generated token (memory, queue wait and prompt processing included)",
+            "Time from a completed generation's arrival to its first generated token \
+             (memory, queue wait and prompt processing included)",
             m.ttft.clone(),
         );
-        registry.register(REQUEST_DURATION, "Duration of generation requests by endpoint", m.duration.clone());
-        registry.register(INSTANCES, "Model instances by state", m.instances.clone());
-        registry.register(QUEUE_DEPTH, "Requests waiting for a sequence slot", m.queue_depth.clone());
-        registry.register(INSTANCE_REQUESTS, "Requests served per instance", m.instance_requests.clone());
-        registry.register(INSTANCE_TOKENS, "Tokens generated per instance", m.instance_tokens.clone());
         registry.register(
-            INSTANCE_BUSY,
-            "Seconds during which at least one slot of each instance was leased",
-            m.instance_busy.clone(),
-        );
-        registry.register(INSTANCE_FAILURES, "Failures per instance", m.instance_failures.clone());
-        registry.register(INSTANCE_REPLACEMENTS, "Times each instance was replaced", m.instance_replacements.clone());
-        registry.register(
-            INSTANCE_STATE,
-            "Current state of each instance (1 for the state it is in)",
-            m.instance_state.clone(),
-        );
-        registry.register(INSTANCE_SLOTS, "Sequence slots of each instance", m.instance_slots.clone());
-        registry.register(
-            INSTANCE_SLOTS_BUSY,
-            "Sequence slots of each instance leased to a request now",
-            m.instance_slots_busy.clone(),
-        );
-        registry.register(
-            INSTANCE_INFO,
-            "Each instance's kind (local or remote) and a remote's URL; the value is always 1",
-            m.instance_info.clone(),
-        );
-        registry.register(
-            INSTANCE_PROBE,
-            "How long each instance's last health probe took (a remote's /health round trip)",
-            m.instance_probe.clone(),
-        );
-        registry.register(
-            REQUESTS_RUNNING,
-            "Requests generating now (leased sequence slots); waiting ones are modelpool_queue_depth",
-            m.requests_running.clone(),
-        );
-        registry.register(
-            INSTANCE_THREADS,
-            "Threads each local instance decodes with now: its setting, lowered while other processes keep cores busy",
-            m.instance_threads.clone(),
-        );
-        registry.register(
-            CPU_OTHERS_BUSY,
-            "Cores other processes kept busy over the last second on the CPUs this process may use \
-             (measured only while an instance adapts its threads)",
-            m.cpu_others_busy.clone(),
+            REQUEST_DURATION,
+            "Duration of requests to the generation routes and /v1/embeddings, from arrival to the end of \
+             the answer, by endpoint",
+            m.duration.clone(),
         );
         Self { registry, ..m }
     }
@@ -274,105 +162,10 @@ impl Metrics {
         self.chat_memory.observe(reply.memory_ms / 1e3);
     }
 
-    /// Brings the pool series up to date and encodes everything.
-    pub fn render(&self, status: &PoolStatus, cpu: Option<crate::engine::cpu::CpuStatus>) -> String {
-        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        for state in InstanceState::ALL {
-            let n = status.instances.iter().filter(|i| i.state == state).count();
-            self.instances.get_or_create(&StateLabels { state: state.as_str().into() }).set(n as i64);
-        }
-        self.queue_depth.set(status.queued as i64);
-        self.requests_running.set(status.in_use as i64);
-        for inst in &status.instances {
-            let l = InstanceLabels { instance: inst.id.to_string() };
-            let catch_up = |c: &Counter, v: u64| {
-                c.inc_by(v.saturating_sub(c.get()));
-            };
-            catch_up(&self.instance_requests.get_or_create(&l), inst.stats.requests);
-            catch_up(&self.instance_tokens.get_or_create(&l), inst.stats.tokens);
-            catch_up(&self.instance_failures.get_or_create(&l), inst.stats.failures);
-            catch_up(&self.instance_replacements.get_or_create(&l), inst.stats.replacements);
-            self.instance_slots.get_or_create(&l).set(inst.slots as i64);
-            self.instance_slots_busy.get_or_create(&l).set(inst.slots_busy as i64);
-            let info = InstanceInfoLabels {
-                instance: inst.id.to_string(),
-                kind: inst.kind.into(),
-                endpoint: inst.endpoint.clone().unwrap_or_default(),
-            };
-            self.instance_info.get_or_create(&info).set(1);
-            if let Some(ms) = inst.probe_ms {
-                self.instance_probe.get_or_create(&l).set(ms / 1e3);
-            }
-            let busy = self.instance_busy.get_or_create(&l);
-            let delta = inst.stats.busy_seconds - busy.get();
-            if delta > 0.0 {
-                busy.inc_by(delta);
-            }
-            for state in InstanceState::ALL {
-                let v = if inst.state == state { 1.0 } else { 0.0 };
-                self.instance_state
-                    .get_or_create(&InstanceStateLabels { instance: inst.id.to_string(), state: state.as_str().into() })
-                    .set(v);
-            }
-        }
-        if let Some(cpu) = cpu {
-            if cpu.adaptive {
-                self.cpu_others_busy.set(cpu.others_busy);
-            }
-            for t in &cpu.instances {
-                self.instance_threads
-                    .get_or_create(&InstanceLabels { instance: t.instance.to_string() })
-                    .set(t.current as i64);
-            }
-        }
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        to_prometheus_text(&out)
+    /// The series recorded so far, in the Prometheus text format.
+    pub(crate) fn encode(&self, out: &mut String) {
+        prometheus_text::encode(out, &self.registry).expect("writing to a String cannot fail");
     }
-}
-
-/// prometheus-client writes OpenMetrics, where a counter family `x` has the
-/// sample `x_total`. The classic Prometheus text format (what `promtool
-/// check metrics` and most scrapers expect by default) names the family
-/// `x_total` too, and has no `# EOF`.
-pub fn to_prometheus_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len() + 64);
-    for line in openmetrics.lines() {
-        if line == "# EOF" {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
-/// Prometheus text format, prefix `modelpool_`.
-#[utoipa::path(get, path = "/metrics", tag = "status",
-    responses((status = 200, content((String = "text/plain"))),
-        (status = "default", description = "An error", body = super::error::ErrorBody)))]
-async fn metrics(state: web::Data<ApiState>, _access: MetricsAccess) -> Result<HttpResponse, ApiError> {
-    let chat = state.chat()?;
-    let status = chat.pool().status().await?;
-    let mut text = state.metrics.render(&status, chat.pool().engine().cpu_status());
-    if let Some(tiers) = chat.pool().kv_tiers() {
-        text.push_str(&super::metrics_kv::render(&tiers.status()));
-    }
-    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(text))
-}
-
-pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.service(super::resource("/metrics", "GET").route(web::get().to(metrics)));
 }
 
 /// One generation request's outcome, recorded exactly once: as it ended
@@ -449,13 +242,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counters_are_renamed_and_eof_dropped() {
-        let om = "# HELP a_b Things.\n# TYPE a_b counter\na_b_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
-        let text = to_prometheus_text(om);
-        assert_eq!(
-            text,
-            "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
-        );
+    fn counters_are_named_total_in_the_prometheus_text_format() {
+        let m = Metrics::new();
+        m.request("chat", "ok", None);
+        let pool = crate::pool::state::PoolState::new(1, 1, 0);
+        let text = crate::http::metrics_scrape::render(&m, pool.status(), None, None);
+        for line in [
+            "# HELP modelpool_requests_total Requests to the generation routes",
+            "# TYPE modelpool_requests_total counter\n",
+            "modelpool_requests_total{endpoint=\"chat\",outcome=\"ok\"} 1\n",
+            "# TYPE modelpool_instance_requests_total counter\n",
+            "# TYPE modelpool_instance_state gauge\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing:\n{text}");
+        }
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        assert!(text.lines().filter(|l| l.starts_with("# HELP")).all(|l| l.ends_with('.')), "{text}");
     }
 
     #[test]
@@ -466,7 +268,7 @@ mod tests {
             pool.instance_ready(i, 0, 0);
         }
         pool.admit(None, None);
-        let text = m.render(&pool.status(), None);
+        let text = crate::http::metrics_scrape::render(&m, pool.status(), None, None);
         assert!(text.contains(&format!("{INSTANCE_SLOTS}{{instance=\"2\"}} 4")), "{text}");
         assert!(text.contains(&format!("{INSTANCE_SLOTS_BUSY}{{instance=\"0\"}} 1")), "{text}");
         for i in 0..3 {

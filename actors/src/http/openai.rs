@@ -3,17 +3,16 @@
 //! requests, checked; their answers are written by [`super::openai_reply`].
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::disconnect::{peer_of, unless_client_gone};
-use super::logprobs::logprobs_of;
-use super::metrics::Meter;
-use super::openai_reply::{generate, Delivery};
-use super::{ApiError, ApiState, Authorized, SamplingOverrides};
+use super::disconnect::peer_of;
+use super::error::ApiError;
+use super::kit::{check_model, de_whole, short_json, whole, ApiState, Authorized};
+use super::openai_reply::{generate, Delivery, Route};
+use super::pipeline::{self, Sampling};
 use crate::engine::CacheKey;
 use crate::params::{ChatMessage, GenerateRequest, RawPrompt, Role};
 
@@ -47,57 +46,28 @@ pub struct Message {
     pub tool_call_id: Option<String>,
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(untagged)]
-pub enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
 #[derive(Deserialize, Default, utoipa::ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
-/// The sampling fields `/v1/chat/completions` and `/v1/completions` share.
+/// What `/v1/chat/completions` and `/v1/completions` add to the one set of
+/// sampling fields ([`Sampling`]): OpenAI's name for `max_tokens`, `n`, and
+/// how the answer is delivered.
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct SamplingFields {
-    #[schema(minimum = 0, maximum = 2)]
-    pub temperature: Option<f32>,
-    #[schema(exclusive_minimum = 0, maximum = 1)]
-    pub top_p: Option<f32>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
     #[schema(minimum = 1)]
-    #[serde(default, deserialize_with = "super::de_whole")]
-    pub max_tokens: Option<i64>,
-    #[schema(minimum = 1)]
-    #[serde(default, deserialize_with = "super::de_whole")]
+    #[serde(default, deserialize_with = "de_whole")]
     pub max_completion_tokens: Option<i64>,
-    pub stop: Option<Stop>,
-    #[schema(minimum = -1, maximum = 4294967295_i64)]
-    #[serde(default, deserialize_with = "super::de_whole")]
-    pub seed: Option<i64>,
-    #[serde(default, deserialize_with = "super::de_whole")]
+    #[serde(default, deserialize_with = "de_whole")]
     #[schema(schema_with = super::openapi::extras::one)]
     pub n: Option<i64>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    #[schema(minimum = -2, maximum = 2)]
-    pub frequency_penalty: Option<f32>,
-    #[schema(minimum = -2, maximum = 2)]
-    pub presence_penalty: Option<f32>,
-    /// llama.cpp extensions that llama-server users send.
-    #[schema(minimum = 0)]
-    #[serde(default, deserialize_with = "super::de_whole")]
-    pub top_k: Option<i64>,
-    #[schema(minimum = 0, maximum = 1)]
-    pub min_p: Option<f32>,
-    #[schema(exclusive_minimum = 0)]
-    pub repeat_penalty: Option<f32>,
-    #[schema(minimum = -1)]
-    #[serde(default, deserialize_with = "super::de_whole")]
-    pub repeat_last_n: Option<i64>,
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -149,7 +119,7 @@ fn refuse_unsupported(other: &HashMap<String, Value>, route: Route) -> Result<()
             "suffix" if v.as_str().is_some_and(|s| !s.is_empty()) || !(v.is_null() || v.is_string()) => {
                 return unsupported(field, v)
             }
-            "best_of" if !v.is_null() && super::whole(v) != Some(1) => return unsupported(field, v),
+            "best_of" if !v.is_null() && whole(v) != Some(1) => return unsupported(field, v),
             "logit_bias" if !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty()) => {
                 return unsupported(field, v)
             }
@@ -197,27 +167,6 @@ fn changes_the_answer(field: &str, v: &Value) -> bool {
         "typical_p" => number(1.0),
         "ignore_eos" => v.as_bool() != Some(false),
         _ => false,
-    }
-}
-
-/// The first 60 characters of a JSON value, for error messages.
-pub(crate) fn short_json(v: &Value) -> String {
-    let s = v.to_string();
-    match s.char_indices().nth(60) {
-        Some((cut, _)) => format!("{}…", &s[..cut]),
-        None => s,
-    }
-}
-
-/// Checks a request's `model` against the served one, whose id is the GGUF
-/// file's stem (`SmolLM2-135M-Instruct.Q4_1`); the stem without its last
-/// `.suffix` (`SmolLM2-135M-Instruct`) names it too. Absent or empty: the served one.
-pub(crate) fn check_model(asked: Option<&str>, served: &str) -> Result<(), ApiError> {
-    match asked {
-        Some(m) if !m.is_empty() && m != served && served.rsplit_once('.').map(|(base, _)| base) != Some(m) => {
-            Err(ApiError::ModelNotFound(m.chars().take(200).collect()))
-        }
-        _ => Ok(()),
     }
 }
 
@@ -289,6 +238,45 @@ pub(super) fn with_tool_instructions(mut messages: Vec<ChatMessage>, tools: &sup
     messages
 }
 
+/// The log-probabilities a request asks for: on chat completions
+/// `logprobs: true` with `top_logprobs` alternatives (0 to 20); on
+/// completions `logprobs: n` alternatives.
+fn logprobs_of(other: &HashMap<String, Value>, route: Route) -> Result<Option<u32>, ApiError> {
+    let logprobs = other.get("logprobs").filter(|v| !v.is_null());
+    let top = other.get("top_logprobs").filter(|v| !v.is_null());
+    let count = |field: &str, v: &Value| match whole(v) {
+        Some(n) if (0..=crate::params::MAX_TOP_LOGPROBS as i64).contains(&n) => Ok(n as u32),
+        _ => Err(ApiError::bad(field, format!("invalid {field}: must be between 0 and 20, got {}", short_json(v)))),
+    };
+    match route {
+        Route::Chat => {
+            let on = match logprobs {
+                None => false,
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    ApiError::bad("logprobs", format!("invalid logprobs: must be true or false, got {}", short_json(v)))
+                })?,
+            };
+            match (on, top) {
+                (false, Some(v)) if whole(v) != Some(0) => Err(ApiError::bad(
+                    "top_logprobs",
+                    format!("invalid top_logprobs: needs logprobs: true, got {}", short_json(v)),
+                )),
+                (false, _) => Ok(None),
+                (true, None) => Ok(Some(0)),
+                (true, Some(v)) => count("top_logprobs", v).map(Some),
+            }
+        }
+        Route::Text => match (logprobs, top) {
+            (_, Some(v)) => Err(ApiError::bad(
+                "top_logprobs",
+                format!("invalid top_logprobs: /v1/completions takes logprobs: n, got {}", short_json(v)),
+            )),
+            (None, None) => Ok(None),
+            (Some(v), None) => count("logprobs", v).map(Some),
+        },
+    }
+}
+
 /// The sampling parameters of either route's request (structured output
 /// included), and how its answer is delivered.
 fn sampling_of(
@@ -305,7 +293,7 @@ fn sampling_of(
     // llama-server's n_predict: max_tokens by another name; -1 to the end of the context.
     let n_predict = match other.get("n_predict") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(super::whole(v).filter(|n| *n == -1 || *n >= 1).ok_or_else(|| {
+        Some(v) => Some(whole(v).filter(|n| *n == -1 || *n >= 1).ok_or_else(|| {
             ApiError::bad(
                 "n_predict",
                 format!(
@@ -315,33 +303,24 @@ fn sampling_of(
             )
         })?),
     };
-    let (max_tokens, max_tokens_field) = match (f.max_completion_tokens, f.max_tokens, n_predict) {
-        (Some(n), _, _) => (Some(n), "max_completion_tokens"),
-        (None, Some(n), _) => (Some(n), "max_tokens"),
-        (None, None, Some(n)) if n >= 0 => (Some(n), "n_predict"),
-        _ => (None, "max_tokens"),
+    let mut fields = f.sampling;
+    let max_tokens_field = match (f.max_completion_tokens, fields.max_tokens, n_predict) {
+        (Some(n), _, _) => {
+            fields.max_tokens = Some(n);
+            "max_completion_tokens"
+        }
+        (None, Some(_), _) => "max_tokens",
+        (None, None, Some(n)) if n >= 0 => {
+            fields.max_tokens = Some(n);
+            "n_predict"
+        }
+        _ => "max_tokens",
     };
-    let mut sampling = state.sampling(SamplingOverrides {
-        max_tokens,
-        max_tokens_field: Some(max_tokens_field),
-        temperature: f.temperature,
-        top_p: f.top_p,
-        seed: f.seed,
-        top_k: f.top_k,
-        min_p: f.min_p,
-        repeat_penalty: f.repeat_penalty,
-        repeat_last_n: f.repeat_last_n,
-        frequency_penalty: f.frequency_penalty,
-        presence_penalty: f.presence_penalty,
-    })?;
-    if max_tokens.is_none() && n_predict == Some(-1) {
+    let given = fields.max_tokens.is_some();
+    let mut sampling = pipeline::sampling(state, fields, max_tokens_field)?;
+    if !given && n_predict == Some(-1) {
         sampling.max_tokens = None;
     }
-    sampling.stop = match f.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
     // Structured output: response_format, json_schema or grammar.
     if let Some(constraint) = super::structured::grammar_of(other)? {
         constraint.apply(&mut sampling);
@@ -356,9 +335,8 @@ fn sampling_of(
 fn raw_prompt(prompt: Value) -> Result<RawPrompt, ApiError> {
     let bad =
         |rule: &str, got: &Value| ApiError::bad("prompt", format!("invalid prompt: {rule}, got {}", short_json(got)));
-    let ids = |a: &[Value]| -> Option<Vec<i32>> {
-        a.iter().map(|v| super::whole(v).and_then(|n| i32::try_from(n).ok())).collect()
-    };
+    let ids =
+        |a: &[Value]| -> Option<Vec<i32>> { a.iter().map(|v| whole(v).and_then(|n| i32::try_from(n).ok())).collect() };
     let one = match &prompt {
         Value::Array(a) if a.len() == 1 && (a[0].is_string() || a[0].is_array()) => &a[0],
         Value::Array(a) if a.len() > 1 && a.iter().all(|v| v.is_string() || v.is_array()) => {
@@ -403,24 +381,6 @@ fn cache_key(req: &HttpRequest, namespace: &str, other: &HashMap<String, Value>,
     CacheKey::of_messages(namespace, messages)
 }
 
-/// Which OpenAI route a generation answers.
-#[derive(Clone, Copy)]
-pub(super) enum Route {
-    /// `/v1/chat/completions`: `chat.completion` objects, `delta` chunks.
-    Chat,
-    /// `/v1/completions`: `text_completion` objects, `text` chunks.
-    Text,
-}
-
-impl Route {
-    pub(super) fn endpoint(self) -> &'static str {
-        match self {
-            Route::Chat => "chat_completions",
-            Route::Text => "completions",
-        }
-    }
-}
-
 /// OpenAI's chat completions, stateless: the client sends the conversation.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
     params(("X-Conversation-Id" = Option<String>, Header, description = "Keys the conversation's KV cache")),
@@ -435,10 +395,9 @@ async fn chat_completions(
     http: HttpRequest,
     body: web::Json<CompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let meter = Meter::new(state.metrics.clone(), Route::Chat.endpoint(), Instant::now());
     let req = body.into_inner();
     let (namespace, client) = (auth.namespace.unwrap_or_default(), auth.client);
-    let work = async {
+    pipeline::metered(&state, &http, Route::Chat.endpoint(), None, |meter| async {
         check_models(&state, req.model.as_deref())?;
         let (mut sampling, delivery) = sampling_of(&state, req.sampling, &req.other, Route::Chat)?;
         let tools = super::tools::tools_of(&req.other)?;
@@ -458,10 +417,9 @@ async fn chat_completions(
             messages = with_tool_instructions(messages, tools);
         }
         let request = GenerateRequest { messages, sampling, raw_prompt: None };
-        generate(&state, request, key, delivery, Route::Chat, tools.is_some(), peer_of(&http), client, meter.clone())
-            .await
-    };
-    meter.answer(unless_client_gone(&http, work).await)
+        generate(&state, request, key, delivery, Route::Chat, tools.is_some(), peer_of(&http), client, meter).await
+    })
+    .await
 }
 
 /// OpenAI's completions: a prompt the client wrote whole (no chat template).
@@ -478,10 +436,9 @@ async fn text_completions(
     http: HttpRequest,
     body: web::Json<TextCompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let meter = Meter::new(state.metrics.clone(), Route::Text.endpoint(), Instant::now());
     let req = body.into_inner();
     let (namespace, client) = (auth.namespace.unwrap_or_default(), auth.client);
-    let work = async {
+    pipeline::metered(&state, &http, Route::Text.endpoint(), Some("prompt"), |meter| async {
         check_models(&state, req.model.as_deref())?;
         let (sampling, delivery) = sampling_of(&state, req.sampling, &req.other, Route::Text)?;
         let prompt = raw_prompt(req.prompt)?;
@@ -497,9 +454,9 @@ async fn text_completions(
             (None, None) => CacheKey::new(&namespace, &opening),
         };
         let request = GenerateRequest { messages: Vec::new(), sampling, raw_prompt: Some(prompt) };
-        generate(&state, request, key, delivery, Route::Text, false, peer_of(&http), client, meter.clone()).await
-    };
-    meter.answer(unless_client_gone(&http, work).await.map_err(|e| e.prompt_in("prompt")))
+        generate(&state, request, key, delivery, Route::Text, false, peer_of(&http), client, meter).await
+    })
+    .await
 }
 
 /// The request's `model`: the served chat model (the embedding model is named as such).
@@ -565,7 +522,7 @@ async fn model(state: web::Data<ApiState>, _auth: Authorized, id: web::Path<Stri
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    use super::resource;
+    use super::kit::resource;
     cfg.service(resource("/v1/chat/completions", "POST").route(web::post().to(chat_completions)))
         .service(resource("/v1/completions", "POST").route(web::post().to(text_completions)))
         .service(resource("/v1/models", "GET").route(web::get().to(models)))

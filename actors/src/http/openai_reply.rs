@@ -7,15 +7,32 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::disconnect::after_admission;
-use super::logprobs::{chat_logprobs, text_logprobs};
+use super::error::ApiError;
+use super::kit::{unix_now, ApiState};
 use super::metrics::Meter;
-use super::openai::Route;
 use super::sse::{self, json_str, Frame};
-use super::{unix_now, ApiError, ApiState};
 use crate::engine::CacheKey;
 use crate::error::PoolError;
 use crate::params::{FinishReason, GenerateRequest, Usage};
 use crate::pool::lease::{GenEvent, GenerationStream};
+
+/// Which OpenAI route a generation answers.
+#[derive(Clone, Copy)]
+pub(super) enum Route {
+    /// `/v1/chat/completions`: `chat.completion` objects, `delta` chunks.
+    Chat,
+    /// `/v1/completions`: `text_completion` objects, `text` chunks.
+    Text,
+}
+
+impl Route {
+    pub(super) fn endpoint(self) -> &'static str {
+        match self {
+            Route::Chat => "chat_completions",
+            Route::Text => "completions",
+        }
+    }
+}
 
 /// How an answer is delivered: streamed or not, with a last usage chunk or not.
 #[derive(Clone, Copy)]
@@ -83,7 +100,6 @@ pub(super) async fn generate(
     meter: Meter,
 ) -> Result<HttpResponse, ApiError> {
     let chat = state.chat()?;
-    state.admit()?;
     let model = chat.pool().engine_info().model_name;
     let Delivery { stream, include_usage } = delivery;
     let with_logprobs = request.sampling.logprobs.is_some();
@@ -92,13 +108,13 @@ pub(super) async fn generate(
     // proxies see it is alive); a refusal before that keeps its status.
     // Checked and tokenized once, before any answer: a bad field keeps its 400.
     let pool = chat.pool().clone();
-    let request = pool.prepared(request).await?;
+    let request = super::pipeline::prepare(state, request).await?;
     let mut admission: std::pin::Pin<Box<dyn std::future::Future<Output = Result<GenerationStream, PoolError>>>> =
         Box::pin(async move { pool.run_as(request, Some(key), client).await });
     let admitted = if stream {
         tokio::select! {
             admitted = &mut admission => Some(admitted?),
-            _ = tokio::time::sleep(super::HEADERS_WHILE_QUEUED) => None,
+            _ = tokio::time::sleep(super::kit::HEADERS_WHILE_QUEUED) => None,
         }
     } else {
         Some((&mut admission).await?)
@@ -297,6 +313,38 @@ impl TokenChunks {
     fn frame(&self, text: &str) -> Frame {
         Frame::build(None, self.head.len() + text.len() + self.tail.len() + 8, |b| self.write(b, text))
     }
+}
+
+/// Log-probabilities in OpenAI's chat shape (`content` entries).
+fn chat_logprobs(lps: &[crate::params::TokenLogprob]) -> Value {
+    let entry = |t: &crate::params::TokenText, lp: f32| json!({ "token": t.text, "logprob": lp, "bytes": t.bytes });
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|lp| {
+            let mut e = entry(&lp.token, lp.logprob);
+            e["top_logprobs"] = lp.top.iter().map(|(t, p)| entry(t, *p)).collect();
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// Log-probabilities in the completions shape: parallel lists, offsets in
+/// the generated text from `offset` on.
+fn text_logprobs(lps: &[crate::params::TokenLogprob], mut offset: usize) -> Value {
+    let mut offsets = Vec::with_capacity(lps.len());
+    for lp in lps {
+        offsets.push(offset);
+        offset += lp.token.text.len();
+    }
+    let top: Vec<serde_json::Map<String, Value>> =
+        lps.iter().map(|lp| lp.top.iter().map(|(t, p)| (t.text.clone(), json!(p))).collect()).collect();
+    json!({
+        "tokens": lps.iter().map(|lp| lp.token.text.clone()).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|lp| lp.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ async fn style() -> HttpResponse {
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    use super::resource;
+    use super::kit::resource;
     cfg.service(resource("/", "GET").route(web::get().to(index)))
         .service(resource("/ui/app.js", "GET").route(web::get().to(script)))
         .service(resource("/ui/app.css", "GET").route(web::get().to(style)));

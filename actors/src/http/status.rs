@@ -3,7 +3,8 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-use super::{ApiError, ApiState, Authorized};
+use super::error::ApiError;
+use super::kit::{ApiState, Authorized};
 
 /// The pool, its instances, the embedder, the memory index, the CPU, the KV tiers.
 #[utoipa::path(get, path = "/pool", tag = "status",
@@ -152,7 +153,7 @@ async fn live(state: web::Data<ApiState>) -> HttpResponse {
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    use super::resource;
+    use super::kit::resource;
     cfg.service(resource("/pool", "GET").route(web::get().to(pool)))
         .service(resource("/pool/capacity", "GET").route(web::get().to(capacity)))
         .service(resource("/health", "GET").route(web::get().to(ready)))

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
-use super::openai::short_json;
-use super::ApiError;
+use super::error::ApiError;
+use super::kit::short_json;
 use crate::engine::grammar::{check_gbnf, check_schema, JsonSchema, MAX_GRAMMAR_BYTES};
 use crate::params::SamplingParams;
 

@@ -11,9 +11,9 @@ use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
-use super::openai::short_json;
+use super::error::ApiError;
+use super::kit::short_json;
 use super::structured::schema_grammar;
-use super::ApiError;
 use crate::params::Role;
 
 /// Most tools one request may describe (OpenAI's bound).

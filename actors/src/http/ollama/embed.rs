@@ -9,8 +9,10 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{check_name, refuse, reply};
-use crate::http::{ApiError, ApiState, Authorized};
+use super::reply::reply;
+use super::request::{check_name, refuse};
+use crate::http::error::ApiError;
+use crate::http::kit::{ApiState, Authorized};
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[schema(as = OllamaEmbedRequest)]
@@ -22,7 +24,7 @@ pub struct EmbedBody {
     /// `/api/embeddings` (the older route): one string.
     pub prompt: Option<String>,
     pub truncate: Option<bool>,
-    #[serde(default, deserialize_with = "crate::http::de_whole")]
+    #[serde(default, deserialize_with = "crate::http::kit::de_whole")]
     pub dimensions: Option<i64>,
     /// Ignored: nothing of them changes an embedding.
     pub options: Option<HashMap<String, Value>>,

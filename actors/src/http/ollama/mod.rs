@@ -8,16 +8,15 @@
 //! was started with. Errors have Ollama's shape, `{"error": "…"}`.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::disconnect::unless_client_gone;
+use super::error::ApiError;
+use super::kit::{ApiState, Authorized};
 use super::metrics::Meter;
-use super::openai::check_model;
-use super::{ApiError, ApiState, Authorized};
+use super::pipeline;
 use crate::engine::CacheKey;
 use crate::params::{ChatMessage, GenerateRequest, Role, SamplingParams};
 use crate::pool::lease::GenEvent;
@@ -27,43 +26,8 @@ pub mod models;
 mod reply;
 pub mod request;
 
-use reply::{now_rfc3339, Shape};
-use request::{refuse, refuse_set, sampling_of, ChatBody, GenerateBody};
-
-/// An Ollama error: its status, and `{"error": message}`.
-fn ollama_error(e: ApiError) -> HttpResponse {
-    let message = match &e {
-        ApiError::Internal(_) => "internal server error".to_string(),
-        other => other.to_string(),
-    };
-    let mut res = e.error_response();
-    let status = res.status();
-    let headers = std::mem::take(res.headers_mut());
-    let mut out = HttpResponse::build(status).json(json!({ "error": message }));
-    for (name, value) in headers.iter().filter(|(n, _)| n.as_str() == "retry-after") {
-        out.headers_mut().insert(name.clone(), value.clone());
-    }
-    out
-}
-
-/// Runs a handler and gives its error Ollama's shape.
-async fn reply(work: impl std::future::Future<Output = Result<HttpResponse, ApiError>>) -> HttpResponse {
-    work.await.unwrap_or_else(ollama_error)
-}
-
-/// A generation route's answer: an error is counted here, once (a
-/// generation counts itself when it ends), and given Ollama's shape.
-async fn counted(
-    meter: &Meter,
-    work: impl std::future::Future<Output = Result<HttpResponse, ApiError>>,
-) -> HttpResponse {
-    meter.answer(work.await).unwrap_or_else(ollama_error)
-}
-
-/// `model` as Ollama clients write it: a name, maybe with `:latest`.
-fn check_name(asked: Option<&str>, served: &str) -> Result<(), ApiError> {
-    check_model(asked.map(|m| m.strip_suffix(":latest").unwrap_or(m)), served)
-}
+use reply::{now_rfc3339, ollama_error, Shape};
+use request::{check_name, refuse, refuse_set, sampling_of, ChatBody, GenerateBody};
 
 /// One generation as an Ollama route asks for it.
 struct Job {
@@ -75,7 +39,7 @@ struct Job {
     shape: Shape,
     /// The reply is read as tool calls or an answer ([`super::tools`]).
     with_tools: bool,
-    /// Who asks ([`super::Authorized::client`]).
+    /// Who asks ([`Authorized::client`]).
     client: Option<u64>,
 }
 
@@ -91,7 +55,6 @@ async fn generate(
     let started = meter.started();
     let Job { messages, mut sampling, to_the_end, stream, shape, with_tools, client } = job;
     let chat = state.chat()?;
-    state.admit()?;
     let model = chat.pool().engine_info().model_name;
     if to_the_end {
         // num_predict < 0: up to the end of the context, as Ollama does.
@@ -101,8 +64,8 @@ async fn generate(
         Some(id) => CacheKey::new(namespace, id.as_bytes()),
         None => CacheKey::of_messages(namespace, &messages),
     };
-    let mut generation =
-        chat.pool().generate_as(GenerateRequest { messages, sampling, raw_prompt: None }, Some(key), client).await?;
+    let request = pipeline::prepare(state, GenerateRequest { messages, sampling, raw_prompt: None }).await?;
+    let mut generation = chat.pool().run_as(request, Some(key), client).await?;
     if with_tools {
         // A call is known to be one only once it parses: the reply is read
         // whole, then sent as one object, or as its message and the last line.
@@ -165,8 +128,7 @@ async fn api_chat(
     http: HttpRequest,
     body: web::Json<ChatBody>,
 ) -> HttpResponse {
-    let meter = Meter::new(state.metrics.clone(), "ollama", Instant::now());
-    let work = async {
+    let work = |meter: Meter| async {
         let body = body.into_inner();
         let chat = state.chat()?;
         check_name(body.model.as_deref(), &chat.pool().engine_info().model_name)?;
@@ -231,9 +193,9 @@ async fn api_chat(
             with_tools: tools.is_some(),
             client: auth.client,
         };
-        unless_client_gone(&http, generate(&state, &http, &namespace, job, meter.clone())).await
+        generate(&state, &http, &namespace, job, meter).await
     };
-    counted(&meter, work).await
+    pipeline::metered(&state, &http, "ollama", None, work).await.unwrap_or_else(ollama_error)
 }
 
 /// Ollama's completion of a prompt.
@@ -246,8 +208,7 @@ async fn api_generate(
     http: HttpRequest,
     body: web::Json<GenerateBody>,
 ) -> HttpResponse {
-    let meter = Meter::new(state.metrics.clone(), "ollama", Instant::now());
-    let work = async {
+    let work = |meter: Meter| async {
         let body = body.into_inner();
         let chat = state.chat()?;
         let model = chat.pool().engine_info().model_name;
@@ -291,9 +252,9 @@ async fn api_generate(
             with_tools: false,
             client: auth.client,
         };
-        unless_client_gone(&http, generate(&state, &http, &namespace, job, meter.clone())).await
+        generate(&state, &http, &namespace, job, meter).await
     };
-    counted(&meter, work).await
+    pipeline::metered(&state, &http, "ollama", None, work).await.unwrap_or_else(ollama_error)
 }
 
 /// Ollama's routes; `limit`: the largest body, in bytes.
@@ -304,11 +265,11 @@ pub fn register(limit: usize) -> impl FnOnce(&mut web::ServiceConfig) {
         let json =
             web::JsonConfig::default().limit(limit).content_type_required(false).content_type(|_| true).error_handler(
                 move |err, _| {
-                    let e = crate::http::body_error(err, limit);
+                    let e = crate::http::kit::body_error(err, limit);
                     actix_web::error::InternalError::from_response(e.clone(), ollama_error(e)).into()
                 },
             );
-        let at = |path, allow| crate::http::resource(path, allow).app_data(json.clone());
+        let at = |path, allow| crate::http::kit::resource(path, allow).app_data(json.clone());
         cfg.service(at("/api/chat", "POST").route(web::post().to(api_chat)))
             .service(at("/api/generate", "POST").route(web::post().to(api_generate)))
             .service(at("/api/embed", "POST").route(web::post().to(embed::api_embed)))

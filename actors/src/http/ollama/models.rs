@@ -6,8 +6,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{check_name, now_rfc3339, ollama_error, reply};
-use crate::http::{ApiError, ApiState, Authorized};
+use super::reply::{now_rfc3339, ollama_error, reply};
+use super::request::check_name;
+use crate::http::error::ApiError;
+use crate::http::kit::{ApiState, Authorized};
 
 /// The served models as Ollama describes them.
 fn described(state: &ApiState) -> Result<Vec<Value>, ApiError> {

@@ -4,10 +4,32 @@
 
 use std::time::Instant;
 
-use actix_web::web;
+use actix_web::{web, HttpResponse, ResponseError};
 use serde_json::{json, Value};
 
+use crate::http::error::ApiError;
 use crate::params::{Completion, FinishReason, Usage};
+
+/// An Ollama error: its status, and `{"error": message}`.
+pub(super) fn ollama_error(e: ApiError) -> HttpResponse {
+    let message = match &e {
+        ApiError::Internal(_) => "internal server error".to_string(),
+        other => other.to_string(),
+    };
+    let mut res = e.error_response();
+    let status = res.status();
+    let headers = std::mem::take(res.headers_mut());
+    let mut out = HttpResponse::build(status).json(json!({ "error": message }));
+    for (name, value) in headers.iter().filter(|(n, _)| n.as_str() == "retry-after") {
+        out.headers_mut().insert(name.clone(), value.clone());
+    }
+    out
+}
+
+/// Runs a handler and gives its error Ollama's shape.
+pub(super) async fn reply(work: impl std::future::Future<Output = Result<HttpResponse, ApiError>>) -> HttpResponse {
+    work.await.unwrap_or_else(ollama_error)
+}
 
 pub(super) fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()

@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::http::openai::short_json;
-use crate::http::{ApiError, ApiState, SamplingOverrides};
+use crate::http::error::ApiError;
+use crate::http::kit::{check_model, short_json, whole, ApiState};
+use crate::http::pipeline::{self, Sampling};
 use crate::params::SamplingParams;
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -70,6 +71,11 @@ pub struct GenerateBody {
     pub think: Option<Value>,
 }
 
+/// `model` as Ollama clients write it: a name, maybe with `:latest`.
+pub(super) fn check_name(asked: Option<&str>, served: &str) -> Result<(), ApiError> {
+    check_model(asked.map(|m| m.strip_suffix(":latest").unwrap_or(m)), served)
+}
+
 pub(super) fn refuse(field: &str, rule: &str, got: &Value) -> ApiError {
     ApiError::bad(field, format!("invalid {field}: {rule}, got {}", short_json(got)))
 }
@@ -100,14 +106,6 @@ pub(super) fn sampling_of(
             Some(v) => v.as_f64().map(Some).ok_or_else(|| refuse(&format!("options.{key}"), "must be a number", v)),
         }
     };
-    let whole = |key: &str| -> Result<Option<i64>, ApiError> {
-        match o.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => crate::http::whole(v)
-                .map(Some)
-                .ok_or_else(|| refuse(&format!("options.{key}"), "must be a whole number", v)),
-        }
-    };
     // Samplers this server does not run: only their neutral values pass.
     for (key, neutral) in [("mirostat", 0.0), ("tfs_z", 1.0), ("typical_p", 1.0)] {
         if let Some(v) = number(key)?.filter(|v| *v != neutral) {
@@ -118,33 +116,21 @@ pub(super) fn sampling_of(
         }
     }
     let n_ctx = state.chat()?.pool().options().instance.n_ctx;
-    if let Some(n) = whole("num_ctx")?.filter(|n| *n > n_ctx as i64) {
-        return Err(ApiError::bad(
-            "options.num_ctx",
-            format!("invalid options.num_ctx: at most this server's context of n_ctx={n_ctx} tokens, got {n}"),
-        ));
+    match o.get("num_ctx") {
+        None | Some(Value::Null) => {}
+        Some(v) => match whole(v) {
+            None => return Err(refuse("options.num_ctx", "must be a whole number", v)),
+            Some(n) if n > n_ctx as i64 => {
+                return Err(ApiError::bad(
+                    "options.num_ctx",
+                    format!("invalid options.num_ctx: at most this server's context of n_ctx={n_ctx} tokens, got {n}"),
+                ))
+            }
+            Some(_) => {}
+        },
     }
-    let num_predict = whole("num_predict")?;
-    let to_the_end = num_predict.is_some_and(|n| n < 0);
-    let mut s = state.sampling(SamplingOverrides {
-        max_tokens: num_predict.filter(|n| *n >= 0),
-        max_tokens_field: Some("options.num_predict"),
-        temperature: number("temperature")?.map(|v| v as f32),
-        top_p: number("top_p")?.map(|v| v as f32),
-        seed: whole("seed")?,
-        top_k: whole("top_k")?,
-        min_p: number("min_p")?.map(|v| v as f32),
-        repeat_penalty: number("repeat_penalty")?.map(|v| v as f32),
-        repeat_last_n: whole("repeat_last_n")?,
-        frequency_penalty: number("frequency_penalty")?.map(|v| v as f32),
-        presence_penalty: number("presence_penalty")?.map(|v| v as f32),
-    })?;
-    s.stop = match o.get("stop") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(one)) => vec![one.clone()],
-        Some(v) => serde_json::from_value(v.clone())
-            .map_err(|_| refuse("options.stop", "must be a string or an array of strings", v))?,
-    };
+    let (fields, to_the_end) = Sampling::from_ollama_options(o)?;
+    let mut s = pipeline::sampling(state, fields, "options.num_predict")?;
     let constraint = match format {
         None | Some(Value::Null) => None,
         Some(Value::String(f)) if f.is_empty() => None,

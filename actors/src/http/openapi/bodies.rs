@@ -119,7 +119,7 @@ pub struct EmbeddingUsage {
     total_tokens: u32,
 }
 
-/// `GET /pool` (README, "HTTP API": what each part holds).
+/// `GET /pool` (docs/http-api.md, "Routes": what each part holds).
 #[derive(Serialize, ToSchema)]
 pub struct PoolBody {
     available: u32,

@@ -3,7 +3,7 @@
 //! take them by name from a map ([`super::super::openai`]), so that a field
 //! no documentation lists is ignored; these types describe them. Each is
 //! honoured, refused unless it carries its neutral value, or ignored because
-//! it cannot change the answer (README, "Request fields"); the fuzzer checks
+//! it cannot change the answer (docs/http-api.md, "Request fields"); the fuzzer checks
 //! that the server answers as written here. (`Deserialize` only lets the
 //! schema derive read `flatten`; nothing is read into them.)
 #![allow(dead_code)]
@@ -144,7 +144,7 @@ pub enum ResponseFormatType {
 pub struct JsonSchemaFormat {
     name: Option<String>,
     description: Option<String>,
-    /// The JSON schema (README, "Bounds": its size, nesting and names are bounded).
+    /// The JSON schema (docs/http-api.md, "Bounds": its size, nesting and names are bounded).
     #[schema(schema_with = json_schema_value)]
     schema: Value,
     strict: Option<bool>,
@@ -248,7 +248,7 @@ pub struct SharedExtras {
     logit_bias: Option<Value>,
     #[schema(schema_with = n_predict)]
     n_predict: Option<Value>,
-    /// A GBNF grammar the reply follows (README, "Bounds").
+    /// A GBNF grammar the reply follows (docs/http-api.md, "Bounds").
     grammar: Option<String>,
     /// A JSON schema the reply follows (an object, or a boolean).
     #[schema(schema_with = json_schema_value)]

@@ -49,7 +49,7 @@ use utoipa::{Modify, OpenApi};
         super::status::capacity,
         super::status::ready,
         super::status::live,
-        super::metrics::metrics,
+        super::metrics_scrape::metrics,
         super::page::index,
         super::page::script,
         super::page::style,
@@ -168,5 +168,5 @@ async fn openapi_json() -> HttpResponse {
 }
 
 pub fn register(cfg: &mut web::ServiceConfig) {
-    cfg.service(super::resource("/openapi.json", "GET").route(web::get().to(openapi_json)));
+    cfg.service(super::kit::resource("/openapi.json", "GET").route(web::get().to(openapi_json)));
 }

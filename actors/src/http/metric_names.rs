@@ -1,0 +1,42 @@
+//! Every metric's name, in one place (prefix `modelpool_`; labels for instance,
+//! endpoint and outcome, never a new name per case).
+
+pub const REQUESTS: &str = "modelpool_requests";
+pub const PROMPT_TOKENS: &str = "modelpool_prompt_tokens";
+pub const PROMPT_TOKENS_CACHED: &str = "modelpool_prompt_tokens_cached";
+pub const GENERATED_TOKENS: &str = "modelpool_generated_tokens";
+pub const QUEUE_WAIT: &str = "modelpool_queue_wait_seconds";
+pub const TIME_TO_FIRST_TOKEN: &str = "modelpool_time_to_first_token_seconds";
+pub const REQUEST_DURATION: &str = "modelpool_request_duration_seconds";
+pub const INSTANCES: &str = "modelpool_instances";
+pub const QUEUE_DEPTH: &str = "modelpool_queue_depth";
+pub const INSTANCE_REQUESTS: &str = "modelpool_instance_requests";
+pub const INSTANCE_TOKENS: &str = "modelpool_instance_tokens";
+pub const INSTANCE_BUSY: &str = "modelpool_instance_busy_seconds";
+pub const INSTANCE_FAILURES: &str = "modelpool_instance_failures";
+pub const INSTANCE_REPLACEMENTS: &str = "modelpool_instance_replacements";
+pub const INSTANCE_STATE: &str = "modelpool_instance_state";
+pub const INSTANCE_SLOTS: &str = "modelpool_instance_slots";
+pub const INSTANCE_SLOTS_BUSY: &str = "modelpool_instance_slots_busy";
+pub const INSTANCE_INFO: &str = "modelpool_instance_info";
+pub const INSTANCE_PROBE: &str = "modelpool_instance_probe_seconds";
+pub const REQUESTS_RUNNING: &str = "modelpool_requests_running";
+pub const CHAT_STORE: &str = "modelpool_chat_store_seconds";
+pub const CHAT_MEMORY: &str = "modelpool_chat_memory_seconds";
+pub const INSTANCE_THREADS: &str = "modelpool_instance_threads";
+pub const CPU_OTHERS_BUSY: &str = "modelpool_cpu_others_busy_cores";
+pub const KV_RESTORES: &str = "modelpool_kv_restores";
+pub const KV_RESTORED_TOKENS: &str = "modelpool_kv_restored_tokens";
+pub const KV_DECODED_TOKENS: &str = "modelpool_kv_decoded_prompt_tokens";
+pub const KV_MISSES: &str = "modelpool_kv_misses";
+pub const KV_EVICTIONS: &str = "modelpool_kv_evictions";
+pub const KV_PARKS: &str = "modelpool_kv_parks";
+pub const KV_MOVES: &str = "modelpool_kv_stream_moves";
+pub const KV_BYTES: &str = "modelpool_kv_bytes";
+pub const KV_ENTRIES: &str = "modelpool_kv_entries";
+pub const KV_BUDGET: &str = "modelpool_kv_budget_bytes";
+pub const KV_DISK_WRITTEN: &str = "modelpool_kv_disk_written_bytes";
+pub const KV_DISK_READ: &str = "modelpool_kv_disk_read_bytes";
+pub const KV_DISK_REJECTED: &str = "modelpool_kv_disk_rejected_files";
+pub const KV_DISK_ENABLED: &str = "modelpool_kv_disk_enabled";
+pub const KV_COPY: &str = "modelpool_kv_copy_seconds";
