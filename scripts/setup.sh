@@ -18,7 +18,9 @@
 #                              Schemathesis and openapi-spec-validator in the
 #                              venv (the HTTP API fuzzed from its OpenAPI
 #                              document, the document checked: tests/api_fuzz.rs,
-#                              tests/openapi_document.rs)
+#                              tests/openapi_document.rs), podman and
+#                              debootstrap (the container image test:
+#                              tests/container.sh)
 set -euo pipefail
 
 MODELS_DIR="${MODELPOOL_MODELS_DIR:-$HOME/.cache/modelpool/models}"
@@ -127,6 +129,8 @@ check_browser() {
   # As root the throwaway clusters run as the package's postgres user.
   if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then echo "the postgres user (package postgresql)"; fi
   [ -s /usr/share/games/fortunes/fortunes ] || echo "the fortunes corpus in /usr/share/games/fortunes (package fortunes)"
+  podman --version >/dev/null 2>&1 || echo "podman (package podman)"
+  command -v debootstrap >/dev/null 2>&1 || echo "debootstrap (package debootstrap)"
 }
 
 check_models() {
@@ -213,6 +217,9 @@ if [ "$WITH_BROWSER" = 1 ]; then
   command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
   pg_bindir >/dev/null || missing+=(postgresql)
   [ -s /usr/share/games/fortunes/fortunes ] || missing+=(fortunes)
+  # The container test builds the image with podman on a base made by debootstrap.
+  command -v podman >/dev/null 2>&1 || missing+=(podman)
+  command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing system packages: ${missing[*]}"
@@ -221,7 +228,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 verify check_tools check_browser
-[ "$WITH_BROWSER" = 1 ] && say "test tools present: $(chromium --version 2>/dev/null), $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2), $(tmux -V), $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3), $("$(pg_bindir)/initdb" --version), fortunes ($(ls /usr/share/games/fortunes | grep -vc '\.') files)"
+[ "$WITH_BROWSER" = 1 ] && say "test tools present: $(chromium --version 2>/dev/null), $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2), $(tmux -V), $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3), $("$(pg_bindir)/initdb" --version), fortunes ($(ls /usr/share/games/fortunes | grep -vc '\.') files), $(podman --version), debootstrap $(dpkg-query -W -f '${Version}' debootstrap 2>/dev/null)"
 say "tools present: cargo, cmake, c++, libclang ($(find_libclang)), unzip, promtool, python3 venv"
 
 mkdir -p "$MODELS_DIR"
