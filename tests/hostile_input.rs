@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Seed of the random cases the suite sends (`MODELPOOL_FUZZ_SEED` and
-/// `MODELPOOL_FUZZ_CASES` run others, longer; README, "Bounds").
+/// `MODELPOOL_FUZZ_CASES` run others, longer; docs/http-api.md, "Bounds").
 const SEED: u64 = 36;
 const RANDOM_CASES: usize = 40;
 

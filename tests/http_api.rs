@@ -531,7 +531,7 @@ async fn conversations_are_listed_newest_first_in_pages_with_titles_and_only_to_
     assert_eq!((status, err["error"]["param"].as_str()), (400, Some("limit")), "{err}");
     let (status, err) = list("ka", "?before=yesterday".into()).await;
     assert_eq!((status, err["error"]["param"].as_str()), (400, Some("before")), "{err}");
-    // Empty values are absent, as the README writes the route (`?before=&limit=`).
+    // Empty values are absent, as docs/http-api.md writes the route (`?before=&limit=`).
     let (status, all) = list("ka", "?before=&limit=".into()).await;
     assert_eq!((status, all["conversations"].as_array().map(Vec::len)), (200, Some(3)), "{all}");
 }

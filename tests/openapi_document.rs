@@ -1,6 +1,6 @@
-//! The OpenAPI document (`GET /openapi.json`) against the README: every
-//! route the README's API table names is in it with its method, every field
-//! of the README's table of request fields is a property of its route's
+//! The OpenAPI document (`GET /openapi.json`) against docs/http-api.md: every
+//! route its table of routes names is in it with its method, every field
+//! of its table of request fields is a property of its route's
 //! request body, and the document validates as OpenAPI 3.1 (with the
 //! `openapi-spec-validator` that the set-up installs). The fuzzer
 //! (`tests/api_fuzz.rs`) checks the server's answers against it.
@@ -15,13 +15,13 @@ fn document() -> Value {
 }
 
 fn readme() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/http-api.md")).unwrap()
 }
 
-/// The routes of the README's API table: `(method, path)`, parameters as `{id}`.
+/// The routes of docs/http-api.md's table of routes: `(method, path)`, parameters as `{id}`.
 fn readme_routes() -> Vec<(String, String)> {
     let readme = readme();
-    let section = readme.split("## HTTP API").nth(1).expect("the README has an HTTP API section");
+    let section = readme.split("## Routes").nth(1).expect("docs/http-api.md has a Routes section");
     let mut routes = Vec::new();
     // The section's first table: one row a route (or a few related ones).
     let rows = section.lines().skip_while(|l| !l.starts_with("| `")).take_while(|l| l.starts_with("| `"));
@@ -33,13 +33,13 @@ fn readme_routes() -> Vec<(String, String)> {
                 Some((m, p)) if m.chars().all(|c| c.is_ascii_uppercase()) => (m.to_string(), p),
                 _ => (method.clone(), code),
             };
-            assert!(!m.is_empty(), "README row without a method: {row}");
+            assert!(!m.is_empty(), "docs/http-api.md: a route row without a method: {row}");
             method = m;
             let path = path.split('?').next().unwrap().trim();
             routes.push((method.to_lowercase(), path.to_string()));
         }
     }
-    assert!(routes.len() > 20, "the README's API table was not read: {routes:?}");
+    assert!(routes.len() > 20, "docs/http-api.md's table of routes was not read: {routes:?}");
     routes
 }
 
@@ -83,7 +83,7 @@ fn every_route_the_readme_documents_is_in_the_document() {
             missing.push(format!("{} {path}", method.to_uppercase()));
         }
     }
-    assert!(missing.is_empty(), "routes in the README but not in /openapi.json: {missing:?}");
+    assert!(missing.is_empty(), "routes in docs/http-api.md but not in /openapi.json: {missing:?}");
 }
 
 /// Every link (what the fuzzer's stateful phase follows: a new conversation's
@@ -114,7 +114,7 @@ fn links_name_operations_that_exist() {
 fn every_request_field_the_readme_documents_is_in_its_routes_body() {
     let doc = document();
     let readme = readme();
-    let table = readme.split("### Request fields").nth(1).expect("the README has a table of request fields");
+    let table = readme.split("## Request fields").nth(1).expect("docs/http-api.md has a table of request fields");
     let mut missing = Vec::new();
     let mut checked = 0;
     for row in table.lines().skip_while(|l| !l.starts_with("| `")).take_while(|l| l.starts_with('|')) {
@@ -122,7 +122,7 @@ fn every_request_field_the_readme_documents_is_in_its_routes_body() {
         let field = cells[0].trim_start_matches("| ").trim_matches('`');
         for route in cells[1].split_whitespace().map(|r| r.trim_matches('`')) {
             let body = &doc["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"];
-            assert!(!body.is_null(), "{route} (README's request fields) has no JSON request body in the document");
+            assert!(!body.is_null(), "{route} (http-api.md's request fields) has no JSON request body in the document");
             let (schema, name) = match field.split_once('.') {
                 Some((parent, child)) => match property(&doc, body, parent) {
                     Some(p) => (unwrap_nullable(p).clone(), child),
@@ -141,8 +141,8 @@ fn every_request_field_the_readme_documents_is_in_its_routes_body() {
             checked += 1;
         }
     }
-    assert!(checked > 150, "the README's table of request fields was not read ({checked} fields)");
-    assert!(missing.is_empty(), "request fields in the README but not in /openapi.json: {missing:?}");
+    assert!(checked > 150, "docs/http-api.md's table of request fields was not read ({checked} fields)");
+    assert!(missing.is_empty(), "request fields in docs/http-api.md but not in /openapi.json: {missing:?}");
 }
 
 #[test]

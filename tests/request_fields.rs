@@ -1,7 +1,7 @@
 //! No field is silently ignored: every request field that OpenAI's,
 //! llama-server's and Ollama's documentation list for the routes served
 //! here is sent with a value that would change the answer, and the server's
-//! reply is checked against the README's table of request fields: honoured
+//! reply is checked against docs/http-api.md's table of request fields: honoured
 //! (a 200), refused (a 400 that names the field), or ignored because it
 //! cannot change the answer (a 200).
 
@@ -162,10 +162,10 @@ enum Here {
     Ignored,
 }
 
-/// The README's table: (route, field) → what the server does with it.
+/// docs/http-api.md's table: (route, field) → what the server does with it.
 fn readme_table() -> BTreeMap<(String, String), Here> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let section = readme.split("### Request fields").nth(1).expect("the README has a table of request fields");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/http-api.md")).unwrap();
+    let section = readme.split("## Request fields").nth(1).expect("docs/http-api.md has a table of request fields");
     let section = section.split("\n## ").next().unwrap();
     let mut table = BTreeMap::new();
     for row in section.lines().filter(|l| l.starts_with("| `")) {
@@ -223,13 +223,13 @@ async fn every_documented_field_is_honoured_refused_by_name_or_ignored_as_the_re
         for route in *routes {
             assert!(
                 table.contains_key(&(route.to_string(), field.to_string())),
-                "{field} on {route} is documented there but missing from the README's table"
+                "{field} on {route} is documented there but missing from docs/http-api.md's table"
             );
             walked.insert((route.to_string(), field.to_string()));
         }
     }
     for key in table.keys() {
-        assert!(walked.contains(key), "the README lists {key:?}, which no documentation of that route has");
+        assert!(walked.contains(key), "docs/http-api.md lists {key:?}, which no documentation of that route has");
     }
 
     let server = Server::start(&["--instances", "1"], &[]);
@@ -253,9 +253,9 @@ async fn every_documented_field_is_honoured_refused_by_name_or_ignored_as_the_re
                 Here::Honoured | Here::Ignored => status == 200,
             };
             if !fine {
-                wrong.push(format!("{route} {field}={value}: the README says {here:?}, got {status} {text:.200}"));
+                wrong.push(format!("{route} {field}={value}: http-api.md says {here:?}, got {status} {text:.200}"));
             }
         }
     }
-    assert!(wrong.is_empty(), "{} field(s) behave otherwise than the README says:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(wrong.is_empty(), "{} field(s) behave otherwise than http-api.md says:\n{}", wrong.len(), wrong.join("\n"));
 }
