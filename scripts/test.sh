@@ -72,7 +72,10 @@ fi
 set -e
 # One closing line for the whole suite, summed over every test binary (and,
 # with --with-container, the container image test as one more).
+# A test target that does not compile runs nothing: the line says so.
 awk -v container="$container" '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) } }
+     /^error: could not compile/ { broken++ }
      END { if (container == "passed") p++; if (container == "failed") f++
-           printf "Total: %d passed, %d failed%s\n", p, f, container == "none" ? "" : " (the container image test " container ")" }' "$log"
+           printf "Total: %d passed, %d failed%s%s\n", p, f, container == "none" ? "" : " (the container image test " container ")",
+                  broken ? sprintf("; %d build error(s): the tests of a target that did not compile did not run", broken) : "" }' "$log"
 exit "$status"

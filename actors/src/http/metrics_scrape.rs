@@ -336,7 +336,7 @@ mod tests {
         tiers.record(Some(Tier::Memory), 4, 1, Some(std::time::Duration::from_millis(30)));
         tiers.record(None, 0, 7, None);
         let pool = crate::pool::state::PoolState::new(1, 1, 0);
-        let text = Metrics::new().render(pool.status(), None, Some(tiers.status()));
+        let text = render(&Metrics::new(), pool.status(), None, Some(tiers.status()));
         for line in [
             "# TYPE modelpool_kv_restores_total counter\n",
             "modelpool_kv_restores_total{tier=\"memory\"} 2\n",
@@ -363,7 +363,7 @@ mod tests {
     #[test]
     fn a_family_without_samples_is_left_out() {
         let pool = crate::pool::state::PoolState::new(1, 1, 0);
-        let text = Metrics::new().render(pool.status(), None, None);
+        let text = render(&Metrics::new(), pool.status(), None, None);
         assert!(!text.contains("modelpool_kv_"), "{text}");
         assert!(!text.contains("modelpool_instance_threads") && !text.contains("modelpool_instance_probe"), "{text}");
         assert!(text.contains("modelpool_cpu_others_busy_cores 0.0\n"), "{text}");
