@@ -1,6 +1,6 @@
 //! The chat actor: the registry of the conversations' actors. Every turn,
 //! delete and recall of a conversation comes here first; it starts the
-//! conversation's actor ([`super::conversation`]) when the conversation has
+//! conversation's actor (`chat/conversation.rs`) when the conversation has
 //! none, hands it the work (its mailbox orders the conversation's work), and
 //! forgets it when its work is done, so that an idle conversation holds no
 //! actor. It runs on the chat arbiter (`ChatHandle::start_on`), and so do the

@@ -1,11 +1,11 @@
 //! The actor of one conversation: its mailbox orders the conversation's
-//! turns, deletes and recalls. The chat actor ([`super::actor`]) starts it
+//! turns, deletes and recalls. The chat actor (`chat/actor.rs`) starts it
 //! when the conversation gets work and forgets it when the work is done, so
 //! only conversations with a turn running or waiting have one (no timers).
 //!
 //! Each message is handled with the actor held ([`AtomicResponse`]): a turn
 //! holds it until the turn is over, its reply stored and embedded (the
-//! second half, driven by whoever reads the [`super::turn::ChatStream`]) or
+//! second half, driven by whoever reads the `ChatStream`) or
 //! the turn given up. Where it runs: on the chat arbiter, the thread the
 //! chat actor started it on; between awaits a turn does only light work
 //! there, the blocking parts (tokenizing, recall's search, the store) are on

@@ -1,7 +1,7 @@
 //! The work of one chat turn: store the user message, recall related earlier
 //! messages by meaning, build the prompt within the context budget, generate
 //! on a leased instance (streaming), store the reply. The first half runs in
-//! the conversation's actor ([`super::conversation`]), whose mailbox orders
+//! the conversation's actor (`chat/conversation.rs`), whose mailbox orders
 //! the turns of one conversation; the second half is driven by whoever reads
 //! the [`ChatStream`], and the actor waits for it ([`TurnOver`]).
 

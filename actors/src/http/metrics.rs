@@ -4,7 +4,7 @@
 //! prometheus-client encodes all of `/metrics`, in the Prometheus text
 //! format: the series the routes record as requests pass ([`Metrics`]), and
 //! those read at each scrape from the pool, the CPU watch and the KV tiers
-//! ([`super::metrics_scrape`]).
+//! (`metrics_scrape.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
-/// The series the routes record as requests pass; a scrape ([`super::metrics_scrape::render`]) adds
+/// The series the routes record as requests pass; a scrape (`metrics_scrape::render`) adds
 /// those a scrape reads.
 pub struct Metrics {
     registry: Registry,
@@ -234,49 +234,5 @@ impl Drop for MeterInner {
         if !*self.recorded.get_mut() {
             self.metrics.request(self.endpoint, "cancelled", Some(self.started.elapsed()));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counters_are_named_total_in_the_prometheus_text_format() {
-        let m = Metrics::new();
-        m.request("chat", "ok", None);
-        let pool = crate::pool::state::PoolState::new(1, 1, 0);
-        let text = crate::http::metrics_scrape::render(&m, pool.status(), None, None);
-        for line in [
-            "# HELP modelpool_requests_total Requests to the generation routes",
-            "# TYPE modelpool_requests_total counter\n",
-            "modelpool_requests_total{endpoint=\"chat\",outcome=\"ok\"} 1\n",
-            "# TYPE modelpool_instance_requests_total counter\n",
-            "# TYPE modelpool_instance_state gauge\n",
-        ] {
-            assert!(text.contains(line), "{line:?} missing:\n{text}");
-        }
-        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
-        assert!(text.lines().filter(|l| l.starts_with("# HELP")).all(|l| l.ends_with('.')), "{text}");
-    }
-
-    #[test]
-    fn every_instance_has_its_own_series() {
-        let m = Metrics::new();
-        let mut pool = crate::pool::state::PoolState::new(3, 4, 0);
-        for i in 0..3 {
-            pool.instance_ready(i, 0, 0);
-        }
-        pool.admit(None, None);
-        let text = crate::http::metrics_scrape::render(&m, pool.status(), None, None);
-        assert!(text.contains(&format!("{INSTANCE_SLOTS}{{instance=\"2\"}} 4")), "{text}");
-        assert!(text.contains(&format!("{INSTANCE_SLOTS_BUSY}{{instance=\"0\"}} 1")), "{text}");
-        for i in 0..3 {
-            let requests = if i == 0 { 1 } else { 0 };
-            assert!(text.contains(&format!("{INSTANCE_REQUESTS}_total{{instance=\"{i}\"}} {requests}")), "{text}");
-            let state = if i == 0 { "busy" } else { "idle" };
-            assert!(text.contains(&format!("{INSTANCE_STATE}{{instance=\"{i}\",state=\"{state}\"}} 1")), "{text}");
-        }
-        assert!(text.contains(&format!("{INSTANCES}{{state=\"idle\"}} 2")), "{text}");
     }
 }

@@ -368,4 +368,43 @@ mod tests {
         assert!(!text.contains("modelpool_instance_threads") && !text.contains("modelpool_instance_probe"), "{text}");
         assert!(text.contains("modelpool_cpu_others_busy_cores 0.0\n"), "{text}");
     }
+
+    #[test]
+    fn counters_are_named_total_in_the_prometheus_text_format() {
+        let m = Metrics::new();
+        m.request("chat", "ok", None);
+        let pool = crate::pool::state::PoolState::new(1, 1, 0);
+        let text = render(&m, pool.status(), None, None);
+        for line in [
+            "# HELP modelpool_requests_total Requests to the generation routes",
+            "# TYPE modelpool_requests_total counter\n",
+            "modelpool_requests_total{endpoint=\"chat\",outcome=\"ok\"} 1\n",
+            "# TYPE modelpool_instance_requests_total counter\n",
+            "# TYPE modelpool_instance_state gauge\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing:\n{text}");
+        }
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        assert!(text.lines().filter(|l| l.starts_with("# HELP")).all(|l| l.ends_with('.')), "{text}");
+    }
+
+    #[test]
+    fn every_instance_has_its_own_series() {
+        let m = Metrics::new();
+        let mut pool = crate::pool::state::PoolState::new(3, 4, 0);
+        for i in 0..3 {
+            pool.instance_ready(i, 0, 0);
+        }
+        pool.admit(None, None);
+        let text = render(&m, pool.status(), None, None);
+        assert!(text.contains(&format!("{INSTANCE_SLOTS}{{instance=\"2\"}} 4")), "{text}");
+        assert!(text.contains(&format!("{INSTANCE_SLOTS_BUSY}{{instance=\"0\"}} 1")), "{text}");
+        for i in 0..3 {
+            let requests = if i == 0 { 1 } else { 0 };
+            assert!(text.contains(&format!("{INSTANCE_REQUESTS}_total{{instance=\"{i}\"}} {requests}")), "{text}");
+            let state = if i == 0 { "busy" } else { "idle" };
+            assert!(text.contains(&format!("{INSTANCE_STATE}{{instance=\"{i}\",state=\"{state}\"}} 1")), "{text}");
+        }
+        assert!(text.contains(&format!("{INSTANCES}{{state=\"idle\"}} 2")), "{text}");
+    }
 }

@@ -1,6 +1,6 @@
 //! What the pool reports about itself: each instance's state and counters,
 //! and a snapshot of the whole pool (slots, queue, health) for `/pool`, the
-//! console and `/metrics`. [`super::state::PoolState`] produces them.
+//! console and `/metrics`. `PoolState` (`pool/state.rs`) produces them.
 
 use serde::Serialize;
 

@@ -78,7 +78,7 @@ pub(super) struct Job {
     pub slot: usize,
     pub n_ctx: u32,
     /// Whether the remote may reuse its slot's tokens (`cache_prompt`):
-    /// only its own namespace's ([`super::instance`]).
+    /// only its own namespace's (`remote/instance.rs`).
     pub reuse: bool,
     /// Tokens generated, told to the slot's record when the job ends.
     pub generated: std::rc::Rc<std::cell::Cell<u32>>,
